@@ -1,0 +1,26 @@
+//! The wire contract between fedslm's coordinating server and its hospital clients.
+//!
+//! Messages ([`Message`]), named tensors ([`Weights`]), the frame codec ([`codec`]) and the limits every
+//! received size is checked against ([`Limits`], [`ByteBudget`]). Pure: no runtime, no sockets; the async
+//! helpers in [`io`] work over any `AsyncRead`/`AsyncWrite`. PROTOCOL.md at the repository root describes the
+//! bytes for implementers in other languages.
+
+pub mod center;
+pub mod codec;
+mod error;
+pub mod io;
+mod limits;
+mod message;
+mod weights;
+
+pub use center::{CenterId, CenterIdError};
+pub use error::ProtocolError;
+pub use limits::{ByteBudget, Limits, DEFAULT_CONNECTION_BUDGET};
+pub use message::*;
+pub use weights::{DType, Tensor, TensorRole, Weights, WeightsError};
+
+/// Version of the frame format and message set; both sides must speak the same.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// TLS application protocol (ALPN) of fedslm over QUIC.
+pub const ALPN: &[u8] = b"fedslm/1";

@@ -1,0 +1,229 @@
+//! The messages of a round (DESIGN.md §3). No message can carry an image or a patient row: only weights,
+//! counts and aggregates.
+
+use crate::center::CenterId;
+use crate::weights::Weights;
+
+/// What a centre does in a run; set in the server's configuration only, never by the centre.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub enum Role {
+    /// Trains locally and is evaluated internally.
+    Train,
+    /// Held out: only evaluates, for external validation.
+    Validate,
+}
+
+/// Which of the study's three networks a task is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub enum ModelKind {
+    Clinical,
+    Mri,
+    Combined,
+}
+
+/// What a client optimises locally during a fit task.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub enum LocalObjective {
+    /// The model's own loss (FedAvg, FedBN, robust aggregation).
+    Plain,
+    /// The loss plus `mu / 2 * ||w - w_global||^2` (FedProx).
+    Proximal { mu: f64 },
+    /// No training: return the logistic model's gradient, Hessian and log-likelihood at the global
+    /// coefficients, for the server's Newton step.
+    NewtonStep,
+}
+
+/// A centre's data, as counts only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, bincode::Encode, bincode::Decode)]
+pub struct SampleCounts {
+    pub patients: u64,
+    pub positives: u64,
+    pub with_images: u64,
+}
+
+/// Client → server, first message on the control stream.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub software_version: String,
+    /// The centre the client believes it is; must equal its certificate's.
+    pub center: CenterId,
+    /// SHA-256 of the client's clinical coding and preprocessing settings; must equal the run's.
+    pub settings_hash: [u8; 32],
+    pub counts: SampleCounts,
+}
+
+/// Server → client: admitted.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct Welcome {
+    pub run_id: String,
+    /// The centre as the server identified it from the certificate.
+    pub center: CenterId,
+    pub role: Role,
+    pub rounds: u32,
+}
+
+/// Server → training client: train locally from these weights.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct FitTask {
+    pub round: u32,
+    pub model: ModelKind,
+    pub weights: Weights,
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    /// Cross-validation fold held out of this fit, if any.
+    pub fold: Option<u32>,
+    pub seed: u64,
+    pub objective: LocalObjective,
+    /// FedBN: keep batch-norm parameters and statistics local, use only the rest of `weights`.
+    pub keep_batch_norm_local: bool,
+}
+
+/// Training client → server: the local result of a fit task.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct FitResult {
+    pub round: u32,
+    pub weights: Weights,
+    pub examples: u64,
+    pub train_loss: f64,
+}
+
+/// Server → any client: evaluate these weights on local data.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct EvaluateTask {
+    pub round: u32,
+    pub model: ModelKind,
+    pub weights: Weights,
+    /// Evaluate only this cross-validation fold; `None`: all local patients.
+    pub fold: Option<u32>,
+    /// Number of equal-width bins over [0, 1] for the score histograms.
+    pub histogram_bins: u32,
+}
+
+/// Per-class counts of predicted probabilities in equal-width bins over [0, 1].
+#[derive(Debug, Clone, PartialEq, Eq, Default, bincode::Encode)]
+pub struct ScoreHistogram {
+    pub positive: Vec<u64>,
+    pub negative: Vec<u64>,
+}
+
+/// Client → server: the result of an evaluate task, as aggregates only.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct EvalReport {
+    pub round: u32,
+    pub examples: u64,
+    pub positives: u64,
+    pub loss: f64,
+    pub histogram: ScoreHistogram,
+}
+
+/// Server → client: the run is over.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct Finish {
+    pub run_id: String,
+    pub rounds_completed: u32,
+    pub reason: String,
+}
+
+/// Why a peer refuses or aborts; both sides also log the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+pub enum ErrorCode {
+    UnsupportedVersion,
+    NotEnrolled,
+    IdentityMismatch,
+    SettingsMismatch,
+    Malformed,
+    Unexpected,
+    Superseded,
+    Internal,
+}
+
+/// Either side: a refusal or an abort, with a message for people.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One frame's content.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    FitTask(FitTask),
+    FitResult(FitResult),
+    EvaluateTask(EvaluateTask),
+    EvalReport(EvalReport),
+    Finish(Finish),
+    Error(ErrorMessage),
+}
+
+/// The kind byte of a frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    Hello = 1,
+    Welcome = 2,
+    FitTask = 3,
+    FitResult = 4,
+    EvaluateTask = 5,
+    EvalReport = 6,
+    Finish = 7,
+    Error = 8,
+}
+
+impl MessageKind {
+    pub const ALL: [MessageKind; 8] = [
+        MessageKind::Hello,
+        MessageKind::Welcome,
+        MessageKind::FitTask,
+        MessageKind::FitResult,
+        MessageKind::EvaluateTask,
+        MessageKind::EvalReport,
+        MessageKind::Finish,
+        MessageKind::Error,
+    ];
+
+    pub fn from_code(code: u8) -> Option<MessageKind> {
+        MessageKind::ALL.into_iter().find(|k| *k as u8 == code)
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether frames of this kind carry model weights (and so get the large limit).
+    pub fn carries_weights(self) -> bool {
+        matches!(
+            self,
+            MessageKind::FitTask | MessageKind::FitResult | MessageKind::EvaluateTask
+        )
+    }
+}
+
+impl std::fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Message {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Hello(_) => MessageKind::Hello,
+            Message::Welcome(_) => MessageKind::Welcome,
+            Message::FitTask(_) => MessageKind::FitTask,
+            Message::FitResult(_) => MessageKind::FitResult,
+            Message::EvaluateTask(_) => MessageKind::EvaluateTask,
+            Message::EvalReport(_) => MessageKind::EvalReport,
+            Message::Finish(_) => MessageKind::Finish,
+            Message::Error(_) => MessageKind::Error,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+        Message::Error(ErrorMessage {
+            code,
+            message: message.into(),
+        })
+    }
+}

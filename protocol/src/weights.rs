@@ -1,0 +1,391 @@
+//! Named tensors as they travel: raw little-endian bytes plus the metadata to read them back.
+//!
+//! Tensors are not serde sequences of numbers: a 45 MB model would cost one call per element. The bytes are
+//! kept as they arrive ([`Bytes`], a view into the received frame), and converted to `f32`/`f64` on demand.
+
+use bytes::Bytes;
+use half::{bf16, f16};
+
+/// Element type of a tensor on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F64,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub const ALL: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        match self {
+            DType::F32 => 0,
+            DType::F64 => 1,
+            DType::F16 => 2,
+            DType::BF16 => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.code() == code)
+    }
+}
+
+/// What a tensor is to the federation: strategies treat each role differently (FedBN keeps batch-norm local),
+/// and the server checks them without relying on a naming convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TensorRole {
+    /// A trainable weight or bias.
+    Parameter,
+    /// A trainable batch-norm scale or shift.
+    BatchNormParameter,
+    /// A batch-norm running mean or variance: estimated, not trained.
+    BatchNormStatistic,
+}
+
+impl TensorRole {
+    pub const ALL: [TensorRole; 3] = [
+        TensorRole::Parameter,
+        TensorRole::BatchNormParameter,
+        TensorRole::BatchNormStatistic,
+    ];
+
+    pub fn code(self) -> u8 {
+        match self {
+            TensorRole::Parameter => 0,
+            TensorRole::BatchNormParameter => 1,
+            TensorRole::BatchNormStatistic => 2,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<TensorRole> {
+        TensorRole::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
+/// Why a tensor or a set of weights is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightsError {
+    #[error("tensor name is empty")]
+    EmptyName,
+    #[error("tensor {name:?}: shape {shape:?} of {dtype:?} needs {expected} bytes, but {actual} were given")]
+    SizeMismatch {
+        name: String,
+        shape: Vec<usize>,
+        dtype: DType,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("tensor {name:?}: shape {shape:?} has more elements than this machine can address")]
+    ShapeOverflow { name: String, shape: Vec<usize> },
+    #[error("tensor {name:?} appears more than once")]
+    DuplicateName { name: String },
+    #[error("no tensor named {name:?}")]
+    Missing { name: String },
+}
+
+/// One named tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    name: String,
+    shape: Vec<usize>,
+    dtype: DType,
+    role: TensorRole,
+    data: Bytes,
+}
+
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
+}
+
+impl Tensor {
+    /// A tensor from raw little-endian bytes; the byte length must be the shape's element count times the
+    /// dtype's size.
+    pub fn from_raw(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        dtype: DType,
+        role: TensorRole,
+        data: Bytes,
+    ) -> Result<Tensor, WeightsError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(WeightsError::EmptyName);
+        }
+        let Some(expected) = element_count(&shape).and_then(|n| n.checked_mul(dtype.size())) else {
+            return Err(WeightsError::ShapeOverflow { name, shape });
+        };
+        if expected != data.len() {
+            return Err(WeightsError::SizeMismatch {
+                name,
+                shape,
+                dtype,
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(Tensor {
+            name,
+            shape,
+            dtype,
+            role,
+            data,
+        })
+    }
+
+    /// An `f32` tensor holding `values` exactly.
+    pub fn from_f32(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        role: TensorRole,
+        values: &[f32],
+    ) -> Result<Tensor, WeightsError> {
+        Tensor::from_f32_as(name, shape, role, values, DType::F32)
+    }
+
+    /// An `f64` tensor holding `values` exactly (the clinical model's gradients and Hessians).
+    pub fn from_f64(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        role: TensorRole,
+        values: &[f64],
+    ) -> Result<Tensor, WeightsError> {
+        let mut out = vec![0u8; values.len() * 8];
+        for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+        Tensor::from_raw(name, shape, DType::F64, role, Bytes::from(out))
+    }
+
+    /// `f32` values stored as `dtype` (`F16`/`BF16` round to nearest, halving what travels; `F64` widens).
+    pub fn from_f32_as(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        role: TensorRole,
+        values: &[f32],
+        dtype: DType,
+    ) -> Result<Tensor, WeightsError> {
+        let mut out = vec![0u8; values.len() * dtype.size()];
+        match dtype {
+            DType::F32 => {
+                for (chunk, v) in out.chunks_exact_mut(4).zip(values) {
+                    chunk.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            DType::F64 => {
+                for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+                    chunk.copy_from_slice(&f64::from(*v).to_le_bytes());
+                }
+            }
+            DType::F16 => {
+                for (chunk, v) in out.chunks_exact_mut(2).zip(values) {
+                    chunk.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
+            }
+            DType::BF16 => {
+                for (chunk, v) in out.chunks_exact_mut(2).zip(values) {
+                    chunk.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
+                }
+            }
+        }
+        Tensor::from_raw(name, shape, dtype, role, Bytes::from(out))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn role(&self) -> TensorRole {
+        self.role
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.data
+    }
+
+    pub fn element_count(&self) -> usize {
+        self.data.len() / self.dtype.size()
+    }
+
+    /// The values as `f32`; `F64` is narrowed, `F16`/`BF16` widened.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let d = &self.data;
+        match self.dtype {
+            DType::F32 => d
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::F64 => self.to_f64_vec().into_iter().map(|v| v as f32).collect(),
+            DType::F16 => d
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::BF16 => d
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// The values as `f64`, exactly for every dtype (server-side accumulators are f64).
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        match self.dtype {
+            DType::F64 => self
+                .data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+            _ => self.to_f32_vec().into_iter().map(f64::from).collect(),
+        }
+    }
+}
+
+/// A model's tensors, in order, with unique names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Weights {
+    tensors: Vec<Tensor>,
+}
+
+impl Weights {
+    pub fn new() -> Weights {
+        Weights::default()
+    }
+
+    /// Weights from tensors whose names must be unique.
+    pub fn from_tensors(tensors: Vec<Tensor>) -> Result<Weights, WeightsError> {
+        let mut names: Vec<&str> = tensors.iter().map(|t| t.name()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(WeightsError::DuplicateName {
+                name: w[0].to_string(),
+            });
+        }
+        Ok(Weights { tensors })
+    }
+
+    pub fn push(&mut self, tensor: Tensor) -> Result<(), WeightsError> {
+        if self.get(tensor.name()).is_some() {
+            return Err(WeightsError::DuplicateName {
+                name: tensor.name().to_string(),
+            });
+        }
+        self.tensors.push(tensor);
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|t| t.name() == name)
+    }
+
+    /// The named tensor, or an error naming it.
+    pub fn require(&self, name: &str) -> Result<&Tensor, WeightsError> {
+        self.get(name).ok_or_else(|| WeightsError::Missing {
+            name: name.to_string(),
+        })
+    }
+
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Bytes of tensor data, without names and shapes.
+    pub fn data_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trips_exactly_and_is_little_endian() {
+        let v = [1.0f32, -2.5, f32::MIN_POSITIVE, 3.25e10];
+        let t = Tensor::from_f32("w", vec![2, 2], TensorRole::Parameter, &v).unwrap();
+        assert_eq!(&t.bytes()[..4], &1.0f32.to_le_bytes());
+        assert_eq!(t.to_f32_vec(), v);
+        assert_eq!(t.to_f64_vec()[1], -2.5);
+    }
+
+    #[test]
+    fn f64_round_trips_exactly() {
+        let v = [1.0 / 3.0, -1e-300, 7.0];
+        let t = Tensor::from_f64("h", vec![3], TensorRole::Parameter, &v).unwrap();
+        assert_eq!(t.to_f64_vec(), v);
+    }
+
+    #[test]
+    fn half_precision_rounds_to_nearest() {
+        let v = [1.0f32, 0.333_333, -65504.0];
+        let h = Tensor::from_f32_as("a", vec![3], TensorRole::Parameter, &v, DType::F16).unwrap();
+        let b = Tensor::from_f32_as("b", vec![3], TensorRole::Parameter, &v, DType::BF16).unwrap();
+        assert_eq!(h.bytes().len(), 6);
+        assert_eq!(h.to_f32_vec()[0], 1.0);
+        assert!((h.to_f32_vec()[1] - 0.333_333).abs() < 1e-3);
+        assert_eq!(h.to_f32_vec()[2], -65504.0);
+        assert!((b.to_f32_vec()[1] - 0.333_333).abs() < 2e-3);
+    }
+
+    #[test]
+    fn shape_must_match_bytes() {
+        let e = Tensor::from_f32("w", vec![3, 2], TensorRole::Parameter, &[0.0; 5]).unwrap_err();
+        assert!(matches!(
+            e,
+            WeightsError::SizeMismatch {
+                expected: 24,
+                actual: 20,
+                ..
+            }
+        ));
+        let e = Tensor::from_raw(
+            "w",
+            vec![usize::MAX, 2],
+            DType::F32,
+            TensorRole::Parameter,
+            Bytes::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, WeightsError::ShapeOverflow { .. }));
+        assert_eq!(
+            Tensor::from_f32("", vec![0], TensorRole::Parameter, &[]).unwrap_err(),
+            WeightsError::EmptyName
+        );
+    }
+
+    #[test]
+    fn names_are_unique() {
+        let t = Tensor::from_f32("w", vec![1], TensorRole::Parameter, &[1.0]).unwrap();
+        let e = Weights::from_tensors(vec![t.clone(), t.clone()]).unwrap_err();
+        assert_eq!(e, WeightsError::DuplicateName { name: "w".into() });
+        let mut w = Weights::new();
+        w.push(t.clone()).unwrap();
+        assert!(w.push(t).is_err());
+        assert!(w.require("nope").is_err());
+    }
+}

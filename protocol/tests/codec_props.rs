@@ -1,0 +1,202 @@
+//! Property tests of the frame codec: what is sent is what arrives, and no input panics the decoder.
+
+use bytes::{Bytes, BytesMut};
+use fedslm_protocol::codec::{self, FrameDecoder, HEADER_LEN};
+use fedslm_protocol::*;
+use proptest::prelude::*;
+
+fn center() -> impl Strategy<Value = CenterId> {
+    "[a-z0-9][a-z0-9-]{0,30}".prop_map(|s| CenterId::new(s).unwrap())
+}
+
+fn finite() -> impl Strategy<Value = f64> {
+    -1e12f64..1e12
+}
+
+fn tensor(index: usize) -> impl Strategy<Value = Tensor> {
+    (
+        "[a-zA-Z0-9_.]{0,24}",
+        prop::collection::vec(0usize..5, 0..4),
+        prop::sample::select(DType::ALL.to_vec()),
+        prop::sample::select(TensorRole::ALL.to_vec()),
+        any::<u64>(),
+    )
+        .prop_map(move |(name, shape, dtype, role, seed)| {
+            let n: usize = shape.iter().product::<usize>() * dtype.size();
+            let data: Vec<u8> = (0..n)
+                .map(|i| (seed.rotate_left(i as u32 % 64) ^ i as u64) as u8)
+                .collect();
+            Tensor::from_raw(format!("t{index}.{name}"), shape, dtype, role, Bytes::from(data))
+                .unwrap()
+        })
+}
+
+fn weights() -> impl Strategy<Value = Weights> {
+    (0usize..6)
+        .prop_flat_map(|n| (0..n).map(tensor).collect::<Vec<_>>())
+        .prop_map(|ts| Weights::from_tensors(ts).unwrap())
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let objective = prop_oneof![
+        Just(LocalObjective::Plain),
+        finite().prop_map(|mu| LocalObjective::Proximal { mu }),
+        Just(LocalObjective::NewtonStep),
+    ];
+    let model = prop::sample::select(vec![ModelKind::Clinical, ModelKind::Mri, ModelKind::Combined]);
+    let role = prop::sample::select(vec![Role::Train, Role::Validate]);
+    let code = prop::sample::select(vec![
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::NotEnrolled,
+        ErrorCode::IdentityMismatch,
+        ErrorCode::SettingsMismatch,
+        ErrorCode::Malformed,
+        ErrorCode::Unexpected,
+        ErrorCode::Superseded,
+        ErrorCode::Internal,
+    ]);
+    prop_oneof![
+        (any::<u16>(), ".{0,40}", center(), any::<[u8; 32]>(), any::<(u64, u64, u64)>()).prop_map(
+            |(v, sw, c, h, (p, q, r))| Message::Hello(Hello {
+                protocol_version: v,
+                software_version: sw,
+                center: c,
+                settings_hash: h,
+                counts: SampleCounts { patients: p, positives: q, with_images: r },
+            })
+        ),
+        (".{0,40}", center(), role, any::<u32>()).prop_map(|(run_id, center, role, rounds)| {
+            Message::Welcome(Welcome { run_id, center, role, rounds })
+        }),
+        (
+            any::<u32>(),
+            model.clone(),
+            weights(),
+            any::<u32>(),
+            finite(),
+            any::<Option<u32>>(),
+            any::<u64>(),
+            objective,
+            any::<bool>()
+        )
+            .prop_map(|(round, model, weights, e, lr, fold, seed, objective, bn)| {
+                Message::FitTask(FitTask {
+                    round,
+                    model,
+                    weights,
+                    local_epochs: e,
+                    learning_rate: lr,
+                    fold,
+                    seed,
+                    objective,
+                    keep_batch_norm_local: bn,
+                })
+            }),
+        (any::<u32>(), weights(), any::<u64>(), finite()).prop_map(|(round, weights, examples, l)| {
+            Message::FitResult(FitResult { round, weights, examples, train_loss: l })
+        }),
+        (any::<u32>(), model, weights(), any::<Option<u32>>(), any::<u32>()).prop_map(
+            |(round, model, weights, fold, bins)| Message::EvaluateTask(EvaluateTask {
+                round,
+                model,
+                weights,
+                fold,
+                histogram_bins: bins,
+            })
+        ),
+        (any::<u32>(), any::<u64>(), any::<u64>(), finite(), prop::collection::vec(any::<(u64, u64)>(), 0..50))
+            .prop_map(|(round, examples, positives, loss, bins)| {
+                Message::EvalReport(EvalReport {
+                    round,
+                    examples,
+                    positives,
+                    loss,
+                    histogram: ScoreHistogram {
+                        positive: bins.iter().map(|b| b.0).collect(),
+                        negative: bins.iter().map(|b| b.1).collect(),
+                    },
+                })
+            }),
+        (".{0,40}", any::<u32>(), ".{0,80}").prop_map(|(run_id, rounds_completed, reason)| {
+            Message::Finish(Finish { run_id, rounds_completed, reason })
+        }),
+        (code, ".{0,200}").prop_map(|(code, message)| Message::Error(ErrorMessage { code, message })),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(msg in message()) {
+        let limits = Limits::default();
+        let frame = codec::encode(&msg, &limits).unwrap();
+        let (back, used) = codec::decode(&frame, &limits).unwrap();
+        prop_assert_eq!(used, frame.len());
+        prop_assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn frames_arrive_whole_whatever_the_split(msgs in prop::collection::vec(message(), 1..4), cut in any::<prop::sample::Index>()) {
+        let limits = Limits::default();
+        let mut stream = Vec::new();
+        for m in &msgs {
+            codec::encode_into(m, &limits, &mut stream).unwrap();
+        }
+        let cut = cut.index(stream.len() + 1);
+        let mut dec = FrameDecoder::new(limits, ByteBudget::default());
+        let mut buf = BytesMut::from(&stream[..cut]);
+        let mut got = Vec::new();
+        while let Some(m) = dec.decode(&mut buf).unwrap() {
+            got.push(m);
+        }
+        buf.extend_from_slice(&stream[cut..]);
+        while let Some(m) = dec.decode(&mut buf).unwrap() {
+            got.push(m);
+        }
+        prop_assert_eq!(got, msgs);
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = codec::decode(&bytes, &Limits::default());
+    }
+
+    #[test]
+    fn arbitrary_payload_behind_a_valid_header_never_panics(
+        kind in prop::sample::select(MessageKind::ALL.to_vec()),
+        payload in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        let mut frame = b"FSLM".to_vec();
+        frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        frame.push(kind.code());
+        frame.push(0);
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        let _ = codec::decode(&frame, &Limits::default());
+    }
+
+    #[test]
+    fn mutated_frames_never_panic(
+        msg in message(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let limits = Limits::default();
+        let mut frame = codec::encode(&msg, &limits).unwrap();
+        for (at, byte) in edits {
+            let i = at.index(frame.len());
+            frame[i] = byte;
+        }
+        let _ = codec::decode(&frame, &limits);
+        let _ = codec::decode(&frame[..cut.index(frame.len() + 1)], &limits);
+        // The payload alone, past a header left intact.
+        if frame.len() > HEADER_LEN {
+            let mut fixed = codec::encode(&msg, &limits).unwrap();
+            fixed.truncate(HEADER_LEN);
+            fixed.extend_from_slice(&frame[HEADER_LEN..]);
+            let _ = codec::decode(&fixed, &limits);
+        }
+    }
+}
