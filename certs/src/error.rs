@@ -8,7 +8,10 @@ pub enum CertError {
     #[error("PKI folder {path} does not exist; create it with `fedslm certs init --out {path}`")]
     PkiMissing { path: PathBuf },
     #[error("{path} is not a federation PKI folder: {missing} is missing")]
-    NotAPki { path: PathBuf, missing: &'static str },
+    NotAPki {
+        path: PathBuf,
+        missing: &'static str,
+    },
     #[error("{path} already exists; refusing to overwrite a federation's keys")]
     AlreadyExists { path: PathBuf },
     #[error("cannot read {path}: {source}")]

@@ -33,5 +33,8 @@ pub fn center_of(cert: &CertificateDer<'_>) -> Result<CenterId, CertError> {
 
 /// The centre id of a peer from its certificate chain as the TLS layer reports it (leaf first).
 pub fn peer_center(chain: &[CertificateDer<'_>]) -> Result<CenterId, CertError> {
-    chain.first().ok_or(CertError::NoCenterIdentity).and_then(center_of)
+    chain
+        .first()
+        .ok_or(CertError::NoCenterIdentity)
+        .and_then(center_of)
 }

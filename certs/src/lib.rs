@@ -9,6 +9,7 @@
 mod error;
 mod identity;
 mod pki;
+mod quic;
 mod tls;
 
 pub use error::CertError;
@@ -17,7 +18,7 @@ pub use pki::{
     request, CenterFiles, IssueOptions, IssuedCert, Pki, RequestFiles, RevokeTarget, Signed, Usage,
     Validity, MAX_DAYS,
 };
+pub use quic::{alert_name, connection_center, quic_client_config, quic_server_config, tls_alert};
 pub use tls::{
-    client_config, provider, server_config, ClientTlsFiles, ReloadingClientVerifier,
-    ServerTlsFiles,
+    client_config, provider, server_config, ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,
 };

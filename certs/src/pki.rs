@@ -16,6 +16,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use fedslm_protocol::hex::{from_hex, to_hex as hex};
 use fedslm_protocol::CenterId;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams,
@@ -197,7 +198,9 @@ impl Pki {
         server.subject_alt_names = match server_name.parse::<IpAddr>() {
             Ok(ip) => vec![SanType::IpAddress(ip)],
             Err(_) => vec![SanType::DnsName(server_name.try_into().map_err(|_| {
-                CertError::Tls(format!("server name {server_name:?} is not a valid DNS name"))
+                CertError::Tls(format!(
+                    "server name {server_name:?} is not a valid DNS name"
+                ))
             })?)],
         };
         server
@@ -214,7 +217,11 @@ impl Pki {
 
         write_file(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), true)?;
         write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), false)?;
-        write_file(&dir.join("server.key"), server_key.serialize_pem().as_bytes(), true)?;
+        write_file(
+            &dir.join("server.key"),
+            server_key.serialize_pem().as_bytes(),
+            true,
+        )?;
         write_file(&dir.join("server.pem"), server_cert.pem().as_bytes(), false)?;
         let fed = FederationFile {
             name: federation.to_string(),
@@ -320,24 +327,28 @@ impl Pki {
         options: IssueOptions,
     ) -> Result<Signed, CertError> {
         let pem = fs::read_to_string(csr_path).map_err(CertError::read(csr_path))?;
-        let csr = CertificateSigningRequestParams::from_pem(&pem).map_err(|e| CertError::BadCsr {
-            path: csr_path.to_path_buf(),
-            reason: match e {
-                rcgen::Error::CouldNotParseCertificationRequest => {
-                    "not a PEM-encoded PKCS#10 request".to_string()
-                }
-                rcgen::Error::InvalidCertificationRequestSignature => {
-                    "its signature does not verify".to_string()
-                }
-                other => other.to_string(),
-            },
-        })?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(&pem).map_err(|e| CertError::BadCsr {
+                path: csr_path.to_path_buf(),
+                reason: match e {
+                    rcgen::Error::CouldNotParseCertificationRequest => {
+                        "not a PEM-encoded PKCS#10 request".to_string()
+                    }
+                    rcgen::Error::InvalidCertificationRequestSignature => {
+                        "its signature does not verify".to_string()
+                    }
+                    other => other.to_string(),
+                },
+            })?;
         let requested_center = csr
             .params
             .subject_alt_names
             .iter()
             .find_map(|san| match san {
-                SanType::URI(uri) => uri.as_str().strip_prefix(CENTER_URI_PREFIX).map(String::from),
+                SanType::URI(uri) => uri
+                    .as_str()
+                    .strip_prefix(CENTER_URI_PREFIX)
+                    .map(String::from),
                 _ => None,
             })
             .filter(|asked| asked != center.as_str());
@@ -396,7 +407,8 @@ impl Pki {
             if path.extension().and_then(|e| e.to_str()) != Some("pem") {
                 continue;
             }
-            let der = CertificateDer::from_pem_file(&path).map_err(|e| CertError::malformed(&path, e))?;
+            let der =
+                CertificateDer::from_pem_file(&path).map_err(|e| CertError::malformed(&path, e))?;
             let (_, cert) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| CertError::malformed(&path, e))?;
             let serial = hex(cert.raw_serial());
@@ -443,7 +455,11 @@ impl Pki {
                     .collect();
                 if live.is_empty() {
                     return Err(CertError::AlreadyRevoked {
-                        serial: of_center.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>().join(", "),
+                        serial: of_center
+                            .iter()
+                            .map(|c| c.serial.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                         center: center.to_string(),
                     });
                 }
@@ -563,19 +579,10 @@ fn random_serial() -> Result<SerialNumber, CertError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex(s: &str) -> Result<Vec<u8>, CertError> {
-    let bad = || CertError::BadSerial { serial: s.to_string() };
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return Err(bad());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| bad()))
-        .collect()
+    from_hex(s).ok_or_else(|| CertError::BadSerial {
+        serial: s.to_string(),
+    })
 }
 
 /// Accepts `AB:12:...`, `ab12...`, with or without `0x`.

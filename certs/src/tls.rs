@@ -83,9 +83,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, CertError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| CertError::malformed(path, e))?;
+        roots.add(cert).map_err(|e| CertError::malformed(path, e))?;
     }
     Ok(Arc::new(roots))
 }
@@ -216,8 +214,12 @@ impl ReloadingClientVerifier {
             cur.stamp = now;
             cur.verifier = self.build().map_err(|e| e.to_string());
             match &cur.verifier {
-                Ok(_) => tracing::info!(crl = %self.crl_path.display(), "reloaded the federation CRL"),
-                Err(e) => tracing::error!(error = %e, "cannot load the federation CRL; refusing all clients until it is fixed"),
+                Ok(_) => {
+                    tracing::info!(crl = %self.crl_path.display(), "reloaded the federation CRL")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot load the federation CRL; refusing all clients until it is fixed")
+                }
             }
         }
         cur.verifier

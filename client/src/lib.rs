@@ -1,1 +1,269 @@
-//! x
+//! The hospital node. It connects to the coordinating server with its centre certificate, says Hello, and
+//! counts itself admitted only on Welcome: in TLS 1.3 a refused client certificate shows only after the
+//! client's side of the handshake has finished.
+
+pub mod config;
+
+pub use fedslm_certs::client_config;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedslm_certs::{alert_name, quic_client_config, tls_alert, CertError};
+use fedslm_protocol::io::{read_message, write_message};
+use fedslm_protocol::{
+    close, ByteBudget, ErrorCode, Finish, Hello, Limits, Message, ProtocolError, SampleCounts,
+    Welcome, PROTOCOL_VERSION,
+};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+
+pub use config::{ClientConfig, ConfigError};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a client could not join, or left.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    #[error("cannot resolve server {server}: {reason}")]
+    Resolve { server: String, reason: String },
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot connect to {server}: {reason}")]
+    Connect { server: String, reason: String },
+    #[error("{server} ended the TLS handshake with alert {name} ({alert}): {reason}")]
+    TlsAlert {
+        server: String,
+        alert: u8,
+        name: String,
+        reason: String,
+    },
+    #[error("{server} refused this centre ({code:?}): {message}")]
+    Refused {
+        server: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("{server} closed the connection (code {code}): {reason}")]
+    Closed {
+        server: String,
+        code: u64,
+        reason: String,
+    },
+    #[error("connection to {server} lost: {source}")]
+    Connection {
+        server: String,
+        source: ConnectionError,
+    },
+    #[error("{server}: {source}")]
+    Protocol {
+        server: String,
+        source: ProtocolError,
+    },
+    #[error("{server} sent {got} where {expected} was due")]
+    Unexpected {
+        server: String,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("{server} did not answer within {} s", after.as_secs())]
+    Timeout { server: String, after: Duration },
+}
+
+/// An admitted connection to the coordinating server.
+pub struct Session {
+    endpoint: Endpoint,
+    connection: Connection,
+    /// Kept open for the run: dropping the send half would end the control stream.
+    _control_send: SendStream,
+    control_recv: RecvStream,
+    server: String,
+    limits: Limits,
+    budget: ByteBudget,
+    pub welcome: Welcome,
+}
+
+impl Session {
+    /// Waits for the server to end the run with Finish on the control stream.
+    pub async fn wait_finish(mut self) -> Result<Finish, ClientError> {
+        let msg = read_message(&mut self.control_recv, &self.limits, &self.budget).await;
+        let result = match msg {
+            Ok(Message::Finish(f)) => Ok(f),
+            Ok(Message::Error(e)) => Err(ClientError::Refused {
+                server: self.server.clone(),
+                code: e.code,
+                message: e.message,
+            }),
+            Ok(other) => Err(ClientError::Unexpected {
+                server: self.server.clone(),
+                expected: "Finish",
+                got: other.kind().to_string(),
+            }),
+            Err(e) => Err(lost(&self.server, &self.connection, e)),
+        };
+        self.close(close::DONE, "done").await;
+        result
+    }
+
+    /// Closes the connection and waits briefly for the close to reach the server.
+    pub async fn close(self, code: u32, reason: &str) {
+        self.connection
+            .close(VarInt::from_u32(code), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.connection.remote_address()
+    }
+}
+
+/// The Hello this node sends: counts only, never a patient row.
+pub fn hello(config: &ClientConfig, counts: SampleCounts) -> Hello {
+    Hello {
+        protocol_version: PROTOCOL_VERSION,
+        software_version: env!("CARGO_PKG_VERSION").to_string(),
+        center: config.center.clone(),
+        settings_hash: config.settings_hash(),
+        counts,
+    }
+}
+
+/// Connects with the node's certificate files, says Hello and waits for Welcome.
+pub async fn connect(config: &ClientConfig, counts: SampleCounts) -> Result<Session, ClientError> {
+    connect_with(config, client_config(&config.tls)?, counts).await
+}
+
+/// [`connect`] with a TLS configuration built by the caller (tests of the server's refusals build odd ones).
+pub async fn connect_with(
+    config: &ClientConfig,
+    tls: rustls::ClientConfig,
+    counts: SampleCounts,
+) -> Result<Session, ClientError> {
+    let server = config.server.clone();
+    let (endpoint, connection) = open(config, tls).await?;
+    let limits = Limits::default();
+    let budget = ByteBudget::default();
+    let exchange = async {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| connection_error(&server, e))?;
+        write_message(&mut send, &Message::Hello(hello(config, counts)), &limits)
+            .await
+            .map_err(|e| lost(&server, &connection, e))?;
+        let reply = read_message(&mut recv, &limits, &budget)
+            .await
+            .map_err(|e| lost(&server, &connection, e))?;
+        Ok::<_, ClientError>((send, recv, reply))
+    };
+    let (send, recv, reply) = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            server: server.clone(),
+            after: WELCOME_TIMEOUT,
+        })??;
+    match reply {
+        Message::Welcome(welcome) => {
+            tracing::info!(%server, run = %welcome.run_id, role = ?welcome.role, "admitted");
+            Ok(Session {
+                endpoint,
+                connection,
+                _control_send: send,
+                control_recv: recv,
+                server,
+                limits,
+                budget,
+                welcome,
+            })
+        }
+        Message::Error(e) => Err(ClientError::Refused {
+            server,
+            code: e.code,
+            message: e.message,
+        }),
+        other => Err(ClientError::Unexpected {
+            server,
+            expected: "Welcome",
+            got: other.kind().to_string(),
+        }),
+    }
+}
+
+/// The QUIC connection to `config.server` with `tls`, before any message.
+pub async fn open(
+    config: &ClientConfig,
+    tls: rustls::ClientConfig,
+) -> Result<(Endpoint, Connection), ClientError> {
+    let server = config.server.clone();
+    let quic = quic_client_config(tls)?;
+    let addr = tokio::net::lookup_host(&server)
+        .await
+        .map_err(|e| ClientError::Resolve {
+            server: server.clone(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| ClientError::Resolve {
+            server: server.clone(),
+            reason: "no address".into(),
+        })?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
+    let connecting = endpoint
+        .connect_with(quic, addr, &config.server_name)
+        .map_err(|e| ClientError::Connect {
+            server: server.clone(),
+            reason: e.to_string(),
+        })?;
+    let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            server: server.clone(),
+            after: CONNECT_TIMEOUT,
+        })?
+        .map_err(|e| connection_error(&server, e))?;
+    Ok((endpoint, connection))
+}
+
+/// A stream failed: if the connection is gone, its close says why (a TLS alert, a refusal); otherwise it
+/// was the stream's own fault.
+fn lost(server: &str, connection: &Connection, e: ProtocolError) -> ClientError {
+    match connection.close_reason() {
+        Some(reason) => connection_error(server, reason),
+        None => ClientError::Protocol {
+            server: server.to_string(),
+            source: e,
+        },
+    }
+}
+
+fn connection_error(server: &str, e: ConnectionError) -> ClientError {
+    let server = server.to_string();
+    if let Some(alert) = tls_alert(&e) {
+        let reason = match &e {
+            ConnectionError::ConnectionClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
+            ConnectionError::TransportError(t) => t.reason.clone(),
+            other => other.to_string(),
+        };
+        return ClientError::TlsAlert {
+            server,
+            alert,
+            name: alert_name(alert),
+            reason,
+        };
+    }
+    match e {
+        ConnectionError::ApplicationClosed(c) => ClientError::Closed {
+            server,
+            code: c.error_code.into_inner(),
+            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+        },
+        source => ClientError::Connection { server, source },
+    }
+}

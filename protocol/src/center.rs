@@ -19,7 +19,9 @@ pub enum CenterIdError {
     Empty,
     #[error("centre id {id:?} is {len} characters long; at most {MAX_CENTER_ID_LEN} are allowed")]
     TooLong { id: String, len: usize },
-    #[error("centre id {id:?} contains {bad:?}; only lowercase letters, digits and '-' are allowed")]
+    #[error(
+        "centre id {id:?} contains {bad:?}; only lowercase letters, digits and '-' are allowed"
+    )]
     BadCharacter { id: String, bad: char },
     #[error("centre id {id:?} must start with a lowercase letter or a digit")]
     BadStart { id: String },
@@ -54,7 +56,7 @@ impl CenterId {
 
 impl fmt::Display for CenterId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 

@@ -148,7 +148,12 @@ fn payload_size_hint(msg: &Message) -> usize {
         _ => None,
     };
     weights.map_or(256, |w| {
-        w.data_bytes() + w.tensors().iter().map(|t| t.name().len() + 32).sum::<usize>() + 256
+        w.data_bytes()
+            + w.tensors()
+                .iter()
+                .map(|t| t.name().len() + 32)
+                .sum::<usize>()
+            + 256
     })
 }
 

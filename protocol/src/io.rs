@@ -89,7 +89,10 @@ mod tests {
             let e = read_message(&mut r, &limits, &ByteBudget::default())
                 .await
                 .unwrap_err();
-            assert!(matches!(e, ProtocolError::Truncated { .. }), "cut {cut}: {e}");
+            assert!(
+                matches!(e, ProtocolError::Truncated { .. }),
+                "cut {cut}: {e}"
+            );
         }
     }
 
@@ -103,7 +106,14 @@ mod tests {
         read_message(&mut r, &limits, &budget).await.unwrap();
         let e = read_message(&mut r, &limits, &budget).await.unwrap_err();
         assert!(
-            matches!(e, ProtocolError::BudgetExceeded { kind: MessageKind::Error, remaining: 3, .. }),
+            matches!(
+                e,
+                ProtocolError::BudgetExceeded {
+                    kind: MessageKind::Error,
+                    remaining: 3,
+                    ..
+                }
+            ),
             "{e}"
         );
     }

@@ -8,6 +8,7 @@
 pub mod center;
 pub mod codec;
 mod error;
+pub mod hex;
 pub mod io;
 mod limits;
 mod message;
@@ -24,3 +25,17 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 /// TLS application protocol (ALPN) of fedslm over QUIC.
 pub const ALPN: &[u8] = b"fedslm/1";
+
+/// QUIC application close codes (the CONNECTION_CLOSE frame's error code, with a reason phrase for people).
+pub mod close {
+    /// The run is over, or the peer is done.
+    pub const DONE: u32 = 0;
+    /// Admission refused; an Error message on the control stream says why.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol (malformed frame, unexpected message, limit exceeded, timeout).
+    pub const PROTOCOL: u32 = 2;
+    /// A newer connection of the same centre took this one's place.
+    pub const SUPERSEDED: u32 = 3;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 4;
+}

@@ -52,9 +52,10 @@ impl Limits {
             .saturating_add(u64::from(self.max_tensors).saturating_mul(per_tensor))
             .saturating_add(u64::from(self.max_text_len) + 4 * KIB);
         match kind {
-            MessageKind::Hello | MessageKind::Welcome | MessageKind::Finish | MessageKind::Error => {
-                self.max_control_frame
-            }
+            MessageKind::Hello
+            | MessageKind::Welcome
+            | MessageKind::Finish
+            | MessageKind::Error => self.max_control_frame,
             MessageKind::FitTask | MessageKind::FitResult | MessageKind::EvaluateTask => {
                 weights_frame
             }
@@ -90,7 +91,9 @@ impl ByteBudget {
     /// Takes `n` bytes from the budget, or none if fewer remain.
     pub fn take(&self, n: u64) -> Result<(), u64> {
         self.remaining
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(n))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(n)
+            })
             .map(|_| ())
     }
 }

@@ -71,16 +71,23 @@ fn the_counter_sees_a_large_allocation() {
 #[test]
 fn a_huge_claimed_length_allocates_nothing_near_it() {
     let limits = Limits::default();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     // Over the kind's limit: refused from the header alone.
     let h = header(MessageKind::FitResult, u64::MAX);
-    let (r, largest, total) = measure(|| rt.block_on(read_message(&mut &h[..], &limits, &ByteBudget::default())));
-    assert!(matches!(r, Err(ProtocolError::FrameTooLarge { .. })), "{r:?}");
+    let (r, largest, total) =
+        measure(|| rt.block_on(read_message(&mut &h[..], &limits, &ByteBudget::default())));
+    assert!(
+        matches!(r, Err(ProtocolError::FrameTooLarge { .. })),
+        "{r:?}"
+    );
     assert!(total < 64 * 1024, "largest {largest}, total {total}");
 
     // Within the limit (500 MB of weights may legitimately come), but the peer sends nothing after it.
     let h = header(MessageKind::FitResult, 500 * MIB as u64);
-    let (r, largest, _) = measure(|| rt.block_on(read_message(&mut &h[..], &limits, &ByteBudget::default())));
+    let (r, largest, _) =
+        measure(|| rt.block_on(read_message(&mut &h[..], &limits, &ByteBudget::default())));
     assert!(matches!(r, Err(ProtocolError::Truncated { .. })), "{r:?}");
     assert!(largest < MIB, "largest allocation {largest} bytes");
 
@@ -105,7 +112,20 @@ fn huge_lengths_inside_a_small_payload_allocate_nothing_near_them() {
     let cfg = bincode::config::standard();
     // One tensor whose data claims 500 MB (within the weights limit) in a 40-byte payload.
     let payload = enc(&|p| {
-        p.extend(bincode::encode_to_vec((1u32, 1u64, "w".to_string(), vec![125 * MIB as u64], 0u8, 0u8), cfg).unwrap());
+        p.extend(
+            bincode::encode_to_vec(
+                (
+                    1u32,
+                    1u64,
+                    "w".to_string(),
+                    vec![125 * MIB as u64],
+                    0u8,
+                    0u8,
+                ),
+                cfg,
+            )
+            .unwrap(),
+        );
         p.extend(bincode::encode_to_vec(500 * MIB as u64, cfg).unwrap());
     });
     let mut frame = header(MessageKind::FitResult, payload.len() as u64);
@@ -116,26 +136,51 @@ fn huge_lengths_inside_a_small_payload_allocate_nothing_near_them() {
 
     // A tensor list claiming 4096 entries, a histogram claiming a million bins.
     for (kind, payload) in [
-        (MessageKind::FitResult, bincode::encode_to_vec((1u32, 4096u64), cfg).unwrap()),
-        (MessageKind::EvalReport, bincode::encode_to_vec((1u32, 1u64, 1u64, 0f64, 1_000_000u64), cfg).unwrap()),
+        (
+            MessageKind::FitResult,
+            bincode::encode_to_vec((1u32, 4096u64), cfg).unwrap(),
+        ),
+        (
+            MessageKind::EvalReport,
+            bincode::encode_to_vec((1u32, 1u64, 1u64, 0f64, 1_000_000u64), cfg).unwrap(),
+        ),
     ] {
         let mut frame = header(kind, payload.len() as u64);
         frame.extend(&payload);
         let (r, largest, _) = measure(|| codec::decode(&frame, &limits));
         assert!(r.is_err(), "{kind}");
-        assert!(largest < 64 * 1024, "{kind}: largest allocation {largest} bytes");
+        assert!(
+            largest < 64 * 1024,
+            "{kind}: largest allocation {largest} bytes"
+        );
     }
 }
 
 #[test]
 fn received_tensor_data_is_not_copied_out_of_the_frame() {
     let values = vec![0.5f32; 4 * MIB];
-    let w = Weights::from_tensors(vec![Tensor::from_f32("w", vec![4 * MIB], TensorRole::Parameter, &values).unwrap()]).unwrap();
-    let msg = Message::FitResult(FitResult { round: 1, weights: w, examples: 1, train_loss: 0.0 });
+    let w = Weights::from_tensors(vec![Tensor::from_f32(
+        "w",
+        vec![4 * MIB],
+        TensorRole::Parameter,
+        &values,
+    )
+    .unwrap()])
+    .unwrap();
+    let msg = Message::FitResult(FitResult {
+        round: 1,
+        weights: w,
+        examples: 1,
+        train_loss: 0.0,
+    });
     let limits = Limits::default();
     let frame = codec::encode(&msg, &limits).unwrap();
     let (r, _, total) = measure(|| codec::decode(&frame, &limits));
     assert_eq!(r.unwrap().0, msg);
     // One copy of the frame into the decoder's buffer; none for the tensor itself.
-    assert!(total < frame.len() + MIB, "allocated {total} bytes for a {} byte frame", frame.len());
+    assert!(
+        total < frame.len() + MIB,
+        "allocated {total} bytes for a {} byte frame",
+        frame.len()
+    );
 }

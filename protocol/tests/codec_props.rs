@@ -26,8 +26,14 @@ fn tensor(index: usize) -> impl Strategy<Value = Tensor> {
             let data: Vec<u8> = (0..n)
                 .map(|i| (seed.rotate_left(i as u32 % 64) ^ i as u64) as u8)
                 .collect();
-            Tensor::from_raw(format!("t{index}.{name}"), shape, dtype, role, Bytes::from(data))
-                .unwrap()
+            Tensor::from_raw(
+                format!("t{index}.{name}"),
+                shape,
+                dtype,
+                role,
+                Bytes::from(data),
+            )
+            .unwrap()
         })
 }
 
@@ -43,7 +49,11 @@ fn message() -> impl Strategy<Value = Message> {
         finite().prop_map(|mu| LocalObjective::Proximal { mu }),
         Just(LocalObjective::NewtonStep),
     ];
-    let model = prop::sample::select(vec![ModelKind::Clinical, ModelKind::Mri, ModelKind::Combined]);
+    let model = prop::sample::select(vec![
+        ModelKind::Clinical,
+        ModelKind::Mri,
+        ModelKind::Combined,
+    ]);
     let role = prop::sample::select(vec![Role::Train, Role::Validate]);
     let code = prop::sample::select(vec![
         ErrorCode::UnsupportedVersion,
@@ -56,17 +66,31 @@ fn message() -> impl Strategy<Value = Message> {
         ErrorCode::Internal,
     ]);
     prop_oneof![
-        (any::<u16>(), ".{0,40}", center(), any::<[u8; 32]>(), any::<(u64, u64, u64)>()).prop_map(
-            |(v, sw, c, h, (p, q, r))| Message::Hello(Hello {
+        (
+            any::<u16>(),
+            ".{0,40}",
+            center(),
+            any::<[u8; 32]>(),
+            any::<(u64, u64, u64)>()
+        )
+            .prop_map(|(v, sw, c, h, (p, q, r))| Message::Hello(Hello {
                 protocol_version: v,
                 software_version: sw,
                 center: c,
                 settings_hash: h,
-                counts: SampleCounts { patients: p, positives: q, with_images: r },
-            })
-        ),
+                counts: SampleCounts {
+                    patients: p,
+                    positives: q,
+                    with_images: r
+                },
+            })),
         (".{0,40}", center(), role, any::<u32>()).prop_map(|(run_id, center, role, rounds)| {
-            Message::Welcome(Welcome { run_id, center, role, rounds })
+            Message::Welcome(Welcome {
+                run_id,
+                center,
+                role,
+                rounds,
+            })
         }),
         (
             any::<u32>(),
@@ -79,32 +103,54 @@ fn message() -> impl Strategy<Value = Message> {
             objective,
             any::<bool>()
         )
-            .prop_map(|(round, model, weights, e, lr, fold, seed, objective, bn)| {
-                Message::FitTask(FitTask {
+            .prop_map(
+                |(round, model, weights, e, lr, fold, seed, objective, bn)| {
+                    Message::FitTask(FitTask {
+                        round,
+                        model,
+                        weights,
+                        local_epochs: e,
+                        learning_rate: lr,
+                        fold,
+                        seed,
+                        objective,
+                        keep_batch_norm_local: bn,
+                    })
+                }
+            ),
+        (any::<u32>(), weights(), any::<u64>(), finite()).prop_map(
+            |(round, weights, examples, l)| {
+                Message::FitResult(FitResult {
+                    round,
+                    weights,
+                    examples,
+                    train_loss: l,
+                })
+            }
+        ),
+        (
+            any::<u32>(),
+            model,
+            weights(),
+            any::<Option<u32>>(),
+            any::<u32>()
+        )
+            .prop_map(|(round, model, weights, fold, bins)| Message::EvaluateTask(
+                EvaluateTask {
                     round,
                     model,
                     weights,
-                    local_epochs: e,
-                    learning_rate: lr,
                     fold,
-                    seed,
-                    objective,
-                    keep_batch_norm_local: bn,
-                })
-            }),
-        (any::<u32>(), weights(), any::<u64>(), finite()).prop_map(|(round, weights, examples, l)| {
-            Message::FitResult(FitResult { round, weights, examples, train_loss: l })
-        }),
-        (any::<u32>(), model, weights(), any::<Option<u32>>(), any::<u32>()).prop_map(
-            |(round, model, weights, fold, bins)| Message::EvaluateTask(EvaluateTask {
-                round,
-                model,
-                weights,
-                fold,
-                histogram_bins: bins,
-            })
-        ),
-        (any::<u32>(), any::<u64>(), any::<u64>(), finite(), prop::collection::vec(any::<(u64, u64)>(), 0..50))
+                    histogram_bins: bins,
+                }
+            )),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            finite(),
+            prop::collection::vec(any::<(u64, u64)>(), 0..50)
+        )
             .prop_map(|(round, examples, positives, loss, bins)| {
                 Message::EvalReport(EvalReport {
                     round,
@@ -118,9 +164,14 @@ fn message() -> impl Strategy<Value = Message> {
                 })
             }),
         (".{0,40}", any::<u32>(), ".{0,80}").prop_map(|(run_id, rounds_completed, reason)| {
-            Message::Finish(Finish { run_id, rounds_completed, reason })
+            Message::Finish(Finish {
+                run_id,
+                rounds_completed,
+                reason,
+            })
         }),
-        (code, ".{0,200}").prop_map(|(code, message)| Message::Error(ErrorMessage { code, message })),
+        (code, ".{0,200}")
+            .prop_map(|(code, message)| Message::Error(ErrorMessage { code, message })),
     ]
 }
 

@@ -20,19 +20,31 @@ fn payload(value: impl Encode) -> Vec<u8> {
 
 /// A FitResult payload with one tensor written field by field, so that fields can disagree.
 fn fit_result_with(name: &str, shape: Vec<u64>, dtype: u8, role: u8, data: Vec<u8>) -> Vec<u8> {
-    payload((7u32, vec![(name.to_string(), shape, dtype, role, data)], 10u64, 0.5f64))
+    payload((
+        7u32,
+        vec![(name.to_string(), shape, dtype, role, data)],
+        10u64,
+        0.5f64,
+    ))
 }
 
 fn err(bytes: &[u8]) -> String {
-    codec::decode(bytes, &Limits::default()).unwrap_err().to_string()
+    codec::decode(bytes, &Limits::default())
+        .unwrap_err()
+        .to_string()
 }
 
 fn sample_weights(n: usize) -> Weights {
     Weights::from_tensors(
         (0..n)
             .map(|i| {
-                Tensor::from_f32(format!("layer{i}.weight"), vec![2, 3], TensorRole::Parameter, &[1.0; 6])
-                    .unwrap()
+                Tensor::from_f32(
+                    format!("layer{i}.weight"),
+                    vec![2, 3],
+                    TensorRole::Parameter,
+                    &[1.0; 6],
+                )
+                .unwrap()
             })
             .collect(),
     )
@@ -40,15 +52,28 @@ fn sample_weights(n: usize) -> Weights {
 }
 
 fn fit_result(weights: Weights) -> Message {
-    Message::FitResult(FitResult { round: 1, weights, examples: 5, train_loss: 0.1 })
+    Message::FitResult(FitResult {
+        round: 1,
+        weights,
+        examples: 5,
+        train_loss: 0.1,
+    })
 }
 
 #[test]
 fn a_hand_written_tensor_payload_is_read_as_the_encoder_writes_it() {
-    let data: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let f = frame(MessageKind::FitResult, &fit_result_with("w", vec![2], 0, 1, data));
+    let data: Vec<u8> = [1.5f32, -2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let f = frame(
+        MessageKind::FitResult,
+        &fit_result_with("w", vec![2], 0, 1, data),
+    );
     let (msg, _) = codec::decode(&f, &Limits::default()).unwrap();
-    let Message::FitResult(r) = msg else { panic!("{msg:?}") };
+    let Message::FitResult(r) = msg else {
+        panic!("{msg:?}")
+    };
     let t = r.weights.require("w").unwrap();
     assert_eq!(t.to_f32_vec(), vec![1.5, -2.0]);
     assert_eq!(t.role(), TensorRole::BatchNormParameter);
@@ -56,7 +81,11 @@ fn a_hand_written_tensor_payload_is_read_as_the_encoder_writes_it() {
 
 #[test]
 fn header_checks() {
-    let good = codec::encode(&Message::error(ErrorCode::Internal, "x"), &Limits::default()).unwrap();
+    let good = codec::encode(
+        &Message::error(ErrorCode::Internal, "x"),
+        &Limits::default(),
+    )
+    .unwrap();
     assert!(codec::decode(&good, &Limits::default()).is_ok());
 
     let mut f = good.clone();
@@ -65,7 +94,10 @@ fn header_checks() {
 
     let mut f = good.clone();
     f[4..6].copy_from_slice(&2u16.to_le_bytes());
-    assert_eq!(err(&f), "protocol version 2 is not supported; this side speaks version 1");
+    assert_eq!(
+        err(&f),
+        "protocol version 2 is not supported; this side speaks version 1"
+    );
 
     let mut f = good.clone();
     f[6] = 99;
@@ -103,27 +135,60 @@ fn tensor_data_must_match_its_shape_and_dtype() {
 
 #[test]
 fn unknown_codes_and_names_are_refused() {
-    assert!(err(&frame(MessageKind::FitResult, &fit_result_with("w", vec![1], 9, 0, vec![0; 4])))
-        .contains("unknown dtype code 9"));
-    assert!(err(&frame(MessageKind::FitResult, &fit_result_with("w", vec![1], 0, 7, vec![0; 4])))
-        .contains("unknown role code 7"));
-    assert!(err(&frame(MessageKind::FitResult, &fit_result_with("", vec![1], 0, 0, vec![0; 4])))
-        .contains("name is empty"));
-    let dup = payload((1u32, vec![("w".to_string(), vec![0u64], 0u8, 0u8, Vec::<u8>::new()); 2], 1u64, 0f64));
+    assert!(err(&frame(
+        MessageKind::FitResult,
+        &fit_result_with("w", vec![1], 9, 0, vec![0; 4])
+    ))
+    .contains("unknown dtype code 9"));
+    assert!(err(&frame(
+        MessageKind::FitResult,
+        &fit_result_with("w", vec![1], 0, 7, vec![0; 4])
+    ))
+    .contains("unknown role code 7"));
+    assert!(err(&frame(
+        MessageKind::FitResult,
+        &fit_result_with("", vec![1], 0, 0, vec![0; 4])
+    ))
+    .contains("name is empty"));
+    let dup = payload((
+        1u32,
+        vec![("w".to_string(), vec![0u64], 0u8, 0u8, Vec::<u8>::new()); 2],
+        1u64,
+        0f64,
+    ));
     assert!(err(&frame(MessageKind::FitResult, &dup)).contains("\"w\" appears more than once"));
-    let bad_center = payload((1u16, "v".to_string(), "Center-A".to_string(), [0u8; 32], (0u64, 0u64, 0u64)));
+    let bad_center = payload((
+        1u16,
+        "v".to_string(),
+        "Center-A".to_string(),
+        [0u8; 32],
+        (0u64, 0u64, 0u64),
+    ));
     assert!(err(&frame(MessageKind::Hello, &bad_center)).contains("contains 'C'"));
 }
 
 #[test]
 fn counts_and_lengths_are_checked_against_limits() {
-    let roomy = Limits { max_tensors: 100, max_rank: 20, max_name_len: 1000, ..Limits::default() };
-    let strict = Limits { max_tensors: 3, max_rank: 2, max_name_len: 12, ..Limits::default() };
+    let roomy = Limits {
+        max_tensors: 100,
+        max_rank: 20,
+        max_name_len: 1000,
+        ..Limits::default()
+    };
+    let strict = Limits {
+        max_tensors: 3,
+        max_rank: 2,
+        max_name_len: 12,
+        ..Limits::default()
+    };
 
     let f = codec::encode(&fit_result(sample_weights(4)), &roomy).unwrap();
     assert!(codec::decode(&f, &roomy).is_ok());
     let e = codec::decode(&f, &strict).unwrap_err().to_string();
-    assert_eq!(e, "malformed FitResult payload: tensor count claims 4; the limit is 3");
+    assert_eq!(
+        e,
+        "malformed FitResult payload: tensor count claims 4; the limit is 3"
+    );
 
     let long_name = Weights::from_tensors(vec![Tensor::from_f32(
         "a.very.long.tensor.name",
@@ -134,24 +199,42 @@ fn counts_and_lengths_are_checked_against_limits() {
     .unwrap()])
     .unwrap();
     let f = codec::encode(&fit_result(long_name), &roomy).unwrap();
-    assert!(codec::decode(&f, &strict).unwrap_err().to_string().contains("tensor name claims 23; the limit is 12"));
+    assert!(codec::decode(&f, &strict)
+        .unwrap_err()
+        .to_string()
+        .contains("tensor name claims 23; the limit is 12"));
 
-    let deep = Weights::from_tensors(vec![
-        Tensor::from_f32("w", vec![1, 1, 1], TensorRole::Parameter, &[0.0]).unwrap(),
-    ])
+    let deep = Weights::from_tensors(vec![Tensor::from_f32(
+        "w",
+        vec![1, 1, 1],
+        TensorRole::Parameter,
+        &[0.0],
+    )
+    .unwrap()])
     .unwrap();
     let f = codec::encode(&fit_result(deep), &roomy).unwrap();
-    assert!(codec::decode(&f, &strict).unwrap_err().to_string().contains("tensor rank claims 3; the limit is 2"));
+    assert!(codec::decode(&f, &strict)
+        .unwrap_err()
+        .to_string()
+        .contains("tensor rank claims 3; the limit is 2"));
 
     // The data budget covers all tensors of a message together.
-    let small = Limits { max_weights_bytes: 24 * 3, ..Limits::default() };
+    let small = Limits {
+        max_weights_bytes: 24 * 3,
+        ..Limits::default()
+    };
     let f = codec::encode(&fit_result(sample_weights(3)), &Limits::default()).unwrap();
     assert!(codec::decode(&f, &small).is_ok());
     let f = codec::encode(&fit_result(sample_weights(4)), &Limits::default()).unwrap();
     let e = codec::decode(&f, &small).unwrap_err().to_string();
-    assert!(e.contains("tensor \"layer3.weight\" data claims 24; the limit is 0"), "{e}");
+    assert!(
+        e.contains("tensor \"layer3.weight\" data claims 24; the limit is 0"),
+        "{e}"
+    );
 
-    let e = codec::encode(&fit_result(sample_weights(4)), &strict).unwrap_err().to_string();
+    let e = codec::encode(&fit_result(sample_weights(4)), &strict)
+        .unwrap_err()
+        .to_string();
     assert_eq!(e, "cannot send FitResult: 4 tensors; the limit is 3");
 }
 
@@ -159,18 +242,24 @@ fn counts_and_lengths_are_checked_against_limits() {
 fn lengths_that_outrun_the_payload_are_refused_before_allocation() {
     // A text claiming 4000 bytes in a payload of a few (within max_text_len, so only the bytes check stops it).
     let p = payload((ErrorCode::Internal, 4000u64));
-    assert!(err(&frame(MessageKind::Error, &p)).contains("message claims 4000 bytes, more than the payload holds"));
+    assert!(err(&frame(MessageKind::Error, &p))
+        .contains("message claims 4000 bytes, more than the payload holds"));
     // Tensor data claiming 400 MB in a payload of a few bytes.
     let mut p = payload((1u32, 1u64, "w".to_string(), vec![100_000_000u64], 0u8, 0u8));
     p.extend(payload(400_000_000u64));
-    assert!(err(&frame(MessageKind::FitResult, &p)).contains("data claims 400000000 bytes, more than the payload holds"));
+    assert!(err(&frame(MessageKind::FitResult, &p))
+        .contains("data claims 400000000 bytes, more than the payload holds"));
     // A histogram claiming a million bins.
     let p = payload((1u32, 1u64, 1u64, 0f64, 1_000_000u64));
-    assert!(err(&frame(MessageKind::EvalReport, &p)).contains("histogram bins claims 1000000 bytes"));
+    assert!(
+        err(&frame(MessageKind::EvalReport, &p)).contains("histogram bins claims 1000000 bytes")
+    );
 }
 
 #[test]
 fn histogram_classes_must_have_the_same_bins() {
     let p = payload((1u32, 3u64, 1u64, 0.2f64, vec![1u64, 0], vec![1u64]));
-    assert!(err(&frame(MessageKind::EvalReport, &p)).contains("differ in bins: 2 positive, 1 negative"));
+    assert!(
+        err(&frame(MessageKind::EvalReport, &p)).contains("differ in bins: 2 positive, 1 negative")
+    );
 }

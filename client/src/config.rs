@@ -1,0 +1,153 @@
+//! `client.toml`: which centre this node is, where the server is, and the node's certificate files.
+
+use std::path::{Path, PathBuf};
+
+use fedslm_certs::ClientTlsFiles;
+use fedslm_protocol::CenterId;
+use serde::Deserialize;
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    center: String,
+    server: String,
+    server_name: Option<String>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    settings: toml::Table,
+}
+
+/// A checked client configuration.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The centre this node believes it is; the server trusts only the certificate.
+    pub center: CenterId,
+    /// `host:port` of the coordinating server.
+    pub server: String,
+    /// The name the server's certificate must carry.
+    pub server_name: String,
+    pub tls: ClientTlsFiles,
+    /// The clinical coding and preprocessing settings, hashed into the Hello.
+    pub settings: toml::Table,
+}
+
+impl ClientConfig {
+    /// Reads `client.toml`; relative paths in it are relative to its folder.
+    pub fn load(path: &Path) -> Result<ClientConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ClientConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<ClientConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let file: File = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let center = CenterId::new(file.center).map_err(|e| invalid(format!("center: {e}")))?;
+        let server_name = match file.server_name {
+            Some(n) => n,
+            None => host_of(&file.server)
+                .ok_or_else(|| invalid(format!("server {:?} is not host:port", file.server)))?,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(ClientConfig {
+            center,
+            server: file.server,
+            server_name,
+            tls: ClientTlsFiles {
+                ca: base.join(file.ca),
+                cert: base.join(file.cert),
+                key: base.join(file.key),
+            },
+            settings: file.settings,
+        })
+    }
+
+    /// SHA-256 of the settings table in its canonical TOML form (keys sorted).
+    pub fn settings_hash(&self) -> [u8; 32] {
+        let canonical = toml::to_string(&self.settings).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        out
+    }
+}
+
+fn host_of(server: &str) -> Option<String> {
+    let (host, port) = server.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        center = "center-a"
+        server = "127.0.0.1:7878"
+        ca = "certs/ca.pem"
+        cert = "certs/center-a.pem"
+        key = "certs/center-a.key"
+    "#;
+
+    fn parse(text: &str) -> Result<ClientConfig, String> {
+        ClientConfig::parse(text, Path::new("/srv/node/client.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.server_name, "127.0.0.1");
+        assert_eq!(c.tls.key, Path::new("/srv/node/certs/center-a.key"));
+        let v6 = parse(&GOOD.replace("127.0.0.1:7878", "[::1]:7878")).unwrap();
+        assert_eq!(v6.server_name, "::1");
+    }
+
+    #[test]
+    fn settings_change_the_hash_and_key_order_does_not() {
+        let a = parse(&format!(
+            "{GOOD}\n[settings]\ncea_cutoff = 5.0\nca199_cutoff = 37.0"
+        ))
+        .unwrap();
+        let b = parse(&format!(
+            "{GOOD}\n[settings]\nca199_cutoff = 37.0\ncea_cutoff = 5.0"
+        ))
+        .unwrap();
+        let c = parse(&format!(
+            "{GOOD}\n[settings]\nca199_cutoff = 37.0\ncea_cutoff = 10.0"
+        ))
+        .unwrap();
+        assert_eq!(a.settings_hash(), b.settings_hash());
+        assert_ne!(a.settings_hash(), c.settings_hash());
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = parse(&GOOD.replace("center-a\"", "Center A\"")).unwrap_err();
+        assert!(e.contains("client.toml") && e.contains("center:"), "{e}");
+        let e = parse(&GOOD.replace("127.0.0.1:7878", "localhost")).unwrap_err();
+        assert!(e.contains("not host:port"), "{e}");
+        let e = parse(&GOOD.replace("key =", "kee =")).unwrap_err();
+        assert!(e.contains("kee"), "{e}");
+    }
+}

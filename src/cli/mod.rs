@@ -1,0 +1,57 @@
+//! Command-line interface: argument parsing (clap derive) and dispatch. `anyhow` lives here, at the edge.
+
+mod certs;
+mod client;
+mod server;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fedslm",
+    version,
+    about = "Federated learning of liver metastasis prediction from rectal MRI, without sharing images"
+)]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The federation's certificates: CA, server, centres, revocation.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// The coordinating server.
+    Server(server::ServerArgs),
+    /// A hospital node.
+    Client(client::ClientArgs),
+}
+
+pub fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Certs(c) => certs::run(c),
+        Command::Server(a) => server::run(a),
+        Command::Client(a) => client::run(a),
+    }
+}
+
+/// A multi-threaded tokio runtime for the commands that do network work.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -1,0 +1,580 @@
+//! The admission handshake over real QUIC and mutual TLS on loopback. Every refusal sits next to a positive
+//! control on the same server, and each asserts what both sides see: the client's typed error and the
+//! server's event.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedslm_certs::{IssueOptions, Pki, RevokeTarget, Usage, Validity};
+use fedslm_client::{client_config, connect, connect_with, ClientConfig, ClientError};
+use fedslm_protocol::io::read_message;
+use fedslm_protocol::{
+    codec, ByteBudget, CenterId, ErrorCode, Limits, Message, Role, SampleCounts, PROTOCOL_VERSION,
+};
+use fedslm_server::{Server, ServerConfig, ServerEvent};
+use tokio::sync::broadcast;
+
+const TLS_UNKNOWN_CA: u8 = 48;
+const TLS_CERTIFICATE_EXPIRED: u8 = 45;
+const TLS_CERTIFICATE_REVOKED: u8 = 44;
+const TLS_UNSUPPORTED_CERTIFICATE: u8 = 43;
+const TLS_CERTIFICATE_REQUIRED: u8 = 116;
+const TLS_NO_APPLICATION_PROTOCOL: u8 = 120;
+
+struct Federation {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    server: Arc<Server>,
+    events: broadcast::Receiver<ServerEvent>,
+    addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn id(s: &str) -> CenterId {
+    CenterId::new(s).unwrap()
+}
+
+impl Federation {
+    async fn start(extra: &str) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(
+            &dir.path().join("pki"),
+            "test",
+            "localhost",
+            &["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        let toml = format!(
+            r#"
+            listen = "127.0.0.1:0"
+            pki = "pki"
+            run_id = "run-7"
+            rounds = 3
+            hello_timeout_secs = 2
+            {extra}
+            [[center]]
+            id = "center-a"
+            role = "train"
+            [[center]]
+            id = "center-b"
+            role = "train"
+            [[center]]
+            id = "external"
+            role = "validate"
+            "#
+        );
+        let config = ServerConfig::parse(&toml, &dir.path().join("server.toml")).unwrap();
+        let server = Arc::new(Server::bind(config).unwrap());
+        let addr = server.local_addr().unwrap();
+        let events = server.subscribe();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let s = server.clone();
+        tokio::spawn(async move {
+            s.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Federation {
+            dir,
+            pki,
+            server,
+            events,
+            addr,
+            _stop: stop,
+        }
+    }
+
+    fn node_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a certificate for `center` and returns a client configuration that uses it.
+    fn node(&self, center: &str) -> ClientConfig {
+        self.node_with(center, IssueOptions::days(30).unwrap())
+    }
+
+    fn node_with(&self, center: &str, options: IssueOptions) -> ClientConfig {
+        let out = self.node_dir(center);
+        self.pki.issue(&id(center), &out, options).unwrap();
+        self.config_for(center, center, &out)
+    }
+
+    /// A client configuration claiming `claimed`, with the files of `cert_center` in `dir`.
+    fn config_for(&self, claimed: &str, cert_center: &str, dir: &Path) -> ClientConfig {
+        let toml = format!(
+            r#"
+            center = "{claimed}"
+            server = "{}"
+            server_name = "localhost"
+            ca = "{}"
+            cert = "{}"
+            key = "{}"
+            "#,
+            self.addr,
+            dir.join("ca.pem").display(),
+            dir.join(format!("{cert_center}.pem")).display(),
+            dir.join(format!("{cert_center}.key")).display(),
+        );
+        ClientConfig::parse(&toml, &dir.join("client.toml")).unwrap()
+    }
+
+    /// The next server event that `want` accepts, skipping others, or a panic after 10 s.
+    async fn expect(&mut self, want: impl Fn(&ServerEvent) -> bool) -> ServerEvent {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let e = self.events.recv().await.unwrap();
+                if want(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("no such server event within 10 s")
+    }
+
+    async fn expect_admitted(&mut self, center: &str) {
+        let c = id(center);
+        self.expect(|e| matches!(e, ServerEvent::Admitted { center, .. } if *center == c))
+            .await;
+    }
+
+    async fn expect_handshake_failure(&mut self) -> (Option<u8>, String) {
+        match self
+            .expect(|e| matches!(e, ServerEvent::HandshakeFailed { .. }))
+            .await
+        {
+            ServerEvent::HandshakeFailed { alert, reason, .. } => (alert, reason),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn expect_refusal(&mut self) -> (CenterId, ErrorCode, String) {
+        match self
+            .expect(|e| matches!(e, ServerEvent::Refused { .. }))
+            .await
+        {
+            ServerEvent::Refused {
+                center,
+                code,
+                reason,
+                ..
+            } => (center, code, reason),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Positive control: a valid, enrolled centre is admitted by this same server.
+    async fn control(&mut self, center: &str) {
+        let config = if self.node_dir(center).join(format!("{center}.pem")).exists() {
+            self.config_for(center, center, &self.node_dir(center))
+        } else {
+            self.node(center)
+        };
+        let session = connect(&config, SampleCounts::default())
+            .await
+            .expect("positive control refused");
+        assert_eq!(session.welcome.center, id(center));
+        self.expect_admitted(center).await;
+        session.close(0, "control done").await;
+    }
+}
+
+fn tls_alert(e: &ClientError) -> u8 {
+    match e {
+        ClientError::TlsAlert { alert, .. } => *alert,
+        other => panic!("expected a TLS alert, got: {other}"),
+    }
+}
+
+fn refused(e: &ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Refused { code, message, .. } => (*code, message.clone()),
+        other => panic!("expected a refusal, got: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn a_valid_centre_is_admitted_and_identified_by_its_certificate() {
+    let mut fed = Federation::start("").await;
+    let session = connect(
+        &fed.node("center-a"),
+        SampleCounts {
+            patients: 60,
+            positives: 14,
+            with_images: 60,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(session.welcome.center, id("center-a"));
+    assert_eq!(session.welcome.role, Role::Train);
+    assert_eq!(
+        (session.welcome.run_id.as_str(), session.welcome.rounds),
+        ("run-7", 3)
+    );
+    match fed
+        .expect(|e| matches!(e, ServerEvent::Admitted { .. }))
+        .await
+    {
+        ServerEvent::Admitted { center, role, .. } => {
+            assert_eq!((center, role), (id("center-a"), Role::Train))
+        }
+        _ => unreachable!(),
+    }
+    assert_eq!(fed.server.connected(), vec![id("center-a")]);
+
+    let ext = connect(&fed.node("external"), SampleCounts::default())
+        .await
+        .unwrap();
+    assert_eq!(ext.welcome.role, Role::Validate);
+    fed.expect_admitted("external").await;
+    assert_eq!(fed.server.connected(), vec![id("center-a"), id("external")]);
+
+    session.close(0, "bye").await;
+    fed.expect(
+        |e| matches!(e, ServerEvent::Disconnected { center, .. } if *center == id("center-a")),
+    )
+    .await;
+    assert_eq!(fed.server.connected(), vec![id("external")]);
+}
+
+#[tokio::test]
+async fn no_client_certificate_is_refused_at_the_handshake() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let config = fed.node("center-b");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::pem::PemObject::from_pem_file(&config.tls.ca).unwrap())
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(fedslm_certs::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![fedslm_protocol::ALPN.to_vec()];
+    let e = connect_with(&config, tls, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(tls_alert(&e), TLS_CERTIFICATE_REQUIRED, "{e}");
+    let (alert, _) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_CERTIFICATE_REQUIRED));
+    fed.control("center-b").await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let other = Pki::init(&fed.dir.path().join("other-pki"), "rogue", "localhost", &[]).unwrap();
+    let out = fed.node_dir("rogue");
+    other
+        .issue(&id("center-b"), &out, IssueOptions::days(30).unwrap())
+        .unwrap();
+    // The rogue node trusts the real CA, so only its own certificate is wrong.
+    std::fs::copy(fed.pki.ca_cert_path(), out.join("ca.pem")).unwrap();
+    let e = connect(
+        &fed.config_for("center-b", "center-b", &out),
+        SampleCounts::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(tls_alert(&e), TLS_UNKNOWN_CA, "{e}");
+    let (alert, reason) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_UNKNOWN_CA));
+    assert!(reason.contains("UnknownIssuer"), "{reason}");
+    fed.control("center-b").await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let now = time::OffsetDateTime::now_utc();
+    let expired = IssueOptions {
+        validity: Validity {
+            not_before: now - time::Duration::days(10),
+            not_after: now - time::Duration::days(1),
+        },
+        usage: Usage::ClientAuth,
+    };
+    let e = connect(&fed.node_with("center-b", expired), SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(tls_alert(&e), TLS_CERTIFICATE_EXPIRED, "{e}");
+    let (alert, reason) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_CERTIFICATE_EXPIRED));
+    assert!(reason.contains("certificate expired"), "{reason}");
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs() {
+    let mut fed = Federation::start("").await;
+    let config_b = fed.node("center-b");
+    // Admitted before the revocation: the positive control.
+    let first = connect(&config_b, SampleCounts::default()).await.unwrap();
+    fed.expect_admitted("center-b").await;
+    first.close(0, "bye").await;
+
+    fed.pki
+        .revoke(&RevokeTarget::Center(id("center-b")))
+        .unwrap();
+    let e = connect(&config_b, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(tls_alert(&e), TLS_CERTIFICATE_REVOKED, "{e}");
+    let (alert, reason) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_CERTIFICATE_REVOKED));
+    assert!(reason.contains("Revoked"), "{reason}");
+    // The others are still served, and a new certificate for the same centre works.
+    fed.control("center-a").await;
+    std::fs::remove_dir_all(fed.node_dir("center-b")).unwrap();
+    fed.control("center-b").await;
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-b");
+    fed.pki
+        .revoke(&RevokeTarget::Center(id("center-b")))
+        .unwrap();
+    let e = connect(&config, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(tls_alert(&e), TLS_CERTIFICATE_REVOKED, "{e}");
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn a_certificate_with_the_server_auth_usage_only_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let server_only = IssueOptions {
+        validity: Validity::days(30).unwrap(),
+        usage: Usage::ServerAuth,
+    };
+    let e = connect(
+        &fed.node_with("center-b", server_only),
+        SampleCounts::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(tls_alert(&e), TLS_UNSUPPORTED_CERTIFICATE, "{e}");
+    let (alert, reason) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_UNSUPPORTED_CERTIFICATE));
+    assert!(
+        reason.contains("does not allow extended key usage for client authentication"),
+        "{reason}"
+    );
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn a_valid_certificate_of_a_centre_not_enrolled_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let e = connect(&fed.node("center-z"), SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    let (code, message) = refused(&e);
+    assert_eq!(code, ErrorCode::NotEnrolled);
+    assert_eq!(message, "centre center-z is not enrolled in run run-7");
+    let (center, code, _) = fed.expect_refusal().await;
+    assert_eq!((center, code), (id("center-z"), ErrorCode::NotEnrolled));
+    assert!(fed.server.connected().is_empty());
+    fed.control("center-b").await;
+}
+
+#[tokio::test]
+async fn a_wrong_alpn_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    let config = fed.node("center-b");
+    let mut tls = client_config(&config.tls).unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let e = connect_with(&config, tls, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(tls_alert(&e), TLS_NO_APPLICATION_PROTOCOL, "{e}");
+    let (alert, _) = fed.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_NO_APPLICATION_PROTOCOL));
+    fed.control("center-b").await;
+}
+
+/// Sends `frame` as the first bytes of the control stream and returns the server's answer.
+async fn raw_exchange(config: &ClientConfig, frame: &[u8]) -> Message {
+    let (_endpoint, conn) = fedslm_client::open(config, client_config(&config.tls).unwrap())
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut send, frame)
+        .await
+        .unwrap();
+    read_message(&mut recv, &Limits::default(), &ByteBudget::default())
+        .await
+        .unwrap()
+}
+
+fn hello_frame(config: &ClientConfig, header_version: u16, hello_version: u16) -> Vec<u8> {
+    let mut hello = fedslm_client::hello(config, SampleCounts::default());
+    hello.protocol_version = hello_version;
+    let mut frame = codec::encode(&Message::Hello(hello), &Limits::default()).unwrap();
+    frame[4..6].copy_from_slice(&header_version.to_le_bytes());
+    frame
+}
+
+#[tokio::test]
+async fn a_protocol_version_mismatch_is_refused() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-a");
+    // Positive control through the same raw path.
+    let ok = raw_exchange(
+        &config,
+        &hello_frame(&config, PROTOCOL_VERSION, PROTOCOL_VERSION),
+    )
+    .await;
+    assert!(matches!(ok, Message::Welcome(_)), "{ok:?}");
+    fed.expect_admitted("center-a").await;
+
+    for (header, hello) in [
+        (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 1),
+        (PROTOCOL_VERSION, 0),
+    ] {
+        let reply = raw_exchange(&config, &hello_frame(&config, header, hello)).await;
+        let Message::Error(e) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(e.code, ErrorCode::UnsupportedVersion);
+        let got = if header != PROTOCOL_VERSION {
+            header
+        } else {
+            hello
+        };
+        assert_eq!(
+            e.message,
+            format!("protocol version {got} is not supported; this server speaks version 1")
+        );
+        let (center, code, _) = fed.expect_refusal().await;
+        assert_eq!(
+            (center, code),
+            (id("center-a"), ErrorCode::UnsupportedVersion)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_hello_claiming_another_centre_is_refused() {
+    let mut fed = Federation::start("").await;
+    fed.control("center-a").await;
+    // center-a's certificate, but the Hello says center-b.
+    let config = fed.config_for("center-b", "center-a", &fed.node_dir("center-a"));
+    let e = connect(&config, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    let (code, message) = refused(&e);
+    assert_eq!(code, ErrorCode::IdentityMismatch);
+    assert_eq!(
+        message,
+        "Hello claims centre center-b, but the certificate is centre center-a's"
+    );
+    let (center, code, _) = fed.expect_refusal().await;
+    assert_eq!(
+        (center, code),
+        (id("center-a"), ErrorCode::IdentityMismatch)
+    );
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn settings_that_differ_from_the_run_are_refused() {
+    let mut cfg = fedslm_client::ClientConfig::parse(
+        "center = \"x\"\nserver = \"h:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[settings]\ncea_cutoff = 5.0\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    let run_hash = fedslm_protocol::hex::to_hex(&cfg.settings_hash());
+    let mut fed = Federation::start(&format!("settings_hash = \"{run_hash}\"")).await;
+    let mut node = fed.node("center-a");
+    node.settings = cfg.settings.clone();
+    let session = connect(&node, SampleCounts::default()).await.unwrap();
+    fed.expect_admitted("center-a").await;
+    session.close(0, "").await;
+
+    cfg.settings
+        .insert("cea_cutoff".into(), toml::Value::Float(10.0));
+    node.settings = cfg.settings;
+    let e = connect(&node, SampleCounts::default()).await.err().unwrap();
+    let (code, message) = refused(&e);
+    assert_eq!(code, ErrorCode::SettingsMismatch);
+    assert!(message.contains(&run_hash), "{message}");
+}
+
+#[tokio::test]
+async fn a_misbehaving_peer_does_not_stop_the_server() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-a");
+    // Garbage instead of a Hello.
+    let reply = raw_exchange(&config, b"GET / HTTP/1.1\r\n\r\n").await;
+    let Message::Error(e) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(e.code, ErrorCode::Malformed);
+    assert!(e.message.contains("magic"), "{}", e.message);
+    // A frame declaring more than a Hello may hold.
+    let mut big = b"FSLM".to_vec();
+    big.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    big.extend_from_slice(&[1, 0]);
+    big.extend_from_slice(&(1u64 << 40).to_le_bytes());
+    let Message::Error(e) = raw_exchange(&config, &big).await else {
+        panic!()
+    };
+    assert!(
+        e.message.contains("the limit for Hello is 65536"),
+        "{}",
+        e.message
+    );
+    // Silent after the handshake: dropped after the Hello timeout, while others are served meanwhile.
+    let (_endpoint, silent) = fedslm_client::open(&config, client_config(&config.tls).unwrap())
+        .await
+        .unwrap();
+    fed.control("center-b").await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), silent.closed())
+        .await
+        .unwrap();
+    assert!(
+        reason.to_string().contains("no Hello within 2 s"),
+        "{reason}"
+    );
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn a_second_connection_of_a_centre_supersedes_the_first() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-a");
+    let first = connect(&config, SampleCounts::default()).await.unwrap();
+    fed.expect_admitted("center-a").await;
+    let _second = connect(&config, SampleCounts::default()).await.unwrap();
+    fed.expect_admitted("center-a").await;
+    let e = first.wait_finish().await.err().unwrap();
+    match e {
+        ClientError::Closed { code, .. } => {
+            assert_eq!(code, u64::from(fedslm_protocol::close::SUPERSEDED))
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(fed.server.connected(), vec![id("center-a")]);
+}
