@@ -263,3 +263,26 @@ fn histogram_classes_must_have_the_same_bins() {
         err(&frame(MessageKind::EvalReport, &p)).contains("differ in bins: 2 positive, 1 negative")
     );
 }
+
+#[test]
+fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
+    let hello = Message::Hello(Hello {
+        protocol_version: 1,
+        software_version: "0.1.0".into(),
+        center: CenterId::new("center-a").unwrap(),
+        settings_hash: [0; 32],
+        counts: SampleCounts {
+            patients: 60,
+            positives: 14,
+            with_images: 60,
+        },
+    });
+    let mut want = vec![
+        0x46, 0x53, 0x4c, 0x4d, 0x01, 0x00, 0x01, 0x00, 0x33, 0, 0, 0, 0, 0, 0, 0, 0x01,
+    ];
+    want.extend([0x05, 0x30, 0x2e, 0x31, 0x2e, 0x30]);
+    want.extend([0x08, 0x63, 0x65, 0x6e, 0x74, 0x65, 0x72, 0x2d, 0x61]);
+    want.extend([0u8; 32]);
+    want.extend([0x3c, 0x0e, 0x3c]);
+    assert_eq!(codec::encode(&hello, &Limits::default()).unwrap(), want);
+}

@@ -186,7 +186,7 @@ mod tests {
         assert!(e.contains("centre center-a is enrolled twice"), "{e}");
         let e = parse(&GOOD.replace("run_id", "runid")).unwrap_err();
         assert!(e.contains("runid"), "{e}");
-        let e = parse(&format!("{GOOD}\nsettings_hash = \"abc\"")).unwrap_err();
+        let e = parse(&format!("settings_hash = \"abc\"\n{GOOD}")).unwrap_err();
         assert!(e.contains("not 64 hexadecimal digits"), "{e}");
         let e = parse(
             r#"listen = "127.0.0.1:1"

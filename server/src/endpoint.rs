@@ -286,27 +286,27 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         role,
     });
 
-    let reason = loop {
-        tokio::select! {
-            msg = read_message(&mut recv, &shared.limits, &budget) => match msg {
-                Ok(Message::Error(e)) => break format!("centre aborted: {:?}: {}", e.code, e.message),
-                Ok(other) => {
-                    let reason = format!("unexpected {} on the control stream", other.kind());
-                    connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
-                    break reason;
-                }
-                Err(ProtocolError::Closed) => {
-                    // The client finished its side of the control stream; the connection may live on.
-                    break connection.closed().await.to_string();
-                }
-                Err(e) => {
+    // Until rounds exist, the only message a centre may send after Welcome is an Error (it aborts).
+    let reason = tokio::select! {
+        msg = read_message(&mut recv, &shared.limits, &budget) => match msg {
+            Ok(Message::Error(e)) => format!("centre aborted: {:?}: {}", e.code, e.message),
+            Ok(other) => {
+                let reason = format!("unexpected {} on the control stream", other.kind());
+                connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                reason
+            }
+            // The client finished its side of the control stream; the connection may live on.
+            Err(ProtocolError::Closed) => connection.closed().await.to_string(),
+            Err(e) => match connection.close_reason() {
+                Some(closed) => closed.to_string(),
+                None => {
                     let reason = e.to_string();
                     connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
-                    break reason;
+                    reason
                 }
             },
-            e = connection.closed() => break e.to_string(),
-        }
+        },
+        e = connection.closed() => e.to_string(),
     };
     {
         let mut peers = lock(&shared.peers);

@@ -61,10 +61,11 @@ pub enum CertsCommand {
         days: Days,
     },
     /// Revoke a centre's certificates, or one certificate by serial, in the federation's CRL.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["center", "serial"])))]
     Revoke {
         #[arg(long)]
         pki: PathBuf,
-        #[arg(long, conflicts_with = "serial", required_unless_present = "serial")]
+        #[arg(long)]
         center: Option<CenterId>,
         /// Serial number in hexadecimal (colons allowed).
         #[arg(long)]

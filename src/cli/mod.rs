@@ -37,6 +37,7 @@ pub fn init_logging(filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
@@ -46,6 +47,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(c) => certs::run(c),
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (how service managers stop a node).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }
 

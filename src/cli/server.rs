@@ -27,7 +27,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, centres = %enrolled.join(", "), "listening");
         server
             .run(async {
-                let _ = tokio::signal::ctrl_c().await;
+                super::shutdown_signal().await;
                 tracing::info!("shutting down");
             })
             .await;

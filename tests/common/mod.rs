@@ -1,0 +1,172 @@
+//! The test federation: a PKI in a temporary folder and a real server on loopback QUIC.
+
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedslm_certs::{IssueOptions, Pki};
+use fedslm_client::{connect, ClientConfig};
+use fedslm_protocol::{CenterId, ErrorCode, SampleCounts};
+use fedslm_server::{Server, ServerConfig, ServerEvent};
+use tokio::sync::broadcast;
+
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub server: Arc<Server>,
+    pub events: broadcast::Receiver<ServerEvent>,
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+pub fn id(s: &str) -> CenterId {
+    CenterId::new(s).unwrap()
+}
+
+impl Federation {
+    pub async fn start(extra: &str) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(
+            &dir.path().join("pki"),
+            "test",
+            "localhost",
+            &["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        let toml = format!(
+            r#"
+            listen = "127.0.0.1:0"
+            pki = "pki"
+            run_id = "run-7"
+            rounds = 3
+            hello_timeout_secs = 2
+            {extra}
+            [[center]]
+            id = "center-a"
+            role = "train"
+            [[center]]
+            id = "center-b"
+            role = "train"
+            [[center]]
+            id = "external"
+            role = "validate"
+            "#
+        );
+        let config = ServerConfig::parse(&toml, &dir.path().join("server.toml")).unwrap();
+        let server = Arc::new(Server::bind(config).unwrap());
+        let addr = server.local_addr().unwrap();
+        let events = server.subscribe();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let s = server.clone();
+        tokio::spawn(async move {
+            s.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Federation {
+            dir,
+            pki,
+            server,
+            events,
+            addr,
+            _stop: stop,
+        }
+    }
+
+    pub fn node_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a certificate for `center` and returns a client configuration that uses it.
+    pub fn node(&self, center: &str) -> ClientConfig {
+        self.node_with(center, IssueOptions::days(30).unwrap())
+    }
+
+    pub fn node_with(&self, center: &str, options: IssueOptions) -> ClientConfig {
+        let out = self.node_dir(center);
+        self.pki.issue(&id(center), &out, options).unwrap();
+        self.config_for(center, center, &out)
+    }
+
+    /// A client configuration claiming `claimed`, with the files of `cert_center` in `dir`.
+    pub fn config_for(&self, claimed: &str, cert_center: &str, dir: &Path) -> ClientConfig {
+        let toml = format!(
+            r#"
+            center = "{claimed}"
+            server = "{}"
+            server_name = "localhost"
+            ca = "{}"
+            cert = "{}"
+            key = "{}"
+            "#,
+            self.addr,
+            dir.join("ca.pem").display(),
+            dir.join(format!("{cert_center}.pem")).display(),
+            dir.join(format!("{cert_center}.key")).display(),
+        );
+        ClientConfig::parse(&toml, &dir.join("client.toml")).unwrap()
+    }
+
+    /// The next server event that `want` accepts, skipping others, or a panic after 10 s.
+    pub async fn expect(&mut self, want: impl Fn(&ServerEvent) -> bool) -> ServerEvent {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let e = self.events.recv().await.unwrap();
+                if want(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("no such server event within 10 s")
+    }
+
+    pub async fn expect_admitted(&mut self, center: &str) {
+        let c = id(center);
+        self.expect(|e| matches!(e, ServerEvent::Admitted { center, .. } if *center == c))
+            .await;
+    }
+
+    pub async fn expect_handshake_failure(&mut self) -> (Option<u8>, String) {
+        match self
+            .expect(|e| matches!(e, ServerEvent::HandshakeFailed { .. }))
+            .await
+        {
+            ServerEvent::HandshakeFailed { alert, reason, .. } => (alert, reason),
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn expect_refusal(&mut self) -> (CenterId, ErrorCode, String) {
+        match self
+            .expect(|e| matches!(e, ServerEvent::Refused { .. }))
+            .await
+        {
+            ServerEvent::Refused {
+                center,
+                code,
+                reason,
+                ..
+            } => (center, code, reason),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Positive control: a valid, enrolled centre is admitted by this same server.
+    pub async fn control(&mut self, center: &str) {
+        let config = if self.node_dir(center).join(format!("{center}.pem")).exists() {
+            self.config_for(center, center, &self.node_dir(center))
+        } else {
+            self.node(center)
+        };
+        let session = connect(&config, SampleCounts::default())
+            .await
+            .expect("positive control refused");
+        assert_eq!(session.welcome.center, id(center));
+        self.expect_admitted(center).await;
+        session.close(0, "control done").await;
+    }
+}
