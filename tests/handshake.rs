@@ -183,17 +183,31 @@ async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_run
 
 #[tokio::test]
 async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation() {
-    let mut fed = Federation::start("").await;
-    let config = fed.node("center-b");
+    let fed = Federation::start("").await;
+    let config_b = fed.node("center-b");
+    let config_a = fed.node("center-a");
     fed.pki
         .revoke(&RevokeTarget::Center(id("center-b")))
         .unwrap();
-    let e = connect(&config, SampleCounts::default())
+    // A second server, started now from the same PKI folder: it reads the CRL at start, not on a change.
+    let mut later = Federation::restart(&fed).await;
+    let later_addr = later.addr.to_string();
+    let to_later = |mut c: ClientConfig| {
+        c.server = later_addr.clone();
+        c
+    };
+    let e = connect(&to_later(config_b), SampleCounts::default())
         .await
         .err()
         .unwrap();
     assert_eq!(tls_alert(&e), TLS_CERTIFICATE_REVOKED, "{e}");
-    fed.control("center-a").await;
+    let (alert, _) = later.expect_handshake_failure().await;
+    assert_eq!(alert, Some(TLS_CERTIFICATE_REVOKED));
+    let ok = connect(&to_later(config_a), SampleCounts::default())
+        .await
+        .unwrap();
+    later.expect_admitted("center-a").await;
+    ok.close(0, "").await;
 }
 
 #[tokio::test]

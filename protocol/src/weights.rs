@@ -103,6 +103,15 @@ pub struct Tensor {
     data: Bytes,
 }
 
+/// Values as consecutive little-endian encodings of `N` bytes each.
+fn le_bytes<T, const N: usize>(values: &[T], encode: impl Fn(&T) -> [u8; N]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * N];
+    for (chunk, v) in out.chunks_exact_mut(N).zip(values) {
+        chunk.copy_from_slice(&encode(v));
+    }
+    out
+}
+
 fn element_count(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
 }
@@ -159,10 +168,7 @@ impl Tensor {
         role: TensorRole,
         values: &[f64],
     ) -> Result<Tensor, WeightsError> {
-        let mut out = vec![0u8; values.len() * 8];
-        for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
-            chunk.copy_from_slice(&v.to_le_bytes());
-        }
+        let out = le_bytes(values, |v| v.to_le_bytes());
         Tensor::from_raw(name, shape, DType::F64, role, Bytes::from(out))
     }
 
@@ -174,29 +180,12 @@ impl Tensor {
         values: &[f32],
         dtype: DType,
     ) -> Result<Tensor, WeightsError> {
-        let mut out = vec![0u8; values.len() * dtype.size()];
-        match dtype {
-            DType::F32 => {
-                for (chunk, v) in out.chunks_exact_mut(4).zip(values) {
-                    chunk.copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            DType::F64 => {
-                for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
-                    chunk.copy_from_slice(&f64::from(*v).to_le_bytes());
-                }
-            }
-            DType::F16 => {
-                for (chunk, v) in out.chunks_exact_mut(2).zip(values) {
-                    chunk.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
-                }
-            }
-            DType::BF16 => {
-                for (chunk, v) in out.chunks_exact_mut(2).zip(values) {
-                    chunk.copy_from_slice(&bf16::from_f32(*v).to_le_bytes());
-                }
-            }
-        }
+        let out = match dtype {
+            DType::F32 => le_bytes(values, |v| v.to_le_bytes()),
+            DType::F64 => le_bytes(values, |v| f64::from(*v).to_le_bytes()),
+            DType::F16 => le_bytes(values, |v| f16::from_f32(*v).to_le_bytes()),
+            DType::BF16 => le_bytes(values, |v| bf16::from_f32(*v).to_le_bytes()),
+        };
         Tensor::from_raw(name, shape, dtype, role, Bytes::from(out))
     }
 

@@ -28,13 +28,25 @@ pub fn id(s: &str) -> CenterId {
 impl Federation {
     pub async fn start(extra: &str) -> Federation {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(
+        Pki::init(
             &dir.path().join("pki"),
             "test",
             "localhost",
             &["127.0.0.1".parse().unwrap()],
         )
         .unwrap();
+        Federation::serve(dir, extra).await
+    }
+
+    /// Another server on the PKI folder of `fed`, in a folder of its own that links to it.
+    pub async fn restart(fed: &Federation) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(fed.dir.path().join("pki"), dir.path().join("pki")).unwrap();
+        Federation::serve(dir, "").await
+    }
+
+    async fn serve(dir: tempfile::TempDir, extra: &str) -> Federation {
+        let pki = Pki::open(&dir.path().join("pki")).unwrap();
         let toml = format!(
             r#"
             listen = "127.0.0.1:0"
