@@ -2,6 +2,7 @@
 //! The one binary; each subcommand lives in `cli/`.
 
 mod cli;
+mod plot;
 
 use clap::Parser;
 

@@ -385,3 +385,31 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod unpaired_tests {
+    use super::*;
+
+    #[test]
+    fn unpaired_is_the_difference_over_the_summed_variances() {
+        // Two cohorts: their variances add, with no covariance term.
+        let a = AucEstimate {
+            auc: 0.85,
+            variance: 0.0016,
+            n_positive: 40,
+            n_negative: 60,
+        };
+        let b = AucEstimate {
+            auc: 0.70,
+            variance: 0.0009,
+            n_positive: 12,
+            n_negative: 19,
+        };
+        let t = unpaired_delong(&a, &b);
+        let z = 0.15 / 0.0025f64.sqrt();
+        assert!((t.z - z).abs() < 1e-12);
+        // R: 2 * pnorm(-3) = 0.002699796063260207
+        assert!((t.p - 0.002_699_796_063_260_207).abs() < 1e-15);
+        assert_eq!(unpaired_delong(&a, &a).p, 1.0);
+    }
+}

@@ -2,6 +2,7 @@
 
 mod certs;
 mod client;
+pub mod evaluate;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,9 @@ enum Command {
     Server(server::ServerArgs),
     /// A hospital node.
     Client(client::ClientArgs),
+    /// AUC with DeLong CI, paired tests, Youden cut-off, decision curves, Brier and calibration of a
+    /// predictions file.
+    Evaluate(evaluate::EvaluateArgs),
 }
 
 pub fn init_logging(filter: &str) {
@@ -47,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(c) => certs::run(c),
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
+        Command::Evaluate(a) => evaluate::run(a),
     }
 }
 
