@@ -11,7 +11,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::cli::evaluate::{Predictions, ScoreReport};
+use crate::cli::evaluate::{DcaReport, Predictions, ScoreReport};
 
 const FONT: &str = "sans-serif";
 const SIZE: (u32, u32) = (900, 760);
@@ -112,11 +112,17 @@ where
     DB::ErrorType: 'static,
 {
     area.fill(&WHITE).map_err(draw_err)?;
-    let first = &reports[0].1.dca;
-    let prevalence = p.labels.iter().filter(|&&l| l).count() as f64 / p.labels.len() as f64;
-    let top = reports
+    let curves: Vec<(&String, &DcaReport)> = reports
         .iter()
-        .flat_map(|(_, r)| r.dca.net_benefit.iter().copied())
+        .filter_map(|(n, r)| r.dca.as_ref().map(|d| (n, d)))
+        .collect();
+    let Some(&(_, first)) = curves.first() else {
+        return Ok(());
+    };
+    let prevalence = p.labels.iter().filter(|&&l| l).count() as f64 / p.labels.len() as f64;
+    let top = curves
+        .iter()
+        .flat_map(|(_, d)| d.net_benefit.iter().copied())
         .fold(prevalence, f64::max);
     let x_max = first.thresholds.last().copied().unwrap_or(1.0).max(0.5);
     let mut chart = ChartBuilder::on(area)
@@ -161,13 +167,14 @@ where
         .label("Treat none")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 24, y)], BLACK.stroke_width(2)));
     for (k, (name, r)) in reports.iter().enumerate() {
+        let Some(d) = &r.dca else { continue };
+        // The same colour as in the ROC figure.
         let color = PALETTE[k % PALETTE.len()];
         chart
             .draw_series(LineSeries::new(
-                r.dca
-                    .thresholds
+                d.thresholds
                     .iter()
-                    .zip(&r.dca.net_benefit)
+                    .zip(&d.net_benefit)
                     .map(|(&t, &v)| (t, clip(v))),
                 color.stroke_width(3),
             ))
@@ -186,7 +193,8 @@ where
     area.present().map_err(draw_err)
 }
 
-/// Writes `roc.png`, `roc.svg`, `dca.png` and `dca.svg` to `dir`; returns their paths.
+/// Writes `roc.png`, `roc.svg`, `dca.png` and `dca.svg` to `dir` (the decision curves only where some score
+/// is a probability); returns their paths.
 pub fn write_figures(
     dir: &Path,
     p: &Predictions,
@@ -195,7 +203,11 @@ pub fn write_figures(
     register_font();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
-    for name in ["roc", "dca"] {
+    let any_curve = reports.iter().any(|(_, r)| r.dca.is_some());
+    for name in ["roc", "dca"]
+        .into_iter()
+        .filter(|n| *n == "roc" || any_curve)
+    {
         let draw = |png: bool, path: &Path| -> anyhow::Result<()> {
             match (png, name) {
                 (true, "roc") => roc(

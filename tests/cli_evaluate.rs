@@ -283,6 +283,7 @@ fn plots_scores_that_are_not_probabilities_and_chosen_thresholds() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["scores"]["logit"]["brier"].is_null());
     assert!(v["scores"]["logit"]["calibration"].is_null());
+    assert!(v["scores"]["logit"]["dca"].is_null());
     assert!(v["scores"]["risk"]["brier"].is_number());
     assert_eq!(
         v["scores"]["risk"]["dca"]["thresholds"],

@@ -160,7 +160,8 @@ pub struct ScoreReport {
     pub youden: YoudenReport,
     pub brier: Option<f64>,
     pub calibration: Option<CalibrationReport>,
-    pub dca: DcaReport,
+    /// Net benefit is defined for predicted probabilities only.
+    pub dca: Option<DcaReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -210,8 +211,18 @@ fn score_report(
     let d = m::auc_delong(labels, scores).with_context(ctx)?;
     let (lo, hi) = d.ci95();
     let y = m::youden(labels, scores).with_context(ctx)?;
-    let dca = m::decision_curve(labels, scores, thresholds).with_context(ctx)?;
     let probabilities = m::are_probabilities(scores);
+    let dca = if probabilities {
+        let c = m::decision_curve(labels, scores, thresholds).with_context(ctx)?;
+        Some(DcaReport {
+            thresholds: c.thresholds,
+            net_benefit: c.model,
+            treat_all: c.treat_all,
+            treat_none: c.treat_none,
+        })
+    } else {
+        None
+    };
     let calibration = if probabilities {
         match m::calibration(labels, scores) {
             Ok(c) => Some(CalibrationReport {
@@ -249,12 +260,7 @@ fn score_report(
             None
         },
         calibration,
-        dca: DcaReport {
-            thresholds: dca.thresholds,
-            net_benefit: dca.model,
-            treat_all: dca.treat_all,
-            treat_none: dca.treat_none,
-        },
+        dca,
     })
 }
 
@@ -382,18 +388,29 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
             println!("  {} vs {}: z = {:.3}, p = {}", c.a, c.b, c.z, p_value(c.p));
         }
     }
+    let curves: Vec<(&String, &DcaReport)> = per_score
+        .iter()
+        .filter_map(|(n, r)| r.dca.as_ref().map(|d| (n, d)))
+        .collect();
+    let Some((_, first)) = curves.first() else {
+        println!("\nNo decision curve: no score is a probability in [0, 1].");
+        return Ok(());
+    };
     println!("\nNet benefit (decision curve)");
     print!("  {:>9}", "threshold");
-    for (name, _) in &per_score {
+    for (name, _) in &curves {
         print!("  {name:>width$}");
     }
     println!("  {:>9}  {:>10}", "treat all", "treat none");
     for (k, t) in thresholds.iter().enumerate() {
         print!("  {t:>9.2}");
-        for (_, r) in &per_score {
-            print!("  {:>width$.4}", r.dca.net_benefit[k]);
+        for (_, d) in &curves {
+            print!("  {:>width$.4}", d.net_benefit[k]);
         }
-        println!("  {:>9.4}  {:>10.4}", per_score[0].1.dca.treat_all[k], 0.0);
+        println!(
+            "  {:>9.4}  {:>10.4}",
+            first.treat_all[k], first.treat_none[k]
+        );
     }
     Ok(())
 }
