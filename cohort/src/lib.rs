@@ -1,4 +1,29 @@
 //! A centre's data as it lies on disk: the manifest, clinical coding, NIfTI and DICOM reading, ROI
 //! preprocessing, synthetic multi-centre cohorts, partitions and cross-validation folds.
 //!
-//! Knows nothing of candle: the `model` crate turns cohort samples into tensors. Built by the cohort issues.
+//! Knows nothing of candle: the `model` crate turns cohort samples into tensors.
+
+mod dicom_file;
+mod error;
+mod nifti_file;
+mod volume;
+
+pub use dicom_file::{read_dicom_file, read_dicom_series};
+pub use error::ImageError;
+pub use nifti_file::read_nifti;
+pub use volume::{Format, Stats, Volume};
+
+use std::path::Path;
+
+/// Reads an image whatever its format: a folder is a DICOM series, `.nii`/`.nii.gz` is NIfTI, anything else
+/// is tried as a DICOM file.
+pub fn read_image(path: &Path) -> Result<Volume, ImageError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    if path.is_dir() {
+        read_dicom_series(path)
+    } else if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+        read_nifti(path)
+    } else {
+        read_dicom_file(path)
+    }
+}
