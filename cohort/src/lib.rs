@@ -3,12 +3,18 @@
 //!
 //! Knows nothing of candle: the `model` crate turns cohort samples into tensors.
 
+pub mod coding;
 mod dicom_file;
 mod error;
+pub mod manifest;
 mod nifti_file;
+pub mod summary;
 mod volume;
 
+pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
+pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
+pub use summary::CohortSummary;
 pub use error::ImageError;
 pub use nifti_file::read_nifti;
 pub use volume::{Format, Stats, Volume};
