@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use dicom_core::header::HasLength;
 use dicom_dictionary_std::tags;
 use dicom_object::{open_file, DefaultDicomObject};
 use dicom_pixeldata::{DecodedPixelData, PixelDecoder, PixelRepresentation};
@@ -23,8 +24,10 @@ fn open(path: &Path) -> Result<DefaultDicomObject, ImageError> {
     })
 }
 
+/// A numeric attribute; absent and empty are the same (many files carry empty type-2 attributes).
 fn floats(obj: &DefaultDicomObject, tag: dicom_core::Tag, name: &'static str, path: &Path) -> Result<Option<Vec<f64>>, ImageError> {
     match obj.element_opt(tag) {
+        Ok(Some(e)) if e.value().is_empty() || e.to_str().is_ok_and(|s| s.trim_matches(['\0', ' ']).is_empty()) => Ok(None),
         Ok(Some(e)) => e.to_multi_float64().map(Some).map_err(|err| ImageError::DicomAttribute {
             path: path.to_path_buf(),
             attribute: name,
@@ -54,14 +57,41 @@ struct Pixels {
     rescale: Vec<(f64, f64)>,
 }
 
+/// A transfer syntax's name, for errors.
+fn transfer_syntax_name(uid: &str) -> String {
+    let name = match uid {
+        "1.2.840.10008.1.2" => "Implicit VR Little Endian",
+        "1.2.840.10008.1.2.1" => "Explicit VR Little Endian",
+        "1.2.840.10008.1.2.1.99" => "Deflated Explicit VR Little Endian",
+        "1.2.840.10008.1.2.2" => "Explicit VR Big Endian",
+        "1.2.840.10008.1.2.5" => "RLE Lossless",
+        "1.2.840.10008.1.2.4.50" => "JPEG Baseline",
+        "1.2.840.10008.1.2.4.51" => "JPEG Extended (12-bit)",
+        "1.2.840.10008.1.2.4.57" | "1.2.840.10008.1.2.4.70" => "JPEG Lossless",
+        "1.2.840.10008.1.2.4.80" => "JPEG-LS Lossless",
+        "1.2.840.10008.1.2.4.81" => "JPEG-LS Near-Lossless",
+        "1.2.840.10008.1.2.4.90" => "JPEG 2000 Lossless",
+        "1.2.840.10008.1.2.4.91" => "JPEG 2000",
+        _ => return uid.to_string(),
+    };
+    format!("{name}, {uid}")
+}
+
 fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
-    let ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+    let uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
     let pixel_error = |reason: String| ImageError::PixelData {
         path: path.to_path_buf(),
-        transfer_syntax: ts.clone(),
+        transfer_syntax: transfer_syntax_name(&uid),
         reason,
     };
-    let decoded: DecodedPixelData = obj.decode_pixel_data().map_err(|e| pixel_error(e.to_string()))?;
+    let decoded: DecodedPixelData = obj.decode_pixel_data().map_err(|e| {
+        let jpeg_ls = uid.starts_with("1.2.840.10008.1.2.4.8");
+        pixel_error(if jpeg_ls && !cfg!(feature = "jpeg-ls") {
+            "JPEG-LS needs fedslm built with the jpeg-ls feature (CharLS, built with cmake)".into()
+        } else {
+            e.to_string()
+        })
+    })?;
     if decoded.samples_per_pixel() != 1 {
         return Err(ImageError::DicomAttribute {
             path: path.to_path_buf(),
@@ -77,15 +107,29 @@ fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
     let allocated = decoded.bits_allocated();
     let stored = u32::from(decoded.bits_stored()).clamp(1, u32::from(allocated.max(1)));
     let signed = decoded.pixel_representation() == PixelRepresentation::Signed;
-    let bytes = decoded.data();
     let count = columns * rows * frames;
-    let width = usize::from(allocated / 8);
-    if !matches!(allocated, 8 | 16 | 32) || bytes.len() < count * width {
+    let unpacked;
+    let (bytes, width) = if allocated == 1 {
+        // Binary images (segmentations): one byte per sample, or packed eight to a byte, least significant first.
+        let data = decoded.data();
+        if data.len() >= count {
+            (data, 1)
+        } else {
+            unpacked = (0..count)
+                .map(|i| data.get(i / 8).map_or(0, |b| (b >> (i % 8)) & 1))
+                .collect::<Vec<u8>>();
+            (&unpacked[..], 1)
+        }
+    } else {
+        (decoded.data(), usize::from(allocated / 8))
+    };
+    if !matches!(allocated, 1 | 8 | 16 | 32) || bytes.len() < count * width {
         return Err(pixel_error(format!(
             "{} bytes for {count} samples of {allocated} bits",
             bytes.len()
         )));
     }
+    let big_endian = uid == "1.2.840.10008.1.2.2";
     // dicom-rs's to_vec refuses 32-bit samples, so the decoded bytes are converted here for every width.
     let mask: u64 = (1u64 << stored) - 1;
     let values = bytes[..count * width]
@@ -94,6 +138,9 @@ fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
             let raw = match width {
                 1 => u64::from(c[0]),
                 2 => u64::from(u16::from_le_bytes([c[0], c[1]])),
+                // From big-endian files dicom-rs hands over pixel data swapped as 16-bit words: a 32-bit
+                // sample arrives as its high word, then its low word, each little-endian.
+                _ if big_endian => u64::from(u32::from_be_bytes([c[1], c[0], c[3], c[2]])),
                 _ => u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             } & mask;
             if signed && raw >> (stored - 1) & 1 == 1 {
@@ -109,6 +156,7 @@ fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
         .unwrap_or_default();
     let rescale = if rescale.is_empty() { vec![(1.0, 0.0)] } else { rescale };
     let dtype = match (allocated, signed) {
+        (1, _) => "bool",
         (8, false) => "uint8",
         (8, true) => "int8",
         (16, false) => "uint16",

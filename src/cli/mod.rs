@@ -3,6 +3,7 @@
 mod certs;
 mod client;
 pub mod evaluate;
+mod inspect;
 mod server;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ enum Command {
     /// AUC with DeLong CI, paired tests, Youden cut-off, decision curves, Brier and calibration of a
     /// predictions file.
     Evaluate(evaluate::EvaluateArgs),
+    /// Dims, spacing and value statistics of a NIfTI file, DICOM file or series; or a manifest's summary.
+    Inspect(inspect::InspectArgs),
 }
 
 pub fn init_logging(filter: &str) {
@@ -52,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
         Command::Evaluate(a) => evaluate::run(a),
+        Command::Inspect(a) => inspect::run(a),
     }
 }
 
