@@ -21,20 +21,29 @@ fn inspect(path: &std::path::Path) -> (bool, String, String) {
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 #[test]
 fn json_agrees_with_pydicom_and_nibabel() {
     let dir = reference_dir().join("imaging");
-    let expected: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     for (name, e) in expected.as_object().unwrap() {
         let (ok, out, err) = inspect(&dir.join(name));
         assert!(ok, "{name}: {err}");
         let got: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(got["format"], e["format"], "{name}");
         assert_eq!(got["dims"], e["dims"], "{name}");
-        let want_spacing = if e["format"] == "dicom" { &e["spacing_xy"] } else { &e["spacing"] };
+        let want_spacing = if e["format"] == "dicom" {
+            &e["spacing_xy"]
+        } else {
+            &e["spacing"]
+        };
         match want_spacing.as_array() {
             Some(w) => {
                 for (k, v) in w.iter().enumerate() {
@@ -50,7 +59,10 @@ fn json_agrees_with_pydicom_and_nibabel() {
             let (g, w) = (got[k].as_f64().unwrap(), e[k].as_f64().unwrap());
             assert!((g - w).abs() <= 1e-9 * w.abs(), "{name} {k}: {g} vs {w}");
         }
-        assert!(got["dtype"].as_str().is_some_and(|t| !t.is_empty()), "{name}");
+        assert!(
+            got["dtype"].as_str().is_some_and(|t| !t.is_empty()),
+            "{name}"
+        );
     }
 }
 
@@ -61,8 +73,14 @@ fn a_manifest_gets_a_cohort_summary() {
     assert!(ok, "{err}");
     let s: Value = serde_json::from_str(&out).unwrap();
     let n = s["patients"].as_u64().unwrap();
-    assert_eq!(n, s["slm_positive"].as_u64().unwrap() + s["slm_negative"].as_u64().unwrap());
-    assert_eq!(n, s["male"].as_u64().unwrap() + s["female"].as_u64().unwrap());
+    assert_eq!(
+        n,
+        s["slm_positive"].as_u64().unwrap() + s["slm_negative"].as_u64().unwrap()
+    );
+    assert_eq!(
+        n,
+        s["male"].as_u64().unwrap() + s["female"].as_u64().unwrap()
+    );
     assert_eq!(s["t2w"], 0);
     assert_eq!(s["cea"]["cutoff"], 5.0);
 }

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (README.md): every crate's tests, including the interop test that drives the
-# server from a Python QUIC peer. Makes that peer's Python environment (aioquic from PyPI) on first use.
+# server from a Python QUIC peer and the cross-check of DICOM reading against pydicom. Makes their Python
+# environment (aioquic, pydicom with its JPEG plugins, from PyPI) on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/interop-venv
-if ! "$venv/bin/python" -c "import aioquic" 2>/dev/null; then
-  echo "setting up $venv (aioquic for tools/interop/peer.py)" >&2
+if ! "$venv/bin/python" -c "import aioquic, pydicom, numpy, pylibjpeg" 2>/dev/null; then
+  echo "setting up $venv (aioquic and pydicom for the interop tests)" >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "aioquic>=1.2,<2"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    "aioquic>=1.2,<2" "pydicom>=3,<4" numpy pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg
 fi
 export FEDSLM_INTEROP_PYTHON="$PWD/$venv/bin/python"
 

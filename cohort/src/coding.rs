@@ -51,7 +51,8 @@ impl Default for ClinicalCoding {
 
 impl ClinicalCoding {
     /// Names of the coded covariates, in the order of [`ClinicalCoding::encode`].
-    pub const FEATURES: [&'static str; 5] = ["male", "site_low", "site_high", "cea_high", "ca199_high"];
+    pub const FEATURES: [&'static str; 5] =
+        ["male", "site_low", "site_high", "cea_high", "ca199_high"];
 
     /// A patient's covariates: 0/1 indicators.
     pub fn encode(&self, p: &Patient) -> [f64; 5] {
@@ -86,12 +87,25 @@ mod tests {
     fn the_hash_is_stable_and_follows_every_setting() {
         let d = ClinicalCoding::default();
         // Fixed: a change here breaks federations that mix software versions.
-        let hex: String = d.settings_hash().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = d
+            .settings_hash()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(hex, fedslm_hash_of_default());
         let other = [
-            ClinicalCoding { cea_cutoff: 10.0, ..d },
-            ClinicalCoding { ca199_cutoff: 35.0, ..d },
-            ClinicalCoding { missing: MissingPolicy::Normal, ..d },
+            ClinicalCoding {
+                cea_cutoff: 10.0,
+                ..d
+            },
+            ClinicalCoding {
+                ca199_cutoff: 35.0,
+                ..d
+            },
+            ClinicalCoding {
+                missing: MissingPolicy::Normal,
+                ..d
+            },
         ];
         for o in other {
             assert_ne!(o.settings_hash(), d.settings_hash(), "{o:?}");
@@ -100,6 +114,9 @@ mod tests {
 
     fn fedslm_hash_of_default() -> String {
         let text = "fedslm-clinical-coding/1\ncea_cutoff=5.0\nca199_cutoff=37.0\nmissing=error\n";
-        Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }

@@ -25,14 +25,28 @@ fn open(path: &Path) -> Result<DefaultDicomObject, ImageError> {
 }
 
 /// A numeric attribute; absent and empty are the same (many files carry empty type-2 attributes).
-fn floats(obj: &DefaultDicomObject, tag: dicom_core::Tag, name: &'static str, path: &Path) -> Result<Option<Vec<f64>>, ImageError> {
+fn floats(
+    obj: &DefaultDicomObject,
+    tag: dicom_core::Tag,
+    name: &'static str,
+    path: &Path,
+) -> Result<Option<Vec<f64>>, ImageError> {
     match obj.element_opt(tag) {
-        Ok(Some(e)) if e.value().is_empty() || e.to_str().is_ok_and(|s| s.trim_matches(['\0', ' ']).is_empty()) => Ok(None),
-        Ok(Some(e)) => e.to_multi_float64().map(Some).map_err(|err| ImageError::DicomAttribute {
-            path: path.to_path_buf(),
-            attribute: name,
-            problem: format!("not numeric: {err}"),
-        }),
+        Ok(Some(e))
+            if e.value().is_empty()
+                || e.to_str()
+                    .is_ok_and(|s| s.trim_matches(['\0', ' ']).is_empty()) =>
+        {
+            Ok(None)
+        }
+        Ok(Some(e)) => e
+            .to_multi_float64()
+            .map(Some)
+            .map_err(|err| ImageError::DicomAttribute {
+                path: path.to_path_buf(),
+                attribute: name,
+                problem: format!("not numeric: {err}"),
+            }),
         _ => Ok(None),
     }
 }
@@ -78,7 +92,11 @@ fn transfer_syntax_name(uid: &str) -> String {
 }
 
 fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
-    let uid = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+    let uid = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_string();
     let pixel_error = |reason: String| ImageError::PixelData {
         path: path.to_path_buf(),
         transfer_syntax: transfer_syntax_name(&uid),
@@ -96,7 +114,10 @@ fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
         return Err(ImageError::DicomAttribute {
             path: path.to_path_buf(),
             attribute: "SamplesPerPixel",
-            problem: format!("{}; only greyscale images are supported", decoded.samples_per_pixel()),
+            problem: format!(
+                "{}; only greyscale images are supported",
+                decoded.samples_per_pixel()
+            ),
         });
     }
     let (columns, rows, frames) = (
@@ -154,7 +175,11 @@ fn decode(obj: &DefaultDicomObject, path: &Path) -> Result<Pixels, ImageError> {
         .rescale()
         .map(|r| r.iter().map(|r| (r.slope, r.intercept)).collect())
         .unwrap_or_default();
-    let rescale = if rescale.is_empty() { vec![(1.0, 0.0)] } else { rescale };
+    let rescale = if rescale.is_empty() {
+        vec![(1.0, 0.0)]
+    } else {
+        rescale
+    };
     let dtype = match (allocated, signed) {
         (1, _) => "bool",
         (8, false) => "uint8",
@@ -187,7 +212,13 @@ fn rescaled(p: &Pixels) -> Vec<f64> {
 }
 
 /// Voxel (column, row, slice) to LPS from orientation, position and spacings, converted to RAS.
-fn affine(orientation: &[f64], position: &[f64], col_spacing: f64, row_spacing: f64, slice: [f64; 3]) -> [[f64; 4]; 4] {
+fn affine(
+    orientation: &[f64],
+    position: &[f64],
+    col_spacing: f64,
+    row_spacing: f64,
+    slice: [f64; 3],
+) -> [[f64; 4]; 4] {
     let (r, c) = (&orientation[0..3], &orientation[3..6]);
     let mut m = [[0.0; 4]; 4];
     for i in 0..3 {
@@ -205,7 +236,11 @@ fn affine(orientation: &[f64], position: &[f64], col_spacing: f64, row_spacing: 
 }
 
 fn cross(a: &[f64], b: &[f64]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+    [
+        a[1] * b[2] - a[2] * b[1],
+        a[2] * b[0] - a[0] * b[2],
+        a[0] * b[1] - a[1] * b[0],
+    ]
 }
 
 /// A single DICOM file, single- or multi-frame: dims [Columns, Rows, frames].
@@ -213,14 +248,31 @@ pub fn read_dicom_file(path: &Path) -> Result<Volume, ImageError> {
     let obj = open(path)?;
     let pixels = decode(&obj, path)?;
     // PixelSpacing is (row spacing, column spacing); spacing here is (x = column, y = row).
-    let in_plane = floats(&obj, tags::PIXEL_SPACING, "PixelSpacing", path)?.filter(|v| v.len() == 2);
-    let thickness = floats(&obj, tags::SLICE_THICKNESS, "SliceThickness", path)?.and_then(|v| v.first().copied());
+    let in_plane =
+        floats(&obj, tags::PIXEL_SPACING, "PixelSpacing", path)?.filter(|v| v.len() == 2);
+    let thickness = floats(&obj, tags::SLICE_THICKNESS, "SliceThickness", path)?
+        .and_then(|v| v.first().copied());
     let spacing: Vec<f64> = match &in_plane {
-        Some(ps) => std::iter::once(ps[1]).chain(std::iter::once(ps[0])).chain(thickness).collect(),
+        Some(ps) => std::iter::once(ps[1])
+            .chain(std::iter::once(ps[0]))
+            .chain(thickness)
+            .collect(),
         None => Vec::new(),
     };
-    let orientation = floats(&obj, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient", path)?.filter(|v| v.len() == 6);
-    let position = floats(&obj, tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", path)?.filter(|v| v.len() == 3);
+    let orientation = floats(
+        &obj,
+        tags::IMAGE_ORIENTATION_PATIENT,
+        "ImageOrientationPatient",
+        path,
+    )?
+    .filter(|v| v.len() == 6);
+    let position = floats(
+        &obj,
+        tags::IMAGE_POSITION_PATIENT,
+        "ImagePositionPatient",
+        path,
+    )?
+    .filter(|v| v.len() == 3);
     let affine = match (&orientation, &position, &in_plane) {
         (Some(o), Some(p), Some(ps)) => {
             let n = cross(&o[0..3], &o[3..6]);
@@ -272,7 +324,9 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(ImageError::EmptySeries { folder: folder.to_path_buf() });
+        return Err(ImageError::EmptySeries {
+            folder: folder.to_path_buf(),
+        });
     }
     let mut series_uid: Option<(String, PathBuf)> = None;
     let mut orientation: Option<Vec<f64>> = None;
@@ -291,13 +345,18 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
             }
             Some(_) => {}
         }
-        let o = floats(&obj, tags::IMAGE_ORIENTATION_PATIENT, "ImageOrientationPatient", &path)?
-            .filter(|v| v.len() == 6)
-            .ok_or_else(|| ImageError::DicomAttribute {
-                path: path.clone(),
-                attribute: "ImageOrientationPatient",
-                problem: "missing; a series needs it to order its slices".into(),
-            })?;
+        let o = floats(
+            &obj,
+            tags::IMAGE_ORIENTATION_PATIENT,
+            "ImageOrientationPatient",
+            &path,
+        )?
+        .filter(|v| v.len() == 6)
+        .ok_or_else(|| ImageError::DicomAttribute {
+            path: path.clone(),
+            attribute: "ImageOrientationPatient",
+            problem: "missing; a series needs it to order its slices".into(),
+        })?;
         match &orientation {
             None => orientation = Some(o),
             Some(first) if first.iter().zip(&o).any(|(a, b)| (a - b).abs() > 1e-4) => {
@@ -308,13 +367,18 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
             }
             Some(_) => {}
         }
-        let p = floats(&obj, tags::IMAGE_POSITION_PATIENT, "ImagePositionPatient", &path)?
-            .filter(|v| v.len() == 3)
-            .ok_or_else(|| ImageError::DicomAttribute {
-                path: path.clone(),
-                attribute: "ImagePositionPatient",
-                problem: "missing; a series needs it to order its slices".into(),
-            })?;
+        let p = floats(
+            &obj,
+            tags::IMAGE_POSITION_PATIENT,
+            "ImagePositionPatient",
+            &path,
+        )?
+        .filter(|v| v.len() == 3)
+        .ok_or_else(|| ImageError::DicomAttribute {
+            path: path.clone(),
+            attribute: "ImagePositionPatient",
+            problem: "missing; a series needs it to order its slices".into(),
+        })?;
         slices.push(Slice {
             path,
             obj,
@@ -328,7 +392,10 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
         s.along_normal = s.position.iter().zip(&normal).map(|(a, b)| a * b).sum();
     }
     slices.sort_by(|a, b| a.along_normal.total_cmp(&b.along_normal));
-    let gaps: Vec<f64> = slices.windows(2).map(|w| w[1].along_normal - w[0].along_normal).collect();
+    let gaps: Vec<f64> = slices
+        .windows(2)
+        .map(|w| w[1].along_normal - w[0].along_normal)
+        .collect();
     if let Some(k) = gaps.iter().position(|g| g.abs() < 1e-6) {
         return Err(series_err(format!(
             "{} and {} lie at the same position",
@@ -337,9 +404,14 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
         )));
     }
     let z = if gaps.is_empty() {
-        floats(&slices[0].obj, tags::SLICE_THICKNESS, "SliceThickness", &slices[0].path)?
-            .and_then(|v| v.first().copied())
-            .unwrap_or(1.0)
+        floats(
+            &slices[0].obj,
+            tags::SLICE_THICKNESS,
+            "SliceThickness",
+            &slices[0].path,
+        )?
+        .and_then(|v| v.first().copied())
+        .unwrap_or(1.0)
     } else {
         // The median gap: positions are decimal strings rounded to a few digits, and the median keeps the
         // spacing the scanner set where the mean would average in the rounding.
@@ -347,7 +419,10 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
         sorted.sort_by(f64::total_cmp);
         sorted[sorted.len() / 2]
     };
-    if let Some(g) = gaps.iter().find(|g| (**g - z).abs() > SPACING_TOLERANCE * z.abs()) {
+    if let Some(g) = gaps
+        .iter()
+        .find(|g| (**g - z).abs() > SPACING_TOLERANCE * z.abs())
+    {
         return Err(series_err(format!(
             "irregular slice spacing: a gap of {g} mm where the others are {z} mm along the slice normal"
         )));
@@ -365,7 +440,11 @@ pub fn read_dicom_series(folder: &Path) -> Result<Volume, ImageError> {
     for (k, s) in slices.iter().enumerate() {
         let p = decode(&s.obj, &s.path)?;
         if p.frames != 1 {
-            return Err(series_err(format!("{} has {} frames; a series holds one slice per file", s.path.display(), p.frames)));
+            return Err(series_err(format!(
+                "{} has {} frames; a series holds one slice per file",
+                s.path.display(),
+                p.frames
+            )));
         }
         if k == 0 {
             (columns, rows, dtype) = (p.columns, p.rows, p.dtype);

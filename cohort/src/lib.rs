@@ -13,10 +13,10 @@ mod volume;
 
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
-pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
-pub use summary::CohortSummary;
 pub use error::ImageError;
-pub use nifti_file::read_nifti;
+pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
+pub use nifti_file::{read_nifti, write_nifti, StoreAs};
+pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};
 
 use std::path::Path;
@@ -24,7 +24,10 @@ use std::path::Path;
 /// Reads an image whatever its format: a folder is a DICOM series, `.nii`/`.nii.gz` is NIfTI, anything else
 /// is tried as a DICOM file.
 pub fn read_image(path: &Path) -> Result<Volume, ImageError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
     if path.is_dir() {
         read_dicom_series(path)
     } else if name.ends_with(".nii") || name.ends_with(".nii.gz") {

@@ -139,7 +139,12 @@ impl Manifest {
         let mut reader = csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
             .from_reader(file);
-        let header: Vec<String> = reader.headers().map_err(csv_err)?.iter().map(String::from).collect();
+        let header: Vec<String> = reader
+            .headers()
+            .map_err(csv_err)?
+            .iter()
+            .map(String::from)
+            .collect();
         let mut columns: HashMap<&str, usize> = HashMap::new();
         for (i, name) in header.iter().enumerate() {
             if let Some(first) = columns.insert(name.as_str(), i) {
@@ -151,7 +156,11 @@ impl Manifest {
                 });
             }
         }
-        let missing: Vec<&str> = REQUIRED.iter().copied().filter(|c| !columns.contains_key(c)).collect();
+        let missing: Vec<&str> = REQUIRED
+            .iter()
+            .copied()
+            .filter(|c| !columns.contains_key(c))
+            .collect();
         if !missing.is_empty() {
             return Err(ManifestError::MissingColumns {
                 path: path.to_path_buf(),
@@ -171,7 +180,11 @@ impl Manifest {
             let field = |column: &'static str, problem: String| ManifestError::Field {
                 path: path.to_path_buf(),
                 line,
-                patient: if id.is_empty() { "?".into() } else { id.clone() },
+                patient: if id.is_empty() {
+                    "?".into()
+                } else {
+                    id.clone()
+                },
                 column,
                 problem,
             };
@@ -213,7 +226,10 @@ impl Manifest {
                     .parse()
                     .map_err(|_| field(column, format!("{raw:?} is not a number ({unit})")))?;
                 if !v.is_finite() || v < 0.0 {
-                    return Err(field(column, format!("{raw} is not a concentration: it must be finite and not negative")));
+                    return Err(field(
+                        column,
+                        format!("{raw} is not a concentration: it must be finite and not negative"),
+                    ));
                 }
                 Ok(Some(v))
             };
@@ -226,12 +242,11 @@ impl Manifest {
                 .collect();
             if !absent.is_empty() {
                 match coding.missing {
-                    MissingPolicy::Error => {
-                        return Err(field(
-                            if absent[0] == "cea" { "cea" } else { "ca199" },
-                            "missing; fill it in, or choose a missing-value policy (exclude or normal)".into(),
-                        ))
-                    }
+                    MissingPolicy::Error => return Err(field(
+                        if absent[0] == "cea" { "cea" } else { "ca199" },
+                        "missing; fill it in, or choose a missing-value policy (exclude or normal)"
+                            .into(),
+                    )),
                     MissingPolicy::Exclude => {
                         tracing::warn!(patient = %id, missing = %absent.join(", "), "patient left out: missing tumour marker");
                         excluded.push((id, format!("missing {}", absent.join(", "))));
@@ -273,7 +288,9 @@ impl Manifest {
             });
         }
         if patients.is_empty() && excluded.is_empty() {
-            return Err(ManifestError::Empty { path: path.to_path_buf() });
+            return Err(ManifestError::Empty {
+                path: path.to_path_buf(),
+            });
         }
         Ok(Manifest {
             path: path.to_path_buf(),
@@ -293,7 +310,12 @@ impl Manifest {
         if lacking.is_empty() {
             return Ok(());
         }
-        let mut examples = lacking.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        let mut examples = lacking
+            .iter()
+            .take(5)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
         if lacking.len() > 5 {
             examples += ", ...";
         }

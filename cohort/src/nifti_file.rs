@@ -40,8 +40,17 @@ fn header_size(path: &Path) -> Result<i32, ImageError> {
 pub fn read_nifti(path: &Path) -> Result<Volume, ImageError> {
     match header_size(path)? {
         348 => {}
-        540 => return Err(ImageError::Nifti2 { path: path.to_path_buf() }),
-        size => return Err(ImageError::NotNifti { path: path.to_path_buf(), size }),
+        540 => {
+            return Err(ImageError::Nifti2 {
+                path: path.to_path_buf(),
+            })
+        }
+        size => {
+            return Err(ImageError::NotNifti {
+                path: path.to_path_buf(),
+                size,
+            })
+        }
     }
     let corrupt = |e: nifti::NiftiError| ImageError::Nifti {
         path: path.to_path_buf(),
@@ -50,8 +59,14 @@ pub fn read_nifti(path: &Path) -> Result<Volume, ImageError> {
     let object = ReaderOptions::new().read_file(path).map_err(corrupt)?;
     let header = object.header().clone();
     let ndim = header.dimensionality().map_err(corrupt)?;
-    let dims: Vec<usize> = header.dim[1..=ndim].iter().map(|&d| usize::from(d)).collect();
-    let spacing: Vec<f64> = header.pixdim[1..=ndim].iter().map(|&p| f64::from(p)).collect();
+    let dims: Vec<usize> = header.dim[1..=ndim]
+        .iter()
+        .map(|&d| usize::from(d))
+        .collect();
+    let spacing: Vec<f64> = header.pixdim[1..=ndim]
+        .iter()
+        .map(|&p| f64::from(p))
+        .collect();
     let datatype = header.data_type().map_err(corrupt)?;
     let volume = object.into_volume();
     let raw: Vec<f64> = match datatype {
@@ -111,7 +126,11 @@ fn widen<T: Into<f64>>(
     values: Result<Vec<T>, nifti::NiftiError>,
     corrupt: impl Fn(nifti::NiftiError) -> ImageError,
 ) -> Result<Vec<f64>, ImageError> {
-    Ok(values.map_err(corrupt)?.into_iter().map(Into::into).collect())
+    Ok(values
+        .map_err(corrupt)?
+        .into_iter()
+        .map(Into::into)
+        .collect())
 }
 
 fn dtype_name(t: NiftiType) -> &'static str {
@@ -135,7 +154,12 @@ fn affine(h: &NiftiHeader, spacing: &[f64]) -> [[f64; 4]; 4] {
     let f = |v: f32| f64::from(v);
     if h.sform_code > 0 {
         let row = |r: &[f32; 4]| [f(r[0]), f(r[1]), f(r[2]), f(r[3])];
-        return [row(&h.srow_x), row(&h.srow_y), row(&h.srow_z), [0.0, 0.0, 0.0, 1.0]];
+        return [
+            row(&h.srow_x),
+            row(&h.srow_y),
+            row(&h.srow_z),
+            [0.0, 0.0, 0.0, 1.0],
+        ];
     }
     if h.qform_code > 0 {
         let (b, c, d) = (f(h.quatern_b), f(h.quatern_c), f(h.quatern_d));
@@ -143,9 +167,21 @@ fn affine(h: &NiftiHeader, spacing: &[f64]) -> [[f64; 4]; 4] {
         let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
         let (dx, dy, dz) = (f(h.pixdim[1]), f(h.pixdim[2]), qfac * f(h.pixdim[3]));
         let r = [
-            [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
-            [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
-            [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+            [
+                a * a + b * b - c * c - d * d,
+                2.0 * (b * c - a * d),
+                2.0 * (b * d + a * c),
+            ],
+            [
+                2.0 * (b * c + a * d),
+                a * a + c * c - b * b - d * d,
+                2.0 * (c * d - a * b),
+            ],
+            [
+                2.0 * (b * d - a * c),
+                2.0 * (c * d + a * b),
+                a * a + d * d - c * c - b * b,
+            ],
         ];
         let offset = [f(h.quatern_x), f(h.quatern_y), f(h.quatern_z)];
         let mut m = [[0.0; 4]; 4];
@@ -156,4 +192,116 @@ fn affine(h: &NiftiHeader, spacing: &[f64]) -> [[f64; 4]; 4] {
         return m;
     }
     scaled_identity(spacing)
+}
+
+/// How [`write_nifti`] stores voxel values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAs {
+    /// Rounded to the nearest integer, saturating.
+    Int16,
+    Uint8,
+    Float32,
+}
+
+/// Writes a NIfTI-1 single file (`.nii`, or gzip-compressed when the name ends in `.gz`) with the volume's
+/// dims, pixdim and affine (as both sform and, where it is a rotation, qform codes "scanner").
+pub fn write_nifti(path: &Path, volume: &Volume, store: StoreAs) -> Result<(), ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (datatype, bitpix): (i16, i16) = match store {
+        StoreAs::Int16 => (4, 16),
+        StoreAs::Uint8 => (2, 8),
+        StoreAs::Float32 => (16, 32),
+    };
+    let mut h = vec![0u8; 352];
+    let put_i16 = |h: &mut [u8], at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put_f32 = |h: &mut [u8], at: usize, v: f32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    h[0..4].copy_from_slice(&348i32.to_le_bytes());
+    put_i16(&mut h, 40, volume.dims.len() as i16);
+    for (i, &d) in volume.dims.iter().enumerate().take(7) {
+        let d = i16::try_from(d).map_err(|_| ImageError::Nifti {
+            path: path.to_path_buf(),
+            reason: format!("dimension {d} is too large for NIfTI-1"),
+        })?;
+        put_i16(&mut h, 42 + 2 * i, d);
+    }
+    for i in volume.dims.len()..7 {
+        put_i16(&mut h, 42 + 2 * i, 1);
+    }
+    put_i16(&mut h, 70, datatype);
+    put_i16(&mut h, 72, bitpix);
+    put_f32(&mut h, 76, 1.0); // pixdim[0]: qfac
+    for (i, &s) in volume.spacing.iter().enumerate().take(7) {
+        put_f32(&mut h, 80 + 4 * i, s as f32);
+    }
+    put_f32(&mut h, 108, 352.0); // vox_offset
+    put_f32(&mut h, 112, 1.0); // scl_slope
+    h[123] = 2 | 8; // xyzt_units: mm, s
+    put_i16(&mut h, 254, 1); // sform_code: scanner
+    for r in 0..3 {
+        for c in 0..4 {
+            put_f32(&mut h, 280 + 16 * r + 4 * c, volume.affine[r][c] as f32);
+        }
+    }
+    h[344..348].copy_from_slice(b"n+1\0");
+    let mut bytes = h;
+    bytes.reserve(volume.data.len() * usize::from(bitpix as u16 / 8));
+    for &v in &volume.data {
+        match store {
+            StoreAs::Int16 => {
+                bytes.extend_from_slice(&(v.round().clamp(-32768.0, 32767.0) as i16).to_le_bytes())
+            }
+            StoreAs::Uint8 => bytes.push(v.round().clamp(0.0, 255.0) as u8),
+            StoreAs::Float32 => bytes.extend_from_slice(&(v as f32).to_le_bytes()),
+        }
+    }
+    let compressed = path.extension().is_some_and(|e| e == "gz");
+    let tmp = path.with_extension("partial");
+    {
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = std::io::BufWriter::new(file);
+        if compressed {
+            let mut gz = flate2::write::GzEncoder::new(&mut w, flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &bytes).map_err(io)?;
+            gz.finish().map_err(io)?;
+        } else {
+            std::io::Write::write_all(&mut w, &bytes).map_err(io)?;
+        }
+        std::io::Write::flush(&mut w).map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_files_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path();
+        let mut affine = scaled_identity(&[0.7, 0.8, 3.0]);
+        affine[0][3] = -90.0;
+        let v = Volume {
+            format: Format::Nifti,
+            dims: vec![4, 3, 2],
+            spacing: vec![0.7, 0.8, 3.0],
+            affine,
+            dtype: "int16".into(),
+            data: (0..24).map(|i| f64::from(i * 100 - 1000)).collect(),
+        };
+        for (name, store) in [("a.nii.gz", StoreAs::Int16), ("b.nii", StoreAs::Float32)] {
+            let path = tmp.join(name);
+            write_nifti(&path, &v, store).unwrap();
+            let back = read_nifti(&path).unwrap();
+            assert_eq!(back.dims, v.dims);
+            assert_eq!(back.data, v.data);
+            for (a, b) in back.spacing.iter().zip(&v.spacing) {
+                assert!((a - b).abs() < 1e-6);
+            }
+            assert!((back.affine[0][3] + 90.0).abs() < 1e-6);
+        }
+    }
 }

@@ -70,7 +70,8 @@ fn marker(values: impl Iterator<Item = Option<f64>>, cutoff: f64) -> MarkerSumma
 impl CohortSummary {
     pub fn of(m: &Manifest, coding: &ClinicalCoding) -> CohortSummary {
         let p = &m.patients;
-        let count = |f: &dyn Fn(&crate::manifest::Patient) -> bool| p.iter().filter(|x| f(x)).count();
+        let count =
+            |f: &dyn Fn(&crate::manifest::Patient) -> bool| p.iter().filter(|x| f(x)).count();
         let positive = count(&|x| x.slm == Some(true));
         let negative = count(&|x| x.slm == Some(false));
         let with = |c: &str| p.iter().filter(|x| x.images.get(c).is_some()).count();
@@ -79,7 +80,8 @@ impl CohortSummary {
             slm_positive: positive,
             slm_negative: negative,
             slm_unknown: p.len() - positive - negative,
-            prevalence: (positive + negative > 0).then(|| positive as f64 / (positive + negative) as f64),
+            prevalence: (positive + negative > 0)
+                .then(|| positive as f64 / (positive + negative) as f64),
             male: count(&|x| x.sex == Sex::Male),
             female: count(&|x| x.sex == Sex::Female),
             site_low: count(&|x| x.site == Site::Low),
@@ -100,7 +102,11 @@ impl fmt::Display for CohortSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pct = |n: usize| 100.0 * n as f64 / self.patients.max(1) as f64;
         writeln!(f, "patients        {}", self.patients)?;
-        write!(f, "SLM             {} positive, {} negative", self.slm_positive, self.slm_negative)?;
+        write!(
+            f,
+            "SLM             {} positive, {} negative",
+            self.slm_positive, self.slm_negative
+        )?;
         if self.slm_unknown > 0 {
             write!(f, ", {} unknown", self.slm_unknown)?;
         }
@@ -108,8 +114,18 @@ impl fmt::Display for CohortSummary {
             Some(p) => writeln!(f, " (prevalence {:.1}%)", 100.0 * p)?,
             None => writeln!(f)?,
         }
-        writeln!(f, "sex             {} male ({:.1}%), {} female", self.male, pct(self.male), self.female)?;
-        writeln!(f, "site            {} low, {} mid, {} high", self.site_low, self.site_mid, self.site_high)?;
+        writeln!(
+            f,
+            "sex             {} male ({:.1}%), {} female",
+            self.male,
+            pct(self.male),
+            self.female
+        )?;
+        writeln!(
+            f,
+            "site            {} low, {} mid, {} high",
+            self.site_low, self.site_mid, self.site_high
+        )?;
         for (name, unit, m) in [("CEA", "ng/mL", &self.cea), ("CA19-9", "U/mL", &self.ca199)] {
             let q = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
             write!(
@@ -127,9 +143,17 @@ impl fmt::Display for CohortSummary {
             }
             writeln!(f)?;
         }
-        writeln!(f, "images          T2W {}, DWI {}, ADC {}, ROI {} of {}", self.t2w, self.dwi, self.adc, self.roi, self.patients)?;
+        writeln!(
+            f,
+            "images          T2W {}, DWI {}, ADC {}, ROI {} of {}",
+            self.t2w, self.dwi, self.adc, self.roi, self.patients
+        )?;
         if self.excluded > 0 {
-            writeln!(f, "excluded        {} (missing tumour markers)", self.excluded)?;
+            writeln!(
+                f,
+                "excluded        {} (missing tumour markers)",
+                self.excluded
+            )?;
         }
         Ok(())
     }

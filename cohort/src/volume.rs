@@ -70,7 +70,11 @@ impl Volume {
 pub(crate) fn scaled_identity(spacing: &[f64]) -> [[f64; 4]; 4] {
     let mut a = [[0.0; 4]; 4];
     for (i, row) in a.iter_mut().enumerate() {
-        row[i] = if i < 3 { spacing.get(i).copied().unwrap_or(1.0) } else { 1.0 };
+        row[i] = if i < 3 {
+            spacing.get(i).copied().unwrap_or(1.0)
+        } else {
+            1.0
+        };
     }
     a
 }

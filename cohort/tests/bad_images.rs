@@ -43,7 +43,11 @@ fn a_truncated_nii_gz_is_refused_naming_it() {
     std::fs::write(&cut, &whole[..whole.len() / 2]).unwrap();
     let e = read_image(&cut).unwrap_err();
     assert!(matches!(e, ImageError::Nifti { .. }), "{e}");
-    assert!(e.to_string().contains("cut.nii.gz: truncated or corrupt NIfTI"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("cut.nii.gz: truncated or corrupt NIfTI"),
+        "{e}"
+    );
     // Positive control: the whole file reads.
     std::fs::write(&cut, &whole).unwrap();
     assert_eq!(read_image(&cut).unwrap().dims, [128, 96, 24, 2]);
@@ -61,7 +65,10 @@ fn a_nifti2_file_is_refused_naming_it() {
     assert!(matches!(e, ImageError::Nifti2 { .. }), "{e}");
     assert!(e.to_string().contains("scan.nii is a NIfTI-2 file"), "{e}");
     std::fs::write(&path, b"not an image at all").unwrap();
-    assert!(matches!(read_image(&path).unwrap_err(), ImageError::NotNifti { .. }));
+    assert!(matches!(
+        read_image(&path).unwrap_err(),
+        ImageError::NotNifti { .. }
+    ));
 }
 
 #[test]
@@ -69,12 +76,26 @@ fn a_folder_with_two_series_names_both() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("t2w");
     let files = copy_series(&dir);
-    assert_eq!(read_image(&dir).unwrap().dims, [128, 128, 10], "positive control");
-    edit(&files[3], DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from("1.2.826.0.1.99.2")));
+    assert_eq!(
+        read_image(&dir).unwrap().dims,
+        [128, 128, 10],
+        "positive control"
+    );
+    edit(
+        &files[3],
+        DataElement::new(
+            tags::SERIES_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.826.0.1.99.2"),
+        ),
+    );
     let e = read_image(&dir).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, ImageError::MixedSeries { .. }), "{msg}");
-    assert!(msg.contains("holds more than one series") && msg.contains("1.2.826.0.1.99.2"), "{msg}");
+    assert!(
+        msg.contains("holds more than one series") && msg.contains("1.2.826.0.1.99.2"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -89,13 +110,27 @@ fn shuffled_names_do_not_change_the_order_and_irregular_spacing_is_refused() {
     }
     assert_eq!(read_image(&dir).unwrap().data, before.data);
     // One slice moved by 10 mm along the normal.
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     let obj = dicom_object::open_file(&files[0]).unwrap();
-    let mut pos = obj.element(tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap();
+    let mut pos = obj
+        .element(tags::IMAGE_POSITION_PATIENT)
+        .unwrap()
+        .to_multi_float64()
+        .unwrap();
     pos[2] += 10.0;
     let ds: Vec<String> = pos.iter().map(|v| format!("{v}")).collect();
-    edit(&files[0], DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, PrimitiveValue::Strs(ds.into())));
+    edit(
+        &files[0],
+        DataElement::new(
+            tags::IMAGE_POSITION_PATIENT,
+            VR::DS,
+            PrimitiveValue::Strs(ds.into()),
+        ),
+    );
     let e = read_image(&dir).unwrap_err().to_string();
     assert!(e.contains("irregular slice spacing"), "{e}");
 }
@@ -109,5 +144,8 @@ fn a_file_that_is_not_dicom_is_named() {
     assert!(e.contains("notes.txt: not a readable DICOM file"), "{e}");
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    assert!(read_image(&empty).unwrap_err().to_string().contains("contains no DICOM file"));
+    assert!(read_image(&empty)
+        .unwrap_err()
+        .to_string()
+        .contains("contains no DICOM file"));
 }

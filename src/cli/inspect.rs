@@ -43,10 +43,15 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let volume = read_image(&args.path).with_context(|| format!("cannot inspect {}", args.path.display()))?;
+    let volume = read_image(&args.path)
+        .with_context(|| format!("cannot inspect {}", args.path.display()))?;
     let s = volume.stats();
     if args.json {
-        let spacing = if volume.spacing.is_empty() { serde_json::Value::Null } else { json!(volume.spacing) };
+        let spacing = if volume.spacing.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(volume.spacing)
+        };
         let out = json!({
             "format": volume.format.name(),
             "dims": volume.dims,
@@ -60,12 +65,22 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(" x ");
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x}"))
+            .collect::<Vec<_>>()
+            .join(" x ")
+    };
     println!("{}", args.path.display());
     println!("format   {}", volume.format.name());
     println!(
         "dims     {}",
-        volume.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ")
+        volume
+            .dims
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(" x ")
     );
     if volume.spacing.is_empty() {
         println!("spacing  (not given)");
@@ -73,6 +88,9 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         println!("spacing  {}", list(&volume.spacing));
     }
     println!("dtype    {}", volume.dtype);
-    println!("values   min {}, max {}, mean {}, sum {}", s.min, s.max, s.mean, s.sum);
+    println!(
+        "values   min {}, max {}, mean {}, sum {}",
+        s.min, s.max, s.mean, s.sum
+    );
     Ok(())
 }
