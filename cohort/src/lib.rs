@@ -8,6 +8,8 @@ mod dicom_file;
 mod error;
 pub mod manifest;
 mod nifti_file;
+pub mod partition;
+pub mod rng;
 pub mod summary;
 mod volume;
 
@@ -16,6 +18,8 @@ pub use dicom_file::{read_dicom_file, read_dicom_series};
 pub use error::ImageError;
 pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
+pub use partition::{partition, stratified_folds, Partitioner};
+pub use rng::Rng;
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};
 
