@@ -3,22 +3,26 @@
 //!
 //! Knows nothing of candle: the `model` crate turns cohort samples into tensors.
 
+mod cache;
 pub mod coding;
 mod dicom_file;
 mod error;
 pub mod manifest;
 mod nifti_file;
 pub mod partition;
+pub mod preprocess;
 pub mod rng;
 pub mod summary;
 mod volume;
 
+pub use cache::{load_center, LoadError, Source};
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
 pub use error::ImageError;
 pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
 pub use partition::{partition, stratified_folds, Partitioner};
+pub use preprocess::{preprocess_patient, PreprocessError, PreprocessSettings, Sample};
 pub use rng::Rng;
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};

@@ -1,0 +1,291 @@
+//! From a patient's files to network input (DESIGN.md §5): DWI and ADC brought onto the T2W grid through the
+//! affines, the ROI's largest slice and its neighbours, a square crop around the ROI with a margin, resized,
+//! z-scored per sequence within the crop.
+
+use crate::coding::ClinicalCoding;
+use crate::error::ImageError;
+use crate::manifest::Patient;
+use crate::read_image;
+use crate::volume::Volume;
+
+/// How crops are made.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreprocessSettings {
+    /// Output height and width in pixels.
+    pub size: usize,
+    /// Slices taken on each side of the ROI's largest slice.
+    pub neighbours: usize,
+    /// Added on each side of the ROI's bounding box, as a fraction of its longer side.
+    pub margin: f64,
+}
+
+impl Default for PreprocessSettings {
+    fn default() -> PreprocessSettings {
+        PreprocessSettings {
+            size: 64,
+            neighbours: 1,
+            margin: 0.25,
+        }
+    }
+}
+
+impl PreprocessSettings {
+    pub fn slices(&self) -> usize {
+        2 * self.neighbours + 1
+    }
+
+    /// Channels of a sample: T2W, DWI and ADC, each over the chosen slices.
+    pub fn channels(&self) -> usize {
+        3 * self.slices()
+    }
+
+    /// A fixed text form, hashed with the clinical coding into the settings hash centres must share.
+    pub fn canonical(&self) -> String {
+        format!(
+            "fedslm-preprocess/1\nsize={}\nneighbours={}\nmargin={:?}\n",
+            self.size, self.neighbours, self.margin
+        )
+    }
+}
+
+/// One patient as the networks see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub patient_id: String,
+    pub center: String,
+    /// Channels × size × size, channel-major: T2W slices, then DWI, then ADC.
+    pub image: Vec<f32>,
+    pub channels: usize,
+    pub size: usize,
+    /// The coded clinical factors ([`ClinicalCoding::FEATURES`]), before standardisation.
+    pub clinical: Vec<f32>,
+    pub label: Option<bool>,
+}
+
+/// Why a patient cannot be preprocessed; every variant names the patient.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("patient {patient}: {source}")]
+    Image { patient: String, source: ImageError },
+    #[error("patient {patient} has no {column} image; image models need T2W, DWI, ADC and ROI")]
+    MissingImage {
+        patient: String,
+        column: &'static str,
+    },
+    #[error("patient {patient}: the ROI ({roi}) is empty")]
+    EmptyRoi { patient: String, roi: String },
+    #[error("patient {patient}: {what}")]
+    Geometry { patient: String, what: String },
+}
+
+/// The inverse of an affine's 3×3 part and translation.
+fn invert(a: &[[f64; 4]; 4]) -> Option<[[f64; 4]; 4]> {
+    let m = |r: usize, c: usize| a[r][c];
+    let det = m(0, 0) * (m(1, 1) * m(2, 2) - m(1, 2) * m(2, 1))
+        - m(0, 1) * (m(1, 0) * m(2, 2) - m(1, 2) * m(2, 0))
+        + m(0, 2) * (m(1, 0) * m(2, 1) - m(1, 1) * m(2, 0));
+    if det.abs() < 1e-12 {
+        return None;
+    }
+    let mut inv = [[0.0; 4]; 4];
+    for r in 0..3 {
+        for c in 0..3 {
+            let (r1, r2) = ((c + 1) % 3, (c + 2) % 3);
+            let (c1, c2) = ((r + 1) % 3, (r + 2) % 3);
+            inv[r][c] = (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det;
+        }
+    }
+    for r in 0..3 {
+        inv[r][3] = -(0..3).map(|c| inv[r][c] * a[c][3]).sum::<f64>();
+    }
+    inv[3][3] = 1.0;
+    Some(inv)
+}
+
+fn apply(a: &[[f64; 4]; 4], p: [f64; 3]) -> [f64; 3] {
+    let mut out = [0.0; 3];
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = a[r][0] * p[0] + a[r][1] * p[1] + a[r][2] * p[2] + a[r][3];
+    }
+    out
+}
+
+fn same_geometry(a: &Volume, b: &Volume) -> bool {
+    a.dims[..3] == b.dims[..3]
+        && a.affine
+            .iter()
+            .flatten()
+            .zip(b.affine.iter().flatten())
+            .all(|(x, y)| (x - y).abs() <= 1e-3 * x.abs().max(y.abs()).max(1.0))
+}
+
+/// Trilinear interpolation at voxel coordinates, clamped to the volume (edges are extended).
+fn trilinear(v: &Volume, p: [f64; 3]) -> f64 {
+    let (nx, ny, nz) = (v.dims[0], v.dims[1], v.dims[2]);
+    let at = |x: usize, y: usize, z: usize| v.data[x + nx * (y + ny * z)];
+    let axis = |c: f64, n: usize| {
+        let c = c.clamp(0.0, (n - 1) as f64);
+        let i = (c.floor() as usize).min(n.saturating_sub(2));
+        let f = if n > 1 { c - i as f64 } else { 0.0 };
+        (i, (i + 1).min(n - 1), f)
+    };
+    let (x0, x1, fx) = axis(p[0], nx);
+    let (y0, y1, fy) = axis(p[1], ny);
+    let (z0, z1, fz) = axis(p[2], nz);
+    let lerp = |a: f64, b: f64, t: f64| a + (b - a) * t;
+    let plane = |z| {
+        lerp(
+            lerp(at(x0, y0, z), at(x1, y0, z), fx),
+            lerp(at(x0, y1, z), at(x1, y1, z), fx),
+            fy,
+        )
+    };
+    lerp(plane(z0), plane(z1), fz)
+}
+
+/// Preprocesses one patient of `center`.
+pub fn preprocess_patient(
+    patient: &Patient,
+    center: &str,
+    coding: &ClinicalCoding,
+    settings: &PreprocessSettings,
+) -> Result<Sample, PreprocessError> {
+    let id = || patient.id.clone();
+    let load = |column: &'static str| -> Result<Volume, PreprocessError> {
+        let path = patient
+            .images
+            .get(column)
+            .ok_or_else(|| PreprocessError::MissingImage {
+                patient: id(),
+                column,
+            })?;
+        let v = read_image(path).map_err(|source| PreprocessError::Image {
+            patient: id(),
+            source,
+        })?;
+        if v.dims.len() != 3 && !(v.dims.len() == 4 && v.dims[3] == 1) {
+            return Err(PreprocessError::Geometry {
+                patient: id(),
+                what: format!(
+                    "{column} image {} has dims {:?}; a 3-D volume is needed",
+                    path.display(),
+                    v.dims
+                ),
+            });
+        }
+        Ok(v)
+    };
+    let (t2w, dwi, adc, roi) = (load("t2w")?, load("dwi")?, load("adc")?, load("roi")?);
+    if !same_geometry(&t2w, &roi) {
+        return Err(PreprocessError::Geometry {
+            patient: id(),
+            what: format!(
+                "the ROI must lie on the T2W grid: ROI dims {:?}, T2W dims {:?}, or their affines differ",
+                roi.dims, t2w.dims
+            ),
+        });
+    }
+    let (nx, ny, nz) = (t2w.dims[0], t2w.dims[1], t2w.dims[2]);
+    let in_roi = |x: usize, y: usize, z: usize| roi.data[x + nx * (y + ny * z)] > 0.5;
+    let per_slice: Vec<usize> = (0..nz)
+        .map(|z| {
+            (0..ny)
+                .flat_map(|y| (0..nx).map(move |x| (x, y)))
+                .filter(|&(x, y)| in_roi(x, y, z))
+                .count()
+        })
+        .collect();
+    let largest = (0..nz)
+        .max_by_key(|&z| (per_slice[z], std::cmp::Reverse(z)))
+        .unwrap_or(0);
+    if per_slice[largest] == 0 {
+        let roi_path = patient
+            .images
+            .roi
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        return Err(PreprocessError::EmptyRoi {
+            patient: id(),
+            roi: roi_path,
+        });
+    }
+    let n = settings.neighbours as isize;
+    let slices: Vec<usize> = (-n..=n)
+        .map(|d| (largest as isize + d).clamp(0, nz as isize - 1) as usize)
+        .collect();
+    // Bounding box of the ROI over the chosen slices.
+    let (mut x0, mut x1, mut y0, mut y1) = (nx, 0, ny, 0);
+    for &z in &slices {
+        for y in 0..ny {
+            for x in 0..nx {
+                if in_roi(x, y, z) {
+                    (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+                }
+            }
+        }
+    }
+    let (sx, sy) = (
+        t2w.spacing[0].abs().max(1e-6),
+        t2w.spacing[1].abs().max(1e-6),
+    );
+    let side_mm =
+        ((x1 - x0 + 1) as f64 * sx).max((y1 - y0 + 1) as f64 * sy) * (1.0 + 2.0 * settings.margin);
+    let (cx, cy) = ((x0 + x1) as f64 / 2.0, (y0 + y1) as f64 / 2.0);
+    let size = settings.size;
+    let grid = |u: usize| ((u as f64 + 0.5) / size as f64 - 0.5) * side_mm;
+    let to_world = t2w.affine;
+    let mut image = Vec::with_capacity(settings.channels() * size * size);
+    for seq in [&t2w, &dwi, &adc] {
+        let to_voxel = if same_geometry(seq, &t2w) {
+            None
+        } else {
+            Some(
+                invert(&seq.affine).ok_or_else(|| PreprocessError::Geometry {
+                    patient: id(),
+                    what: "an image's affine is singular".into(),
+                })?,
+            )
+        };
+        if seq.dims.len() < 3 {
+            return Err(PreprocessError::Geometry {
+                patient: id(),
+                what: "an image is not 3-D".into(),
+            });
+        }
+        let start = image.len();
+        for &z in &slices {
+            for v in 0..size {
+                for u in 0..size {
+                    let p = [cx + grid(u) / sx, cy + grid(v) / sy, z as f64];
+                    let q = match &to_voxel {
+                        None => p,
+                        Some(inv) => apply(inv, apply(&to_world, p)),
+                    };
+                    image.push(trilinear(seq, q) as f32);
+                }
+            }
+        }
+        let part = &mut image[start..];
+        let mean = part.iter().map(|&v| f64::from(v)).sum::<f64>() / part.len() as f64;
+        let var = part
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / part.len() as f64;
+        let sd = var.sqrt().max(1e-6);
+        for v in part.iter_mut() {
+            *v = ((f64::from(*v) - mean) / sd) as f32;
+        }
+    }
+    Ok(Sample {
+        patient_id: patient.id.clone(),
+        center: center.to_string(),
+        image,
+        channels: settings.channels(),
+        size,
+        clinical: coding.encode(patient).iter().map(|&v| v as f32).collect(),
+        label: patient.slm,
+    })
+}

@@ -1,0 +1,318 @@
+//! Preprocessing: resampling through the affines (also from DICOM's LPS to NIfTI's RAS), crops, z-scores, the
+//! cache, and each error naming its patient.
+
+use std::path::{Path, PathBuf};
+
+use fedslm_cohort::*;
+
+fn imaging() -> PathBuf {
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .map(|a| a.join("shared/reference"))
+        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
+        .find(|p| p.join("README.md").is_file())
+        .expect("shared/reference not found beside the repository")
+        .join("imaging")
+}
+
+fn affine(spacing: [f64; 3], origin: [f64; 3]) -> [[f64; 4]; 4] {
+    let mut a = [[0.0; 4]; 4];
+    for i in 0..3 {
+        a[i][i] = spacing[i];
+        a[i][3] = origin[i];
+    }
+    a[3][3] = 1.0;
+    a
+}
+
+fn volume(dims: [usize; 3], affine: [[f64; 4]; 4], f: impl Fn([f64; 3]) -> f64) -> Volume {
+    let mut data = Vec::new();
+    for z in 0..dims[2] {
+        for y in 0..dims[1] {
+            for x in 0..dims[0] {
+                let p = [x as f64, y as f64, z as f64];
+                let w: Vec<f64> = (0..3)
+                    .map(|r| (0..3).map(|c| affine[r][c] * p[c]).sum::<f64>() + affine[r][3])
+                    .collect();
+                data.push(f([w[0], w[1], w[2]]));
+            }
+        }
+    }
+    Volume {
+        format: Format::Nifti,
+        dims: dims.to_vec(),
+        spacing: (0..3).map(|i| affine[i][i].abs()).collect(),
+        affine,
+        dtype: "float32".into(),
+        data,
+    }
+}
+
+/// A patient folder with the given volumes and a one-row manifest; returns the manifest.
+fn patient(
+    dir: &Path,
+    id: &str,
+    t2w: &Volume,
+    dwi: &Volume,
+    adc: &Volume,
+    roi: &Volume,
+) -> Manifest {
+    let p = dir.join(id);
+    std::fs::create_dir_all(&p).unwrap();
+    for (name, v) in [("t2w", t2w), ("dwi", dwi), ("adc", adc), ("roi", roi)] {
+        write_nifti(&p.join(format!("{name}.nii.gz")), v, StoreAs::Float32).unwrap();
+    }
+    let m = dir.join("manifest.csv");
+    std::fs::write(
+        &m,
+        format!("patient_id,slm,sex,site,cea,ca199,t2w,dwi,adc,roi\n{id},1,M,low,12,50,{id}/t2w.nii.gz,{id}/dwi.nii.gz,{id}/adc.nii.gz,{id}/roi.nii.gz\n"),
+    )
+    .unwrap();
+    Manifest::read(&m, &ClinicalCoding::default()).unwrap()
+}
+
+fn linear(w: [f64; 3]) -> f64 {
+    2.0 * w[0] + 3.0 * w[1] + 0.5 * w[2] + 100.0
+}
+
+fn blob(largest: usize) -> impl Fn([f64; 3]) -> f64 {
+    // On the 1 mm T2W grid below: a 6x4 mm box in slice `largest`, smaller next to it.
+    move |w| {
+        let z = (w[2] / 3.0).round() as usize;
+        let half = if z == largest {
+            3.0
+        } else if z + 1 == largest || z == largest + 1 {
+            1.0
+        } else {
+            -1.0
+        };
+        if (w[0] - 16.0).abs() <= half && (w[1] - 15.0).abs() <= half * 2.0 / 3.0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+#[test]
+fn dwi_and_adc_on_another_grid_are_resampled_through_the_affines() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t2w_affine = affine([1.0, 1.0, 3.0], [0.0, 0.0, 0.0]);
+    let t2w = volume([32, 32, 8], t2w_affine, linear);
+    // DWI and ADC: half the resolution, a different origin; the same linear function of position.
+    let coarse = affine([2.0, 2.0, 3.0], [-3.0, 1.0, 0.0]);
+    let dwi = volume([20, 20, 8], coarse, linear);
+    let adc = volume([20, 20, 8], coarse, |w| -linear(w));
+    let roi = volume([32, 32, 8], t2w_affine, blob(5));
+    let m = patient(tmp.path(), "P0001", &t2w, &dwi, &adc, &roi);
+    let settings = PreprocessSettings {
+        size: 16,
+        neighbours: 1,
+        margin: 0.5,
+    };
+    let s = preprocess_patient(
+        &m.patients[0],
+        "center-a",
+        &ClinicalCoding::default(),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!((s.channels, s.size, s.image.len()), (9, 16, 9 * 256));
+    assert_eq!(s.clinical, vec![1.0, 1.0, 0.0, 1.0, 1.0]);
+    assert_eq!(s.label, Some(true));
+    let plane = 3 * 256;
+    let (t, d, a) = (
+        &s.image[..plane],
+        &s.image[plane..2 * plane],
+        &s.image[2 * plane..],
+    );
+    // Trilinear interpolation is exact for a linear function: after z-scoring, T2W and DWI agree, ADC mirrors.
+    for i in 0..plane {
+        assert!(
+            (t[i] - d[i]).abs() < 1e-3,
+            "pixel {i}: {} vs {}",
+            t[i],
+            d[i]
+        );
+        assert!((t[i] + a[i]).abs() < 1e-3, "pixel {i}");
+    }
+    for ch in [t, d, a] {
+        let mean: f32 = ch.iter().sum::<f32>() / ch.len() as f32;
+        let sd = (ch.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / ch.len() as f32).sqrt();
+        assert!(mean.abs() < 1e-4 && (sd - 1.0).abs() < 1e-3, "{mean} {sd}");
+    }
+    // The largest ROI slice (5) is the middle one: its plane is centred between slices 4 and 6 in z.
+    let middle = &t[256..512];
+    let slice_mean = middle.iter().sum::<f32>() / 256.0;
+    let below = t[..256].iter().sum::<f32>() / 256.0;
+    let above = t[512..].iter().sum::<f32>() / 256.0;
+    assert!(below < slice_mean && slice_mean < above);
+}
+
+#[test]
+fn a_dicom_t2w_series_pairs_with_a_nifti_roi_through_ras() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = imaging().join("series_s0");
+    let t2w = read_image(&series).unwrap();
+    // A ROI on the T2W grid, written as NIfTI with the series' RAS affine.
+    let mut roi = t2w.clone();
+    roi.format = Format::Nifti;
+    let (nx, ny) = (t2w.dims[0], t2w.dims[1]);
+    roi.data = (0..t2w.voxels())
+        .map(|i| {
+            let (x, y, z) = (i % nx, (i / nx) % ny, i / (nx * ny));
+            if z == 4 && (50..70).contains(&x) && (60..75).contains(&y) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    // DWI and ADC as NIfTI at half resolution over the same field of view.
+    let mut coarse = t2w.affine;
+    for row in coarse.iter_mut().take(3) {
+        row[0] *= 2.0;
+        row[1] *= 2.0;
+    }
+    let half = |sign: f64| {
+        let mut v = volume([64, 64, 10], coarse, |w| sign * (w[0] + 2.0 * w[1]));
+        v.spacing = vec![4.0, 4.0, t2w.spacing[2]];
+        v
+    };
+    let dir = tmp.path().join("P0007");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_nifti(&dir.join("roi.nii.gz"), &roi, StoreAs::Uint8).unwrap();
+    write_nifti(&dir.join("dwi.nii.gz"), &half(1.0), StoreAs::Float32).unwrap();
+    write_nifti(&dir.join("adc.nii.gz"), &half(-1.0), StoreAs::Float32).unwrap();
+    let m = tmp.path().join("manifest.csv");
+    std::fs::write(
+        &m,
+        format!(
+            "patient_id,slm,sex,site,cea,ca199,t2w,dwi,adc,roi\nP0007,0,F,mid,3,20,{},P0007/dwi.nii.gz,P0007/adc.nii.gz,P0007/roi.nii.gz\n",
+            series.display()
+        ),
+    )
+    .unwrap();
+    let manifest = Manifest::read(&m, &ClinicalCoding::default()).unwrap();
+    let settings = PreprocessSettings {
+        size: 8,
+        neighbours: 0,
+        margin: 0.0,
+    };
+    let s = preprocess_patient(
+        &manifest.patients[0],
+        "center-b",
+        &ClinicalCoding::default(),
+        &settings,
+    )
+    .unwrap();
+    assert_eq!(s.image.len(), 3 * 64);
+    // DWI is x + 2y in RAS mm; on the LPS-derived T2W grid its z-scored pattern must be a plane too: DWI and
+    // ADC mirror each other exactly, and the DWI values vary along both crop axes.
+    let (d, a) = (&s.image[64..128], &s.image[128..]);
+    for i in 0..64 {
+        assert!((d[i] + a[i]).abs() < 1e-4);
+    }
+    assert!((d[0] - d[7]).abs() > 0.1 && (d[0] - d[56]).abs() > 0.1);
+
+    // The same ROI shifted by 5 mm no longer lies on the T2W grid.
+    roi.affine[0][3] += 5.0;
+    write_nifti(&dir.join("roi.nii.gz"), &roi, StoreAs::Uint8).unwrap();
+    let e = preprocess_patient(
+        &manifest.patients[0],
+        "center-b",
+        &ClinicalCoding::default(),
+        &settings,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("patient P0007: the ROI must lie on the T2W grid"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_empty_roi_and_a_missing_image_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = affine([1.0, 1.0, 3.0], [0.0; 3]);
+    let t2w = volume([16, 16, 4], a, linear);
+    let empty = volume([16, 16, 4], a, |_| 0.0);
+    let m = patient(tmp.path(), "P0042", &t2w, &t2w, &t2w, &empty);
+    let e = preprocess_patient(
+        &m.patients[0],
+        "c",
+        &ClinicalCoding::default(),
+        &PreprocessSettings::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.starts_with("patient P0042: the ROI (") && e.ends_with("roi.nii.gz) is empty"),
+        "{e}"
+    );
+    let mut p = m.patients[0].clone();
+    p.images.adc = None;
+    let e = preprocess_patient(
+        &p,
+        "c",
+        &ClinicalCoding::default(),
+        &PreprocessSettings::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "patient P0042 has no adc image; image models need T2W, DWI, ADC and ROI"
+    );
+}
+
+#[test]
+fn the_cache_serves_a_second_run_and_misses_when_files_or_settings_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = affine([1.0, 1.0, 3.0], [0.0; 3]);
+    let t2w = volume([32, 32, 8], a, linear);
+    let roi = volume([32, 32, 8], a, blob(3));
+    let m = patient(tmp.path(), "P0001", &t2w, &t2w, &t2w, &roi);
+    let cache = tmp.path().join("cache");
+    let s = PreprocessSettings {
+        size: 12,
+        ..PreprocessSettings::default()
+    };
+    let c = ClinicalCoding::default();
+    let (first, src) = load_center(&m, "center-a", &c, &s, Some(&cache)).unwrap();
+    assert_eq!(src, Source::Decoded);
+    let (second, src) = load_center(&m, "center-a", &c, &s, Some(&cache)).unwrap();
+    assert!(matches!(src, Source::Cache(_)), "{src:?}");
+    assert_eq!(first, second);
+    // Other settings: decoded again.
+    let other = PreprocessSettings { margin: 0.4, ..s };
+    assert_eq!(
+        load_center(&m, "center-a", &c, &other, Some(&cache))
+            .unwrap()
+            .1,
+        Source::Decoded
+    );
+    // A file's content changes: decoded again, with the new values.
+    let brighter = volume([32, 32, 8], a, |w| linear(w) * linear(w));
+    write_nifti(
+        &tmp.path().join("P0001/t2w.nii.gz"),
+        &brighter,
+        StoreAs::Float32,
+    )
+    .unwrap();
+    let (third, src) = load_center(&m, "center-a", &c, &s, Some(&cache)).unwrap();
+    assert_eq!(src, Source::Decoded);
+    assert_ne!(third[0].image, first[0].image);
+    // A damaged cache file is rebuilt, not trusted.
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&p, bytes).unwrap();
+    }
+    assert_eq!(
+        load_center(&m, "center-a", &c, &s, Some(&cache)).unwrap().1,
+        Source::Decoded
+    );
+}
