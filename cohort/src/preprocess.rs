@@ -89,15 +89,14 @@ fn invert(a: &[[f64; 4]; 4]) -> Option<[[f64; 4]; 4]> {
         return None;
     }
     let mut inv = [[0.0; 4]; 4];
-    for r in 0..3 {
-        for c in 0..3 {
+    for (r, row) in inv.iter_mut().take(3).enumerate() {
+        for (c, cell) in row.iter_mut().take(3).enumerate() {
+            // The adjugate: the cofactor of (c, r), signed by the cyclic index order.
             let (r1, r2) = ((c + 1) % 3, (c + 2) % 3);
             let (c1, c2) = ((r + 1) % 3, (r + 2) % 3);
-            inv[r][c] = (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det;
+            *cell = (m(r1, c1) * m(r2, c2) - m(r1, c2) * m(r2, c1)) / det;
         }
-    }
-    for r in 0..3 {
-        inv[r][3] = -(0..3).map(|c| inv[r][c] * a[c][3]).sum::<f64>();
+        row[3] = -(0..3).map(|c| row[c] * a[c][3]).sum::<f64>();
     }
     inv[3][3] = 1.0;
     Some(inv)
