@@ -22,7 +22,7 @@ pub use error::ImageError;
 pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
 pub use partition::{partition, stratified_folds, Partitioner};
-pub use preprocess::{preprocess_patient, PreprocessError, PreprocessSettings, Sample};
+pub use preprocess::{crop_volumes, preprocess_patient, PreprocessError, PreprocessSettings, Sample};
 pub use rng::Rng;
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};

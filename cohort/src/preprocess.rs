@@ -176,7 +176,31 @@ pub fn preprocess_patient(
         Ok(v)
     };
     let (t2w, dwi, adc, roi) = (load("t2w")?, load("dwi")?, load("adc")?, load("roi")?);
-    if !same_geometry(&t2w, &roi) {
+    let roi_path = patient.images.roi.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let image = crop_volumes(&patient.id, &roi_path, [&t2w, &dwi, &adc], &roi, settings)?;
+    Ok(Sample {
+        patient_id: patient.id.clone(),
+        center: center.to_string(),
+        image,
+        channels: settings.channels(),
+        size: settings.size,
+        clinical: coding.encode(patient).iter().map(|&v| v as f32).collect(),
+        label: patient.slm,
+    })
+}
+
+/// The network input from volumes already in memory: `sequences` are T2W, DWI and ADC; `roi` lies on the T2W
+/// grid. `patient` and `roi_name` only name things in errors.
+pub fn crop_volumes(
+    patient: &str,
+    roi_name: &str,
+    sequences: [&Volume; 3],
+    roi: &Volume,
+    settings: &PreprocessSettings,
+) -> Result<Vec<f32>, PreprocessError> {
+    let id = || patient.to_string();
+    let [t2w, dwi, adc] = sequences;
+    if !same_geometry(t2w, roi) {
         return Err(PreprocessError::Geometry {
             patient: id(),
             what: format!(
@@ -199,15 +223,9 @@ pub fn preprocess_patient(
         .max_by_key(|&z| (per_slice[z], std::cmp::Reverse(z)))
         .unwrap_or(0);
     if per_slice[largest] == 0 {
-        let roi_path = patient
-            .images
-            .roi
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
         return Err(PreprocessError::EmptyRoi {
             patient: id(),
-            roi: roi_path,
+            roi: roi_name.to_string(),
         });
     }
     let n = settings.neighbours as isize;
@@ -236,8 +254,8 @@ pub fn preprocess_patient(
     let grid = |u: usize| ((u as f64 + 0.5) / size as f64 - 0.5) * side_mm;
     let to_world = t2w.affine;
     let mut image = Vec::with_capacity(settings.channels() * size * size);
-    for seq in [&t2w, &dwi, &adc] {
-        let to_voxel = if same_geometry(seq, &t2w) {
+    for seq in [t2w, dwi, adc] {
+        let to_voxel = if same_geometry(seq, t2w) {
             None
         } else {
             Some(
@@ -278,13 +296,5 @@ pub fn preprocess_patient(
             *v = ((f64::from(*v) - mean) / sd) as f32;
         }
     }
-    Ok(Sample {
-        patient_id: patient.id.clone(),
-        center: center.to_string(),
-        image,
-        channels: settings.channels(),
-        size,
-        clinical: coding.encode(patient).iter().map(|&v| v as f32).collect(),
-        label: patient.slm,
-    })
+    Ok(image)
 }
