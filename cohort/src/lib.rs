@@ -13,6 +13,7 @@ pub mod partition;
 pub mod preprocess;
 pub mod rng;
 pub mod summary;
+pub mod synth;
 mod volume;
 
 pub use cache::{load_center, LoadError, Source};
@@ -22,7 +23,9 @@ pub use error::ImageError;
 pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
 pub use partition::{partition, stratified_folds, Partitioner};
-pub use preprocess::{crop_volumes, preprocess_patient, PreprocessError, PreprocessSettings, Sample};
+pub use preprocess::{
+    crop_volumes, preprocess_patient, PreprocessError, PreprocessSettings, Sample,
+};
 pub use rng::Rng;
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};

@@ -176,7 +176,12 @@ pub fn preprocess_patient(
         Ok(v)
     };
     let (t2w, dwi, adc, roi) = (load("t2w")?, load("dwi")?, load("adc")?, load("roi")?);
-    let roi_path = patient.images.roi.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let roi_path = patient
+        .images
+        .roi
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let image = crop_volumes(&patient.id, &roi_path, [&t2w, &dwi, &adc], &roi, settings)?;
     Ok(Sample {
         patient_id: patient.id.clone(),
