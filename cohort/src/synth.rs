@@ -393,6 +393,13 @@ fn acquire(v: &mut Volume, s: &Scanner, reference: f64, rng: &mut Rng, direction
     }
 }
 
+/// A patient's first draws: latent aggressiveness and outcome. Partitions need only these, so they are drawn
+/// first and cheaply.
+fn outcome(rng: &mut Rng, alpha: f64) -> (f64, bool) {
+    let a = rng.normal();
+    (a, rng.bernoulli(sigmoid(alpha + BETA * a)))
+}
+
 /// One patient of a centre with its scanner.
 pub fn synth_patient(
     rng: &mut Rng,
@@ -401,8 +408,7 @@ pub fn synth_patient(
     scanner: &Scanner,
     g: &Geometry,
 ) -> SynthPatient {
-    let a = rng.normal();
-    let slm = rng.bernoulli(sigmoid(alpha + BETA * a));
+    let (a, slm) = outcome(rng, alpha);
     let s = if slm { 1.0 } else { 0.0 };
     let cea = (3.0f64.ln() + 0.4 * a + 0.75 * s + 0.9 * rng.normal()).exp();
     let ca199 = (15.0f64.ln() + 0.35 * a + 0.75 * s + 1.0 * rng.normal()).exp();
@@ -485,6 +491,16 @@ pub fn synth_patient(
     }
 }
 
+fn patient_rng(seed: u64, center_index: usize, patient_index: usize) -> Rng {
+    Rng::new(seed)
+        .fork(center_index as u64 + 1)
+        .fork(patient_index as u64 + 1)
+}
+
+fn patient_id(spec: &CenterSpec, i: usize) -> String {
+    format!("{}{:04}", id_prefix(&spec.name), i + 1)
+}
+
 /// All patients of one centre, in parallel; the same seed gives the same patients whatever the thread count.
 pub fn synth_center(
     seed: u64,
@@ -492,15 +508,13 @@ pub fn synth_center(
     spec: &CenterSpec,
     g: &Geometry,
 ) -> Vec<SynthPatient> {
-    let root = Rng::new(seed).fork(center_index as u64 + 1);
     let alpha = intercept_for(spec.prevalence, BETA);
     (0..spec.patients)
         .into_par_iter()
         .map(|i| {
-            let mut rng = root.fork(i as u64 + 1);
             synth_patient(
-                &mut rng,
-                format!("{}{:04}", id_prefix(&spec.name), i + 1),
+                &mut patient_rng(seed, center_index, i),
+                patient_id(spec, i),
                 alpha,
                 &spec.scanner,
                 g,
@@ -519,6 +533,65 @@ fn id_prefix(center: &str) -> String {
     }
 }
 
+/// Which generated patients go to which written centre: (centre index, patient index) per folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub groups: Vec<(String, Vec<(usize, usize)>)>,
+}
+
+impl Plan {
+    /// Every centre as itself.
+    pub fn natural(centers: &[CenterSpec]) -> Plan {
+        Plan {
+            groups: centers
+                .iter()
+                .enumerate()
+                .map(|(ci, c)| (c.name.clone(), (0..c.patients).map(|i| (ci, i)).collect()))
+                .collect(),
+        }
+    }
+
+    /// The training centres' patients pooled and split into `k` virtual centres `site-01`, ...; the external
+    /// centre (the last) stays as it is, so external validation is unchanged.
+    pub fn partitioned(
+        seed: u64,
+        centers: &[CenterSpec],
+        k: usize,
+        how: crate::partition::Partitioner,
+    ) -> Plan {
+        let (external, training) = centers
+            .split_last()
+            .map_or((None, centers), |(e, t)| (Some(e), t));
+        let mut pool = Vec::new();
+        let mut labels = Vec::new();
+        for (ci, c) in training.iter().enumerate() {
+            let alpha = intercept_for(c.prevalence, BETA);
+            for i in 0..c.patients {
+                pool.push((ci, i));
+                labels.push(outcome(&mut patient_rng(seed, ci, i), alpha).1);
+            }
+        }
+        let parts = crate::partition::partition(&labels, k, how, seed);
+        let mut groups: Vec<(String, Vec<(usize, usize)>)> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(g, members)| {
+                (
+                    format!("site-{:02}", g + 1),
+                    members.into_iter().map(|m| pool[m]).collect(),
+                )
+            })
+            .collect();
+        if let Some(e) = external {
+            groups.push((
+                e.name.clone(),
+                (0..e.patients).map(|i| (centers.len() - 1, i)).collect(),
+            ));
+        }
+        Plan { groups }
+    }
+}
+
 /// What `fedslm synth` wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SynthReport {
@@ -532,17 +605,18 @@ pub struct CenterReport {
     pub name: String,
     pub patients: usize,
     pub positives: usize,
-    /// AUC of the generator's own latent risk: the best any model could do.
-    pub oracle_auc: f64,
-    pub scanner: Scanner,
+    /// AUC of the generator's own latent risk: the best any model could do (null with one class).
+    pub oracle_auc: Option<f64>,
 }
 
-/// Writes centres as folders with `manifest.csv` and each patient's `t2w`, `dwi`, `adc`, `roi` `.nii.gz`, and
-/// `synth.json` with the settings and each centre's oracle AUC.
+/// Writes each group of `plan` as a folder with `manifest.csv` and each patient's `t2w`, `dwi`, `adc`, `roi`
+/// `.nii.gz`, and `synth.json` with the settings and each folder's oracle AUC. Patients are generated in
+/// parallel and written as they are made, so memory stays small whatever the cohort.
 pub fn write_cohort(
     out: &Path,
     seed: u64,
     centers: &[CenterSpec],
+    plan: &Plan,
     g: &Geometry,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<SynthReport, ImageError> {
@@ -550,14 +624,19 @@ pub fn write_cohort(
         let path = path.to_path_buf();
         move |source| ImageError::Io { path, source }
     };
+    let alphas: Vec<f64> = centers
+        .iter()
+        .map(|c| intercept_for(c.prevalence, BETA))
+        .collect();
     let mut reports = Vec::new();
-    for (ci, spec) in centers.iter().enumerate() {
-        let dir = out.join(&spec.name);
+    for (name, members) in &plan.groups {
+        let dir = out.join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let patients = synth_center(seed, ci, spec, g);
-        patients
+        let rows: Vec<(String, f64, bool, String)> = members
             .par_iter()
-            .try_for_each(|p| -> Result<(), ImageError> {
+            .map(|&(ci, i)| -> Result<(String, f64, bool, String), ImageError> {
+                let spec = &centers[ci];
+                let p = synth_patient(&mut patient_rng(seed, ci, i), patient_id(spec, i), alphas[ci], &spec.scanner, g);
                 let pdir = dir.join(&p.id);
                 std::fs::create_dir_all(&pdir).map_err(io(&pdir))?;
                 write_nifti(&pdir.join("t2w.nii.gz"), &p.t2w, StoreAs::Int16)?;
@@ -565,30 +644,33 @@ pub fn write_cohort(
                 write_nifti(&pdir.join("adc.nii.gz"), &p.adc, StoreAs::Int16)?;
                 write_nifti(&pdir.join("roi.nii.gz"), &p.roi, StoreAs::Uint8)?;
                 progress(1);
-                Ok(())
-            })?;
+                let row = format!(
+                    "{id},{},{},{},{:.2},{:.1},{id}/t2w.nii.gz,{id}/dwi.nii.gz,{id}/adc.nii.gz,{id}/roi.nii.gz\n",
+                    u8::from(p.slm),
+                    if p.male { "M" } else { "F" },
+                    p.site,
+                    p.cea,
+                    p.ca199,
+                    id = p.id
+                );
+                Ok((p.id, p.latent, p.slm, row))
+            })
+            .collect::<Result<_, _>>()?;
         let mut csv = String::from("patient_id,slm,sex,site,cea,ca199,t2w,dwi,adc,roi\n");
-        for p in &patients {
-            csv += &format!(
-                "{id},{},{},{},{:.2},{:.1},{id}/t2w.nii.gz,{id}/dwi.nii.gz,{id}/adc.nii.gz,{id}/roi.nii.gz\n",
-                u8::from(p.slm),
-                if p.male { "M" } else { "F" },
-                p.site,
-                p.cea,
-                p.ca199,
-                id = p.id
-            );
+        for r in &rows {
+            csv += &r.3;
         }
         let manifest = dir.join("manifest.csv");
         std::fs::write(&manifest, csv).map_err(io(&manifest))?;
-        let labels: Vec<bool> = patients.iter().map(|p| p.slm).collect();
-        let latent: Vec<f64> = patients.iter().map(|p| p.latent).collect();
+        let labels: Vec<bool> = rows.iter().map(|r| r.2).collect();
+        let latent: Vec<f64> = rows.iter().map(|r| r.1).collect();
         reports.push(CenterReport {
-            name: spec.name.clone(),
-            patients: patients.len(),
+            name: name.clone(),
+            patients: rows.len(),
             positives: labels.iter().filter(|&&l| l).count(),
-            oracle_auc: fedslm_metrics::auc_delong(&labels, &latent).map_or(f64::NAN, |e| e.auc),
-            scanner: spec.scanner,
+            oracle_auc: fedslm_metrics::auc_delong(&labels, &latent)
+                .ok()
+                .map(|e| e.auc),
         });
     }
     let report = SynthReport {
@@ -599,8 +681,8 @@ pub fn write_cohort(
     let json = serde_json::to_string_pretty(&serde_json::json!({
         "seed": seed,
         "geometry": g,
-        "centers": centers,
-        "oracle": report.centers,
+        "generated_from": centers,
+        "written": report.centers,
     }))
     .unwrap_or_default();
     let path = out.join("synth.json");

@@ -5,6 +5,7 @@ mod client;
 pub mod evaluate;
 mod inspect;
 mod server;
+mod synth;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write a synthetic multi-centre cohort (NIfTI images and manifests).
+    Synth(synth::SynthArgs),
     /// The federation's certificates: CA, server, centres, revocation.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
@@ -51,6 +54,7 @@ pub fn init_logging(filter: &str) {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Synth(a) => synth::run(a),
         Command::Certs(c) => certs::run(c),
         Command::Server(a) => server::run(a),
         Command::Client(a) => client::run(a),
