@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{id, Federation};
@@ -356,22 +355,17 @@ async fn a_hello_claiming_another_centre_is_refused() {
 
 #[tokio::test]
 async fn settings_that_differ_from_the_run_are_refused() {
-    let mut cfg = fedslm_client::ClientConfig::parse(
-        "center = \"x\"\nserver = \"h:1\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[settings]\ncea_cutoff = 5.0\n",
-        Path::new("c.toml"),
-    )
-    .unwrap();
-    let run_hash = fedslm_protocol::hex::to_hex(&cfg.settings_hash());
+    let study = fedslm_cohort::ClinicalCoding::default();
+    let preprocess = fedslm_cohort::PreprocessSettings::default();
+    let run_hash = fedslm_protocol::hex::to_hex(&fedslm_cohort::settings_hash(&study, &preprocess));
     let mut fed = Federation::start(&format!("settings_hash = \"{run_hash}\"")).await;
     let mut node = fed.node("center-a");
-    node.settings = cfg.settings.clone();
     let session = connect(&node, SampleCounts::default()).await.unwrap();
     fed.expect_admitted("center-a").await;
     session.close(0, "").await;
 
-    cfg.settings
-        .insert("cea_cutoff".into(), toml::Value::Float(10.0));
-    node.settings = cfg.settings;
+    // A centre that codes CEA with another cut-off.
+    node.coding.cea_cutoff = 10.0;
     let e = connect(&node, SampleCounts::default()).await.err().unwrap();
     let (code, message) = refused(&e);
     assert_eq!(code, ErrorCode::SettingsMismatch);

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use fedslm_certs::ClientTlsFiles;
+use fedslm_cohort::{ClinicalCoding, PreprocessSettings};
 use fedslm_protocol::CenterId;
 use serde::Deserialize;
 
@@ -28,7 +29,9 @@ struct File {
     cert: PathBuf,
     key: PathBuf,
     #[serde(default)]
-    settings: toml::Table,
+    coding: ClinicalCoding,
+    #[serde(default)]
+    preprocess: PreprocessSettings,
 }
 
 /// A checked client configuration.
@@ -41,8 +44,10 @@ pub struct ClientConfig {
     /// The name the server's certificate must carry.
     pub server_name: String,
     pub tls: ClientTlsFiles,
-    /// The clinical coding and preprocessing settings, hashed into the Hello.
-    pub settings: toml::Table,
+    /// How clinical factors are coded; hashed into the Hello with `preprocess`.
+    pub coding: ClinicalCoding,
+    /// How images become network inputs.
+    pub preprocess: PreprocessSettings,
 }
 
 impl ClientConfig {
@@ -77,17 +82,14 @@ impl ClientConfig {
                 cert: base.join(file.cert),
                 key: base.join(file.key),
             },
-            settings: file.settings,
+            coding: file.coding,
+            preprocess: file.preprocess,
         })
     }
 
-    /// SHA-256 of the settings table in its canonical TOML form (keys sorted).
+    /// The hash of the coding and preprocessing settings that the Hello carries.
     pub fn settings_hash(&self) -> [u8; 32] {
-        let canonical = toml::to_string(&self.settings).unwrap_or_default();
-        let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
-        let mut out = [0u8; 32];
-        out.copy_from_slice(digest.as_ref());
-        out
+        fedslm_cohort::settings_hash(&self.coding, &self.preprocess)
     }
 }
 
@@ -124,21 +126,22 @@ mod tests {
     }
 
     #[test]
-    fn settings_change_the_hash_and_key_order_does_not() {
+    fn settings_change_the_hash_and_defaults_are_the_study_s() {
         let a = parse(&format!(
-            "{GOOD}\n[settings]\ncea_cutoff = 5.0\nca199_cutoff = 37.0"
+            "{GOOD}\n[coding]\ncea_cutoff = 5.0\nca199_cutoff = 37.0"
         ))
         .unwrap();
-        let b = parse(&format!(
-            "{GOOD}\n[settings]\nca199_cutoff = 37.0\ncea_cutoff = 5.0"
-        ))
-        .unwrap();
+        let b = parse(&format!("{GOOD}")).unwrap();
         let c = parse(&format!(
-            "{GOOD}\n[settings]\nca199_cutoff = 37.0\ncea_cutoff = 10.0"
+            "{GOOD}\n[coding]\nca199_cutoff = 37.0\ncea_cutoff = 10.0"
         ))
         .unwrap();
         assert_eq!(a.settings_hash(), b.settings_hash());
         assert_ne!(a.settings_hash(), c.settings_hash());
+        let d = parse(&format!("{GOOD}\n[preprocess]\nsize = 96")).unwrap();
+        assert_ne!(a.settings_hash(), d.settings_hash());
+        let e = parse(&format!("{GOOD}\n[coding]\ncea_cutof = 5.0")).unwrap_err();
+        assert!(e.contains("cea_cutof"), "{e}");
     }
 
     #[test]

@@ -47,3 +47,13 @@ pub fn read_image(path: &Path) -> Result<Volume, ImageError> {
         read_dicom_file(path)
     }
 }
+
+/// The hash a centre sends in its Hello: its clinical coding and preprocessing settings. Centres whose hashes
+/// differ would feed the model different inputs, so the server refuses them.
+pub fn settings_hash(coding: &ClinicalCoding, preprocess: &PreprocessSettings) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(coding.settings_hash());
+    h.update(preprocess.canonical());
+    h.finalize().into()
+}
