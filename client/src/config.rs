@@ -131,7 +131,7 @@ mod tests {
             "{GOOD}\n[coding]\ncea_cutoff = 5.0\nca199_cutoff = 37.0"
         ))
         .unwrap();
-        let b = parse(&format!("{GOOD}")).unwrap();
+        let b = parse(GOOD).unwrap();
         let c = parse(&format!(
             "{GOOD}\n[coding]\nca199_cutoff = 37.0\ncea_cutoff = 10.0"
         ))
