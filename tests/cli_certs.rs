@@ -1,31 +1,21 @@
 //! `fedslm certs` from the shell, as README.md shows it, and its errors for the usual mistakes.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn fedslm(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fedslm"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap()
-}
+use std::path::Path;
+
+use common::fedslm_in;
 
 fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = fedslm(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    let (success, out, err) = fedslm_in(dir, args);
+    assert!(success, "{args:?}: {err}");
+    out
 }
 
 fn fails(dir: &Path, args: &[&str]) -> String {
-    let out = fedslm(dir, args);
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8(out.stderr).unwrap()
+    let (success, _, err) = fedslm_in(dir, args);
+    assert!(!success, "{args:?} succeeded");
+    err
 }
 
 #[test]
@@ -263,7 +253,7 @@ fn a_site_asking_for_another_centre_gets_the_one_the_coordinator_names() {
         d,
         &["certs", "request", "--center", "center-a", "--out", "site"],
     );
-    let out = fedslm(
+    let (success, _, err) = fedslm_in(
         d,
         &[
             "certs",
@@ -278,8 +268,7 @@ fn a_site_asking_for_another_centre_gets_the_one_the_coordinator_names() {
             "c.pem",
         ],
     );
-    assert!(out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(success, "{err}");
     assert!(
         err.contains(
             "the request asked for centre center-a; the certificate is issued to center-c"

@@ -2,32 +2,19 @@
 //! error naming the line and column for each kind of bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
-fn reference_dir() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
-}
+mod common;
 
 fn evaluate(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedslm"))
-        .arg("evaluate")
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    let mut all = vec!["evaluate"];
+    all.extend(args);
+    common::fedslm_in(dir, &all)
+}
+
+fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("FEDSLM_REFERENCE"))
 }
 
 fn close(what: &str, got: &Value, want: &Value, tol: f64) {

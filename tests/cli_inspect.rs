@@ -1,31 +1,17 @@
 //! `fedslm inspect --json` against what pydicom and nibabel read from the reference files.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::Value;
 
-fn reference_dir() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
-}
+mod common;
 
 fn inspect(path: &std::path::Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedslm"))
-        .args(["inspect", "--json"])
-        .arg(path)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    common::fedslm(&["inspect", "--json", &path.display().to_string()])
+}
+
+fn reference_dir() -> PathBuf {
+    PathBuf::from(env!("FEDSLM_REFERENCE"))
 }
 
 #[test]

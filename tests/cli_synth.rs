@@ -1,19 +1,8 @@
 //! `fedslm synth` from the shell.
 
-use std::process::Command;
+mod common;
 
-fn fedslm(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedslm"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
+use common::fedslm;
 
 #[test]
 fn writes_a_cohort_that_inspect_reads() {

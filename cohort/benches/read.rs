@@ -8,14 +8,8 @@ use std::time::Instant;
 use fedslm_cohort::{read_image, write_nifti, Format, StoreAs, Volume};
 
 fn reference() -> Option<PathBuf> {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference/imaging"))
-        .chain(
-            here.ancestors()
-                .map(|a| a.join("../shared/reference/imaging")),
-        )
-        .find(|p| p.join("expected.json").is_file())
+    Some(PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging"))
+        .filter(|p| p.join("expected.json").is_file())
 }
 
 fn bytes_of(path: &Path) -> u64 {

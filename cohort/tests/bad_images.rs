@@ -7,13 +7,7 @@ use dicom_dictionary_std::tags;
 use fedslm_cohort::{read_image, ImageError};
 
 fn imaging() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
-        .join("imaging")
+    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
 }
 
 fn copy_series(to: &Path) -> Vec<PathBuf> {

@@ -5,12 +5,7 @@ use std::path::{Path, PathBuf};
 use fedslm_cohort::*;
 
 fn reference() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
+    PathBuf::from(env!("FEDSLM_REFERENCE"))
 }
 
 const HEADER: &str = "patient_id,slm,sex,site,cea,ca199,t2w,dwi,adc,roi";

@@ -6,13 +6,7 @@ use std::path::{Path, PathBuf};
 use fedslm_cohort::*;
 
 fn imaging() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
-        .join("imaging")
+    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
 }
 
 fn affine(spacing: [f64; 3], origin: [f64; 3]) -> [[f64; 4]; 4] {

@@ -6,13 +6,7 @@ use fedslm_cohort::{read_image, Format};
 use serde_json::Value;
 
 fn imaging() -> PathBuf {
-    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    here.ancestors()
-        .map(|a| a.join("shared/reference"))
-        .chain(here.ancestors().map(|a| a.join("../shared/reference")))
-        .find(|p| p.join("README.md").is_file())
-        .expect("shared/reference not found beside the repository")
-        .join("imaging")
+    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
 }
 
 fn rel(got: f64, want: f64) -> f64 {

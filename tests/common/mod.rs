@@ -12,6 +12,26 @@ use fedslm_protocol::{CenterId, ErrorCode, SampleCounts};
 use fedslm_server::{Server, ServerConfig, ServerEvent};
 use tokio::sync::broadcast;
 
+/// Runs the `fedslm` binary in the current folder; returns (success, stdout, stderr).
+pub fn fedslm(args: &[&str]) -> (bool, String, String) {
+    fedslm_in(Path::new("."), args)
+}
+
+/// Runs the `fedslm` binary in `dir`; returns (success, stdout, stderr).
+pub fn fedslm_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedslm"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot run fedslm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct Federation {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
