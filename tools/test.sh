@@ -6,11 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=target/interop-venv
-if ! "$venv/bin/python" -c "import aioquic, pydicom, numpy, pylibjpeg" 2>/dev/null; then
-  echo "setting up $venv (aioquic and pydicom for the interop tests)" >&2
+if ! "$venv/bin/python" -c "import aioquic, pydicom, numpy, pylibjpeg, safetensors" 2>/dev/null; then
+  echo "setting up $venv (aioquic, pydicom and safetensors for the interop tests)" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "aioquic>=1.2,<2" "pydicom>=3,<4" numpy pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg
+    "aioquic>=1.2,<2" "pydicom>=3,<4" numpy pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg safetensors
 fi
 export FEDSLM_INTEROP_PYTHON="$PWD/$venv/bin/python"
 

@@ -20,7 +20,7 @@ pub use cache::{load_center, LoadError, Source};
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
 pub use error::ImageError;
-pub use manifest::{ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
+pub use manifest::{open_cohort, ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
 pub use partition::{partition, stratified_folds, Partitioner};
 pub use preprocess::{

@@ -114,6 +114,14 @@ pub enum ManifestError {
         column: &'static str,
         problem: String,
     },
+    #[error("{path} holds no manifest.csv, and no sub-folder does")]
+    NoCentres { path: PathBuf },
+    #[error("{path} has no centre {center}; it has {known}")]
+    UnknownCentre {
+        path: PathBuf,
+        center: String,
+        known: String,
+    },
     #[error("{path}: the {model} model needs T2W, DWI, ADC and ROI images; {count} patient(s) lack some: {examples}")]
     NoImages {
         path: PathBuf,
@@ -326,4 +334,58 @@ impl Manifest {
             examples,
         })
     }
+}
+
+/// The centres of a cohort folder: the folder itself if it holds a `manifest.csv`, else each sub-folder that
+/// does, by name. `only` keeps the named centres (every name must exist).
+pub fn open_cohort(
+    dir: &Path,
+    coding: &ClinicalCoding,
+    only: &[String],
+) -> Result<Vec<(String, Manifest)>, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let name_of = |p: &Path| {
+        p.file_name().map_or_else(
+            || "cohort".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    if dir.join("manifest.csv").is_file() {
+        found.push((name_of(dir), dir.join("manifest.csv")));
+    } else {
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.join("manifest.csv").is_file() {
+                found.push((name_of(&path), path.join("manifest.csv")));
+            }
+        }
+        found.sort();
+    }
+    if found.is_empty() {
+        return Err(ManifestError::NoCentres {
+            path: dir.to_path_buf(),
+        });
+    }
+    for wanted in only {
+        if !found.iter().any(|(n, _)| n == wanted) {
+            return Err(ManifestError::UnknownCentre {
+                path: dir.to_path_buf(),
+                center: wanted.clone(),
+                known: found
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    found
+        .into_iter()
+        .filter(|(n, _)| only.is_empty() || only.contains(n))
+        .map(|(n, p)| Ok((n, Manifest::read(&p, coding)?)))
+        .collect()
 }

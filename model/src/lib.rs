@@ -1,4 +1,12 @@
-//! The study's three networks in candle (clinical logistic model, MRI ResNet, combined), local training and
-//! inference, conversion between `Weights` and candle's `VarMap`, safetensors export.
+//! What a hospital's machine computes: the study's models, their local training and inference, and model files.
 //!
-//! Built by the model issue.
+//! Built so far: the clinical logistic model (`clinical`, in f64 through the metrics crate) and the model file
+//! (safetensors plus a JSON model card). The candle networks (`mri`, `combined`) come with the rest of the model
+//! issue.
+
+pub mod clinical;
+mod error;
+pub mod file;
+
+pub use error::ModelError;
+pub use file::{load, save, ClinicalTable, ModelCard};

@@ -4,8 +4,11 @@ mod certs;
 mod client;
 pub mod evaluate;
 mod inspect;
+mod model;
+mod predict;
 mod server;
 mod synth;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -37,6 +40,13 @@ enum Command {
     /// AUC with DeLong CI, paired tests, Youden cut-off, decision curves, Brier and calibration of a
     /// predictions file.
     Evaluate(evaluate::EvaluateArgs),
+    /// Centralised training with cross-validation: the baseline for federated results.
+    Train(train::TrainArgs),
+    /// Per-patient SLM probability from a model file.
+    Predict(predict::PredictArgs),
+    /// Model files for deployments.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Dims, spacing and value statistics of a NIfTI file, DICOM file or series; or a manifest's summary.
     Inspect(inspect::InspectArgs),
 }
@@ -60,6 +70,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Client(a) => client::run(a),
         Command::Evaluate(a) => evaluate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Model(c) => model::run(c),
     }
 }
 

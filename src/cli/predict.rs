@@ -1,0 +1,78 @@
+//! `fedslm predict`: per-patient risk of SLM for a site's patients.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedslm_client::ClientConfig;
+use fedslm_cohort::{settings_hash, Manifest};
+use fedslm_model::{clinical, load};
+use fedslm_protocol::hex::to_hex;
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// A model file (from `fedslm train` or a federation).
+    #[arg(long)]
+    model: PathBuf,
+    /// The site's manifest.csv; the slm column may be empty.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// The site's client.toml, for its clinical coding and preprocessing (default: the study's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// CSV to write (default: standard output): patient_id, probability, and label where every patient has one.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+pub fn run(args: PredictArgs) -> anyhow::Result<()> {
+    let (weights, card) = load(&args.model)?;
+    let (coding, preprocess) = match &args.config {
+        Some(c) => {
+            let config = ClientConfig::load(c)?;
+            (config.coding, config.preprocess)
+        }
+        None => Default::default(),
+    };
+    let here = to_hex(&settings_hash(&coding, &preprocess));
+    if here != card.settings_hash {
+        bail!(
+            "this site's settings hash {here} differs from the model's {}: the model was trained with coding {:?} \
+             and preprocessing {:?}",
+            card.settings_hash,
+            card.coding,
+            card.preprocess
+        );
+    }
+    if card.model != "clinical" {
+        bail!(
+            "{}: predicting with a {} model is not supported by this fedslm",
+            args.model.display(),
+            card.model
+        );
+    }
+    let coefficients =
+        clinical::coefficients(&weights).with_context(|| format!("{}", args.model.display()))?;
+    let manifest = Manifest::read(&args.manifest, &coding)?;
+    let labelled = manifest.patients.iter().all(|p| p.slm.is_some());
+    let mut csv = String::from(if labelled {
+        "patient_id,label,probability\n"
+    } else {
+        "patient_id,probability\n"
+    });
+    for p in &manifest.patients {
+        let prob = clinical::predict(&coding, &coefficients, p);
+        match p.slm {
+            Some(l) if labelled => csv += &format!("{},{},{prob:.17}\n", p.id, u8::from(l)),
+            _ => csv += &format!("{},{prob:.17}\n", p.id),
+        }
+    }
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))?
+        }
+        None => std::io::stdout().write_all(csv.as_bytes())?,
+    }
+    Ok(())
+}
