@@ -41,6 +41,29 @@ pub struct ModelCard {
     pub metrics: serde_json::Value,
 }
 
+impl ModelCard {
+    /// A card for `model` expecting `coding` and `preprocess`, with their hash; no table, provenance or metrics.
+    pub fn new(
+        model: &str,
+        coding: fedslm_cohort::ClinicalCoding,
+        preprocess: fedslm_cohort::PreprocessSettings,
+    ) -> ModelCard {
+        ModelCard {
+            format: FORMAT.into(),
+            model: model.into(),
+            coding,
+            preprocess,
+            settings_hash: fedslm_protocol::hex::to_hex(&fedslm_cohort::settings_hash(
+                &coding,
+                &preprocess,
+            )),
+            clinical: None,
+            training: serde_json::Value::Null,
+            metrics: serde_json::Value::Null,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClinicalTable {
     /// By name: intercept, male, site_low, site_high, cea_high, ca199_high.

@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use fedslm_cohort::{settings_hash, ClinicalCoding, PreprocessSettings};
+use fedslm_cohort::{ClinicalCoding, PreprocessSettings};
 use fedslm_model::{clinical, save, ModelCard};
-use fedslm_protocol::hex::to_hex;
 use serde_json::json;
 
 use super::train::TrainableModel;
@@ -33,14 +32,8 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     let (coding, preprocess) = (ClinicalCoding::default(), PreprocessSettings::default());
     let p = clinical::names().len();
     let card = ModelCard {
-        format: fedslm_model::file::FORMAT.into(),
-        model: "clinical".into(),
-        coding,
-        preprocess,
-        settings_hash: to_hex(&settings_hash(&coding, &preprocess)),
-        clinical: None,
         training: json!({"software": concat!("fedslm ", env!("CARGO_PKG_VERSION")), "mode": "init", "seed": args.seed}),
-        metrics: serde_json::Value::Null,
+        ..ModelCard::new("clinical", coding, preprocess)
     };
     save(
         &args.out,

@@ -6,12 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use fedslm_cohort::{
-    open_cohort, settings_hash, stratified_folds, ClinicalCoding, Patient, PreprocessSettings,
-};
+use fedslm_cohort::{open_cohort, stratified_folds, ClinicalCoding, Patient, PreprocessSettings};
 use fedslm_metrics::auc_delong;
 use fedslm_model::{clinical, save, ClinicalTable, ModelCard};
-use fedslm_protocol::hex::to_hex;
 use serde_json::json;
 
 /// The models `train` builds today; the candle networks come with the rest of the model work.
@@ -106,11 +103,6 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let fit = clinical::fit(&coding, &patients).context("fitting on all patients")?;
     let preprocess = PreprocessSettings::default();
     let card = ModelCard {
-        format: fedslm_model::file::FORMAT.into(),
-        model: "clinical".into(),
-        coding,
-        preprocess,
-        settings_hash: to_hex(&settings_hash(&coding, &preprocess)),
         clinical: Some(ClinicalTable::from_fit(&fit)),
         training: json!({
             "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
@@ -122,6 +114,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             "newton_iterations": fit.iterations,
         }),
         metrics: json!({"cross_validation": cv}),
+        ..ModelCard::new("clinical", coding, preprocess)
     };
     let path = args.out.join("clinical.safetensors");
     save(
