@@ -97,8 +97,8 @@ pub fn read_nifti(path: &Path) -> Result<Volume, ImageError> {
             })
         }
     };
-    let expected: usize = dims.iter().product();
-    if raw.len() != expected {
+    let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    if expected != Some(raw.len()) {
         return Err(ImageError::Nifti {
             path: path.to_path_buf(),
             reason: format!("{} voxels for dims {dims:?}", raw.len()),

@@ -205,6 +205,21 @@ pub fn crop_volumes(
 ) -> Result<Vec<f32>, PreprocessError> {
     let id = || patient.to_string();
     let [t2w, dwi, adc] = sequences;
+    for (name, v) in [("T2W", t2w), ("DWI", dwi), ("ADC", adc), ("ROI", roi)] {
+        let voxels = v
+            .dims
+            .get(..3)
+            .and_then(|d| d.iter().try_fold(1usize, |n, &x| n.checked_mul(x)));
+        if voxels.is_none_or(|n| n == 0 || v.data.len() < n) {
+            return Err(PreprocessError::Geometry {
+                patient: id(),
+                what: format!(
+                    "the {name} image has dims {:?}; a non-empty 3-D volume is needed",
+                    v.dims
+                ),
+            });
+        }
+    }
     if !same_geometry(t2w, roi) {
         return Err(PreprocessError::Geometry {
             patient: id(),
@@ -270,12 +285,6 @@ pub fn crop_volumes(
                 })?,
             )
         };
-        if seq.dims.len() < 3 {
-            return Err(PreprocessError::Geometry {
-                patient: id(),
-                what: "an image is not 3-D".into(),
-            });
-        }
         let start = image.len();
         for &z in &slices {
             for v in 0..size {

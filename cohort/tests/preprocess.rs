@@ -310,3 +310,39 @@ fn the_cache_serves_a_second_run_and_misses_when_files_or_settings_change() {
         Source::Decoded
     );
 }
+
+#[test]
+fn empty_or_flat_volumes_are_refused_not_a_panic() {
+    let a = affine([1.0, 1.0, 3.0], [0.0; 3]);
+    let t2w = volume([16, 16, 4], a, linear);
+    let roi = volume([16, 16, 4], a, blob(1));
+    let empty = Volume {
+        dims: vec![16, 0, 4],
+        data: vec![],
+        ..t2w.clone()
+    };
+    let flat = Volume {
+        dims: vec![16, 16],
+        ..t2w.clone()
+    };
+    for bad in [&empty, &flat] {
+        let e = crop_volumes(
+            "P9",
+            "roi",
+            [&t2w, bad, &t2w],
+            &roi,
+            &PreprocessSettings::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("patient P9: the DWI image has dims"), "{e}");
+    }
+    assert!(crop_volumes(
+        "P9",
+        "roi",
+        [&t2w, &t2w, &t2w],
+        &roi,
+        &PreprocessSettings::default()
+    )
+    .is_ok());
+}
