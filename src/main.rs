@@ -7,6 +7,13 @@ mod plot;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Like other command-line tools, end quietly when the reader of our output goes away (`fedslm ... | head`)
+    // instead of panicking on a broken pipe. SAFETY: restoring a signal's default action before any thread
+    // starts has no preconditions.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = cli::Cli::parse();
     cli::init_logging(&args.log);
     match cli::run(args) {
