@@ -11,6 +11,8 @@ use crate::error::CertError;
 /// How long a silent connection lives; keep-alives go out well within it.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Connections still in their handshake that the server holds at once.
+const MAX_PENDING_HANDSHAKES: usize = 256;
 
 fn transport(incoming_bidi_streams: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
@@ -32,6 +34,9 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport(1));
+    // A federation has a handful of centres: a flood of unauthenticated handshakes is refused, not queued
+    // (quinn's default allows 65,536 pending).
+    config.max_incoming(MAX_PENDING_HANDSHAKES);
     Ok(config)
 }
 
