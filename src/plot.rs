@@ -7,6 +7,7 @@ use std::sync::Once;
 
 use anyhow::{anyhow, Context};
 use fedslm_metrics as m;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
@@ -44,6 +45,54 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing failed: {e:?}")
 }
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A figure's title, axes and their names, in the one style every figure shares.
+fn frame<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    (x_desc, x_range): (&str, std::ops::Range<f64>),
+    (y_desc, y_range): (&str, std::ops::Range<f64>),
+) -> anyhow::Result<Chart<'a, DB>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 30).into_font().style(FontStyle::Bold))
+        .margin(20)
+        .x_label_area_size(60)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style((FONT, 18))
+        .axis_desc_style((FONT, 22))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(chart)
+}
+
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, 20))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(draw_err)
+}
+
 fn roc<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     p: &Predictions,
@@ -53,22 +102,12 @@ where
     DB::ErrorType: 'static,
 {
     area.fill(&WHITE).map_err(draw_err)?;
-    let mut chart = ChartBuilder::on(area)
-        .caption("ROC curves", (FONT, 30).into_font().style(FontStyle::Bold))
-        .margin(20)
-        .x_label_area_size(60)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("1 - Specificity (false positive rate)")
-        .y_desc("Sensitivity (true positive rate)")
-        .label_style((FONT, 18))
-        .axis_desc_style((FONT, 22))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = frame(
+        area,
+        "ROC curves",
+        ("1 - Specificity (false positive rate)", 0.0..1.0),
+        ("Sensitivity (true positive rate)", 0.0..1.0),
+    )?;
     chart
         .draw_series(DashedLineSeries::new(
             [(0.0, 0.0), (1.0, 1.0)],
@@ -92,14 +131,7 @@ where
             ))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 20))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     area.present().map_err(draw_err)
 }
 
@@ -125,25 +157,12 @@ where
         .flat_map(|(_, d)| d.net_benefit.iter().copied())
         .fold(prevalence, f64::max);
     let x_max = first.thresholds.last().copied().unwrap_or(1.0).max(0.5);
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "Decision curves",
-            (FONT, 30).into_font().style(FontStyle::Bold),
-        )
-        .margin(20)
-        .x_label_area_size(60)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..x_max, -0.05..(top + 0.05))
-        .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("Threshold probability")
-        .y_desc("Net benefit")
-        .label_style((FONT, 18))
-        .axis_desc_style((FONT, 22))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = frame(
+        area,
+        "Decision curves",
+        ("Threshold probability", 0.0..x_max),
+        ("Net benefit", -0.05..(top + 0.05)),
+    )?;
     let clip = |v: f64| v.max(-0.05);
     let gray = RGBColor(120, 120, 120);
     chart
@@ -182,14 +201,7 @@ where
             .label(name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 20))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     area.present().map_err(draw_err)
 }
 
