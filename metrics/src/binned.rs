@@ -9,7 +9,8 @@
 use crate::dca::{check_thresholds, net_benefit, DecisionCurve};
 use crate::error::MetricsError;
 use crate::roc::{
-    check, comparison, estimate_from_runs, require, AucEstimate, Comparison, RocPoint,
+    check, comparison, estimate_from_runs, require, run_placements, AucEstimate, Comparison,
+    RocPoint,
 };
 
 /// The default number of bins: fine enough that binning moves an AUC by well under 1e-3.
@@ -102,41 +103,21 @@ impl ScoreHistograms {
 
     /// V10 of each bin (for a positive patient there) and V01 (for a negative one), in one pass each way.
     fn placements(&self) -> (Vec<f64>, Vec<f64>) {
-        let (m, n) = (self.n_positive() as f64, self.n_negative() as f64);
-        let mut below = 0u64;
-        let v10 = self
-            .negative
+        run_placements(&self.runs()).into_iter().unzip()
+    }
+
+    /// Each bin as a run of tied scores: (positives, negatives).
+    fn runs(&self) -> Vec<(u64, u64)> {
+        self.positive
             .iter()
-            .map(|&q| {
-                let v = (below as f64 + 0.5 * q as f64) / n;
-                below += q;
-                v
-            })
-            .collect();
-        let mut above = 0u64;
-        let mut v01: Vec<f64> = self
-            .positive
-            .iter()
-            .rev()
-            .map(|&p| {
-                let v = (above as f64 + 0.5 * p as f64) / m;
-                above += p;
-                v
-            })
-            .collect();
-        v01.reverse();
-        (v10, v01)
+            .copied()
+            .zip(self.negative.iter().copied())
+            .collect()
     }
 
     /// AUC and DeLong variance of the binned scores: each bin is a run of tied scores.
     pub fn delong(&self) -> Result<AucEstimate, MetricsError> {
-        let runs: Vec<(u64, u64)> = self
-            .positive
-            .iter()
-            .copied()
-            .zip(self.negative.iter().copied())
-            .collect();
-        estimate_from_runs(&runs)
+        estimate_from_runs(&self.runs())
     }
 
     /// The ROC curve of the binned scores, with thresholds between adjacent occupied bins.

@@ -81,27 +81,47 @@ pub(crate) fn estimate_from_runs(runs: &[(u64, u64)]) -> Result<AucEstimate, Met
     let n: u64 = runs.iter().map(|r| r.1).sum();
     require(m as usize, n as usize, 2)?;
     let (mf, nf) = (m as f64, n as f64);
-    let placements = || {
-        let mut below = 0u64;
-        let mut above = m;
-        runs.iter().map(move |&(p, q)| {
-            above -= p;
-            let v10 = (below as f64 + 0.5 * q as f64) / nf;
-            let v01 = (above as f64 + 0.5 * p as f64) / mf;
-            below += q;
-            (p as f64, v10, q as f64, v01)
-        })
-    };
-    let auc = placements().map(|(p, v10, _, _)| p * v10).sum::<f64>() / mf;
-    let (s10, s01) = placements().fold((0.0, 0.0), |(a, b), (p, v10, q, v01)| {
-        (a + p * (v10 - auc).powi(2), b + q * (v01 - auc).powi(2))
-    });
+    let placements = run_placements(runs);
+    let auc = runs
+        .iter()
+        .zip(&placements)
+        .map(|(r, v)| r.0 as f64 * v.0)
+        .sum::<f64>()
+        / mf;
+    let (s10, s01) = runs
+        .iter()
+        .zip(&placements)
+        .fold((0.0, 0.0), |(a, b), (r, v)| {
+            (
+                a + r.0 as f64 * (v.0 - auc).powi(2),
+                b + r.1 as f64 * (v.1 - auc).powi(2),
+            )
+        });
     Ok(AucEstimate {
         auc,
         variance: s10 / (mf - 1.0) / mf + s01 / (nf - 1.0) / nf,
         n_positive: m as usize,
         n_negative: n as usize,
     })
+}
+
+/// For each run of tied scores (positives, negatives), in ascending order: (V10 of a positive in it, V01 of a
+/// negative in it).
+pub(crate) fn run_placements(runs: &[(u64, u64)]) -> Vec<(f64, f64)> {
+    let m: u64 = runs.iter().map(|r| r.0).sum();
+    let n: u64 = runs.iter().map(|r| r.1).sum();
+    let (mf, nf) = (m as f64, n as f64);
+    let mut below = 0u64;
+    let mut above = m;
+    runs.iter()
+        .map(|&(p, q)| {
+            above -= p;
+            let v10 = (below as f64 + 0.5 * q as f64) / nf;
+            let v01 = (above as f64 + 0.5 * p as f64) / mf;
+            below += q;
+            (v10, v01)
+        })
+        .collect()
 }
 
 /// AUC and DeLong variance; needs two patients of each class. O(n log n): one sort per class, then a merge.
