@@ -32,7 +32,7 @@ use rayon::prelude::*;
 use crate::error::ImageError;
 use crate::nifti_file::{write_nifti, StoreAs};
 use crate::rng::Rng;
-use crate::volume::{Format, Volume};
+use crate::volume::{scaled_identity, Format, Volume};
 
 /// A scanner, as far as the images show it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -220,12 +220,10 @@ const BETA: f64 = 2.0;
 
 fn affine(spacing: [f64; 3], dims: [usize; 3]) -> [[f64; 4]; 4] {
     // Centred on the volume, RAS, axial slices.
-    let mut a = [[0.0; 4]; 4];
+    let mut a = scaled_identity(&spacing);
     for i in 0..3 {
-        a[i][i] = spacing[i];
         a[i][3] = -spacing[i] * (dims[i] as f64 - 1.0) / 2.0;
     }
-    a[3][3] = 1.0;
     a
 }
 
