@@ -27,4 +27,18 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Weights(#[from] fedslm_protocol::WeightsError),
+    #[error("network architecture: {0}")]
+    Architecture(String),
+    #[error("the weights do not fit the network: {0}")]
+    WeightsMismatch(String),
+    #[error("patient {patient} of {center}: {reason}")]
+    Input {
+        patient: String,
+        center: String,
+        reason: String,
+    },
+    #[error("training: {0}")]
+    Training(String),
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
 }

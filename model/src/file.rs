@@ -30,6 +30,12 @@ pub struct ModelCard {
     pub preprocess: fedslm_cohort::PreprocessSettings,
     /// Hex SHA-256 of `coding` and `preprocess` ([`fedslm_cohort::settings_hash`]).
     pub settings_hash: String,
+    /// For the image networks: the architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::NetConfig>,
+    /// For the combined network: the clinical vector's standardisation, from the training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standardisation: Option<crate::Standardisation>,
     /// For the clinical model: the table a clinical paper gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clinical: Option<ClinicalTable>,
@@ -57,6 +63,8 @@ impl ModelCard {
                 &coding,
                 &preprocess,
             )),
+            network: None,
+            standardisation: None,
             clinical: None,
             training: serde_json::Value::Null,
             metrics: serde_json::Value::Null,
@@ -269,6 +277,8 @@ mod tests {
             coding: Default::default(),
             preprocess: Default::default(),
             settings_hash: "ab".into(),
+            network: None,
+            standardisation: None,
             clinical: None,
             training: serde_json::json!({"patients": 3}),
             metrics: serde_json::Value::Null,

@@ -1,12 +1,23 @@
-//! What a hospital's machine computes: the study's models, their local training and inference, and model files.
+//! What a hospital's machine computes: the study's three models, their local training and inference, and model
+//! files.
 //!
-//! Built so far: the clinical logistic model (`clinical`, in f64 through the metrics crate) and the model file
-//! (safetensors plus a JSON model card). The candle networks (`mri`, `combined`) come with the rest of the model
-//! issue.
+//! - `clinical`: logistic regression on the coded clinical factors, in f64 through the metrics crate (locally,
+//!   or federated from centres' gradients and Hessians).
+//! - `net` + `network`: the candle ResNets (`mri`, `combined`), seeded initialisation, the bridge to
+//!   `protocol::Weights`; `train`: local training; `augment`: training-side augmentation.
+//! - `file`: safetensors plus a JSON model card.
 
+pub mod augment;
 pub mod clinical;
 mod error;
 pub mod file;
+pub mod net;
+pub mod network;
+pub mod train;
 
+pub use augment::Augmentation;
 pub use error::ModelError;
 pub use file::{load, save, ClinicalTable, ModelCard};
+pub use net::{NetConfig, Stem};
+pub use network::{Network, NetworkKind, Standardisation};
+pub use train::{EpochReport, Optimizer, TrainConfig};

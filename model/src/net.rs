@@ -1,0 +1,317 @@
+//! The study's image networks in candle: a ResNet of BasicBlocks over the crop's channels (sequences x slices),
+//! global average pooling, and one logit; `combined` concatenates the standardised clinical vector to the pooled
+//! features before the head.
+//!
+//! Tensor names follow torchvision (`conv1`, `bn1`, `layer2.0.downsample.1.running_var`, `fc.weight`), so a
+//! model file loads into a PyTorch ResNet as it is.
+
+use candle_core::{Module, Result, Tensor, Var, D};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// The first layers, before the residual stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stem {
+    /// One 3x3 convolution of stride 2: small crops (64 px) keep their detail.
+    Compact,
+    /// torchvision's 7x7 convolution of stride 2, then a 2x2 max-pool of stride 2 (torchvision pools 3x3 with
+    /// padding 1, which candle cannot differentiate; the output size is the same for even inputs).
+    Standard,
+}
+
+/// Architecture of an image network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// 10, 18 or 34: BasicBlocks per stage [1,1,1,1], [2,2,2,2] or [3,4,6,3].
+    pub depth: usize,
+    /// Channels of the first stage, doubled at each of the next three.
+    pub width: usize,
+    /// Sequences x slices of the crop.
+    pub in_channels: usize,
+    /// Height and width of the crop.
+    pub input_size: usize,
+    /// Coded clinical factors concatenated before the head; 0 for the MRI-only network.
+    pub clinical_features: usize,
+    pub stem: Stem,
+}
+
+impl NetConfig {
+    /// The default for a 2-core CPU: ResNet-10 of width 8 with the compact stem (77 k parameters).
+    pub fn compact(in_channels: usize, input_size: usize, clinical_features: usize) -> NetConfig {
+        NetConfig {
+            depth: 10,
+            width: 8,
+            in_channels,
+            input_size,
+            clinical_features,
+            stem: Stem::Compact,
+        }
+    }
+
+    /// The study's scale: ResNet-18 of width 64 with torchvision's stem.
+    pub fn resnet18(in_channels: usize, input_size: usize, clinical_features: usize) -> NetConfig {
+        NetConfig {
+            depth: 18,
+            width: 64,
+            in_channels,
+            input_size,
+            clinical_features,
+            stem: Stem::Standard,
+        }
+    }
+
+    pub fn blocks(&self) -> Option<[usize; 4]> {
+        match self.depth {
+            10 => Some([1, 1, 1, 1]),
+            18 => Some([2, 2, 2, 2]),
+            34 => Some([3, 4, 6, 3]),
+            _ => None,
+        }
+    }
+
+    /// Why this configuration cannot be built, if it cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.blocks().is_none() {
+            return Err(format!("depth {} (use 10, 18 or 34)", self.depth));
+        }
+        if self.width == 0 || self.width > 512 {
+            return Err(format!("width {} (use 1 to 512)", self.width));
+        }
+        if self.in_channels == 0 {
+            return Err("no input channels".into());
+        }
+        // The stem and three stride-2 stages must leave at least one pixel.
+        let reduction = match self.stem {
+            Stem::Compact => 16,
+            Stem::Standard => 32,
+        };
+        if self.input_size < reduction {
+            return Err(format!(
+                "input size {} is below the network's reduction of {reduction}",
+                self.input_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Width of the pooled features.
+    pub fn features(&self) -> usize {
+        8 * self.width
+    }
+}
+
+/// Batch normalisation over (batch, height, width) per channel. candle-nn's own keeps the running statistics'
+/// update in the autograd graph; here they are updated from detached values.
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+impl BatchNorm2d {
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<BatchNorm2d> {
+        use candle_nn::Init;
+        Ok(BatchNorm2d {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
+            running_mean: Var::from_tensor(&vb.get_with_hints(
+                channels,
+                "running_mean",
+                Init::Const(0.0),
+            )?)?,
+            running_var: Var::from_tensor(&vb.get_with_hints(
+                channels,
+                "running_var",
+                Init::Const(1.0),
+            )?)?,
+        })
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = if train {
+            // Reductions over the last, contiguous dimension first: candle reduces strided dimensions slowly.
+            let (n, _, h, w) = x.dims4()?;
+            let per_channel = |t: &Tensor| -> Result<Tensor> {
+                t.reshape((n, c, h * w))?
+                    .mean(2)?
+                    .mean_keepdim(0)?
+                    .reshape(shape)
+            };
+            let mean = per_channel(x)?;
+            let var = per_channel(&x.broadcast_sub(&mean)?.sqr()?)?;
+            let count = (n * h * w) as f64;
+            let unbiased = if count > 1.0 {
+                count / (count - 1.0)
+            } else {
+                1.0
+            };
+            let m = mean.detach().flatten_all()?;
+            let v = (var.detach().flatten_all()? * unbiased)?;
+            self.running_mean.set(
+                &((self.running_mean.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
+                    + (m * BN_MOMENTUM)?)?,
+            )?;
+            self.running_var.set(
+                &((self.running_var.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
+                    + (v * BN_MOMENTUM)?)?,
+            )?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().detach().reshape(shape)?,
+                self.running_var.as_tensor().detach().reshape(shape)?,
+            )
+        };
+        let scale = (var + BN_EPS)?
+            .sqrt()?
+            .recip()?
+            .broadcast_mul(&self.weight.reshape(shape)?)?;
+        x.broadcast_sub(&mean)?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape(shape)?)
+    }
+}
+
+fn conv(
+    vb: VarBuilder,
+    name: &str,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+) -> Result<Conv2d> {
+    candle_nn::conv2d_no_bias(
+        cin,
+        cout,
+        kernel,
+        Conv2dConfig {
+            padding: kernel / 2,
+            stride,
+            ..Default::default()
+        },
+        vb.pp(name),
+    )
+}
+
+struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, stride: usize) -> Result<BasicBlock> {
+        let downsample = if stride != 1 || cin != cout {
+            Some((
+                conv(vb.pp("downsample"), "0", cin, cout, 1, stride)?,
+                BatchNorm2d::new(cout, vb.pp("downsample").pp("1"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(BasicBlock {
+            conv1: conv(vb.clone(), "conv1", cin, cout, 3, stride)?,
+            bn1: BatchNorm2d::new(cout, vb.pp("bn1"))?,
+            conv2: conv(vb.clone(), "conv2", cout, cout, 3, 1)?,
+            bn2: BatchNorm2d::new(cout, vb.pp("bn2"))?,
+            downsample,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let shortcut = match &self.downsample {
+            Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (y + shortcut)?.relu()
+    }
+}
+
+/// The ResNet: stem, four stages, global average pooling, optional clinical concatenation, one logit.
+pub struct ResNet {
+    cfg: NetConfig,
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    blocks: Vec<BasicBlock>,
+    fc: Linear,
+}
+
+impl ResNet {
+    pub fn new(cfg: &NetConfig, vb: VarBuilder) -> Result<ResNet> {
+        let blocks_per_stage = cfg
+            .blocks()
+            .ok_or_else(|| candle_core::Error::Msg(format!("unsupported depth {}", cfg.depth)))?;
+        let kernel = match cfg.stem {
+            Stem::Compact => 3,
+            Stem::Standard => 7,
+        };
+        let conv1 = conv(vb.clone(), "conv1", cfg.in_channels, cfg.width, kernel, 2)?;
+        let bn1 = BatchNorm2d::new(cfg.width, vb.pp("bn1"))?;
+        let mut blocks = Vec::new();
+        let mut cin = cfg.width;
+        for (stage, &count) in blocks_per_stage.iter().enumerate() {
+            let cout = cfg.width << stage;
+            for b in 0..count {
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(
+                    vb.pp(format!("layer{}", stage + 1)).pp(b.to_string()),
+                    cin,
+                    cout,
+                    stride,
+                )?);
+                cin = cout;
+            }
+        }
+        let fc = candle_nn::linear(cfg.features() + cfg.clinical_features, 1, vb.pp("fc"))?;
+        Ok(ResNet {
+            cfg: *cfg,
+            conv1,
+            bn1,
+            blocks,
+            fc,
+        })
+    }
+
+    /// Logits, shape `[batch]`, of crops `[batch, channels, size, size]` and, for the combined network,
+    /// standardised clinical vectors `[batch, features]`.
+    pub fn forward_t(
+        &self,
+        image: &Tensor,
+        clinical: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut x = self
+            .bn1
+            .forward_t(&self.conv1.forward(image)?, train)?
+            .relu()?;
+        if self.cfg.stem == Stem::Standard {
+            x = x.max_pool2d(2)?;
+        }
+        for b in &self.blocks {
+            x = b.forward_t(&x, train)?;
+        }
+        let pooled = x.mean(D::Minus1)?.mean(D::Minus1)?;
+        let features = match (self.cfg.clinical_features, clinical) {
+            (0, _) => pooled,
+            (_, Some(c)) => Tensor::cat(&[&pooled, c], 1)?,
+            (n, None) => {
+                return Err(candle_core::Error::Msg(format!(
+                    "the combined network needs the {n} clinical features"
+                )))
+            }
+        };
+        self.fc.forward(&features)?.squeeze(1)
+    }
+}
