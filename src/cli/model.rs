@@ -3,11 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use fedslm_cohort::{ClinicalCoding, PreprocessSettings};
-use fedslm_model::{clinical, save, ModelCard};
+use fedslm_model::{clinical, save, ModelCard, Network};
 use serde_json::json;
 
-use super::train::TrainableModel;
+use super::train::{NetArgs, TrainableModel};
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -24,22 +23,53 @@ pub struct InitArgs {
     seed: u64,
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    net: NetArgs,
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     let ModelCommand::Init(args) = cmd;
-    let TrainableModel::Clinical = args.model;
-    let (coding, preprocess) = (ClinicalCoding::default(), PreprocessSettings::default());
-    let p = clinical::names().len();
-    let card = ModelCard {
-        training: json!({"software": concat!("fedslm ", env!("CARGO_PKG_VERSION")), "mode": "init", "seed": args.seed}),
-        ..ModelCard::new("clinical", coding, preprocess)
-    };
-    save(
-        &args.out,
-        &clinical::to_weights(&vec![0.0; p], &vec![0.0; p * p])?,
-        &card,
-    )?;
-    println!("initial clinical model: {}", args.out.display());
+    let (coding, preprocess) = args.net.settings()?;
+    let training = json!({
+        "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
+        "mode": "init",
+        "seed": args.seed,
+    });
+    match args.model.network_kind() {
+        None => {
+            let p = clinical::names().len();
+            let card = ModelCard {
+                training,
+                ..ModelCard::new("clinical", coding, preprocess)
+            };
+            save(
+                &args.out,
+                &clinical::to_weights(&vec![0.0; p], &vec![0.0; p * p])?,
+                &card,
+            )?;
+            println!("initial clinical model: {}", args.out.display());
+        }
+        Some(kind) => {
+            let config = args.net.config(kind, &preprocess)?;
+            let network = Network::new(kind, config, args.seed)?;
+            // The standardisation stays the identity until the federation has the training centres' sums.
+            let card = ModelCard {
+                training,
+                ..network.card(coding, preprocess)
+            };
+            save(&args.out, &network.to_weights()?, &card)?;
+            println!(
+                "initial {} network (ResNet-{}, width {}, {} parameters, input {} x {} x {}): {}",
+                kind.name(),
+                config.depth,
+                config.width,
+                network.parameter_count(),
+                config.in_channels,
+                config.input_size,
+                config.input_size,
+                args.out.display()
+            );
+        }
+    }
     Ok(())
 }

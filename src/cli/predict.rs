@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedslm_client::ClientConfig;
-use fedslm_cohort::{settings_hash, Manifest};
-use fedslm_model::{clinical, load};
+use fedslm_cohort::{load_center, settings_hash, Manifest};
+use fedslm_model::{clinical, load, Network};
 use fedslm_protocol::hex::to_hex;
+
+use super::train::settings_from;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
@@ -24,17 +25,14 @@ pub struct PredictArgs {
     /// CSV to write (default: standard output): patient_id, probability, and label where every patient has one.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Folder for the preprocessing cache.
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let (weights, card) = load(&args.model)?;
-    let (coding, preprocess) = match &args.config {
-        Some(c) => {
-            let config = ClientConfig::load(c)?;
-            (config.coding, config.preprocess)
-        }
-        None => Default::default(),
-    };
+    let (coding, preprocess) = settings_from(args.config.as_deref())?;
     let here = to_hex(&settings_hash(&coding, &preprocess));
     if here != card.settings_hash {
         bail!(
@@ -45,24 +43,45 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             card.preprocess
         );
     }
-    if card.model != "clinical" {
-        bail!(
-            "{}: predicting with a {} model is not supported by this fedslm",
-            args.model.display(),
-            card.model
-        );
-    }
-    let coefficients =
-        clinical::coefficients(&weights).with_context(|| format!("{}", args.model.display()))?;
     let manifest = Manifest::read(&args.manifest, &coding)?;
+    let probabilities: Vec<f64> = match card.model.as_str() {
+        "clinical" => {
+            let coefficients = clinical::coefficients(&weights)
+                .with_context(|| format!("{}", args.model.display()))?;
+            manifest
+                .patients
+                .iter()
+                .map(|p| clinical::predict(&coding, &coefficients, p))
+                .collect()
+        }
+        "mri" | "combined" => {
+            let (network, _) = Network::load(&args.model)?;
+            let site = args
+                .manifest
+                .parent()
+                .and_then(|d| d.file_name())
+                .map_or_else(|| "site".into(), |n| n.to_string_lossy().into_owned());
+            let (samples, _) = load_center(
+                &manifest,
+                &site,
+                &coding,
+                &preprocess,
+                args.cache.as_deref(),
+            )?;
+            network.predict(&samples.iter().collect::<Vec<_>>())?
+        }
+        other => bail!(
+            "{}: a {other} model is not one this fedslm knows",
+            args.model.display()
+        ),
+    };
     let labelled = manifest.patients.iter().all(|p| p.slm.is_some());
     let mut csv = String::from(if labelled {
         "patient_id,label,probability\n"
     } else {
         "patient_id,probability\n"
     });
-    for p in &manifest.patients {
-        let prob = clinical::predict(&coding, &coefficients, p);
+    for (p, prob) in manifest.patients.iter().zip(probabilities) {
         match p.slm {
             Some(l) if labelled => csv += &format!("{},{},{prob:.17}\n", p.id, u8::from(l)),
             _ => csv += &format!("{},{prob:.17}\n", p.id),
