@@ -182,8 +182,16 @@ mod tests {
                 .map(|(i, &v)| (i / size) as f64 * f64::from(v))
                 .sum::<f64>()
                 / total;
-            assert!((cx - c - tx).abs() < 0.1, "seed {seed}: x {cx} vs {}", c + tx);
-            assert!((cy - c - ty).abs() < 0.1, "seed {seed}: y {cy} vs {}", c + ty);
+            assert!(
+                (cx - c - tx).abs() < 0.1,
+                "seed {seed}: x {cx} vs {}",
+                c + tx
+            );
+            assert!(
+                (cy - c - ty).abs() < 0.1,
+                "seed {seed}: y {cy} vs {}",
+                c + ty
+            );
         }
     }
 }
