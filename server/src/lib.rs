@@ -1,13 +1,16 @@
 //! The coordinating server. It never sees an image or a patient row: only certificates, counts, weights and
 //! aggregates. This crate never depends on `model`, `cohort` or candle.
 //!
-//! [`admission`] is pure (who may join, from the certificate's centre and the Hello); [`Server`] is the thin
-//! async layer around it: QUIC with mutual TLS, one task per connection.
+//! [`admission`] is pure (who may join, from the certificate's centre and the Hello); [`aggregate`] is pure (the
+//! checks an update must pass, FedAvg folded in as updates arrive); [`Server`] is the thin async layer around
+//! them: QUIC with mutual TLS, one task per connection.
 
 pub mod admission;
+pub mod aggregate;
 pub mod config;
 mod endpoint;
 
 pub use admission::{admit, Enrolment, Refusal};
+pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
 pub use endpoint::{Server, ServerError, ServerEvent};

@@ -1,0 +1,343 @@
+//! The next global model from the centres' updates: every update is checked against the global model before
+//! anything of it is used, then folded in as it arrives into f64 accumulators, so that FedAvg's memory stays
+//! about one model however many centres answer.
+
+use fedslm_protocol::{DType, Tensor, TensorRole, Weights, WeightsError};
+
+/// Why an update was not folded in; each names the tensor where there is one. Sent back to the centre.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpdateRefusal {
+    #[error("tensor {0} of the global model is missing")]
+    Missing(String),
+    #[error("tensor {0} is not part of the global model")]
+    Unexpected(String),
+    #[error("tensor {name} has shape {got:?}, the global model's has {expected:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("tensor {name} is {got:?}, the global model's is {expected:?}")]
+    DType {
+        name: String,
+        got: DType,
+        expected: DType,
+    },
+    #[error("tensor {name} has role {got:?}, the global model's has {expected:?}")]
+    Role {
+        name: String,
+        got: TensorRole,
+        expected: TensorRole,
+    },
+    #[error("tensor {name} holds a non-finite value at index {index}")]
+    NonFinite { name: String, index: usize },
+    #[error("the update moves the model by {norm:.4e} (L2), beyond the bound of {bound:.4e}")]
+    Norm { norm: f64, bound: f64 },
+    #[error("the update claims no training examples")]
+    NoExamples,
+}
+
+/// Checks `update` against `global`: the same tensors (names, shapes, dtypes, roles), finite values, and, with
+/// `norm_bound`, an L2 distance from the global model within it (batch-norm statistics excluded: their scale is
+/// the data's, not the optimiser's).
+pub fn check_update(
+    global: &Weights,
+    update: &Weights,
+    norm_bound: Option<f64>,
+) -> Result<(), UpdateRefusal> {
+    for t in update.tensors() {
+        if global.get(t.name()).is_none() {
+            return Err(UpdateRefusal::Unexpected(t.name().to_string()));
+        }
+    }
+    let mut squared = 0.0;
+    for g in global.tensors() {
+        let name = g.name().to_string();
+        let u = update
+            .get(&name)
+            .ok_or_else(|| UpdateRefusal::Missing(name.clone()))?;
+        if u.shape() != g.shape() {
+            return Err(UpdateRefusal::Shape {
+                name,
+                got: u.shape().to_vec(),
+                expected: g.shape().to_vec(),
+            });
+        }
+        if u.dtype() != g.dtype() {
+            return Err(UpdateRefusal::DType {
+                name,
+                got: u.dtype(),
+                expected: g.dtype(),
+            });
+        }
+        if u.role() != g.role() {
+            return Err(UpdateRefusal::Role {
+                name,
+                got: u.role(),
+                expected: g.role(),
+            });
+        }
+        let values = u.to_f64_vec();
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(UpdateRefusal::NonFinite { name, index });
+        }
+        if norm_bound.is_some() && g.role() != TensorRole::BatchNormStatistic {
+            squared += values
+                .iter()
+                .zip(g.to_f64_vec())
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>();
+        }
+    }
+    if let Some(bound) = norm_bound {
+        let norm = squared.sqrt();
+        if norm > bound {
+            return Err(UpdateRefusal::Norm { norm, bound });
+        }
+    }
+    Ok(())
+}
+
+/// FedAvg: the example-weighted mean of the updates folded in, tensor by tensor, in f64.
+#[derive(Debug)]
+pub struct FedAvg {
+    /// Names, shapes, dtypes and roles of the result, in the global model's order.
+    template: Vec<(String, Vec<usize>, DType, TensorRole)>,
+    sums: Vec<Vec<f64>>,
+    examples: f64,
+    updates: usize,
+}
+
+impl FedAvg {
+    /// An empty aggregate shaped like `global`.
+    pub fn new(global: &Weights) -> FedAvg {
+        FedAvg {
+            template: global
+                .tensors()
+                .iter()
+                .map(|t| {
+                    (
+                        t.name().to_string(),
+                        t.shape().to_vec(),
+                        t.dtype(),
+                        t.role(),
+                    )
+                })
+                .collect(),
+            sums: global
+                .tensors()
+                .iter()
+                .map(|t| vec![0.0; t.element_count()])
+                .collect(),
+            examples: 0.0,
+            updates: 0,
+        }
+    }
+
+    /// Folds in an update that [`check_update`] accepted, trained on `examples` examples.
+    pub fn fold(&mut self, update: &Weights, examples: u64) -> Result<(), UpdateRefusal> {
+        if examples == 0 {
+            return Err(UpdateRefusal::NoExamples);
+        }
+        // Re-checked cheaply here so that a fold can never mix tensors of different shapes.
+        for (name, shape, _, _) in &self.template {
+            let t = update
+                .get(name)
+                .ok_or_else(|| UpdateRefusal::Missing(name.clone()))?;
+            if t.shape() != shape.as_slice() {
+                return Err(UpdateRefusal::Shape {
+                    name: name.clone(),
+                    got: t.shape().to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+        }
+        let w = examples as f64;
+        for ((name, _, _, _), sum) in self.template.iter().zip(&mut self.sums) {
+            if let Some(t) = update.get(name) {
+                for (s, v) in sum.iter_mut().zip(t.to_f64_vec()) {
+                    *s += w * v;
+                }
+            }
+        }
+        self.examples += w;
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Updates folded in so far.
+    pub fn updates(&self) -> usize {
+        self.updates
+    }
+
+    /// Examples behind the updates folded in so far.
+    pub fn examples(&self) -> u64 {
+        self.examples as u64
+    }
+
+    /// The weighted mean in the global model's dtypes, or `None` when nothing was folded in.
+    pub fn finish(self) -> Result<Option<Weights>, WeightsError> {
+        if self.updates == 0 {
+            return Ok(None);
+        }
+        let mut tensors = Vec::with_capacity(self.template.len());
+        for ((name, shape, dtype, role), sum) in self.template.into_iter().zip(self.sums) {
+            let mean: Vec<f64> = sum.iter().map(|s| s / self.examples).collect();
+            tensors.push(match dtype {
+                DType::F64 => Tensor::from_f64(name, shape, role, &mean)?,
+                other => {
+                    let narrow: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+                    Tensor::from_f32_as(name, shape, role, &narrow, other)?
+                }
+            });
+        }
+        Ok(Some(Weights::from_tensors(tensors)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(a: &[f32], b: &[f64], stat: &[f32]) -> Weights {
+        Weights::from_tensors(vec![
+            Tensor::from_f32("conv.weight", vec![2, 2], TensorRole::Parameter, a).unwrap(),
+            Tensor::from_f64("clinical.coefficients", vec![2], TensorRole::Parameter, b).unwrap(),
+            Tensor::from_f32(
+                "bn.running_var",
+                vec![1],
+                TensorRole::BatchNormStatistic,
+                stat,
+            )
+            .unwrap(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn fedavg_is_the_example_weighted_mean_in_the_global_dtypes() {
+        let global = weights(&[0.0; 4], &[0.0; 2], &[1.0]);
+        let a = weights(&[1.0, 2.0, 3.0, 4.0], &[0.1, 1.0 / 3.0], &[2.0]);
+        let b = weights(&[5.0, 6.0, 7.0, 8.0], &[0.7, -1.0], &[4.0]);
+        let mut agg = FedAvg::new(&global);
+        for (u, n) in [(&a, 30), (&b, 10)] {
+            check_update(&global, u, None).unwrap();
+            agg.fold(u, n).unwrap();
+        }
+        assert_eq!((agg.updates(), agg.examples()), (2, 40));
+        let out = agg.finish().unwrap().unwrap();
+        let conv = out.require("conv.weight").unwrap();
+        assert_eq!(conv.dtype(), DType::F32);
+        assert_eq!(conv.to_f32_vec(), vec![2.0, 3.0, 4.0, 5.0]);
+        let coef = out.require("clinical.coefficients").unwrap();
+        assert_eq!(coef.dtype(), DType::F64);
+        let want = [
+            (30.0 * 0.1 + 10.0 * 0.7) / 40.0,
+            (30.0 * (1.0 / 3.0) - 10.0) / 40.0,
+        ];
+        for (g, w) in coef.to_f64_vec().iter().zip(want) {
+            assert!((g - w).abs() < 1e-15, "{g} vs {w}");
+        }
+        assert_eq!(
+            out.require("bn.running_var").unwrap().to_f32_vec(),
+            vec![2.5]
+        );
+        let names: Vec<&str> = out.tensors().iter().map(|t| t.name()).collect();
+        assert_eq!(
+            names,
+            ["conv.weight", "clinical.coefficients", "bn.running_var"]
+        );
+        assert!(FedAvg::new(&global).finish().unwrap().is_none());
+    }
+
+    #[test]
+    fn each_check_refuses_by_name() {
+        let global = weights(&[0.0; 4], &[0.0; 2], &[1.0]);
+        let ok = weights(&[0.1; 4], &[0.1; 2], &[50.0]);
+        assert_eq!(check_update(&global, &ok, Some(1.0)), Ok(()));
+
+        let mut extra: Vec<Tensor> = ok.tensors().to_vec();
+        extra.push(Tensor::from_f32("spy", vec![1], TensorRole::Parameter, &[0.0]).unwrap());
+        let extra = Weights::from_tensors(extra).unwrap();
+        assert_eq!(
+            check_update(&global, &extra, None),
+            Err(UpdateRefusal::Unexpected("spy".into()))
+        );
+
+        let missing = Weights::from_tensors(ok.tensors()[..2].to_vec()).unwrap();
+        assert_eq!(
+            check_update(&global, &missing, None),
+            Err(UpdateRefusal::Missing("bn.running_var".into()))
+        );
+
+        let reshaped = Weights::from_tensors(vec![
+            Tensor::from_f32("conv.weight", vec![4], TensorRole::Parameter, &[0.0; 4]).unwrap(),
+            ok.tensors()[1].clone(),
+            ok.tensors()[2].clone(),
+        ])
+        .unwrap();
+        assert!(matches!(
+            check_update(&global, &reshaped, None),
+            Err(UpdateRefusal::Shape { name, .. }) if name == "conv.weight"
+        ));
+
+        let half = Weights::from_tensors(vec![
+            Tensor::from_f32_as(
+                "conv.weight",
+                vec![2, 2],
+                TensorRole::Parameter,
+                &[0.0; 4],
+                DType::F16,
+            )
+            .unwrap(),
+            ok.tensors()[1].clone(),
+            ok.tensors()[2].clone(),
+        ])
+        .unwrap();
+        assert!(matches!(
+            check_update(&global, &half, None),
+            Err(UpdateRefusal::DType {
+                got: DType::F16,
+                ..
+            })
+        ));
+
+        let role = Weights::from_tensors(vec![
+            ok.tensors()[0].clone(),
+            ok.tensors()[1].clone(),
+            Tensor::from_f32("bn.running_var", vec![1], TensorRole::Parameter, &[1.0]).unwrap(),
+        ])
+        .unwrap();
+        assert!(matches!(
+            check_update(&global, &role, None),
+            Err(UpdateRefusal::Role { name, .. }) if name == "bn.running_var"
+        ));
+
+        let nan = weights(&[0.0, 0.0, f32::NAN, 0.0], &[0.0; 2], &[1.0]);
+        assert_eq!(
+            check_update(&global, &nan, None),
+            Err(UpdateRefusal::NonFinite {
+                name: "conv.weight".into(),
+                index: 2
+            })
+        );
+        let inf = weights(&[0.0; 4], &[f64::INFINITY, 0.0], &[1.0]);
+        assert!(matches!(
+            check_update(&global, &inf, None),
+            Err(UpdateRefusal::NonFinite { name, index: 0 }) if name == "clinical.coefficients"
+        ));
+
+        // sqrt(4 * 0.6^2 + 2 * 0.6^2) = 1.47 > 1; the statistic's jump to 50 does not count.
+        let far = weights(&[0.6; 4], &[0.6; 2], &[50.0]);
+        assert!(matches!(
+            check_update(&global, &far, Some(1.0)),
+            Err(UpdateRefusal::Norm { norm, .. }) if (norm - (6.0f64 * 0.36).sqrt()).abs() < 1e-6
+        ));
+        assert_eq!(check_update(&global, &far, None), Ok(()));
+
+        let mut agg = FedAvg::new(&global);
+        assert_eq!(agg.fold(&ok, 0), Err(UpdateRefusal::NoExamples));
+        assert!(agg.fold(&reshaped, 3).is_err());
+        assert_eq!(agg.updates(), 0, "refused folds leave nothing behind");
+    }
+}
