@@ -183,6 +183,21 @@ impl Network {
             .collect()
     }
 
+    /// One line for people: kind, architecture, size and input.
+    pub fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "{} network (ResNet-{}, width {}, {} parameters, input {} x {} x {})",
+            self.kind.name(),
+            c.depth,
+            c.width,
+            self.parameter_count(),
+            c.in_channels,
+            c.input_size,
+            c.input_size
+        )
+    }
+
     pub fn parameter_count(&self) -> usize {
         self.trainable_vars()
             .iter()

@@ -58,17 +58,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 ..network.card(coding, preprocess)
             };
             save(&args.out, &network.to_weights()?, &card)?;
-            println!(
-                "initial {} network (ResNet-{}, width {}, {} parameters, input {} x {} x {}): {}",
-                kind.name(),
-                config.depth,
-                config.width,
-                network.parameter_count(),
-                config.in_channels,
-                config.input_size,
-                config.input_size,
-                args.out.display()
-            );
+            println!("initial {}: {}", network.describe(), args.out.display());
         }
     }
     Ok(())

@@ -449,13 +449,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             };
             save(&model_path, &network.to_weights()?, &card)?;
             println!(
-                "{name} network (ResNet-{}, width {}, {} parameters, input {} x {} x {}) on {} patients ({} with SLM) from {centre_list}",
-                config.depth,
-                config.width,
-                network.parameter_count(),
-                config.in_channels,
-                config.input_size,
-                config.input_size,
+                "{} on {} patients ({} with SLM) from {centre_list}",
+                network.describe(),
                 rows.len(),
                 rows.iter().filter(|r| r.label).count(),
             );
