@@ -363,19 +363,22 @@ fn image_networks_train_predict_and_load_in_python() {
 #[test]
 fn model_init_writes_a_fresh_network() {
     let tmp = tempfile::tempdir().unwrap();
+    let init = |out: &std::path::Path| {
+        fedslm(&[
+            "model",
+            "init",
+            "--model",
+            "mri",
+            "--arch",
+            "resnet18",
+            "--seed",
+            "7",
+            "--out",
+            &out.display().to_string(),
+        ])
+    };
     let out = tmp.path().join("mri.safetensors");
-    let (ok, stdout, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "mri",
-        "--arch",
-        "resnet18",
-        "--seed",
-        "7",
-        "--out",
-        &out.display().to_string(),
-    ]);
+    let (ok, stdout, err) = init(&out);
     assert!(ok, "{err}");
     assert!(stdout.contains("ResNet-18, width 64"), "{stdout}");
     let (network, card) = fedslm_model::Network::load(&out).unwrap();
@@ -384,18 +387,7 @@ fn model_init_writes_a_fresh_network() {
     assert_eq!(network.config.input_size, 64);
     // The same seed gives the same weights.
     let again = tmp.path().join("again.safetensors");
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "mri",
-        "--arch",
-        "resnet18",
-        "--seed",
-        "7",
-        "--out",
-        &again.display().to_string(),
-    ]);
+    let (ok, _, err) = init(&again);
     assert!(ok, "{err}");
     let (a, _) = load(&out).unwrap();
     let (b, _) = load(&again).unwrap();
