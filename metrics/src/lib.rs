@@ -23,7 +23,7 @@ pub use dca::{decision_curve, default_thresholds, DecisionCurve};
 pub use error::MetricsError;
 pub use logistic::{
     fit_logistic, fit_newton, logistic_stats, LogisticError, LogisticFit, LogisticStats,
-    NewtonOptions,
+    NewtonOptions, NewtonSolver, NewtonStep,
 };
 pub use roc::{
     auc_delong, delong, paired_delong, paired_from, roc_curve, unpaired_delong, AucEstimate,

@@ -246,6 +246,178 @@ fn separation(names: &[String], beta: &[f64]) -> LogisticError {
     }
 }
 
+/// What a [`NewtonSolver`] needs next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NewtonStep {
+    /// The statistics at these coefficients.
+    Evaluate(Vec<f64>),
+    /// The maximum-likelihood fit.
+    Converged(LogisticFit),
+}
+
+/// Newton-Raphson with step-halving as a resumable machine: it says at which coefficients it needs the
+/// statistics next and takes them when they come. A local fit evaluates them at once; a federated one asks the
+/// centres over a round, so the server's Newton steps are exactly the local fit's.
+#[derive(Debug, Clone)]
+pub struct NewtonSolver {
+    names: Vec<String>,
+    options: NewtonOptions,
+    beta: Vec<f64>,
+    /// Statistics at `beta`, once known.
+    current: Option<LogisticStats>,
+    /// The Newton step from `beta` and the fraction of it being tried.
+    step: Vec<f64>,
+    t: f64,
+    candidate: Vec<f64>,
+    iterations: usize,
+}
+
+impl NewtonSolver {
+    /// A solver that starts at zero.
+    pub fn new(names: &[&str], options: NewtonOptions) -> NewtonSolver {
+        let p = names.len();
+        NewtonSolver {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            options,
+            beta: vec![0.0; p],
+            current: None,
+            step: vec![0.0; p],
+            t: 1.0,
+            candidate: vec![0.0; p],
+            iterations: 0,
+        }
+    }
+
+    /// The coefficients at which the statistics are needed next.
+    pub fn point(&self) -> &[f64] {
+        &self.candidate
+    }
+
+    /// Newton iterations taken so far.
+    pub fn iterations(&self) -> usize {
+        self.iterations
+    }
+
+    /// Takes the statistics at [`NewtonSolver::point`].
+    pub fn observe(&mut self, stats: LogisticStats) -> Result<NewtonStep, LogisticError> {
+        let p = self.names.len();
+        if stats.dim() != p || stats.hessian.len() != p * p {
+            return Err(LogisticError::Dimension {
+                expected: p,
+                got: stats.dim(),
+            });
+        }
+        let Some(current) = &self.current else {
+            if stats.n == 0 {
+                return Err(LogisticError::Empty);
+            }
+            self.current = Some(stats);
+            return self.propose();
+        };
+        // Halve while the likelihood drops, allowing for rounding at the optimum.
+        if stats.log_likelihood >= current.log_likelihood - 1e-12 * current.log_likelihood.abs()
+            || self.t < 1e-8
+        {
+            let moved = self
+                .step
+                .iter()
+                .map(|s| (self.t * s).abs())
+                .fold(0.0, f64::max);
+            self.beta = std::mem::take(&mut self.candidate);
+            self.current = Some(stats);
+            if moved < self.options.tolerance {
+                return self.finish().map(NewtonStep::Converged);
+            }
+            return self.propose();
+        }
+        self.t /= 2.0;
+        self.candidate = self.at(self.t);
+        Ok(NewtonStep::Evaluate(self.candidate.clone()))
+    }
+
+    fn at(&self, t: f64) -> Vec<f64> {
+        self.beta
+            .iter()
+            .zip(&self.step)
+            .map(|(b, s)| b + t * s)
+            .collect()
+    }
+
+    fn propose(&mut self) -> Result<NewtonStep, LogisticError> {
+        let p = self.names.len();
+        let Some(stats) = &self.current else {
+            return Err(LogisticError::Empty);
+        };
+        let l = match cholesky(&stats.hessian, p) {
+            Ok(l) => l,
+            Err(col) => {
+                return Err(
+                    if stats.fitted_exactly > 0 || self.beta.iter().any(|b| b.abs() > DIVERGED) {
+                        separation(&self.names, &self.beta)
+                    } else {
+                        LogisticError::Singular {
+                            name: self.names[col].clone(),
+                        }
+                    },
+                )
+            }
+        };
+        if self.iterations == self.options.max_iterations {
+            return Err(if self.beta.iter().any(|b| b.abs() > DIVERGED) {
+                separation(&self.names, &self.beta)
+            } else {
+                LogisticError::NotConverged {
+                    iterations: self.iterations,
+                }
+            });
+        }
+        self.iterations += 1;
+        self.step = cholesky_solve(&l, p, &stats.gradient);
+        self.t = 1.0;
+        self.candidate = self.at(1.0);
+        Ok(NewtonStep::Evaluate(self.candidate.clone()))
+    }
+
+    fn finish(&self) -> Result<LogisticFit, LogisticError> {
+        let p = self.names.len();
+        let Some(stats) = &self.current else {
+            return Err(LogisticError::Empty);
+        };
+        if stats.fitted_exactly == stats.n {
+            return Err(separation(&self.names, &self.beta));
+        }
+        let l = cholesky(&stats.hessian, p).map_err(|col| LogisticError::Singular {
+            name: self.names[col].clone(),
+        })?;
+        let mut covariance = vec![0.0; p * p];
+        for j in 0..p {
+            let mut e = vec![0.0; p];
+            e[j] = 1.0;
+            for (i, v) in cholesky_solve(&l, p, &e).into_iter().enumerate() {
+                covariance[i * p + j] = v;
+            }
+        }
+        let std_errors: Vec<f64> = (0..p).map(|i| covariance[i * p + i].sqrt()).collect();
+        let z: Vec<f64> = self
+            .beta
+            .iter()
+            .zip(&std_errors)
+            .map(|(b, s)| b / s)
+            .collect();
+        Ok(LogisticFit {
+            p: z.iter().map(|&z| two_sided_p(z)).collect(),
+            names: self.names.clone(),
+            coefficients: self.beta.clone(),
+            std_errors,
+            z,
+            covariance,
+            log_likelihood: stats.log_likelihood,
+            n: stats.n,
+            iterations: self.iterations,
+        })
+    }
+}
+
 /// Maximum-likelihood fit by Newton-Raphson with step-halving, from statistics evaluated by `stats_at` (a
 /// local sum, or a sum over federated centres). Starts at zero.
 pub fn fit_newton<E: From<LogisticError>>(
@@ -253,93 +425,13 @@ pub fn fit_newton<E: From<LogisticError>>(
     mut stats_at: impl FnMut(&[f64]) -> Result<LogisticStats, E>,
     options: NewtonOptions,
 ) -> Result<LogisticFit, E> {
-    let p = names.len();
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let mut beta = vec![0.0; p];
-    let mut stats = stats_at(&beta)?;
-    if stats.dim() != p {
-        return Err(LogisticError::Dimension {
-            expected: p,
-            got: stats.dim(),
-        }
-        .into());
-    }
-    if stats.n == 0 {
-        return Err(LogisticError::Empty.into());
-    }
-    let mut iterations = 0;
+    let mut solver = NewtonSolver::new(names, options);
     loop {
-        let l = match cholesky(&stats.hessian, p) {
-            Ok(l) => l,
-            Err(col) => {
-                return Err(
-                    if stats.fitted_exactly > 0 || beta.iter().any(|b| b.abs() > DIVERGED) {
-                        separation(&names, &beta)
-                    } else {
-                        LogisticError::Singular {
-                            name: names[col].clone(),
-                        }
-                    }
-                    .into(),
-                )
-            }
-        };
-        if iterations == options.max_iterations {
-            return Err(if beta.iter().any(|b| b.abs() > DIVERGED) {
-                separation(&names, &beta)
-            } else {
-                LogisticError::NotConverged { iterations }
-            }
-            .into());
-        }
-        iterations += 1;
-        let step = cholesky_solve(&l, p, &stats.gradient);
-        let mut t = 1.0;
-        let (candidate, next) = loop {
-            let candidate: Vec<f64> = beta.iter().zip(&step).map(|(b, s)| b + t * s).collect();
-            let next = stats_at(&candidate)?;
-            // Halve while the likelihood drops, allowing for rounding at the optimum.
-            if next.log_likelihood >= stats.log_likelihood - 1e-12 * stats.log_likelihood.abs()
-                || t < 1e-8
-            {
-                break (candidate, next);
-            }
-            t /= 2.0;
-        };
-        let moved = step.iter().map(|s| (t * s).abs()).fold(0.0, f64::max);
-        beta = candidate;
-        stats = next;
-        if moved < options.tolerance {
-            break;
+        let stats = stats_at(solver.point())?;
+        if let NewtonStep::Converged(fit) = solver.observe(stats)? {
+            return Ok(fit);
         }
     }
-    if stats.fitted_exactly == stats.n {
-        return Err(separation(&names, &beta).into());
-    }
-    let l = cholesky(&stats.hessian, p).map_err(|col| LogisticError::Singular {
-        name: names[col].clone(),
-    })?;
-    let mut covariance = vec![0.0; p * p];
-    for j in 0..p {
-        let mut e = vec![0.0; p];
-        e[j] = 1.0;
-        for (i, v) in cholesky_solve(&l, p, &e).into_iter().enumerate() {
-            covariance[i * p + j] = v;
-        }
-    }
-    let std_errors: Vec<f64> = (0..p).map(|i| covariance[i * p + i].sqrt()).collect();
-    let z: Vec<f64> = beta.iter().zip(&std_errors).map(|(b, s)| b / s).collect();
-    Ok(LogisticFit {
-        p: z.iter().map(|&z| two_sided_p(z)).collect(),
-        names,
-        coefficients: beta,
-        std_errors,
-        z,
-        covariance,
-        log_likelihood: stats.log_likelihood,
-        n: stats.n,
-        iterations,
-    })
 }
 
 /// Fits `y` on the row-major design `x` (n × names.len(); include a column of ones for an intercept).
