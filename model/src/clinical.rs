@@ -7,9 +7,8 @@ use fedslm_protocol::{Tensor, TensorRole, Weights};
 
 use crate::error::ModelError;
 
-/// Tensor names of a clinical model in `Weights` and model files.
-pub const COEFFICIENTS: &str = "clinical.coefficients";
-pub const COVARIANCE: &str = "clinical.covariance";
+/// Tensor names of a clinical model in `Weights` and model files (the wire contract's).
+pub use fedslm_protocol::clinical::{COEFFICIENTS, COVARIANCE};
 
 /// Coefficient names: the intercept, then [`ClinicalCoding::FEATURES`].
 pub fn names() -> Vec<&'static str> {

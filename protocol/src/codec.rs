@@ -535,6 +535,7 @@ impl Decode<Ctx> for FitTask {
             weights: weights(d)?,
             local_epochs: Decode::decode(d)?,
             learning_rate: Decode::decode(d)?,
+            batch_size: Decode::decode(d)?,
             fold: Decode::decode(d)?,
             seed: Decode::decode(d)?,
             objective: Decode::decode(d)?,

@@ -6,6 +6,7 @@
 //! bytes for implementers in other languages.
 
 pub mod center;
+pub mod clinical;
 pub mod codec;
 mod error;
 pub mod hex;

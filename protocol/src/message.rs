@@ -71,6 +71,7 @@ pub struct FitTask {
     pub weights: Weights,
     pub local_epochs: u32,
     pub learning_rate: f64,
+    pub batch_size: u32,
     /// Cross-validation fold held out of this fit, if any.
     pub fold: Option<u32>,
     pub seed: u64,
@@ -136,6 +137,8 @@ pub enum ErrorCode {
     Unexpected,
     Superseded,
     Internal,
+    /// A fit result failed the server's checks (the message says which); the round goes on without it.
+    UpdateRefused,
 }
 
 /// Either side: a refusal or an abort, with a message for people.

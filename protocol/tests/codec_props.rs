@@ -63,6 +63,7 @@ fn message() -> impl Strategy<Value = Message> {
         ErrorCode::Malformed,
         ErrorCode::Unexpected,
         ErrorCode::Superseded,
+        ErrorCode::UpdateRefused,
         ErrorCode::Internal,
     ]);
     prop_oneof![
@@ -97,20 +98,21 @@ fn message() -> impl Strategy<Value = Message> {
             model.clone(),
             weights(),
             any::<u32>(),
-            finite(),
+            (finite(), any::<u32>()),
             any::<Option<u32>>(),
             any::<u64>(),
             objective,
             any::<bool>()
         )
             .prop_map(
-                |(round, model, weights, e, lr, fold, seed, objective, bn)| {
+                |(round, model, weights, e, (lr, batch_size), fold, seed, objective, bn)| {
                     Message::FitTask(FitTask {
                         round,
                         model,
                         weights,
                         local_epochs: e,
                         learning_rate: lr,
+                        batch_size,
                         fold,
                         seed,
                         objective,

@@ -35,6 +35,20 @@ pub enum UpdateRefusal {
     Norm { norm: f64, bound: f64 },
     #[error("the update claims no training examples")]
     NoExamples,
+    #[error("this centre validates: it is never asked to train, so it may not send an update")]
+    NotTraining,
+    #[error("no fit task of this server asked for this update")]
+    NoTask,
+    #[error("the update came after round {round} had closed")]
+    Late { round: u32 },
+    #[error("the update is for round {got}, the task was for round {expected}")]
+    WrongRound { got: u32, expected: u32 },
+    #[error("this centre already answered round {round}: only its first answer counts")]
+    Duplicate { round: u32 },
+    #[error("the task was sent to centre {owner}, not this one")]
+    NotYours { owner: String },
+    #[error("the update's loss {0} is not finite")]
+    NonFiniteLoss(f64),
 }
 
 /// Checks `update` against `global`: the same tensors (names, shapes, dtypes, roles), finite values, and, with

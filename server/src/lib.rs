@@ -9,8 +9,10 @@ pub mod admission;
 pub mod aggregate;
 pub mod config;
 mod endpoint;
+pub mod round;
 
 pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
 pub use endpoint::{Server, ServerError, ServerEvent};
+pub use round::{Action, Coordinator, Input, Outcome, RoundRecord, RoundSettings, Strategy};

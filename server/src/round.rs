@@ -1,0 +1,1663 @@
+//! The round state machine: pure, no IO, no clock of its own (quinn-proto is the model). The endpoint feeds it
+//! [`Input`]s and the time, asks it when it next needs the time ([`Coordinator::poll_timeout`]), and carries
+//! out the [`Action`]s it queues. Tests drive it with a fake clock through every timeout path.
+//!
+//! A round starts when every training centre is connected, or `start_grace` after `quorum` of them are: each
+//! connected training centre gets the same fit task. It closes when no task is pending (answered, failed, or its centre gone) or at the deadline; with
+//! at least `quorum` accepted updates (federated Newton: every training centre, or the sum is not the pooled
+//! one) the strategy makes the next global model and the round is committed; with fewer it is tried again,
+//! up to `retries` times, and then the run fails saying who did not answer. Validation centres never get a fit
+//! task and their updates are refused.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedslm_metrics::{LogisticFit, LogisticStats, NewtonOptions, NewtonSolver, NewtonStep};
+use fedslm_protocol::clinical::{NewtonUpdate, COEFFICIENTS, COVARIANCE};
+use fedslm_protocol::{
+    CenterId, FitResult, FitTask, LocalObjective, ModelKind, Role, Tensor, TensorRole, Weights,
+};
+
+use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+
+/// Identifies one fit task sent to one centre.
+pub type TaskId = u64;
+
+/// How the next global model is made from the centres' answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// The example-weighted mean of the centres' weights.
+    FedAvg,
+    /// FedAvg, with the clients' loss plus `mu / 2 ||w - w_global||^2`.
+    FedProx { mu: f64 },
+    /// The clinical logistic model: centres send gradient, Hessian and log-likelihood at the global
+    /// coefficients; the server sums them and takes a Newton step, until convergence.
+    Newton,
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::FedAvg => "fedavg",
+            Strategy::FedProx { .. } => "fedprox",
+            Strategy::Newton => "newton",
+        }
+    }
+}
+
+/// The run's round settings, from the server's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSettings {
+    pub model: ModelKind,
+    /// Rounds to run; under federated Newton, the most rounds allowed to converge.
+    pub rounds: u32,
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    /// Training centres that must be connected to start a round and must answer to commit it.
+    pub quorum: usize,
+    /// How long a round waits for answers.
+    pub deadline: Duration,
+    /// Once `quorum` training centres are connected, how long to wait for the others before starting without
+    /// them (a round starts at once when every training centre is connected).
+    pub start_grace: Duration,
+    /// How often a round that fell short of its quorum is tried again before the run fails.
+    pub retries: u32,
+    pub strategy: Strategy,
+    /// Largest L2 distance of an update from the global model, batch-norm statistics excluded.
+    pub norm_bound: Option<f64>,
+    pub seed: u64,
+}
+
+/// Why a run cannot be set up as configured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SetupError {
+    #[error("no centre has the role train")]
+    NoTrainingCentre,
+    #[error("quorum {quorum} is more than the {training} training centres enrolled")]
+    Quorum { quorum: usize, training: usize },
+    #[error("quorum must be at least 1")]
+    ZeroQuorum,
+    #[error("rounds must be at least 1")]
+    ZeroRounds,
+    #[error("the clinical model is fitted by federated Newton (strategy = \"newton\"), not {0}")]
+    ClinicalNeedsNewton(&'static str),
+    #[error("strategy newton fits the clinical logistic model only, not the {0:?} network")]
+    NewtonNeedsClinical(ModelKind),
+    #[error("the initial clinical model has no {COEFFICIENTS} vector of {0} coefficients")]
+    Coefficients(usize),
+    #[error("the initial model has no tensors")]
+    EmptyModel,
+}
+
+/// What the endpoint tells the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// An admitted centre's connection (a reconnection replaces the older one).
+    Connected {
+        center: CenterId,
+        connection: u64,
+    },
+    Disconnected {
+        center: CenterId,
+        connection: u64,
+    },
+    /// A centre answered task `task` (or sent an update nobody asked for: a task id from
+    /// [`Coordinator::unsolicited_task`]).
+    FitAnswered {
+        center: CenterId,
+        task: TaskId,
+        result: FitResult,
+    },
+    /// A task ended without a result: the centre said it cannot train, or its stream failed.
+    FitFailed {
+        center: CenterId,
+        task: TaskId,
+        reason: String,
+    },
+}
+
+/// A centre's accepted part of a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contribution {
+    pub center: CenterId,
+    pub examples: u64,
+    pub train_loss: f64,
+}
+
+/// A committed round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundRecord {
+    pub round: u32,
+    /// Earlier tries of this round that fell short of the quorum.
+    pub retries: u32,
+    /// The global model after this round.
+    pub weights: Arc<Weights>,
+    pub contributions: Vec<Contribution>,
+    /// Centres whose answer was refused or who could not train, and why.
+    pub refused: Vec<(CenterId, String)>,
+    /// Centres that were asked and did not answer before the round closed.
+    pub silent: Vec<CenterId>,
+    pub duration: Duration,
+    /// Federated Newton: the log-likelihood at the coefficients the round evaluated.
+    pub log_likelihood: Option<f64>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Completed {
+        rounds: u32,
+        weights: Arc<Weights>,
+        /// Federated Newton: the pooled fit (coefficients, standard errors, covariance).
+        fit: Option<LogisticFit>,
+    },
+    Failed {
+        rounds: u32,
+        reason: String,
+    },
+}
+
+/// What the endpoint must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `task` to each centre on a fresh stream, as the task ids given.
+    SendFit {
+        task: Arc<FitTask>,
+        to: Vec<(CenterId, TaskId)>,
+    },
+    /// The answer to `task` was folded in.
+    Accept {
+        task: TaskId,
+    },
+    /// The answer to `task` was refused: tell the centre why.
+    Refuse {
+        center: CenterId,
+        task: TaskId,
+        refusal: UpdateRefusal,
+    },
+    /// The task's round closed without its answer: drop its stream.
+    Cancel {
+        center: CenterId,
+        task: TaskId,
+    },
+    RoundCommitted(RoundRecord),
+    Finished(Outcome),
+}
+
+enum Sum {
+    Mean(FedAvg),
+    Newton {
+        template: Weights,
+        stats: LogisticStats,
+    },
+}
+
+struct Running {
+    round: u32,
+    started: Instant,
+    deadline: Instant,
+    tasks: BTreeMap<TaskId, CenterId>,
+    pending: BTreeSet<TaskId>,
+    answered: BTreeSet<CenterId>,
+    sum: Sum,
+    contributions: Vec<Contribution>,
+    refused: Vec<(CenterId, String)>,
+    silent: Vec<CenterId>,
+}
+
+enum Phase {
+    /// Waiting for centres; since when the quorum has been connected.
+    Waiting(Option<Instant>),
+    Running(Box<Running>),
+    Done,
+}
+
+/// The coordinator of one run.
+pub struct Coordinator {
+    settings: RoundSettings,
+    roles: BTreeMap<CenterId, Role>,
+    connected: BTreeMap<CenterId, u64>,
+    global: Arc<Weights>,
+    committed: u32,
+    retries: u32,
+    phase: Phase,
+    next_task: TaskId,
+    /// Tasks of rounds that have closed start below this.
+    first_task_of_round: TaskId,
+    newton: Option<NewtonSolver>,
+    actions: VecDeque<Action>,
+}
+
+impl Coordinator {
+    /// A run over the enrolled `roles`, from the `initial` global model. Under federated Newton the
+    /// coefficients start at zero whatever `initial` holds (its shape gives their number), and `names` name
+    /// them in the fit.
+    pub fn new(
+        settings: RoundSettings,
+        roles: BTreeMap<CenterId, Role>,
+        initial: Weights,
+        names: &[&str],
+    ) -> Result<Coordinator, SetupError> {
+        let training = roles.values().filter(|r| **r == Role::Train).count();
+        if training == 0 {
+            return Err(SetupError::NoTrainingCentre);
+        }
+        if settings.quorum == 0 {
+            return Err(SetupError::ZeroQuorum);
+        }
+        if settings.quorum > training {
+            return Err(SetupError::Quorum {
+                quorum: settings.quorum,
+                training,
+            });
+        }
+        if settings.rounds == 0 {
+            return Err(SetupError::ZeroRounds);
+        }
+        if initial.is_empty() {
+            return Err(SetupError::EmptyModel);
+        }
+        let newton = match (settings.model, settings.strategy) {
+            (ModelKind::Clinical, Strategy::Newton) => {
+                let p = names.len();
+                if initial.get(COEFFICIENTS).map(|t| t.shape()) != Some(&[p][..]) {
+                    return Err(SetupError::Coefficients(p));
+                }
+                Some(NewtonSolver::new(names, NewtonOptions::default()))
+            }
+            (ModelKind::Clinical, other) => {
+                return Err(SetupError::ClinicalNeedsNewton(other.name()))
+            }
+            (kind, Strategy::Newton) => return Err(SetupError::NewtonNeedsClinical(kind)),
+            _ => None,
+        };
+        let global = match &newton {
+            Some(solver) => clinical_weights(solver.point(), None),
+            None => initial,
+        };
+        Ok(Coordinator {
+            settings,
+            roles,
+            connected: BTreeMap::new(),
+            global: Arc::new(global),
+            committed: 0,
+            retries: 0,
+            phase: Phase::Waiting(None),
+            next_task: 1,
+            first_task_of_round: 1,
+            newton,
+            actions: VecDeque::new(),
+        })
+    }
+
+    /// The global model now.
+    pub fn global(&self) -> &Arc<Weights> {
+        &self.global
+    }
+
+    /// Rounds committed so far.
+    pub fn committed(&self) -> u32 {
+        self.committed
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// Training centres connected now.
+    pub fn connected_training(&self) -> usize {
+        self.connected
+            .keys()
+            .filter(|c| self.roles.get(*c) == Some(&Role::Train))
+            .count()
+    }
+
+    /// A task id for an update that arrived on a stream the server did not open; it will be refused.
+    pub fn unsolicited_task(&mut self) -> TaskId {
+        let id = self.next_task;
+        self.next_task += 1;
+        id
+    }
+
+    /// The next action to carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the machine next needs [`Coordinator::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Running(r) => Some(r.deadline),
+            Phase::Waiting(Some(since)) => Some(*since + self.settings.start_grace),
+            _ => None,
+        }
+    }
+
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        if matches!(self.phase, Phase::Done) {
+            if let Input::FitAnswered { center, task, .. } = input {
+                self.refuse(
+                    center,
+                    task,
+                    UpdateRefusal::Late {
+                        round: self.committed,
+                    },
+                );
+            }
+            return;
+        }
+        match input {
+            Input::Connected { center, connection } => {
+                self.connected.insert(center, connection);
+                self.maybe_start(now);
+            }
+            Input::Disconnected { center, connection } => {
+                if self.connected.get(&center) == Some(&connection) {
+                    self.connected.remove(&center);
+                    if let Phase::Running(r) = &mut self.phase {
+                        let gone: Vec<TaskId> = r
+                            .pending
+                            .iter()
+                            .filter(|t| r.tasks.get(t) == Some(&center))
+                            .copied()
+                            .collect();
+                        for t in gone {
+                            r.pending.remove(&t);
+                            r.silent.push(center.clone());
+                        }
+                    }
+                    self.maybe_close(now);
+                    self.maybe_start(now);
+                }
+            }
+            Input::FitFailed {
+                center,
+                task,
+                reason,
+            } => {
+                if let Phase::Running(r) = &mut self.phase {
+                    if r.tasks.get(&task) == Some(&center) && r.pending.remove(&task) {
+                        tracing::warn!(%center, round = r.round, %reason, "centre could not train");
+                        r.refused.push((center, reason));
+                    }
+                }
+                self.maybe_close(now);
+            }
+            Input::FitAnswered {
+                center,
+                task,
+                result,
+            } => {
+                match self.take_answer(&center, task, result) {
+                    Ok(()) => self.actions.push_back(Action::Accept { task }),
+                    Err(refusal) => self.refuse(center, task, refusal),
+                }
+                self.maybe_close(now);
+            }
+        }
+    }
+
+    /// Starts a round whose start grace has passed, or closes one whose deadline has.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Phase::Waiting(Some(since)) = self.phase {
+            if now >= since + self.settings.start_grace {
+                self.start(now);
+            }
+            return;
+        }
+        let Phase::Running(r) = &mut self.phase else {
+            return;
+        };
+        if now < r.deadline {
+            return;
+        }
+        let pending: Vec<TaskId> = std::mem::take(&mut r.pending).into_iter().collect();
+        for task in pending {
+            if let Some(center) = r.tasks.get(&task) {
+                r.silent.push(center.clone());
+                self.actions.push_back(Action::Cancel {
+                    center: center.clone(),
+                    task,
+                });
+            }
+        }
+        self.close(now);
+    }
+
+    fn refuse(&mut self, center: CenterId, task: TaskId, refusal: UpdateRefusal) {
+        tracing::warn!(%center, task, %refusal, "update refused");
+        if let Phase::Running(r) = &mut self.phase {
+            if r.tasks.get(&task) == Some(&center) && r.pending.remove(&task) {
+                r.refused.push((center.clone(), refusal.to_string()));
+            }
+        }
+        self.actions.push_back(Action::Refuse {
+            center,
+            task,
+            refusal,
+        });
+    }
+
+    /// Every check of an answer, in order; folds it in when all pass.
+    fn take_answer(
+        &mut self,
+        center: &CenterId,
+        task: TaskId,
+        result: FitResult,
+    ) -> Result<(), UpdateRefusal> {
+        if self.roles.get(center) != Some(&Role::Train) {
+            return Err(UpdateRefusal::NotTraining);
+        }
+        let Phase::Running(r) = &mut self.phase else {
+            return Err(if task < self.first_task_of_round {
+                UpdateRefusal::Late {
+                    round: self.committed,
+                }
+            } else {
+                UpdateRefusal::NoTask
+            });
+        };
+        let Some(owner) = r.tasks.get(&task) else {
+            return Err(if task < self.first_task_of_round {
+                UpdateRefusal::Late {
+                    round: r.round.saturating_sub(1),
+                }
+            } else {
+                UpdateRefusal::NoTask
+            });
+        };
+        if owner != center {
+            return Err(UpdateRefusal::NotYours {
+                owner: owner.to_string(),
+            });
+        }
+        if r.answered.contains(center) || !r.pending.contains(&task) {
+            return Err(UpdateRefusal::Duplicate { round: r.round });
+        }
+        if result.round != r.round {
+            return Err(UpdateRefusal::WrongRound {
+                got: result.round,
+                expected: r.round,
+            });
+        }
+        if result.examples == 0 {
+            return Err(UpdateRefusal::NoExamples);
+        }
+        if !result.train_loss.is_finite() {
+            return Err(UpdateRefusal::NonFiniteLoss(result.train_loss));
+        }
+        match &mut r.sum {
+            Sum::Mean(avg) => {
+                check_update(&self.global, &result.weights, self.settings.norm_bound)?;
+                avg.fold(&result.weights, result.examples)?;
+            }
+            Sum::Newton { template, stats } => {
+                check_update(template, &result.weights, None)?;
+                let u = NewtonUpdate::from_weights(&result.weights)
+                    .map_err(|e| UpdateRefusal::Missing(e.to_string()))?;
+                let local = LogisticStats {
+                    gradient: u.gradient,
+                    hessian: u.hessian,
+                    log_likelihood: u.log_likelihood,
+                    n: result.examples,
+                    fitted_exactly: u.fitted_exactly,
+                };
+                stats.add(&local).map_err(|e| UpdateRefusal::Shape {
+                    name: e.to_string(),
+                    got: vec![],
+                    expected: vec![],
+                })?;
+            }
+        }
+        r.pending.remove(&task);
+        r.answered.insert(center.clone());
+        r.contributions.push(Contribution {
+            center: center.clone(),
+            examples: result.examples,
+            train_loss: result.train_loss,
+        });
+        Ok(())
+    }
+
+    fn maybe_start(&mut self, now: Instant) {
+        let Phase::Waiting(since) = self.phase else {
+            return;
+        };
+        let connected = self.connected_training();
+        let training = self.roles.values().filter(|r| **r == Role::Train).count();
+        if connected == training {
+            self.start(now);
+        } else if connected >= self.settings.quorum {
+            if since.is_none() {
+                self.phase = Phase::Waiting(Some(now));
+            }
+        } else {
+            self.phase = Phase::Waiting(None);
+        }
+    }
+
+    fn start(&mut self, now: Instant) {
+        if self.connected_training() < self.settings.quorum {
+            self.phase = Phase::Waiting(None);
+            return;
+        }
+        let round = self.committed + 1;
+        self.first_task_of_round = self.next_task;
+        let mut tasks = BTreeMap::new();
+        let mut to = Vec::new();
+        for center in self.connected.keys() {
+            if self.roles.get(center) == Some(&Role::Train) {
+                let id = self.next_task;
+                self.next_task += 1;
+                tasks.insert(id, center.clone());
+                to.push((center.clone(), id));
+            }
+        }
+        let objective = match self.settings.strategy {
+            Strategy::FedAvg => LocalObjective::Plain,
+            Strategy::FedProx { mu } => LocalObjective::Proximal { mu },
+            Strategy::Newton => LocalObjective::NewtonStep,
+        };
+        let sum = match &self.newton {
+            Some(solver) => {
+                let p = solver.point().len();
+                Sum::Newton {
+                    // Shapes are all this template is for; zeros cannot fail to encode.
+                    template: NewtonUpdate::zeros(p).to_weights().unwrap_or_default(),
+                    stats: LogisticStats::zeros(p),
+                }
+            }
+            None => Sum::Mean(FedAvg::new(&self.global)),
+        };
+        let task = FitTask {
+            round,
+            model: self.settings.model,
+            weights: (*self.global).clone(),
+            local_epochs: self.settings.local_epochs,
+            learning_rate: self.settings.learning_rate,
+            batch_size: self.settings.batch_size,
+            fold: None,
+            // Each client mixes in its centre id, so one task (one encoding) serves every centre.
+            seed: round_seed(self.settings.seed, round),
+            objective,
+            keep_batch_norm_local: false,
+        };
+        tracing::info!(
+            round,
+            centres = to.len(),
+            retry = self.retries,
+            "round started"
+        );
+        self.phase = Phase::Running(Box::new(Running {
+            round,
+            started: now,
+            deadline: now + self.settings.deadline,
+            pending: tasks.keys().copied().collect(),
+            tasks,
+            answered: BTreeSet::new(),
+            sum,
+            contributions: Vec::new(),
+            refused: Vec::new(),
+            silent: Vec::new(),
+        }));
+        self.actions.push_back(Action::SendFit {
+            task: Arc::new(task),
+            to,
+        });
+    }
+
+    fn maybe_close(&mut self, now: Instant) {
+        if let Phase::Running(r) = &self.phase {
+            if r.pending.is_empty() {
+                self.close(now);
+            }
+        }
+    }
+
+    fn close(&mut self, now: Instant) {
+        let Phase::Running(r) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let r = *r;
+        let training = self.roles.values().filter(|x| **x == Role::Train).count();
+        let required = if self.newton.is_some() {
+            training
+        } else {
+            self.settings.quorum
+        };
+        if r.contributions.len() < required {
+            self.retries += 1;
+            let why = format!(
+                "round {}: {} of the {required} answers needed{}{}",
+                r.round,
+                r.contributions.len(),
+                if r.silent.is_empty() {
+                    String::new()
+                } else {
+                    format!("; no answer from {}", join(&r.silent))
+                },
+                if r.refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; refused: {}",
+                        r.refused
+                            .iter()
+                            .map(|(c, why)| format!("{c} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            if self.retries > self.settings.retries {
+                self.finish_failed(format!("{why}; tried {} times, giving up", self.retries));
+            } else {
+                tracing::warn!(%why, retry = self.retries, "round falls short of its quorum; trying again");
+                self.start(now);
+            }
+            return;
+        }
+        let mut log_likelihood = None;
+        let mut converged = None;
+        match r.sum {
+            Sum::Mean(avg) => match avg.finish() {
+                Ok(Some(w)) => self.global = Arc::new(w),
+                Ok(None) => {
+                    return self.finish_failed(format!("round {}: nothing to average", r.round))
+                }
+                Err(e) => return self.finish_failed(format!("round {}: {e}", r.round)),
+            },
+            Sum::Newton { stats, .. } => {
+                log_likelihood = Some(stats.log_likelihood);
+                let Some(solver) = &mut self.newton else {
+                    return;
+                };
+                match solver.observe(stats) {
+                    Ok(NewtonStep::Evaluate(beta)) => {
+                        self.global = Arc::new(clinical_weights(&beta, None));
+                    }
+                    Ok(NewtonStep::Converged(fit)) => {
+                        self.global =
+                            Arc::new(clinical_weights(&fit.coefficients, Some(&fit.covariance)));
+                        converged = Some(fit);
+                    }
+                    Err(e) => {
+                        return self
+                            .finish_failed(format!("federated Newton at round {}: {e}", r.round))
+                    }
+                }
+            }
+        }
+        self.committed = r.round;
+        let retries = std::mem::take(&mut self.retries);
+        tracing::info!(
+            round = r.round,
+            centres = r.contributions.len(),
+            examples = r.contributions.iter().map(|c| c.examples).sum::<u64>(),
+            "round committed"
+        );
+        self.actions.push_back(Action::RoundCommitted(RoundRecord {
+            round: r.round,
+            retries,
+            weights: self.global.clone(),
+            contributions: r.contributions,
+            refused: r.refused,
+            silent: r.silent,
+            duration: now.saturating_duration_since(r.started),
+            log_likelihood,
+        }));
+        if let Some(fit) = converged {
+            self.finish(Outcome::Completed {
+                rounds: self.committed,
+                weights: self.global.clone(),
+                fit: Some(fit),
+            });
+        } else if self.committed >= self.settings.rounds {
+            if self.newton.is_some() {
+                self.finish_failed(format!(
+                    "federated Newton did not converge within {} rounds; raise rounds",
+                    self.settings.rounds
+                ));
+            } else {
+                self.finish(Outcome::Completed {
+                    rounds: self.committed,
+                    weights: self.global.clone(),
+                    fit: None,
+                });
+            }
+        } else {
+            // Centres that were there for this round need no grace to be there for the next.
+            self.start(now);
+        }
+    }
+
+    fn finish_failed(&mut self, reason: String) {
+        tracing::error!(%reason, "run failed");
+        self.finish(Outcome::Failed {
+            rounds: self.committed,
+            reason,
+        });
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        self.phase = Phase::Done;
+        self.actions.push_back(Action::Finished(outcome));
+    }
+}
+
+/// The clinical model's weights at `beta`; the covariance is zero until the fit has converged.
+fn clinical_weights(beta: &[f64], covariance: Option<&[f64]>) -> Weights {
+    let p = beta.len();
+    let zeros = vec![0.0; p * p];
+    let tensors = [
+        Tensor::from_f64(COEFFICIENTS, vec![p], TensorRole::Parameter, beta),
+        Tensor::from_f64(
+            COVARIANCE,
+            vec![p, p],
+            TensorRole::Parameter,
+            covariance.unwrap_or(&zeros),
+        ),
+    ];
+    // Lengths match their shapes by construction.
+    Weights::from_tensors(tensors.into_iter().filter_map(Result::ok).collect()).unwrap_or_default()
+}
+
+fn join(centers: &[CenterId]) -> String {
+    centers
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The seed of a round's local training, before each client mixes in its centre id (splitmix64).
+pub fn round_seed(seed: u64, round: u32) -> u64 {
+    let mut z = seed ^ (u64::from(round)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedslm_metrics::{fit_logistic, logistic_stats};
+    use fedslm_protocol::DType;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn id(s: &str) -> CenterId {
+        CenterId::new(s).unwrap()
+    }
+
+    fn model(w: &[f32], stat: f32) -> Weights {
+        Weights::from_tensors(vec![
+            Tensor::from_f32("conv.weight", vec![2, 2], TensorRole::Parameter, w).unwrap(),
+            Tensor::from_f32(
+                "bn.running_var",
+                vec![1],
+                TensorRole::BatchNormStatistic,
+                &[stat],
+            )
+            .unwrap(),
+        ])
+        .unwrap()
+    }
+
+    fn settings(quorum: usize) -> RoundSettings {
+        RoundSettings {
+            model: ModelKind::Mri,
+            rounds: 2,
+            local_epochs: 1,
+            learning_rate: 0.01,
+            batch_size: 16,
+            quorum,
+            deadline: MINUTE,
+            start_grace: Duration::from_secs(10),
+            retries: 1,
+            strategy: Strategy::FedAvg,
+            norm_bound: Some(10.0),
+            seed: 7,
+        }
+    }
+
+    fn roles() -> BTreeMap<CenterId, Role> {
+        [
+            ("a", Role::Train),
+            ("b", Role::Train),
+            ("c", Role::Train),
+            ("x", Role::Validate),
+        ]
+        .into_iter()
+        .map(|(c, r)| (id(c), r))
+        .collect()
+    }
+
+    fn machine(settings: RoundSettings) -> Coordinator {
+        Coordinator::new(settings, roles(), model(&[0.0; 4], 1.0), &[]).unwrap()
+    }
+
+    fn connect_all(m: &mut Coordinator, now: Instant) {
+        for (n, c) in ["a", "b", "x", "c"].into_iter().enumerate() {
+            m.handle(
+                Input::Connected {
+                    center: id(c),
+                    connection: n as u64,
+                },
+                now,
+            );
+        }
+    }
+
+    fn actions(m: &mut Coordinator) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    /// The task ids of the last SendFit in `acts`, by centre.
+    fn sent(acts: &[Action]) -> BTreeMap<String, TaskId> {
+        acts.iter()
+            .rev()
+            .find_map(|a| match a {
+                Action::SendFit { to, .. } => {
+                    Some(to.iter().map(|(c, t)| (c.to_string(), *t)).collect())
+                }
+                _ => None,
+            })
+            .expect("a SendFit")
+    }
+
+    fn answer(
+        m: &mut Coordinator,
+        c: &str,
+        task: TaskId,
+        round: u32,
+        w: Weights,
+        n: u64,
+        now: Instant,
+    ) {
+        m.handle(
+            Input::FitAnswered {
+                center: id(c),
+                task,
+                result: FitResult {
+                    round,
+                    weights: w,
+                    examples: n,
+                    train_loss: 0.5,
+                },
+            },
+            now,
+        );
+    }
+
+    fn committed(acts: &[Action]) -> Option<&RoundRecord> {
+        acts.iter().find_map(|a| match a {
+            Action::RoundCommitted(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn conv(w: &Weights) -> Vec<f32> {
+        w.require("conv.weight").unwrap().to_f32_vec()
+    }
+
+    #[test]
+    fn a_round_starts_at_quorum_and_commits_as_soon_as_every_centre_has_answered() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(3));
+        m.handle(
+            Input::Connected {
+                center: id("a"),
+                connection: 1,
+            },
+            t0,
+        );
+        m.handle(
+            Input::Connected {
+                center: id("x"),
+                connection: 2,
+            },
+            t0,
+        );
+        m.handle(
+            Input::Connected {
+                center: id("b"),
+                connection: 3,
+            },
+            t0,
+        );
+        assert!(actions(&mut m).is_empty(), "two of three: no round yet");
+        assert_eq!(m.poll_timeout(), None);
+        m.handle(
+            Input::Connected {
+                center: id("c"),
+                connection: 4,
+            },
+            t0,
+        );
+        let acts = actions(&mut m);
+        let tasks = sent(&acts);
+        assert_eq!(
+            tasks.keys().collect::<Vec<_>>(),
+            ["a", "b", "c"],
+            "the validator never trains"
+        );
+        let Action::SendFit { task, .. } = &acts[0] else {
+            panic!()
+        };
+        assert_eq!((task.round, task.local_epochs, task.batch_size), (1, 1, 16));
+        assert_eq!(task.objective, LocalObjective::Plain);
+        assert_eq!(m.poll_timeout(), Some(t0 + MINUTE));
+
+        let t1 = t0 + Duration::from_secs(5);
+        answer(
+            &mut m,
+            "a",
+            tasks["a"],
+            1,
+            model(&[1.0, 2.0, 3.0, 4.0], 2.0),
+            10,
+            t1,
+        );
+        answer(
+            &mut m,
+            "b",
+            tasks["b"],
+            1,
+            model(&[3.0, 2.0, 1.0, 0.0], 4.0),
+            30,
+            t1,
+        );
+        assert!(committed(&actions(&mut m)).is_none());
+        let t2 = t0 + Duration::from_secs(9);
+        answer(&mut m, "c", tasks["c"], 1, model(&[2.0; 4], 6.0), 60, t2);
+        let acts = actions(&mut m);
+        let record = committed(&acts).expect("committed before the deadline");
+        assert_eq!(record.round, 1);
+        assert_eq!(record.duration, Duration::from_secs(9));
+        assert_eq!(record.contributions.len(), 3);
+        assert!(record.silent.is_empty() && record.refused.is_empty());
+        // (10 * [1,2,3,4] + 30 * [3,2,1,0] + 60 * [2,2,2,2]) / 100
+        assert_eq!(conv(&record.weights), vec![2.2, 2.0, 1.8, 1.6]);
+        assert_eq!(
+            record
+                .weights
+                .require("bn.running_var")
+                .unwrap()
+                .to_f32_vec(),
+            vec![5.0]
+        );
+        // Round 2 goes out at once, from the new global model.
+        let Some(Action::SendFit { task, .. }) = acts.last() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(task.round, 2);
+        assert_eq!(conv(&task.weights), vec![2.2, 2.0, 1.8, 1.6]);
+        assert_ne!(task.seed, round_seed(7, 1));
+        assert_eq!(m.poll_timeout(), Some(t2 + MINUTE));
+    }
+
+    #[test]
+    fn the_last_round_finishes_the_run() {
+        let t0 = Instant::now();
+        let mut m = machine(RoundSettings {
+            rounds: 1,
+            ..settings(3)
+        });
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        for c in ["a", "b", "c"] {
+            answer(&mut m, c, tasks[c], 1, model(&[1.0; 4], 1.0), 5, t0);
+        }
+        let acts = actions(&mut m);
+        assert!(matches!(
+            acts.last(),
+            Some(Action::Finished(Outcome::Completed {
+                rounds: 1,
+                fit: None,
+                ..
+            }))
+        ));
+        assert!(m.is_finished());
+        assert_eq!(m.poll_timeout(), None);
+        // An answer after the end is refused as late.
+        answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 5, t0);
+        assert!(matches!(
+            actions(&mut m)[..],
+            [Action::Refuse {
+                refusal: UpdateRefusal::Late { round: 1 },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_centre_that_never_answers_is_dropped_at_the_deadline_and_the_quorum_commits() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(2));
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        answer(&mut m, "b", tasks["b"], 1, model(&[4.0; 4], 1.0), 20, t0);
+        m.handle_timeout(t0 + MINUTE - Duration::from_millis(1));
+        assert!(actions(&mut m)
+            .iter()
+            .all(|a| matches!(a, Action::Accept { .. })));
+        m.handle_timeout(t0 + MINUTE);
+        let acts = actions(&mut m);
+        assert_eq!(
+            acts[0],
+            Action::Cancel {
+                center: id("c"),
+                task: tasks["c"]
+            }
+        );
+        let record = committed(&acts).unwrap();
+        assert_eq!(record.silent, vec![id("c")]);
+        assert_eq!(conv(&record.weights), vec![3.0; 4]);
+        // c's answer to round 1 arrives during round 2: late.
+        answer(
+            &mut m,
+            "c",
+            tasks["c"],
+            1,
+            model(&[9.0; 4], 1.0),
+            10,
+            t0 + MINUTE,
+        );
+        assert!(matches!(
+            actions(&mut m)[..],
+            [Action::Refuse {
+                refusal: UpdateRefusal::Late { round: 1 },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_deadline_with_too_few_answers_retries_the_round_then_fails_naming_the_silent() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(2));
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        m.handle_timeout(t0 + MINUTE);
+        let acts = actions(&mut m);
+        assert!(committed(&acts).is_none());
+        let retry = sent(&acts);
+        assert_eq!(retry.len(), 3);
+        let Some(Action::SendFit { task, .. }) = acts.last() else {
+            panic!()
+        };
+        assert_eq!(task.round, 1, "the same round again");
+        assert_eq!(
+            conv(&task.weights),
+            vec![0.0; 4],
+            "from the same global model"
+        );
+        answer(
+            &mut m,
+            "b",
+            retry["b"],
+            1,
+            model(&[1.0; 4], 1.0),
+            10,
+            t0 + MINUTE,
+        );
+        m.handle_timeout(t0 + 2 * MINUTE);
+        let acts = actions(&mut m);
+        let Some(Action::Finished(Outcome::Failed { rounds: 0, reason })) = acts.last() else {
+            panic!("{acts:?}")
+        };
+        assert!(
+            reason.contains("1 of the 2 answers needed") && reason.contains("no answer from a, c"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_centre_that_disconnects_mid_round_is_not_waited_for_and_a_stale_disconnect_is_ignored() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(2));
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        // b reconnects (connection 9); the old connection's end arrives afterwards and changes nothing.
+        m.handle(
+            Input::Connected {
+                center: id("b"),
+                connection: 9,
+            },
+            t0,
+        );
+        m.handle(
+            Input::Disconnected {
+                center: id("b"),
+                connection: 1,
+            },
+            t0,
+        );
+        assert_eq!(m.connected_training(), 3);
+        answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        answer(&mut m, "b", tasks["b"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        m.handle(
+            Input::Disconnected {
+                center: id("c"),
+                connection: 3,
+            },
+            t0,
+        );
+        let acts = actions(&mut m);
+        let record = committed(&acts).expect("no need to wait for the deadline");
+        assert_eq!(record.silent, vec![id("c")]);
+        assert_eq!(m.connected_training(), 2);
+    }
+
+    #[test]
+    fn fedprox_sends_mu_and_a_failed_centre_is_recorded() {
+        let t0 = Instant::now();
+        let mut m = machine(RoundSettings {
+            strategy: Strategy::FedProx { mu: 0.01 },
+            ..settings(2)
+        });
+        connect_all(&mut m, t0);
+        let acts = actions(&mut m);
+        let Action::SendFit { task, .. } = &acts[0] else {
+            panic!()
+        };
+        assert_eq!(task.objective, LocalObjective::Proximal { mu: 0.01 });
+        let tasks = sent(&acts);
+        m.handle(
+            Input::FitFailed {
+                center: id("c"),
+                task: tasks["c"],
+                reason: "out of memory".into(),
+            },
+            t0,
+        );
+        answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        answer(&mut m, "b", tasks["b"], 1, model(&[1.0; 4], 1.0), 10, t0);
+        let record = committed(&actions(&mut m)).cloned().unwrap();
+        assert_eq!(record.refused, vec![(id("c"), "out of memory".to_string())]);
+    }
+
+    /// Every check: c misbehaves one way, is told why, and the round commits a and b's mean.
+    #[test]
+    fn each_check_refuses_the_misbehaving_centre_and_the_round_completes_with_the_honest_mean() {
+        type Misbehave =
+            fn(&mut Coordinator, &BTreeMap<String, TaskId>, Instant) -> (String, TaskId);
+        let honest = model(&[1.0; 4], 1.0);
+        let send = |m: &mut Coordinator, c: &str, task: TaskId, round: u32, w: Weights| {
+            answer(m, c, task, round, w, 10, Instant::now());
+        };
+        let _ = send;
+        let cases: Vec<(&str, Misbehave, fn(&UpdateRefusal) -> bool)> = vec![
+            (
+                "missing tensor",
+                |m, t, now| {
+                    let w = Weights::from_tensors(model(&[1.0; 4], 1.0).tensors()[..1].to_vec())
+                        .unwrap();
+                    answer(m, "c", t["c"], 1, w, 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::Missing(n) if n == "bn.running_var"),
+            ),
+            (
+                "extra tensor",
+                |m, t, now| {
+                    let mut v = model(&[1.0; 4], 1.0).tensors().to_vec();
+                    v.push(
+                        Tensor::from_f32("spy", vec![1], TensorRole::Parameter, &[0.0]).unwrap(),
+                    );
+                    answer(
+                        m,
+                        "c",
+                        t["c"],
+                        1,
+                        Weights::from_tensors(v).unwrap(),
+                        10,
+                        now,
+                    );
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::Unexpected(n) if n == "spy"),
+            ),
+            (
+                "shape",
+                |m, t, now| {
+                    let w = Weights::from_tensors(vec![
+                        Tensor::from_f32("conv.weight", vec![4], TensorRole::Parameter, &[1.0; 4])
+                            .unwrap(),
+                        model(&[1.0; 4], 1.0).tensors()[1].clone(),
+                    ])
+                    .unwrap();
+                    answer(m, "c", t["c"], 1, w, 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::Shape { .. }),
+            ),
+            (
+                "dtype",
+                |m, t, now| {
+                    let w = Weights::from_tensors(vec![
+                        Tensor::from_f32_as(
+                            "conv.weight",
+                            vec![2, 2],
+                            TensorRole::Parameter,
+                            &[1.0; 4],
+                            DType::BF16,
+                        )
+                        .unwrap(),
+                        model(&[1.0; 4], 1.0).tensors()[1].clone(),
+                    ])
+                    .unwrap();
+                    answer(m, "c", t["c"], 1, w, 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| {
+                    matches!(
+                        r,
+                        UpdateRefusal::DType {
+                            got: DType::BF16,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                "role",
+                |m, t, now| {
+                    let w = Weights::from_tensors(vec![
+                        model(&[1.0; 4], 1.0).tensors()[0].clone(),
+                        Tensor::from_f32("bn.running_var", vec![1], TensorRole::Parameter, &[1.0])
+                            .unwrap(),
+                    ])
+                    .unwrap();
+                    answer(m, "c", t["c"], 1, w, 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::Role { .. }),
+            ),
+            (
+                "non-finite",
+                |m, t, now| {
+                    answer(
+                        m,
+                        "c",
+                        t["c"],
+                        1,
+                        model(&[1.0, f32::NAN, 1.0, 1.0], 1.0),
+                        10,
+                        now,
+                    );
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::NonFinite { index: 1, .. }),
+            ),
+            (
+                "norm bound",
+                |m, t, now| {
+                    answer(m, "c", t["c"], 1, model(&[100.0; 4], 1.0), 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::Norm { .. }),
+            ),
+            (
+                "wrong round",
+                |m, t, now| {
+                    answer(m, "c", t["c"], 7, model(&[1.0; 4], 1.0), 10, now);
+                    ("c".into(), t["c"])
+                },
+                |r| {
+                    matches!(
+                        r,
+                        UpdateRefusal::WrongRound {
+                            got: 7,
+                            expected: 1
+                        }
+                    )
+                },
+            ),
+            (
+                "no examples",
+                |m, t, now| {
+                    answer(m, "c", t["c"], 1, model(&[1.0; 4], 1.0), 0, now);
+                    ("c".into(), t["c"])
+                },
+                |r| matches!(r, UpdateRefusal::NoExamples),
+            ),
+            (
+                "someone else's task",
+                |m, t, now| {
+                    answer(m, "c", t["a"], 1, model(&[50.0; 4], 1.0), 10, now);
+                    ("c".into(), t["a"])
+                },
+                |r| matches!(r, UpdateRefusal::NotYours { owner } if owner == "a"),
+            ),
+            (
+                "unasked",
+                |m, _, now| {
+                    let task = m.unsolicited_task();
+                    answer(m, "c", task, 1, model(&[50.0; 4], 1.0), 10, now);
+                    ("c".into(), task)
+                },
+                |r| matches!(r, UpdateRefusal::NoTask),
+            ),
+            (
+                "validation centre",
+                |m, _, now| {
+                    let task = m.unsolicited_task();
+                    answer(m, "x", task, 1, model(&[50.0; 4], 1.0), 10, now);
+                    ("x".into(), task)
+                },
+                |r| matches!(r, UpdateRefusal::NotTraining),
+            ),
+        ];
+        for (what, misbehave, expected) in cases {
+            let t0 = Instant::now();
+            let mut m = machine(settings(2));
+            connect_all(&mut m, t0);
+            let tasks = sent(&actions(&mut m));
+            let (who, task) = misbehave(&mut m, &tasks, t0);
+            let acts = actions(&mut m);
+            let refusal = acts
+                .iter()
+                .find_map(|a| match a {
+                    Action::Refuse {
+                        center,
+                        task: t,
+                        refusal,
+                    } if center.as_str() == who && *t == task => Some(refusal),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{what}: no refusal in {acts:?}"));
+            assert!(expected(refusal), "{what}: {refusal}");
+            answer(&mut m, "a", tasks["a"], 1, honest.clone(), 10, t0);
+            answer(&mut m, "b", tasks["b"], 1, model(&[3.0; 4], 1.0), 30, t0);
+            m.handle_timeout(t0 + MINUTE);
+            let acts = actions(&mut m);
+            let record = committed(&acts).unwrap_or_else(|| panic!("{what}: {acts:?}"));
+            assert_eq!(conv(&record.weights), vec![2.5; 4], "{what}");
+            assert_eq!(record.contributions.len(), 2, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_the_first_answer_of_a_centre_counts() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(3));
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        answer(&mut m, "c", tasks["c"], 1, model(&[2.0; 4], 1.0), 10, t0);
+        answer(&mut m, "c", tasks["c"], 1, model(&[90.0; 4], 1.0), 10, t0);
+        let acts = actions(&mut m);
+        assert!(
+            matches!(
+                acts[..],
+                [
+                    Action::Accept { .. },
+                    Action::Refuse {
+                        refusal: UpdateRefusal::Duplicate { round: 1 },
+                        ..
+                    }
+                ]
+            ),
+            "{acts:?}"
+        );
+        answer(&mut m, "a", tasks["a"], 1, model(&[2.0; 4], 1.0), 10, t0);
+        answer(&mut m, "b", tasks["b"], 1, model(&[2.0; 4], 1.0), 10, t0);
+        let acts = actions(&mut m);
+        assert_eq!(conv(&committed(&acts).unwrap().weights), vec![2.0; 4]);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let new = |s: RoundSettings, names: &[&str]| {
+            let init = clinical_weights(&[0.0], None);
+            Coordinator::new(s, roles(), init, names).err()
+        };
+        assert_eq!(
+            new(settings(4), &[]),
+            Some(SetupError::Quorum {
+                quorum: 4,
+                training: 3
+            })
+        );
+        assert_eq!(new(settings(0), &[]), Some(SetupError::ZeroQuorum));
+        assert_eq!(
+            new(
+                RoundSettings {
+                    model: ModelKind::Clinical,
+                    ..settings(1)
+                },
+                &["intercept"]
+            ),
+            Some(SetupError::ClinicalNeedsNewton("fedavg"))
+        );
+        assert_eq!(
+            new(
+                RoundSettings {
+                    strategy: Strategy::Newton,
+                    ..settings(1)
+                },
+                &[]
+            ),
+            Some(SetupError::NewtonNeedsClinical(ModelKind::Mri))
+        );
+        assert_eq!(
+            new(
+                RoundSettings {
+                    model: ModelKind::Clinical,
+                    strategy: Strategy::Newton,
+                    ..settings(1)
+                },
+                &["intercept", "age"]
+            ),
+            Some(SetupError::Coefficients(2))
+        );
+    }
+
+    /// Three centres' patients; the federated Newton fit must be the pooled fit.
+    #[test]
+    fn federated_newton_reaches_the_pooled_fit() {
+        let mut rng = 12345u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut centres: Vec<(Vec<f64>, Vec<bool>)> = Vec::new();
+        for n in [40, 70, 25] {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            for _ in 0..n {
+                let a = next() * 2.0 - 1.0;
+                let b = if next() < 0.4 { 1.0 } else { 0.0 };
+                let eta = -0.5 + 1.2 * a + 0.9 * b;
+                x.extend([1.0, a, b]);
+                y.push(next() < 1.0 / (1.0 + (-eta).exp()));
+            }
+            centres.push((x, y));
+        }
+        let names = ["intercept", "a", "b"];
+        let pooled_x: Vec<f64> = centres.iter().flat_map(|c| c.0.clone()).collect();
+        let pooled_y: Vec<bool> = centres.iter().flat_map(|c| c.1.clone()).collect();
+        let pooled = fit_logistic(&names, &pooled_x, &pooled_y, None).unwrap();
+
+        let settings = RoundSettings {
+            model: ModelKind::Clinical,
+            strategy: Strategy::Newton,
+            rounds: 50,
+            ..settings(3)
+        };
+        let mut m =
+            Coordinator::new(settings, roles(), clinical_weights(&[0.0; 3], None), &names).unwrap();
+        let t0 = Instant::now();
+        connect_all(&mut m, t0);
+        let mut outcome = None;
+        let mut rounds = 0;
+        while outcome.is_none() {
+            let acts = actions(&mut m);
+            for a in &acts {
+                if let Action::Finished(o) = a {
+                    outcome = Some(o.clone());
+                }
+            }
+            if outcome.is_some() {
+                break;
+            }
+            let Some(Action::SendFit { task, to }) = acts
+                .iter()
+                .rev()
+                .find(|a| matches!(a, Action::SendFit { .. }))
+            else {
+                panic!("{acts:?}")
+            };
+            rounds += 1;
+            assert_eq!(task.objective, LocalObjective::NewtonStep);
+            let beta = task.weights.require(COEFFICIENTS).unwrap().to_f64_vec();
+            for ((center, tid), (x, y)) in to.iter().zip(&centres) {
+                let s = logistic_stats(x, y, None, &beta).unwrap();
+                let update = NewtonUpdate {
+                    gradient: s.gradient,
+                    hessian: s.hessian,
+                    log_likelihood: s.log_likelihood,
+                    fitted_exactly: s.fitted_exactly,
+                };
+                answer(
+                    &mut m,
+                    center.as_str(),
+                    *tid,
+                    task.round,
+                    update.to_weights().unwrap(),
+                    s.n,
+                    t0,
+                );
+            }
+        }
+        let Some(Outcome::Completed {
+            fit: Some(fit),
+            weights,
+            rounds: r,
+        }) = outcome
+        else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(r, rounds);
+        assert_eq!(fit.iterations, pooled.iterations);
+        for (a, b) in fit.coefficients.iter().zip(&pooled.coefficients) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        assert_eq!(
+            weights.require(COEFFICIENTS).unwrap().to_f64_vec(),
+            fit.coefficients
+        );
+        assert_eq!(
+            weights.require(COVARIANCE).unwrap().to_f64_vec(),
+            fit.covariance
+        );
+    }
+
+    #[test]
+    fn federated_newton_waits_for_every_training_centre() {
+        let names = ["intercept"];
+        let settings = RoundSettings {
+            model: ModelKind::Clinical,
+            strategy: Strategy::Newton,
+            retries: 0,
+            ..settings(2)
+        };
+        let mut m =
+            Coordinator::new(settings, roles(), clinical_weights(&[0.0], None), &names).unwrap();
+        let t0 = Instant::now();
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m));
+        for c in ["a", "b"] {
+            let s = logistic_stats(&[1.0, 1.0], &[true, false], None, &[0.0]).unwrap();
+            let u = NewtonUpdate {
+                gradient: s.gradient,
+                hessian: s.hessian,
+                log_likelihood: s.log_likelihood,
+                fitted_exactly: 0,
+            };
+            answer(&mut m, c, tasks[c], 1, u.to_weights().unwrap(), 2, t0);
+        }
+        m.handle_timeout(t0 + MINUTE);
+        let acts = actions(&mut m);
+        assert!(
+            matches!(acts.last(), Some(Action::Finished(Outcome::Failed { reason, .. })) if reason.contains("2 of the 3 answers needed")),
+            "{acts:?}"
+        );
+    }
+
+    #[test]
+    fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the_absent() {
+        let t0 = Instant::now();
+        let mut m = machine(settings(2));
+        m.handle(
+            Input::Connected {
+                center: id("a"),
+                connection: 1,
+            },
+            t0,
+        );
+        assert_eq!(m.poll_timeout(), None, "below quorum: nothing to time");
+        let t1 = t0 + Duration::from_secs(3);
+        m.handle(
+            Input::Connected {
+                center: id("b"),
+                connection: 2,
+            },
+            t1,
+        );
+        assert!(actions(&mut m).is_empty());
+        assert_eq!(m.poll_timeout(), Some(t1 + Duration::from_secs(10)));
+        m.handle_timeout(t1 + Duration::from_secs(9));
+        assert!(actions(&mut m).is_empty());
+        m.handle_timeout(t1 + Duration::from_secs(10));
+        let tasks = sent(&actions(&mut m));
+        assert_eq!(tasks.keys().collect::<Vec<_>>(), ["a", "b"]);
+        // c arrives late: it waits for round 2.
+        m.handle(
+            Input::Connected {
+                center: id("c"),
+                connection: 3,
+            },
+            t1 + Duration::from_secs(11),
+        );
+        assert!(actions(&mut m).is_empty());
+
+        // Everyone connected at once: no grace.
+        let mut m = machine(settings(2));
+        connect_all(&mut m, t0);
+        assert_eq!(sent(&actions(&mut m)).len(), 3);
+
+        // Quorum lost during the grace: back to waiting.
+        let mut m = machine(settings(2));
+        m.handle(
+            Input::Connected {
+                center: id("a"),
+                connection: 1,
+            },
+            t0,
+        );
+        m.handle(
+            Input::Connected {
+                center: id("b"),
+                connection: 2,
+            },
+            t0,
+        );
+        m.handle(
+            Input::Disconnected {
+                center: id("b"),
+                connection: 2,
+            },
+            t0,
+        );
+        assert_eq!(m.poll_timeout(), None);
+        m.handle_timeout(t0 + MINUTE);
+        assert!(actions(&mut m).is_empty());
+    }
+}
