@@ -1,4 +1,5 @@
-//! `server.toml`: where to listen, the PKI, the run and its enrolled centres.
+//! `server.toml`: where to listen, the PKI, the run, its enrolled centres and its rounds. Every key and its
+//! default is documented in README.md; an unknown key or a bad value is an error naming it.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,10 +8,11 @@ use std::time::Duration;
 
 use fedslm_certs::ServerTlsFiles;
 use fedslm_protocol::hex::from_hex;
-use fedslm_protocol::{CenterId, Role, DEFAULT_CONNECTION_BUDGET};
+use fedslm_protocol::{CenterId, ModelKind, Role, DEFAULT_CONNECTION_BUDGET};
 use serde::Deserialize;
 
 use crate::admission::Enrolment;
+use crate::round::{RoundSettings, Strategy};
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,35 @@ struct File {
     connection_budget_bytes: u64,
     #[serde(default)]
     center: Vec<CenterEntry>,
+    initial_model: Option<PathBuf>,
+    #[serde(default = "default_output")]
+    output: PathBuf,
+    #[serde(default = "default_local_epochs")]
+    local_epochs: u32,
+    #[serde(default = "default_learning_rate")]
+    learning_rate: f64,
+    #[serde(default = "default_batch_size")]
+    batch_size: u32,
+    quorum: Option<usize>,
+    #[serde(default = "default_deadline")]
+    round_deadline_secs: u64,
+    #[serde(default = "default_grace")]
+    round_start_grace_secs: u64,
+    #[serde(default = "default_retries")]
+    round_retries: u32,
+    strategy: Option<StrategyName>,
+    proximal_mu: Option<f64>,
+    norm_bound: Option<f64>,
+    #[serde(default = "default_seed")]
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StrategyName {
+    Fedavg,
+    Fedprox,
+    Newton,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +95,52 @@ fn default_hello_timeout() -> u64 {
 fn default_budget() -> u64 {
     DEFAULT_CONNECTION_BUDGET
 }
+fn default_output() -> PathBuf {
+    PathBuf::from("run")
+}
+fn default_local_epochs() -> u32 {
+    1
+}
+fn default_learning_rate() -> f64 {
+    5e-3
+}
+fn default_batch_size() -> u32 {
+    16
+}
+fn default_deadline() -> u64 {
+    3600
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_seed() -> u64 {
+    42
+}
+
+/// The rounds' settings before the model is known (its kind picks the default strategy).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// The initial global model file (`fedslm model init`); `None`: the server only admits centres.
+    pub initial_model: Option<PathBuf>,
+    /// Where the server writes the run's models.
+    pub output: PathBuf,
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    /// `None`: every training centre.
+    pub quorum: Option<usize>,
+    pub deadline: Duration,
+    pub start_grace: Duration,
+    pub retries: u32,
+    /// `None`: newton for the clinical model, fedavg for the networks.
+    strategy: Option<StrategyName>,
+    proximal_mu: Option<f64>,
+    pub norm_bound: Option<f64>,
+    pub seed: u64,
+}
 
 /// A checked server configuration.
 #[derive(Debug, Clone)]
@@ -74,6 +151,8 @@ pub struct ServerConfig {
     /// How long a connected peer has to send its Hello.
     pub hello_timeout: Duration,
     pub connection_budget: u64,
+    pub run: RunConfig,
+    path: PathBuf,
 }
 
 impl ServerConfig {
@@ -131,8 +210,72 @@ impl ServerConfig {
         if file.hello_timeout_secs == 0 {
             return Err(invalid("hello_timeout_secs must be at least 1".into()));
         }
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(format!("{key} = {v}: must be a positive number")))
+            }
+        };
+        positive("learning_rate", file.learning_rate)?;
+        if let Some(b) = file.norm_bound {
+            positive("norm_bound", b)?;
+        }
+        match (file.strategy, file.proximal_mu) {
+            (Some(StrategyName::Fedprox), None) => {
+                return Err(invalid(
+                    "strategy = \"fedprox\" needs proximal_mu (e.g. 0.01)".into(),
+                ))
+            }
+            (Some(StrategyName::Fedprox), Some(mu)) => positive("proximal_mu", mu)?,
+            (_, Some(_)) => {
+                return Err(invalid(
+                    "proximal_mu is for strategy = \"fedprox\" only".into(),
+                ))
+            }
+            _ => {}
+        }
+        if file.local_epochs == 0 {
+            return Err(invalid("local_epochs must be at least 1".into()));
+        }
+        if file.batch_size < 2 {
+            return Err(invalid(format!(
+                "batch_size = {}: must be at least 2 (batch norm needs two examples)",
+                file.batch_size
+            )));
+        }
+        if file.rounds == 0 {
+            return Err(invalid("rounds must be at least 1".into()));
+        }
+        if file.round_deadline_secs == 0 {
+            return Err(invalid("round_deadline_secs must be at least 1".into()));
+        }
+        let training = centers.values().filter(|r| **r == Role::Train).count();
+        if let Some(q) = file.quorum {
+            if q == 0 || q > training {
+                return Err(invalid(format!(
+                    "quorum = {q}: must be between 1 and the {training} training centres"
+                )));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         Ok(ServerConfig {
+            path: path.to_path_buf(),
+            run: RunConfig {
+                initial_model: file.initial_model.map(|p| base.join(p)),
+                output: base.join(&file.output),
+                local_epochs: file.local_epochs,
+                learning_rate: file.learning_rate,
+                batch_size: file.batch_size,
+                quorum: file.quorum,
+                deadline: Duration::from_secs(file.round_deadline_secs),
+                start_grace: Duration::from_secs(file.round_start_grace_secs),
+                retries: file.round_retries,
+                strategy: file.strategy,
+                proximal_mu: file.proximal_mu,
+                norm_bound: file.norm_bound,
+                seed: file.seed,
+            },
             listen: file.listen,
             tls: ServerTlsFiles::in_pki(&base.join(&file.pki)),
             enrolment: Enrolment {
@@ -144,6 +287,60 @@ impl ServerConfig {
             hello_timeout: Duration::from_secs(file.hello_timeout_secs),
             connection_budget: file.connection_budget_bytes,
         })
+    }
+
+    /// The round settings for a run of `model`; a strategy that does not fit the model is an error naming it.
+    pub fn round_settings(&self, model: ModelKind) -> Result<RoundSettings, ConfigError> {
+        let r = &self.run;
+        let strategy = match (r.strategy, model) {
+            (None, ModelKind::Clinical) | (Some(StrategyName::Newton), ModelKind::Clinical) => {
+                Strategy::Newton
+            }
+            (None, _) | (Some(StrategyName::Fedavg), _) => Strategy::FedAvg,
+            (Some(StrategyName::Fedprox), _) => Strategy::FedProx {
+                mu: r.proximal_mu.unwrap_or(0.0),
+            },
+            (Some(StrategyName::Newton), other) => return Err(ConfigError::Invalid {
+                path: self.path.clone(),
+                message: format!(
+                    "strategy = \"newton\" fits the clinical model; the initial model is {other:?}"
+                ),
+            }),
+        };
+        if model == ModelKind::Clinical && strategy != Strategy::Newton {
+            return Err(ConfigError::Invalid {
+                path: self.path.clone(),
+                message: format!(
+                    "strategy = \"{}\": the clinical model is fitted by strategy = \"newton\"",
+                    strategy.name()
+                ),
+            });
+        }
+        let training = self
+            .enrolment
+            .centers
+            .values()
+            .filter(|r| **r == Role::Train)
+            .count();
+        Ok(RoundSettings {
+            model,
+            rounds: self.enrolment.rounds,
+            local_epochs: r.local_epochs,
+            learning_rate: r.learning_rate,
+            batch_size: r.batch_size,
+            quorum: r.quorum.unwrap_or(training),
+            deadline: r.deadline,
+            start_grace: r.start_grace,
+            retries: r.retries,
+            strategy,
+            norm_bound: r.norm_bound,
+            seed: r.seed,
+        })
+    }
+
+    /// The configuration file this came from.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -174,6 +371,48 @@ mod tests {
         assert_eq!(c.enrolment.rounds, 20);
         assert_eq!(c.enrolment.centers.len(), 2);
         assert_eq!(c.hello_timeout, Duration::from_secs(10));
+        assert_eq!(c.run.initial_model, None);
+        assert_eq!(c.run.output, Path::new("/etc/fedslm/run"));
+        let s = c.round_settings(ModelKind::Mri).unwrap();
+        assert_eq!(
+            (s.quorum, s.local_epochs, s.batch_size, s.retries),
+            (1, 1, 16, 2)
+        );
+        assert_eq!(s.strategy, Strategy::FedAvg);
+        assert_eq!(s.deadline, Duration::from_secs(3600));
+        assert_eq!(
+            c.round_settings(ModelKind::Clinical).unwrap().strategy,
+            Strategy::Newton
+        );
+    }
+
+    #[test]
+    fn round_keys_are_read_and_strategies_must_fit_the_model() {
+        let c = parse(&format!(
+            "initial_model = \"init.safetensors\"\nstrategy = \"fedprox\"\nproximal_mu = 0.05\n\
+             quorum = 1\nround_deadline_secs = 90\nnorm_bound = 3.5\nseed = 9\nlocal_epochs = 2\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.run.initial_model.as_deref(),
+            Some(Path::new("/etc/fedslm/init.safetensors"))
+        );
+        let s = c.round_settings(ModelKind::Combined).unwrap();
+        assert_eq!(s.strategy, Strategy::FedProx { mu: 0.05 });
+        assert_eq!((s.quorum, s.seed, s.local_epochs), (1, 9, 2));
+        assert_eq!(s.norm_bound, Some(3.5));
+        assert_eq!(s.deadline, Duration::from_secs(90));
+        let e = c
+            .round_settings(ModelKind::Clinical)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("strategy = \"fedprox\"") && e.contains("newton"),
+            "{e}"
+        );
+        let n = parse(&format!("strategy = \"newton\"\n{GOOD}")).unwrap();
+        let e = n.round_settings(ModelKind::Mri).unwrap_err().to_string();
+        assert!(e.contains("Mri"), "{e}");
     }
 
     #[test]
@@ -188,6 +427,25 @@ mod tests {
         assert!(e.contains("runid"), "{e}");
         let e = parse(&format!("settings_hash = \"abc\"\n{GOOD}")).unwrap_err();
         assert!(e.contains("not 64 hexadecimal digits"), "{e}");
+        for (line, needle) in [
+            ("learning_rate = -1.0", "learning_rate = -1"),
+            ("batch_size = 1", "batch_size = 1"),
+            ("quorum = 5", "quorum = 5"),
+            ("quorum = 0", "quorum = 0"),
+            ("strategy = \"fedprox\"", "needs proximal_mu"),
+            ("proximal_mu = 0.1", "for strategy = \"fedprox\" only"),
+            ("strategy = \"fedsgd\"", "fedsgd"),
+            ("norm_bound = 0.0", "norm_bound"),
+            ("round_deadline_secs = 0", "round_deadline_secs"),
+            ("local_epoch = 2", "local_epoch"),
+            ("rounds = 0", "rounds"),
+        ] {
+            let e = parse(&format!("{line}\n{GOOD}")).unwrap_err();
+            assert!(
+                e.contains(needle) && e.contains("server.toml"),
+                "{line}: {e}"
+            );
+        }
         let e = parse(
             r#"listen = "127.0.0.1:1"
             pki = "p"

@@ -6,23 +6,32 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fedslm_certs::{
     alert_name, connection_center, quic_server_config, server_config, tls_alert, CertError,
 };
 use fedslm_protocol::io::{read_message, write_message};
 use fedslm_protocol::{
-    close, ByteBudget, CenterId, ErrorCode, Limits, Message, ProtocolError, Role,
+    close, codec, ByteBudget, CenterId, ErrorCode, Finish, Limits, Message, ProtocolError, Role,
 };
 use quinn::{Connection, Endpoint, VarInt};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
 use crate::admission::admit;
+use crate::aggregate::UpdateRefusal;
 use crate::config::ServerConfig;
+use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
 
 /// How long a refused peer has to read its Error before the connection is closed.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
+/// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
+/// about the global model, its f64 accumulators and this many updates, however many centres answer.
+const RESULTS_IN_FLIGHT: usize = 2;
+/// How long the centres have to take their Finish and close before the server stops.
+const FINISH_LINGER: Duration = Duration::from_secs(5);
+/// Stream reset code of a task whose round closed without it.
+const TASK_CANCELLED: u32 = 1;
 
 /// What the server saw, for logs, tests and (later) the round state machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +58,10 @@ pub enum ServerEvent {
         center: CenterId,
         reason: String,
     },
+    /// A round's new global model, with who contributed what.
+    RoundCommitted(RoundRecord),
+    /// The run is over; the centres were sent Finish.
+    Finished(Outcome),
 }
 
 /// Why the server cannot start.
@@ -65,6 +78,16 @@ pub enum ServerError {
 
 struct Admitted {
     connection: Connection,
+    /// Shared by every stream of the connection.
+    budget: ByteBudget,
+    /// The run's end, for the connection's task to send on the control stream.
+    finish: mpsc::Sender<Finish>,
+}
+
+/// An input for the coordinator, with where its verdict goes (an update's acceptance or refusal).
+struct Envelope {
+    input: Input,
+    verdict: Option<oneshot::Sender<Result<(), UpdateRefusal>>>,
 }
 
 struct Shared {
@@ -72,6 +95,17 @@ struct Shared {
     limits: Limits,
     events: broadcast::Sender<ServerEvent>,
     peers: Mutex<HashMap<CenterId, Admitted>>,
+    inputs: mpsc::UnboundedSender<Envelope>,
+}
+
+impl Shared {
+    fn tell(&self, input: Input) {
+        // The coordinator is gone only when the run is over.
+        let _ = self.inputs.send(Envelope {
+            input,
+            verdict: None,
+        });
+    }
 }
 
 impl Shared {
@@ -102,6 +136,19 @@ impl Shared {
             ServerEvent::Disconnected { center, reason } => {
                 tracing::info!(%center, %reason, "disconnected")
             }
+            ServerEvent::RoundCommitted(r) => {
+                tracing::info!(
+                    round = r.round,
+                    centres = r.contributions.len(),
+                    "round committed"
+                )
+            }
+            ServerEvent::Finished(Outcome::Completed { rounds, .. }) => {
+                tracing::info!(rounds, "run completed")
+            }
+            ServerEvent::Finished(Outcome::Failed { rounds, reason }) => {
+                tracing::error!(rounds, %reason, "run failed")
+            }
         }
         // No subscriber is fine: events are also logged.
         let _ = self.events.send(event);
@@ -112,6 +159,7 @@ impl Shared {
 pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    inputs: Mutex<Option<mpsc::UnboundedReceiver<Envelope>>>,
 }
 
 impl Server {
@@ -124,6 +172,7 @@ impl Server {
                 source,
             })?;
         let (events, _) = broadcast::channel(1024);
+        let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
             endpoint,
             shared: Arc::new(Shared {
@@ -131,7 +180,9 @@ impl Server {
                 limits: Limits::default(),
                 events,
                 peers: Mutex::new(HashMap::new()),
+                inputs,
             }),
+            inputs: Mutex::new(Some(received)),
         })
     }
 
@@ -151,8 +202,53 @@ impl Server {
         ids
     }
 
-    /// Serves until `shutdown` completes, then closes every connection.
+    /// Admits centres until `shutdown` completes, then closes every connection. No rounds.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        // Nobody coordinates: the connections' inputs go nowhere.
+        drop(lock(&self.inputs).take());
+        self.serve_until(shutdown).await;
+    }
+
+    /// Runs the federation of `coordinator` until it finishes (the outcome) or `shutdown` completes (`None`).
+    /// Can be called once per server.
+    pub async fn run_rounds(
+        &self,
+        coordinator: Coordinator,
+        shutdown: impl Future<Output = ()>,
+    ) -> Option<Outcome> {
+        let inputs = lock(&self.inputs).take()?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let shared = self.shared.clone();
+        let driver = tokio::spawn(async move {
+            let outcome = drive(shared, coordinator, inputs).await;
+            let _ = done_tx.send(outcome.clone());
+            outcome
+        });
+        let mut done = std::pin::pin!(done_rx);
+        let outcome = std::sync::Mutex::new(None);
+        self.serve_until(async {
+            tokio::select! {
+                o = &mut done => {
+                    if let Ok(o) = o {
+                        *lock(&outcome) = Some(o);
+                    }
+                    // Let the centres take their Finish and close first.
+                    let deadline = tokio::time::Instant::now() + FINISH_LINGER;
+                    while !lock(&self.shared.peers).is_empty()
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                () = shutdown => {}
+            }
+        })
+        .await;
+        driver.abort();
+        outcome.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn serve_until(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -168,6 +264,230 @@ impl Server {
             .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
         // Give the close frames a moment to leave; peers time out otherwise.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The coordinator's loop: inputs and the clock in, actions carried out.
+async fn drive(
+    shared: Arc<Shared>,
+    mut machine: Coordinator,
+    mut inputs: mpsc::UnboundedReceiver<Envelope>,
+) -> Outcome {
+    let results = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
+    let mut cancels: HashMap<TaskId, oneshot::Sender<()>> = HashMap::new();
+    // Centres connected before the run began.
+    let already: Vec<(CenterId, u64)> = lock(&shared.peers)
+        .iter()
+        .map(|(c, p)| (c.clone(), p.connection.stable_id() as u64))
+        .collect();
+    for (center, connection) in already {
+        machine.handle(Input::Connected { center, connection }, Instant::now());
+    }
+    loop {
+        let mut verdict = None;
+        let timeout = machine.poll_timeout();
+        tokio::select! {
+            envelope = inputs.recv() => {
+                let Some(envelope) = envelope else {
+                    return Outcome::Failed { rounds: machine.committed(), reason: "server stopped".into() };
+                };
+                verdict = envelope.verdict;
+                machine.handle(envelope.input, Instant::now());
+            }
+            () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
+        }
+        while let Some(action) = machine.poll_action() {
+            match action {
+                Action::SendFit { task, to } => {
+                    let frame =
+                        match codec::encode(&Message::FitTask((*task).clone()), &shared.limits) {
+                            Ok(f) => bytes_of(f),
+                            Err(e) => {
+                                let reason =
+                                    format!("cannot encode round {}'s task: {e}", task.round);
+                                for (center, task) in to {
+                                    shared.tell(Input::FitFailed {
+                                        center,
+                                        task,
+                                        reason: reason.clone(),
+                                    });
+                                }
+                                continue;
+                            }
+                        };
+                    for (center, task) in to {
+                        let (cancel, cancelled) = oneshot::channel();
+                        cancels.insert(task, cancel);
+                        let peer = lock(&shared.peers)
+                            .get(&center)
+                            .map(|p| (p.connection.clone(), p.budget.clone()));
+                        let Some((connection, budget)) = peer else {
+                            shared.tell(Input::FitFailed {
+                                center,
+                                task,
+                                reason: "not connected".into(),
+                            });
+                            continue;
+                        };
+                        tokio::spawn(fit_exchange(FitExchange {
+                            shared: shared.clone(),
+                            connection,
+                            budget,
+                            frame: frame.clone(),
+                            center,
+                            task,
+                            results: results.clone(),
+                            cancelled,
+                        }));
+                    }
+                }
+                Action::Accept { task } => {
+                    cancels.remove(&task);
+                    if let Some(v) = verdict.take() {
+                        let _ = v.send(Ok(()));
+                    }
+                }
+                Action::Refuse { task, refusal, .. } => {
+                    cancels.remove(&task);
+                    if let Some(v) = verdict.take() {
+                        let _ = v.send(Err(refusal));
+                    }
+                }
+                Action::Cancel { task, .. } => {
+                    if let Some(c) = cancels.remove(&task) {
+                        let _ = c.send(());
+                    }
+                }
+                Action::RoundCommitted(record) => shared.emit(ServerEvent::RoundCommitted(record)),
+                Action::Finished(outcome) => {
+                    let finish = Finish {
+                        run_id: shared.config.enrolment.run_id.clone(),
+                        rounds_completed: machine.committed(),
+                        reason: match &outcome {
+                            Outcome::Completed { rounds, .. } => {
+                                format!("completed {rounds} rounds")
+                            }
+                            Outcome::Failed { reason, .. } => format!("failed: {reason}"),
+                        },
+                    };
+                    let peers: Vec<mpsc::Sender<Finish>> = lock(&shared.peers)
+                        .values()
+                        .map(|p| p.finish.clone())
+                        .collect();
+                    for p in peers {
+                        let _ = p.try_send(finish.clone());
+                    }
+                    for (_, c) in cancels.drain() {
+                        let _ = c.send(());
+                    }
+                    shared.emit(ServerEvent::Finished(outcome.clone()));
+                    return outcome;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn bytes_of(frame: Vec<u8>) -> bytes::Bytes {
+    bytes::Bytes::from(frame)
+}
+
+struct FitExchange {
+    shared: Arc<Shared>,
+    connection: Connection,
+    budget: ByteBudget,
+    /// The encoded FitTask, one allocation shared by every centre's stream.
+    frame: bytes::Bytes,
+    center: CenterId,
+    task: TaskId,
+    results: Arc<Semaphore>,
+    cancelled: oneshot::Receiver<()>,
+}
+
+/// One fit task on a fresh stream: send the task, read the result, hand it to the coordinator, tell the centre
+/// the verdict. A cancelled task's stream is reset.
+async fn fit_exchange(x: FitExchange) {
+    let FitExchange {
+        shared,
+        connection,
+        budget,
+        frame,
+        center,
+        task,
+        results,
+        mut cancelled,
+    } = x;
+    let (mut send, mut recv) = match connection.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.tell(Input::FitFailed {
+                center,
+                task,
+                reason: format!("cannot open a task stream: {e}"),
+            });
+            return;
+        }
+    };
+    let work = async {
+        send.write_all(&frame)
+            .await
+            .map_err(|e| format!("cannot send the task: {e}"))?;
+        drop(frame);
+        // Held until the coordinator has folded the update in (or refused it): bounds memory.
+        let permit = results.acquire().await.map_err(|e| e.to_string())?;
+        let reply = read_message(&mut recv, &shared.limits, &budget).await;
+        let result = match reply {
+            Ok(Message::FitResult(r)) => r,
+            Ok(Message::Error(e)) => {
+                return Err(format!(
+                    "the centre could not train ({:?}): {}",
+                    e.code, e.message
+                ))
+            }
+            Ok(other) => return Err(format!("expected FitResult, got {}", other.kind())),
+            Err(e) => return Err(format!("no fit result: {e}")),
+        };
+        let (verdict, decided) = oneshot::channel();
+        let _ = shared.inputs.send(Envelope {
+            input: Input::FitAnswered {
+                center: center.clone(),
+                task,
+                result,
+            },
+            verdict: Some(verdict),
+        });
+        let verdict = decided.await.map_err(|_| "the run ended".to_string())?;
+        drop(permit);
+        if let Err(refusal) = verdict {
+            let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
+            let _ = write_message(&mut send, &msg, &shared.limits).await;
+        }
+        let _ = send.finish();
+        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+        Ok::<(), String>(())
+    };
+    let outcome = tokio::select! {
+        outcome = work => Some(outcome),
+        _ = &mut cancelled => None,
+    };
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err(reason)) => shared.tell(Input::FitFailed {
+            center,
+            task,
+            reason,
+        }),
+        None => {
+            let _ = send.reset(VarInt::from_u32(TASK_CANCELLED));
+            let _ = recv.stop(VarInt::from_u32(TASK_CANCELLED));
+        }
     }
 }
 
@@ -268,10 +588,13 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         });
         return;
     }
+    let (finish_tx, mut finish_rx) = mpsc::channel(1);
     let previous = lock(&shared.peers).insert(
         center.clone(),
         Admitted {
             connection: connection.clone(),
+            budget: budget.clone(),
+            finish: finish_tx,
         },
     );
     if let Some(old) = previous {
@@ -285,9 +608,24 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         center: center.clone(),
         role,
     });
+    let connection_id = connection.stable_id() as u64;
+    shared.tell(Input::Connected {
+        center: center.clone(),
+        connection: connection_id,
+    });
 
-    // Until rounds exist, the only message a centre may send after Welcome is an Error (it aborts).
+    // Tasks travel on streams the server opens; the only message a centre may send on its control stream
+    // after Welcome is an Error (it aborts).
     let reason = tokio::select! {
+        Some(finish) = finish_rx.recv() => {
+            let reason = finish.reason.clone();
+            if write_message(&mut send, &Message::Finish(finish), &shared.limits).await.is_ok() {
+                let _ = send.finish();
+                // The centre closes once it has read Finish.
+                let _ = tokio::time::timeout(FINISH_LINGER, connection.closed()).await;
+            }
+            format!("run finished: {reason}")
+        }
         msg = read_message(&mut recv, &shared.limits, &budget) => match msg {
             Ok(Message::Error(e)) => format!("centre aborted: {:?}: {}", e.code, e.message),
             Ok(other) => {
@@ -317,5 +655,9 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             peers.remove(&center);
         }
     }
+    shared.tell(Input::Disconnected {
+        center: center.clone(),
+        connection: connection_id,
+    });
     shared.emit(ServerEvent::Disconnected { center, reason });
 }

@@ -15,4 +15,7 @@ pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
 pub use endpoint::{Server, ServerError, ServerEvent};
-pub use round::{Action, Coordinator, Input, Outcome, RoundRecord, RoundSettings, Strategy};
+pub use round::{
+    Action, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings, SetupError,
+    Strategy,
+};
