@@ -38,3 +38,11 @@ pub fn peer_center(chain: &[CertificateDer<'_>]) -> Result<CenterId, CertError> 
         .ok_or(CertError::NoCenterIdentity)
         .and_then(center_of)
 }
+
+/// A certificate's validity period, as Unix seconds (not before, not after).
+pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(i64, i64), CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| CertError::BadPeerCertificate(e.to_string()))?;
+    let v = parsed.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}

@@ -13,7 +13,7 @@ mod quic;
 mod tls;
 
 pub use error::CertError;
-pub use identity::{center_of, peer_center, CENTER_URI_PREFIX};
+pub use identity::{center_of, peer_center, validity_of, CENTER_URI_PREFIX};
 pub use pki::{
     request, CenterFiles, IssueOptions, IssuedCert, Pki, RequestFiles, RevokeTarget, Signed, Usage,
     Validity, MAX_DAYS,

@@ -1,4 +1,5 @@
-//! `client.toml`: which centre this node is, where the server is, and the node's certificate files.
+//! `client.toml`: which centre this node is, where the server is, the node's certificate files, its cohort and
+//! how it codes and preprocesses it.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,10 @@ struct File {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    cohort: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    threads: Option<usize>,
+    record: Option<PathBuf>,
     #[serde(default)]
     coding: ClinicalCoding,
     #[serde(default)]
@@ -48,6 +53,14 @@ pub struct ClientConfig {
     pub coding: ClinicalCoding,
     /// How images become network inputs.
     pub preprocess: PreprocessSettings,
+    /// The centre's cohort: a folder with `manifest.csv`.
+    pub cohort: Option<PathBuf>,
+    /// Where preprocessed crops are cached between runs.
+    pub cache: Option<PathBuf>,
+    /// Threads for loading and training; `None`: every core.
+    pub threads: Option<usize>,
+    /// A folder where the node keeps a copy of every update it sends (what left the site).
+    pub record: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -72,8 +85,15 @@ impl ClientConfig {
             None => host_of(&file.server)
                 .ok_or_else(|| invalid(format!("server {:?} is not host:port", file.server)))?,
         };
+        if file.threads == Some(0) {
+            return Err(invalid("threads must be at least 1".into()));
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         Ok(ClientConfig {
+            cohort: file.cohort.map(|p| base.join(p)),
+            cache: file.cache.map(|p| base.join(p)),
+            threads: file.threads,
+            record: file.record.map(|p| base.join(p)),
             center,
             server: file.server,
             server_name,

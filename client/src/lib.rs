@@ -3,6 +3,7 @@
 //! client's side of the handshake has finished.
 
 pub mod config;
+mod node;
 
 pub use fedslm_certs::client_config;
 
@@ -18,6 +19,7 @@ use fedslm_protocol::{
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 
 pub use config::{ClientConfig, ConfigError};
+pub use node::{run, Backoff, LocalTrainer, NodeEvent};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -243,7 +245,7 @@ fn lost(server: &str, connection: &Connection, e: ProtocolError) -> ClientError 
     }
 }
 
-fn connection_error(server: &str, e: ConnectionError) -> ClientError {
+pub(crate) fn connection_error(server: &str, e: ConnectionError) -> ClientError {
     let server = server.to_string();
     if let Some(alert) = tls_alert(&e) {
         let reason = match &e {

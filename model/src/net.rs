@@ -100,6 +100,55 @@ impl NetConfig {
     pub fn features(&self) -> usize {
         8 * self.width
     }
+
+    /// The architecture whose tensors `weights` holds (a federated client learns it from its first task),
+    /// for crops of `input_size`.
+    pub fn from_weights(
+        weights: &fedslm_protocol::Weights,
+        input_size: usize,
+    ) -> std::result::Result<NetConfig, String> {
+        let conv1 = weights
+            .get("conv1.weight")
+            .ok_or("no conv1.weight: not a ResNet")?;
+        let [width, in_channels, k, _] = conv1.shape() else {
+            return Err(format!("conv1.weight has shape {:?}", conv1.shape()));
+        };
+        let stem = match k {
+            3 => Stem::Compact,
+            7 => Stem::Standard,
+            other => return Err(format!("a {other}x{other} stem")),
+        };
+        let mut blocks = [0usize; 4];
+        for (stage, count) in blocks.iter_mut().enumerate() {
+            while weights
+                .get(&format!("layer{}.{}.conv1.weight", stage + 1, *count))
+                .is_some()
+            {
+                *count += 1;
+            }
+        }
+        let depth = match blocks {
+            [1, 1, 1, 1] => 10,
+            [2, 2, 2, 2] => 18,
+            [3, 4, 6, 3] => 34,
+            other => return Err(format!("residual blocks {other:?} per stage")),
+        };
+        let fc = weights.get("fc.weight").ok_or("no fc.weight")?;
+        let fc_in = fc.shape().get(1).copied().unwrap_or(0);
+        let clinical_features = fc_in
+            .checked_sub(8 * width)
+            .ok_or_else(|| format!("fc.weight has shape {:?}", fc.shape()))?;
+        let cfg = NetConfig {
+            depth,
+            width: *width,
+            in_channels: *in_channels,
+            input_size,
+            clinical_features,
+            stem,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
 }
 
 /// Batch normalisation over (batch, height, width) per channel. candle-nn's own keeps the running statistics'

@@ -430,3 +430,33 @@ fn weights_that_do_not_fit_are_refused_by_name() {
     .is_err());
     assert!(Network::new(NetworkKind::Mri, config(NetworkKind::Combined), 1).is_err());
 }
+
+#[test]
+fn the_architecture_is_read_back_from_the_weights() {
+    let cases = [
+        config(NetworkKind::Combined),
+        config(NetworkKind::Mri),
+        NetConfig {
+            width: 4,
+            ..NetConfig::resnet18(9, 64, 5)
+        },
+        NetConfig {
+            depth: 34,
+            width: 2,
+            ..NetConfig::compact(3, 32, 0)
+        },
+    ];
+    for cfg in cases {
+        let kind = if cfg.clinical_features == 0 {
+            NetworkKind::Mri
+        } else {
+            NetworkKind::Combined
+        };
+        let w = Network::new(kind, cfg, 3).unwrap().to_weights().unwrap();
+        assert_eq!(NetConfig::from_weights(&w, cfg.input_size), Ok(cfg));
+    }
+    let clinical = fedslm_model::clinical::to_weights(&[0.0; 2], &[0.0; 4]).unwrap();
+    assert!(NetConfig::from_weights(&clinical, 32)
+        .unwrap_err()
+        .contains("not a ResNet"));
+}

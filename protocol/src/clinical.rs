@@ -61,7 +61,11 @@ impl NewtonUpdate {
     /// [`NewtonUpdate::zeros`]'s weights.
     pub fn from_weights(w: &Weights) -> Result<NewtonUpdate, WeightsError> {
         let scalar = |name: &str| -> Result<f64, WeightsError> {
-            Ok(w.require(name)?.to_f64_vec().first().copied().unwrap_or(f64::NAN))
+            Ok(w.require(name)?
+                .to_f64_vec()
+                .first()
+                .copied()
+                .unwrap_or(f64::NAN))
         };
         Ok(NewtonUpdate {
             gradient: w.require(GRADIENT)?.to_f64_vec(),

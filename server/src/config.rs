@@ -300,12 +300,14 @@ impl ServerConfig {
             (Some(StrategyName::Fedprox), _) => Strategy::FedProx {
                 mu: r.proximal_mu.unwrap_or(0.0),
             },
-            (Some(StrategyName::Newton), other) => return Err(ConfigError::Invalid {
-                path: self.path.clone(),
-                message: format!(
+            (Some(StrategyName::Newton), other) => {
+                return Err(ConfigError::Invalid {
+                    path: self.path.clone(),
+                    message: format!(
                     "strategy = \"newton\" fits the clinical model; the initial model is {other:?}"
                 ),
-            }),
+                })
+            }
         };
         if model == ModelKind::Clinical && strategy != Strategy::Newton {
             return Err(ConfigError::Invalid {

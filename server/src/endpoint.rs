@@ -475,7 +475,8 @@ async fn fit_exchange(x: FitExchange) {
     };
     let outcome = tokio::select! {
         outcome = work => Some(outcome),
-        _ = &mut cancelled => None,
+        // A dropped sender (the verdict is in) is not a cancellation.
+        Ok(()) = &mut cancelled => None,
     };
     match outcome {
         Some(Ok(())) => {}

@@ -1187,12 +1187,9 @@ mod tests {
     fn each_check_refuses_the_misbehaving_centre_and_the_round_completes_with_the_honest_mean() {
         type Misbehave =
             fn(&mut Coordinator, &BTreeMap<String, TaskId>, Instant) -> (String, TaskId);
+        type Expect = fn(&UpdateRefusal) -> bool;
         let honest = model(&[1.0; 4], 1.0);
-        let send = |m: &mut Coordinator, c: &str, task: TaskId, round: u32, w: Weights| {
-            answer(m, c, task, round, w, 10, Instant::now());
-        };
-        let _ = send;
-        let cases: Vec<(&str, Misbehave, fn(&UpdateRefusal) -> bool)> = vec![
+        let cases: Vec<(&str, Misbehave, Expect)> = vec![
             (
                 "missing tensor",
                 |m, t, now| {

@@ -1,64 +1,412 @@
-//! `fedslm client`: a hospital node.
+//! `fedslm client`: a hospital node. It loads and checks its cohort before it connects (nothing leaves the site
+//! on bad data), then trains on the server's request and sends only weights, counts and losses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedslm_client::{connect, ClientConfig};
-use fedslm_protocol::{close, SampleCounts};
+use fedslm_client::{connect, Backoff, ClientConfig, ClientError, LocalTrainer, NodeEvent};
+use fedslm_cohort::{load_center, open_cohort, ImagePaths, Manifest, Patient, Sample};
+use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, NetworkKind, TrainConfig};
+use fedslm_protocol::clinical::NewtonUpdate;
+use fedslm_protocol::{
+    close, codec, FitResult, FitTask, Limits, LocalObjective, Message, ModelKind, SampleCounts,
+    Weights,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use serde_json::json;
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Client configuration (TOML): centre, server, certificate files.
+    /// Client configuration (TOML): centre, server, certificate files, cohort, coding and preprocessing.
     #[arg(long)]
     config: PathBuf,
-    /// Check the certificate and that the server admits this centre, then exit.
-    #[arg(long)]
+    /// Check the certificate (identity, validity, expiry), the cohort, and that the server admits this centre;
+    /// then exit.
+    #[arg(long, conflicts_with = "dry_run")]
     check: bool,
+    /// Load the cohort and print what would leave the site each round (message kinds and sizes); connect to
+    /// nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Give up after this many failed connection attempts in a row (default: keep trying).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+}
+
+/// The centre's data, loaded and checked.
+struct Cohort {
+    center: String,
+    manifest: Manifest,
+    samples: Vec<Sample>,
+}
+
+impl Cohort {
+    fn counts(&self) -> SampleCounts {
+        let labelled = self.manifest.patients.iter().filter(|p| p.slm.is_some());
+        SampleCounts {
+            patients: self.manifest.patients.len() as u64,
+            positives: labelled.filter(|p| p.slm == Some(true)).count() as u64,
+            with_images: self.samples.len() as u64,
+        }
+    }
+}
+
+fn load_cohort(config: &ClientConfig) -> anyhow::Result<Cohort> {
+    let Some(dir) = &config.cohort else {
+        bail!("client.toml has no cohort: name the folder that holds this centre's manifest.csv");
+    };
+    let mut centres = open_cohort(dir, &config.coding, &[])?;
+    if centres.len() != 1 {
+        bail!(
+            "{}: a node holds one centre's cohort, found {} ({})",
+            dir.display(),
+            centres.len(),
+            centres
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let (center, manifest) = centres.remove(0);
+    let has_images = |p: &Patient| {
+        ImagePaths::COLUMNS
+            .iter()
+            .any(|c| p.images.get(c).is_some())
+    };
+    if !manifest.patients.iter().any(has_images) {
+        // A centre with clinical data only can still take part in the clinical model.
+        return Ok(Cohort {
+            center,
+            manifest,
+            samples: Vec::new(),
+        });
+    }
+    let (samples, _) = load_center(
+        &manifest,
+        &center,
+        &config.coding,
+        &config.preprocess,
+        config.cache.as_deref(),
+    )
+    .with_context(|| format!("cohort {}", dir.display()))?;
+    Ok(Cohort {
+        center,
+        manifest,
+        samples,
+    })
 }
 
 pub fn run(args: ClientArgs) -> anyhow::Result<()> {
     let config = ClientConfig::load(&args.config)?;
+    if let Some(n) = config.threads {
+        // Before any pool exists: candle's kernels and the loaders size theirs from it.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
     if args.check {
-        let cert = CertificateDer::from_pem_file(&config.tls.cert)
-            .with_context(|| format!("cannot read certificate {}", config.tls.cert.display()))?;
-        let certified = fedslm_certs::center_of(&cert)
-            .with_context(|| format!("certificate {}", config.tls.cert.display()))?;
-        if certified != config.center {
-            bail!(
-                "{} says centre {}, but certificate {} is centre {certified}'s",
-                args.config.display(),
-                config.center,
-                config.tls.cert.display()
-            );
-        }
-        println!(
-            "certificate: centre {certified} ({})",
-            config.tls.cert.display()
-        );
+        check_certificate(&config, &args.config)?;
+    }
+    let cohort = load_cohort(&config)?;
+    let counts = cohort.counts();
+    println!(
+        "cohort: centre {}, {} patients ({} with SLM), {} with images",
+        cohort.center, counts.patients, counts.positives, counts.with_images
+    );
+    if args.dry_run {
+        return dry_run(&config, &cohort, counts);
     }
     super::runtime()?.block_on(async {
-        let session = connect(&config, SampleCounts::default()).await?;
-        let w = session.welcome.clone();
-        println!(
-            "admitted to run {} by {} as centre {} ({:?}), {} rounds",
-            w.run_id,
-            session.remote_address(),
-            w.center,
-            w.role,
-            w.rounds
-        );
         if args.check {
+            let session = match connect(&config, counts).await {
+                Ok(s) => s,
+                Err(e @ ClientError::Timeout { .. }) => bail!(
+                    "{e}\nfedslm speaks QUIC, over UDP: check that UDP port {} is open on every firewall \
+                     between this node and the server (TCP being open is not enough)",
+                    config.server.rsplit(':').next().unwrap_or("?")
+                ),
+                Err(e) => return Err(e.into()),
+            };
+            let w = session.welcome.clone();
+            println!(
+                "server: {} admitted centre {} to run {} as {:?}, {} rounds",
+                session.remote_address(),
+                w.center,
+                w.run_id,
+                w.role,
+                w.rounds
+            );
             session.close(close::DONE, "check done").await;
             return Ok(());
         }
-        let finish = session.wait_finish().await?;
+        let trainer = NodeTrainer {
+            config: config.clone(),
+            cohort,
+            network: None,
+        };
+        let backoff = Backoff {
+            attempts: args.max_attempts,
+            ..Backoff::default()
+        };
+        let finish = fedslm_client::run(&config, counts, trainer, backoff, |e| match e {
+            NodeEvent::Admitted { run_id } => println!("admitted to run {run_id}"),
+            NodeEvent::Trained {
+                round,
+                examples,
+                loss,
+            } => println!("round {round}: trained on {examples} patients, loss {loss:.4}"),
+            NodeEvent::Refused { round, reason } => {
+                println!("round {round}: the server refused this update: {reason}")
+            }
+            NodeEvent::Void { round } => println!("round {round}: closed before this update"),
+            NodeEvent::Reconnecting { after, reason } => {
+                println!("{reason}; reconnecting in {:.1} s", after.as_secs_f64())
+            }
+            NodeEvent::Accepted { round } => println!("round {round}: update accepted"),
+        })
+        .await?;
         println!(
             "run {} finished after {} rounds: {}",
             finish.run_id, finish.rounds_completed, finish.reason
         );
         Ok(())
     })
+}
+
+fn check_certificate(config: &ClientConfig, path: &Path) -> anyhow::Result<()> {
+    let cert = CertificateDer::from_pem_file(&config.tls.cert)
+        .with_context(|| format!("cannot read certificate {}", config.tls.cert.display()))?;
+    let certified = fedslm_certs::center_of(&cert)
+        .with_context(|| format!("certificate {}", config.tls.cert.display()))?;
+    if certified != config.center {
+        bail!(
+            "{} says centre {}, but certificate {} is centre {certified}'s",
+            path.display(),
+            config.center,
+            config.tls.cert.display()
+        );
+    }
+    let (not_before, not_after) = fedslm_certs::validity_of(&cert)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let day = 86_400;
+    if now < not_before {
+        bail!(
+            "certificate {} is not valid yet (from {} days from now): check this machine's clock",
+            config.tls.cert.display(),
+            (not_before - now) / day
+        );
+    }
+    if now > not_after {
+        bail!(
+            "certificate {} expired {} days ago: ask the coordinating centre for a new one",
+            config.tls.cert.display(),
+            (now - not_after) / day
+        );
+    }
+    let left = (not_after - now) / day;
+    println!(
+        "certificate: centre {certified}, valid for {left} more days ({}){}",
+        config.tls.cert.display(),
+        if left < 30 { ": renew it soon" } else { "" }
+    );
+    Ok(())
+}
+
+/// What each kind of run would send from this site, as the encoded frames' sizes.
+fn dry_run(config: &ClientConfig, cohort: &Cohort, counts: SampleCounts) -> anyhow::Result<()> {
+    let limits = Limits::default();
+    let size = |m: &Message| -> anyhow::Result<usize> { Ok(codec::encode(m, &limits)?.len()) };
+    let hello = Message::Hello(fedslm_client::hello(config, counts));
+    println!("once per connection: Hello, {} bytes (protocol and software versions, centre id, settings hash, counts: {} patients, {} with SLM, {} with images)",
+        size(&hello)?, counts.patients, counts.positives, counts.with_images);
+    let p = clinical::names().len();
+    let newton = NewtonUpdate::zeros(p).to_weights()?;
+    let result = |weights: Weights| {
+        Message::FitResult(FitResult {
+            round: 1,
+            weights,
+            examples: counts.patients,
+            train_loss: 0.0,
+        })
+    };
+    println!(
+        "each round, clinical model (federated Newton): FitResult, {} bytes (gradient [{p}], Hessian [{p}x{p}], log-likelihood, patient count)",
+        size(&result(newton))?
+    );
+    let pre = &config.preprocess;
+    for (kind, name, clinical_features) in [
+        (NetworkKind::Mri, "mri", 0),
+        (
+            NetworkKind::Combined,
+            "combined",
+            clinical::names().len() - 1,
+        ),
+    ] {
+        let cfg = NetConfig::compact(pre.channels(), pre.size, clinical_features);
+        let net = Network::new(kind, cfg, 0)?;
+        println!(
+            "each round, {name} network (default {}): FitResult, {} bytes (weights, patient count, training loss)",
+            net.describe(),
+            size(&result(net.to_weights()?))?
+        );
+    }
+    println!(
+        "never: images, patient ids, clinical rows or predictions ({} patients' data stay at {})",
+        cohort.manifest.patients.len(),
+        cohort.center
+    );
+    Ok(())
+}
+
+/// Training at this node, on the server's request.
+struct NodeTrainer {
+    config: ClientConfig,
+    cohort: Cohort,
+    /// The network of the last task, reused while the architecture stays the same.
+    network: Option<Network>,
+}
+
+impl LocalTrainer for NodeTrainer {
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+        let result = match task.objective {
+            LocalObjective::NewtonStep => self.newton(task),
+            LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(task),
+        }
+        .map_err(|e| format!("{e:#}"))?;
+        if let Some(dir) = &self.config.record {
+            self.record(dir, task, &result)
+                .map_err(|e| format!("cannot keep a copy of the update: {e:#}"))?;
+        }
+        Ok(result)
+    }
+}
+
+impl NodeTrainer {
+    fn newton(&self, task: &FitTask) -> anyhow::Result<FitResult> {
+        let beta = clinical::coefficients(&task.weights)?;
+        let patients: Vec<&Patient> = self.cohort.manifest.patients.iter().collect();
+        let s = clinical::local_stats(&self.config.coding, &patients, &beta)?;
+        if s.n == 0 {
+            bail!("no patient with a known SLM outcome");
+        }
+        let update = NewtonUpdate {
+            gradient: s.gradient,
+            hessian: s.hessian,
+            log_likelihood: s.log_likelihood,
+            fitted_exactly: s.fitted_exactly,
+        };
+        Ok(FitResult {
+            round: task.round,
+            weights: update.to_weights()?,
+            examples: s.n,
+            train_loss: -s.log_likelihood / s.n as f64,
+        })
+    }
+
+    fn train(&mut self, task: &FitTask) -> anyhow::Result<FitResult> {
+        let kind = match task.model {
+            ModelKind::Mri => NetworkKind::Mri,
+            ModelKind::Combined => NetworkKind::Combined,
+            ModelKind::Clinical => {
+                bail!("the clinical model is fitted by federated Newton, not trained")
+            }
+        };
+        let cfg = NetConfig::from_weights(&task.weights, self.config.preprocess.size)
+            .map_err(|e| anyhow::anyhow!("the task's network: {e}"))?;
+        if cfg.in_channels != self.config.preprocess.channels() {
+            bail!(
+                "the task's network takes {} channels; this node's preprocessing makes {}",
+                cfg.in_channels,
+                self.config.preprocess.channels()
+            );
+        }
+        let reuse = self
+            .network
+            .as_ref()
+            .is_some_and(|n| n.kind == kind && n.config == cfg);
+        if !reuse {
+            self.network = Some(Network::new(kind, cfg, task.seed)?);
+        }
+        let Some(network) = &self.network else {
+            bail!("no network");
+        };
+        network.load_weights(&task.weights)?;
+        let train: Vec<&Sample> = self
+            .cohort
+            .samples
+            .iter()
+            .filter(|s| s.label.is_some())
+            .collect();
+        if self.cohort.samples.is_empty() {
+            bail!("this centre's manifest names no images: it can take part in the clinical model only");
+        }
+        if train.len() < 2 {
+            bail!(
+                "{} patients with images and an outcome: too few to train",
+                train.len()
+            );
+        }
+        let train_cfg = TrainConfig {
+            epochs: task.local_epochs as usize,
+            batch_size: task.batch_size as usize,
+            learning_rate: task.learning_rate,
+            proximal_mu: match task.objective {
+                LocalObjective::Proximal { mu } => Some(mu),
+                _ => None,
+            },
+            seed: centre_seed(task.seed, &self.cohort.center),
+            ..TrainConfig::default()
+        };
+        let reports = network.fit(&train, &train_cfg, |r| {
+            tracing::debug!(round = task.round, epoch = r.epoch, loss = r.loss, "epoch");
+        })?;
+        Ok(FitResult {
+            round: task.round,
+            weights: network.to_weights()?,
+            examples: train.len() as u64,
+            train_loss: reports.last().map_or(f64::NAN, |r| r.loss),
+        })
+    }
+
+    /// A copy of what leaves the site: `round-NNNN.safetensors`, the count and loss in its card.
+    fn record(&self, dir: &Path, task: &FitTask, result: &FitResult) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let model = match task.objective {
+            LocalObjective::NewtonStep => "newton-statistics",
+            _ => match task.model {
+                ModelKind::Mri => "mri",
+                ModelKind::Combined => "combined",
+                ModelKind::Clinical => "clinical",
+            },
+        };
+        let card = ModelCard {
+            training: json!({
+                "mode": "federated update",
+                "center": self.cohort.center,
+                "round": result.round,
+                "examples": result.examples,
+                "train_loss": result.train_loss,
+            }),
+            ..ModelCard::new(model, self.config.coding, self.config.preprocess)
+        };
+        save(
+            &dir.join(format!("round-{:04}.safetensors", result.round)),
+            &result.weights,
+            &card,
+        )?;
+        Ok(())
+    }
+}
+
+/// A round's training seed made this centre's own (FNV-1a over the centre id, mixed into the round seed).
+fn centre_seed(seed: u64, center: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in center.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    seed ^ h
 }

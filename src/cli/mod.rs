@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing (clap derive) and dispatch. `anyhow` lives here, at the edge.
 
+mod bench;
 mod certs;
 mod client;
 pub mod evaluate;
@@ -47,6 +48,9 @@ enum Command {
     /// Model files for deployments.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Benchmarks that print figures (the cost of a federated round).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Dims, spacing and value statistics of a NIfTI file, DICOM file or series; or a manifest's summary.
     Inspect(inspect::InspectArgs),
 }
@@ -73,6 +77,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Model(c) => model::run(c),
+        Command::Bench(c) => bench::run(c),
     }
 }
 

@@ -463,7 +463,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(fit: &fedslm_metrics::LogisticFit) {
+pub fn print_table(fit: &fedslm_metrics::LogisticFit) {
     println!(
         "\n{:<12} {:>8} {:>8} {:>8} {:>17} {:>8}",
         "covariate", "beta", "SE", "OR", "OR 95% CI", "p"

@@ -1,0 +1,284 @@
+//! A node's life in a run: connect, take the server's tasks one at a time on the streams it opens, answer
+//! them, and end on Finish. A lost connection is retried with exponential backoff and jitter; a refusal is
+//! not (it would be refused again).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedslm_protocol::io::{read_message, write_message};
+use fedslm_protocol::{
+    close, ErrorCode, Finish, FitResult, FitTask, Message, ProtocolError, SampleCounts,
+};
+use quinn::{RecvStream, SendStream};
+
+use crate::{connect, lost, ClientConfig, ClientError, Session};
+
+/// What a node does with its data when the server asks. Runs on a blocking thread.
+pub trait LocalTrainer: Send + 'static {
+    /// Trains from the task's weights (or computes the clinical model's Newton statistics) and returns only
+    /// weights, a count and a loss. An error is told to the server as "cannot train", with its text.
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String>;
+}
+
+/// Reconnection: waits grow from `initial` by doubling to `max`, each drawn uniformly from half to one and a
+/// half times the nominal wait, so that centres cut off together do not come back together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+    /// Consecutive failed connection attempts before giving up; `None`: never give up.
+    pub attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before attempt `n` (1 = the first retry), with `unit` in [0, 1) drawn for the jitter.
+    pub fn wait(&self, n: u32, unit: f64) -> Duration {
+        let nominal = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(n.saturating_sub(1)))
+            .min(self.max);
+        nominal.mul_f64(0.5 + unit.clamp(0.0, 1.0))
+    }
+}
+
+/// What a node reports while it runs, for logs, progress and tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    Admitted {
+        run_id: String,
+    },
+    Trained {
+        round: u32,
+        examples: u64,
+        loss: f64,
+    },
+    Accepted {
+        round: u32,
+    },
+    Refused {
+        round: u32,
+        reason: String,
+    },
+    /// The server dropped the task (its round closed first).
+    Void {
+        round: u32,
+    },
+    Reconnecting {
+        after: Duration,
+        reason: String,
+    },
+}
+
+/// Whether retrying can help: a refusal or a bad certificate will be the same next time.
+fn is_final(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused { .. } | ClientError::TlsAlert { .. } | ClientError::Certs(_) => true,
+        ClientError::Closed { code, .. } => {
+            *code == u64::from(close::REFUSED) || *code == u64::from(close::SUPERSEDED)
+        }
+        _ => false,
+    }
+}
+
+/// Runs the node until the server's Finish (or a refusal, or `backoff` gives up).
+pub async fn run<T: LocalTrainer>(
+    config: &ClientConfig,
+    counts: SampleCounts,
+    trainer: T,
+    backoff: Backoff,
+    mut on_event: impl FnMut(NodeEvent),
+) -> Result<Finish, ClientError> {
+    let trainer = Arc::new(Mutex::new(trainer));
+    let mut failures = 0u32;
+    loop {
+        let error = match connect(config, counts).await {
+            Ok(session) => {
+                failures = 0;
+                on_event(NodeEvent::Admitted {
+                    run_id: session.welcome.run_id.clone(),
+                });
+                match serve(session, &trainer, &mut on_event).await {
+                    Ok(finish) => return Ok(finish),
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        if is_final(&error) {
+            return Err(error);
+        }
+        failures += 1;
+        if backoff.attempts.is_some_and(|max| failures > max) {
+            return Err(error);
+        }
+        let after = backoff.wait(failures, jitter());
+        tracing::warn!(%error, ?after, "connection lost; reconnecting");
+        on_event(NodeEvent::Reconnecting {
+            after,
+            reason: error.to_string(),
+        });
+        tokio::time::sleep(after).await;
+    }
+}
+
+/// A number in [0, 1) that differs between processes and calls (std's randomly keyed hasher).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+async fn serve<T: LocalTrainer>(
+    mut session: Session,
+    trainer: &Arc<Mutex<T>>,
+    on_event: &mut impl FnMut(NodeEvent),
+) -> Result<Finish, ClientError> {
+    loop {
+        tokio::select! {
+            msg = read_message(&mut session.control_recv, &session.limits, &session.budget) => {
+                let result = match msg {
+                    Ok(Message::Finish(f)) => Ok(f),
+                    Ok(Message::Error(e)) => Err(ClientError::Refused {
+                        server: session.server.clone(),
+                        code: e.code,
+                        message: e.message,
+                    }),
+                    Ok(other) => Err(ClientError::Unexpected {
+                        server: session.server.clone(),
+                        expected: "Finish",
+                        got: other.kind().to_string(),
+                    }),
+                    Err(e) => Err(lost(&session.server, &session.connection, e)),
+                };
+                if result.is_ok() {
+                    session.close(close::DONE, "done").await;
+                }
+                return result;
+            }
+            stream = session.connection.accept_bi() => {
+                let (send, recv) = stream.map_err(|e| crate::connection_error(&session.server, e))?;
+                task(&session, send, recv, trainer, on_event).await?;
+            }
+        }
+    }
+}
+
+/// One task stream: the task, the answer, the server's verdict.
+async fn task<T: LocalTrainer>(
+    session: &Session,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    trainer: &Arc<Mutex<T>>,
+    on_event: &mut impl FnMut(NodeEvent),
+) -> Result<(), ClientError> {
+    let server = &session.server;
+    let msg = match read_message(&mut recv, &session.limits, &session.budget).await {
+        Ok(m) => m,
+        // A task reset before it arrived whole is void; the connection may be fine.
+        Err(ProtocolError::Io(e)) if session.connection.close_reason().is_none() => {
+            tracing::warn!(%e, "task stream failed");
+            return Ok(());
+        }
+        Err(e) => return Err(lost(server, &session.connection, e)),
+    };
+    let Message::FitTask(fit) = msg else {
+        return Err(ClientError::Unexpected {
+            server: server.clone(),
+            expected: "FitTask",
+            got: msg.kind().to_string(),
+        });
+    };
+    let round = fit.round;
+    tracing::info!(round, epochs = fit.local_epochs, "training");
+    let worker = trainer.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
+        t.fit(&fit)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("training stopped: {e}")));
+    let answer = match outcome {
+        Ok(result) => {
+            on_event(NodeEvent::Trained {
+                round,
+                examples: result.examples,
+                loss: result.train_loss,
+            });
+            Message::FitResult(result)
+        }
+        Err(reason) => {
+            tracing::error!(round, %reason, "cannot train");
+            Message::error(ErrorCode::Internal, reason)
+        }
+    };
+    if let Err(e) = write_message(&mut send, &answer, &session.limits).await {
+        if session.connection.close_reason().is_some() {
+            return Err(lost(server, &session.connection, e));
+        }
+        tracing::warn!(round, %e, "the server dropped the task: its round closed first");
+        on_event(NodeEvent::Void { round });
+        return Ok(());
+    }
+    let _ = send.finish();
+    match read_message(&mut recv, &session.limits, &session.budget).await {
+        Ok(Message::Error(e)) if e.code == ErrorCode::UpdateRefused => {
+            tracing::warn!(round, reason = %e.message, "the server refused this centre's update");
+            on_event(NodeEvent::Refused {
+                round,
+                reason: e.message,
+            });
+        }
+        Err(ProtocolError::Closed) => {
+            if matches!(answer, Message::FitResult(_)) {
+                on_event(NodeEvent::Accepted { round });
+            }
+        }
+        Ok(other) => {
+            tracing::warn!(round, kind = %other.kind(), "unexpected answer to a fit result")
+        }
+        Err(e) => {
+            if session.connection.close_reason().is_some() {
+                return Err(lost(server, &session.connection, e));
+            }
+            tracing::warn!(round, %e, "no verdict on the update");
+            on_event(NodeEvent::Void { round });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_around_it() {
+        let b = Backoff::default();
+        assert_eq!(b.wait(1, 0.5), Duration::from_secs(1));
+        assert_eq!(b.wait(3, 0.5), Duration::from_secs(4));
+        assert_eq!(b.wait(30, 0.5), Duration::from_secs(60));
+        assert_eq!(b.wait(3, 0.0), Duration::from_secs(2));
+        assert_eq!(
+            b.wait(3, 0.999_999),
+            Duration::from_secs(4).mul_f64(1.499_999)
+        );
+        let draws: Vec<f64> = (0..50).map(|_| jitter()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        assert!(draws.windows(2).any(|w| w[0] != w[1]), "jitter varies");
+    }
+}

@@ -1,0 +1,375 @@
+//! Rounds over loopback QUIC with mutual TLS, in one process: a misbehaving centre is refused, told why, and
+//! every round still completes with the honest centres' aggregate; the validation centre is never asked to
+//! train; a client whose server restarts comes back by itself.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::id;
+use fedslm_certs::{IssueOptions, Pki};
+use fedslm_client::{Backoff, ClientConfig, LocalTrainer, NodeEvent};
+use fedslm_protocol::{DType, FitResult, FitTask, SampleCounts, Tensor, TensorRole, Weights};
+use fedslm_server::{Coordinator, Outcome, Server, ServerConfig};
+
+fn model(conv: &[f32], var: f32) -> Weights {
+    Weights::from_tensors(vec![
+        Tensor::from_f32("conv.weight", vec![2, 2], TensorRole::Parameter, conv).unwrap(),
+        Tensor::from_f32(
+            "bn.running_var",
+            vec![1],
+            TensorRole::BatchNormStatistic,
+            &[var],
+        )
+        .unwrap(),
+    ])
+    .unwrap()
+}
+
+fn shifted(w: &Weights, by: f32) -> Weights {
+    let conv: Vec<f32> = w
+        .require("conv.weight")
+        .unwrap()
+        .to_f32_vec()
+        .iter()
+        .map(|v| v + by)
+        .collect();
+    let var = w.require("bn.running_var").unwrap().to_f32_vec()[0];
+    model(&conv, var)
+}
+
+/// Moves every weight by `by`, as if it had trained, on `examples` patients.
+struct Honest {
+    by: f32,
+    examples: u64,
+    asked: Arc<Mutex<Vec<u32>>>,
+}
+
+impl LocalTrainer for Honest {
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+        self.asked.lock().unwrap().push(task.round);
+        Ok(FitResult {
+            round: task.round,
+            weights: shifted(&task.weights, self.by),
+            examples: self.examples,
+            train_loss: 0.5,
+        })
+    }
+}
+
+/// Breaks one rule per round.
+struct Misbehaving;
+
+impl LocalTrainer for Misbehaving {
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+        let ok = shifted(&task.weights, 1.0);
+        let conv = ok.tensors()[0].clone();
+        let var = ok.tensors()[1].clone();
+        let mut round = task.round;
+        let weights = match task.round {
+            1 => model(&[f32::NAN, 0.0, 0.0, 0.0], 1.0),
+            2 => Weights::from_tensors(vec![
+                Tensor::from_f32("conv.weight", vec![4], TensorRole::Parameter, &[0.0; 4]).unwrap(),
+                var,
+            ])
+            .unwrap(),
+            3 => shifted(&task.weights, 1000.0),
+            4 => {
+                let spy = Tensor::from_f32("spy", vec![1], TensorRole::Parameter, &[0.0]).unwrap();
+                Weights::from_tensors(vec![conv, var, spy]).unwrap()
+            }
+            5 => Weights::from_tensors(vec![
+                Tensor::from_f32_as(
+                    "conv.weight",
+                    vec![2, 2],
+                    TensorRole::Parameter,
+                    &conv.to_f32_vec(),
+                    DType::F16,
+                )
+                .unwrap(),
+                var,
+            ])
+            .unwrap(),
+            6 => Weights::from_tensors(vec![
+                conv,
+                Tensor::from_f32("bn.running_var", vec![1], TensorRole::Parameter, &[1.0]).unwrap(),
+            ])
+            .unwrap(),
+            7 => Weights::from_tensors(vec![conv]).unwrap(),
+            _ => {
+                round += 100;
+                ok
+            }
+        };
+        Ok(FitResult {
+            round,
+            weights,
+            examples: 1000,
+            train_loss: 0.1,
+        })
+    }
+}
+
+const EXPECTED_REFUSALS: [&str; 8] = [
+    "tensor conv.weight holds a non-finite value at index 0",
+    "tensor conv.weight has shape [4], the global model's has [2, 2]",
+    "beyond the bound of 1.0000e2",
+    "tensor spy is not part of the global model",
+    "tensor conv.weight is F16, the global model's is F32",
+    "tensor bn.running_var has role Parameter, the global model's has BatchNormStatistic",
+    "tensor bn.running_var of the global model is missing",
+    "the update is for round 108, the task was for round 8",
+];
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    server: ServerConfig,
+    configs: BTreeMap<String, ClientConfig>,
+}
+
+fn setup(round_keys: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::init(
+        &dir.path().join("pki"),
+        "test",
+        "localhost",
+        &["127.0.0.1".parse().unwrap()],
+    )
+    .unwrap();
+    let centres = [
+        ("center-a", "train"),
+        ("center-b", "train"),
+        ("center-c", "train"),
+        ("external", "validate"),
+    ];
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut toml =
+        format!("listen = \"{addr}\"\npki = \"pki\"\nrun_id = \"rounds\"\n{round_keys}\n");
+    for (c, role) in centres {
+        toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
+    }
+    let config = ServerConfig::parse(&toml, &dir.path().join("server.toml")).unwrap();
+    let mut configs = BTreeMap::new();
+    for (c, _) in centres {
+        let out = dir.path().join(c);
+        pki.issue(&id(c), &out, IssueOptions::days(30).unwrap())
+            .unwrap();
+        let client = format!(
+            "center = \"{c}\"\nserver = \"{addr}\"\nserver_name = \"localhost\"\n\
+             ca = \"ca.pem\"\ncert = \"{c}.pem\"\nkey = \"{c}.key\"\n"
+        );
+        configs.insert(
+            c.to_string(),
+            ClientConfig::parse(&client, &out.join("client.toml")).unwrap(),
+        );
+    }
+    Setup {
+        _dir: dir,
+        server: config,
+        configs,
+    }
+}
+
+/// The round machine of a run whose enrolment and rounds are `config`'s.
+fn coordinator(config: &ServerConfig) -> Coordinator {
+    Coordinator::new(
+        config
+            .round_settings(fedslm_protocol::ModelKind::Mri)
+            .unwrap(),
+        config.enrolment.centers.clone(),
+        model(&[0.0; 4], 1.0),
+        &[],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_broken_rule_is_refused_and_told_and_every_round_commits_the_honest_mean() {
+    let keys = "rounds = 8\nquorum = 2\nnorm_bound = 100.0\nround_deadline_secs = 20";
+    let s = setup(keys);
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let mut events = server.subscribe();
+    let run = tokio::spawn(async move { server.run_rounds(machine, std::future::pending()).await });
+
+    let asked_a = Arc::new(Mutex::new(Vec::new()));
+    let asked_v = Arc::new(Mutex::new(Vec::new()));
+    let refusals = Arc::new(Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    let backoff = Backoff {
+        attempts: Some(2),
+        ..Backoff::default()
+    };
+    for (c, cfg) in s.configs.clone() {
+        let asked_a = asked_a.clone();
+        let asked_v = asked_v.clone();
+        let refusals = refusals.clone();
+        clients.push(tokio::spawn(async move {
+            let counts = SampleCounts::default();
+            let record = move |e: NodeEvent| {
+                if let NodeEvent::Refused { round, reason } = e {
+                    refusals.lock().unwrap().push((round, reason));
+                }
+            };
+            match c.as_str() {
+                "center-a" => {
+                    let t = Honest {
+                        by: 1.0,
+                        examples: 10,
+                        asked: asked_a,
+                    };
+                    fedslm_client::run(&cfg, counts, t, backoff, record).await
+                }
+                "center-b" => {
+                    let t = Honest {
+                        by: 3.0,
+                        examples: 30,
+                        asked: Arc::default(),
+                    };
+                    fedslm_client::run(&cfg, counts, t, backoff, record).await
+                }
+                "center-c" => fedslm_client::run(&cfg, counts, Misbehaving, backoff, record).await,
+                _ => {
+                    let t = Honest {
+                        by: 0.0,
+                        examples: 1,
+                        asked: asked_v,
+                    };
+                    fedslm_client::run(&cfg, counts, t, backoff, record).await
+                }
+            }
+        }));
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ended within 60 s")
+        .unwrap();
+    for c in clients {
+        let finish = c.await.unwrap().expect("every client got Finish");
+        assert_eq!(finish.rounds_completed, 8);
+    }
+    let Some(Outcome::Completed {
+        rounds: 8, weights, ..
+    }) = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    // Each round: (10 (g + 1) + 30 (g + 3)) / 40 = g + 2.5, whatever centre c sent.
+    assert_eq!(
+        weights.require("conv.weight").unwrap().to_f32_vec(),
+        vec![20.0; 4]
+    );
+    let refusals = refusals.lock().unwrap().clone();
+    assert_eq!(refusals.len(), 8, "{refusals:?}");
+    for (i, ((round, reason), want)) in refusals.iter().zip(EXPECTED_REFUSALS).enumerate() {
+        assert_eq!(*round as usize, i + 1);
+        assert!(
+            reason.contains(want),
+            "round {round}: {reason:?} lacks {want:?}"
+        );
+    }
+    assert_eq!(*asked_a.lock().unwrap(), (1..=8).collect::<Vec<u32>>());
+    assert!(
+        asked_v.lock().unwrap().is_empty(),
+        "the validation centre never trains"
+    );
+    // The server's records say the same.
+    let mut committed = 0;
+    while let Ok(e) = events.try_recv() {
+        if let fedslm_server::ServerEvent::RoundCommitted(r) = e {
+            committed += 1;
+            assert_eq!(r.contributions.len(), 2);
+            assert_eq!(r.refused.len(), 1);
+            assert_eq!(r.refused[0].0, id("center-c"));
+        }
+    }
+    assert_eq!(committed, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_run() {
+    let keys = "rounds = 1\nquorum = 1\nround_start_grace_secs = 1";
+    let s = setup(keys);
+    // First a server that only admits, then stops as a restarted machine would.
+    let first = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let mut first_events = first.subscribe();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = first.clone();
+    let first_run = tokio::spawn(async move {
+        serving
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let cfg = s.configs["center-a"].clone();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(1),
+        attempts: Some(20),
+    };
+    let client = tokio::spawn(async move {
+        let t = Honest {
+            by: 1.0,
+            examples: 5,
+            asked: Arc::default(),
+        };
+        fedslm_client::run(&cfg, SampleCounts::default(), t, backoff, move |e| {
+            seen.lock().unwrap().push(e)
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(
+            first_events.recv().await,
+            Ok(fedslm_server::ServerEvent::Admitted { .. })
+        ) {}
+    })
+    .await
+    .expect("admitted by the first server");
+    stop.send(()).unwrap();
+    first_run.await.unwrap();
+    drop(first_events);
+    drop(first);
+
+    // The same address again, now running the rounds: the client comes back by itself.
+    let second = loop {
+        match Server::bind(s.server.clone()) {
+            Ok(server) => break Arc::new(server),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let machine = coordinator(&s.server);
+    let run = tokio::spawn(async move { second.run_rounds(machine, std::future::pending()).await });
+    let finish = tokio::time::timeout(Duration::from_secs(60), client)
+        .await
+        .expect("back and finished within 60 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(finish.rounds_completed, 1);
+    let outcome = run.await.unwrap();
+    assert!(
+        matches!(outcome, Some(Outcome::Completed { rounds: 1, .. })),
+        "{outcome:?}"
+    );
+    let events = events.lock().unwrap();
+    let reconnecting = events
+        .iter()
+        .position(|e| matches!(e, NodeEvent::Reconnecting { reason, .. } if reason.contains("shutting down")))
+        .unwrap_or_else(|| panic!("{events:?}"));
+    assert!(matches!(events[0], NodeEvent::Admitted { .. }));
+    assert!(
+        matches!(events[reconnecting + 1], NodeEvent::Admitted { .. }),
+        "{events:?}"
+    );
+    assert!(events.contains(&NodeEvent::Accepted { round: 1 }));
+}
