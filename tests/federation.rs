@@ -337,3 +337,30 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     assert_eq!(final_model, previous);
     assert_eq!(card.training["strategy"], "fedprox");
 }
+
+#[test]
+fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cohort = tiny_cohort(d);
+    let run = Run::new(d, &[("center-a", "train")], "");
+    let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
+    let config = run.client_config("center-a", &cohort.join("center-a"), preprocess);
+    let config = config.display().to_string();
+    let (ok, out, err) = fedslm(&["client", "--config", &config, "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cohort: centre center-a, 10 patients (4 with SLM), 10 with images"), "{out}");
+    assert!(out.contains("Hello, ") && out.contains("FitResult, "), "{out}");
+    assert!(out.contains("never: images, patient ids"), "{out}");
+
+    // A broken manifest stops the node before it connects to anything (no server runs here).
+    let manifest = cohort.join("center-a/manifest.csv");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let broken = text.replacen(",M,", ",X,", 1);
+    assert_ne!(broken, text);
+    std::fs::write(&manifest, broken).unwrap();
+    let (ok, _, err) = fedslm(&["client", "--config", &config, "--max-attempts", "0"]);
+    assert!(!ok);
+    assert!(err.contains("manifest.csv") && err.contains("sex"), "{err}");
+    assert!(!err.contains("connect"), "{err}");
+}

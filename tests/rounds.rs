@@ -11,7 +11,9 @@ use std::time::Duration;
 use common::id;
 use fedslm_certs::{IssueOptions, Pki};
 use fedslm_client::{Backoff, ClientConfig, LocalTrainer, NodeEvent};
-use fedslm_protocol::{DType, FitResult, FitTask, SampleCounts, Tensor, TensorRole, Weights};
+use fedslm_protocol::{
+    DType, EvalReport, EvaluateTask, FitResult, FitTask, SampleCounts, Tensor, TensorRole, Weights,
+};
 use fedslm_server::{Coordinator, Outcome, Server, ServerConfig};
 
 fn model(conv: &[f32], var: f32) -> Weights {
@@ -56,6 +58,10 @@ impl LocalTrainer for Honest {
             examples: self.examples,
             train_loss: 0.5,
         })
+    }
+
+    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+        Err("evaluation is Federation III's".into())
     }
 }
 
@@ -109,6 +115,10 @@ impl LocalTrainer for Misbehaving {
             examples: 1000,
             train_loss: 0.1,
         })
+    }
+
+    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+        Err("evaluation is Federation III's".into())
     }
 }
 

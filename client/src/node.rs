@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use fedslm_protocol::io::{read_message, write_message};
 use fedslm_protocol::{
-    close, ErrorCode, Finish, FitResult, FitTask, Message, ProtocolError, SampleCounts,
+    close, ErrorCode, EvalReport, EvaluateTask, Finish, FitResult, FitTask, Message, ProtocolError,
+    SampleCounts,
 };
 use quinn::{RecvStream, SendStream};
 
@@ -18,6 +19,10 @@ pub trait LocalTrainer: Send + 'static {
     /// Trains from the task's weights (or computes the clinical model's Newton statistics) and returns only
     /// weights, a count and a loss. An error is told to the server as "cannot train", with its text.
     fn fit(&mut self, task: &FitTask) -> Result<FitResult, String>;
+
+    /// Evaluates the task's weights on local patients and returns only counts, a loss and per-class score
+    /// histograms.
+    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String>;
 }
 
 /// Reconnection: waits grow from `initial` by doubling to `max`, each drawn uniformly from half to one and a
@@ -196,12 +201,40 @@ async fn task<T: LocalTrainer>(
         }
         Err(e) => return Err(lost(server, &session.connection, e)),
     };
-    let Message::FitTask(fit) = msg else {
-        return Err(ClientError::Unexpected {
-            server: server.clone(),
-            expected: "FitTask",
-            got: msg.kind().to_string(),
-        });
+    let fit = match msg {
+        Message::FitTask(fit) => fit,
+        Message::EvaluateTask(eval) => {
+            let round = eval.round;
+            let worker = trainer.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
+                t.evaluate(&eval)
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("evaluation stopped: {e}")));
+            let answer = match outcome {
+                Ok(report) => Message::EvalReport(report),
+                Err(reason) => {
+                    tracing::error!(round, %reason, "cannot evaluate");
+                    Message::error(ErrorCode::Internal, reason)
+                }
+            };
+            if let Err(e) = write_message(&mut send, &answer, &session.limits).await {
+                if session.connection.close_reason().is_some() {
+                    return Err(lost(server, &session.connection, e));
+                }
+                on_event(NodeEvent::Void { round });
+            }
+            let _ = send.finish();
+            return Ok(());
+        }
+        other => {
+            return Err(ClientError::Unexpected {
+                server: server.clone(),
+                expected: "FitTask or EvaluateTask",
+                got: other.kind().to_string(),
+            })
+        }
     };
     let round = fit.round;
     tracing::info!(round, epochs = fit.local_epochs, "training");

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use fedslm_certs::{IssueOptions, Pki};
 use fedslm_client::{Backoff, ClientConfig, LocalTrainer};
 use fedslm_model::{save, NetConfig, Network, NetworkKind};
-use fedslm_protocol::{CenterId, FitResult, FitTask, SampleCounts};
+use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, FitResult, FitTask, SampleCounts};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -45,6 +45,10 @@ impl LocalTrainer for Echo {
             examples: 10,
             train_loss: 0.5,
         })
+    }
+
+    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+        Err("the round benchmark does not evaluate".into())
     }
 }
 

@@ -10,8 +10,8 @@ use fedslm_cohort::{load_center, open_cohort, ImagePaths, Manifest, Patient, Sam
 use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, NetworkKind, TrainConfig};
 use fedslm_protocol::clinical::NewtonUpdate;
 use fedslm_protocol::{
-    close, codec, FitResult, FitTask, Limits, LocalObjective, Message, ModelKind, SampleCounts,
-    Weights,
+    close, codec, EvalReport, EvaluateTask, FitResult, FitTask, Limits, LocalObjective, Message,
+    ModelKind, SampleCounts, ScoreHistogram, Weights,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -282,9 +282,86 @@ impl LocalTrainer for NodeTrainer {
         }
         Ok(result)
     }
+
+    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String> {
+        self.evaluate_all(task).map_err(|e| format!("{e:#}"))
+    }
 }
 
 impl NodeTrainer {
+    /// Predictions for every labelled local patient, as counts, mean log-loss and per-class histograms.
+    fn evaluate_all(&mut self, task: &EvaluateTask) -> anyhow::Result<EvalReport> {
+        if task.fold.is_some() {
+            bail!("evaluation of a cross-validation fold is not supported by this node yet (Federation III)");
+        }
+        let (labels, probs): (Vec<bool>, Vec<f64>) = match task.model {
+            ModelKind::Clinical => {
+                let beta = clinical::coefficients(&task.weights)?;
+                self.cohort
+                    .manifest
+                    .patients
+                    .iter()
+                    .filter_map(|p| {
+                        p.slm
+                            .map(|y| (y, clinical::predict(&self.config.coding, &beta, p)))
+                    })
+                    .unzip()
+            }
+            ModelKind::Mri | ModelKind::Combined => {
+                let network = network_for(
+                    &mut self.network,
+                    &self.config,
+                    &self.cohort,
+                    task.model,
+                    &task.weights,
+                    0,
+                )?;
+                let labelled: Vec<&Sample> = self
+                    .cohort
+                    .samples
+                    .iter()
+                    .filter(|s| s.label.is_some())
+                    .collect();
+                let probs = network.predict(&labelled)?;
+                (
+                    labelled.iter().map(|s| s.label == Some(true)).collect(),
+                    probs,
+                )
+            }
+        };
+        if labels.is_empty() {
+            bail!("no patient with a known SLM outcome to evaluate on");
+        }
+        let h = fedslm_metrics::ScoreHistograms::from_scores(
+            &labels,
+            &probs,
+            task.histogram_bins as usize,
+        )?;
+        let loss = labels
+            .iter()
+            .zip(&probs)
+            .map(|(&y, &p)| {
+                let p = p.clamp(1e-12, 1.0 - 1e-12);
+                if y {
+                    -p.ln()
+                } else {
+                    -(1.0 - p).ln()
+                }
+            })
+            .sum::<f64>()
+            / labels.len() as f64;
+        Ok(EvalReport {
+            round: task.round,
+            examples: labels.len() as u64,
+            positives: labels.iter().filter(|&&y| y).count() as u64,
+            loss,
+            histogram: ScoreHistogram {
+                positive: h.positive,
+                negative: h.negative,
+            },
+        })
+    }
+
     fn newton(&self, task: &FitTask) -> anyhow::Result<FitResult> {
         let beta = clinical::coefficients(&task.weights)?;
         let patients: Vec<&Patient> = self.cohort.manifest.patients.iter().collect();
@@ -307,42 +384,23 @@ impl NodeTrainer {
     }
 
     fn train(&mut self, task: &FitTask) -> anyhow::Result<FitResult> {
-        let kind = match task.model {
-            ModelKind::Mri => NetworkKind::Mri,
-            ModelKind::Combined => NetworkKind::Combined,
-            ModelKind::Clinical => {
-                bail!("the clinical model is fitted by federated Newton, not trained")
-            }
-        };
-        let cfg = NetConfig::from_weights(&task.weights, self.config.preprocess.size)
-            .map_err(|e| anyhow::anyhow!("the task's network: {e}"))?;
-        if cfg.in_channels != self.config.preprocess.channels() {
-            bail!(
-                "the task's network takes {} channels; this node's preprocessing makes {}",
-                cfg.in_channels,
-                self.config.preprocess.channels()
-            );
+        if task.model == ModelKind::Clinical {
+            bail!("the clinical model is fitted by federated Newton, not trained");
         }
-        let reuse = self
-            .network
-            .as_ref()
-            .is_some_and(|n| n.kind == kind && n.config == cfg);
-        if !reuse {
-            self.network = Some(Network::new(kind, cfg, task.seed)?);
-        }
-        let Some(network) = &self.network else {
-            bail!("no network");
-        };
-        network.load_weights(&task.weights)?;
+        let network = network_for(
+            &mut self.network,
+            &self.config,
+            &self.cohort,
+            task.model,
+            &task.weights,
+            task.seed,
+        )?;
         let train: Vec<&Sample> = self
             .cohort
             .samples
             .iter()
             .filter(|s| s.label.is_some())
             .collect();
-        if self.cohort.samples.is_empty() {
-            bail!("this centre's manifest names no images: it can take part in the clinical model only");
-        }
         if train.len() < 2 {
             bail!(
                 "{} patients with images and an outcome: too few to train",
@@ -399,6 +457,47 @@ impl NodeTrainer {
         )?;
         Ok(())
     }
+}
+
+/// The node's network for `weights` (built again only when the architecture changes), loaded with them.
+fn network_for<'a>(
+    slot: &'a mut Option<Network>,
+    config: &ClientConfig,
+    cohort: &Cohort,
+    model: ModelKind,
+    weights: &Weights,
+    seed: u64,
+) -> anyhow::Result<&'a Network> {
+    let kind = match model {
+        ModelKind::Mri => NetworkKind::Mri,
+        ModelKind::Combined => NetworkKind::Combined,
+        ModelKind::Clinical => bail!("the clinical model is not a network"),
+    };
+    if cohort.samples.is_empty() {
+        bail!(
+            "this centre's manifest names no images: it can take part in the clinical model only"
+        );
+    }
+    let cfg = NetConfig::from_weights(weights, config.preprocess.size)
+        .map_err(|e| anyhow::anyhow!("the task's network: {e}"))?;
+    if cfg.in_channels != config.preprocess.channels() {
+        bail!(
+            "the task's network takes {} channels; this node's preprocessing makes {}",
+            cfg.in_channels,
+            config.preprocess.channels()
+        );
+    }
+    if !slot
+        .as_ref()
+        .is_some_and(|n| n.kind == kind && n.config == cfg)
+    {
+        *slot = Some(Network::new(kind, cfg, seed)?);
+    }
+    let Some(network) = slot.as_ref() else {
+        bail!("no network");
+    };
+    network.load_weights(weights)?;
+    Ok(network)
 }
 
 /// A round's training seed made this centre's own (FNV-1a over the centre id, mixed into the round seed).
