@@ -349,8 +349,14 @@ fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would()
     let config = config.display().to_string();
     let (ok, out, err) = fedslm(&["client", "--config", &config, "--dry-run"]);
     assert!(ok, "{err}");
-    assert!(out.contains("cohort: centre center-a, 10 patients (4 with SLM), 10 with images"), "{out}");
-    assert!(out.contains("Hello, ") && out.contains("FitResult, "), "{out}");
+    assert!(
+        out.contains("cohort: centre center-a, 10 patients (4 with SLM), 10 with images"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Hello, ") && out.contains("FitResult, "),
+        "{out}"
+    );
     assert!(out.contains("never: images, patient ids"), "{out}");
 
     // A broken manifest stops the node before it connects to anything (no server runs here).

@@ -207,7 +207,11 @@ async fn each_broken_rule_is_refused_and_told_and_every_round_commits_the_honest
     let machine = coordinator(&s.server);
     let server = Arc::new(Server::bind(s.server.clone()).unwrap());
     let mut events = server.subscribe();
-    let run = tokio::spawn(async move { server.run_rounds(machine, std::future::pending()).await });
+    let run = tokio::spawn(async move {
+        server
+            .run_rounds(machine, Box::new(|_, _| Ok(())), std::future::pending())
+            .await
+    });
 
     let asked_a = Arc::new(Mutex::new(Vec::new()));
     let asked_v = Arc::new(Mutex::new(Vec::new()));
@@ -359,7 +363,11 @@ async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_ru
         }
     };
     let machine = coordinator(&s.server);
-    let run = tokio::spawn(async move { second.run_rounds(machine, std::future::pending()).await });
+    let run = tokio::spawn(async move {
+        second
+            .run_rounds(machine, Box::new(|_, _| Ok(())), std::future::pending())
+            .await
+    });
     let finish = tokio::time::timeout(Duration::from_secs(60), client)
         .await
         .expect("back and finished within 60 s")

@@ -18,7 +18,9 @@ pub use pki::{
     request, CenterFiles, IssueOptions, IssuedCert, Pki, RequestFiles, RevokeTarget, Signed, Usage,
     Validity, MAX_DAYS,
 };
-pub use quic::{alert_name, connection_center, quic_client_config, quic_server_config, tls_alert};
+pub use quic::{
+    alert_name, connection_center, quic_client_config, quic_server_config, tls_alert, udp_socket,
+};
 pub use tls::{
     client_config, provider, server_config, ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,
 };

@@ -13,8 +13,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Connections still in their handshake that the server holds at once.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Per stream, at the server: enough to keep a 1 Gbit/s, 15 ms path busy.
+const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
 
-fn transport(incoming_bidi_streams: u32) -> Arc<TransportConfig> {
+fn transport(incoming_bidi_streams: u32, stream_window: u32, window: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     // Infallible: 60 s is far below QUIC's limit on idle timeouts.
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
@@ -22,9 +24,8 @@ fn transport(incoming_bidi_streams: u32) -> Arc<TransportConfig> {
     // Control stream and task streams only; fedslm never uses unidirectional streams.
     t.max_concurrent_bidi_streams(VarInt::from_u32(incoming_bidi_streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    // Models of tens of MB: larger windows than quinn's defaults, still bounded per connection.
-    t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
-    t.receive_window(VarInt::from_u32(32 * 1024 * 1024));
+    t.stream_receive_window(VarInt::from_u32(stream_window));
+    t.receive_window(VarInt::from_u32(window));
     Arc::new(t)
 }
 
@@ -33,7 +34,9 @@ fn transport(incoming_bidi_streams: u32) -> Arc<TransportConfig> {
 pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, CertError> {
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(1));
+    // What a centre may have sent that the server has not read yet stays small: the server reads a few
+    // results at a time and the others wait in flow control, so its memory does not grow with the centres.
+    config.transport_config(transport(1, SERVER_STREAM_WINDOW, 2 * SERVER_STREAM_WINDOW));
     // A federation has a handful of centres: a flood of unauthenticated handshakes is refused, not queued
     // (quinn's default allows 65,536 pending).
     config.max_incoming(MAX_PENDING_HANDSHAKES);
@@ -45,7 +48,8 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
 pub fn quic_client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, CertError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| CertError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(4));
+    // Models of tens of MB: larger windows than quinn's defaults, still bounded per connection.
+    config.transport_config(transport(4, 8 * 1024 * 1024, 32 * 1024 * 1024));
     Ok(config)
 }
 
@@ -75,4 +79,24 @@ pub fn connection_center(conn: &quinn::Connection) -> Result<fedslm_protocol::Ce
 /// A TLS alert's name as the TLS specification spells it in CamelCase, e.g. `CertificateRevoked`.
 pub fn alert_name(alert: u8) -> String {
     format!("{:?}", rustls::AlertDescription::from(alert))
+}
+
+/// UDP socket buffers asked of the kernel (Linux caps them at `net.core.rmem_max`/`wmem_max`, 4 MiB on
+/// common systems). With the default 208 KiB, ten centres sending models at once overflow the server's
+/// socket and drop packets, and QUIC's congestion control then slows every transfer down.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
+
+/// A UDP socket bound to `addr` with large buffers, for a quinn endpoint.
+pub fn udp_socket(addr: std::net::SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Accept IPv4-mapped peers too when bound to [::], as quinn's own sockets do.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer than asked for still works, only slower under load.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }

@@ -216,7 +216,14 @@ pub async fn open(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let endpoint = Endpoint::client(bind).map_err(ClientError::Socket)?;
+    let socket = fedslm_certs::udp_socket(bind).map_err(ClientError::Socket)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        ClientError::Socket(std::io::Error::other(
+            "no async runtime to drive the endpoint",
+        ))
+    })?;
+    let endpoint = Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+        .map_err(ClientError::Socket)?;
     let connecting = endpoint
         .connect_with(quic, addr, &config.server_name)
         .map_err(|e| ClientError::Connect {

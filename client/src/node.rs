@@ -10,6 +10,7 @@ use fedslm_protocol::{
     close, ErrorCode, EvalReport, EvaluateTask, Finish, FitResult, FitTask, Message, ProtocolError,
     SampleCounts,
 };
+use fedslm_protocol::{codec, Limits};
 use quinn::{RecvStream, SendStream};
 
 use crate::{connect, lost, ClientConfig, ClientError, Session};
@@ -219,7 +220,7 @@ async fn task<T: LocalTrainer>(
                     Message::error(ErrorCode::Internal, reason)
                 }
             };
-            if let Err(e) = write_message(&mut send, &answer, &session.limits).await {
+            if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
                 if session.connection.close_reason().is_some() {
                     return Err(lost(server, &session.connection, e));
                 }
@@ -293,6 +294,19 @@ async fn task<T: LocalTrainer>(
         }
     }
     Ok(())
+}
+
+/// Writes `msg` as one frame handed to QUIC whole: a model of tens of megabytes is encoded once and not
+/// copied again into the stream's buffer.
+async fn send_frame(
+    send: &mut SendStream,
+    msg: &Message,
+    limits: &Limits,
+) -> Result<(), ProtocolError> {
+    let frame = codec::encode(msg, limits)?;
+    send.write_chunk(frame.into())
+        .await
+        .map_err(|e| ProtocolError::Io(e.into()))
 }
 
 #[cfg(test)]

@@ -236,13 +236,30 @@ impl Tensor {
 
     /// The values as `f64`, exactly for every dtype (server-side accumulators are f64).
     pub fn to_f64_vec(&self) -> Vec<f64> {
+        let mut out = Vec::with_capacity(self.element_count());
+        self.for_each_f64(|v| out.push(v));
+        out
+    }
+
+    /// Calls `f` with each value as `f64`, in order, without allocating: the server folds updates of
+    /// tens of megabytes this way.
+    pub fn for_each_f64(&self, mut f: impl FnMut(f64)) {
+        let d = &self.data;
         match self.dtype {
-            DType::F64 => self
-                .data
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect(),
-            _ => self.to_f32_vec().into_iter().map(f64::from).collect(),
+            DType::F32 => d
+                .chunks_exact(4)
+                .for_each(|c| f(f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))),
+            DType::F64 => d.chunks_exact(8).for_each(|c| {
+                f(f64::from_le_bytes([
+                    c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                ]))
+            }),
+            DType::F16 => d
+                .chunks_exact(2)
+                .for_each(|c| f(f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32()))),
+            DType::BF16 => d
+                .chunks_exact(2)
+                .for_each(|c| f(f64::from(bf16::from_le_bytes([c[0], c[1]]).to_f32()))),
         }
     }
 }

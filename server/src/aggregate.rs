@@ -91,16 +91,25 @@ pub fn check_update(
                 expected: g.role(),
             });
         }
-        let values = u.to_f64_vec();
-        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        let mut index = 0;
+        let mut first_bad = None;
+        u.for_each_f64(|v| {
+            if first_bad.is_none() && !v.is_finite() {
+                first_bad = Some(index);
+            }
+            index += 1;
+        });
+        if let Some(index) = first_bad {
             return Err(UpdateRefusal::NonFinite { name, index });
         }
         if norm_bound.is_some() && g.role() != TensorRole::BatchNormStatistic {
-            squared += values
-                .iter()
-                .zip(g.to_f64_vec())
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f64>();
+            let global = g.to_f64_vec();
+            let mut i = 0;
+            u.for_each_f64(|a| {
+                let d = a - global[i];
+                squared += d * d;
+                i += 1;
+            });
         }
     }
     if let Some(bound) = norm_bound {
@@ -169,9 +178,11 @@ impl FedAvg {
         let w = examples as f64;
         for ((name, _, _, _), sum) in self.template.iter().zip(&mut self.sums) {
             if let Some(t) = update.get(name) {
-                for (s, v) in sum.iter_mut().zip(t.to_f64_vec()) {
-                    *s += w * v;
-                }
+                let mut i = 0;
+                t.for_each_f64(|v| {
+                    sum[i] += w * v;
+                    i += 1;
+                });
             }
         }
         self.examples += w;

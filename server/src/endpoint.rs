@@ -25,6 +25,11 @@ use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
 
 /// How long a refused peer has to read its Error before the connection is closed.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
+/// Stores a committed round (its record and the new global model) before the run goes on; an error stops the
+/// run. Runs on a blocking thread.
+pub type CommitHook =
+    Box<dyn FnMut(&RoundRecord, &Arc<fedslm_protocol::Weights>) -> Result<(), String> + Send>;
+
 /// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
 /// about the global model, its f64 accumulators and this many updates, however many centres answer.
 const RESULTS_IN_FLIGHT: usize = 2;
@@ -166,11 +171,23 @@ impl Server {
     /// Loads the TLS files and binds the UDP socket. Must be called within a tokio runtime.
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let quic = quic_server_config(server_config(&config.tls)?)?;
-        let endpoint =
-            Endpoint::server(quic, config.listen).map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_err = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = fedslm_certs::udp_socket(config.listen).map_err(bind_err)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind_err(std::io::Error::other(
+                "no async runtime to drive the endpoint",
+            ))
+        })?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(quic),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         let (events, _) = broadcast::channel(1024);
         let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
@@ -214,13 +231,15 @@ impl Server {
     pub async fn run_rounds(
         &self,
         coordinator: Coordinator,
+        commit: CommitHook,
         shutdown: impl Future<Output = ()>,
     ) -> Option<Outcome> {
         let inputs = lock(&self.inputs).take()?;
+        let commit = Arc::new(Mutex::new(commit));
         let (done_tx, done_rx) = oneshot::channel();
         let shared = self.shared.clone();
         let driver = tokio::spawn(async move {
-            let outcome = drive(shared, coordinator, inputs).await;
+            let outcome = drive(shared, coordinator, inputs, commit).await;
             let _ = done_tx.send(outcome.clone());
             outcome
         });
@@ -272,6 +291,7 @@ async fn drive(
     shared: Arc<Shared>,
     mut machine: Coordinator,
     mut inputs: mpsc::UnboundedReceiver<Envelope>,
+    commit: Arc<Mutex<CommitHook>>,
 ) -> Outcome {
     let results = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let mut cancels: HashMap<TaskId, oneshot::Sender<()>> = HashMap::new();
@@ -358,34 +378,69 @@ async fn drive(
                         let _ = c.send(());
                     }
                 }
-                Action::RoundCommitted(record) => shared.emit(ServerEvent::RoundCommitted(record)),
+                Action::RoundCommitted { record, weights } => {
+                    // Stored before anything else (the next round's task) goes out; the event that
+                    // announces it carries no model, so that the event channel keeps none alive.
+                    let hook = commit.clone();
+                    let stored = record.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let mut hook = lock(&hook);
+                        (*hook)(&stored, &weights)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the commit stopped: {e}")));
+                    if let Err(reason) = done {
+                        let reason = format!("cannot commit round {}: {reason}", record.round);
+                        tracing::error!(%reason);
+                        let outcome = Outcome::Failed {
+                            rounds: machine.committed().saturating_sub(1),
+                            reason,
+                        };
+                        finish_all(
+                            &shared,
+                            &outcome,
+                            machine.committed().saturating_sub(1),
+                            &mut cancels,
+                        );
+                        return outcome;
+                    }
+                    shared.emit(ServerEvent::RoundCommitted(record));
+                }
                 Action::Finished(outcome) => {
-                    let finish = Finish {
-                        run_id: shared.config.enrolment.run_id.clone(),
-                        rounds_completed: machine.committed(),
-                        reason: match &outcome {
-                            Outcome::Completed { rounds, .. } => {
-                                format!("completed {rounds} rounds")
-                            }
-                            Outcome::Failed { reason, .. } => format!("failed: {reason}"),
-                        },
-                    };
-                    let peers: Vec<mpsc::Sender<Finish>> = lock(&shared.peers)
-                        .values()
-                        .map(|p| p.finish.clone())
-                        .collect();
-                    for p in peers {
-                        let _ = p.try_send(finish.clone());
-                    }
-                    for (_, c) in cancels.drain() {
-                        let _ = c.send(());
-                    }
-                    shared.emit(ServerEvent::Finished(outcome.clone()));
+                    finish_all(&shared, &outcome, machine.committed(), &mut cancels);
                     return outcome;
                 }
             }
         }
     }
+}
+
+/// Finish to every connected centre, every pending task dropped, the event emitted.
+fn finish_all(
+    shared: &Shared,
+    outcome: &Outcome,
+    rounds_completed: u32,
+    cancels: &mut HashMap<TaskId, oneshot::Sender<()>>,
+) {
+    let finish = Finish {
+        run_id: shared.config.enrolment.run_id.clone(),
+        rounds_completed,
+        reason: match outcome {
+            Outcome::Completed { rounds, .. } => format!("completed {rounds} rounds"),
+            Outcome::Failed { reason, .. } => format!("failed: {reason}"),
+        },
+    };
+    let peers: Vec<mpsc::Sender<Finish>> = lock(&shared.peers)
+        .values()
+        .map(|p| p.finish.clone())
+        .collect();
+    for p in peers {
+        let _ = p.try_send(finish.clone());
+    }
+    for (_, c) in cancels.drain() {
+        let _ = c.send(());
+    }
+    shared.emit(ServerEvent::Finished(outcome.clone()));
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -436,10 +491,10 @@ async fn fit_exchange(x: FitExchange) {
         }
     };
     let work = async {
-        send.write_all(&frame)
+        // The shared frame itself, not a copy, waits in each stream's send buffer.
+        send.write_chunk(frame)
             .await
             .map_err(|e| format!("cannot send the task: {e}"))?;
-        drop(frame);
         // Held until the coordinator has folded the update in (or refused it): bounds memory.
         let permit = results.acquire().await.map_err(|e| e.to_string())?;
         let reply = read_message(&mut recv, &shared.limits, &budget).await;

@@ -14,7 +14,7 @@ pub mod round;
 pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
-pub use endpoint::{Server, ServerError, ServerEvent};
+pub use endpoint::{CommitHook, Server, ServerError, ServerEvent};
 pub use round::{
     Action, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings, SetupError,
     Strategy,

@@ -132,8 +132,6 @@ pub struct RoundRecord {
     pub round: u32,
     /// Earlier tries of this round that fell short of the quorum.
     pub retries: u32,
-    /// The global model after this round.
-    pub weights: Arc<Weights>,
     pub contributions: Vec<Contribution>,
     /// Centres whose answer was refused or who could not train, and why.
     pub refused: Vec<(CenterId, String)>,
@@ -182,7 +180,11 @@ pub enum Action {
         center: CenterId,
         task: TaskId,
     },
-    RoundCommitted(RoundRecord),
+    /// Store the round (its record and the new global model) before anything else is announced.
+    RoundCommitted {
+        record: RoundRecord,
+        weights: Arc<Weights>,
+    },
     Finished(Outcome),
 }
 
@@ -698,16 +700,18 @@ impl Coordinator {
             examples = r.contributions.iter().map(|c| c.examples).sum::<u64>(),
             "round committed"
         );
-        self.actions.push_back(Action::RoundCommitted(RoundRecord {
-            round: r.round,
-            retries,
+        self.actions.push_back(Action::RoundCommitted {
+            record: RoundRecord {
+                round: r.round,
+                retries,
+                contributions: r.contributions,
+                refused: r.refused,
+                silent: r.silent,
+                duration: now.saturating_duration_since(r.started),
+                log_likelihood,
+            },
             weights: self.global.clone(),
-            contributions: r.contributions,
-            refused: r.refused,
-            silent: r.silent,
-            duration: now.saturating_duration_since(r.started),
-            log_likelihood,
-        }));
+        });
         if let Some(fit) = converged {
             self.finish(Outcome::Completed {
                 rounds: self.committed,
@@ -892,9 +896,26 @@ mod tests {
         );
     }
 
-    fn committed(acts: &[Action]) -> Option<&RoundRecord> {
+    /// A committed round's record with its model.
+    #[derive(Debug, Clone)]
+    struct Committed {
+        record: RoundRecord,
+        weights: Arc<Weights>,
+    }
+
+    impl std::ops::Deref for Committed {
+        type Target = RoundRecord;
+        fn deref(&self) -> &RoundRecord {
+            &self.record
+        }
+    }
+
+    fn committed(acts: &[Action]) -> Option<Committed> {
         acts.iter().find_map(|a| match a {
-            Action::RoundCommitted(r) => Some(r),
+            Action::RoundCommitted { record, weights } => Some(Committed {
+                record: record.clone(),
+                weights: weights.clone(),
+            }),
             _ => None,
         })
     }
@@ -1178,7 +1199,7 @@ mod tests {
         );
         answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
         answer(&mut m, "b", tasks["b"], 1, model(&[1.0; 4], 1.0), 10, t0);
-        let record = committed(&actions(&mut m)).cloned().unwrap();
+        let record = committed(&actions(&mut m)).unwrap();
         assert_eq!(record.refused, vec![(id("c"), "out of memory".to_string())]);
     }
 

@@ -105,9 +105,6 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             while let Ok(event) = events.recv().await {
                 match event {
                     ServerEvent::RoundCommitted(record) => {
-                        if let Err(e) = write_round(&writer_out, &writer_card, &record) {
-                            tracing::error!("{e:#}");
-                        }
                         progress.set_position(u64::from(record.round));
                         progress.set_message(round_line(&record));
                     }
@@ -119,8 +116,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
         });
+        let commit: fedslm_server::CommitHook = Box::new(move |record, weights| {
+            write_round(&writer_out, &writer_card, record, weights).map_err(|e| format!("{e:#}"))
+        });
         let outcome = server
-            .run_rounds(coordinator, async {
+            .run_rounds(coordinator, commit, async {
                 super::shutdown_signal().await;
                 tracing::info!("shutting down");
             })
@@ -192,8 +192,12 @@ fn round_line(r: &RoundRecord) -> String {
 }
 
 /// The round's global model as `round-NNNN.safetensors`, and its record as a line of `rounds.jsonl`.
-fn write_round(out: &Path, card: &ModelCard, r: &RoundRecord) -> anyhow::Result<()> {
-    let weights: &Weights = &r.weights;
+fn write_round(
+    out: &Path,
+    card: &ModelCard,
+    r: &RoundRecord,
+    weights: &Weights,
+) -> anyhow::Result<()> {
     let card = ModelCard {
         training: json!({"mode": "federated", "round": r.round}),
         ..card.clone()
