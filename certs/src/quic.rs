@@ -14,7 +14,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// Connections still in their handshake that the server holds at once.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 /// Per stream, at the server: enough to keep a 1 Gbit/s, 15 ms path busy.
-const SERVER_STREAM_WINDOW: u32 = 512 * 1024;
+const SERVER_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 
 fn transport(incoming_bidi_streams: u32, stream_window: u32, window: u32) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
