@@ -149,15 +149,18 @@ pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), Mode
         ),
     ]
     .into();
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| ModelError::BadFile {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(write_err)?;
     }
     let tmp = path.with_extension("partial");
-    std::fs::write(&tmp, bytes).map_err(write_err)?;
+    // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => write_err(source),
+        other => ModelError::BadFile {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })?;
     std::fs::rename(&tmp, path).map_err(write_err)
 }
 
