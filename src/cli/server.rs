@@ -230,6 +230,17 @@ fn write_round(
 
 /// This process's peak resident memory.
 fn peak_rss_mib() -> f64 {
+    // VmHWM is this program's own high-water mark; getrusage's ru_maxrss also counts the parent's memory
+    // that a forked child held before it exec'd us (a benchmark harness's, for one).
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(kib) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            return kib / 1024.0;
+        }
+    }
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
