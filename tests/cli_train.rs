@@ -221,17 +221,7 @@ print(json.dumps({"tensors": out, "card": json.loads(meta["model_card"]), "roles
 
 /// A tiny synthetic cohort and a client.toml whose preprocessing is small enough for quick training.
 fn tiny_cohort(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let cohort = dir.join("cohort");
-    let (ok, _, err) = fedslm(&[
-        "synth",
-        "--preset",
-        "tiny",
-        "--seed",
-        "3",
-        "--out",
-        &cohort.display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+    let cohort = common::tiny_synth_cohort(dir);
     let config = dir.join("client.toml");
     std::fs::write(
         &config,

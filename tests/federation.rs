@@ -220,26 +220,11 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
     );
 }
 
-fn tiny_cohort(dir: &Path) -> PathBuf {
-    let cohort = dir.join("cohort");
-    let (ok, _, err) = fedslm(&[
-        "synth",
-        "--preset",
-        "tiny",
-        "--seed",
-        "3",
-        "--out",
-        &cohort.display().to_string(),
-    ]);
-    assert!(ok, "{err}");
-    cohort
-}
-
 #[test]
 fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_of_what_was_sent() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cohort = tiny_cohort(d);
+    let cohort = common::tiny_synth_cohort(d);
     let centres = [
         ("center-a", "train"),
         ("center-b", "train"),
@@ -342,7 +327,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
 fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cohort = tiny_cohort(d);
+    let cohort = common::tiny_synth_cohort(d);
     let run = Run::new(d, &[("center-a", "train")], "");
     let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
     let config = run.client_config("center-a", &cohort.join("center-a"), preprocess);

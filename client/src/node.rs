@@ -206,13 +206,7 @@ async fn task<T: LocalTrainer>(
         Message::FitTask(fit) => fit,
         Message::EvaluateTask(eval) => {
             let round = eval.round;
-            let worker = trainer.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
-                t.evaluate(&eval)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("evaluation stopped: {e}")));
+            let outcome = on_worker(trainer, "evaluation", move |t| t.evaluate(&eval)).await;
             let answer = match outcome {
                 Ok(report) => Message::EvalReport(report),
                 Err(reason) => {
@@ -239,13 +233,7 @@ async fn task<T: LocalTrainer>(
     };
     let round = fit.round;
     tracing::info!(round, epochs = fit.local_epochs, "training");
-    let worker = trainer.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
-        t.fit(&fit)
-    })
-    .await
-    .unwrap_or_else(|e| Err(format!("training stopped: {e}")));
+    let outcome = on_worker(trainer, "training", move |t| t.fit(&fit)).await;
     let answer = match outcome {
         Ok(result) => {
             on_event(NodeEvent::Trained {
@@ -294,6 +282,21 @@ async fn task<T: LocalTrainer>(
         }
     }
     Ok(())
+}
+
+/// Runs `work` on the trainer on a blocking thread: training takes seconds to hours of CPU.
+async fn on_worker<T: LocalTrainer, R: Send + 'static>(
+    trainer: &Arc<Mutex<T>>,
+    what: &str,
+    work: impl FnOnce(&mut T) -> Result<R, String> + Send + 'static,
+) -> Result<R, String> {
+    let worker = trainer.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
+        work(&mut t)
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("{what} stopped: {e}")))
 }
 
 /// Writes `msg` as one frame handed to QUIC whole: a model of tens of megabytes is encoded once and not

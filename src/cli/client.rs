@@ -43,6 +43,11 @@ struct Cohort {
 }
 
 impl Cohort {
+    /// Patients with images and a known outcome: those a network trains and is evaluated on.
+    fn labelled_samples(&self) -> Vec<&Sample> {
+        self.samples.iter().filter(|s| s.label.is_some()).collect()
+    }
+
     fn counts(&self) -> SampleCounts {
         let labelled = self.manifest.patients.iter().filter(|p| p.slm.is_some());
         SampleCounts {
@@ -316,12 +321,7 @@ impl NodeTrainer {
                     &task.weights,
                     0,
                 )?;
-                let labelled: Vec<&Sample> = self
-                    .cohort
-                    .samples
-                    .iter()
-                    .filter(|s| s.label.is_some())
-                    .collect();
+                let labelled = self.cohort.labelled_samples();
                 let probs = network.predict(&labelled)?;
                 (
                     labelled.iter().map(|s| s.label == Some(true)).collect(),
@@ -395,12 +395,7 @@ impl NodeTrainer {
             &task.weights,
             task.seed,
         )?;
-        let train: Vec<&Sample> = self
-            .cohort
-            .samples
-            .iter()
-            .filter(|s| s.label.is_some())
-            .collect();
+        let train = self.cohort.labelled_samples();
         if train.len() < 2 {
             bail!(
                 "{} patients with images and an outcome: too few to train",

@@ -32,6 +32,22 @@ pub fn fedslm_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The `tiny` synthetic cohort (seed 3) written to `dir/cohort` by the binary.
+pub fn tiny_synth_cohort(dir: &Path) -> PathBuf {
+    let cohort = dir.join("cohort");
+    let (ok, _, err) = fedslm(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--out",
+        &cohort.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    cohort
+}
+
 pub struct Federation {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
