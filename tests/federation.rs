@@ -267,10 +267,21 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     );
     assert!(!d.join("external/sent").exists());
 
+    let rounds: Vec<Value> = std::fs::read_to_string(d.join("out/rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rounds.len(), 2);
     let mut previous = fedslm_model::load(&d.join("init.safetensors")).unwrap().0;
     for round in 1..=2 {
         let file = format!("round-{round:04}.safetensors");
-        let (global, _) = fedslm_model::load(&d.join("out").join(&file)).unwrap();
+        let checkpoint = rounds[round - 1]["checkpoint"].as_str().unwrap();
+        let (global, _) = fedslm_model::load(
+            &d.join("out/checkpoints")
+                .join(format!("{checkpoint}.safetensors")),
+        )
+        .unwrap();
         let sent: Vec<(fedslm_protocol::Weights, f64)> = centres[..3]
             .iter()
             .map(|(c, _)| {
@@ -302,12 +313,6 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
         assert_ne!(global, previous, "round {round} changed the model");
         previous = global;
     }
-    let rounds: Vec<Value> = std::fs::read_to_string(d.join("out/rounds.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(rounds.len(), 2);
     let contributors: Vec<&str> = rounds[0]["contributions"]
         .as_array()
         .unwrap()

@@ -14,7 +14,7 @@ use fedslm_client::{Backoff, ClientConfig, LocalTrainer, NodeEvent};
 use fedslm_protocol::{
     DType, EvalReport, EvaluateTask, FitResult, FitTask, SampleCounts, Tensor, TensorRole, Weights,
 };
-use fedslm_server::{Coordinator, Outcome, Server, ServerConfig};
+use fedslm_server::{CheckpointWriter, Coordinator, Outcome, Server, ServerConfig, Store};
 
 fn model(conv: &[f32], var: f32) -> Weights {
     Weights::from_tensors(vec![
@@ -187,6 +187,21 @@ fn setup(round_keys: &str) -> Setup {
     }
 }
 
+/// A new run's store in the setup's folder, and a checkpoint writer that stores the tensors' bytes.
+fn store(s: &Setup, name: &str) -> (Arc<Store>, CheckpointWriter) {
+    let mut store = Store::open(&s._dir.path().join(name), None).unwrap();
+    store.begin("run", &BTreeMap::new(), 8, false).unwrap();
+    let writer: CheckpointWriter = Box::new(|_, w, path| {
+        let bytes: Vec<u8> = w
+            .tensors()
+            .iter()
+            .flat_map(|t| t.bytes().to_vec())
+            .collect();
+        std::fs::write(path, bytes).map_err(|e| e.to_string())
+    });
+    (Arc::new(store), writer)
+}
+
 /// The round machine of a run whose enrolment and rounds are `config`'s.
 fn coordinator(config: &ServerConfig) -> Coordinator {
     Coordinator::new(
@@ -207,9 +222,10 @@ async fn each_broken_rule_is_refused_and_told_and_every_round_commits_the_honest
     let machine = coordinator(&s.server);
     let server = Arc::new(Server::bind(s.server.clone()).unwrap());
     let mut events = server.subscribe();
+    let (store, writer) = store(&s, "out");
     let run = tokio::spawn(async move {
         server
-            .run_rounds(machine, Box::new(|_, _| Ok(())), std::future::pending())
+            .run_rounds(machine, store, writer, std::future::pending())
             .await
     });
 
@@ -372,9 +388,10 @@ async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_ru
         }
     };
     let machine = coordinator(&s.server);
+    let (store, writer) = store(&s, "out");
     let run = tokio::spawn(async move {
         second
-            .run_rounds(machine, Box::new(|_, _| Ok(())), std::future::pending())
+            .run_rounds(machine, store, writer, std::future::pending())
             .await
     });
     let finish = tokio::time::timeout(Duration::from_secs(60), client)

@@ -10,6 +10,7 @@ mod error;
 mod identity;
 mod pki;
 mod quic;
+mod sign;
 mod tls;
 
 pub use error::CertError;
@@ -21,6 +22,7 @@ pub use pki::{
 pub use quic::{
     alert_name, connection_center, quic_client_config, quic_server_config, tls_alert, udp_socket,
 };
+pub use sign::{issued_by, verify as verify_signature, Signer, SIGNATURE_SCHEME};
 pub use tls::{
     client_config, provider, server_config, ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,
 };

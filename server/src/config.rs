@@ -340,6 +340,53 @@ impl ServerConfig {
         })
     }
 
+    /// The settings that decide a run's result, by name, for the store to tell a resumed run from another one.
+    /// Where to listen, time limits and retries may change between restarts; these may not.
+    pub fn fingerprint(
+        &self,
+        settings: &RoundSettings,
+        initial_model_sha256: &str,
+    ) -> BTreeMap<String, String> {
+        let mut f = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            f.insert(k.to_string(), v);
+        };
+        put("run_id", self.enrolment.run_id.clone());
+        for (center, role) in &self.enrolment.centers {
+            let role = match role {
+                Role::Train => "train",
+                Role::Validate => "validate",
+            };
+            put(&format!("center.{center}"), role.into());
+        }
+        put(
+            "settings_hash",
+            self.enrolment
+                .settings_hash
+                .map_or("any".into(), |h| fedslm_protocol::hex::to_hex(&h)),
+        );
+        put("model", format!("{:?}", settings.model).to_lowercase());
+        put("initial_model_sha256", initial_model_sha256.into());
+        put("rounds", settings.rounds.to_string());
+        put("local_epochs", settings.local_epochs.to_string());
+        put("learning_rate", settings.learning_rate.to_string());
+        put("batch_size", settings.batch_size.to_string());
+        put("quorum", settings.quorum.to_string());
+        put(
+            "strategy",
+            match settings.strategy {
+                Strategy::FedProx { mu } => format!("fedprox (mu {mu})"),
+                other => other.name().into(),
+            },
+        );
+        put(
+            "norm_bound",
+            settings.norm_bound.map_or("none".into(), |b| b.to_string()),
+        );
+        put("seed", settings.seed.to_string());
+        f
+    }
+
     /// The configuration file this came from.
     pub fn path(&self) -> &Path {
         &self.path

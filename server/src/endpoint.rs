@@ -2,9 +2,10 @@
 //! Hello and keeps the admitted centres. One task per connection: whatever one peer does, the others are
 //! served.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,15 +21,18 @@ use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 
 use crate::admission::admit;
 use crate::aggregate::UpdateRefusal;
+use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
+use crate::failpoint;
 use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
+use crate::store::{RunState, Store, StoredRound};
 
 /// How long a refused peer has to read its Error before the connection is closed.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
-/// Stores a committed round (its record and the new global model) before the run goes on; an error stops the
-/// run. Runs on a blocking thread.
-pub type CommitHook =
-    Box<dyn FnMut(&RoundRecord, &Arc<fedslm_protocol::Weights>) -> Result<(), String> + Send>;
+/// Writes a round's global model as a file at the path given (the store then names it by its hash and records
+/// it). Runs on a blocking thread; an error stops the run.
+pub type CheckpointWriter =
+    Box<dyn FnMut(&RoundRecord, &fedslm_protocol::Weights, &Path) -> Result<(), String> + Send>;
 
 /// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
 /// about the global model, its f64 accumulators and this many updates, however many centres answer.
@@ -101,6 +105,12 @@ struct Shared {
     events: broadcast::Sender<ServerEvent>,
     peers: Mutex<HashMap<CenterId, Admitted>>,
     inputs: mpsc::UnboundedSender<Envelope>,
+    /// The run's durable record; every event goes into its audit log.
+    store: std::sync::OnceLock<Arc<Store>>,
+    /// Once the run is over: the Finish that every centre admitted from then on is sent at once.
+    finished: Mutex<Option<Finish>>,
+    /// Centres that were sent Finish.
+    told: Mutex<BTreeSet<CenterId>>,
 }
 
 impl Shared {
@@ -114,7 +124,18 @@ impl Shared {
 }
 
 impl Shared {
+    fn audit(&self, event: AuditEvent) {
+        if let Some(store) = self.store.get() {
+            if let Err(e) = store.audit(event) {
+                tracing::error!(error = %e, "cannot append to the audit log");
+            }
+        }
+    }
+
     fn emit(&self, event: ServerEvent) {
+        if let Some(entry) = audit_event(&event) {
+            self.audit(entry);
+        }
         match &event {
             ServerEvent::HandshakeFailed {
                 remote,
@@ -160,6 +181,44 @@ impl Shared {
     }
 }
 
+/// The audit log's entry for a connection event; rounds are audited where the coordinator decides them.
+fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
+    Some(match event {
+        ServerEvent::HandshakeFailed { remote, reason, .. } => AuditEvent::HandshakeFailed {
+            remote: remote.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::Refused {
+            remote,
+            center,
+            reason,
+            ..
+        } => AuditEvent::CentreRefused {
+            center: center.to_string(),
+            remote: remote.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::Admitted {
+            remote,
+            center,
+            role,
+        } => AuditEvent::CentreJoined {
+            center: center.to_string(),
+            role: match role {
+                Role::Train => "train",
+                Role::Validate => "validate",
+            }
+            .into(),
+            remote: remote.to_string(),
+        },
+        ServerEvent::Disconnected { center, reason } => AuditEvent::CentreLeft {
+            center: center.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::RoundCommitted(_) | ServerEvent::Finished(_) => return None,
+    })
+}
+
 /// The coordinating server's endpoint.
 pub struct Server {
     endpoint: Endpoint,
@@ -198,6 +257,9 @@ impl Server {
                 events,
                 peers: Mutex::new(HashMap::new()),
                 inputs,
+                store: std::sync::OnceLock::new(),
+                finished: Mutex::new(None),
+                told: Mutex::new(BTreeSet::new()),
             }),
             inputs: Mutex::new(Some(received)),
         })
@@ -227,19 +289,24 @@ impl Server {
     }
 
     /// Runs the federation of `coordinator` until it finishes (the outcome) or `shutdown` completes (`None`).
-    /// Can be called once per server.
+    /// Each round is committed to `store` (its model written by `checkpoint`) before anything else happens, and
+    /// every event goes into the store's audit log. Can be called once per server.
     pub async fn run_rounds(
         &self,
         coordinator: Coordinator,
-        commit: CommitHook,
+        store: Arc<Store>,
+        checkpoint: CheckpointWriter,
         shutdown: impl Future<Output = ()>,
     ) -> Option<Outcome> {
         let inputs = lock(&self.inputs).take()?;
-        let commit = Arc::new(Mutex::new(commit));
+        let _ = self.shared.store.set(store.clone());
+        // A resumed run with nothing left to do: the centres that reconnect are told it is over.
+        let already_over = coordinator.is_finished();
+        let commit = Arc::new(Mutex::new(checkpoint));
         let (done_tx, done_rx) = oneshot::channel();
         let shared = self.shared.clone();
         let driver = tokio::spawn(async move {
-            let outcome = drive(shared, coordinator, inputs, commit).await;
+            let outcome = drive(shared, coordinator, inputs, store, commit).await;
             let _ = done_tx.send(outcome.clone());
             outcome
         });
@@ -252,10 +319,18 @@ impl Server {
                         *lock(&outcome) = Some(o);
                     }
                     // Let the centres take their Finish and close first.
-                    let deadline = tokio::time::Instant::now() + FINISH_LINGER;
-                    while !lock(&self.shared.peers).is_empty()
-                        && tokio::time::Instant::now() < deadline
-                    {
+                    let now = tokio::time::Instant::now();
+                    let deadline = now + FINISH_LINGER;
+                    let grace = now + self.shared.config.run.start_grace;
+                    let enrolled: BTreeSet<CenterId> =
+                        self.shared.config.enrolment.centers.keys().cloned().collect();
+                    loop {
+                        let now = tokio::time::Instant::now();
+                        let connected = !lock(&self.shared.peers).is_empty();
+                        let untold = already_over && *lock(&self.shared.told) != enrolled;
+                        if !(connected && now < deadline || untold && now < grace) {
+                            break;
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -291,10 +366,13 @@ async fn drive(
     shared: Arc<Shared>,
     mut machine: Coordinator,
     mut inputs: mpsc::UnboundedReceiver<Envelope>,
-    commit: Arc<Mutex<CommitHook>>,
+    store: Arc<Store>,
+    checkpoint: Arc<Mutex<CheckpointWriter>>,
 ) -> Outcome {
     let results = Arc::new(Semaphore::new(RESULTS_IN_FLIGHT));
     let mut cancels: HashMap<TaskId, oneshot::Sender<()>> = HashMap::new();
+    // Each task's round, for the audit log.
+    let mut rounds_of: HashMap<TaskId, u32> = HashMap::new();
     // Centres connected before the run began.
     let already: Vec<(CenterId, u64)> = lock(&shared.peers)
         .iter()
@@ -303,19 +381,8 @@ async fn drive(
     for (center, connection) in already {
         machine.handle(Input::Connected { center, connection }, Instant::now());
     }
+    let mut verdict: Option<oneshot::Sender<Result<(), UpdateRefusal>>> = None;
     loop {
-        let mut verdict = None;
-        let timeout = machine.poll_timeout();
-        tokio::select! {
-            envelope = inputs.recv() => {
-                let Some(envelope) = envelope else {
-                    return Outcome::Failed { rounds: machine.committed(), reason: "server stopped".into() };
-                };
-                verdict = envelope.verdict;
-                machine.handle(envelope.input, Instant::now());
-            }
-            () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
-        }
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::SendFit { task, to } => {
@@ -335,67 +402,92 @@ async fn drive(
                                 continue;
                             }
                         };
-                    for (center, task) in to {
+                    for (center, id) in to {
+                        rounds_of.insert(id, task.round);
                         let (cancel, cancelled) = oneshot::channel();
-                        cancels.insert(task, cancel);
+                        cancels.insert(id, cancel);
                         let peer = lock(&shared.peers)
                             .get(&center)
                             .map(|p| (p.connection.clone(), p.budget.clone()));
                         let Some((connection, budget)) = peer else {
                             shared.tell(Input::FitFailed {
                                 center,
-                                task,
+                                task: id,
                                 reason: "not connected".into(),
                             });
                             continue;
                         };
+                        shared.audit(AuditEvent::TaskSent {
+                            round: task.round,
+                            center: center.to_string(),
+                            task: id,
+                        });
                         tokio::spawn(fit_exchange(FitExchange {
                             shared: shared.clone(),
                             connection,
                             budget,
                             frame: frame.clone(),
                             center,
-                            task,
+                            task: id,
                             results: results.clone(),
                             cancelled,
                         }));
                     }
                 }
-                Action::Accept { task } => {
+                Action::Accept { task, center } => {
                     cancels.remove(&task);
+                    let round = rounds_of.get(&task).copied().unwrap_or_default();
+                    shared.audit(AuditEvent::UpdateAccepted {
+                        round,
+                        center: center.to_string(),
+                        task,
+                    });
+                    failpoint::hit(failpoint::AGGREGATING, round);
                     if let Some(v) = verdict.take() {
                         let _ = v.send(Ok(()));
                     }
                 }
-                Action::Refuse { task, refusal, .. } => {
+                Action::Refuse {
+                    task,
+                    refusal,
+                    center,
+                } => {
                     cancels.remove(&task);
+                    shared.audit(AuditEvent::UpdateRefused {
+                        round: rounds_of.get(&task).copied().unwrap_or_default(),
+                        center: center.to_string(),
+                        task,
+                        reason: refusal.to_string(),
+                    });
                     if let Some(v) = verdict.take() {
                         let _ = v.send(Err(refusal));
                     }
                 }
-                Action::Cancel { task, .. } => {
+                Action::Cancel { task, center } => {
+                    shared.audit(AuditEvent::TaskDropped {
+                        round: rounds_of.get(&task).copied().unwrap_or_default(),
+                        center: center.to_string(),
+                        task,
+                        reason: "no answer before the round closed".into(),
+                    });
                     if let Some(c) = cancels.remove(&task) {
                         let _ = c.send(());
                     }
                 }
                 Action::RoundCommitted { record, weights } => {
-                    // Stored before anything else (the next round's task) goes out; the event that
+                    // Committed before anything else (the next round's task) goes out; the event that
                     // announces it carries no model, so that the event channel keeps none alive.
-                    let hook = commit.clone();
-                    let stored = record.clone();
-                    let done = tokio::task::spawn_blocking(move || {
-                        let mut hook = lock(&hook);
-                        (*hook)(&stored, &weights)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(format!("the commit stopped: {e}")));
-                    if let Err(reason) = done {
-                        let reason = format!("cannot commit round {}: {reason}", record.round);
+                    let round = record.round;
+                    let committed =
+                        commit_round(&store, &checkpoint, record.clone(), weights).await;
+                    if let Err(reason) = committed {
+                        let reason = format!("cannot commit round {round}: {reason}");
                         tracing::error!(%reason);
                         let outcome = Outcome::Failed {
                             rounds: machine.committed().saturating_sub(1),
                             reason,
                         };
+                        record_end(&store, &outcome).await;
                         finish_all(
                             &shared,
                             &outcome,
@@ -405,13 +497,75 @@ async fn drive(
                         return outcome;
                     }
                     shared.emit(ServerEvent::RoundCommitted(record));
+                    failpoint::hit(failpoint::BETWEEN_ROUNDS, round);
                 }
                 Action::Finished(outcome) => {
+                    record_end(&store, &outcome).await;
                     finish_all(&shared, &outcome, machine.committed(), &mut cancels);
                     return outcome;
                 }
             }
         }
+        let timeout = machine.poll_timeout();
+        tokio::select! {
+            envelope = inputs.recv() => {
+                let Some(envelope) = envelope else {
+                    return Outcome::Failed { rounds: machine.committed(), reason: "server stopped".into() };
+                };
+                if let Input::FitFailed { center, task, reason } = &envelope.input {
+                    if let Some(round) = rounds_of.get(task) {
+                        shared.audit(AuditEvent::TaskDropped {
+                            round: *round,
+                            center: center.to_string(),
+                            task: *task,
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                verdict = envelope.verdict;
+                machine.handle(envelope.input, Instant::now());
+            }
+            () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+/// Writes the round's checkpoint, names it by its hash and commits the round's record to the store.
+async fn commit_round(
+    store: &Arc<Store>,
+    checkpoint: &Arc<Mutex<CheckpointWriter>>,
+    record: RoundRecord,
+    weights: Arc<fedslm_protocol::Weights>,
+) -> Result<(), String> {
+    let store = store.clone();
+    let writer = checkpoint.clone();
+    tokio::task::spawn_blocking(move || {
+        let pending = store.pending_checkpoint(record.round);
+        (*lock(&writer))(&record, &weights, &pending)?;
+        let hash = store.put_checkpoint(&pending).map_err(|e| e.to_string())?;
+        failpoint::hit(failpoint::CHECKPOINT_WRITTEN, record.round);
+        store
+            .commit_round(&StoredRound::new(&record, hash))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("the commit stopped: {e}")))
+}
+
+/// The run's end, durable before any centre is told.
+async fn record_end(store: &Arc<Store>, outcome: &Outcome) {
+    let (state, reason) = match outcome {
+        Outcome::Completed { rounds, .. } => {
+            (RunState::Completed, format!("completed {rounds} rounds"))
+        }
+        Outcome::Failed { reason, .. } => (RunState::Failed, reason.clone()),
+    };
+    let store = store.clone();
+    let done = tokio::task::spawn_blocking(move || store.finish(state, &reason)).await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot record the run's end"),
+        Err(e) => tracing::error!(error = %e, "cannot record the run's end"),
     }
 }
 
@@ -430,12 +584,15 @@ fn finish_all(
             Outcome::Failed { reason, .. } => format!("failed: {reason}"),
         },
     };
-    let peers: Vec<mpsc::Sender<Finish>> = lock(&shared.peers)
-        .values()
-        .map(|p| p.finish.clone())
+    *lock(&shared.finished) = Some(finish.clone());
+    let peers: Vec<(CenterId, mpsc::Sender<Finish>)> = lock(&shared.peers)
+        .iter()
+        .map(|(c, p)| (c.clone(), p.finish.clone()))
         .collect();
-    for p in peers {
-        let _ = p.try_send(finish.clone());
+    for (center, p) in peers {
+        if p.try_send(finish.clone()).is_ok() {
+            lock(&shared.told).insert(center);
+        }
     }
     for (_, c) in cancels.drain() {
         let _ = c.send(());
@@ -650,9 +807,16 @@ async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Admitted {
             connection: connection.clone(),
             budget: budget.clone(),
-            finish: finish_tx,
+            finish: finish_tx.clone(),
         },
     );
+    // Joined after the run ended (a restarted server with nothing left to do): told at once.
+    let over = lock(&shared.finished).clone();
+    if let Some(finish) = over {
+        if finish_tx.try_send(finish).is_ok() {
+            lock(&shared.told).insert(center.clone());
+        }
+    }
     if let Some(old) = previous {
         old.connection.close(
             VarInt::from_u32(close::SUPERSEDED),

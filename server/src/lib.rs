@@ -7,15 +7,19 @@
 
 pub mod admission;
 pub mod aggregate;
+pub mod audit;
 pub mod config;
 mod endpoint;
+pub mod failpoint;
 pub mod round;
+pub mod store;
 
 pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
-pub use endpoint::{CommitHook, Server, ServerError, ServerEvent};
+pub use endpoint::{CheckpointWriter, Server, ServerError, ServerEvent};
 pub use round::{
     Action, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings, SetupError,
     Strategy,
 };
+pub use store::{Opening, RunState, Store, StoreError, StoredRound, VerifyReport};

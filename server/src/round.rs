@@ -89,6 +89,8 @@ pub enum SetupError {
     Coefficients(usize),
     #[error("the initial model has no tensors")]
     EmptyModel,
+    #[error("cannot resume the stored run: {0}")]
+    Resume(String),
 }
 
 /// What the endpoint tells the machine.
@@ -140,6 +142,8 @@ pub struct RoundRecord {
     pub duration: Duration,
     /// Federated Newton: the log-likelihood at the coefficients the round evaluated.
     pub log_likelihood: Option<f64>,
+    /// Federated Newton: the round's summed statistics (a resumed run replays its solver from them).
+    pub newton: Option<LogisticStats>,
 }
 
 /// How a run ended.
@@ -167,6 +171,7 @@ pub enum Action {
     },
     /// The answer to `task` was folded in.
     Accept {
+        center: CenterId,
         task: TaskId,
     },
     /// The answer to `task` was refused: tell the centre why.
@@ -294,6 +299,82 @@ impl Coordinator {
         })
     }
 
+    /// A run that goes on after `committed` rounds (a restarted server): `global` is the model the last of them
+    /// committed; under federated Newton, `newton_history` holds each committed round's summed statistics,
+    /// replayed through a fresh solver so that its state (step halving included) is the uninterrupted run's, and
+    /// the replayed point must be `global`. A run with nothing left to do finishes at once, as it would have.
+    pub fn resume(
+        settings: RoundSettings,
+        roles: BTreeMap<CenterId, Role>,
+        initial: Weights,
+        names: &[&str],
+        committed: u32,
+        global: Weights,
+        newton_history: &[LogisticStats],
+    ) -> Result<Coordinator, SetupError> {
+        let mut c = Coordinator::new(settings, roles, initial, names)?;
+        if committed == 0 {
+            return Ok(c);
+        }
+        check_update(&c.global, &global, None)
+            .map_err(|e| SetupError::Resume(format!("the last checkpoint: {e}")))?;
+        let mut converged = None;
+        if let Some(solver) = &mut c.newton {
+            if newton_history.len() != committed as usize {
+                return Err(SetupError::Resume(format!(
+                    "{committed} rounds committed but {} carry Newton statistics",
+                    newton_history.len()
+                )));
+            }
+            for (i, stats) in newton_history.iter().enumerate() {
+                if converged.is_some() {
+                    return Err(SetupError::Resume(format!(
+                        "federated Newton converged at round {i}, yet rounds were committed after it"
+                    )));
+                }
+                match solver.observe(stats.clone()) {
+                    Ok(NewtonStep::Evaluate(_)) => {}
+                    Ok(NewtonStep::Converged(fit)) => converged = Some(fit),
+                    Err(e) => return Err(SetupError::Resume(format!("round {}: {e}", i + 1))),
+                }
+            }
+            let replayed = match &converged {
+                Some(fit) => clinical_weights(&fit.coefficients, Some(&fit.covariance)),
+                None => clinical_weights(solver.point(), None),
+            };
+            if replayed != global {
+                return Err(SetupError::Resume(
+                    "the replayed Newton steps do not give the last checkpoint's coefficients"
+                        .into(),
+                ));
+            }
+        }
+        c.global = Arc::new(global);
+        c.committed = committed;
+        c.next_task = 1;
+        if let Some(fit) = converged {
+            c.finish(Outcome::Completed {
+                rounds: committed,
+                weights: c.global.clone(),
+                fit: Some(fit),
+            });
+        } else if committed >= c.settings.rounds {
+            if c.newton.is_some() {
+                c.finish_failed(format!(
+                    "federated Newton did not converge within {} rounds; raise rounds",
+                    c.settings.rounds
+                ));
+            } else {
+                c.finish(Outcome::Completed {
+                    rounds: committed,
+                    weights: c.global.clone(),
+                    fit: None,
+                });
+            }
+        }
+        Ok(c)
+    }
+
     /// The global model now.
     pub fn global(&self) -> &Arc<Weights> {
         &self.global
@@ -393,7 +474,7 @@ impl Coordinator {
                 result,
             } => {
                 match self.take_answer(&center, task, result) {
-                    Ok(()) => self.actions.push_back(Action::Accept { task }),
+                    Ok(()) => self.actions.push_back(Action::Accept { center, task }),
                     Err(refusal) => self.refuse(center, task, refusal),
                 }
                 self.maybe_close(now);
@@ -662,6 +743,7 @@ impl Coordinator {
             return;
         }
         let mut log_likelihood = None;
+        let mut newton = None;
         let mut converged = None;
         match r.sum {
             Sum::Mean(avg) => match avg.finish() {
@@ -673,6 +755,7 @@ impl Coordinator {
             },
             Sum::Newton { stats, .. } => {
                 log_likelihood = Some(stats.log_likelihood);
+                newton = Some(stats.clone());
                 let Some(solver) = &mut self.newton else {
                     return;
                 };
@@ -709,6 +792,7 @@ impl Coordinator {
                 silent: r.silent,
                 duration: now.saturating_duration_since(r.started),
                 log_likelihood,
+                newton,
             },
             weights: self.global.clone(),
         });

@@ -1,21 +1,58 @@
-//! `fedslm server`: the coordinating centre. With `initial_model` in its configuration it runs the rounds and
-//! writes each round's global model and the final model to `output`; without, it only admits centres.
+//! `fedslm server`: the coordinating centre. With `initial_model` in its configuration it runs the rounds,
+//! committing each to the run's store in `output` (checkpoints named by their hash, records and the audit log in
+//! sled), resumes a stored run after a crash, and writes the final model; without, it only admits centres.
+//! `server verify` and `server status` read a run's store.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, Subcommand};
+use fedslm_certs::Signer;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
-use fedslm_protocol::{ModelKind, Weights};
-use fedslm_server::{Coordinator, Outcome, RoundRecord, Server, ServerConfig, ServerEvent};
+use fedslm_protocol::ModelKind;
+use fedslm_server::store::sha256_file;
+use fedslm_server::{
+    Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig, ServerEvent,
+    Store, StoreError,
+};
 use serde_json::json;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
     /// Server configuration (TOML): listen address, PKI folder, run, enrolled centres, rounds.
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
+    /// Begin a new run although the output folder holds one with other settings (or a completed one); the
+    /// stored run is moved aside to `store-<start time>`, never deleted.
     #[arg(long)]
-    config: PathBuf,
+    new_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ServerCommand {
+    /// Check a run's audit chain, its signed head and every checkpoint's hash; names the first bad entry.
+    /// The server must be stopped (it holds the store).
+    Verify {
+        /// The run's output folder (`output` in server.toml).
+        #[arg(long)]
+        out: PathBuf,
+        /// The federation CA certificate: also check that the head's signer was issued by it.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// A run's rounds, centres, last metrics and audit head; while the server runs, from its status file.
+    Status {
+        /// The run's output folder (`output` in server.toml).
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn kind_of(card: &ModelCard, path: &Path) -> anyhow::Result<ModelKind> {
@@ -31,50 +68,31 @@ fn kind_of(card: &ModelCard, path: &Path) -> anyhow::Result<ModelKind> {
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::load(&args.config)?;
+    match args.command {
+        Some(ServerCommand::Verify { out, ca }) => return verify(&out, ca.as_deref()),
+        Some(ServerCommand::Status { out, json }) => return status(&out, json),
+        None => {}
+    }
+    let Some(config_path) = args.config else {
+        bail!("--config is required");
+    };
+    let config = ServerConfig::load(&config_path)?;
     let enrolled: Vec<String> = config
         .enrolment
         .centers
         .iter()
         .map(|(c, r)| format!("{c} ({r:?})"))
         .collect();
-    // The model and the rounds are checked before anything listens.
+    // The model, the rounds and the stored run are checked before anything listens.
     let federation = match &config.run.initial_model {
         None => None,
-        Some(path) => {
-            let (weights, card) =
-                load(path).with_context(|| format!("initial model {}", path.display()))?;
-            let kind = kind_of(&card, path)?;
-            let settings = config.round_settings(kind)?;
-            let names = clinical::names();
-            let coordinator = Coordinator::new(
-                settings.clone(),
-                config.enrolment.centers.clone(),
-                weights,
-                if kind == ModelKind::Clinical {
-                    &names
-                } else {
-                    &[]
-                },
-            )
-            .with_context(|| format!("{}", config.path().display()))?;
-            let out = config.run.output.clone();
-            std::fs::create_dir_all(&out)
-                .with_context(|| format!("cannot create {}", out.display()))?;
-            // Each run's record starts empty (keeping runs across restarts is Federation II's).
-            let log = out.join("rounds.jsonl");
-            if log.exists() {
-                std::fs::remove_file(&log)
-                    .with_context(|| format!("cannot remove {}", log.display()))?;
-            }
-            Some((coordinator, card, out, settings))
-        }
+        Some(path) => Some(open_run(&config, path, args.new_run)?),
     };
     super::runtime()?.block_on(async {
         let server = Server::bind(config)?;
         let addr = server.local_addr().context("no local address")?;
         tracing::info!(%addr, centres = %enrolled.join(", "), "listening");
-        let Some((coordinator, card, out, settings)) = federation else {
+        let Some(run) = federation else {
             server
                 .run(async {
                     super::shutdown_signal().await;
@@ -83,6 +101,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .await;
             return Ok(());
         };
+        let Run {
+            coordinator,
+            card,
+            store,
+            settings,
+            committed,
+        } = run;
         println!(
             "listening on {addr}: {} model, strategy {}, {} rounds, quorum {} of {}",
             card.model,
@@ -91,15 +116,18 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             settings.quorum,
             enrolled.len()
         );
+        if committed > 0 {
+            println!("resuming after round {committed} (its checkpoint verified)");
+        }
+        let out = store.out().to_path_buf();
         let mut events = server.subscribe();
-        let writer_out = out.clone();
-        let writer_card = card.clone();
         let bar = indicatif::ProgressBar::new(u64::from(settings.rounds));
         bar.set_style(
             indicatif::ProgressStyle::with_template("round {pos}/{len} [{bar:30}] {elapsed} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
+        bar.set_position(u64::from(committed));
         let progress = bar.clone();
         let writer = tokio::spawn(async move {
             while let Ok(event) = events.recv().await {
@@ -116,11 +144,18 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        let commit: fedslm_server::CommitHook = Box::new(move |record, weights| {
-            write_round(&writer_out, &writer_card, record, weights).map_err(|e| format!("{e:#}"))
+        let checkpoint_card = card.clone();
+        let checkpoint: fedslm_server::CheckpointWriter = Box::new(move |record, weights, path| {
+            // Nothing in the card that differs between two runs with the same seeds: equal models, equal
+            // hashes.
+            let card = ModelCard {
+                training: json!({"mode": "federated", "round": record.round}),
+                ..checkpoint_card.clone()
+            };
+            save(path, weights, &card).map_err(|e| format!("{e:#}"))
         });
         let outcome = server
-            .run_rounds(coordinator, commit, async {
+            .run_rounds(coordinator, store.clone(), checkpoint, async {
                 super::shutdown_signal().await;
                 tracing::info!("shutting down");
             })
@@ -135,14 +170,21 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 fit,
             }) => {
                 let path = out.join(format!("{}.safetensors", card.model));
+                let final_checkpoint = store
+                    .meta()?
+                    .and_then(|m| m.final_checkpoint)
+                    .unwrap_or_default();
                 let mut final_card = ModelCard {
                     training: json!({
                         "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
                         "mode": "federated",
+                        "run_id": store.meta()?.map(|m| m.run_id).unwrap_or_default(),
                         "strategy": settings.strategy.name(),
                         "rounds": rounds,
                         "seed": settings.seed,
                         "centers": enrolled,
+                        "checkpoint_sha256": final_checkpoint,
+                        "audit_head": store.head().hex(),
                     }),
                     ..card.clone()
                 };
@@ -156,6 +198,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     "run completed after {rounds} rounds; model: {}",
                     path.display()
                 );
+                println!(
+                    "audit head: {} ({} entries)",
+                    store.head().hex(),
+                    store.head().entries
+                );
                 if let Some(fit) = &fit {
                     super::train::print_table(fit);
                 }
@@ -165,10 +212,89 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 bail!("the run failed after {rounds} committed rounds: {reason}")
             }
             None => {
-                println!("stopped");
+                println!("stopped; start the server again to resume the run");
                 Ok(())
             }
         }
+    })
+}
+
+struct Run {
+    coordinator: Coordinator,
+    card: ModelCard,
+    store: Arc<Store>,
+    settings: RoundSettings,
+    committed: u32,
+}
+
+/// The run to carry out: a new one, or the stored one after its last committed round.
+fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow::Result<Run> {
+    let (initial, card) =
+        load(initial_path).with_context(|| format!("initial model {}", initial_path.display()))?;
+    let kind = kind_of(&card, initial_path)?;
+    let settings = config.round_settings(kind)?;
+    let names = clinical::names();
+    let names: &[&str] = if kind == ModelKind::Clinical {
+        &names
+    } else {
+        &[]
+    };
+    let out = &config.run.output;
+    let signer = Signer::from_files(&config.tls.cert, &config.tls.key)
+        .context("the server's key signs the audit log")?;
+    let mut store = Store::open(out, Some(signer))?;
+    let fingerprint = config.fingerprint(&settings, &sha256_file(initial_path)?);
+    let opening = store.begin(
+        &config.enrolment.run_id,
+        &fingerprint,
+        settings.rounds,
+        new_run,
+    )?;
+    let centers = config.enrolment.centers.clone();
+    let (coordinator, committed) = match opening {
+        Opening::New => (
+            Coordinator::new(settings.clone(), centers, initial, names),
+            0,
+        ),
+        Opening::Resume { rounds, .. } | Opening::Completed { rounds, .. } => match rounds.last() {
+            None => (
+                Coordinator::new(settings.clone(), centers, initial, names),
+                0,
+            ),
+            Some(last) => {
+                let path = store.checked_checkpoint(&last.checkpoint)?;
+                let (global, _) =
+                    load(&path).with_context(|| format!("round {}'s checkpoint", last.round))?;
+                let history: Vec<_> = rounds.iter().filter_map(|r| r.newton_stats()).collect();
+                (
+                    Coordinator::resume(
+                        settings.clone(),
+                        centers,
+                        initial,
+                        names,
+                        last.round,
+                        global,
+                        &history,
+                    ),
+                    last.round,
+                )
+            }
+        },
+    };
+    let coordinator = coordinator.with_context(|| format!("{}", config.path().display()))?;
+    if coordinator.is_finished() {
+        println!(
+            "run {} already ended after round {committed}; telling centres that reconnect. \
+             Start with --new-run for another run.",
+            config.enrolment.run_id
+        );
+    }
+    Ok(Run {
+        coordinator,
+        card,
+        store: Arc::new(store),
+        settings,
+        committed,
     })
 }
 
@@ -191,40 +317,124 @@ fn round_line(r: &RoundRecord) -> String {
     )
 }
 
-/// The round's global model as `round-NNNN.safetensors`, and its record as a line of `rounds.jsonl`.
-fn write_round(
-    out: &Path,
-    card: &ModelCard,
-    r: &RoundRecord,
-    weights: &Weights,
-) -> anyhow::Result<()> {
-    let card = ModelCard {
-        training: json!({"mode": "federated", "round": r.round}),
-        ..card.clone()
+/// `fedslm server verify`.
+fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
+    let store = Store::open_existing(out)?;
+    let r = store.verify(ca)?;
+    println!(
+        "run {}: {} audit entries, head {}; {} rounds, {} checkpoints intact",
+        r.run_id, r.entries, r.head, r.rounds, r.checkpoints
+    );
+    match (r.signed_entries, &r.signer) {
+        (Some(n), Some(who)) => {
+            println!("signed head covers {n} entries; signer {who}, issued by the CA")
+        }
+        (Some(n), None) => {
+            println!("signed head covers {n} entries (signer not checked against a CA: pass --ca)")
+        }
+        _ => {}
+    }
+    if let Some(n) = r.signed_entries {
+        if n < r.entries {
+            println!(
+                "{} entries after the signed head (written after the last commit) are not signed",
+                r.entries - n
+            );
+        }
+    }
+    if r.problems.is_empty() {
+        println!("verified");
+        return Ok(());
+    }
+    for p in &r.problems {
+        println!("BAD: {p}");
+    }
+    bail!(
+        "{} problem(s); the first: {}",
+        r.problems.len(),
+        r.problems[0]
+    )
+}
+
+/// `fedslm server status`.
+fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
+    let (status, live) = match Store::open_existing(out) {
+        Ok(store) => (store.status()?, false),
+        Err(StoreError::Locked { .. }) => {
+            let path = out.join(fedslm_server::store::STATUS_FILE);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!("the server runs but {} cannot be read", path.display())
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
+            (v, true)
+        }
+        Err(e) => return Err(e.into()),
     };
-    save(
-        &out.join(format!("round-{:04}.safetensors", r.round)),
-        weights,
-        &card,
-    )?;
-    let line = json!({
-        "round": r.round,
-        "retries": r.retries,
-        "seconds": r.duration.as_secs_f64(),
-        "contributions": r.contributions.iter().map(|c| json!({
-            "center": c.center.as_str(), "examples": c.examples, "train_loss": c.train_loss,
-        })).collect::<Vec<_>>(),
-        "refused": r.refused.iter().map(|(c, why)| json!({"center": c.as_str(), "reason": why})).collect::<Vec<_>>(),
-        "silent": r.silent.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-        "log_likelihood": r.log_likelihood,
-    });
-    let path = out.join("rounds.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{line}").with_context(|| format!("cannot write {}", path.display()))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s = &status;
+    println!(
+        "run {}: {}{}, {} of {} rounds committed{}",
+        s["run_id"].as_str().unwrap_or("?"),
+        s["state"].as_str().unwrap_or("?"),
+        if live { " (server running)" } else { "" },
+        s["rounds_committed"],
+        s["rounds_planned"],
+        match s["resumes"].as_u64() {
+            Some(n) if n > 0 => format!(", resumed {n} time(s)"),
+            _ => String::new(),
+        }
+    );
+    if let Some(reason) = s["reason"].as_str() {
+        println!("  {reason}");
+    }
+    println!("centres:");
+    for c in s["centres"].as_array().into_iter().flatten() {
+        let last = match c["last_round"].as_u64() {
+            Some(r) => format!(
+                "{} rounds, last round {r}: {} patients, loss {:.4}",
+                c["rounds_contributed"],
+                c["last_examples"],
+                c["last_train_loss"].as_f64().unwrap_or(f64::NAN)
+            ),
+            None => "no contribution".into(),
+        };
+        println!(
+            "  {:<16} {:<9} {last}",
+            c["center"].as_str().unwrap_or("?"),
+            c["role"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(r) = s["last_round"].as_object() {
+        println!(
+            "last round {}: {} centres, {} patients, loss {:.4}, {:.1} s, checkpoint {}",
+            r["round"],
+            r["centres"],
+            r["examples"],
+            r["train_loss"].as_f64().unwrap_or(f64::NAN),
+            r["seconds"].as_f64().unwrap_or(f64::NAN),
+            r["checkpoint"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "audit: {} entries, head {}",
+        s["audit"]["entries"],
+        s["audit"]["head"].as_str().unwrap_or("?")
+    );
+    if live {
+        let age = s["updated_unix_ms"]
+            .as_u64()
+            .map(|t| fedslm_server::store::now_ms().saturating_sub(t) / 1000);
+        println!(
+            "(from {} written {} s ago by server pid {})",
+            fedslm_server::store::STATUS_FILE,
+            age.map_or("?".into(), |a| a.to_string()),
+            s["server_pid"]
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,143 @@
+//! Signatures with the server's TLS key over short statements (the head of the audit log), and their checks: the
+//! statement against the certificate, the certificate against the federation CA. ECDSA P-256 with SHA-256, the
+//! key type `fedslm certs init` makes.
+
+use std::path::Path;
+
+use ring::rand::SystemRandom;
+use ring::signature::{
+    EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::error::CertError;
+
+/// The name of the signature scheme, as the signed files state it.
+pub const SIGNATURE_SCHEME: &str = "ecdsa-p256-sha256";
+
+/// The server's key and certificate, to sign with.
+pub struct Signer {
+    key: EcdsaKeyPair,
+    certificate_pem: String,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// The key in `key` (PKCS#8 PEM) and the certificate in `cert` (PEM) whose public key it must match.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Signer, CertError> {
+        let certificate_pem = std::fs::read_to_string(cert).map_err(CertError::read(cert))?;
+        let der =
+            PrivatePkcs8KeyDer::from_pem_file(key).map_err(|e| CertError::malformed(key, e))?;
+        let rng = SystemRandom::new();
+        let pair = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| CertError::malformed(key, format!("not an ECDSA P-256 key: {e}")))?;
+        let signer = Signer {
+            key: pair,
+            certificate_pem,
+            rng,
+        };
+        // A key that does not match its certificate would sign what nobody can check.
+        let probe = signer.sign(b"fedslm key check")?;
+        verify(&signer.certificate_pem, b"fedslm key check", &probe).map_err(|_| {
+            CertError::malformed(key, format!("does not belong to {}", cert.display()))
+        })?;
+        Ok(signer)
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CertError> {
+        self.key
+            .sign(&self.rng, message)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|e| CertError::Tls(format!("cannot sign: {e}")))
+    }
+
+    /// The signer's certificate (PEM), to travel with what it signs.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+}
+
+fn parse_pem(pem: &str) -> Result<CertificateDer<'static>, String> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))
+}
+
+/// Checks `signature` of `message` against the public key of the certificate `certificate_pem`.
+pub fn verify(certificate_pem: &str, message: &[u8], signature: &[u8]) -> Result<(), String> {
+    let der = parse_pem(certificate_pem)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("bad certificate: {e}"))?;
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_ASN1,
+        &cert.public_key().subject_public_key.data,
+    )
+    .verify(message, signature)
+    .map_err(|_| "the signature does not match the certificate's key".to_string())
+}
+
+/// Checks that `certificate_pem` was signed by the CA certificate in `ca` (PEM), and says whose it is.
+pub fn issued_by(certificate_pem: &str, ca: &Path) -> Result<String, String> {
+    let ca_pem =
+        std::fs::read_to_string(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
+    let ca_der = parse_pem(&ca_pem).map_err(|e| format!("{}: {e}", ca.display()))?;
+    let (_, ca_cert) = X509Certificate::from_der(&ca_der)
+        .map_err(|e| format!("{}: bad certificate: {e}", ca.display()))?;
+    let der = parse_pem(certificate_pem)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("bad certificate: {e}"))?;
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_ASN1,
+        &ca_cert.public_key().subject_public_key.data,
+    )
+    .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
+    .map_err(|_| {
+        format!(
+            "the certificate of {} was not issued by {}",
+            cert.subject(),
+            ca.display()
+        )
+    })?;
+    Ok(cert.subject().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Pki, ServerTlsFiles};
+
+    #[test]
+    fn a_signature_checks_against_its_certificate_and_the_certificate_against_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        Pki::init(&dir.path().join("pki"), "t", "localhost", &[]).unwrap();
+        let files = ServerTlsFiles::in_pki(&dir.path().join("pki"));
+        let signer = Signer::from_files(&files.cert, &files.key).unwrap();
+        let sig = signer.sign(b"head 7 abc").unwrap();
+        verify(signer.certificate_pem(), b"head 7 abc", &sig).unwrap();
+        assert!(verify(signer.certificate_pem(), b"head 7 abd", &sig).is_err());
+        let mut bad = sig.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(verify(signer.certificate_pem(), b"head 7 abc", &bad).is_err());
+        issued_by(signer.certificate_pem(), &files.ca).unwrap();
+
+        // Another federation's CA did not issue it, and its server key does not fit this certificate.
+        Pki::init(&dir.path().join("other"), "o", "localhost", &[]).unwrap();
+        let other = ServerTlsFiles::in_pki(&dir.path().join("other"));
+        let err = issued_by(signer.certificate_pem(), &other.ca).unwrap_err();
+        assert!(err.contains("was not issued by"), "{err}");
+        let err = Signer::from_files(&files.cert, &other.key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not belong to"), "{err}");
+    }
+}

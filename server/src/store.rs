@@ -1,0 +1,1096 @@
+//! The run's durable record (DESIGN.md §8). sled 0.34 holds the run (its settings' fingerprint, software, state),
+//! each committed round and the audit log; model checkpoints are files named by the SHA-256 of their bytes,
+//! fsynced and renamed into place before the round's record names them. A round is committed when the batch
+//! that writes its record and its audit entry is flushed, and only then announced. Files for people and for a
+//! running server's readers (`rounds.jsonl`, `status.json`, `audit-head.json`) are derived from sled and
+//! rewritten whole, atomically, after each commit.
+//!
+//! One sled tree, three key spaces: `run` (the [`RunMeta`]), `round/` + round (big-endian u32) and `audit/` +
+//! sequence number (big-endian u64), so that a round's record and its audit entry go into one atomic batch.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fedslm_certs::Signer;
+use fedslm_metrics::LogisticStats;
+use fedslm_protocol::hex::{from_hex, to_hex};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audit::{check_chain, AuditEvent, Head};
+use crate::failpoint;
+use crate::round::RoundRecord;
+
+/// The sled database, inside the output folder.
+pub const STORE_DIR: &str = "store";
+/// Content-addressed model checkpoints: `<sha256>.safetensors`.
+pub const CHECKPOINT_DIR: &str = "checkpoints";
+/// The run's state for readers while the server holds sled's lock.
+pub const STATUS_FILE: &str = "status.json";
+/// The audit log's head, signed with the server's key.
+pub const HEAD_FILE: &str = "audit-head.json";
+/// One committed round per line, for people and scripts.
+pub const ROUNDS_FILE: &str = "rounds.jsonl";
+pub const SOFTWARE: &str = concat!("fedslm ", env!("CARGO_PKG_VERSION"));
+
+const RUN_KEY: &[u8] = b"run";
+const ROUND_PREFIX: &[u8] = b"round/";
+const AUDIT_PREFIX: &[u8] = b"audit/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "{path} is held by another fedslm server (one server per output folder); \
+         `fedslm server status --out {out}` reads its status file"
+    )]
+    Locked { path: PathBuf, out: PathBuf },
+    #[error("{path}: {source}")]
+    Sled { path: PathBuf, source: sled::Error },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("no run is stored in {0}")]
+    NoRun(PathBuf),
+    #[error(
+        "{path} holds run {run_id} with other settings: {changes}. Start it with the settings it had, or \
+         with --new-run to begin another run (the stored one is kept as {archive})"
+    )]
+    ConfigChanged {
+        path: PathBuf,
+        run_id: String,
+        changes: String,
+        archive: String,
+    },
+    #[error("cannot sign the audit head: {0}")]
+    Sign(#[from] fedslm_certs::CertError),
+}
+
+fn sled_err(path: &Path) -> impl FnOnce(sled::Error) -> StoreError + '_ {
+    move |source| StoreError::Sled {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Completed,
+    Failed,
+}
+
+impl RunState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Completed => "completed",
+            RunState::Failed => "failed",
+        }
+    }
+}
+
+/// What a run is: stored when it starts, updated when it resumes or ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    pub run_id: String,
+    /// The settings that decide the run's result, by name (seeds included).
+    pub fingerprint: BTreeMap<String, String>,
+    /// The software that started the run.
+    pub software: String,
+    pub started_unix_ms: u64,
+    pub rounds_planned: u32,
+    pub state: RunState,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The final model's checkpoint, once completed.
+    #[serde(default)]
+    pub final_checkpoint: Option<String>,
+    /// How often a server started again on this run.
+    #[serde(default)]
+    pub resumes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredContribution {
+    pub center: String,
+    pub examples: u64,
+    pub train_loss: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRefusal {
+    pub center: String,
+    pub reason: String,
+}
+
+/// Federated Newton: the round's summed statistics, from which a resumed server replays its solver exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewtonSums {
+    pub gradient: Vec<f64>,
+    pub hessian: Vec<f64>,
+    pub log_likelihood: f64,
+    pub n: u64,
+    pub fitted_exactly: u64,
+}
+
+/// A committed round as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRound {
+    pub round: u32,
+    /// Hex SHA-256 of the checkpoint file of the global model after the round.
+    pub checkpoint: String,
+    pub retries: u32,
+    pub contributions: Vec<StoredContribution>,
+    pub refused: Vec<StoredRefusal>,
+    pub silent: Vec<String>,
+    pub seconds: f64,
+    pub log_likelihood: Option<f64>,
+    #[serde(default)]
+    pub newton: Option<NewtonSums>,
+    /// Evaluation aggregates of the round's model (Federation III); null until then.
+    #[serde(default)]
+    pub evaluation: serde_json::Value,
+    pub committed_unix_ms: u64,
+}
+
+impl StoredRound {
+    pub fn new(r: &RoundRecord, checkpoint: String) -> StoredRound {
+        StoredRound {
+            round: r.round,
+            checkpoint,
+            retries: r.retries,
+            contributions: r
+                .contributions
+                .iter()
+                .map(|c| StoredContribution {
+                    center: c.center.to_string(),
+                    examples: c.examples,
+                    train_loss: c.train_loss,
+                })
+                .collect(),
+            refused: r
+                .refused
+                .iter()
+                .map(|(c, why)| StoredRefusal {
+                    center: c.to_string(),
+                    reason: why.clone(),
+                })
+                .collect(),
+            silent: r.silent.iter().map(|c| c.to_string()).collect(),
+            seconds: r.duration.as_secs_f64(),
+            log_likelihood: r.log_likelihood,
+            newton: r.newton.as_ref().map(|s| NewtonSums {
+                gradient: s.gradient.clone(),
+                hessian: s.hessian.clone(),
+                log_likelihood: s.log_likelihood,
+                n: s.n,
+                fitted_exactly: s.fitted_exactly,
+            }),
+            evaluation: serde_json::Value::Null,
+            committed_unix_ms: now_ms(),
+        }
+    }
+
+    pub fn newton_stats(&self) -> Option<LogisticStats> {
+        self.newton.as_ref().map(|s| LogisticStats {
+            gradient: s.gradient.clone(),
+            hessian: s.hessian.clone(),
+            log_likelihood: s.log_likelihood,
+            n: s.n,
+            fitted_exactly: s.fitted_exactly,
+        })
+    }
+
+    /// The example-weighted mean training loss.
+    pub fn train_loss(&self) -> f64 {
+        let n: u64 = self.contributions.iter().map(|c| c.examples).sum();
+        self.contributions
+            .iter()
+            .map(|c| c.train_loss * c.examples as f64)
+            .sum::<f64>()
+            / n.max(1) as f64
+    }
+}
+
+/// What [`Store::begin`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Opening {
+    /// A new run, nothing committed.
+    New,
+    /// A run that had not finished (or had failed) goes on after its last committed round.
+    Resume {
+        meta: RunMeta,
+        rounds: Vec<StoredRound>,
+    },
+    /// The run completed before; nothing is left to do.
+    Completed {
+        meta: RunMeta,
+        rounds: Vec<StoredRound>,
+    },
+}
+
+/// `audit-head.json`: the head of the audit log, signed with the server's TLS key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedHead {
+    pub run_id: String,
+    pub entries: u64,
+    pub head: String,
+    pub scheme: String,
+    /// Hex DER ECDSA signature of [`head_message`].
+    pub signature: String,
+    /// The signer's certificate (PEM).
+    pub certificate: String,
+    pub signed_unix_ms: u64,
+}
+
+/// The statement the server signs.
+pub fn head_message(run_id: &str, entries: u64, head: &str) -> Vec<u8> {
+    format!("fedslm audit head\nrun {run_id}\nentries {entries}\nsha256 {head}\n").into_bytes()
+}
+
+/// What [`Store::verify`] found. No problems means the chain, the signature and every checkpoint hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyReport {
+    pub run_id: String,
+    pub entries: u64,
+    pub head: String,
+    /// Entries that the signed head covers.
+    pub signed_entries: Option<u64>,
+    /// The signer certificate's subject, when checked against a CA.
+    pub signer: Option<String>,
+    pub rounds: u32,
+    pub checkpoints: usize,
+    pub problems: Vec<String>,
+}
+
+/// The durable record of one run in an output folder.
+pub struct Store {
+    out: PathBuf,
+    path: PathBuf,
+    db: sled::Db,
+    head: Mutex<Head>,
+    signer: Option<Signer>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn round_key(round: u32) -> Vec<u8> {
+    [ROUND_PREFIX, &round.to_be_bytes()[..]].concat()
+}
+
+fn audit_key(seq: u64) -> Vec<u8> {
+    [AUDIT_PREFIX, &seq.to_be_bytes()[..]].concat()
+}
+
+/// Hex SHA-256 of a file's bytes, read in pieces.
+pub fn sha256_file(path: &Path) -> Result<String, StoreError> {
+    let mut file = std::fs::File::open(path).map_err(read_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(read_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(to_hex(&hasher.finalize()))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: readers see the old or the new file whole.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
+    f.write_all(bytes).map_err(write_err(&tmp))?;
+    f.sync_all().map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(write_err(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err(dir))
+}
+
+fn open_db(path: &Path, out: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new().path(path).open().map_err(|e| match e {
+        sled::Error::Io(ref io) if io.to_string().contains("lock") => StoreError::Locked {
+            path: path.to_path_buf(),
+            out: out.to_path_buf(),
+        },
+        other => StoreError::Sled {
+            path: path.to_path_buf(),
+            source: other,
+        },
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store of the output folder `out`. `signer` signs the audit head at each commit.
+    pub fn open(out: &Path, signer: Option<Signer>) -> Result<Store, StoreError> {
+        let checkpoints = out.join(CHECKPOINT_DIR);
+        std::fs::create_dir_all(&checkpoints).map_err(write_err(&checkpoints))?;
+        let path = out.join(STORE_DIR);
+        let db = open_db(&path, out)?;
+        let store = Store {
+            out: out.to_path_buf(),
+            head: Mutex::new(Head::EMPTY),
+            path,
+            db,
+            signer,
+        };
+        *store.lock_head() = store.stored_head()?;
+        // Checkpoints half-written by a process that was killed: never named by any record.
+        if let Ok(dir) = std::fs::read_dir(&checkpoints) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with('.') {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// Opens the store of `out` for reading; there must be one.
+    pub fn open_existing(out: &Path) -> Result<Store, StoreError> {
+        if !out.join(STORE_DIR).is_dir() {
+            return Err(StoreError::NoRun(out.to_path_buf()));
+        }
+        Store::open(out, None)
+    }
+
+    pub fn out(&self) -> &Path {
+        &self.out
+    }
+
+    fn lock_head(&self) -> std::sync::MutexGuard<'_, Head> {
+        self.head.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stored_head(&self) -> Result<Head, StoreError> {
+        let last = self
+            .db
+            .scan_prefix(AUDIT_PREFIX)
+            .next_back()
+            .transpose()
+            .map_err(sled_err(&self.path))?;
+        Ok(match last {
+            None => Head::EMPTY,
+            Some((key, bytes)) => {
+                let seq = key
+                    .get(AUDIT_PREFIX.len()..)
+                    .and_then(|k| <[u8; 8]>::try_from(k).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| self.corrupt("an audit key that is not a sequence number"))?;
+                Head {
+                    entries: seq + 1,
+                    hash: Sha256::digest(&bytes).into(),
+                }
+            }
+        })
+    }
+
+    fn corrupt(&self, reason: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The stored run, if any.
+    pub fn meta(&self) -> Result<Option<RunMeta>, StoreError> {
+        match self.db.get(RUN_KEY).map_err(sled_err(&self.path))? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| self.corrupt(format!("run record: {e}"))),
+        }
+    }
+
+    /// Every committed round, in order.
+    pub fn rounds(&self) -> Result<Vec<StoredRound>, StoreError> {
+        self.db
+            .scan_prefix(ROUND_PREFIX)
+            .map(|kv| {
+                let (_, v) = kv.map_err(sled_err(&self.path))?;
+                serde_json::from_slice(&v).map_err(|e| self.corrupt(format!("round record: {e}")))
+            })
+            .collect()
+    }
+
+    /// Every audit entry's key and bytes, in order.
+    pub fn audit_entries(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.db
+            .scan_prefix(AUDIT_PREFIX)
+            .map(|kv| {
+                let (k, v) = kv.map_err(sled_err(&self.path))?;
+                let seq = k
+                    .get(AUDIT_PREFIX.len()..)
+                    .and_then(|k| <[u8; 8]>::try_from(k).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| self.corrupt("an audit key that is not a sequence number"))?;
+                Ok((seq, v.to_vec()))
+            })
+            .collect()
+    }
+
+    pub fn head(&self) -> Head {
+        *self.lock_head()
+    }
+
+    /// Starts run `run_id` with `fingerprint`, or goes on with the stored one if its settings are the same. A
+    /// stored run with other settings is refused, naming each difference, unless `new_run`: then it is moved
+    /// aside (`store-<start time>`; checkpoints stay) and a new one begins.
+    pub fn begin(
+        &mut self,
+        run_id: &str,
+        fingerprint: &BTreeMap<String, String>,
+        rounds_planned: u32,
+        new_run: bool,
+    ) -> Result<Opening, StoreError> {
+        if let Some(meta) = self.meta()? {
+            let archive = format!("{STORE_DIR}-{}", meta.started_unix_ms);
+            let changes = differences(&meta.fingerprint, fingerprint);
+            if !new_run && !changes.is_empty() {
+                return Err(StoreError::ConfigChanged {
+                    path: self.path.clone(),
+                    run_id: meta.run_id,
+                    changes: changes.join("; "),
+                    archive,
+                });
+            }
+            if !new_run {
+                let rounds = self.rounds()?;
+                if meta.state == RunState::Completed {
+                    self.write_derived()?;
+                    return Ok(Opening::Completed { meta, rounds });
+                }
+                let previous_state = meta.state.name().to_string();
+                let resumed = RunMeta {
+                    state: RunState::Running,
+                    reason: None,
+                    resumes: meta.resumes + 1,
+                    ..meta
+                };
+                self.write_with_audit(
+                    &[(RUN_KEY.to_vec(), json_bytes(&resumed))],
+                    AuditEvent::RunResumed {
+                        software: SOFTWARE.into(),
+                        committed_rounds: rounds.last().map_or(0, |r| r.round),
+                        previous_state,
+                    },
+                )?;
+                self.flush()?;
+                self.write_derived()?;
+                return Ok(Opening::Resume {
+                    meta: resumed,
+                    rounds,
+                });
+            }
+            // Moved aside, never deleted: a run's record is not lost to a restart's flag.
+            self.db.flush().map_err(sled_err(&self.path))?;
+            let placeholder = sled::Config::new()
+                .temporary(true)
+                .open()
+                .map_err(sled_err(&self.path))?;
+            drop(std::mem::replace(&mut self.db, placeholder));
+            let to = self.out.join(&archive);
+            std::fs::rename(&self.path, &to).map_err(write_err(&to))?;
+            self.db = open_db(&self.path, &self.out)?;
+            *self.lock_head() = Head::EMPTY;
+            tracing::info!(previous = %to.display(), "the stored run was moved aside for a new one");
+        }
+        let meta = RunMeta {
+            run_id: run_id.to_string(),
+            fingerprint: fingerprint.clone(),
+            software: SOFTWARE.into(),
+            started_unix_ms: now_ms(),
+            rounds_planned,
+            state: RunState::Running,
+            reason: None,
+            final_checkpoint: None,
+            resumes: 0,
+        };
+        self.write_with_audit(
+            &[(RUN_KEY.to_vec(), json_bytes(&meta))],
+            AuditEvent::RunStarted {
+                run_id: run_id.to_string(),
+                software: SOFTWARE.into(),
+                fingerprint: fingerprint.clone(),
+            },
+        )?;
+        self.flush()?;
+        self.write_derived()?;
+        Ok(Opening::New)
+    }
+
+    /// Appends `event` to the audit log. Durable at the next flush (each commit, or sled's own within half a
+    /// second).
+    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.write_with_audit(&[], event).map(|_| ())
+    }
+
+    /// Writes `records` and the audit entry of `event` in one atomic batch (not yet flushed).
+    fn write_with_audit(
+        &self,
+        records: &[(Vec<u8>, Vec<u8>)],
+        event: AuditEvent,
+    ) -> Result<Head, StoreError> {
+        let mut head = self.lock_head();
+        let (bytes, next) = head.append(event, now_ms());
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            batch.insert(k.as_slice(), v.as_slice());
+        }
+        batch.insert(audit_key(head.entries), bytes);
+        self.db.apply_batch(batch).map_err(sled_err(&self.path))?;
+        *head = next;
+        Ok(next)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(sled_err(&self.path))
+    }
+
+    /// The path a checkpoint is written to before [`Store::put_checkpoint`] names it by its hash.
+    pub fn pending_checkpoint(&self, round: u32) -> PathBuf {
+        self.out
+            .join(CHECKPOINT_DIR)
+            .join(format!(".round-{round:04}.pending"))
+    }
+
+    pub fn checkpoint_path(&self, hash: &str) -> PathBuf {
+        checkpoint_path(&self.out, hash)
+    }
+
+    /// Hashes the file at `written`, makes it durable and renames it to its hash. Returns the hash.
+    pub fn put_checkpoint(&self, written: &Path) -> Result<String, StoreError> {
+        let hash = sha256_file(written)?;
+        std::fs::File::open(written)
+            .and_then(|f| f.sync_all())
+            .map_err(write_err(written))?;
+        let to = self.checkpoint_path(&hash);
+        std::fs::rename(written, &to).map_err(write_err(&to))?;
+        sync_dir(&self.out.join(CHECKPOINT_DIR))?;
+        Ok(hash)
+    }
+
+    /// The checkpoint named `hash`, after checking that its bytes still hash to it.
+    pub fn checked_checkpoint(&self, hash: &str) -> Result<PathBuf, StoreError> {
+        let path = self.checkpoint_path(hash);
+        let got = sha256_file(&path)?;
+        if got != hash {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: format!("its bytes hash to {got}, not to its name"),
+            });
+        }
+        Ok(path)
+    }
+
+    /// Commits a round: its record and audit entry in one batch, flushed; then the derived files.
+    pub fn commit_round(&self, round: &StoredRound) -> Result<(), StoreError> {
+        self.write_with_audit(
+            &[(round_key(round.round), json_bytes(round))],
+            AuditEvent::RoundCommitted {
+                round: round.round,
+                checkpoint: round.checkpoint.clone(),
+            },
+        )?;
+        failpoint::hit(failpoint::SLED_COMMIT, round.round);
+        self.flush()?;
+        self.write_derived()
+    }
+
+    /// Records how the run ended.
+    pub fn finish(&self, state: RunState, reason: &str) -> Result<(), StoreError> {
+        let meta = self
+            .meta()?
+            .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
+        if meta.state == RunState::Completed && state == RunState::Completed {
+            // A completed run started again: its end is on record already.
+            return Ok(());
+        }
+        let rounds = self.rounds()?;
+        let last = rounds.last();
+        let checkpoint = match state {
+            RunState::Completed => last.map(|r| r.checkpoint.clone()),
+            _ => None,
+        };
+        let meta = RunMeta {
+            state,
+            reason: Some(reason.to_string()),
+            final_checkpoint: checkpoint.clone(),
+            ..meta
+        };
+        self.write_with_audit(
+            &[(RUN_KEY.to_vec(), json_bytes(&meta))],
+            AuditEvent::RunFinished {
+                state: state.name().into(),
+                rounds: last.map_or(0, |r| r.round),
+                reason: reason.to_string(),
+                checkpoint,
+            },
+        )?;
+        self.flush()?;
+        self.write_derived()
+    }
+
+    /// The run's state for `fedslm server status` (and the status file).
+    pub fn status(&self) -> Result<serde_json::Value, StoreError> {
+        let meta = self
+            .meta()?
+            .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
+        let rounds = self.rounds()?;
+        Ok(status_json(&meta, &rounds, self.head()))
+    }
+
+    /// `rounds.jsonl`, `status.json` and the signed `audit-head.json`, from sled.
+    fn write_derived(&self) -> Result<(), StoreError> {
+        let Some(meta) = self.meta()? else {
+            return Ok(());
+        };
+        let rounds = self.rounds()?;
+        let mut lines = Vec::new();
+        for r in &rounds {
+            lines.extend(json_bytes(r));
+            lines.push(b'\n');
+        }
+        write_atomic(&self.out.join(ROUNDS_FILE), &lines)?;
+        let head = self.head();
+        let mut status = status_json(&meta, &rounds, head);
+        status["server_pid"] = std::process::id().into();
+        write_atomic(
+            &self.out.join(STATUS_FILE),
+            &serde_json::to_vec_pretty(&status).unwrap_or_default(),
+        )?;
+        if let Some(signer) = &self.signer {
+            let signature = signer.sign(&head_message(&meta.run_id, head.entries, &head.hex()))?;
+            let signed = SignedHead {
+                run_id: meta.run_id.clone(),
+                entries: head.entries,
+                head: head.hex(),
+                scheme: fedslm_certs::SIGNATURE_SCHEME.into(),
+                signature: to_hex(&signature),
+                certificate: signer.certificate_pem().to_string(),
+                signed_unix_ms: now_ms(),
+            };
+            write_atomic(
+                &self.out.join(HEAD_FILE),
+                &serde_json::to_vec_pretty(&signed).unwrap_or_default(),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Checks the audit chain, the signed head (and its signer against `ca`), and every round's checkpoint. The
+    /// first broken audit entry and each bad checkpoint are named.
+    pub fn verify(&self, ca: Option<&Path>) -> Result<VerifyReport, StoreError> {
+        let meta = self
+            .meta()?
+            .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
+        let mut problems = Vec::new();
+        let stored = self.audit_entries()?;
+        let count = stored.len() as u64;
+        let chain = check_chain(stored.iter().cloned());
+        let (head, entries) = match chain {
+            Ok((head, entries)) => (Some(head), entries),
+            Err(e) => {
+                problems.push(e.to_string());
+                (None, Vec::new())
+            }
+        };
+        let mut signed_entries = None;
+        let mut signer = None;
+        let head_path = self.out.join(HEAD_FILE);
+        match std::fs::read(&head_path) {
+            Err(e) => problems.push(format!("{}: {e}", head_path.display())),
+            Ok(bytes) => match serde_json::from_slice::<SignedHead>(&bytes) {
+                Err(e) => problems.push(format!("{}: {e}", head_path.display())),
+                Ok(s) => {
+                    let message = head_message(&s.run_id, s.entries, &s.head);
+                    match from_hex(&s.signature) {
+                        None => problems
+                            .push(format!("{}: the signature is not hex", head_path.display())),
+                        Some(sig) => {
+                            if let Err(e) =
+                                fedslm_certs::verify_signature(&s.certificate, &message, &sig)
+                            {
+                                problems.push(format!("{}: {e}", head_path.display()));
+                            }
+                        }
+                    }
+                    if let Some(ca) = ca {
+                        match fedslm_certs::issued_by(&s.certificate, ca) {
+                            Ok(subject) => signer = Some(subject),
+                            Err(e) => problems.push(format!("{}: {e}", head_path.display())),
+                        }
+                    }
+                    if s.run_id != meta.run_id {
+                        problems.push(format!(
+                            "{}: signed for run {}, the store holds run {}",
+                            head_path.display(),
+                            s.run_id,
+                            meta.run_id
+                        ));
+                    }
+                    if head.is_some() {
+                        // The signed head must be an entry of the chain: the last, or one before entries
+                        // appended since the last commit.
+                        let at = s
+                            .entries
+                            .checked_sub(1)
+                            .and_then(|i| stored.get(i as usize));
+                        let hash = at.map(|(_, b)| to_hex(&Sha256::digest(b)));
+                        if s.entries > count {
+                            problems.push(format!(
+                                "the signed head covers {} audit entries but only {count} are stored: \
+                                 entries {count} to {} were removed",
+                                s.entries,
+                                s.entries - 1
+                            ));
+                        } else if s.entries > 0 && hash.as_deref() != Some(s.head.as_str()) {
+                            problems.push(format!(
+                                "audit entry {} was altered: it does not match the signed head",
+                                s.entries - 1
+                            ));
+                        }
+                    }
+                    signed_entries = Some(s.entries);
+                }
+            },
+        }
+        let rounds = self.rounds()?;
+        let mut committed: BTreeMap<u32, String> = BTreeMap::new();
+        for e in &entries {
+            if let AuditEvent::RoundCommitted { round, checkpoint } = &e.event {
+                committed.insert(*round, checkpoint.clone());
+            }
+        }
+        let mut checkpoints = 0;
+        for (i, r) in rounds.iter().enumerate() {
+            if r.round != i as u32 + 1 {
+                problems.push(format!(
+                    "round {} is missing: the next stored round is {}",
+                    i + 1,
+                    r.round
+                ));
+                break;
+            }
+            if head.is_some() && committed.get(&r.round) != Some(&r.checkpoint) {
+                problems.push(format!(
+                    "round {}'s record names checkpoint {}, its audit entry {}",
+                    r.round,
+                    r.checkpoint,
+                    committed.get(&r.round).map_or("none", String::as_str)
+                ));
+            }
+            let path = self.checkpoint_path(&r.checkpoint);
+            match sha256_file(&path) {
+                Ok(h) if h == r.checkpoint => checkpoints += 1,
+                Ok(h) => problems.push(format!(
+                    "round {}'s checkpoint {} was altered: its bytes hash to {h}",
+                    r.round,
+                    path.display()
+                )),
+                Err(e) => problems.push(format!("round {}'s checkpoint: {e}", r.round)),
+            }
+        }
+        if meta.state == RunState::Completed
+            && meta.final_checkpoint.as_ref() != rounds.last().map(|r| &r.checkpoint)
+        {
+            problems.push("the final model is not the last round's checkpoint".into());
+        }
+        Ok(VerifyReport {
+            run_id: meta.run_id,
+            entries: count,
+            head: head.map(|h| h.hex()).unwrap_or_default(),
+            signed_entries,
+            signer,
+            rounds: rounds.len() as u32,
+            checkpoints,
+            problems,
+        })
+    }
+}
+
+pub fn checkpoint_path(out: &Path, hash: &str) -> PathBuf {
+    out.join(CHECKPOINT_DIR).join(format!("{hash}.safetensors"))
+}
+
+fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    // Records of strings, numbers and vectors of finite floats.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Each setting whose value differs, as `name: stored -> now`.
+fn differences(stored: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let mut keys: Vec<&String> = stored.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (stored.get(k), now.get(k));
+            (a != b).then(|| {
+                format!(
+                    "{k}: {} -> {}",
+                    a.map_or("(none)", String::as_str),
+                    b.map_or("(none)", String::as_str)
+                )
+            })
+        })
+        .collect()
+}
+
+fn status_json(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> serde_json::Value {
+    let mut centres = Vec::new();
+    for (key, role) in &meta.fingerprint {
+        let Some(center) = key.strip_prefix("center.") else {
+            continue;
+        };
+        let mine: Vec<(u32, &StoredContribution)> = rounds
+            .iter()
+            .flat_map(|r| {
+                r.contributions
+                    .iter()
+                    .filter(|c| c.center == center)
+                    .map(move |c| (r.round, c))
+            })
+            .collect();
+        let last = mine.last();
+        centres.push(serde_json::json!({
+            "center": center,
+            "role": role,
+            "rounds_contributed": mine.len(),
+            "last_round": last.map(|(r, _)| *r),
+            "last_examples": last.map(|(_, c)| c.examples),
+            "last_train_loss": last.map(|(_, c)| c.train_loss),
+        }));
+    }
+    let last = rounds.last();
+    serde_json::json!({
+        "run_id": meta.run_id,
+        "state": meta.state.name(),
+        "reason": meta.reason,
+        "software": meta.software,
+        "started_unix_ms": meta.started_unix_ms,
+        "updated_unix_ms": now_ms(),
+        "resumes": meta.resumes,
+        "rounds_planned": meta.rounds_planned,
+        "rounds_committed": last.map_or(0, |r| r.round),
+        "centres": centres,
+        "last_round": last.map(|r| serde_json::json!({
+            "round": r.round,
+            "checkpoint": r.checkpoint,
+            "train_loss": r.train_loss(),
+            "examples": r.contributions.iter().map(|c| c.examples).sum::<u64>(),
+            "centres": r.contributions.len(),
+            "silent": r.silent,
+            "refused": r.refused.len(),
+            "seconds": r.seconds,
+            "log_likelihood": r.log_likelihood,
+        })),
+        "final_checkpoint": meta.final_checkpoint,
+        "audit": {"entries": head.entries, "head": head.hex()},
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedslm_protocol::CenterId;
+
+    fn fingerprint(rounds: u32) -> BTreeMap<String, String> {
+        [
+            ("run_id".to_string(), "r1".to_string()),
+            ("rounds".to_string(), rounds.to_string()),
+            ("center.center-a".to_string(), "train".to_string()),
+        ]
+        .into()
+    }
+
+    fn record(round: u32) -> RoundRecord {
+        RoundRecord {
+            round,
+            retries: 0,
+            contributions: vec![crate::round::Contribution {
+                center: CenterId::new("center-a").unwrap(),
+                examples: 10,
+                train_loss: 0.5,
+            }],
+            refused: vec![],
+            silent: vec![],
+            duration: std::time::Duration::from_millis(10),
+            log_likelihood: None,
+            newton: None,
+        }
+    }
+
+    fn commit(store: &Store, round: u32, bytes: &[u8]) -> String {
+        let pending = store.pending_checkpoint(round);
+        std::fs::write(&pending, bytes).unwrap();
+        let hash = store.put_checkpoint(&pending).unwrap();
+        store
+            .commit_round(&StoredRound::new(&record(round), hash.clone()))
+            .unwrap();
+        hash
+    }
+
+    #[test]
+    fn a_run_is_resumed_refused_with_other_settings_and_moved_aside_for_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        {
+            let mut store = Store::open(out, None).unwrap();
+            assert_eq!(
+                store.begin("r1", &fingerprint(3), 3, false).unwrap(),
+                Opening::New
+            );
+            let h1 = commit(&store, 1, b"model one");
+            assert_eq!(h1, to_hex(&Sha256::digest(b"model one")));
+            assert_eq!(
+                std::fs::read(store.checkpoint_path(&h1)).unwrap(),
+                b"model one"
+            );
+            // Held: a second server on the same folder is told so.
+            let err = Store::open(out, None).err().unwrap().to_string();
+            assert!(err.contains("held by another fedslm server"), "{err}");
+            let status: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join(STATUS_FILE)).unwrap()).unwrap();
+            assert_eq!(status["rounds_committed"], 1);
+            assert_eq!(status["centres"][0]["center"], "center-a");
+        }
+        {
+            let mut store = Store::open(out, None).unwrap();
+            let err = store
+                .begin("r1", &fingerprint(5), 5, false)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("rounds: 3 -> 5"), "{err}");
+            match store.begin("r1", &fingerprint(3), 3, false).unwrap() {
+                Opening::Resume { rounds, meta } => {
+                    assert_eq!(rounds.len(), 1);
+                    assert_eq!(meta.resumes, 1);
+                }
+                other => panic!("{other:?}"),
+            }
+            commit(&store, 2, b"model two");
+            store
+                .finish(RunState::Completed, "completed 2 rounds")
+                .unwrap();
+            let report = store.verify(None).unwrap();
+            // Unsigned here: the chain and checkpoints hold, the signature is missing.
+            assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+            assert!(
+                report.problems[0].contains(HEAD_FILE),
+                "{:?}",
+                report.problems
+            );
+            assert_eq!((report.rounds, report.checkpoints), (2, 2));
+        }
+        {
+            let mut store = Store::open(out, None).unwrap();
+            assert!(matches!(
+                store.begin("r1", &fingerprint(3), 3, false).unwrap(),
+                Opening::Completed { .. }
+            ));
+            assert_eq!(
+                store.begin("r1", &fingerprint(5), 5, true).unwrap(),
+                Opening::New
+            );
+            assert!(store.rounds().unwrap().is_empty());
+            assert_eq!(store.head().entries, 1);
+        }
+        let archived: Vec<String> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("store-"))
+            .collect();
+        assert_eq!(archived.len(), 1, "the old run is kept");
+    }
+
+    #[test]
+    fn verify_names_an_altered_checkpoint_a_bad_signature_and_a_missing_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        fedslm_certs::Pki::init(&out.join("pki"), "t", "localhost", &[]).unwrap();
+        let files = fedslm_certs::ServerTlsFiles::in_pki(&out.join("pki"));
+        let signer = Signer::from_files(&files.cert, &files.key).unwrap();
+        let mut store = Store::open(out, Some(signer)).unwrap();
+        store.begin("r1", &fingerprint(3), 3, false).unwrap();
+        commit(&store, 1, b"one");
+        let h2 = commit(&store, 2, b"two");
+        let ok = store.verify(Some(&files.ca)).unwrap();
+        assert!(ok.problems.is_empty(), "{:?}", ok.problems);
+        assert_eq!(ok.signed_entries, Some(ok.entries));
+        assert!(ok.signer.is_some());
+
+        std::fs::write(store.checkpoint_path(&h2), b"twO").unwrap();
+        let report = store.verify(None).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("round 2's checkpoint"),
+            "{:?}",
+            report.problems
+        );
+
+        std::fs::write(store.checkpoint_path(&h2), b"two").unwrap();
+        let head_file = out.join(HEAD_FILE);
+        let mut signed: SignedHead =
+            serde_json::from_slice(&std::fs::read(&head_file).unwrap()).unwrap();
+        signed.entries -= 1;
+        std::fs::write(&head_file, serde_json::to_vec(&signed).unwrap()).unwrap();
+        let report = store.verify(None).unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("signature does not match")),
+            "{:?}",
+            report.problems
+        );
+
+        store.db.remove(round_key(1)).unwrap();
+        let report = store.verify(None).unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("round 1 is missing")),
+            "{:?}",
+            report.problems
+        );
+    }
+}
