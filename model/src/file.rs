@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use fedslm_protocol::{DType, Tensor, TensorRole, Weights};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -105,62 +105,82 @@ impl ClinicalTable {
     }
 }
 
-fn dtype(d: DType) -> Dtype {
+fn dtype_name(d: DType) -> &'static str {
     match d {
-        DType::F32 => Dtype::F32,
-        DType::F64 => Dtype::F64,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
+        DType::F32 => "F32",
+        DType::F64 => "F64",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
     }
 }
 
-/// Writes `weights` (names sorted) and `card` to `path`, atomically.
+/// Writes `weights` and `card` to `path`, atomically. The bytes depend on the model and the card only: the
+/// header is written here in a fixed order (the safetensors crate writes its metadata map in hash order), so that
+/// equal models have equal files and equal content hashes, which the server's checkpoints are named by.
 pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), ModelError> {
     let write_err = |source| ModelError::Write {
         path: path.to_path_buf(),
         source,
     };
-    let mut tensors: Vec<&Tensor> = weights.tensors().iter().collect();
-    tensors.sort_by(|a, b| a.name().cmp(b.name()));
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|t| {
-            TensorView::new(dtype(t.dtype()), t.shape().to_vec(), t.bytes())
-                .map(|v| (t.name().to_string(), v))
-                .map_err(|e| ModelError::BadFile {
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })
-        })
-        .collect::<Result<_, _>>()?;
-    let card_json = serde_json::to_string(card).map_err(|e| ModelError::BadFile {
+    let bad = |reason: String| ModelError::BadFile {
         path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    // Widest dtype first, then by name: each tensor stays aligned to its element size, as safetensors does it.
+    let mut tensors: Vec<&Tensor> = weights.tensors().iter().collect();
+    tensors.sort_by(|a, b| {
+        b.dtype()
+            .size()
+            .cmp(&a.dtype().size())
+            .then(a.name().cmp(b.name()))
+    });
+    let card_json = serde_json::to_string(card).map_err(|e| bad(e.to_string()))?;
     let roles: serde_json::Map<String, serde_json::Value> = tensors
         .iter()
         .map(|t| (t.name().to_string(), role_name(t.role()).into()))
         .collect();
-    let metadata: HashMap<String, String> = [
-        (CARD_KEY.to_string(), card_json),
-        (
-            ROLES_KEY.to_string(),
-            serde_json::Value::Object(roles).to_string(),
-        ),
+    let metadata: std::collections::BTreeMap<&str, String> = [
+        (CARD_KEY, card_json),
+        (ROLES_KEY, serde_json::Value::Object(roles).to_string()),
     ]
     .into();
+    fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String, String> {
+        serde_json::to_string(v).map_err(|e| e.to_string())
+    }
+    let mut header = format!("{{\"__metadata__\":{}", to_json(&metadata).map_err(bad)?);
+    let mut offset = 0usize;
+    for t in &tensors {
+        let n = t.bytes().len();
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            to_json(t.name()).map_err(bad)?,
+            dtype_name(t.dtype()),
+            to_json(t.shape()).map_err(bad)?,
+            offset + n
+        ));
+        offset += n;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(write_err)?;
     }
     let tmp = path.with_extension("partial");
-    // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
-    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => write_err(source),
-        other => ModelError::BadFile {
-            path: path.to_path_buf(),
-            reason: other.to_string(),
-        },
-    })?;
+    {
+        use std::io::Write;
+        // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
+        let file = std::fs::File::create(&tmp).map_err(write_err)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(write_err)?;
+        w.write_all(header.as_bytes()).map_err(write_err)?;
+        for t in &tensors {
+            w.write_all(t.bytes()).map_err(write_err)?;
+        }
+        w.flush().map_err(write_err)?;
+    }
     std::fs::rename(&tmp, path).map_err(write_err)
 }
 
@@ -304,6 +324,14 @@ mod tests {
         let mut sorted = names.clone();
         sorted.sort_unstable();
         assert_eq!(names, sorted);
+        // Equal models, equal bytes (the server names checkpoints by their hash), whatever the tensors' order.
+        let reversed = Weights::from_tensors(w.tensors().iter().rev().cloned().collect()).unwrap();
+        let again = tmp.path().join("again.safetensors");
+        save(&again, &reversed, &card).unwrap();
+        assert_eq!(
+            std::fs::read(&again).unwrap(),
+            std::fs::read(&path).unwrap()
+        );
         std::fs::write(&path, b"not a model").unwrap();
         assert!(load(&path)
             .unwrap_err()

@@ -1561,6 +1561,119 @@ mod tests {
     }
 
     /// Three centres' patients; the federated Newton fit must be the pooled fit.
+
+    /// Runs a federated Newton machine with these centres' data to its end: the outcome and each committed round.
+    fn drive_newton(
+        mut m: Coordinator,
+        centres: &[(Vec<f64>, Vec<bool>)],
+    ) -> (Outcome, Vec<Committed>) {
+        let t0 = Instant::now();
+        connect_all(&mut m, t0);
+        let mut history = Vec::new();
+        loop {
+            let acts = actions(&mut m);
+            history.extend(committed(&acts));
+            if let Some(Action::Finished(o)) =
+                acts.iter().find(|a| matches!(a, Action::Finished(_)))
+            {
+                return (o.clone(), history);
+            }
+            let Some(Action::SendFit { task, to }) = acts
+                .iter()
+                .rev()
+                .find(|a| matches!(a, Action::SendFit { .. }))
+            else {
+                panic!("{acts:?}")
+            };
+            assert_eq!(task.objective, LocalObjective::NewtonStep);
+            let beta = task.weights.require(COEFFICIENTS).unwrap().to_f64_vec();
+            for ((center, tid), (x, y)) in to.iter().zip(centres) {
+                let s = logistic_stats(x, y, None, &beta).unwrap();
+                let update = NewtonUpdate {
+                    gradient: s.gradient,
+                    hessian: s.hessian,
+                    log_likelihood: s.log_likelihood,
+                    fitted_exactly: s.fitted_exactly,
+                };
+                answer(
+                    &mut m,
+                    center.as_str(),
+                    *tid,
+                    task.round,
+                    update.to_weights().unwrap(),
+                    s.n,
+                    t0,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_resumed_fedavg_run_goes_on_from_its_checkpoint_or_ends_at_once() {
+        let t0 = Instant::now();
+        let saved = model(&[1.0, 2.0, 3.0, 4.0], 2.0);
+        let mut m = Coordinator::resume(
+            settings(3),
+            roles(),
+            model(&[0.0; 4], 1.0),
+            &[],
+            1,
+            saved.clone(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(m.committed(), 1);
+        connect_all(&mut m, t0);
+        let acts = actions(&mut m);
+        let Some(Action::SendFit { task, .. }) = acts.last() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(task.round, 2);
+        assert_eq!(task.weights, saved);
+        assert_eq!(
+            task.seed,
+            round_seed(7, 2),
+            "the uninterrupted run's seed for round 2"
+        );
+
+        let mut done = Coordinator::resume(
+            settings(3),
+            roles(),
+            model(&[0.0; 4], 1.0),
+            &[],
+            2,
+            saved.clone(),
+            &[],
+        )
+        .unwrap();
+        assert!(done.is_finished());
+        assert!(matches!(
+            actions(&mut done).as_slice(),
+            [Action::Finished(Outcome::Completed { rounds: 2, weights, fit: None })] if **weights == saved
+        ));
+
+        let other = Weights::from_tensors(vec![Tensor::from_f32(
+            "x",
+            vec![1],
+            TensorRole::Parameter,
+            &[0.0],
+        )
+        .unwrap()])
+        .unwrap();
+        let err = Coordinator::resume(
+            settings(3),
+            roles(),
+            model(&[0.0; 4], 1.0),
+            &[],
+            1,
+            other,
+            &[],
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("the last checkpoint"), "{err}");
+    }
+
     #[test]
     fn federated_newton_reaches_the_pooled_fit() {
         let mut rng = 12345u64;
@@ -1593,56 +1706,59 @@ mod tests {
             rounds: 50,
             ..settings(3)
         };
-        let mut m =
-            Coordinator::new(settings, roles(), clinical_weights(&[0.0; 3], None), &names).unwrap();
-        let t0 = Instant::now();
-        connect_all(&mut m, t0);
-        let mut outcome = None;
-        let mut rounds = 0;
-        while outcome.is_none() {
-            let acts = actions(&mut m);
-            for a in &acts {
-                if let Action::Finished(o) = a {
-                    outcome = Some(o.clone());
-                }
-            }
-            if outcome.is_some() {
-                break;
-            }
-            let Some(Action::SendFit { task, to }) = acts
+        let m = Coordinator::new(
+            settings.clone(),
+            roles(),
+            clinical_weights(&[0.0; 3], None),
+            &names,
+        )
+        .unwrap();
+        let (outcome, history) = drive_newton(m, &centres);
+        let rounds = history.len() as u32;
+        assert!(rounds >= 4, "{rounds}");
+        // Stopped after any committed round and resumed from its record, the run ends exactly the same.
+        for k in 1..=rounds {
+            let last = &history[k as usize - 1];
+            let sums: Vec<LogisticStats> = history[..k as usize]
                 .iter()
-                .rev()
-                .find(|a| matches!(a, Action::SendFit { .. }))
-            else {
-                panic!("{acts:?}")
-            };
-            rounds += 1;
-            assert_eq!(task.objective, LocalObjective::NewtonStep);
-            let beta = task.weights.require(COEFFICIENTS).unwrap().to_f64_vec();
-            for ((center, tid), (x, y)) in to.iter().zip(&centres) {
-                let s = logistic_stats(x, y, None, &beta).unwrap();
-                let update = NewtonUpdate {
-                    gradient: s.gradient,
-                    hessian: s.hessian,
-                    log_likelihood: s.log_likelihood,
-                    fitted_exactly: s.fitted_exactly,
-                };
-                answer(
-                    &mut m,
-                    center.as_str(),
-                    *tid,
-                    task.round,
-                    update.to_weights().unwrap(),
-                    s.n,
-                    t0,
-                );
-            }
+                .map(|c| c.newton.clone().unwrap())
+                .collect();
+            let resumed = Coordinator::resume(
+                settings.clone(),
+                roles(),
+                clinical_weights(&[0.0; 3], None),
+                &names,
+                k,
+                (*last.weights).clone(),
+                &sums,
+            )
+            .unwrap();
+            let (again, rest) = drive_newton(resumed, &centres);
+            assert_eq!(again, outcome, "resumed after round {k}");
+            assert_eq!(rest.len() as u32, rounds - k);
         }
-        let Some(Outcome::Completed {
+        // A checkpoint that is not where the replayed steps lead is refused.
+        let sums: Vec<LogisticStats> = history[..2]
+            .iter()
+            .map(|c| c.newton.clone().unwrap())
+            .collect();
+        let err = Coordinator::resume(
+            settings.clone(),
+            roles(),
+            clinical_weights(&[0.0; 3], None),
+            &names,
+            2,
+            (*history[0].weights).clone(),
+            &sums,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, SetupError::Resume(_)), "{err}");
+        let Outcome::Completed {
             fit: Some(fit),
             weights,
             rounds: r,
-        }) = outcome
+        } = outcome
         else {
             panic!("{outcome:?}")
         };

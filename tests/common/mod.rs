@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod process;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

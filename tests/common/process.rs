@@ -1,0 +1,236 @@
+//! A federation of `fedslm` processes on loopback: a PKI, a server configuration, client configurations, and
+//! processes whose output is collected as it comes (so that a test can wait for a line, then kill).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedslm_certs::{IssueOptions, Pki};
+
+use super::id;
+
+/// The longest any process of a test may run.
+pub const RUN_LIMIT: Duration = Duration::from_secs(300);
+
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+pub struct Run {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Run {
+    /// A PKI with a certificate for each centre, and the server's configuration (output in `out`).
+    pub fn new(dir: &Path, centres: &[(&str, &str)], round_keys: &str) -> Run {
+        let pki = Pki::init(
+            &dir.join("pki"),
+            "test",
+            "localhost",
+            &["127.0.0.1".parse().unwrap()],
+        )
+        .unwrap();
+        let port = free_udp_port();
+        let run = Run {
+            dir: dir.to_path_buf(),
+            port,
+        };
+        for (c, _) in centres {
+            pki.issue(&id(c), &dir.join(c), IssueOptions::days(30).unwrap())
+                .unwrap();
+        }
+        run.write_server_config(centres, round_keys);
+        run
+    }
+
+    /// (Re)writes `server.toml`.
+    pub fn write_server_config(&self, centres: &[(&str, &str)], round_keys: &str) {
+        let mut toml = format!(
+            "listen = \"127.0.0.1:{}\"\npki = \"pki\"\nrun_id = \"e2e\"\noutput = \"out\"\n{round_keys}\n",
+            self.port
+        );
+        for (c, role) in centres {
+            toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
+        }
+        std::fs::write(self.dir.join("server.toml"), toml).unwrap();
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+
+    /// `client.toml` of `centre` with its cohort folder and extra settings.
+    pub fn client_config(&self, centre: &str, cohort: &Path, extra: &str) -> PathBuf {
+        let d = self.dir.join(centre);
+        let path = d.join("client.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "center = \"{centre}\"\nserver = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\n\
+                 ca = \"ca.pem\"\ncert = \"{centre}.pem\"\nkey = \"{centre}.key\"\n\
+                 cohort = \"{}\"\nrecord = \"sent\"\nthreads = 1\n{extra}",
+                self.port,
+                cohort.display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Starts `fedslm server` with `args` after the configuration and `env`; returns once it listens (or has
+    /// exited).
+    pub fn server(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedslm"));
+        cmd.args(["server", "--config"])
+            .arg(self.dir.join("server.toml"))
+            .args(args)
+            .env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let p = Proc::spawn(cmd);
+        p.wait_for(
+            |out, _| out.contains("listening on"),
+            Duration::from_secs(30),
+        );
+        p
+    }
+
+    /// Starts a client that tries `attempts` times to reach the server.
+    pub fn client(&self, config: &Path, attempts: u32) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedslm"));
+        cmd.args([
+            "client",
+            "--max-attempts",
+            &attempts.to_string(),
+            "--config",
+        ])
+        .arg(config)
+        .env("RUST_LOG", "warn");
+        Proc::spawn(cmd)
+    }
+
+    /// Starts the server, waits until it listens, starts the clients and waits for everyone to finish.
+    /// Returns the server's stdout and each client's output.
+    pub fn go(&self, clients: &[PathBuf]) -> (String, Vec<String>) {
+        let server = self.server(&[], &[]);
+        let children: Vec<Proc> = clients.iter().map(|c| self.client(c, 5)).collect();
+        let outputs: Vec<String> = children
+            .into_iter()
+            .map(|c| {
+                let (ok, out, err) = c.wait();
+                assert!(ok, "client failed:\n{out}{err}");
+                format!("{out}{err}")
+            })
+            .collect();
+        let (ok, out, err) = server.wait();
+        assert!(
+            ok,
+            "server failed:\n{out}\n{err}\nclients:\n{}",
+            outputs.join("\n---\n")
+        );
+        (out, outputs)
+    }
+}
+
+/// A child process whose stdout and stderr are read as they come.
+pub struct Proc {
+    child: Child,
+    started: Instant,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect(
+    stream: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    })
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start fedslm");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+        ];
+        Proc {
+            child,
+            started: Instant::now(),
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    pub fn output(&self) -> (String, String) {
+        (
+            self.stdout.lock().unwrap().clone(),
+            self.stderr.lock().unwrap().clone(),
+        )
+    }
+
+    /// Waits until `want(stdout, stderr)` holds, or the process exits, or `limit` passes (a panic).
+    pub fn wait_for(&self, want: impl Fn(&str, &str) -> bool, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let (out, err) = self.output();
+            if want(&out, &err) {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "not seen within {limit:?}:\n{out}\n{err}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(mut self) -> (String, String) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        self.output()
+    }
+
+    /// Waits for the process to exit (killing it after [`RUN_LIMIT`]); (success, stdout, stderr).
+    pub fn wait(mut self) -> (bool, String, String) {
+        let ok = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.success();
+            }
+            if self.started.elapsed() > RUN_LIMIT {
+                let _ = self.child.kill();
+                let (out, err) = self.output();
+                panic!("a process ran past {RUN_LIMIT:?}:\n{out}\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let (out, err) = self.output();
+        (ok, out, err)
+    }
+}
