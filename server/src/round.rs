@@ -1560,8 +1560,6 @@ mod tests {
         );
     }
 
-    /// Three centres' patients; the federated Newton fit must be the pooled fit.
-
     /// Runs a federated Newton machine with these centres' data to its end: the outcome and each committed round.
     fn drive_newton(
         mut m: Coordinator,
@@ -1674,6 +1672,7 @@ mod tests {
         assert!(err.to_string().contains("the last checkpoint"), "{err}");
     }
 
+    /// Three centres' patients; the federated Newton fit must be the pooled fit.
     #[test]
     fn federated_newton_reaches_the_pooled_fit() {
         let mut rng = 12345u64;
