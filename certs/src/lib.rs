@@ -20,7 +20,8 @@ pub use pki::{
     Validity, MAX_DAYS,
 };
 pub use quic::{
-    alert_name, connection_center, quic_client_config, quic_server_config, tls_alert, udp_socket,
+    alert_name, connection_center, quic_client_config, quic_server_config, server_endpoint_config,
+    tls_alert, udp_socket,
 };
 pub use sign::{issued_by, verify as verify_signature, Signer, SIGNATURE_SCHEME};
 pub use tls::{

@@ -128,7 +128,7 @@ impl Head {
 
 /// The first place where a chain is broken, with the entry to blame.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("audit entry {seq}: {reason}")]
+#[error("audit entry {seq} {reason}")]
 pub struct ChainError {
     pub seq: u64,
     pub reason: String,
@@ -147,17 +147,17 @@ where
         if key != expected {
             return Err(ChainError {
                 seq: expected,
-                reason: format!("missing: the next stored entry is {key}"),
+                reason: format!("is missing: the next stored entry is {key}"),
             });
         }
         let entry: Entry = serde_json::from_slice(&bytes).map_err(|e| ChainError {
             seq: key,
-            reason: format!("unreadable: {e}"),
+            reason: format!("is unreadable: {e}"),
         })?;
         if entry.seq != key {
             return Err(ChainError {
                 seq: key,
-                reason: format!("stored under {key} but says it is entry {}", entry.seq),
+                reason: format!("is misnumbered: it says it is entry {}", entry.seq),
             });
         }
         stored.push((bytes, entry));
@@ -266,7 +266,7 @@ mod tests {
         entries.remove(1);
         let e = check_chain(entries).unwrap_err();
         assert_eq!(e.seq, 1);
-        assert!(e.reason.contains("missing"), "{e}");
+        assert!(e.to_string().contains("audit entry 1 is missing"), "{e}");
 
         // Renumbered to hide the gap: the links still break.
         let (mut entries, _) = chain(4);

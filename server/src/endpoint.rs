@@ -241,7 +241,7 @@ impl Server {
             ))
         })?;
         let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
+            fedslm_certs::server_endpoint_config(&config.tls)?,
             Some(quic),
             socket,
             runtime,

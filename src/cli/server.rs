@@ -323,7 +323,15 @@ fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
     let r = store.verify(ca)?;
     println!(
         "run {}: {} audit entries, head {}; {} rounds, {} checkpoints intact",
-        r.run_id, r.entries, r.head, r.rounds, r.checkpoints
+        r.run_id,
+        r.entries,
+        if r.head.is_empty() {
+            "unknown (the chain is broken)"
+        } else {
+            &r.head
+        },
+        r.rounds,
+        r.checkpoints
     );
     match (r.signed_entries, &r.signer) {
         (Some(n), Some(who)) => {
