@@ -1,6 +1,7 @@
 //! `fedslm bench rounds`: the cost of a round itself, without training. A real `fedslm server` process with a
 //! fresh PKI runs FedAvg rounds for clients in this process that send the task's weights straight back. It
 //! prints seconds per round (the server's own timing, task out to commit) and the server's peak memory.
+//! `fedslm bench commit`: the cost of making a round durable (checkpoint, fsync, sled flush) for a 45 MB model.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -18,6 +19,20 @@ use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, FitResult, FitTask, Sa
 pub enum BenchCommand {
     /// Seconds per FedAvg round and the server's peak memory, for echoing clients over loopback QUIC.
     Rounds(RoundsArgs),
+    /// The cost of committing a round to the server's store: the checkpoint file written, hashed, fsynced
+    /// and renamed, then the sled record flushed and the status files rewritten, for a ResNet-18 (45 MB).
+    Commit(CommitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// Commits to time; medians are reported.
+    #[arg(long, default_value_t = 10)]
+    rounds: u32,
+    /// Where to put the store (a folder on the disk the server's output will use; /tmp may be a RAM disk,
+    /// where fsync costs nothing). Made and removed by the benchmark.
+    #[arg(long, default_value = "fedslm-bench-commit")]
+    dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -53,7 +68,10 @@ impl LocalTrainer for Echo {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Rounds(args) = cmd;
+    let args = match cmd {
+        BenchCommand::Rounds(args) => args,
+        BenchCommand::Commit(args) => return commit(args),
+    };
     println!(
         "model, parameters, MB, centres, s/round (median of {}), server peak MiB",
         args.rounds
@@ -180,4 +198,138 @@ fn one(dir: &Path, centres: usize, rounds: u32) -> anyhow::Result<(f64, f64)> {
     let median = seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN);
     std::thread::sleep(Duration::from_millis(100));
     Ok((median, peak))
+}
+
+/// `fedslm bench commit`.
+fn commit(args: CommitArgs) -> anyhow::Result<()> {
+    use fedslm_server::store::{sha256_file, Store, StoredRound};
+    use std::time::Instant;
+
+    if args.dir.exists() {
+        bail!(
+            "{} exists; name a folder the benchmark may create and remove",
+            args.dir.display()
+        );
+    }
+    let dir = args.dir.clone();
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> anyhow::Result<()> {
+        let pki = dir.join("pki");
+        Pki::init(&pki, "bench", "localhost", &[])?;
+        let files = fedslm_certs::ServerTlsFiles::in_pki(&pki);
+        let signer = fedslm_certs::Signer::from_files(&files.cert, &files.key)?;
+        let out = dir.join("out");
+        let mut store = Store::open(&out, Some(signer))?;
+        store.begin("bench", &Default::default(), args.rounds, false)?;
+        let network = Network::new(NetworkKind::Mri, NetConfig::resnet18(3, 224, 0), 1)?;
+        let weights = network.to_weights()?;
+        let card = network.card(Default::default(), Default::default());
+        let mb = weights.data_bytes() as f64 / 1e6;
+        println!(
+            "commit of a {mb:.1} MB model (ResNet-18, {} parameters), {} rounds, store on {} ({})",
+            network.parameter_count(),
+            args.rounds,
+            filesystem_of(&out),
+            out.display()
+        );
+        let (mut write, mut durable, mut record, mut total, mut baseline, mut hash) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for round in 1..=args.rounds {
+            let card = fedslm_model::ModelCard {
+                training: serde_json::json!({"mode": "federated", "round": round}),
+                ..card.clone()
+            };
+            let t0 = Instant::now();
+            let pending = store.pending_checkpoint(round);
+            save(&pending, &weights, &card)?;
+            let t1 = Instant::now();
+            let checkpoint = store.put_checkpoint(&pending)?;
+            let t2 = Instant::now();
+            let r = fedslm_server::RoundRecord {
+                round,
+                retries: 0,
+                contributions: vec![],
+                refused: vec![],
+                silent: vec![],
+                duration: Duration::ZERO,
+                log_likelihood: None,
+                newton: None,
+            };
+            store.commit_round(&StoredRound::new(&r, checkpoint))?;
+            let t3 = Instant::now();
+            write.push((t1 - t0).as_secs_f64());
+            durable.push((t2 - t1).as_secs_f64());
+            record.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+        }
+        // The baseline, after the commits so that their writeback does not slow it: the model file written
+        // as the server wrote it before it had a store (no fsync, no record).
+        let mut plain = Vec::new();
+        for round in 1..=args.rounds {
+            let card = fedslm_model::ModelCard {
+                training: serde_json::json!({"mode": "federated", "round": round}),
+                ..card.clone()
+            };
+            let path = dir.join(format!("plain-{round}.safetensors"));
+            let t = Instant::now();
+            save(&path, &weights, &card)?;
+            baseline.push(t.elapsed().as_secs_f64());
+            plain.push(path);
+        }
+        for path in &plain {
+            let t = Instant::now();
+            sha256_file(path)?;
+            hash.push(t.elapsed().as_secs_f64());
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2] * 1e3, v[v.len() - 1] * 1e3)
+        };
+        println!("phase, median ms, max ms");
+        for (name, v) in [
+            ("checkpoint written (safetensors, page cache)", &mut write),
+            (
+                "hashed (SHA-256), fsynced, renamed, folder fsynced",
+                &mut durable,
+            ),
+            (
+                "sled record + audit entry flushed, status files, head signed",
+                &mut record,
+            ),
+            ("commit, all of it", &mut total),
+            (
+                "baseline: the same file written without fsync or record",
+                &mut baseline,
+            ),
+            ("of which SHA-256 of the file alone", &mut hash),
+        ] {
+            let (m, x) = med(v);
+            println!("{name}, {m:.1}, {x:.1}");
+        }
+        let ratio = med(&mut total).0 / med(&mut baseline).0;
+        println!(
+            "commit / baseline: {ratio:.2} (median); commit throughput {:.0} MB/s",
+            mb / (med(&mut total).0 / 1e3)
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The filesystem type holding `path`, from /proc/mounts (the longest mount point that contains it).
+fn filesystem_of(path: &Path) -> String {
+    let Ok(path) = path.canonicalize() else {
+        return "unknown filesystem".into();
+    };
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at).then(|| (at.len(), kind.to_string()))
+        })
+        .max()
+        .map_or("unknown filesystem".into(), |(_, k)| k)
 }
