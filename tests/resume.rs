@@ -290,6 +290,10 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
         text.contains("verified") && text.contains("issued by the CA"),
         "{text}"
     );
+    assert!(
+        !text.contains("not signed"),
+        "a server that stopped signs its last entries: {text}"
+    );
 
     // One accepted update's centre rewritten in sled itself.
     let (key, original) = {

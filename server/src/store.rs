@@ -668,6 +668,13 @@ impl Store {
         self.write_derived()
     }
 
+    /// Flushes what was appended since the last commit and signs the head again: when the server stops, so that
+    /// the last entries (centres leaving after Finish) are covered by the signature too.
+    pub fn seal(&self) -> Result<(), StoreError> {
+        self.flush()?;
+        self.write_derived()
+    }
+
     /// The run's state for `fedslm server status` (and the status file).
     pub fn status(&self) -> Result<serde_json::Value, StoreError> {
         let meta = self

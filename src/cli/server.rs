@@ -162,6 +162,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             .await;
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
         bar.finish_and_clear();
+        if let Err(e) = store.seal() {
+            tracing::error!(error = %e, "cannot sign the audit log's last entries");
+        }
         println!("server peak memory: {:.0} MiB", peak_rss_mib());
         match outcome {
             Some(Outcome::Completed {
