@@ -527,6 +527,17 @@ impl Decode<Ctx> for Welcome {
     }
 }
 
+fn fold<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Option<Fold>, DecodeError> {
+    let fold: Option<Fold> = Decode::decode(d)?;
+    match fold {
+        Some(f) if Fold::new(f.index, f.count, f.seed).is_none() => Err(fail(format!(
+            "fold {} of {}: folds are 2 to {MAX_FOLDS}, the index below their count",
+            f.index, f.count
+        ))),
+        other => Ok(other),
+    }
+}
+
 impl Decode<Ctx> for FitTask {
     fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
         Ok(FitTask {
@@ -536,7 +547,7 @@ impl Decode<Ctx> for FitTask {
             local_epochs: Decode::decode(d)?,
             learning_rate: Decode::decode(d)?,
             batch_size: Decode::decode(d)?,
-            fold: Decode::decode(d)?,
+            fold: fold(d)?,
             seed: Decode::decode(d)?,
             objective: Decode::decode(d)?,
             keep_batch_norm_local: Decode::decode(d)?,
@@ -561,7 +572,7 @@ impl Decode<Ctx> for EvaluateTask {
             round: Decode::decode(d)?,
             model: Decode::decode(d)?,
             weights: weights(d)?,
-            fold: Decode::decode(d)?,
+            fold: fold(d)?,
             histogram_bins: Decode::decode(d)?,
         })
     }

@@ -63,6 +63,27 @@ pub struct Welcome {
     pub rounds: u32,
 }
 
+/// A cross-validation fold of every training centre's labelled patients: stratified by outcome, dealt out by a
+/// generator seeded with `seed` mixed with the centre's id, so that a centre's folds are the same in every
+/// task of a run and differ between centres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct Fold {
+    /// The fold held out, `0..count`.
+    pub index: u32,
+    pub count: u32,
+    pub seed: u64,
+}
+
+/// The most folds a task may name.
+pub const MAX_FOLDS: u32 = 100;
+
+impl Fold {
+    /// `None` unless `index < count` and `2 <= count <= MAX_FOLDS`.
+    pub fn new(index: u32, count: u32, seed: u64) -> Option<Fold> {
+        ((2..=MAX_FOLDS).contains(&count) && index < count).then_some(Fold { index, count, seed })
+    }
+}
+
 /// Server → training client: train locally from these weights.
 #[derive(Debug, Clone, PartialEq, bincode::Encode)]
 pub struct FitTask {
@@ -72,8 +93,8 @@ pub struct FitTask {
     pub local_epochs: u32,
     pub learning_rate: f64,
     pub batch_size: u32,
-    /// Cross-validation fold held out of this fit, if any.
-    pub fold: Option<u32>,
+    /// Cross-validation fold held out of this fit, if any: train on the other folds.
+    pub fold: Option<Fold>,
     pub seed: u64,
     pub objective: LocalObjective,
     /// FedBN: keep batch-norm parameters and statistics local, use only the rest of `weights`.
@@ -96,7 +117,7 @@ pub struct EvaluateTask {
     pub model: ModelKind,
     pub weights: Weights,
     /// Evaluate only this cross-validation fold; `None`: all local patients.
-    pub fold: Option<u32>,
+    pub fold: Option<Fold>,
     /// Number of equal-width bins over [0, 1] for the score histograms.
     pub histogram_bins: u32,
 }

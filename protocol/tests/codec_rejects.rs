@@ -257,6 +257,36 @@ fn lengths_that_outrun_the_payload_are_refused_before_allocation() {
 }
 
 #[test]
+fn a_fold_outside_its_count_is_refused() {
+    for (index, count) in [(3u32, 3u32), (0, 1), (0, MAX_FOLDS + 1)] {
+        let task = Message::EvaluateTask(EvaluateTask {
+            round: 1,
+            model: ModelKind::Mri,
+            weights: sample_weights(1),
+            fold: Some(Fold {
+                index,
+                count,
+                seed: 9,
+            }),
+            histogram_bins: 100,
+        });
+        // Encoding does not check; the peer's decoder must.
+        let bytes = codec::encode(&task, &Limits::default()).unwrap();
+        let e = err(&bytes);
+        assert!(e.contains(&format!("fold {index} of {count}")), "{e}");
+    }
+    let ok = Message::EvaluateTask(EvaluateTask {
+        round: 1,
+        model: ModelKind::Mri,
+        weights: sample_weights(1),
+        fold: Fold::new(2, 3, 9),
+        histogram_bins: 100,
+    });
+    let bytes = codec::encode(&ok, &Limits::default()).unwrap();
+    assert_eq!(codec::decode(&bytes, &Limits::default()).unwrap().0, ok);
+}
+
+#[test]
 fn histogram_classes_must_have_the_same_bins() {
     let p = payload((1u32, 3u64, 1u64, 0.2f64, vec![1u64, 0], vec![1u64]));
     assert!(
