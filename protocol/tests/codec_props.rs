@@ -99,7 +99,10 @@ fn message() -> impl Strategy<Value = Message> {
             weights(),
             any::<u32>(),
             (finite(), any::<u32>()),
-            proptest::option::of((0u32..10, 10u32..=MAX_FOLDS, any::<u64>()).prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())),
+            proptest::option::of(
+                (0u32..10, 10u32..=MAX_FOLDS, any::<u64>())
+                    .prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())
+            ),
             any::<u64>(),
             objective,
             any::<bool>()
@@ -134,7 +137,10 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             model,
             weights(),
-            proptest::option::of((0u32..10, 10u32..=MAX_FOLDS, any::<u64>()).prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())),
+            proptest::option::of(
+                (0u32..10, 10u32..=MAX_FOLDS, any::<u64>())
+                    .prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())
+            ),
             any::<u32>()
         )
             .prop_map(|(round, model, weights, fold, bins)| Message::EvaluateTask(

@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod audit;
 pub mod config;
 mod endpoint;
+pub mod evaluation;
 pub mod failpoint;
 pub mod round;
 pub mod store;

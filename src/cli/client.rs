@@ -6,12 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use fedslm_client::{connect, Backoff, ClientConfig, ClientError, LocalTrainer, NodeEvent};
-use fedslm_cohort::{load_center, open_cohort, ImagePaths, Manifest, Patient, Sample};
+use fedslm_cohort::{
+    load_center, open_cohort, stratified_folds, ImagePaths, Manifest, Patient, Sample,
+};
 use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, NetworkKind, TrainConfig};
 use fedslm_protocol::clinical::NewtonUpdate;
 use fedslm_protocol::{
-    close, codec, EvalReport, EvaluateTask, FitResult, FitTask, Limits, LocalObjective, Message,
-    ModelKind, SampleCounts, ScoreHistogram, Weights,
+    close, codec, EvalReport, EvaluateTask, FitResult, FitTask, Fold, Limits, LocalObjective,
+    Message, ModelKind, SampleCounts, ScoreHistogram, Weights,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -42,10 +44,80 @@ struct Cohort {
     samples: Vec<Sample>,
 }
 
+/// Which of a centre's labelled patients a task is about.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// Every labelled patient.
+    All,
+    /// Every labelled patient outside the fold (a fit task's training set).
+    Outside(Fold),
+    /// The fold's patients only (an evaluation of a held-out fold).
+    Inside(Fold),
+}
+
+impl Part {
+    fn fit(fold: Option<Fold>) -> Part {
+        fold.map_or(Part::All, Part::Outside)
+    }
+
+    fn evaluate(fold: Option<Fold>) -> Part {
+        fold.map_or(Part::All, Part::Inside)
+    }
+}
+
 impl Cohort {
-    /// Patients with images and a known outcome: those a network trains and is evaluated on.
-    fn labelled_samples(&self) -> Vec<&Sample> {
-        self.samples.iter().filter(|s| s.label.is_some()).collect()
+    /// Patients with images and a known outcome in `part`: those a network trains and is evaluated on.
+    fn labelled_samples(&self, part: Part) -> Vec<&Sample> {
+        let folds = self.folds(part);
+        self.samples
+            .iter()
+            .filter(|s| s.label.is_some() && folds.keeps(&s.patient_id))
+            .collect()
+    }
+
+    /// Patients with a known outcome in `part`: those the clinical model is fitted and evaluated on.
+    fn labelled_patients(&self, part: Part) -> Vec<&Patient> {
+        let folds = self.folds(part);
+        self.manifest
+            .patients
+            .iter()
+            .filter(|p| p.slm.is_some() && folds.keeps(&p.id))
+            .collect()
+    }
+
+    /// The fold of each labelled patient under `part`'s split: stratified by outcome over the manifest's
+    /// labelled patients in manifest order, with the fold's seed mixed with the centre id. The clinical model and
+    /// the networks use the same split (a patient without images is simply absent from the networks').
+    fn folds(&self, part: Part) -> FoldFilter<'_> {
+        let fold = match part {
+            Part::All => {
+                return FoldFilter {
+                    part,
+                    of: Default::default(),
+                }
+            }
+            Part::Outside(f) | Part::Inside(f) => f,
+        };
+        let labelled: Vec<&Patient> = self
+            .manifest
+            .patients
+            .iter()
+            .filter(|p| p.slm.is_some())
+            .collect();
+        let labels: Vec<bool> = labelled.iter().map(|p| p.slm == Some(true)).collect();
+        let assigned = stratified_folds(
+            &labels,
+            fold.count as usize,
+            centre_seed(fold.seed, &self.center),
+        );
+        FoldFilter {
+            part,
+            of: labelled
+                .iter()
+                .map(|p| p.id.as_str())
+                .zip(assigned)
+                .collect(),
+        }
     }
 
     fn counts(&self) -> SampleCounts {
@@ -266,6 +338,22 @@ fn dry_run(config: &ClientConfig, cohort: &Cohort, counts: SampleCounts) -> anyh
     Ok(())
 }
 
+/// Each labelled patient's fold, and which part a task keeps.
+struct FoldFilter<'a> {
+    part: Part,
+    of: std::collections::HashMap<&'a str, usize>,
+}
+
+impl FoldFilter<'_> {
+    fn keeps(&self, patient: &str) -> bool {
+        match self.part {
+            Part::All => true,
+            Part::Outside(f) => self.of.get(patient).is_some_and(|&i| i != f.index as usize),
+            Part::Inside(f) => self.of.get(patient) == Some(&(f.index as usize)),
+        }
+    }
+}
+
 /// Training at this node, on the server's request.
 struct NodeTrainer {
     config: ClientConfig,
@@ -296,16 +384,13 @@ impl LocalTrainer for NodeTrainer {
 impl NodeTrainer {
     /// Predictions for every labelled local patient, as counts, mean log-loss and per-class histograms.
     fn evaluate_all(&mut self, task: &EvaluateTask) -> anyhow::Result<EvalReport> {
-        if task.fold.is_some() {
-            bail!("evaluation of a cross-validation fold is not supported by this node yet (Federation III)");
-        }
+        let part = Part::evaluate(task.fold);
         let (labels, probs): (Vec<bool>, Vec<f64>) = match task.model {
             ModelKind::Clinical => {
                 let beta = clinical::coefficients(&task.weights)?;
                 self.cohort
-                    .manifest
-                    .patients
-                    .iter()
+                    .labelled_patients(part)
+                    .into_iter()
                     .filter_map(|p| {
                         p.slm
                             .map(|y| (y, clinical::predict(&self.config.coding, &beta, p)))
@@ -321,7 +406,7 @@ impl NodeTrainer {
                     &task.weights,
                     0,
                 )?;
-                let labelled = self.cohort.labelled_samples();
+                let labelled = self.cohort.labelled_samples(part);
                 let probs = network.predict(&labelled)?;
                 (
                     labelled.iter().map(|s| s.label == Some(true)).collect(),
@@ -364,7 +449,7 @@ impl NodeTrainer {
 
     fn newton(&self, task: &FitTask) -> anyhow::Result<FitResult> {
         let beta = clinical::coefficients(&task.weights)?;
-        let patients: Vec<&Patient> = self.cohort.manifest.patients.iter().collect();
+        let patients = self.cohort.labelled_patients(Part::fit(task.fold));
         let s = clinical::local_stats(&self.config.coding, &patients, &beta)?;
         if s.n == 0 {
             bail!("no patient with a known SLM outcome");
@@ -395,7 +480,7 @@ impl NodeTrainer {
             &task.weights,
             task.seed,
         )?;
-        let train = self.cohort.labelled_samples();
+        let train = self.cohort.labelled_samples(Part::fit(task.fold));
         if train.len() < 2 {
             bail!(
                 "{} patients with images and an outcome: too few to train",
