@@ -184,6 +184,18 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     let (final_model, card) = fedslm_model::load(&d.join("out/mri.safetensors")).unwrap();
     assert_eq!(final_model, previous);
     assert_eq!(card.training["strategy"], "fedprox");
+
+    // The final model was evaluated everywhere: the training centres on their patients, the validator on its.
+    let evaluation = &rounds[1]["evaluation"];
+    let centres = evaluation["centres"].as_array().unwrap();
+    assert_eq!(centres.len(), 4, "{evaluation}");
+    let internal = &evaluation["internal"]["n"];
+    assert_eq!(
+        internal["positives"].as_u64().unwrap() + internal["negatives"].as_u64().unwrap(),
+        26
+    );
+    assert!(evaluation["external"]["n"]["positives"].as_u64().unwrap() > 0);
+    assert_eq!(card.metrics["internal"], evaluation["internal"]);
 }
 
 #[test]
@@ -217,4 +229,96 @@ fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would()
     assert!(!ok);
     assert!(err.contains("manifest.csv") && err.contains("sex"), "{err}");
     assert!(!err.contains("connect"), "{err}");
+}
+
+#[test]
+fn federated_cross_validation_holds_each_patient_out_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let centres = ["center-a", "center-b", "center-c"];
+    let k = 3;
+    let keys = |fold: u32| {
+        format!(
+            "initial_model = \"init.safetensors\"\nrounds = 30\ncv_fold = {fold}\ncv_folds = {k}\n\
+             evaluation_bins = 200\n"
+        )
+    };
+    let run = Run::new(d, &centres.map(|c| (c, "train")), &keys(0));
+    let (ok, _, err) = fedslm(&[
+        "model",
+        "init",
+        "--model",
+        "clinical",
+        "--out",
+        &d.join("init.safetensors").display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let clients: Vec<PathBuf> = centres
+        .iter()
+        .map(|c| run.client_config(c, &reference().join(c), ""))
+        .collect();
+    let mut held_out: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut pooled = fedslm_metrics::ScoreHistograms::new(200).unwrap();
+    for fold in 0..k {
+        run.write_server_config(&centres.map(|c| (c, "train")), &keys(fold));
+        let args: &[&str] = if fold == 0 { &[] } else { &["--new-run"] };
+        let (out, _) = run.go_with(args, &clients);
+        assert!(
+            out.contains(&format!("(fold {} of {k})", fold + 1)),
+            "{out}"
+        );
+        let last: Value = serde_json::from_str(
+            std::fs::read_to_string(d.join("out/rounds.jsonl"))
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap(),
+        )
+        .unwrap();
+        let evaluation = &last["evaluation"];
+        assert_eq!(evaluation["fold"]["index"], fold);
+        for c in evaluation["centres"].as_array().unwrap() {
+            let n = c["examples"].as_u64().unwrap();
+            *held_out
+                .entry(c["center"].as_str().unwrap().to_string())
+                .or_default() += n;
+            // Trained on the other folds only.
+            let trained = last["contributions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["center"] == c["center"])
+                .unwrap()["examples"]
+                .as_u64()
+                .unwrap();
+            let all = labelled(&reference().join(c["center"].as_str().unwrap()));
+            assert_eq!(trained + n, all, "{c}");
+            let h = fedslm_metrics::ScoreHistograms {
+                positive: serde_json::from_value(c["histogram"]["positive"].clone()).unwrap(),
+                negative: serde_json::from_value(c["histogram"]["negative"].clone()).unwrap(),
+            };
+            pooled.merge(&h).unwrap();
+        }
+    }
+    // Each centre's patients were evaluated exactly once, out of fold.
+    for c in centres {
+        assert_eq!(held_out[c], labelled(&reference().join(c)), "{c}");
+    }
+    let oof = pooled.delong().unwrap();
+    assert!(
+        oof.auc > 0.7 && oof.auc < 0.95,
+        "out-of-fold AUC {}",
+        oof.auc
+    );
+}
+
+/// Patients with a known outcome in a centre's manifest.
+fn labelled(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("manifest.csv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "slm").unwrap();
+    lines
+        .filter(|l| !l.split(',').nth(col).unwrap_or("").is_empty())
+        .count() as u64
 }

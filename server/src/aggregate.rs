@@ -49,6 +49,8 @@ pub enum UpdateRefusal {
     NotYours { owner: String },
     #[error("the update's loss {0} is not finite")]
     NonFiniteLoss(f64),
+    #[error("the evaluation report is refused: {0}")]
+    BadReport(String),
 }
 
 /// Checks `update` against `global`: the same tensors (names, shapes, dtypes, roles), finite values, and, with

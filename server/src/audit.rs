@@ -68,6 +68,13 @@ pub enum AuditEvent {
         task: u64,
         reason: String,
     },
+    /// An evaluation round's pooled AUCs (null where a class is missing or nobody reported).
+    RoundEvaluated {
+        round: u32,
+        internal_auc: Option<f64>,
+        external_auc: Option<f64>,
+        centres: usize,
+    },
     RoundCommitted {
         round: u32,
         checkpoint: String,

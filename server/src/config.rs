@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fedslm_certs::ServerTlsFiles;
 use fedslm_protocol::hex::from_hex;
-use fedslm_protocol::{CenterId, ModelKind, Role, DEFAULT_CONNECTION_BUDGET};
+use fedslm_protocol::{CenterId, Fold, ModelKind, Role, DEFAULT_CONNECTION_BUDGET, MAX_FOLDS};
 use serde::Deserialize;
 
 use crate::admission::Enrolment;
@@ -62,6 +62,17 @@ struct File {
     norm_bound: Option<f64>,
     #[serde(default = "default_seed")]
     seed: u64,
+    #[serde(default = "default_evaluation_bins")]
+    evaluation_bins: u32,
+    #[serde(default)]
+    evaluate_every: u32,
+    /// Cross-validation: the fold (0-based) every training centre holds out, of `cv_folds`.
+    cv_fold: Option<u32>,
+    cv_folds: Option<u32>,
+}
+
+fn default_evaluation_bins() -> u32 {
+    crate::round::EvaluationSettings::default().bins
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -140,6 +151,9 @@ pub struct RunConfig {
     proximal_mu: Option<f64>,
     pub norm_bound: Option<f64>,
     pub seed: u64,
+    pub evaluation: crate::round::EvaluationSettings,
+    /// Cross-validation: the fold the training centres hold out.
+    pub fold: Option<Fold>,
 }
 
 /// A checked server configuration.
@@ -250,6 +264,22 @@ impl ServerConfig {
         if file.round_deadline_secs == 0 {
             return Err(invalid("round_deadline_secs must be at least 1".into()));
         }
+        let fold = match (file.cv_fold, file.cv_folds) {
+            (None, None) => None,
+            (Some(i), Some(k)) => Some(Fold::new(i, k, file.seed).ok_or_else(|| {
+                invalid(format!(
+                    "cv_fold = {i}, cv_folds = {k}: folds are 2 to {MAX_FOLDS}, the fold 0 to cv_folds - 1"
+                ))
+            })?),
+            _ => return Err(invalid("cv_fold and cv_folds go together".into())),
+        };
+        if file.evaluation_bins > fedslm_protocol::Limits::default().max_histogram_bins {
+            return Err(invalid(format!(
+                "evaluation_bins = {}: at most {}",
+                file.evaluation_bins,
+                fedslm_protocol::Limits::default().max_histogram_bins
+            )));
+        }
         let training = centers.values().filter(|r| **r == Role::Train).count();
         if let Some(q) = file.quorum {
             if q == 0 || q > training {
@@ -275,6 +305,11 @@ impl ServerConfig {
                 proximal_mu: file.proximal_mu,
                 norm_bound: file.norm_bound,
                 seed: file.seed,
+                evaluation: crate::round::EvaluationSettings {
+                    bins: file.evaluation_bins,
+                    every: file.evaluate_every,
+                },
+                fold,
             },
             listen: file.listen,
             tls: ServerTlsFiles::in_pki(&base.join(&file.pki)),
@@ -337,6 +372,8 @@ impl ServerConfig {
             strategy,
             norm_bound: r.norm_bound,
             seed: r.seed,
+            fold: r.fold,
+            evaluation: r.evaluation,
         })
     }
 
@@ -384,6 +421,14 @@ impl ServerConfig {
             settings.norm_bound.map_or("none".into(), |b| b.to_string()),
         );
         put("seed", settings.seed.to_string());
+        put("evaluation_bins", settings.evaluation.bins.to_string());
+        put("evaluate_every", settings.evaluation.every.to_string());
+        if let Some(fold) = settings.fold {
+            put(
+                "fold",
+                format!("{} of {} (seed {})", fold.index, fold.count, fold.seed),
+            );
+        }
         f
     }
 
@@ -488,6 +533,9 @@ mod tests {
             ("round_deadline_secs = 0", "round_deadline_secs"),
             ("local_epoch = 2", "local_epoch"),
             ("rounds = 0", "rounds"),
+            ("cv_fold = 5\ncv_folds = 5", "cv_fold = 5, cv_folds = 5"),
+            ("cv_fold = 1", "go together"),
+            ("evaluation_bins = 100000000", "evaluation_bins"),
         ] {
             let e = parse(&format!("{line}\n{GOOD}")).unwrap_err();
             assert!(

@@ -23,6 +23,7 @@ use crate::admission::admit;
 use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
+use crate::evaluation::Evaluation;
 use crate::failpoint;
 use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
 use crate::store::{RunState, Store, StoredRound};
@@ -69,6 +70,8 @@ pub enum ServerEvent {
     },
     /// A round's new global model, with who contributed what.
     RoundCommitted(RoundRecord),
+    /// An evaluation round's aggregates, stored with its round.
+    Evaluated(Evaluation),
     /// The run is over; the centres were sent Finish.
     Finished(Outcome),
 }
@@ -169,6 +172,13 @@ impl Shared {
                     "round committed"
                 )
             }
+            ServerEvent::Evaluated(e) => {
+                tracing::info!(
+                    round = e.round,
+                    centres = e.centres.len(),
+                    "round evaluated"
+                )
+            }
             ServerEvent::Finished(Outcome::Completed { rounds, .. }) => {
                 tracing::info!(rounds, "run completed")
             }
@@ -215,7 +225,9 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             center: center.to_string(),
             reason: reason.clone(),
         },
-        ServerEvent::RoundCommitted(_) | ServerEvent::Finished(_) => return None,
+        ServerEvent::RoundCommitted(_) | ServerEvent::Evaluated(_) | ServerEvent::Finished(_) => {
+            return None
+        }
     })
 }
 
@@ -386,53 +398,46 @@ async fn drive(
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::SendFit { task, to } => {
-                    let frame =
-                        match codec::encode(&Message::FitTask((*task).clone()), &shared.limits) {
-                            Ok(f) => bytes_of(f),
-                            Err(e) => {
-                                let reason =
-                                    format!("cannot encode round {}'s task: {e}", task.round);
-                                for (center, task) in to {
-                                    shared.tell(Input::FitFailed {
-                                        center,
-                                        task,
-                                        reason: reason.clone(),
-                                    });
-                                }
-                                continue;
-                            }
-                        };
-                    for (center, id) in to {
-                        rounds_of.insert(id, task.round);
-                        let (cancel, cancelled) = oneshot::channel();
-                        cancels.insert(id, cancel);
-                        let peer = lock(&shared.peers)
-                            .get(&center)
-                            .map(|p| (p.connection.clone(), p.budget.clone()));
-                        let Some((connection, budget)) = peer else {
-                            shared.tell(Input::FitFailed {
-                                center,
-                                task: id,
-                                reason: "not connected".into(),
-                            });
-                            continue;
-                        };
-                        shared.audit(AuditEvent::TaskSent {
-                            round: task.round,
-                            center: center.to_string(),
-                            task: id,
-                        });
-                        tokio::spawn(fit_exchange(FitExchange {
-                            shared: shared.clone(),
-                            connection,
-                            budget,
-                            frame: frame.clone(),
-                            center,
-                            task: id,
-                            results: results.clone(),
-                            cancelled,
-                        }));
+                    let round = task.round;
+                    let message = Message::FitTask((*task).clone());
+                    send_tasks(
+                        &shared,
+                        &results,
+                        &mut cancels,
+                        &mut rounds_of,
+                        round,
+                        &message,
+                        to,
+                    );
+                }
+                Action::SendEvaluate { task, to } => {
+                    let round = task.round;
+                    let message = Message::EvaluateTask((*task).clone());
+                    send_tasks(
+                        &shared,
+                        &results,
+                        &mut cancels,
+                        &mut rounds_of,
+                        round,
+                        &message,
+                        to,
+                    );
+                }
+                Action::Evaluated(evaluation) => {
+                    let store = store.clone();
+                    let round = evaluation.round;
+                    let record = evaluation.to_json();
+                    let done =
+                        tokio::task::spawn_blocking(move || store.record_evaluation(round, record))
+                            .await;
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, round, "cannot store the evaluation")
+                        }
+                        Err(e) => tracing::error!(error = %e, round, "cannot store the evaluation"),
                     }
+                    shared.emit(ServerEvent::Evaluated(evaluation));
                 }
                 Action::Accept { task, center } => {
                     cancels.remove(&task);
@@ -512,7 +517,7 @@ async fn drive(
                 let Some(envelope) = envelope else {
                     return Outcome::Failed { rounds: machine.committed(), reason: "server stopped".into() };
                 };
-                if let Input::FitFailed { center, task, reason } = &envelope.input {
+                if let Input::TaskFailed { center, task, reason } = &envelope.input {
                     if let Some(round) = rounds_of.get(task) {
                         shared.audit(AuditEvent::TaskDropped {
                             round: *round,
@@ -527,6 +532,63 @@ async fn drive(
             }
             () = sleep_until(timeout) => machine.handle_timeout(Instant::now()),
         }
+    }
+}
+
+/// Sends one encoded task to each centre on a fresh stream; a centre that is gone fails its task at once.
+fn send_tasks(
+    shared: &Arc<Shared>,
+    results: &Arc<Semaphore>,
+    cancels: &mut HashMap<TaskId, oneshot::Sender<()>>,
+    rounds_of: &mut HashMap<TaskId, u32>,
+    round: u32,
+    message: &Message,
+    to: Vec<(CenterId, TaskId)>,
+) {
+    let frame = match codec::encode(message, &shared.limits) {
+        Ok(f) => bytes_of(f),
+        Err(e) => {
+            let reason = format!("cannot encode round {round}'s {}: {e}", message.kind());
+            for (center, task) in to {
+                shared.tell(Input::TaskFailed {
+                    center,
+                    task,
+                    reason: reason.clone(),
+                });
+            }
+            return;
+        }
+    };
+    for (center, id) in to {
+        rounds_of.insert(id, round);
+        let (cancel, cancelled) = oneshot::channel();
+        cancels.insert(id, cancel);
+        let peer = lock(&shared.peers)
+            .get(&center)
+            .map(|p| (p.connection.clone(), p.budget.clone()));
+        let Some((connection, budget)) = peer else {
+            shared.tell(Input::TaskFailed {
+                center,
+                task: id,
+                reason: "not connected".into(),
+            });
+            continue;
+        };
+        shared.audit(AuditEvent::TaskSent {
+            round,
+            center: center.to_string(),
+            task: id,
+        });
+        tokio::spawn(task_exchange(TaskExchange {
+            shared: shared.clone(),
+            connection,
+            budget,
+            frame: frame.clone(),
+            center,
+            task: id,
+            results: results.clone(),
+            cancelled,
+        }));
     }
 }
 
@@ -611,11 +673,11 @@ fn bytes_of(frame: Vec<u8>) -> bytes::Bytes {
     bytes::Bytes::from(frame)
 }
 
-struct FitExchange {
+struct TaskExchange {
     shared: Arc<Shared>,
     connection: Connection,
     budget: ByteBudget,
-    /// The encoded FitTask, one allocation shared by every centre's stream.
+    /// The encoded task, one allocation shared by every centre's stream.
     frame: bytes::Bytes,
     center: CenterId,
     task: TaskId,
@@ -623,10 +685,10 @@ struct FitExchange {
     cancelled: oneshot::Receiver<()>,
 }
 
-/// One fit task on a fresh stream: send the task, read the result, hand it to the coordinator, tell the centre
-/// the verdict. A cancelled task's stream is reset.
-async fn fit_exchange(x: FitExchange) {
-    let FitExchange {
+/// One task on a fresh stream: send the task, read the result (a fit result or an evaluation report), hand it
+/// to the coordinator, tell the centre the verdict. A cancelled task's stream is reset.
+async fn task_exchange(x: TaskExchange) {
+    let TaskExchange {
         shared,
         connection,
         budget,
@@ -639,7 +701,7 @@ async fn fit_exchange(x: FitExchange) {
     let (mut send, mut recv) = match connection.open_bi().await {
         Ok(s) => s,
         Err(e) => {
-            shared.tell(Input::FitFailed {
+            shared.tell(Input::TaskFailed {
                 center,
                 task,
                 reason: format!("cannot open a task stream: {e}"),
@@ -655,24 +717,34 @@ async fn fit_exchange(x: FitExchange) {
         // Held until the coordinator has folded the update in (or refused it): bounds memory.
         let permit = results.acquire().await.map_err(|e| e.to_string())?;
         let reply = read_message(&mut recv, &shared.limits, &budget).await;
-        let result = match reply {
-            Ok(Message::FitResult(r)) => r,
-            Ok(Message::Error(e)) => {
-                return Err(format!(
-                    "the centre could not train ({:?}): {}",
-                    e.code, e.message
-                ))
-            }
-            Ok(other) => return Err(format!("expected FitResult, got {}", other.kind())),
-            Err(e) => return Err(format!("no fit result: {e}")),
-        };
-        let (verdict, decided) = oneshot::channel();
-        let _ = shared.inputs.send(Envelope {
-            input: Input::FitAnswered {
+        let input = match reply {
+            Ok(Message::FitResult(result)) => Input::FitAnswered {
                 center: center.clone(),
                 task,
                 result,
             },
+            Ok(Message::EvalReport(report)) => Input::EvalAnswered {
+                center: center.clone(),
+                task,
+                report,
+            },
+            Ok(Message::Error(e)) => {
+                return Err(format!(
+                    "the centre could not do the task ({:?}): {}",
+                    e.code, e.message
+                ))
+            }
+            Ok(other) => {
+                return Err(format!(
+                    "expected FitResult or EvalReport, got {}",
+                    other.kind()
+                ))
+            }
+            Err(e) => return Err(format!("no answer: {e}")),
+        };
+        let (verdict, decided) = oneshot::channel();
+        let _ = shared.inputs.send(Envelope {
+            input,
             verdict: Some(verdict),
         });
         let verdict = decided.await.map_err(|_| "the run ended".to_string())?;
@@ -692,7 +764,7 @@ async fn fit_exchange(x: FitExchange) {
     };
     match outcome {
         Some(Ok(())) => {}
-        Some(Err(reason)) => shared.tell(Input::FitFailed {
+        Some(Err(reason)) => shared.tell(Input::TaskFailed {
             center,
             task,
             reason,

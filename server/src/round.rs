@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use fedslm_metrics::{LogisticFit, LogisticStats, NewtonOptions, NewtonSolver, NewtonStep};
 use fedslm_protocol::clinical::{NewtonUpdate, COEFFICIENTS, COVARIANCE};
 use fedslm_protocol::{
-    CenterId, FitResult, FitTask, LocalObjective, ModelKind, Role, Tensor, TensorRole, Weights,
+    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, Fold, LocalObjective, ModelKind, Role,
+    Tensor, TensorRole, Weights,
 };
 
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+use crate::evaluation::{check_report, CentreEvaluation, Evaluation};
 
 /// Identifies one fit task sent to one centre.
 pub type TaskId = u64;
@@ -68,6 +70,27 @@ pub struct RoundSettings {
     /// Largest L2 distance of an update from the global model, batch-norm statistics excluded.
     pub norm_bound: Option<f64>,
     pub seed: u64,
+    /// Under cross-validation: the fold every training centre holds out of training and evaluates on.
+    pub fold: Option<Fold>,
+    pub evaluation: EvaluationSettings,
+}
+
+/// When and how finely the global model is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvaluationSettings {
+    /// Bins of the centres' score histograms; 0: no evaluation.
+    pub bins: u32,
+    /// Also evaluate after every this many rounds; 0: after the last round only.
+    pub every: u32,
+}
+
+impl Default for EvaluationSettings {
+    fn default() -> EvaluationSettings {
+        EvaluationSettings {
+            bins: 1000,
+            every: 0,
+        }
+    }
 }
 
 /// Why a run cannot be set up as configured.
@@ -112,8 +135,14 @@ pub enum Input {
         task: TaskId,
         result: FitResult,
     },
-    /// A task ended without a result: the centre said it cannot train, or its stream failed.
-    FitFailed {
+    /// A centre reported its evaluation of task `task`.
+    EvalAnswered {
+        center: CenterId,
+        task: TaskId,
+        report: EvalReport,
+    },
+    /// A task ended without a result: the centre said it cannot do it, or its stream failed.
+    TaskFailed {
         center: CenterId,
         task: TaskId,
         reason: String,
@@ -190,6 +219,13 @@ pub enum Action {
         record: RoundRecord,
         weights: Arc<Weights>,
     },
+    /// Send `task` to each centre on a fresh stream, as the task ids given.
+    SendEvaluate {
+        task: Arc<EvaluateTask>,
+        to: Vec<(CenterId, TaskId)>,
+    },
+    /// An evaluation round closed: store its aggregates with the round.
+    Evaluated(Evaluation),
     Finished(Outcome),
 }
 
@@ -214,10 +250,28 @@ struct Running {
     silent: Vec<CenterId>,
 }
 
+/// What comes after a committed round (once it is evaluated, where due).
+#[derive(Debug, Clone, PartialEq)]
+enum After {
+    NextRound,
+    Finish(Outcome),
+}
+
+struct Evaluating {
+    round: u32,
+    deadline: Instant,
+    tasks: BTreeMap<TaskId, CenterId>,
+    pending: BTreeSet<TaskId>,
+    centres: Vec<CentreEvaluation>,
+    missing: Vec<(CenterId, String)>,
+    after: After,
+}
+
 enum Phase {
     /// Waiting for centres; since when the quorum has been connected.
     Waiting(Option<Instant>),
     Running(Box<Running>),
+    Evaluating(Box<Evaluating>),
     Done,
 }
 
@@ -235,6 +289,8 @@ pub struct Coordinator {
     first_task_of_round: TaskId,
     newton: Option<NewtonSolver>,
     actions: VecDeque<Action>,
+    /// A resumed run whose last round still needs its evaluation: done before anything else.
+    evaluation_due: Option<After>,
 }
 
 impl Coordinator {
@@ -296,13 +352,15 @@ impl Coordinator {
             first_task_of_round: 1,
             newton,
             actions: VecDeque::new(),
+            evaluation_due: None,
         })
     }
 
     /// A run that goes on after `committed` rounds (a restarted server): `global` is the model the last of them
     /// committed; under federated Newton, `newton_history` holds each committed round's summed statistics,
     /// replayed through a fresh solver so that its state (step halving included) is the uninterrupted run's, and
-    /// the replayed point must be `global`. A run with nothing left to do finishes at once, as it would have.
+    /// the replayed point must be `global`. `evaluated`: whether that round's evaluation was stored. A run with
+    /// nothing left to do finishes at once, as it would have.
     pub fn resume(
         settings: RoundSettings,
         roles: BTreeMap<CenterId, Role>,
@@ -311,6 +369,7 @@ impl Coordinator {
         committed: u32,
         global: Weights,
         newton_history: &[LogisticStats],
+        evaluated: bool,
     ) -> Result<Coordinator, SetupError> {
         let mut c = Coordinator::new(settings, roles, initial, names)?;
         if committed == 0 {
@@ -352,25 +411,12 @@ impl Coordinator {
         c.global = Arc::new(global);
         c.committed = committed;
         c.next_task = 1;
-        if let Some(fit) = converged {
-            c.finish(Outcome::Completed {
-                rounds: committed,
-                weights: c.global.clone(),
-                fit: Some(fit),
-            });
-        } else if committed >= c.settings.rounds {
-            if c.newton.is_some() {
-                c.finish_failed(format!(
-                    "federated Newton did not converge within {} rounds; raise rounds",
-                    c.settings.rounds
-                ));
-            } else {
-                c.finish(Outcome::Completed {
-                    rounds: committed,
-                    weights: c.global.clone(),
-                    fit: None,
-                });
-            }
+        let after = c.after_commit(converged);
+        if !evaluated && c.evaluation_due(&after) {
+            // Killed before the last round's evaluation was stored: it comes first, once centres are back.
+            c.evaluation_due = Some(after);
+        } else if let After::Finish(outcome) = after {
+            c.finish(outcome);
         }
         Ok(c)
     }
@@ -413,6 +459,7 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Running(r) => Some(r.deadline),
+            Phase::Evaluating(e) => Some(e.deadline),
             Phase::Waiting(Some(since)) => Some(*since + self.settings.start_grace),
             _ => None,
         }
@@ -420,7 +467,9 @@ impl Coordinator {
 
     pub fn handle(&mut self, input: Input, now: Instant) {
         if matches!(self.phase, Phase::Done) {
-            if let Input::FitAnswered { center, task, .. } = input {
+            if let Input::FitAnswered { center, task, .. }
+            | Input::EvalAnswered { center, task, .. } = input
+            {
                 self.refuse(
                     center,
                     task,
@@ -451,11 +500,23 @@ impl Coordinator {
                             r.silent.push(center.clone());
                         }
                     }
+                    if let Phase::Evaluating(e) = &mut self.phase {
+                        let gone: Vec<TaskId> = e
+                            .pending
+                            .iter()
+                            .filter(|t| e.tasks.get(t) == Some(&center))
+                            .copied()
+                            .collect();
+                        for t in gone {
+                            e.pending.remove(&t);
+                            e.missing.push((center.clone(), "disconnected".into()));
+                        }
+                    }
                     self.maybe_close(now);
                     self.maybe_start(now);
                 }
             }
-            Input::FitFailed {
+            Input::TaskFailed {
                 center,
                 task,
                 reason,
@@ -464,6 +525,11 @@ impl Coordinator {
                     if r.tasks.get(&task) == Some(&center) && r.pending.remove(&task) {
                         tracing::warn!(%center, round = r.round, %reason, "centre could not train");
                         r.refused.push((center, reason));
+                    }
+                } else if let Phase::Evaluating(e) = &mut self.phase {
+                    if e.tasks.get(&task) == Some(&center) && e.pending.remove(&task) {
+                        tracing::warn!(%center, round = e.round, %reason, "centre could not evaluate");
+                        e.missing.push((center, reason));
                     }
                 }
                 self.maybe_close(now);
@@ -479,6 +545,17 @@ impl Coordinator {
                 }
                 self.maybe_close(now);
             }
+            Input::EvalAnswered {
+                center,
+                task,
+                report,
+            } => {
+                match self.take_report(&center, task, report) {
+                    Ok(()) => self.actions.push_back(Action::Accept { center, task }),
+                    Err(refusal) => self.refuse(center, task, refusal),
+                }
+                self.maybe_close(now);
+            }
         }
     }
 
@@ -489,6 +566,22 @@ impl Coordinator {
                 self.start(now);
             }
             return;
+        }
+        if let Phase::Evaluating(e) = &mut self.phase {
+            if now < e.deadline {
+                return;
+            }
+            for task in std::mem::take(&mut e.pending) {
+                if let Some(center) = e.tasks.get(&task) {
+                    e.missing
+                        .push((center.clone(), "no report before the deadline".into()));
+                    self.actions.push_back(Action::Cancel {
+                        center: center.clone(),
+                        task,
+                    });
+                }
+            }
+            return self.close_evaluation(now);
         }
         let Phase::Running(r) = &mut self.phase else {
             return;
@@ -514,6 +607,10 @@ impl Coordinator {
         if let Phase::Running(r) = &mut self.phase {
             if r.tasks.get(&task) == Some(&center) && r.pending.remove(&task) {
                 r.refused.push((center.clone(), refusal.to_string()));
+            }
+        } else if let Phase::Evaluating(e) = &mut self.phase {
+            if e.tasks.get(&task) == Some(&center) && e.pending.remove(&task) {
+                e.missing.push((center.clone(), refusal.to_string()));
             }
         }
         self.actions.push_back(Action::Refuse {
@@ -604,6 +701,140 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The checks of an evaluation report; takes it in when they pass.
+    fn take_report(
+        &mut self,
+        center: &CenterId,
+        task: TaskId,
+        report: EvalReport,
+    ) -> Result<(), UpdateRefusal> {
+        let Phase::Evaluating(e) = &mut self.phase else {
+            return Err(if task < self.first_task_of_round {
+                UpdateRefusal::Late {
+                    round: self.committed,
+                }
+            } else {
+                UpdateRefusal::NoTask
+            });
+        };
+        let Some(owner) = e.tasks.get(&task) else {
+            return Err(UpdateRefusal::NoTask);
+        };
+        if owner != center {
+            return Err(UpdateRefusal::NotYours {
+                owner: owner.to_string(),
+            });
+        }
+        if !e.pending.contains(&task) {
+            return Err(UpdateRefusal::Duplicate { round: e.round });
+        }
+        let histogram = check_report(&report, e.round, self.settings.evaluation.bins)
+            .map_err(UpdateRefusal::BadReport)?;
+        e.pending.remove(&task);
+        e.centres.push(CentreEvaluation {
+            center: center.clone(),
+            role: self.roles.get(center).copied().unwrap_or(Role::Validate),
+            examples: report.examples,
+            positives: report.positives,
+            loss: report.loss,
+            histogram,
+        });
+        Ok(())
+    }
+
+    /// Whether the model committed at this round is evaluated before `after`.
+    fn evaluation_due(&self, after: &After) -> bool {
+        let ev = self.settings.evaluation;
+        ev.bins > 0
+            && (matches!(after, After::Finish(Outcome::Completed { .. }))
+                || ev.every > 0 && self.committed % ev.every == 0)
+    }
+
+    /// Sends the committed model to every connected centre for evaluation: training centres evaluate the run's
+    /// held-out fold (or all their patients), validation centres their whole cohort.
+    fn evaluate(&mut self, now: Instant, after: After) {
+        let round = self.committed;
+        self.first_task_of_round = self.next_task;
+        let mut tasks = BTreeMap::new();
+        let (mut training, mut validating) = (Vec::new(), Vec::new());
+        for center in self.connected.keys() {
+            let id = self.next_task;
+            self.next_task += 1;
+            tasks.insert(id, center.clone());
+            match self.roles.get(center) {
+                Some(Role::Train) => training.push((center.clone(), id)),
+                _ => validating.push((center.clone(), id)),
+            }
+        }
+        let missing = self
+            .roles
+            .keys()
+            .filter(|c| !self.connected.contains_key(*c))
+            .map(|c| (c.clone(), "not connected".to_string()))
+            .collect();
+        let task = EvaluateTask {
+            round,
+            model: self.settings.model,
+            weights: (*self.global).clone(),
+            fold: None,
+            histogram_bins: self.settings.evaluation.bins,
+        };
+        tracing::info!(round, centres = tasks.len(), "evaluation started");
+        if !training.is_empty() {
+            self.actions.push_back(Action::SendEvaluate {
+                task: Arc::new(EvaluateTask {
+                    fold: self.settings.fold,
+                    ..task.clone()
+                }),
+                to: training,
+            });
+        }
+        if !validating.is_empty() {
+            self.actions.push_back(Action::SendEvaluate {
+                task: Arc::new(task),
+                to: validating,
+            });
+        }
+        self.phase = Phase::Evaluating(Box::new(Evaluating {
+            round,
+            deadline: now + self.settings.deadline,
+            pending: tasks.keys().copied().collect(),
+            tasks,
+            centres: Vec::new(),
+            missing,
+            after,
+        }));
+        self.maybe_close(now);
+    }
+
+    fn close_evaluation(&mut self, now: Instant) {
+        let Phase::Evaluating(e) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let e = *e;
+        tracing::info!(
+            round = e.round,
+            centres = e.centres.len(),
+            "evaluation closed"
+        );
+        self.actions.push_back(Action::Evaluated(Evaluation {
+            round: e.round,
+            fold: self.settings.fold,
+            bins: self.settings.evaluation.bins,
+            centres: e.centres,
+            missing: e.missing,
+        }));
+        self.proceed(now, e.after);
+    }
+
+    fn proceed(&mut self, now: Instant, after: After) {
+        match after {
+            // Centres that were there for this round need no grace to be there for the next.
+            After::NextRound => self.start(now),
+            After::Finish(outcome) => self.finish(outcome),
+        }
+    }
+
     fn maybe_start(&mut self, now: Instant) {
         let Phase::Waiting(since) = self.phase else {
             return;
@@ -625,6 +856,9 @@ impl Coordinator {
         if self.connected_training() < self.settings.quorum {
             self.phase = Phase::Waiting(None);
             return;
+        }
+        if let Some(after) = self.evaluation_due.take() {
+            return self.evaluate(now, after);
         }
         let round = self.committed + 1;
         self.first_task_of_round = self.next_task;
@@ -661,7 +895,7 @@ impl Coordinator {
             local_epochs: self.settings.local_epochs,
             learning_rate: self.settings.learning_rate,
             batch_size: self.settings.batch_size,
-            fold: None,
+            fold: self.settings.fold,
             // Each client mixes in its centre id, so one task (one encoding) serves every centre.
             seed: round_seed(self.settings.seed, round),
             objective,
@@ -692,10 +926,10 @@ impl Coordinator {
     }
 
     fn maybe_close(&mut self, now: Instant) {
-        if let Phase::Running(r) = &self.phase {
-            if r.pending.is_empty() {
-                self.close(now);
-            }
+        match &self.phase {
+            Phase::Running(r) if r.pending.is_empty() => self.close(now),
+            Phase::Evaluating(e) if e.pending.is_empty() => self.close_evaluation(now),
+            _ => {}
         }
     }
 
@@ -796,28 +1030,42 @@ impl Coordinator {
             },
             weights: self.global.clone(),
         });
+        let after = self.after_commit(converged);
+        if self.evaluation_due(&after) {
+            self.evaluate(now, after);
+        } else {
+            self.proceed(now, after);
+        }
+    }
+
+    /// What follows the round just committed: the next round, or the run's end.
+    fn after_commit(&self, converged: Option<LogisticFit>) -> After {
         if let Some(fit) = converged {
-            self.finish(Outcome::Completed {
+            After::Finish(Outcome::Completed {
                 rounds: self.committed,
                 weights: self.global.clone(),
                 fit: Some(fit),
-            });
+            })
         } else if self.committed >= self.settings.rounds {
             if self.newton.is_some() {
-                self.finish_failed(format!(
+                let reason = format!(
                     "federated Newton did not converge within {} rounds; raise rounds",
                     self.settings.rounds
-                ));
+                );
+                tracing::error!(%reason, "run failed");
+                After::Finish(Outcome::Failed {
+                    rounds: self.committed,
+                    reason,
+                })
             } else {
-                self.finish(Outcome::Completed {
+                After::Finish(Outcome::Completed {
                     rounds: self.committed,
                     weights: self.global.clone(),
                     fit: None,
-                });
+                })
             }
         } else {
-            // Centres that were there for this round need no grace to be there for the next.
-            self.start(now);
+            After::NextRound
         }
     }
 
@@ -908,6 +1156,9 @@ mod tests {
             strategy: Strategy::FedAvg,
             norm_bound: Some(10.0),
             seed: 7,
+            fold: None,
+            // The machine's evaluation rounds have their own tests.
+            evaluation: EvaluationSettings { bins: 0, every: 0 },
         }
     }
 
@@ -1274,7 +1525,7 @@ mod tests {
         assert_eq!(task.objective, LocalObjective::Proximal { mu: 0.01 });
         let tasks = sent(&acts);
         m.handle(
-            Input::FitFailed {
+            Input::TaskFailed {
                 center: id("c"),
                 task: tasks["c"],
                 reason: "out of memory".into(),
@@ -1606,6 +1857,223 @@ mod tests {
         }
     }
 
+    fn eval_report(round: u32, pos: Vec<u64>, neg: Vec<u64>) -> EvalReport {
+        EvalReport {
+            round,
+            examples: pos.iter().sum::<u64>() + neg.iter().sum::<u64>(),
+            positives: pos.iter().sum(),
+            loss: 0.5,
+            histogram: fedslm_protocol::ScoreHistogram {
+                positive: pos,
+                negative: neg,
+            },
+        }
+    }
+
+    /// The evaluate tasks of `acts`: (centre, task id, fold) for each.
+    fn evaluations(acts: &[Action]) -> Vec<(String, TaskId, Option<Fold>)> {
+        acts.iter()
+            .filter_map(|a| match a {
+                Action::SendEvaluate { task, to } => Some(
+                    to.iter()
+                        .map(|(c, t)| (c.to_string(), *t, task.fold))
+                        .collect::<Vec<_>>(),
+                ),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn evaluating(every: u32, rounds: u32) -> RoundSettings {
+        RoundSettings {
+            rounds,
+            fold: Fold::new(1, 5, 3),
+            evaluation: EvaluationSettings { bins: 4, every },
+            ..settings(3)
+        }
+    }
+
+    /// Runs round `round` with every training centre answering the same model.
+    fn train_round(m: &mut Coordinator, acts: &[Action], round: u32, t: Instant) -> Vec<Action> {
+        for (c, task) in sent(acts) {
+            answer(m, &c, task, round, model(&[1.0; 4], 1.0), 10, t);
+        }
+        actions(m)
+    }
+
+    #[test]
+    fn the_last_round_is_evaluated_everywhere_before_the_run_finishes() {
+        let t0 = Instant::now();
+        let mut m = machine(evaluating(0, 2));
+        connect_all(&mut m, t0);
+        let acts = actions(&mut m);
+        let Some(Action::SendFit { task, .. }) = acts.last() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(
+            task.fold,
+            Fold::new(1, 5, 3),
+            "training leaves the fold out"
+        );
+        let acts = train_round(&mut m, &acts, 1, t0);
+        assert!(
+            evaluations(&acts).is_empty(),
+            "only the last round: {acts:?}"
+        );
+        let acts = train_round(&mut m, &acts, 2, t0);
+        assert!(committed(&acts).is_some());
+        assert!(!acts.iter().any(|a| matches!(a, Action::Finished(_))));
+        let evals = evaluations(&acts);
+        let folds: BTreeMap<String, Option<Fold>> =
+            evals.iter().map(|(c, _, f)| (c.clone(), *f)).collect();
+        assert_eq!(
+            folds["a"],
+            Fold::new(1, 5, 3),
+            "training centres: their fold"
+        );
+        assert_eq!(folds["x"], None, "the validator: its whole cohort");
+        assert_eq!(folds.len(), 4);
+        let task = |c: &str| evals.iter().find(|e| e.0 == c).unwrap().1;
+        let report = |m: &mut Coordinator, c: &str, r: EvalReport| {
+            m.handle(
+                Input::EvalAnswered {
+                    center: id(c),
+                    task: task(c),
+                    report: r,
+                },
+                t0,
+            )
+        };
+        // A report with the wrong number of bins is refused and the centre counts as missing.
+        report(&mut m, "c", eval_report(2, vec![1, 1], vec![1, 1]));
+        assert!(matches!(
+            actions(&mut m).as_slice(),
+            [Action::Refuse {
+                refusal: UpdateRefusal::BadReport(_),
+                ..
+            }]
+        ));
+        report(
+            &mut m,
+            "a",
+            eval_report(2, vec![0, 0, 1, 2], vec![2, 1, 0, 0]),
+        );
+        report(
+            &mut m,
+            "b",
+            eval_report(2, vec![0, 1, 0, 1], vec![1, 1, 1, 0]),
+        );
+        report(
+            &mut m,
+            "x",
+            eval_report(2, vec![0, 0, 0, 3], vec![3, 0, 0, 0]),
+        );
+        let acts = actions(&mut m);
+        let Some(Action::Evaluated(e)) = acts.iter().find(|a| matches!(a, Action::Evaluated(_)))
+        else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(e.round, 2);
+        assert_eq!(e.centres.len(), 3);
+        assert_eq!(e.missing.len(), 1);
+        let internal = e.pooled(Role::Train).unwrap();
+        assert_eq!((internal.n_positive(), internal.n_negative()), (5, 6));
+        assert_eq!(e.pooled(Role::Validate).unwrap().delong().unwrap().auc, 1.0);
+        assert!(matches!(
+            acts.last(),
+            Some(Action::Finished(Outcome::Completed { rounds: 2, .. }))
+        ));
+    }
+
+    #[test]
+    fn evaluation_every_round_and_a_silent_centre_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut m = machine(evaluating(1, 2));
+        connect_all(&mut m, t0);
+        let acts = actions(&mut m);
+        let acts = train_round(&mut m, &acts, 1, t0);
+        let evals = evaluations(&acts);
+        assert_eq!(evals.len(), 4, "after round 1 too");
+        for (c, task, _) in &evals[..3] {
+            m.handle(
+                Input::EvalAnswered {
+                    center: id(c),
+                    task: *task,
+                    report: eval_report(1, vec![0, 0, 1, 1], vec![1, 1, 0, 0]),
+                },
+                t0,
+            );
+        }
+        assert_eq!(m.poll_timeout(), Some(t0 + MINUTE));
+        m.handle_timeout(t0 + MINUTE);
+        let acts = actions(&mut m);
+        assert!(acts.iter().any(|a| matches!(a, Action::Cancel { .. })));
+        let Some(Action::Evaluated(e)) = acts.iter().find(|a| matches!(a, Action::Evaluated(_)))
+        else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(
+            e.missing,
+            vec![(id(&evals[3].0), "no report before the deadline".to_string())]
+        );
+        assert!(matches!(acts.last(), Some(Action::SendFit { task, .. }) if task.round == 2));
+    }
+
+    #[test]
+    fn a_run_resumed_before_its_last_evaluation_was_stored_evaluates_first() {
+        let t0 = Instant::now();
+        let saved = model(&[1.0; 4], 1.0);
+        let mut m = Coordinator::resume(
+            evaluating(0, 2),
+            roles(),
+            model(&[0.0; 4], 1.0),
+            &[],
+            2,
+            saved.clone(),
+            &[],
+            false,
+        )
+        .unwrap();
+        assert!(!m.is_finished());
+        connect_all(&mut m, t0);
+        let acts = actions(&mut m);
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::SendFit { .. })),
+            "{acts:?}"
+        );
+        let evals = evaluations(&acts);
+        assert_eq!(evals.len(), 4);
+        for (c, task, _) in &evals {
+            m.handle(
+                Input::EvalAnswered {
+                    center: id(c),
+                    task: *task,
+                    report: eval_report(2, vec![0, 0, 1, 1], vec![1, 1, 0, 0]),
+                },
+                t0,
+            );
+        }
+        let acts = actions(&mut m);
+        assert!(matches!(
+            acts.last(),
+            Some(Action::Finished(Outcome::Completed { rounds: 2, weights, .. })) if **weights == saved
+        ));
+        // Evaluated already: it ends at once.
+        let done = Coordinator::resume(
+            evaluating(0, 2),
+            roles(),
+            model(&[0.0; 4], 1.0),
+            &[],
+            2,
+            saved,
+            &[],
+            true,
+        )
+        .unwrap();
+        assert!(done.is_finished());
+    }
+
     #[test]
     fn a_resumed_fedavg_run_goes_on_from_its_checkpoint_or_ends_at_once() {
         let t0 = Instant::now();
@@ -1618,6 +2086,7 @@ mod tests {
             1,
             saved.clone(),
             &[],
+            true,
         )
         .unwrap();
         assert_eq!(m.committed(), 1);
@@ -1642,6 +2111,7 @@ mod tests {
             2,
             saved.clone(),
             &[],
+            true,
         )
         .unwrap();
         assert!(done.is_finished());
@@ -1666,6 +2136,7 @@ mod tests {
             1,
             other,
             &[],
+            true,
         )
         .err()
         .unwrap();
@@ -1730,6 +2201,7 @@ mod tests {
                 k,
                 (*last.weights).clone(),
                 &sums,
+                true,
             )
             .unwrap();
             let (again, rest) = drive_newton(resumed, &centres);
@@ -1749,6 +2221,7 @@ mod tests {
             2,
             (*history[0].weights).clone(),
             &sums,
+            true,
         )
         .err()
         .unwrap();

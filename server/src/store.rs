@@ -634,6 +634,33 @@ impl Store {
         self.write_derived()
     }
 
+    /// Stores an evaluation round's aggregates with the round they evaluate, and its audit entry; flushed.
+    pub fn record_evaluation(
+        &self,
+        round: u32,
+        evaluation: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        let key = round_key(round);
+        let bytes = self
+            .db
+            .get(&key)
+            .map_err(sled_err(&self.path))?
+            .ok_or_else(|| self.corrupt(format!("no record of round {round} to evaluate")))?;
+        let mut stored: StoredRound = serde_json::from_slice(&bytes)
+            .map_err(|e| self.corrupt(format!("round record: {e}")))?;
+        let auc = |side: &str| evaluation[side]["auc"].as_f64();
+        let event = AuditEvent::RoundEvaluated {
+            round,
+            internal_auc: auc("internal"),
+            external_auc: auc("external"),
+            centres: evaluation["centres"].as_array().map_or(0, Vec::len),
+        };
+        stored.evaluation = evaluation;
+        self.write_with_audit(&[(key, json_bytes(&stored))], event)?;
+        self.flush()?;
+        self.write_derived()
+    }
+
     /// Records how the run ended.
     pub fn finish(&self, state: RunState, reason: &str) -> Result<(), StoreError> {
         let meta = self

@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fedslm_certs::Signer;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
-use fedslm_protocol::ModelKind;
+use fedslm_protocol::{ModelKind, Role};
+use fedslm_server::evaluation::Evaluation;
 use fedslm_server::store::sha256_file;
 use fedslm_server::{
     Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig, ServerEvent,
@@ -136,8 +137,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                         progress.set_position(u64::from(record.round));
                         progress.set_message(round_line(&record));
                     }
+                    // Printed also when the bar is hidden (not a terminal): these lines are the run's log.
                     ServerEvent::Admitted { center, .. } => {
-                        progress.println(format!("centre {center} joined"))
+                        progress.suspend(|| println!("centre {center} joined"))
+                    }
+                    ServerEvent::Evaluated(e) => {
+                        progress.suspend(|| println!("{}", evaluation_line(&e)))
                     }
                     ServerEvent::Finished(_) => break,
                     _ => {}
@@ -191,6 +196,18 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     }),
                     ..card.clone()
                 };
+                // The final model's evaluation (internal: the training centres' held-out fold under
+                // cross-validation, else their own patients; external: the validation centres).
+                if let Some(last) = store.rounds()?.last() {
+                    if let Some(ev) = last.evaluation.as_object() {
+                        final_card.metrics = json!({
+                            "round": last.round,
+                            "internal": ev.get("internal"),
+                            "external": ev.get("external"),
+                            "fold": ev.get("fold"),
+                        });
+                    }
+                }
                 if let Some(fit) = &fit {
                     final_card.clinical = Some(ClinicalTable::from_fit(fit));
                     final_card.training["patients"] = json!(fit.n);
@@ -278,6 +295,7 @@ fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow
                         last.round,
                         global,
                         &history,
+                        !last.evaluation.is_null(),
                     ),
                     last.round,
                 )
@@ -299,6 +317,34 @@ fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow
         settings,
         committed,
     })
+}
+
+/// `round 5 evaluated: internal AUC 0.812 (0.702-0.922; 25+/95-), external AUC 0.790 (...)`.
+fn evaluation_line(e: &Evaluation) -> String {
+    let side = |role| match e
+        .pooled(role)
+        .map(|h| (h.delong(), h.n_positive(), h.n_negative()))
+    {
+        None => "none reported".to_string(),
+        Some((Ok(a), p, n)) => {
+            let (lo, hi) = a.ci95();
+            format!("AUC {:.3} ({lo:.3}-{hi:.3}; {p}+/{n}-)", a.auc)
+        }
+        Some((Err(_), p, n)) => format!("no AUC ({p}+/{n}-)"),
+    };
+    let mut line = format!(
+        "round {} evaluated{}: internal {}, external {}",
+        e.round,
+        e.fold
+            .map(|f| format!(" (fold {} of {})", f.index + 1, f.count))
+            .unwrap_or_default(),
+        side(Role::Train),
+        side(Role::Validate)
+    );
+    for (c, why) in &e.missing {
+        line.push_str(&format!("; {c}: {why}"));
+    }
+    line
 }
 
 fn round_line(r: &RoundRecord) -> String {

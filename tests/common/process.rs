@@ -117,7 +117,12 @@ impl Run {
     /// Starts the server, waits until it listens, starts the clients and waits for everyone to finish.
     /// Returns the server's stdout and each client's output.
     pub fn go(&self, clients: &[PathBuf]) -> (String, Vec<String>) {
-        let server = self.server(&[], &[]);
+        self.go_with(&[], clients)
+    }
+
+    /// [`Run::go`] with further arguments for the server.
+    pub fn go_with(&self, server_args: &[&str], clients: &[PathBuf]) -> (String, Vec<String>) {
+        let server = self.server(server_args, &[]);
         let children: Vec<Proc> = clients.iter().map(|c| self.client(c, 5)).collect();
         let outputs: Vec<String> = children
             .into_iter()
