@@ -20,7 +20,7 @@ pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
 pub use endpoint::{CheckpointWriter, Server, ServerError, ServerEvent};
 pub use round::{
-    Action, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings, SetupError,
-    Strategy,
+    Action, Committed, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings,
+    SetupError, Strategy,
 };
 pub use store::{Opening, RunState, Store, StoreError, StoredRound, VerifyReport};

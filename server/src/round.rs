@@ -175,6 +175,19 @@ pub struct RoundRecord {
     pub newton: Option<LogisticStats>,
 }
 
+/// Where a stored run stands, for [`Coordinator::resume`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    /// The last committed round.
+    pub round: u32,
+    /// The global model that round committed.
+    pub global: Weights,
+    /// Federated Newton: each committed round's summed statistics, in order.
+    pub newton_history: Vec<LogisticStats>,
+    /// Whether that round's evaluation was stored.
+    pub evaluated: bool,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -356,21 +369,23 @@ impl Coordinator {
         })
     }
 
-    /// A run that goes on after `committed` rounds (a restarted server): `global` is the model the last of them
-    /// committed; under federated Newton, `newton_history` holds each committed round's summed statistics,
-    /// replayed through a fresh solver so that its state (step halving included) is the uninterrupted run's, and
-    /// the replayed point must be `global`. `evaluated`: whether that round's evaluation was stored. A run with
-    /// nothing left to do finishes at once, as it would have.
+    /// A run that goes on after its last committed round (a restarted server). Under federated Newton the
+    /// rounds' summed statistics are replayed through a fresh solver so that its state (step halving included)
+    /// is the uninterrupted run's, and the replayed point must be the stored model. A run with nothing left to do
+    /// finishes at once, as it would have.
     pub fn resume(
         settings: RoundSettings,
         roles: BTreeMap<CenterId, Role>,
         initial: Weights,
         names: &[&str],
-        committed: u32,
-        global: Weights,
-        newton_history: &[LogisticStats],
-        evaluated: bool,
+        last: Committed,
     ) -> Result<Coordinator, SetupError> {
+        let Committed {
+            round: committed,
+            global,
+            newton_history,
+            evaluated,
+        } = last;
         let mut c = Coordinator::new(settings, roles, initial, names)?;
         if committed == 0 {
             return Ok(c);
@@ -1233,21 +1248,21 @@ mod tests {
 
     /// A committed round's record with its model.
     #[derive(Debug, Clone)]
-    struct Committed {
+    struct CommittedRound {
         record: RoundRecord,
         weights: Arc<Weights>,
     }
 
-    impl std::ops::Deref for Committed {
+    impl std::ops::Deref for CommittedRound {
         type Target = RoundRecord;
         fn deref(&self) -> &RoundRecord {
             &self.record
         }
     }
 
-    fn committed(acts: &[Action]) -> Option<Committed> {
+    fn committed(acts: &[Action]) -> Option<CommittedRound> {
         acts.iter().find_map(|a| match a {
-            Action::RoundCommitted { record, weights } => Some(Committed {
+            Action::RoundCommitted { record, weights } => Some(CommittedRound {
                 record: record.clone(),
                 weights: weights.clone(),
             }),
@@ -1815,7 +1830,7 @@ mod tests {
     fn drive_newton(
         mut m: Coordinator,
         centres: &[(Vec<f64>, Vec<bool>)],
-    ) -> (Outcome, Vec<Committed>) {
+    ) -> (Outcome, Vec<CommittedRound>) {
         let t0 = Instant::now();
         connect_all(&mut m, t0);
         let mut history = Vec::new();
@@ -2029,10 +2044,12 @@ mod tests {
             roles(),
             model(&[0.0; 4], 1.0),
             &[],
-            2,
-            saved.clone(),
-            &[],
-            false,
+            Committed {
+                round: 2,
+                global: saved.clone(),
+                newton_history: vec![],
+                evaluated: false,
+            },
         )
         .unwrap();
         assert!(!m.is_finished());
@@ -2065,10 +2082,12 @@ mod tests {
             roles(),
             model(&[0.0; 4], 1.0),
             &[],
-            2,
-            saved,
-            &[],
-            true,
+            Committed {
+                round: 2,
+                global: saved,
+                newton_history: vec![],
+                evaluated: true,
+            },
         )
         .unwrap();
         assert!(done.is_finished());
@@ -2083,10 +2102,12 @@ mod tests {
             roles(),
             model(&[0.0; 4], 1.0),
             &[],
-            1,
-            saved.clone(),
-            &[],
-            true,
+            Committed {
+                round: 1,
+                global: saved.clone(),
+                newton_history: vec![],
+                evaluated: true,
+            },
         )
         .unwrap();
         assert_eq!(m.committed(), 1);
@@ -2108,10 +2129,12 @@ mod tests {
             roles(),
             model(&[0.0; 4], 1.0),
             &[],
-            2,
-            saved.clone(),
-            &[],
-            true,
+            Committed {
+                round: 2,
+                global: saved.clone(),
+                newton_history: vec![],
+                evaluated: true,
+            },
         )
         .unwrap();
         assert!(done.is_finished());
@@ -2133,10 +2156,12 @@ mod tests {
             roles(),
             model(&[0.0; 4], 1.0),
             &[],
-            1,
-            other,
-            &[],
-            true,
+            Committed {
+                round: 1,
+                global: other,
+                newton_history: vec![],
+                evaluated: true,
+            },
         )
         .err()
         .unwrap();
@@ -2198,10 +2223,12 @@ mod tests {
                 roles(),
                 clinical_weights(&[0.0; 3], None),
                 &names,
-                k,
-                (*last.weights).clone(),
-                &sums,
-                true,
+                Committed {
+                    round: k,
+                    global: (*last.weights).clone(),
+                    newton_history: sums.clone(),
+                    evaluated: true,
+                },
             )
             .unwrap();
             let (again, rest) = drive_newton(resumed, &centres);
@@ -2218,10 +2245,12 @@ mod tests {
             roles(),
             clinical_weights(&[0.0; 3], None),
             &names,
-            2,
-            (*history[0].weights).clone(),
-            &sums,
-            true,
+            Committed {
+                round: 2,
+                global: (*history[0].weights).clone(),
+                newton_history: sums.clone(),
+                evaluated: true,
+            },
         )
         .err()
         .unwrap();

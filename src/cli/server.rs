@@ -14,8 +14,8 @@ use fedslm_protocol::{ModelKind, Role};
 use fedslm_server::evaluation::Evaluation;
 use fedslm_server::store::sha256_file;
 use fedslm_server::{
-    Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig, ServerEvent,
-    Store, StoreError,
+    Committed, Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig,
+    ServerEvent, Store, StoreError,
 };
 use serde_json::json;
 
@@ -292,10 +292,12 @@ fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow
                         centers,
                         initial,
                         names,
-                        last.round,
-                        global,
-                        &history,
-                        !last.evaluation.is_null(),
+                        Committed {
+                            round: last.round,
+                            global,
+                            newton_history: history,
+                            evaluated: !last.evaluation.is_null(),
+                        },
                     ),
                     last.round,
                 )
