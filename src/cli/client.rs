@@ -354,8 +354,38 @@ impl FoldFilter<'_> {
     }
 }
 
+/// A node's trainer shared between runs (a simulation runs many federations over the same loaded cohorts).
+pub struct SharedTrainer(pub std::sync::Arc<std::sync::Mutex<NodeTrainer>>);
+
+impl LocalTrainer for SharedTrainer {
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).fit(task)
+    }
+
+    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .evaluate(task)
+    }
+}
+
+/// A node's trainer over the cohort of `config`, loaded and checked; with what the node tells the server.
+pub fn node_trainer(config: &ClientConfig) -> anyhow::Result<(NodeTrainer, SampleCounts)> {
+    let cohort = load_cohort(config)?;
+    let counts = cohort.counts();
+    Ok((
+        NodeTrainer {
+            config: config.clone(),
+            cohort,
+            network: None,
+        },
+        counts,
+    ))
+}
+
 /// Training at this node, on the server's request.
-struct NodeTrainer {
+pub struct NodeTrainer {
     config: ClientConfig,
     cohort: Cohort,
     /// The network of the last task, reused while the architecture stays the same.

@@ -201,7 +201,7 @@ pub struct ComparisonReport {
     pub p: f64,
 }
 
-fn score_report(
+pub fn score_report(
     name: &str,
     labels: &[bool],
     scores: &[f64],

@@ -8,6 +8,7 @@ mod inspect;
 mod model;
 mod predict;
 mod server;
+mod simulate;
 mod synth;
 mod train;
 
@@ -29,6 +30,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The study, federated, on this machine: k-fold federated cross-validation and external validation of
+    /// the clinical, MRI and combined models over loopback QUIC, with the report.
+    Simulate(simulate::SimulateArgs),
     /// Write a synthetic multi-centre cohort (NIfTI images and manifests).
     Synth(synth::SynthArgs),
     /// The federation's certificates: CA, server, centres, revocation.
@@ -68,6 +72,7 @@ pub fn init_logging(filter: &str) {
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Simulate(a) => simulate::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Certs(c) => certs::run(c),
         Command::Server(a) => server::run(a),

@@ -29,13 +29,25 @@ pub struct InitArgs {
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
     let ModelCommand::Init(args) = cmd;
-    let (coding, preprocess) = args.net.settings()?;
+    let what = init(args.model, args.seed, &args.net, &args.out)?;
+    println!("initial {what}: {}", args.out.display());
+    Ok(())
+}
+
+/// Writes a fresh `model` to `out`; returns what it is.
+pub fn init(
+    model: TrainableModel,
+    seed: u64,
+    net: &NetArgs,
+    out: &std::path::Path,
+) -> anyhow::Result<String> {
+    let (coding, preprocess) = net.settings()?;
     let training = json!({
         "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
         "mode": "init",
-        "seed": args.seed,
+        "seed": seed,
     });
-    match args.model.network_kind() {
+    match model.network_kind() {
         None => {
             let p = clinical::names().len();
             let card = ModelCard {
@@ -43,23 +55,22 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
                 ..ModelCard::new("clinical", coding, preprocess)
             };
             save(
-                &args.out,
+                out,
                 &clinical::to_weights(&vec![0.0; p], &vec![0.0; p * p])?,
                 &card,
             )?;
-            println!("initial clinical model: {}", args.out.display());
+            Ok("clinical model".into())
         }
         Some(kind) => {
-            let config = args.net.config(kind, &preprocess)?;
-            let network = Network::new(kind, config, args.seed)?;
+            let config = net.config(kind, &preprocess)?;
+            let network = Network::new(kind, config, seed)?;
             // The standardisation stays the identity until the federation has the training centres' sums.
             let card = ModelCard {
                 training,
                 ..network.card(coding, preprocess)
             };
-            save(&args.out, &network.to_weights()?, &card)?;
-            println!("initial {}: {}", network.describe(), args.out.display());
+            save(out, &network.to_weights()?, &card)?;
+            Ok(network.describe())
         }
     }
-    Ok(())
 }

@@ -149,16 +149,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 }
             }
         });
-        let checkpoint_card = card.clone();
-        let checkpoint: fedslm_server::CheckpointWriter = Box::new(move |record, weights, path| {
-            // Nothing in the card that differs between two runs with the same seeds: equal models, equal
-            // hashes.
-            let card = ModelCard {
-                training: json!({"mode": "federated", "round": record.round}),
-                ..checkpoint_card.clone()
-            };
-            save(path, weights, &card).map_err(|e| format!("{e:#}"))
-        });
+        let checkpoint = checkpoint_writer(card.clone());
         let outcome = server
             .run_rounds(coordinator, store.clone(), checkpoint, async {
                 super::shutdown_signal().await;
@@ -239,16 +230,28 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     })
 }
 
-struct Run {
-    coordinator: Coordinator,
-    card: ModelCard,
-    store: Arc<Store>,
-    settings: RoundSettings,
-    committed: u32,
+/// Writes each round's model file with `card` (the round in its provenance).
+pub fn checkpoint_writer(card: ModelCard) -> fedslm_server::CheckpointWriter {
+    Box::new(move |record, weights, path| {
+        // Nothing in the card that differs between two runs with the same seeds: equal models, equal hashes.
+        let card = ModelCard {
+            training: json!({"mode": "federated", "round": record.round}),
+            ..card.clone()
+        };
+        save(path, weights, &card).map_err(|e| format!("{e:#}"))
+    })
+}
+
+pub struct Run {
+    pub coordinator: Coordinator,
+    pub card: ModelCard,
+    pub store: Arc<Store>,
+    pub settings: RoundSettings,
+    pub committed: u32,
 }
 
 /// The run to carry out: a new one, or the stored one after its last committed round.
-fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow::Result<Run> {
+pub fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow::Result<Run> {
     let (initial, card) =
         load(initial_path).with_context(|| format!("initial model {}", initial_path.display()))?;
     let kind = kind_of(&card, initial_path)?;
@@ -322,7 +325,7 @@ fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow
 }
 
 /// `round 5 evaluated: internal AUC 0.812 (0.702-0.922; 25+/95-), external AUC 0.790 (...)`.
-fn evaluation_line(e: &Evaluation) -> String {
+pub fn evaluation_line(e: &Evaluation) -> String {
     let side = |role| match e
         .pooled(role)
         .map(|h| (h.delong(), h.n_positive(), h.n_negative()))
@@ -498,7 +501,7 @@ fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
 }
 
 /// This process's peak resident memory.
-fn peak_rss_mib() -> f64 {
+pub fn peak_rss_mib() -> f64 {
     // VmHWM is this program's own high-water mark; getrusage's ru_maxrss also counts the parent's memory
     // that a forked child held before it exec'd us (a benchmark harness's, for one).
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {

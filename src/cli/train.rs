@@ -76,6 +76,16 @@ pub struct NetArgs {
 }
 
 impl NetArgs {
+    /// The default network (compact) with the study's coding and preprocessing.
+    pub fn compact() -> NetArgs {
+        NetArgs {
+            arch: Arch::Compact,
+            width: None,
+            study_scale: false,
+            config: None,
+        }
+    }
+
     /// The clinical coding and preprocessing to use.
     pub fn settings(&self) -> anyhow::Result<(ClinicalCoding, PreprocessSettings)> {
         let (coding, mut preprocess) = settings_from(self.config.as_deref())?;

@@ -1,0 +1,698 @@
+//! `fedslm simulate`: the study, federated, on one machine. A fresh PKI, a real server and one real client per
+//! centre on loopback QUIC with mutual TLS (in this process: the same endpoint and node code as `fedslm server`
+//! and `fedslm client`), for each model: a federated k-fold cross-validation (each training centre holds out
+//! its fold i in federation i; the folds' held-out histograms pooled give the internal estimate), then a
+//! federation on all the training data, whose model the held-out centre validates externally. Only
+//! histograms, counts and losses come back; the statistics are computed from them.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedslm_certs::{IssueOptions, Pki};
+use fedslm_client::{Backoff, ClientConfig};
+use fedslm_metrics as m;
+use fedslm_model::{save, ClinicalTable, ModelCard};
+use fedslm_protocol::{CenterId, Role};
+use fedslm_server::evaluation::{auc_json, Evaluation};
+use fedslm_server::{Outcome, Server, ServerConfig, ServerEvent};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use super::client::{node_trainer, NodeTrainer, SharedTrainer};
+use super::evaluate::{score_report, Predictions, ScoreReport};
+use super::train::{NetArgs, TrainableModel};
+
+/// The study's figures (BMC Med Imaging 2025;25:173): internal (5-fold CV) and external AUC.
+const PAPER: [(&str, f64, f64); 3] = [
+    ("clinical", 0.816, 0.824),
+    ("mri", 0.788, 0.662),
+    ("combined", 0.887, 0.876),
+];
+/// Net benefit thresholds of the decision curves.
+const THRESHOLDS: [f64; 19] = [
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85,
+    0.9, 0.95,
+];
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// A multi-centre cohort (one folder per centre with its manifest.csv); default: write the `study`
+    /// synthetic cohort into the output folder.
+    #[arg(long)]
+    cohort: Option<PathBuf>,
+    /// A new (or empty) folder for everything the run writes.
+    #[arg(long, default_value = "simulation")]
+    out: PathBuf,
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "clinical,mri,combined"
+    )]
+    models: Vec<TrainableModel>,
+    /// Cross-validation folds (each a federation); 0: no cross-validation (no internal estimate).
+    #[arg(long, default_value_t = 5)]
+    folds: u32,
+    /// Rounds of each network's federation (the clinical model runs federated Newton to convergence).
+    #[arg(long, default_value_t = 10)]
+    rounds: u32,
+    /// Local epochs per round at each training centre.
+    #[arg(long, default_value_t = 3)]
+    local_epochs: u32,
+    /// The centre held out for external validation, or `none`; default: `external` if there is one.
+    #[arg(long)]
+    holdout: Option<String>,
+    /// Bins of the score histograms the centres send.
+    #[arg(long, default_value_t = 1000)]
+    bins: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+struct Simulation {
+    out: PathBuf,
+    pki: PathBuf,
+    centres: Vec<(String, Role)>,
+    trainers: Vec<(
+        String,
+        Arc<Mutex<NodeTrainer>>,
+        fedslm_protocol::SampleCounts,
+    )>,
+    args: SimulateArgs,
+}
+
+/// What one federation gave.
+struct Federated {
+    evaluation: Option<Evaluation>,
+    model: PathBuf,
+    rounds: u32,
+    fit: Option<m::LogisticFit>,
+    audit_head: String,
+}
+
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if args.out.exists()
+        && std::fs::read_dir(&args.out)
+            .with_context(|| format!("{}", args.out.display()))?
+            .next()
+            .is_some()
+    {
+        bail!("{} is not empty; choose a new --out", args.out.display());
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out = args
+        .out
+        .canonicalize()
+        .with_context(|| format!("{}", args.out.display()))?;
+    let cohort = match &args.cohort {
+        Some(c) => c
+            .canonicalize()
+            .with_context(|| format!("cohort {}", c.display()))?,
+        None => {
+            let dir = out.join("cohort");
+            super::synth::write_preset(&dir, args.seed, fedslm_cohort::synth::Preset::Study)?;
+            dir
+        }
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&cohort)
+        .with_context(|| format!("cohort {}", cohort.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("manifest.csv").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        bail!("{}: no centre folder with a manifest.csv", cohort.display());
+    }
+    let holdout = match args.holdout.as_deref() {
+        Some("none") => None,
+        Some(c) if names.iter().any(|n| n == c) => Some(c.to_string()),
+        Some(c) => bail!(
+            "--holdout {c}: no such centre; the cohort has {}",
+            names.join(", ")
+        ),
+        None => names.iter().find(|n| *n == "external").cloned(),
+    };
+    let centres: Vec<(String, Role)> = names
+        .iter()
+        .map(|n| {
+            let role = if Some(n) == holdout.as_ref() {
+                Role::Validate
+            } else {
+                Role::Train
+            };
+            (n.clone(), role)
+        })
+        .collect();
+    if !centres.iter().any(|(_, r)| *r == Role::Train) {
+        bail!(
+            "no training centre left once {} is held out",
+            holdout.unwrap_or_default()
+        );
+    }
+
+    let pki_dir = out.join("pki");
+    let pki = Pki::init(&pki_dir, "simulation", "localhost", &["127.0.0.1".parse()?])?;
+    let mut trainers = Vec::new();
+    for (name, _) in &centres {
+        let id = CenterId::new(name.as_str())
+            .with_context(|| format!("centre folder {name:?} is not a valid centre id"))?;
+        let dir = pki_dir.join("centres").join(name);
+        pki.issue(&id, &dir, IssueOptions::days(30)?)?;
+        let config = client_config(
+            &out,
+            &pki_dir,
+            name,
+            Some(&cohort.join(name)),
+            "127.0.0.1:9",
+        )?;
+        let (trainer, counts) = node_trainer(&config)?;
+        println!(
+            "{name}: {} patients ({} with SLM), {} with images{}",
+            counts.patients,
+            counts.positives,
+            counts.with_images,
+            if Some(name) == holdout.as_ref() {
+                ", held out for external validation"
+            } else {
+                ""
+            }
+        );
+        trainers.push((name.clone(), Arc::new(Mutex::new(trainer)), counts));
+    }
+    let ctx = Simulation {
+        out: out.clone(),
+        pki: pki_dir,
+        centres,
+        trainers,
+        args,
+    };
+    let runtime = super::runtime()?;
+    let mut results = serde_json::Map::new();
+    let mut per_model = Vec::new();
+    for &model in &ctx.args.models {
+        let r = simulate_model(&ctx, &runtime, model)?;
+        results.insert(model.name().into(), r.json.clone());
+        per_model.push((model, r));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let peak = super::server::peak_rss_mib();
+    let results = json!({
+        "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
+        "cohort": cohort.display().to_string(),
+        "holdout": holdout,
+        "settings": {
+            "folds": ctx.args.folds, "rounds": ctx.args.rounds, "local_epochs": ctx.args.local_epochs,
+            "bins": ctx.args.bins, "seed": ctx.args.seed, "network": "compact (ResNet-10, width 8, 9x64x64)",
+        },
+        "models": results,
+        "comparisons": [],
+        "wall_seconds": wall,
+        "peak_memory_mib": peak,
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )
+    .context("cannot write results.json")?;
+    figures(&out, &per_model)?;
+    let report = report_md(&results, &per_model);
+    std::fs::write(out.join("report.md"), &report).context("cannot write report.md")?;
+    println!("\n{}", table(&per_model));
+    println!(
+        "wall time {wall:.0} s, peak memory {peak:.0} MiB; results.json, report.md and figures/ in {}",
+        out.display()
+    );
+    Ok(())
+}
+
+fn client_config(
+    out: &Path,
+    pki: &Path,
+    name: &str,
+    cohort: Option<&Path>,
+    server: &str,
+) -> anyhow::Result<ClientConfig> {
+    let dir = pki.join("centres").join(name);
+    let mut text = format!(
+        "center = \"{name}\"\nserver = \"{server}\"\nserver_name = \"localhost\"\n\
+         ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncache = \"{}\"\n",
+        dir.join("ca.pem").display(),
+        dir.join(format!("{name}.pem")).display(),
+        dir.join(format!("{name}.key")).display(),
+        out.join("cache").display(),
+    );
+    if let Some(c) = cohort {
+        text.push_str(&format!("cohort = \"{}\"\n", c.display()));
+    }
+    Ok(ClientConfig::parse(&text, &dir.join("client.toml"))?)
+}
+
+/// One model's results: the JSON for results.json, and the histograms behind it.
+struct ModelResult {
+    json: Value,
+    internal: Option<m::ScoreHistograms>,
+    external: Option<m::ScoreHistograms>,
+    internal_report: Option<ScoreReport>,
+    external_report: Option<ScoreReport>,
+    fit: Option<m::LogisticFit>,
+}
+
+fn simulate_model(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    model: TrainableModel,
+) -> anyhow::Result<ModelResult> {
+    let dir = ctx.out.join("runs").join(model.name());
+    std::fs::create_dir_all(&dir)?;
+    let init = dir.join("init.safetensors");
+    super::model::init(model, ctx.args.seed, &NetArgs::compact(), &init)?;
+    let mut internal: Option<m::ScoreHistograms> = None;
+    let mut per_centre: std::collections::BTreeMap<String, m::ScoreHistograms> = Default::default();
+    let mut fold_rounds = Vec::new();
+    for fold in 0..ctx.args.folds {
+        let f = federate(ctx, runtime, model, &init, Some(fold))?;
+        let e = f
+            .evaluation
+            .with_context(|| format!("{} fold {}: no evaluation", model.name(), fold + 1))?;
+        for c in e.centres.iter().filter(|c| c.role == Role::Train) {
+            merge(&mut internal, &c.histogram)?;
+            merge_into(&mut per_centre, c.center.as_str(), &c.histogram)?;
+        }
+        fold_rounds.push(f.rounds);
+    }
+    let all = federate(ctx, runtime, model, &init, None)?;
+    let external = all
+        .evaluation
+        .as_ref()
+        .and_then(|e| e.pooled(Role::Validate));
+    let final_model = ctx
+        .out
+        .join("models")
+        .join(format!("{}.safetensors", model.name()));
+    std::fs::create_dir_all(ctx.out.join("models"))?;
+    std::fs::copy(&all.model, &final_model)
+        .with_context(|| format!("cannot copy {}", all.model.display()))?;
+
+    let internal_report = internal
+        .as_ref()
+        .map(|h| side_report(model.name(), h))
+        .transpose()?;
+    let external_report = external
+        .as_ref()
+        .map(|h| side_report(model.name(), h))
+        .transpose()?;
+    // The cut-off is chosen internally and applied unchanged at the external centre.
+    let cutoff = internal_report.as_ref().map(|r| r.youden.threshold);
+    let at = |h: &Option<m::ScoreHistograms>| -> Value {
+        match (h, cutoff) {
+            (Some(h), Some(t)) => {
+                let (labels, scores) = pseudo(h);
+                match m::at_cutoff(&labels, &scores, t) {
+                    Ok(c) => {
+                        json!({"threshold": t, "sensitivity": c.sensitivity(), "specificity": c.specificity()})
+                    }
+                    Err(_) => Value::Null,
+                }
+            }
+            _ => Value::Null,
+        }
+    };
+    let json = json!({
+        "internal": internal.as_ref().map(|h| with_at(auc_json(h), at(&internal))),
+        "external": external.as_ref().map(|h| with_at(auc_json(h), at(&external))),
+        "per_centre_internal": per_centre.iter().map(|(c, h)| (c.clone(), auc_json(h))).collect::<serde_json::Map<_, _>>(),
+        "rounds": {"folds": fold_rounds, "final": all.rounds},
+        "final_model": final_model.display().to_string(),
+        "audit_head": all.audit_head,
+        "youden_cutoff": cutoff,
+        "internal_report": internal_report.as_ref().map(serde_json::to_value).transpose()?,
+        "external_report": external_report.as_ref().map(serde_json::to_value).transpose()?,
+    });
+    Ok(ModelResult {
+        json,
+        internal,
+        external,
+        internal_report,
+        external_report,
+        fit: all.fit,
+    })
+}
+
+fn with_at(mut v: Value, at: Value) -> Value {
+    v["at_internal_youden"] = at;
+    v
+}
+
+fn merge(into: &mut Option<m::ScoreHistograms>, h: &m::ScoreHistograms) -> anyhow::Result<()> {
+    match into {
+        Some(x) => x.merge(h)?,
+        None => *into = Some(h.clone()),
+    }
+    Ok(())
+}
+
+fn merge_into(
+    map: &mut std::collections::BTreeMap<String, m::ScoreHistograms>,
+    key: &str,
+    h: &m::ScoreHistograms,
+) -> anyhow::Result<()> {
+    match map.get_mut(key) {
+        Some(x) => x.merge(h)?,
+        None => {
+            map.insert(key.to_string(), h.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The binned scores as rows, positives first: each patient stands at its bin's centre. Rows are not
+/// patients' and carry no pairing between models; ROC, Youden, decision curves and calibration depend only on
+/// each class's distribution, which the histograms hold exactly (to the bin).
+fn pseudo(h: &m::ScoreHistograms) -> (Vec<bool>, Vec<f64>) {
+    let centre = |b: usize| h.bin_value(b) + 0.5 / h.bins() as f64;
+    let mut labels = Vec::new();
+    let mut scores = Vec::new();
+    for (class, counts) in [(true, &h.positive), (false, &h.negative)] {
+        for (b, &n) in counts.iter().enumerate() {
+            for _ in 0..n {
+                labels.push(class);
+                scores.push(centre(b));
+            }
+        }
+    }
+    (labels, scores)
+}
+
+fn side_report(name: &str, h: &m::ScoreHistograms) -> anyhow::Result<ScoreReport> {
+    let (labels, scores) = pseudo(h);
+    score_report(name, &labels, &scores, &THRESHOLDS)
+}
+
+/// One federation over loopback: a server and every centre's node, to its end.
+fn federate(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    model: TrainableModel,
+    init: &Path,
+    fold: Option<u32>,
+) -> anyhow::Result<Federated> {
+    let tag = fold.map_or("all".to_string(), |f| format!("fold-{}", f + 1));
+    let dir = ctx.out.join("runs").join(model.name()).join(&tag);
+    std::fs::create_dir_all(&dir)?;
+    let clinical = model == TrainableModel::Clinical;
+    let rounds = if clinical { 30 } else { ctx.args.rounds };
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\npki = \"{}\"\nrun_id = \"simulate-{}-{tag}\"\noutput = \"{}\"\n\
+         initial_model = \"{}\"\nrounds = {rounds}\nlocal_epochs = {}\nround_start_grace_secs = 30\n\
+         evaluation_bins = {}\nseed = {}\n",
+        ctx.pki.display(),
+        model.name(),
+        dir.display(),
+        init.display(),
+        ctx.args.local_epochs,
+        ctx.args.bins,
+        ctx.args.seed,
+    );
+    if let Some(f) = fold {
+        toml.push_str(&format!("cv_fold = {f}\ncv_folds = {}\n", ctx.args.folds));
+    }
+    for (c, role) in &ctx.centres {
+        let role = match role {
+            Role::Train => "train",
+            Role::Validate => "validate",
+        };
+        toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
+    }
+    let config = ServerConfig::parse(&toml, &dir.join("server.toml"))?;
+    let run = super::server::open_run(&config, init, false)?;
+    let label = format!(
+        "{} {}",
+        model.name(),
+        fold.map_or("all data".to_string(), |f| format!(
+            "fold {}/{}",
+            f + 1,
+            ctx.args.folds
+        ))
+    );
+    let bar = ProgressBar::new(u64::from(rounds)).with_style(
+        ProgressStyle::with_template("{prefix:>18} round {pos}/{len} [{bar:25}] {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.clone());
+    let store = run.store.clone();
+    let card = run.card.clone();
+    let (outcome, evaluation) = runtime.block_on(async {
+        let server = Arc::new(Server::bind(config)?);
+        let addr = server.local_addr()?;
+        let mut events = server.subscribe();
+        let writer = super::server::checkpoint_writer(card.clone());
+        let s = server.clone();
+        let coordinator = run.coordinator;
+        let run_store = run.store.clone();
+        let server_task = tokio::spawn(async move {
+            s.run_rounds(coordinator, run_store, writer, std::future::pending())
+                .await
+        });
+        let mut clients = Vec::new();
+        for (name, trainer, counts) in &ctx.trainers {
+            // The node's trainer holds its cohort; this run's configuration only says where to connect.
+            let config = client_config(&ctx.out, &ctx.pki, name, None, &addr.to_string())?;
+            let trainer = SharedTrainer(trainer.clone());
+            let counts = *counts;
+            clients.push(tokio::spawn(async move {
+                let backoff = Backoff {
+                    attempts: Some(5),
+                    ..Backoff::default()
+                };
+                fedslm_client::run(&config, counts, trainer, backoff, |_| {}).await
+            }));
+        }
+        let mut evaluation = None;
+        while let Ok(event) = events.recv().await {
+            match event {
+                ServerEvent::RoundCommitted(r) => {
+                    bar.set_position(u64::from(r.round));
+                    let n: u64 = r.contributions.iter().map(|c| c.examples).sum();
+                    let loss = r
+                        .contributions
+                        .iter()
+                        .map(|c| c.train_loss * c.examples as f64)
+                        .sum::<f64>()
+                        / n.max(1) as f64;
+                    bar.set_message(format!("{} centres, loss {loss:.4}", r.contributions.len()));
+                }
+                ServerEvent::Evaluated(e) => evaluation = Some(e),
+                ServerEvent::Finished(_) => break,
+                _ => {}
+            }
+        }
+        let outcome = server_task.await.context("the server stopped")?;
+        for c in clients {
+            if let Ok(Err(e)) = c.await {
+                tracing::warn!(error = %e, "a node ended with an error");
+            }
+        }
+        Ok::<_, anyhow::Error>((outcome, evaluation))
+    })?;
+    bar.finish_and_clear();
+    if let Some(e) = &evaluation {
+        println!("{label}: {}", super::server::evaluation_line(e));
+    }
+    match outcome {
+        Some(Outcome::Completed {
+            rounds,
+            weights,
+            fit,
+        }) => {
+            let path = dir.join(format!("{}.safetensors", model.name()));
+            let mut final_card = ModelCard {
+                training: json!({
+                    "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
+                    "mode": "federated (simulation)",
+                    "rounds": rounds,
+                    "fold": fold,
+                    "folds": ctx.args.folds,
+                    "seed": ctx.args.seed,
+                    "centers": ctx.centres.iter().map(|(c, r)| format!("{c} ({r:?})")).collect::<Vec<_>>(),
+                    "audit_head": store.head().hex(),
+                }),
+                metrics: evaluation
+                    .as_ref()
+                    .map(|e| {
+                        let j = e.to_json();
+                        json!({"internal": j["internal"], "external": j["external"]})
+                    })
+                    .unwrap_or(Value::Null),
+                ..card
+            };
+            if let Some(fit) = &fit {
+                final_card.clinical = Some(ClinicalTable::from_fit(fit));
+                final_card.training["patients"] = json!(fit.n);
+            }
+            save(&path, &weights, &final_card)?;
+            Ok(Federated {
+                evaluation,
+                model: path,
+                rounds,
+                fit,
+                audit_head: store.head().hex(),
+            })
+        }
+        Some(Outcome::Failed { rounds, reason }) => {
+            bail!("{label}: the federation failed after {rounds} rounds: {reason}")
+        }
+        None => bail!("{label}: the federation stopped"),
+    }
+}
+
+fn fmt_auc(r: Option<&ScoreReport>) -> String {
+    r.map_or("-".into(), |r| {
+        format!("{:.3} ({:.3}-{:.3})", r.auc, r.ci95[0], r.ci95[1])
+    })
+}
+
+/// The study's table beside the paper's figures.
+fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
+    let mut t = format!(
+        "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16}\n",
+        "model",
+        "internal AUC (95% CI)",
+        "external AUC (95% CI)",
+        "paper int.",
+        "paper ext.",
+        "sens/spec int.",
+        "sens/spec ext."
+    );
+    for (model, r) in per_model {
+        let paper = PAPER.iter().find(|p| p.0 == model.name());
+        let ss = |side: &str| {
+            let a = &r.json[side]["at_internal_youden"];
+            match (a["sensitivity"].as_f64(), a["specificity"].as_f64()) {
+                (Some(s), Some(p)) => format!("{s:.2}/{p:.2}"),
+                _ => "-".into(),
+            }
+        };
+        t.push_str(&format!(
+            "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16}\n",
+            model.name(),
+            fmt_auc(r.internal_report.as_ref()),
+            fmt_auc(r.external_report.as_ref()),
+            paper.map_or("-".into(), |p| format!("{:.3}", p.1)),
+            paper.map_or("-".into(), |p| format!("{:.3}", p.2)),
+            ss("internal"),
+            ss("external"),
+        ));
+    }
+    t
+}
+
+fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> String {
+    let s = &results["settings"];
+    let mut md = String::from("# fedslm simulate: the study, federated\n\n");
+    md.push_str(&format!(
+        "Cohort `{}`; external validation at `{}`. Federated {}-fold cross-validation (internal: each patient scored \
+         once, by the federation that held its fold out); then one federation on all training data, validated \
+         externally. Networks: {} rounds of {} local epochs, {}; the clinical model: federated Newton to \
+         convergence. Histograms of {} bins; seed {}. Wall time {:.0} s, peak memory {:.0} MiB.\n\n",
+        results["cohort"].as_str().unwrap_or("?"),
+        results["holdout"].as_str().unwrap_or("none"),
+        s["folds"], s["rounds"], s["local_epochs"], s["network"].as_str().unwrap_or("?"),
+        s["bins"], s["seed"], results["wall_seconds"].as_f64().unwrap_or(0.0),
+        results["peak_memory_mib"].as_f64().unwrap_or(0.0),
+    ));
+    md.push_str("## AUC, internal and external, beside the study's\n\n```\n");
+    md.push_str(&table(per_model));
+    md.push_str("```\n\nSensitivity and specificity at the Youden cut-off chosen on the internal (out-of-fold) scores, applied unchanged externally.\n\n");
+    for (model, r) in per_model {
+        if let Some(fit) = &r.fit {
+            md.push_str(&format!(
+                "## The clinical model ({model:?}), federated Newton on all training data\n\n"
+            ));
+            md.push_str("| covariate | beta | SE | OR | OR 95% CI | p |\n| --- | --- | --- | --- | --- | --- |\n");
+            for (i, name) in fit.names.iter().enumerate() {
+                let (lo, hi) = fit.odds_ratio_ci95(i);
+                md.push_str(&format!(
+                    "| {name} | {:.3} | {:.3} | {:.3} | {lo:.3}-{hi:.3} | {:.4} |\n",
+                    fit.coefficients[i],
+                    fit.std_errors[i],
+                    fit.odds_ratio(i),
+                    fit.p[i]
+                ));
+            }
+            md.push('\n');
+        }
+    }
+    md.push_str("## Per-centre internal AUC (out of fold)\n\n| model | centre | AUC | 95% CI | positives/negatives |\n| --- | --- | --- | --- | --- |\n");
+    for (model, r) in per_model {
+        if let Some(map) = r.json["per_centre_internal"].as_object() {
+            for (c, v) in map {
+                md.push_str(&format!(
+                    "| {} | {c} | {} | {} | {}/{} |\n",
+                    model.name(),
+                    v["auc"].as_f64().map_or("-".into(), |a| format!("{a:.3}")),
+                    v["ci95"].as_array().map_or("-".into(), |ci| format!(
+                        "{:.3}-{:.3}",
+                        ci[0].as_f64().unwrap_or(f64::NAN),
+                        ci[1].as_f64().unwrap_or(f64::NAN)
+                    )),
+                    v["n"]["positives"],
+                    v["n"]["negatives"],
+                ));
+            }
+        }
+    }
+    md.push_str("\n## Audit\n\n| model | final federation's audit head |\n| --- | --- |\n");
+    for (model, r) in per_model {
+        md.push_str(&format!(
+            "| {} | `{}` |\n",
+            model.name(),
+            r.json["audit_head"].as_str().unwrap_or("?")
+        ));
+    }
+    md.push_str("\nFigures: `figures/internal/roc.png`, `figures/internal/dca.png`, `figures/external/...` (PNG and SVG).\n\
+                 Not yet: paired DeLong tests between models (the second pass), calibration plots, the centralised baseline.\n");
+    md
+}
+
+/// ROC and decision curves of every model, internal and external.
+fn figures(out: &Path, per_model: &[(TrainableModel, ModelResult)]) -> anyhow::Result<()> {
+    for (side, pick) in [
+        (
+            "internal",
+            (|r: &ModelResult| r.internal.clone())
+                as fn(&ModelResult) -> Option<m::ScoreHistograms>,
+        ),
+        ("external", |r: &ModelResult| r.external.clone()),
+    ] {
+        let hists: Vec<(String, m::ScoreHistograms)> = per_model
+            .iter()
+            .filter_map(|(model, r)| pick(r).map(|h| (model.name().to_string(), h)))
+            .collect();
+        let Some((_, first)) = hists.first() else {
+            continue;
+        };
+        // One set of rows for every model: the same patients, so the same class counts.
+        let (np, nn) = (first.n_positive(), first.n_negative());
+        let same: Vec<&(String, m::ScoreHistograms)> = hists
+            .iter()
+            .filter(|(_, h)| h.n_positive() == np && h.n_negative() == nn)
+            .collect();
+        let labels = pseudo(first).0;
+        let mut scores = Vec::new();
+        let mut reports = Vec::new();
+        for (name, h) in same {
+            scores.push((name.clone(), pseudo(h).1));
+            reports.push((name.clone(), side_report(name, h)?));
+        }
+        let p = Predictions { labels, scores };
+        crate::plot::write_figures(&out.join("figures").join(side), &p, &reports)?;
+    }
+    Ok(())
+}
