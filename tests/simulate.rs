@@ -1,0 +1,144 @@
+//! `fedslm simulate` from the shell: the whole study's machinery over loopback QUIC, checked against reference
+//! values.
+
+mod common;
+
+use std::path::Path;
+
+use common::fedslm;
+use serde_json::Value;
+
+fn reference() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical")
+}
+
+#[test]
+fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmodels_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sim");
+    let (ok, stdout, err) = fedslm(&[
+        "--log",
+        "warn",
+        "simulate",
+        "--cohort",
+        &reference().display().to_string(),
+        "--models",
+        "clinical",
+        "--holdout",
+        "none",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(stdout.contains("clinical fold 5/5"), "{stdout}");
+
+    // The model fitted on all three centres is statsmodels' pooled fit.
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(reference().join("expected_pooled_logit.json")).unwrap(),
+    )
+    .unwrap();
+    let (weights, card) = fedslm_model::load(&out.join("models/clinical.safetensors")).unwrap();
+    let table = card.clinical.expect("the odds-ratio table");
+    let coefficients = fedslm_model::clinical::coefficients(&weights).unwrap();
+    for (i, name) in fedslm_model::clinical::names().iter().enumerate() {
+        let want = expected["coefficients"][name].as_f64().unwrap();
+        assert!(
+            (coefficients[i] - want).abs() < 1e-6,
+            "{name}: {} vs {want}",
+            coefficients[i]
+        );
+        let se = expected["std_errors"][name].as_f64().unwrap();
+        let got = table.coefficients[*name]["std_error"].as_f64().unwrap();
+        assert!((got - se).abs() < 1e-5, "{name} SE: {got} vs {se}");
+    }
+
+    // The internal estimate scores every labelled patient once, out of fold; no external centre here.
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let clinical = &results["models"]["clinical"];
+    let n = &clinical["internal"]["n"];
+    assert_eq!(
+        n["positives"].as_u64().unwrap() + n["negatives"].as_u64().unwrap(),
+        176,
+        "{clinical}"
+    );
+    let auc = clinical["internal"]["auc"].as_f64().unwrap();
+    let ci = clinical["internal"]["ci95"].as_array().unwrap();
+    assert!(ci[0].as_f64().unwrap() < auc && auc < ci[1].as_f64().unwrap());
+    assert!(auc > 0.7, "{auc}");
+    assert_eq!(clinical["external"], Value::Null);
+    assert_eq!(clinical["rounds"]["folds"].as_array().unwrap().len(), 5);
+    assert_eq!(
+        clinical["per_centre_internal"].as_object().unwrap().len(),
+        3
+    );
+    assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("| cea_high |"), "{report}");
+    for f in ["roc.png", "roc.svg", "dca.png", "dca.svg"] {
+        assert!(out.join("figures/internal").join(f).is_file(), "{f}");
+    }
+
+    // A second run into the same folder is refused rather than mixed with the first.
+    let (ok, _, err) = fedslm(&[
+        "simulate",
+        "--cohort",
+        &reference().display().to_string(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = common::tiny_synth_cohort(tmp.path());
+    let out = tmp.path().join("sim");
+    let (ok, stdout, err) = fedslm(&[
+        "--log",
+        "warn",
+        "simulate",
+        "--cohort",
+        &cohort.display().to_string(),
+        "--models",
+        "mri",
+        "--folds",
+        "2",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(
+        stdout.contains("held out for external validation"),
+        "{stdout}"
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let mri = &results["models"]["mri"];
+    assert_eq!(results["holdout"], "external");
+    // Every labelled training patient once internally; the external centre's patients externally.
+    let n = |side: &str| {
+        mri[side]["n"]["positives"].as_u64().unwrap()
+            + mri[side]["n"]["negatives"].as_u64().unwrap()
+    };
+    assert_eq!(n("internal"), 26, "{mri}");
+    assert!(n("external") > 0, "{mri}");
+    // The cut-off applied externally is the one chosen internally.
+    assert_eq!(
+        mri["external"]["at_internal_youden"]["threshold"],
+        mri["youden_cutoff"]
+    );
+    assert!(out.join("models/mri.safetensors").is_file());
+    for side in ["internal", "external"] {
+        assert!(
+            out.join("figures").join(side).join("roc.png").is_file(),
+            "{side}"
+        );
+    }
+}
