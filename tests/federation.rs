@@ -61,7 +61,16 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
         assert!((got - se).abs() < 1e-5, "{name} SE: {got} vs {se}");
     }
     // What each centre sent: its statistics only, f64, one file per round.
-    let sent = std::fs::read_dir(d.join("center-a/sent")).unwrap().count();
+    let sent = std::fs::read_dir(d.join("center-a/sent"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".safetensors")
+        })
+        .count();
     let rounds = std::fs::read_to_string(d.join("out/rounds.jsonl")).unwrap();
     assert_eq!(sent, rounds.lines().count());
     let (first, _) = fedslm_model::load(&d.join("center-a/sent/round-0001.safetensors")).unwrap();
@@ -123,7 +132,10 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
         "the validation centre never trains: {}",
         outs[3]
     );
-    assert!(!d.join("external/sent").exists());
+    assert!(
+        !d.join("external/sent/round-0001.safetensors").exists(),
+        "no update from the validator"
+    );
 
     let rounds: Vec<Value> = std::fs::read_to_string(d.join("out/rounds.jsonl"))
         .unwrap()
@@ -187,8 +199,8 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
 
     // The final model was evaluated everywhere: the training centres on their patients, the validator on its.
     let evaluation = &rounds[1]["evaluation"];
-    let centres = evaluation["centres"].as_array().unwrap();
-    assert_eq!(centres.len(), 4, "{evaluation}");
+    let reported = evaluation["centres"].as_array().unwrap();
+    assert_eq!(reported.len(), 4, "{evaluation}");
     let internal = &evaluation["internal"]["n"];
     assert_eq!(
         internal["positives"].as_u64().unwrap() + internal["negatives"].as_u64().unwrap(),
@@ -196,6 +208,69 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     );
     assert!(evaluation["external"]["n"]["positives"].as_u64().unwrap() > 0);
     assert_eq!(card.metrics["internal"], evaluation["internal"]);
+
+    // Every frame each node sent, byte for byte: only these kinds, no patient id or file name anywhere in
+    // them, model tensors exactly the global model's, evaluation as histograms of the bins asked.
+    let init = fedslm_model::load(&d.join("init.safetensors")).unwrap().0;
+    for (c, role) in centres {
+        let manifest = std::fs::read_to_string(cohort.join(c).join("manifest.csv")).unwrap();
+        let identifiers: Vec<&str> = manifest
+            .lines()
+            .skip(1)
+            .flat_map(|l| {
+                // The pseudonym and the image paths (which contain it).
+                let f: Vec<&str> = l.split(',').collect();
+                let mut ids = vec![f[0]];
+                ids.extend_from_slice(&f[6..]);
+                ids
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut kinds = Vec::new();
+        for frame in std::fs::read_dir(d.join(c).join("sent/frames")).unwrap() {
+            let bytes = std::fs::read(frame.unwrap().path()).unwrap();
+            for id in &identifiers {
+                assert!(
+                    !bytes.windows(id.len()).any(|w| w == id.as_bytes()),
+                    "{c} sent {id:?}"
+                );
+            }
+            let (msg, _) = fedslm_protocol::codec::decode(&bytes, &Default::default()).unwrap();
+            match &msg {
+                fedslm_protocol::Message::Hello(_) => {}
+                fedslm_protocol::Message::FitResult(r) => {
+                    assert_eq!(role, "train");
+                    let names = |w: &fedslm_protocol::Weights| {
+                        w.tensors()
+                            .iter()
+                            .map(|t| (t.name().to_string(), t.shape().to_vec()))
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(names(&r.weights), names(&init));
+                }
+                fedslm_protocol::Message::EvalReport(r) => {
+                    assert_eq!(r.histogram.positive.len(), 1000);
+                    let n: u64 = r
+                        .histogram
+                        .positive
+                        .iter()
+                        .chain(&r.histogram.negative)
+                        .sum();
+                    assert_eq!(n, r.examples);
+                }
+                other => panic!("{c} sent a {:?}", other.kind()),
+            }
+            kinds.push(format!("{:?}", msg.kind()));
+        }
+        kinds.sort();
+        kinds.dedup();
+        let want: &[&str] = if role == "train" {
+            &["EvalReport", "FitResult", "Hello"]
+        } else {
+            &["EvalReport", "Hello"]
+        };
+        assert_eq!(kinds, want, "{c}");
+    }
 }
 
 #[test]

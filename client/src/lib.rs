@@ -84,6 +84,8 @@ pub struct Session {
     server: String,
     limits: Limits,
     budget: ByteBudget,
+    /// `record` of the configuration: where a copy of every frame sent is kept.
+    record: Option<std::path::PathBuf>,
     pub welcome: Welcome,
 }
 
@@ -137,6 +139,33 @@ pub async fn connect(config: &ClientConfig, counts: SampleCounts) -> Result<Sess
     connect_with(config, client_config(&config.tls)?, counts).await
 }
 
+/// With `record` set: a copy of a frame this node sends, byte for byte, in `record/frames/` (named by time,
+/// sequence and message kind), so that a hospital can see exactly what left it.
+pub(crate) fn keep_copy(record: Option<&std::path::Path>, msg: &Message, limits: &Limits) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let Some(dir) = record else { return };
+    let dir = dir.join("frames");
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = format!(
+        "{ms}-{:06}-{}.frame",
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        msg.kind()
+    );
+    let written = fedslm_protocol::codec::encode(msg, limits)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(dir.join(&name), bytes))
+                .map_err(|e| e.to_string())
+        });
+    if let Err(e) = written {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot keep a copy of a frame sent");
+    }
+}
+
 /// [`connect`] with a TLS configuration built by the caller (tests of the server's refusals build odd ones).
 pub async fn connect_with(
     config: &ClientConfig,
@@ -152,7 +181,9 @@ pub async fn connect_with(
             .open_bi()
             .await
             .map_err(|e| connection_error(&server, e))?;
-        write_message(&mut send, &Message::Hello(hello(config, counts)), &limits)
+        let hello = Message::Hello(hello(config, counts));
+        keep_copy(config.record.as_deref(), &hello, &limits);
+        write_message(&mut send, &hello, &limits)
             .await
             .map_err(|e| lost(&server, &connection, e))?;
         let reply = read_message(&mut recv, &limits, &budget)
@@ -177,6 +208,7 @@ pub async fn connect_with(
                 server,
                 limits,
                 budget,
+                record: config.record.clone(),
                 welcome,
             })
         }

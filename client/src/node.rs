@@ -214,6 +214,7 @@ async fn task<T: LocalTrainer>(
                     Message::error(ErrorCode::Internal, reason)
                 }
             };
+            crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
             if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
                 if session.connection.close_reason().is_some() {
                     return Err(lost(server, &session.connection, e));
@@ -248,6 +249,7 @@ async fn task<T: LocalTrainer>(
             Message::error(ErrorCode::Internal, reason)
         }
     };
+    crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
     if let Err(e) = write_message(&mut send, &answer, &session.limits).await {
         if session.connection.close_reason().is_some() {
             return Err(lost(server, &session.connection, e));
