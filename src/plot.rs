@@ -205,8 +205,80 @@ where
     area.present().map_err(draw_err)
 }
 
-/// Writes `roc.png`, `roc.svg`, `dca.png` and `dca.svg` to `dir` (the decision curves only where some score
-/// is a probability); returns their paths.
+/// Mean predicted risk and observed rate in `groups` groups of patients of about equal size, by predicted risk
+/// (the deciles of a Hosmer-Lemeshow table).
+pub fn calibration_points(labels: &[bool], scores: &[f64], groups: usize) -> Vec<(f64, f64)> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let n = order.len();
+    (0..groups.min(n))
+        .filter_map(|g| {
+            let part = &order[g * n / groups.min(n)..(g + 1) * n / groups.min(n)];
+            (!part.is_empty()).then(|| {
+                let k = part.len() as f64;
+                (
+                    part.iter().map(|&i| scores[i]).sum::<f64>() / k,
+                    part.iter().filter(|&&i| labels[i]).count() as f64 / k,
+                )
+            })
+        })
+        .collect()
+}
+
+fn calibration<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    p: &Predictions,
+    reports: &[(String, ScoreReport)],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE).map_err(draw_err)?;
+    let mut chart = frame(
+        area,
+        "Calibration (deciles of predicted risk)",
+        ("Predicted probability", 0.0..1.0),
+        ("Observed proportion with SLM", 0.0..1.0),
+    )?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            8,
+            6,
+            BLACK.mix(0.4).stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    for (k, ((name, scores), (_, r))) in p.scores.iter().zip(reports).enumerate() {
+        if r.dca.is_none() {
+            continue;
+        }
+        let color = PALETTE[k % PALETTE.len()];
+        let points = calibration_points(&p.labels, scores, 10);
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))
+            .map_err(draw_err)?;
+        let label = match (r.brier, &r.calibration) {
+            (Some(b), Some(c)) => format!(
+                "{name}: Brier {b:.3}, slope {:.2}, intercept {:.2}",
+                c.slope, c.intercept
+            ),
+            _ => name.clone(),
+        };
+        chart
+            .draw_series(points.iter().map(|&xy| Circle::new(xy, 5, color.filled())))
+            .map_err(draw_err)?
+            .label(label)
+            .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.filled()));
+    }
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    area.present().map_err(draw_err)
+}
+
+/// Writes `roc.png`, `roc.svg`, and, where some score is a probability, `dca.*` and `calibration.*` to `dir`;
+/// returns their paths.
 pub fn write_figures(
     dir: &Path,
     p: &Predictions,
@@ -216,7 +288,7 @@ pub fn write_figures(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let mut written = Vec::new();
     let any_curve = reports.iter().any(|(_, r)| r.dca.is_some());
-    for name in ["roc", "dca"]
+    for name in ["roc", "dca", "calibration"]
         .into_iter()
         .filter(|n| *n == "roc" || any_curve)
     {
@@ -227,13 +299,21 @@ pub fn write_figures(
                     p,
                     reports,
                 ),
-                (true, _) => dca(
+                (true, "dca") => dca(
+                    &BitMapBackend::new(path, SIZE).into_drawing_area(),
+                    p,
+                    reports,
+                ),
+                (true, _) => calibration(
                     &BitMapBackend::new(path, SIZE).into_drawing_area(),
                     p,
                     reports,
                 ),
                 (false, "roc") => roc(&SVGBackend::new(path, SIZE).into_drawing_area(), p, reports),
-                (false, _) => dca(&SVGBackend::new(path, SIZE).into_drawing_area(), p, reports),
+                (false, "dca") => dca(&SVGBackend::new(path, SIZE).into_drawing_area(), p, reports),
+                (false, _) => {
+                    calibration(&SVGBackend::new(path, SIZE).into_drawing_area(), p, reports)
+                }
             }
             .with_context(|| format!("writing {}", path.display()))
         };
@@ -244,4 +324,26 @@ pub fn write_figures(
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_points_are_group_means_of_predicted_and_observed() {
+        let scores = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9];
+        let labels = [false, false, true, false, true, false, true, true];
+        let points = calibration_points(&labels, &scores, 4);
+        let want = [(0.15, 0.0), (0.35, 0.5), (0.65, 0.5), (0.85, 1.0)];
+        assert_eq!(points.len(), 4);
+        for ((x, y), (wx, wy)) in points.iter().zip(want) {
+            assert!(
+                (x - wx).abs() < 1e-12 && (y - wy).abs() < 1e-12,
+                "{points:?}"
+            );
+        }
+        // More groups than patients: one group each.
+        assert_eq!(calibration_points(&labels[..3], &scores[..3], 10).len(), 3);
+    }
 }

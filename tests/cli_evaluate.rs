@@ -276,7 +276,7 @@ fn plots_scores_that_are_not_probabilities_and_chosen_thresholds() {
         v["scores"]["risk"]["dca"]["thresholds"],
         serde_json::json!([0.1, 0.5])
     );
-    for name in ["roc.png", "dca.png"] {
+    for name in ["roc.png", "dca.png", "calibration.png"] {
         let bytes = std::fs::read(d.join("figs").join(name)).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name}");
     }
@@ -287,4 +287,10 @@ fn plots_scores_that_are_not_probabilities_and_chosen_thresholds() {
     );
     let svg = std::fs::read_to_string(d.join("figs/dca.svg")).unwrap();
     assert!(svg.contains("Net benefit") && svg.contains("Treat all"));
+    // Only the probability gets a calibration curve (the logit is not one).
+    let svg = std::fs::read_to_string(d.join("figs/calibration.svg")).unwrap();
+    assert!(
+        svg.contains("risk: Brier") && !svg.contains("logit"),
+        "{svg}"
+    );
 }

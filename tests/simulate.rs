@@ -75,7 +75,14 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("| cea_high |"), "{report}");
-    for f in ["roc.png", "roc.svg", "dca.png", "dca.svg"] {
+    for f in [
+        "roc.png",
+        "roc.svg",
+        "dca.png",
+        "dca.svg",
+        "calibration.png",
+        "calibration.svg",
+    ] {
         assert!(out.join("figures/internal").join(f).is_file(), "{f}");
     }
 

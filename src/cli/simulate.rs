@@ -656,8 +656,8 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
             r.json["audit_head"].as_str().unwrap_or("?")
         ));
     }
-    md.push_str("\nFigures: `figures/internal/roc.png`, `figures/internal/dca.png`, `figures/external/...` (PNG and SVG).\n\
-                 Not yet: paired DeLong tests between models (the second pass), calibration plots, the centralised baseline.\n");
+    md.push_str("\nFigures: `figures/internal/{roc,dca,calibration}.png` and `figures/external/...` (PNG and SVG).\n\
+                 Not yet: paired DeLong tests between models (the second pass), the centralised baseline.\n");
     md
 }
 
