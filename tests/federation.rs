@@ -23,15 +23,7 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
         &centres.map(|c| (c, "train")),
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "clinical",
-        "--out",
-        &d.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+    common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))
@@ -42,24 +34,7 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
         assert!(out.contains("finished after"), "{out}");
     }
 
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(reference().join("expected_pooled_logit.json")).unwrap(),
-    )
-    .unwrap();
-    let (weights, card) = fedslm_model::load(&d.join("out/clinical.safetensors")).unwrap();
-    let table = card.clinical.expect("the odds-ratio table");
-    let coefficients = fedslm_model::clinical::coefficients(&weights).unwrap();
-    for (i, name) in fedslm_model::clinical::names().iter().enumerate() {
-        let want = expected["coefficients"][name].as_f64().unwrap();
-        assert!(
-            (coefficients[i] - want).abs() < 1e-6,
-            "{name}: {} vs statsmodels {want}",
-            coefficients[i]
-        );
-        let se = expected["std_errors"][name].as_f64().unwrap();
-        let got = table.coefficients[*name]["std_error"].as_f64().unwrap();
-        assert!((got - se).abs() < 1e-5, "{name} SE: {got} vs {se}");
-    }
+    common::assert_pooled_statsmodels_fit(&d.join("out/clinical.safetensors"));
     // What each centre sent: its statistics only, f64, one file per round.
     let sent = std::fs::read_dir(d.join("center-a/sent"))
         .unwrap()
@@ -109,19 +84,11 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
         .iter()
         .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
         .collect();
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
+    common::init_model(
         "mri",
-        "--config",
-        &clients[0].display().to_string(),
-        "--seed",
-        "5",
-        "--out",
-        &d.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+        &d.join("init.safetensors"),
+        &["--config", &clients[0].display().to_string(), "--seed", "5"],
+    );
     let (server_out, outs) = run.go(&clients);
     assert!(
         server_out.contains("run completed after 2 rounds"),
@@ -319,15 +286,7 @@ fn federated_cross_validation_holds_each_patient_out_exactly_once() {
         )
     };
     let run = Run::new(d, &centres.map(|c| (c, "train")), &keys(0));
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "clinical",
-        "--out",
-        &d.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+    common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))

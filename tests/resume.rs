@@ -36,19 +36,11 @@ fn federation(dir: &Path, cohort: &Path) -> (Run, Vec<PathBuf>) {
         .iter()
         .map(|(c, _)| run.client_config(c, &cohort.join(c), PREPROCESS))
         .collect();
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
+    common::init_model(
         "mri",
-        "--config",
-        &clients[0].display().to_string(),
-        "--seed",
-        "5",
-        "--out",
-        &dir.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+        &dir.join("init.safetensors"),
+        &["--config", &clients[0].display().to_string(), "--seed", "5"],
+    );
     (run, clients)
 }
 
@@ -184,15 +176,7 @@ fn a_restart_with_other_settings_is_refused_naming_them_unless_it_is_a_new_run()
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical");
     let keys = "initial_model = \"init.safetensors\"\nrounds = 30\nround_start_grace_secs = 1\n";
     let run = Run::new(d, &centres, keys);
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "clinical",
-        "--out",
-        &d.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+    common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))
@@ -267,15 +251,7 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
         &centres,
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
-    let (ok, _, err) = fedslm(&[
-        "model",
-        "init",
-        "--model",
-        "clinical",
-        "--out",
-        &d.join("init.safetensors").display().to_string(),
-    ]);
-    assert!(ok, "{err}");
+    common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))

@@ -33,24 +33,7 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
     assert!(stdout.contains("clinical fold 5/5"), "{stdout}");
 
     // The model fitted on all three centres is statsmodels' pooled fit.
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(reference().join("expected_pooled_logit.json")).unwrap(),
-    )
-    .unwrap();
-    let (weights, card) = fedslm_model::load(&out.join("models/clinical.safetensors")).unwrap();
-    let table = card.clinical.expect("the odds-ratio table");
-    let coefficients = fedslm_model::clinical::coefficients(&weights).unwrap();
-    for (i, name) in fedslm_model::clinical::names().iter().enumerate() {
-        let want = expected["coefficients"][name].as_f64().unwrap();
-        assert!(
-            (coefficients[i] - want).abs() < 1e-6,
-            "{name}: {} vs {want}",
-            coefficients[i]
-        );
-        let se = expected["std_errors"][name].as_f64().unwrap();
-        let got = table.coefficients[*name]["std_error"].as_f64().unwrap();
-        assert!((got - se).abs() < 1e-5, "{name} SE: {got} vs {se}");
-    }
+    common::assert_pooled_statsmodels_fit(&out.join("models/clinical.safetensors"));
 
     // The internal estimate scores every labelled patient once, out of fold; no external centre here.
     let results: Value =

@@ -645,14 +645,9 @@ impl Coordinator {
         if self.roles.get(center) != Some(&Role::Train) {
             return Err(UpdateRefusal::NotTraining);
         }
+        let stale = self.stale(task);
         let Phase::Running(r) = &mut self.phase else {
-            return Err(if task < self.first_task_of_round {
-                UpdateRefusal::Late {
-                    round: self.committed,
-                }
-            } else {
-                UpdateRefusal::NoTask
-            });
+            return Err(stale);
         };
         let Some(owner) = r.tasks.get(&task) else {
             return Err(if task < self.first_task_of_round {
@@ -716,6 +711,18 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Why an answer to `task` is refused when no round is open for it: a task of a closed round came late,
+    /// any other was never sent.
+    fn stale(&self, task: TaskId) -> UpdateRefusal {
+        if task < self.first_task_of_round {
+            UpdateRefusal::Late {
+                round: self.committed,
+            }
+        } else {
+            UpdateRefusal::NoTask
+        }
+    }
+
     /// The checks of an evaluation report; takes it in when they pass.
     fn take_report(
         &mut self,
@@ -723,14 +730,9 @@ impl Coordinator {
         task: TaskId,
         report: EvalReport,
     ) -> Result<(), UpdateRefusal> {
+        let stale = self.stale(task);
         let Phase::Evaluating(e) = &mut self.phase else {
-            return Err(if task < self.first_task_of_round {
-                UpdateRefusal::Late {
-                    round: self.committed,
-                }
-            } else {
-                UpdateRefusal::NoTask
-            });
+            return Err(stale);
         };
         let Some(owner) = e.tasks.get(&task) else {
             return Err(UpdateRefusal::NoTask);

@@ -34,6 +34,39 @@ pub fn fedslm_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `fedslm model init --model MODEL --out OUT` with `extra` arguments (a client.toml, a seed).
+pub fn init_model(model: &str, out: &Path, extra: &[&str]) {
+    let out = out.display().to_string();
+    let mut args = vec!["model", "init", "--model", model, "--out", out.as_str()];
+    args.extend_from_slice(extra);
+    let (ok, _, err) = fedslm(&args);
+    assert!(ok, "{err}");
+}
+
+/// The clinical model file at `path` holds statsmodels' pooled fit of the reference centres: coefficients
+/// within 1e-6, standard errors (in its card's odds-ratio table) within 1e-5.
+pub fn assert_pooled_statsmodels_fit(path: &Path) {
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(reference.join("expected_pooled_logit.json")).unwrap(),
+    )
+    .unwrap();
+    let (weights, card) = fedslm_model::load(path).unwrap();
+    let table = card.clinical.expect("the odds-ratio table");
+    let coefficients = fedslm_model::clinical::coefficients(&weights).unwrap();
+    for (i, name) in fedslm_model::clinical::names().iter().enumerate() {
+        let want = expected["coefficients"][name].as_f64().unwrap();
+        assert!(
+            (coefficients[i] - want).abs() < 1e-6,
+            "{name}: {} vs statsmodels {want}",
+            coefficients[i]
+        );
+        let se = expected["std_errors"][name].as_f64().unwrap();
+        let got = table.coefficients[*name]["std_error"].as_f64().unwrap();
+        assert!((got - se).abs() < 1e-5, "{name} SE: {got} vs {se}");
+    }
+}
+
 /// The `tiny` synthetic cohort (seed 3) written to `dir/cohort` by the binary.
 pub fn tiny_synth_cohort(dir: &Path) -> PathBuf {
     let cohort = dir.join("cohort");
