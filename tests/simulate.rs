@@ -69,6 +69,26 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
         assert!(out.join("figures/internal").join(f).is_file(), "{f}");
     }
 
+    // Settings that cannot work are refused before anything is written.
+    for (flag, value, needle) in [
+        ("--folds", "1", "--folds 1"),
+        ("--bins", "1", "--bins 1"),
+        ("--rounds", "0", "--rounds"),
+    ] {
+        let fresh = tmp.path().join(format!("bad{flag}"));
+        let (ok, _, err) = fedslm(&[
+            "simulate",
+            "--cohort",
+            &reference().display().to_string(),
+            flag,
+            value,
+            "--out",
+            &fresh.display().to_string(),
+        ]);
+        assert!(!ok && err.contains(needle), "{flag}: {err}");
+        assert!(!fresh.exists(), "{flag}: nothing written");
+    }
+
     // A second run into the same folder is refused rather than mixed with the first.
     let (ok, _, err) = fedslm(&[
         "simulate",

@@ -95,6 +95,20 @@ struct Federated {
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    if args.folds == 1 || args.folds > fedslm_protocol::MAX_FOLDS {
+        bail!(
+            "--folds {}: 0 (no cross-validation) or 2 to {}",
+            args.folds,
+            fedslm_protocol::MAX_FOLDS
+        );
+    }
+    if args.rounds == 0 || args.local_epochs == 0 {
+        bail!("--rounds and --local-epochs must be at least 1");
+    }
+    let max_bins = fedslm_protocol::Limits::default().max_histogram_bins;
+    if args.bins < 2 || args.bins > max_bins {
+        bail!("--bins {}: 2 to {max_bins}", args.bins);
+    }
     if args.out.exists()
         && std::fs::read_dir(&args.out)
             .with_context(|| format!("{}", args.out.display()))?
