@@ -93,6 +93,22 @@ where
         .map_err(draw_err)
 }
 
+/// The dashed line y = x: chance on a ROC curve, perfect calibration.
+fn diagonal<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            8,
+            6,
+            BLACK.mix(0.4).stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    Ok(())
+}
+
 fn roc<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     p: &Predictions,
@@ -108,14 +124,7 @@ where
         ("1 - Specificity (false positive rate)", 0.0..1.0),
         ("Sensitivity (true positive rate)", 0.0..1.0),
     )?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(0.0, 0.0), (1.0, 1.0)],
-            8,
-            6,
-            BLACK.mix(0.4).stroke_width(1),
-        ))
-        .map_err(draw_err)?;
+    diagonal(&mut chart)?;
     for (k, ((name, scores), (_, r))) in p.scores.iter().zip(reports).enumerate() {
         let color = PALETTE[k % PALETTE.len()];
         let points = m::roc_curve(&p.labels, scores)?;
@@ -240,14 +249,7 @@ where
         ("Predicted probability", 0.0..1.0),
         ("Observed proportion with SLM", 0.0..1.0),
     )?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(0.0, 0.0), (1.0, 1.0)],
-            8,
-            6,
-            BLACK.mix(0.4).stroke_width(1),
-        ))
-        .map_err(draw_err)?;
+    diagonal(&mut chart)?;
     for (k, ((name, scores), (_, r))) in p.scores.iter().zip(reports).enumerate() {
         if r.dca.is_none() {
             continue;

@@ -398,27 +398,25 @@ async fn drive(
         while let Some(action) = machine.poll_action() {
             match action {
                 Action::SendFit { task, to } => {
-                    let round = task.round;
                     let message = Message::FitTask((*task).clone());
                     send_tasks(
                         &shared,
                         &results,
                         &mut cancels,
                         &mut rounds_of,
-                        round,
+                        task.round,
                         &message,
                         to,
                     );
                 }
                 Action::SendEvaluate { task, to } => {
-                    let round = task.round;
                     let message = Message::EvaluateTask((*task).clone());
                     send_tasks(
                         &shared,
                         &results,
                         &mut cancels,
                         &mut rounds_of,
-                        round,
+                        task.round,
                         &message,
                         to,
                     );

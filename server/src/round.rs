@@ -188,6 +188,18 @@ pub struct Committed {
     pub evaluated: bool,
 }
 
+impl RoundRecord {
+    /// The example-weighted mean training loss of the accepted updates.
+    pub fn train_loss(&self) -> f64 {
+        let n: u64 = self.contributions.iter().map(|c| c.examples).sum();
+        self.contributions
+            .iter()
+            .map(|c| c.train_loss * c.examples as f64)
+            .sum::<f64>()
+            / n.max(1) as f64
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -503,29 +515,18 @@ impl Coordinator {
             Input::Disconnected { center, connection } => {
                 if self.connected.get(&center) == Some(&connection) {
                     self.connected.remove(&center);
-                    if let Phase::Running(r) = &mut self.phase {
-                        let gone: Vec<TaskId> = r
-                            .pending
-                            .iter()
-                            .filter(|t| r.tasks.get(t) == Some(&center))
-                            .copied()
-                            .collect();
-                        for t in gone {
-                            r.pending.remove(&t);
-                            r.silent.push(center.clone());
+                    match &mut self.phase {
+                        Phase::Running(r) => {
+                            for _ in 0..drop_pending(&r.tasks, &mut r.pending, &center) {
+                                r.silent.push(center.clone());
+                            }
                         }
-                    }
-                    if let Phase::Evaluating(e) = &mut self.phase {
-                        let gone: Vec<TaskId> = e
-                            .pending
-                            .iter()
-                            .filter(|t| e.tasks.get(t) == Some(&center))
-                            .copied()
-                            .collect();
-                        for t in gone {
-                            e.pending.remove(&t);
-                            e.missing.push((center.clone(), "disconnected".into()));
+                        Phase::Evaluating(e) => {
+                            for _ in 0..drop_pending(&e.tasks, &mut e.pending, &center) {
+                                e.missing.push((center.clone(), "disconnected".into()));
+                            }
                         }
+                        _ => {}
                     }
                     self.maybe_close(now);
                     self.maybe_start(now);
@@ -1098,6 +1099,17 @@ impl Coordinator {
         self.phase = Phase::Done;
         self.actions.push_back(Action::Finished(outcome));
     }
+}
+
+/// Removes `center`'s pending tasks (its connection is gone); returns how many there were.
+fn drop_pending(
+    tasks: &BTreeMap<TaskId, CenterId>,
+    pending: &mut BTreeSet<TaskId>,
+    center: &CenterId,
+) -> usize {
+    let before = pending.len();
+    pending.retain(|t| tasks.get(t) != Some(center));
+    before - pending.len()
 }
 
 /// The clinical model's weights at `beta`; the covariance is zero until the fit has converged.

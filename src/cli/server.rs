@@ -352,14 +352,10 @@ pub fn evaluation_line(e: &Evaluation) -> String {
     line
 }
 
-fn round_line(r: &RoundRecord) -> String {
+/// `3 centres, 120 patients, loss 0.5123` (and who was silent or refused).
+pub fn round_line(r: &RoundRecord) -> String {
     let examples: u64 = r.contributions.iter().map(|c| c.examples).sum();
-    let loss = r
-        .contributions
-        .iter()
-        .map(|c| c.train_loss * c.examples as f64)
-        .sum::<f64>()
-        / examples.max(1) as f64;
+    let loss = r.train_loss();
     format!(
         "{} centres, {examples} patients, loss {loss:.4}{}",
         r.contributions.len(),

@@ -493,14 +493,7 @@ fn federate(
             match event {
                 ServerEvent::RoundCommitted(r) => {
                     bar.set_position(u64::from(r.round));
-                    let n: u64 = r.contributions.iter().map(|c| c.examples).sum();
-                    let loss = r
-                        .contributions
-                        .iter()
-                        .map(|c| c.train_loss * c.examples as f64)
-                        .sum::<f64>()
-                        / n.max(1) as f64;
-                    bar.set_message(format!("{} centres, loss {loss:.4}", r.contributions.len()));
+                    bar.set_message(super::server::round_line(&r));
                 }
                 ServerEvent::Evaluated(e) => evaluation = Some(e),
                 ServerEvent::Finished(_) => break,
