@@ -397,3 +397,51 @@ fn model_init_writes_a_fresh_network() {
     ]);
     assert!(!ok && err.contains("width 0"), "{err}");
 }
+
+#[test]
+fn model_init_starts_the_combined_head_at_a_clinical_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clinical_file = train(tmp.path());
+    let beta = clinical::coefficients(&load(&clinical_file).unwrap().0).unwrap();
+    let init = |model: &str, clinical: &std::path::Path, out: &std::path::Path| {
+        fedslm(&[
+            "model",
+            "init",
+            "--model",
+            model,
+            "--clinical",
+            &clinical.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ])
+    };
+    let out = tmp.path().join("combined.safetensors");
+    let (ok, _, err) = init("combined", &clinical_file, &out);
+    assert!(ok, "{err}");
+    // The head's clinical columns and bias are the clinical model's coefficients (identity standardisation).
+    let (weights, card) = load(&out).unwrap();
+    let fc = weights.get("fc.weight").unwrap().to_f32_vec();
+    let bias = weights.get("fc.bias").unwrap().to_f32_vec();
+    assert_eq!(bias, vec![beta[0] as f32]);
+    assert_eq!(
+        &fc[fc.len() - 5..],
+        &beta[1..].iter().map(|&b| b as f32).collect::<Vec<_>>()[..]
+    );
+    assert_eq!(
+        card.training["head_from_clinical"]["coefficients"][4],
+        beta[4]
+    );
+
+    // Only the combined network has a clinical head; only a clinical model can start it.
+    let (ok, _, err) = init("mri", &clinical_file, &tmp.path().join("mri.safetensors"));
+    assert!(
+        !ok && err.contains("does not apply to the mri model"),
+        "{err}"
+    );
+    let (ok, _, err) = init("combined", &out, &tmp.path().join("again.safetensors"));
+    assert!(
+        !ok && err.contains("a combined model, not a clinical one"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("again.safetensors").exists());
+}

@@ -39,6 +39,34 @@ pub fn fit(coding: &ClinicalCoding, patients: &[&Patient]) -> Result<LogisticFit
     Ok(fit_logistic(&names(), &x, &y, None)?)
 }
 
+/// The maximum-likelihood coefficients on image samples' coded clinical vectors (those with a known outcome).
+pub fn fit_samples(samples: &[&fedslm_cohort::Sample]) -> Result<Vec<f64>, ModelError> {
+    let labelled: Vec<&&fedslm_cohort::Sample> =
+        samples.iter().filter(|s| s.label.is_some()).collect();
+    if labelled.is_empty() {
+        return Err(ModelError::NoLabels);
+    }
+    let p = names().len();
+    let mut x = Vec::with_capacity(labelled.len() * p);
+    for s in &labelled {
+        if s.clinical.len() < p - 1 {
+            return Err(ModelError::Input {
+                patient: s.patient_id.clone(),
+                center: s.center.clone(),
+                reason: format!(
+                    "{} clinical factors where the model takes {}",
+                    s.clinical.len(),
+                    p - 1
+                ),
+            });
+        }
+        x.push(1.0);
+        x.extend(s.clinical.iter().take(p - 1).map(|&v| f64::from(v)));
+    }
+    let y: Vec<bool> = labelled.iter().map(|s| s.label == Some(true)).collect();
+    Ok(fit_logistic(&names(), &x, &y, None)?.coefficients)
+}
+
 /// A centre's gradient, Hessian and log-likelihood at `beta`: what it sends for a federated Newton step.
 pub fn local_stats(
     coding: &ClinicalCoding,

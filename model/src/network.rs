@@ -162,6 +162,52 @@ impl Network {
         Ok(network)
     }
 
+    /// Starts the combined network's head where a fitted clinical logistic model is: with `coefficients`
+    /// (intercept, then one per coded factor, as [`crate::clinical::names`]) the logit is the clinical model's
+    /// at any image whose pooled features the head's image columns map to zero, so that training adds what
+    /// the MRI tells beyond the clinical factors instead of learning those again from a few hundred patients.
+    /// The image columns keep their initialisation (zeros there would stop every gradient into the backbone).
+    pub fn start_head_from_clinical(&self, coefficients: &[f64]) -> Result<(), ModelError> {
+        let f = self.config.clinical_features;
+        if self.kind != NetworkKind::Combined || coefficients.len() != f + 1 {
+            return Err(ModelError::Architecture(format!(
+                "a clinical model of {} coefficients cannot start the head of a {} network with {f} \
+                 clinical features",
+                coefficients.len(),
+                self.kind.name()
+            )));
+        }
+        if coefficients.iter().any(|b| !b.is_finite()) {
+            return Err(ModelError::Architecture(
+                "the clinical model has a non-finite coefficient".into(),
+            ));
+        }
+        let vars = self.sorted_vars();
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| ModelError::WeightsMismatch(format!("tensor {name} is missing")))
+        };
+        let (weight, bias) = (var("fc.weight")?, var("fc.bias")?);
+        let mut w: Vec<f32> = weight.as_tensor().flatten_all()?.to_vec1()?;
+        let image = w.len() - f;
+        // The network sees (x - mean) / scale: beta x = beta scale z + beta mean.
+        let st = &self.standardisation;
+        let mut intercept = coefficients[0];
+        for (j, b) in coefficients[1..].iter().enumerate() {
+            w[image + j] = (b * st.scale[j]) as f32;
+            intercept += b * st.mean[j];
+        }
+        weight.set(&Tensor::from_vec(w, weight.dims(), &Device::Cpu)?)?;
+        bias.set(&Tensor::from_vec(
+            vec![intercept as f32],
+            bias.dims(),
+            &Device::Cpu,
+        )?)?;
+        Ok(())
+    }
+
     /// The variables by name, sorted (VarMap keeps a HashMap).
     pub(crate) fn sorted_vars(&self) -> Vec<(String, candle_core::Var)> {
         let data = self

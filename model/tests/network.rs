@@ -460,3 +460,49 @@ fn the_architecture_is_read_back_from_the_weights() {
         .unwrap_err()
         .contains("not a ResNet"));
 }
+
+#[test]
+fn a_head_started_from_the_clinical_model_adds_its_linear_predictor() {
+    let kind = NetworkKind::Combined;
+    let data = samples(24, 5);
+    let refs: Vec<&Sample> = data.iter().collect();
+    let logits = |net: &Network| -> Vec<f64> {
+        net.predict(&refs)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p / (1.0 - p)).ln())
+            .collect()
+    };
+    let beta = [-1.2, 0.8, -0.4, 0.3, 1.1, 0.6];
+    for standardised in [false, true] {
+        let mut plain = Network::new(kind, config(kind), 9).unwrap();
+        let mut started = Network::new(kind, config(kind), 9).unwrap();
+        if standardised {
+            plain.standardisation = Standardisation::fit(&refs, 5);
+            started.standardisation = plain.standardisation.clone();
+        }
+        // The same network with the clinical columns and the bias at zero: the image part alone.
+        plain.start_head_from_clinical(&[0.0; 6]).unwrap();
+        started.start_head_from_clinical(&beta).unwrap();
+        for ((s, a), b) in data.iter().zip(logits(&started)).zip(logits(&plain)) {
+            let clinical: f64 = beta[0]
+                + beta[1..]
+                    .iter()
+                    .zip(&s.clinical)
+                    .map(|(b, &x)| b * f64::from(x))
+                    .sum::<f64>();
+            assert!(
+                (a - b - clinical).abs() < 1e-4,
+                "{}: {a} - {b} != {clinical} (standardised: {standardised})",
+                s.patient_id
+            );
+        }
+    }
+    let mri = Network::new(NetworkKind::Mri, config(NetworkKind::Mri), 9).unwrap();
+    assert!(mri.start_head_from_clinical(&beta).is_err());
+    let combined = Network::new(kind, config(kind), 9).unwrap();
+    assert!(combined.start_head_from_clinical(&beta[..5]).is_err());
+    assert!(combined
+        .start_head_from_clinical(&[0.0, f64::NAN, 0.0, 0.0, 0.0, 0.0])
+        .is_err());
+}
