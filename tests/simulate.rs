@@ -56,6 +56,15 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
         3
     );
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
+    // The centralised baseline's model is the same pooled fit, and it too scores everyone out of fold.
+    let central = &clinical["centralised"];
+    common::assert_pooled_statsmodels_fit(Path::new(central["model"].as_str().unwrap()));
+    let n = &central["internal"]["n"];
+    assert_eq!(
+        n["positives"].as_u64().unwrap() + n["negatives"].as_u64().unwrap(),
+        176,
+        "{central}"
+    );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("| cea_high |"), "{report}");
     for f in [
@@ -103,8 +112,17 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
 
 #[test]
 fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both() {
+    // combined brings the clinical model with it: each fold's network starts at that fold's clinical fit.
     let tmp = tempfile::tempdir().unwrap();
-    let cohort = common::tiny_synth_cohort(tmp.path());
+    let cohort = tmp.path().join("cohort");
+    let (ok, _, err) = fedslm(&[
+        "synth",
+        "--preset",
+        "study",
+        "--out",
+        &cohort.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
     let out = tmp.path().join("sim");
     let (ok, stdout, err) = fedslm(&[
         "--log",
@@ -113,7 +131,7 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
         "--cohort",
         &cohort.display().to_string(),
         "--models",
-        "mri",
+        "combined",
         "--folds",
         "2",
         "--rounds",
@@ -130,25 +148,101 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
     );
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    let mri = &results["models"]["mri"];
+    let combined = &results["models"]["combined"];
     assert_eq!(results["holdout"], "external");
     // Every labelled training patient once internally; the external centre's patients externally.
     let n = |side: &str| {
-        mri[side]["n"]["positives"].as_u64().unwrap()
-            + mri[side]["n"]["negatives"].as_u64().unwrap()
+        combined[side]["n"]["positives"].as_u64().unwrap()
+            + combined[side]["n"]["negatives"].as_u64().unwrap()
     };
-    assert_eq!(n("internal"), 26, "{mri}");
-    assert!(n("external") > 0, "{mri}");
+    assert_eq!(n("internal"), 176, "{combined}");
+    assert!(n("external") > 0, "{combined}");
     // The cut-off applied externally is the one chosen internally.
     assert_eq!(
-        mri["external"]["at_internal_youden"]["threshold"],
-        mri["youden_cutoff"]
+        combined["external"]["at_internal_youden"]["threshold"],
+        combined["youden_cutoff"]
     );
-    assert!(out.join("models/mri.safetensors").is_file());
+    assert!(out.join("models/combined.safetensors").is_file());
+    assert!(out.join("models/clinical.safetensors").is_file());
+    for (init, clinical) in [("fold-1", "fold-1"), ("fold-2", "fold-2"), ("all", "all")] {
+        let (_, card) =
+            fedslm_model::load(&out.join(format!("runs/combined/init-{init}.safetensors")))
+                .unwrap();
+        let from = card.training["head_from_clinical"]["file"]
+            .as_str()
+            .unwrap();
+        assert!(
+            from.contains(&format!("runs/clinical/{clinical}/")),
+            "{init} started from {from}"
+        );
+    }
+    // The centralised baseline, internally and at the same held-out centre.
+    for side in ["internal", "external"] {
+        let auc = combined["centralised"][side]["auc"].as_f64();
+        assert!(
+            auc.is_some_and(|a| (0.0..=1.0).contains(&a)),
+            "{side}: {combined}"
+        );
+    }
+    assert_eq!(
+        combined["centralised"]["internal"]["n"]["positives"]
+            .as_u64()
+            .unwrap()
+            + combined["centralised"]["internal"]["n"]["negatives"]
+                .as_u64()
+                .unwrap(),
+        176
+    );
+    assert_eq!(
+        combined["head_start"],
+        "the clinical model federated on the same patients"
+    );
     for side in ["internal", "external"] {
         assert!(
             out.join("figures").join(side).join("roc.png").is_file(),
             "{side}"
         );
     }
+}
+
+#[test]
+fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain() {
+    // The tiny cohort's 13 patients a fold separate perfectly on the clinical factors.
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = common::tiny_synth_cohort(tmp.path());
+    let out = tmp.path().join("sim");
+    let (ok, stdout, err) = fedslm(&[
+        "--log",
+        "warn",
+        "simulate",
+        "--cohort",
+        &cohort.display().to_string(),
+        "--models",
+        "combined",
+        "--folds",
+        "2",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--no-centralised",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(
+        stdout.contains("the clinical model cannot be fitted here"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("perfect separation"), "{stdout}");
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let combined = &results["models"]["combined"];
+    assert!(
+        combined["head_start"].as_str().unwrap().starts_with("none"),
+        "{combined}"
+    );
+    assert_eq!(combined["centralised"], Value::Null);
+    assert!(results["models"].get("clinical").is_none());
+    assert!(out.join("models/combined.safetensors").is_file());
 }

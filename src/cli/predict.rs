@@ -1,11 +1,11 @@
 //! `fedslm predict`: per-patient risk of SLM for a site's patients.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedslm_cohort::{load_center, settings_hash, Manifest};
+use fedslm_cohort::{load_center, settings_hash, ClinicalCoding, Manifest, PreprocessSettings};
 use fedslm_model::{clinical, load, Network};
 use fedslm_protocol::hex::to_hex;
 
@@ -31,50 +31,14 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
-    let (weights, card) = load(&args.model)?;
     let (coding, preprocess) = settings_from(args.config.as_deref())?;
-    let here = to_hex(&settings_hash(&coding, &preprocess));
-    if here != card.settings_hash {
-        bail!(
-            "this site's settings hash {here} differs from the model's {}: the model was trained with coding {:?} \
-             and preprocessing {:?}",
-            card.settings_hash,
-            card.coding,
-            card.preprocess
-        );
-    }
-    let manifest = Manifest::read(&args.manifest, &coding)?;
-    let probabilities: Vec<f64> = match card.model.as_str() {
-        "clinical" => {
-            let coefficients = clinical::coefficients(&weights)
-                .with_context(|| format!("{}", args.model.display()))?;
-            manifest
-                .patients
-                .iter()
-                .map(|p| clinical::predict(&coding, &coefficients, p))
-                .collect()
-        }
-        "mri" | "combined" => {
-            let (network, _) = Network::load(&args.model)?;
-            let site = args
-                .manifest
-                .parent()
-                .and_then(|d| d.file_name())
-                .map_or_else(|| "site".into(), |n| n.to_string_lossy().into_owned());
-            let (samples, _) = load_center(
-                &manifest,
-                &site,
-                &coding,
-                &preprocess,
-                args.cache.as_deref(),
-            )?;
-            network.predict(&samples.iter().collect::<Vec<_>>())?
-        }
-        other => bail!(
-            "{}: a {other} model is not one this fedslm knows",
-            args.model.display()
-        ),
-    };
+    let (manifest, probabilities) = probabilities(
+        &args.model,
+        &args.manifest,
+        &coding,
+        &preprocess,
+        args.cache.as_deref(),
+    )?;
     let labelled = manifest.patients.iter().all(|p| p.slm.is_some());
     let mut csv = String::from(if labelled {
         "patient_id,label,probability\n"
@@ -94,4 +58,52 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         None => std::io::stdout().write_all(csv.as_bytes())?,
     }
     Ok(())
+}
+
+/// Every patient of the manifest at `manifest_path` scored by the model file at `model`, in manifest order;
+/// refused when the site's coding and preprocessing differ from the model's.
+pub fn probabilities(
+    model: &Path,
+    manifest_path: &Path,
+    coding: &ClinicalCoding,
+    preprocess: &PreprocessSettings,
+    cache: Option<&Path>,
+) -> anyhow::Result<(Manifest, Vec<f64>)> {
+    let (weights, card) = load(model)?;
+    let here = to_hex(&settings_hash(coding, preprocess));
+    if here != card.settings_hash {
+        bail!(
+            "this site's settings hash {here} differs from the model's {}: the model was trained with coding {:?} \
+             and preprocessing {:?}",
+            card.settings_hash,
+            card.coding,
+            card.preprocess
+        );
+    }
+    let manifest = Manifest::read(manifest_path, coding)?;
+    let probabilities: Vec<f64> = match card.model.as_str() {
+        "clinical" => {
+            let coefficients =
+                clinical::coefficients(&weights).with_context(|| format!("{}", model.display()))?;
+            manifest
+                .patients
+                .iter()
+                .map(|p| clinical::predict(coding, &coefficients, p))
+                .collect()
+        }
+        "mri" | "combined" => {
+            let (network, _) = Network::load(model)?;
+            let site = manifest_path
+                .parent()
+                .and_then(|d| d.file_name())
+                .map_or_else(|| "site".into(), |n| n.to_string_lossy().into_owned());
+            let (samples, _) = load_center(&manifest, &site, coding, preprocess, cache)?;
+            network.predict(&samples.iter().collect::<Vec<_>>())?
+        }
+        other => bail!(
+            "{}: a {other} model is not one this fedslm knows",
+            model.display()
+        ),
+    };
+    Ok((manifest, probabilities))
 }

@@ -46,6 +46,7 @@ pub struct SimulateArgs {
     /// A new (or empty) folder for everything the run writes.
     #[arg(long, default_value = "simulation")]
     out: PathBuf,
+    /// Models to federate; combined brings clinical with it (its head starts at the clinical fit).
     #[arg(
         long,
         value_enum,
@@ -70,10 +71,14 @@ pub struct SimulateArgs {
     bins: u32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Skip the centralised baseline (`fedslm train` on the training centres pooled, same folds and epochs).
+    #[arg(long)]
+    no_centralised: bool,
 }
 
 struct Simulation {
     out: PathBuf,
+    cohort: PathBuf,
     pki: PathBuf,
     centres: Vec<(String, Role)>,
     trainers: Vec<(
@@ -93,8 +98,20 @@ struct Federated {
     audit_head: String,
 }
 
-pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // The combined network starts from the clinical model of the same fold: clinical runs first, and always
+    // where combined does.
+    let clinical_requested = args.models.contains(&TrainableModel::Clinical);
+    if args.models.contains(&TrainableModel::Combined) {
+        args.models.push(TrainableModel::Clinical);
+    }
+    args.models.sort_by_key(|m| match m {
+        TrainableModel::Clinical => 0,
+        TrainableModel::Mri => 1,
+        TrainableModel::Combined => 2,
+    });
+    args.models.dedup();
     if args.folds == 1 || args.folds > fedslm_protocol::MAX_FOLDS {
         bail!(
             "--folds {}: 0 (no cross-validation) or 2 to {}",
@@ -201,6 +218,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     }
     let ctx = Simulation {
         out: out.clone(),
+        cohort: cohort.clone(),
         pki: pki_dir,
         centres,
         trainers,
@@ -210,7 +228,25 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let mut results = serde_json::Map::new();
     let mut per_model = Vec::new();
     for &model in &ctx.args.models {
-        let r = simulate_model(&ctx, &runtime, model)?;
+        let clinical = match model {
+            TrainableModel::Combined => per_model
+                .iter()
+                .find(|(m, _)| *m == TrainableModel::Clinical)
+                .map(|(_, r)| r),
+            _ => None,
+        };
+        let r = match simulate_model(&ctx, &runtime, model, clinical) {
+            Ok(r) => r,
+            // Brought in only to start the combined network's head: without it the head starts plain.
+            Err(e) if model == TrainableModel::Clinical && !clinical_requested => {
+                println!(
+                    "the clinical model cannot be fitted here ({e:#}); the combined network's head starts \
+                     without it"
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         results.insert(model.name().into(), r.json.clone());
         per_model.push((model, r));
     }
@@ -275,22 +311,43 @@ struct ModelResult {
     internal_report: Option<ScoreReport>,
     external_report: Option<ScoreReport>,
     fit: Option<m::LogisticFit>,
+    /// Each fold's final model, then the final model of the federation on all training data.
+    fold_models: Vec<PathBuf>,
+    run_model: PathBuf,
 }
 
 fn simulate_model(
     ctx: &Simulation,
     runtime: &tokio::runtime::Runtime,
     model: TrainableModel,
+    clinical: Option<&ModelResult>,
 ) -> anyhow::Result<ModelResult> {
     let dir = ctx.out.join("runs").join(model.name());
     std::fs::create_dir_all(&dir)?;
-    let init = dir.join("init.safetensors");
-    super::model::init(model, ctx.args.seed, &NetArgs::compact(), &init)?;
+    // The combined network's head starts at the clinical model federated on the same patients (the same
+    // fold held out), so that nothing of a held-out fold reaches its initialisation.
+    let init = |tag: &str, clinical: Option<&Path>| -> anyhow::Result<PathBuf> {
+        let path = match clinical {
+            Some(_) => dir.join(format!("init-{tag}.safetensors")),
+            None => dir.join("init.safetensors"),
+        };
+        super::model::init(model, ctx.args.seed, &NetArgs::compact(), clinical, &path)?;
+        Ok(path)
+    };
+    let clinical_for = |fold: Option<u32>| -> Option<&Path> {
+        let c = clinical?;
+        match fold {
+            Some(f) => c.fold_models.get(f as usize).map(PathBuf::as_path),
+            None => Some(c.run_model.as_path()),
+        }
+    };
     let mut internal: Option<m::ScoreHistograms> = None;
     let mut per_centre: std::collections::BTreeMap<String, m::ScoreHistograms> = Default::default();
     let mut fold_rounds = Vec::new();
+    let mut fold_models = Vec::new();
     for fold in 0..ctx.args.folds {
-        let f = federate(ctx, runtime, model, &init, Some(fold))?;
+        let start = init(&format!("fold-{}", fold + 1), clinical_for(Some(fold)))?;
+        let f = federate(ctx, runtime, model, &start, Some(fold))?;
         let e = f
             .evaluation
             .with_context(|| format!("{} fold {}: no evaluation", model.name(), fold + 1))?;
@@ -299,8 +356,10 @@ fn simulate_model(
             merge_into(&mut per_centre, c.center.as_str(), &c.histogram)?;
         }
         fold_rounds.push(f.rounds);
+        fold_models.push(f.model);
     }
-    let all = federate(ctx, runtime, model, &init, None)?;
+    let start = init("all", clinical_for(None))?;
+    let all = federate(ctx, runtime, model, &start, None)?;
     let external = all
         .evaluation
         .as_ref()
@@ -337,7 +396,21 @@ fn simulate_model(
             _ => Value::Null,
         }
     };
+    let centralised = if ctx.args.no_centralised {
+        Value::Null
+    } else {
+        centralised(ctx, model)?
+    };
+    let head_start = match (model, clinical) {
+        (TrainableModel::Combined, Some(_)) => {
+            json!("the clinical model federated on the same patients")
+        }
+        (TrainableModel::Combined, None) => json!("none: no clinical model could be fitted"),
+        _ => Value::Null,
+    };
     let json = json!({
+        "head_start": head_start,
+        "centralised": centralised,
         "internal": internal.as_ref().map(|h| with_at(auc_json(h), at(&internal))),
         "external": external.as_ref().map(|h| with_at(auc_json(h), at(&external))),
         "per_centre_internal": per_centre.iter().map(|(c, h)| (c.clone(), auc_json(h))).collect::<serde_json::Map<_, _>>(),
@@ -355,7 +428,93 @@ fn simulate_model(
         internal_report,
         external_report,
         fit: all.fit,
+        fold_models,
+        run_model: all.model,
     })
+}
+
+/// The baseline federation is measured against: `fedslm train` on the training centres pooled, with the same
+/// number of folds, epochs (rounds x local epochs), seed and initialisation recipe, validated on the same
+/// held-out centre.
+fn centralised(ctx: &Simulation, model: TrainableModel) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let dir = ctx.out.join("centralised").join(model.name());
+    let training: Vec<&str> = ctx
+        .centres
+        .iter()
+        .filter(|(_, r)| *r == Role::Train)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    let mut words: Vec<String> = [
+        "--cohort",
+        &ctx.cohort.display().to_string(),
+        "--model",
+        model.name(),
+        "--centers",
+        &training.join(","),
+        "--folds",
+        &ctx.args.folds.to_string(),
+        "--seed",
+        &ctx.args.seed.to_string(),
+        "--out",
+        &dir.display().to_string(),
+        "--cache",
+        &ctx.out.join("cache").display().to_string(),
+        "--epochs",
+        &(ctx.args.rounds * ctx.args.local_epochs).to_string(),
+    ]
+    .iter()
+    .map(|w| w.to_string())
+    .collect();
+    if model == TrainableModel::Combined {
+        words.push("--head-from-clinical".into());
+    }
+    println!(
+        "{} centralised: fedslm train {}",
+        model.name(),
+        words.join(" ")
+    );
+    let trained = super::train::train(&super::train::args_from(&words)?)
+        .with_context(|| format!("the centralised {} baseline", model.name()))?;
+    let side = |labels: &[bool], scores: &[f64]| -> Value {
+        match m::auc_delong(labels, scores) {
+            Ok(e) => {
+                let (lo, hi) = e.ci95();
+                json!({"auc": e.auc, "ci95": [lo, hi], "n": {"positives": labels.iter().filter(|&&y| y).count(), "negatives": labels.iter().filter(|&&y| !y).count()}})
+            }
+            Err(e) => json!({"auc": null, "why": e.to_string()}),
+        }
+    };
+    let internal = trained
+        .out_of_fold
+        .as_ref()
+        .map(|(labels, scores)| side(labels, scores));
+    let external = match ctx.centres.iter().find(|(_, r)| *r == Role::Validate) {
+        Some((centre, _)) => {
+            let (coding, preprocess) = NetArgs::compact().settings()?;
+            let (manifest, probs) = super::predict::probabilities(
+                &trained.model,
+                &ctx.cohort.join(centre).join("manifest.csv"),
+                &coding,
+                &preprocess,
+                Some(&ctx.out.join("cache")),
+            )?;
+            let (labels, scores): (Vec<bool>, Vec<f64>) = manifest
+                .patients
+                .iter()
+                .zip(probs)
+                .filter_map(|(p, s)| p.slm.map(|y| (y, s)))
+                .unzip();
+            Some(side(&labels, &scores))
+        }
+        None => None,
+    };
+    Ok(json!({
+        "internal": internal,
+        "external": external,
+        "model": trained.model.display().to_string(),
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
 }
 
 fn with_at(mut v: Value, at: Value) -> Value {
@@ -568,14 +727,16 @@ fn fmt_auc(r: Option<&ScoreReport>) -> String {
 /// The study's table beside the paper's figures.
 fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
     let mut t = format!(
-        "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16}\n",
+        "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11}\n",
         "model",
         "internal AUC (95% CI)",
         "external AUC (95% CI)",
         "paper int.",
         "paper ext.",
         "sens/spec int.",
-        "sens/spec ext."
+        "sens/spec ext.",
+        "central int",
+        "central ext"
     );
     for (model, r) in per_model {
         let paper = PAPER.iter().find(|p| p.0 == model.name());
@@ -586,8 +747,13 @@ fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
                 _ => "-".into(),
             }
         };
+        let central = |side: &str| {
+            r.json["centralised"][side]["auc"]
+                .as_f64()
+                .map_or("-".into(), |a| format!("{a:.3}"))
+        };
         t.push_str(&format!(
-            "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16}\n",
+            "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11}\n",
             model.name(),
             fmt_auc(r.internal_report.as_ref()),
             fmt_auc(r.external_report.as_ref()),
@@ -595,6 +761,8 @@ fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
             paper.map_or("-".into(), |p| format!("{:.3}", p.2)),
             ss("internal"),
             ss("external"),
+            central("internal"),
+            central("external"),
         ));
     }
     t
@@ -616,7 +784,10 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
     ));
     md.push_str("## AUC, internal and external, beside the study's\n\n```\n");
     md.push_str(&table(per_model));
-    md.push_str("```\n\nSensitivity and specificity at the Youden cut-off chosen on the internal (out-of-fold) scores, applied unchanged externally.\n\n");
+    md.push_str("```\n\nSensitivity and specificity at the Youden cut-off chosen on the internal (out-of-fold) scores, applied unchanged externally. \
+                 Central: `fedslm train` on the training centres pooled (same folds count, epochs = rounds x local epochs, seed, and \
+                 the combined network's head started at the clinical fit of the same training patients), out of fold and at the \
+                 held-out centre; the command is in results.json.\n\n");
     for (model, r) in per_model {
         if let Some(fit) = &r.fit {
             md.push_str(&format!(

@@ -224,6 +224,10 @@ pub struct TrainArgs {
     /// Folder for the preprocessing cache (crops keyed by file contents and settings).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// The combined network: start its head at the clinical logistic model fitted on the same training
+    /// patients (as `fedslm model init --clinical` does for a federation).
+    #[arg(long)]
+    head_from_clinical: bool,
     #[command(flatten)]
     net: NetArgs,
     #[command(flatten)]
@@ -253,14 +257,22 @@ struct Row<'a> {
     label: bool,
 }
 
-/// Cross-validation: `score(train, test)` fits on the indices `train` and scores `test`. Returns the JSON
-/// summary, the printed line and the out-of-fold CSV.
+/// What cross-validation gave: the JSON summary, the printed line, the out-of-fold CSV, and the out-of-fold
+/// labels and scores.
+struct CrossValidation {
+    summary: serde_json::Value,
+    line: String,
+    csv: String,
+    out_of_fold: (Vec<bool>, Vec<f64>),
+}
+
+/// Cross-validation: `score(train, test)` fits on the indices `train` and scores `test`.
 fn cross_validate(
     rows: &[Row],
     folds: usize,
     seed: u64,
     mut score: impl FnMut(usize, &[usize], &[usize]) -> anyhow::Result<Vec<f64>>,
-) -> anyhow::Result<(serde_json::Value, String, String)> {
+) -> anyhow::Result<CrossValidation> {
     let labels: Vec<bool> = rows.iter().map(|r| r.label).collect();
     let assignment = stratified_folds(&labels, folds, seed);
     let mut out_of_fold = vec![0.0; rows.len()];
@@ -290,14 +302,38 @@ fn cross_validate(
             out_of_fold[i]
         );
     }
-    Ok((
-        json!({"folds": folds, "seed": seed, "out_of_fold": pooled, "per_fold": per_fold}),
+    Ok(CrossValidation {
+        summary: json!({"folds": folds, "seed": seed, "out_of_fold": pooled, "per_fold": per_fold}),
         line,
         csv,
-    ))
+        out_of_fold: (labels, out_of_fold),
+    })
+}
+
+/// What a centralised training left: the model file and, with cross-validation, the out-of-fold labels and
+/// scores.
+pub struct Trained {
+    pub model: PathBuf,
+    pub out_of_fold: Option<(Vec<bool>, Vec<f64>)>,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    train(&args).map(|_| ())
+}
+
+/// `fedslm train` with `words` as its arguments: the centralised baseline of `fedslm simulate`, every
+/// setting not named at `fedslm train`'s default.
+pub fn args_from(words: &[String]) -> anyhow::Result<TrainArgs> {
+    #[derive(clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let words = std::iter::once("train".to_string()).chain(words.iter().cloned());
+    Ok(<Command as clap::Parser>::try_parse_from(words)?.args)
+}
+
+pub fn train(args: &TrainArgs) -> anyhow::Result<Trained> {
     let (coding, preprocess) = args.net.settings()?;
     let centres = open_cohort(&args.cohort, &coding, &args.centers)?;
     let labelled: usize = centres
@@ -331,7 +367,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let write_cv = |csv: &str| {
         std::fs::write(&cv_path, csv).with_context(|| format!("cannot write {}", cv_path.display()))
     };
-    match args.model.network_kind() {
+    let out_of_fold = match args.model.network_kind() {
         None => {
             let patients: Vec<(&str, &Patient)> = centres
                 .iter()
@@ -349,17 +385,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             let pick =
                 |idx: &[usize]| -> Vec<&Patient> { idx.iter().map(|&i| patients[i].1).collect() };
             let mut cv = (serde_json::Value::Null, String::new());
+            let mut out_of_fold = None;
             if args.folds >= 2 {
-                let (summary, line, csv) =
-                    cross_validate(&rows, args.folds, args.seed, |_, train, test| {
-                        let fit = clinical::fit(&coding, &pick(train))?;
-                        Ok(pick(test)
-                            .iter()
-                            .map(|p| clinical::predict(&coding, &fit.coefficients, p))
-                            .collect())
-                    })?;
-                write_cv(&csv)?;
-                cv = (summary, line);
+                let cv_result = cross_validate(&rows, args.folds, args.seed, |_, train, test| {
+                    let fit = clinical::fit(&coding, &pick(train))?;
+                    Ok(pick(test)
+                        .iter()
+                        .map(|p| clinical::predict(&coding, &fit.coefficients, p))
+                        .collect())
+                })?;
+                write_cv(&cv_result.csv)?;
+                out_of_fold = Some(cv_result.out_of_fold);
+                cv = (cv_result.summary, cv_result.line);
             }
             let all: Vec<&Patient> = patients.iter().map(|(_, p)| *p).collect();
             let fit = clinical::fit(&coding, &all).context("fitting on all patients")?;
@@ -387,6 +424,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             if !cv.1.is_empty() {
                 println!("\n{}\nout-of-fold predictions: {}", cv.1, cv_path.display());
             }
+            out_of_fold
         }
         Some(kind) => {
             let config = args.net.config(kind, &preprocess)?;
@@ -426,6 +464,15 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 if kind == NetworkKind::Combined {
                     network.standardisation =
                         Standardisation::fit(&train, config.clinical_features);
+                    if args.head_from_clinical {
+                        match clinical::fit_samples(&train) {
+                            Ok(beta) => network.start_head_from_clinical(&beta)?,
+                            // As in a federation: a clinical model that cannot be fitted starts nothing.
+                            Err(e) => bar.suspend(|| {
+                                println!("{what}: the head starts plain: the clinical model: {e}")
+                            }),
+                        }
+                    }
                 }
                 bar.set_message(what.to_string());
                 network.fit(&train, &train_cfg, |r| {
@@ -435,15 +482,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 Ok(network)
             };
             let mut cv = (serde_json::Value::Null, String::new());
+            let mut out_of_fold = None;
             if args.folds >= 2 {
-                let (summary, line, csv) =
-                    cross_validate(&rows, args.folds, args.seed, |f, train, test| {
-                        let network = fit_on(train, &format!("fold {}/{}", f + 1, args.folds))?;
-                        let test: Vec<&Sample> = test.iter().map(|&i| &samples[i]).collect();
-                        Ok(network.predict(&test)?)
-                    })?;
-                write_cv(&csv)?;
-                cv = (summary, line);
+                let cv_result = cross_validate(&rows, args.folds, args.seed, |f, train, test| {
+                    let network = fit_on(train, &format!("fold {}/{}", f + 1, args.folds))?;
+                    let test: Vec<&Sample> = test.iter().map(|&i| &samples[i]).collect();
+                    Ok(network.predict(&test)?)
+                })?;
+                write_cv(&cv_result.csv)?;
+                out_of_fold = Some(cv_result.out_of_fold);
+                cv = (cv_result.summary, cv_result.line);
             }
             let all: Vec<usize> = (0..samples.len()).collect();
             let network = fit_on(&all, "all patients")?;
@@ -467,10 +515,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             if !cv.1.is_empty() {
                 println!("{}\nout-of-fold predictions: {}", cv.1, cv_path.display());
             }
+            out_of_fold
         }
-    }
+    };
     println!("model: {}", model_path.display());
-    Ok(())
+    Ok(Trained {
+        model: model_path,
+        out_of_fold,
+    })
 }
 
 pub fn print_table(fit: &fedslm_metrics::LogisticFit) {
