@@ -60,7 +60,7 @@ impl LocalTrainer for Honest {
         })
     }
 
-    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
         Err("evaluation is Federation III's".into())
     }
 }
@@ -117,7 +117,7 @@ impl LocalTrainer for Misbehaving {
         })
     }
 
-    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
         Err("evaluation is Federation III's".into())
     }
 }

@@ -197,6 +197,23 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
         combined["head_start"],
         "the clinical model federated on the same patients"
     );
+    // The paired tests of the second pass: the AUCs the placement sums give are the pooled histograms' (so
+    // the centres placed exactly the patients the AUCs are of, each once), with a p-value.
+    let comparisons = results["comparisons"].as_array().unwrap();
+    assert_eq!(comparisons.len(), 2, "{comparisons:?}");
+    for c in comparisons {
+        let side = c["side"].as_str().unwrap();
+        assert_eq!(c["a"], "clinical");
+        let close = |got: &Value, model: &str| {
+            let want = results["models"][model][side]["auc"].as_f64().unwrap();
+            assert!((got.as_f64().unwrap() - want).abs() < 1e-9, "{side} {model}: {c}");
+        };
+        close(&c["auc_a"], "clinical");
+        close(&c["auc_b"], "combined");
+        let p = c["p"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0, "{c}");
+    }
+    assert!(stdout.contains("paired DeLong, clinical vs combined, external"), "{stdout}");
     for side in ["internal", "external"] {
         assert!(
             out.join("figures").join(side).join("roc.png").is_file(),

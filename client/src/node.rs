@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use fedslm_protocol::io::{read_message, write_message};
 use fedslm_protocol::{
-    close, ErrorCode, EvalReport, EvaluateTask, Finish, FitResult, FitTask, Message, ProtocolError,
-    SampleCounts,
+    close, ErrorCode, EvalReport, EvaluateTask, Finish, FitResult, FitTask, Message,
+    PlacementReport, PlacementTask, ProtocolError, SampleCounts,
 };
 use fedslm_protocol::{codec, Limits};
 use quinn::{RecvStream, SendStream};
@@ -22,8 +22,15 @@ pub trait LocalTrainer: Send + 'static {
     fn fit(&mut self, task: &FitTask) -> Result<FitResult, String>;
 
     /// Evaluates the task's weights on local patients and returns only counts, a loss and per-class score
-    /// histograms.
-    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String>;
+    /// histograms. A node that takes part in paired comparisons keeps the scores, by `run_id`, for
+    /// [`LocalTrainer::placements`].
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, String>;
+
+    /// The second pass of a paired DeLong test: placement sums of the kept scores of the runs named.
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, String> {
+        let _ = task;
+        Err("this node keeps no scores for paired comparisons".into())
+    }
 }
 
 /// Reconnection: waits grow from `initial` by doubling to `max`, each drawn uniformly from half to one and a
@@ -184,6 +191,29 @@ async fn serve<T: LocalTrainer>(
     }
 }
 
+/// An evaluation's or a placement's answer (or why there is none): no verdict follows.
+async fn answer_once(
+    session: &Session,
+    mut send: SendStream,
+    round: u32,
+    outcome: Result<Message, String>,
+    on_event: &mut impl FnMut(NodeEvent),
+) -> Result<(), ClientError> {
+    let answer = outcome.unwrap_or_else(|reason| {
+        tracing::error!(round, %reason, "cannot evaluate");
+        Message::error(ErrorCode::Internal, reason)
+    });
+    crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
+    if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
+        if session.connection.close_reason().is_some() {
+            return Err(lost(&session.server, &session.connection, e));
+        }
+        on_event(NodeEvent::Void { round });
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
 /// One task stream: the task, the answer, the server's verdict.
 async fn task<T: LocalTrainer>(
     session: &Session,
@@ -205,29 +235,25 @@ async fn task<T: LocalTrainer>(
     let fit = match msg {
         Message::FitTask(fit) => fit,
         Message::EvaluateTask(eval) => {
+            let run_id = session.welcome.run_id.clone();
             let round = eval.round;
-            let outcome = on_worker(trainer, "evaluation", move |t| t.evaluate(&eval)).await;
-            let answer = match outcome {
-                Ok(report) => Message::EvalReport(report),
-                Err(reason) => {
-                    tracing::error!(round, %reason, "cannot evaluate");
-                    Message::error(ErrorCode::Internal, reason)
-                }
-            };
-            crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
-            if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
-                if session.connection.close_reason().is_some() {
-                    return Err(lost(server, &session.connection, e));
-                }
-                on_event(NodeEvent::Void { round });
-            }
-            let _ = send.finish();
-            return Ok(());
+            let outcome = on_worker(trainer, "evaluation", move |t| {
+                t.evaluate(&run_id, &eval).map(Message::EvalReport)
+            })
+            .await;
+            return answer_once(session, send, round, outcome, on_event).await;
+        }
+        Message::PlacementTask(placement) => {
+            let outcome = on_worker(trainer, "placement", move |t| {
+                t.placements(&placement).map(Message::PlacementReport)
+            })
+            .await;
+            return answer_once(session, send, 0, outcome, on_event).await;
         }
         other => {
             return Err(ClientError::Unexpected {
                 server: server.clone(),
-                expected: "FitTask or EvaluateTask",
+                expected: "FitTask, EvaluateTask or PlacementTask",
                 got: other.kind().to_string(),
             })
         }

@@ -116,6 +116,8 @@ pub fn encode_into(msg: &Message, limits: &Limits, out: &mut Vec<u8>) -> Result<
         Message::EvalReport(m) => m.encode(&mut enc),
         Message::Finish(m) => m.encode(&mut enc),
         Message::Error(m) => m.encode(&mut enc),
+        Message::PlacementTask(m) => m.encode(&mut enc),
+        Message::PlacementReport(m) => m.encode(&mut enc),
     };
     if let Err(e) = result {
         out.truncate(start);
@@ -180,6 +182,21 @@ fn check_outgoing(msg: &Message, limits: &Limits) -> Result<(), String> {
         Message::EvalReport(m) => check_histogram(&m.histogram, limits),
         Message::Finish(m) => text("run_id", &m.run_id).and(text("reason", &m.reason)),
         Message::Error(m) => text("message", &m.message),
+        Message::PlacementTask(m) => {
+            for runs in [&m.a_runs, &m.b_runs] {
+                if runs.is_empty() || runs.len() > MAX_PLACEMENT_RUNS {
+                    return Err(format!(
+                        "{} runs on one side; 1 to {MAX_PLACEMENT_RUNS}",
+                        runs.len()
+                    ));
+                }
+                for r in runs {
+                    text("run_id", r)?;
+                }
+            }
+            check_histogram(&m.pooled_a, limits).and(check_histogram(&m.pooled_b, limits))
+        }
+        Message::PlacementReport(_) => Ok(()),
     }
 }
 
@@ -263,6 +280,8 @@ pub fn decode_payload(
         MessageKind::EvalReport => decode_as(&payload, ctx, Message::EvalReport),
         MessageKind::Finish => decode_as(&payload, ctx, Message::Finish),
         MessageKind::Error => decode_as(&payload, ctx, Message::Error),
+        MessageKind::PlacementTask => decode_as(&payload, ctx, Message::PlacementTask),
+        MessageKind::PlacementReport => decode_as(&payload, ctx, Message::PlacementReport),
     };
     let (msg, read) = result.map_err(|e| ProtocolError::Payload {
         kind,
@@ -595,6 +614,39 @@ impl Decode<Ctx> for EvalReport {
             positives,
             loss,
             histogram,
+        })
+    }
+}
+
+impl Decode<Ctx> for PlacementTask {
+    fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
+        let max_text = d.context().limits.max_text_len;
+        let runs = |d: &mut D, what: &str| -> Result<Vec<String>, DecodeError> {
+            let runs = list(d, what, MAX_PLACEMENT_RUNS as u64, |d| {
+                text(d, "run_id", max_text)
+            })?;
+            if runs.is_empty() {
+                return Err(fail(format!("{what}: none")));
+            }
+            Ok(runs)
+        };
+        let a_runs = runs(d, "a_runs")?;
+        let b_runs = runs(d, "b_runs")?;
+        let histogram = |d: &mut D| -> Result<ScoreHistogram, DecodeError> {
+            let h = ScoreHistogram {
+                positive: counts(d)?,
+                negative: counts(d)?,
+            };
+            check_histogram(&h, &d.context().limits).map_err(fail)?;
+            Ok(h)
+        };
+        let pooled_a = histogram(d)?;
+        let pooled_b = histogram(d)?;
+        Ok(PlacementTask {
+            a_runs,
+            b_runs,
+            pooled_a,
+            pooled_b,
         })
     }
 }

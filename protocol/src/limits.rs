@@ -61,6 +61,13 @@ impl Limits {
             }
             // Two classes of bins, a varint of at most 9 bytes each.
             MessageKind::EvalReport => 2 * 9 * u64::from(self.max_histogram_bins) + 4 * KIB,
+            // Two histograms, and the runs named on each side.
+            MessageKind::PlacementTask => {
+                4 * 9 * u64::from(self.max_histogram_bins)
+                    + 2 * crate::MAX_PLACEMENT_RUNS as u64 * (u64::from(self.max_text_len) + 9)
+                    + 4 * KIB
+            }
+            MessageKind::PlacementReport => self.max_control_frame,
         }
     }
 }

@@ -139,6 +139,31 @@ pub struct EvalReport {
     pub histogram: ScoreHistogram,
 }
 
+/// The most runs a placement task may name on one side.
+pub const MAX_PLACEMENT_RUNS: usize = 100;
+
+/// Server → client: the second pass of a paired DeLong test between models A and B (DESIGN.md §3). The centre
+/// takes the scores it kept from the last evaluation of each run named (A's cross-validation folds, or the
+/// final run), pairs them by patient, and places each patient's two scores in the pooled histograms.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct PlacementTask {
+    pub a_runs: Vec<String>,
+    pub b_runs: Vec<String>,
+    /// Every centre's scores under A, pooled, as the server computed them from the evaluation reports.
+    pub pooled_a: ScoreHistogram,
+    pub pooled_b: ScoreHistogram,
+}
+
+/// Client → server: sums over the centre's patients of their DeLong placement values under A and B, per class
+/// (`V_A, V_B, V_A², V_B², V_A·V_B`): aggregates from which no patient's score can be told apart.
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct PlacementReport {
+    pub n_positive: u64,
+    pub n_negative: u64,
+    pub positive: [f64; 5],
+    pub negative: [f64; 5],
+}
+
 /// Server → client: the run is over.
 #[derive(Debug, Clone, PartialEq, bincode::Encode)]
 pub struct Finish {
@@ -180,6 +205,8 @@ pub enum Message {
     EvalReport(EvalReport),
     Finish(Finish),
     Error(ErrorMessage),
+    PlacementTask(PlacementTask),
+    PlacementReport(PlacementReport),
 }
 
 /// The kind byte of a frame header.
@@ -193,10 +220,12 @@ pub enum MessageKind {
     EvalReport = 6,
     Finish = 7,
     Error = 8,
+    PlacementTask = 9,
+    PlacementReport = 10,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 8] = [
+    pub const ALL: [MessageKind; 10] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::FitTask,
@@ -205,6 +234,8 @@ impl MessageKind {
         MessageKind::EvalReport,
         MessageKind::Finish,
         MessageKind::Error,
+        MessageKind::PlacementTask,
+        MessageKind::PlacementReport,
     ];
 
     pub fn from_code(code: u8) -> Option<MessageKind> {
@@ -241,6 +272,8 @@ impl Message {
             Message::EvalReport(_) => MessageKind::EvalReport,
             Message::Finish(_) => MessageKind::Finish,
             Message::Error(_) => MessageKind::Error,
+            Message::PlacementTask(_) => MessageKind::PlacementTask,
+            Message::PlacementReport(_) => MessageKind::PlacementReport,
         }
     }
 

@@ -180,6 +180,38 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         (code, ".{0,200}")
             .prop_map(|(code, message)| Message::Error(ErrorMessage { code, message })),
+        (
+            prop::collection::vec(".{0,30}", 1..6),
+            prop::collection::vec(".{0,30}", 1..6),
+            prop::collection::vec(any::<(u64, u64, u64, u64)>(), 0..40)
+        )
+            .prop_map(
+                |(a_runs, b_runs, bins)| Message::PlacementTask(PlacementTask {
+                    a_runs,
+                    b_runs,
+                    pooled_a: ScoreHistogram {
+                        positive: bins.iter().map(|b| b.0).collect(),
+                        negative: bins.iter().map(|b| b.1).collect(),
+                    },
+                    pooled_b: ScoreHistogram {
+                        positive: bins.iter().map(|b| b.2).collect(),
+                        negative: bins.iter().map(|b| b.3).collect(),
+                    },
+                })
+            ),
+        (
+            any::<(u64, u64)>(),
+            prop::array::uniform5(finite()),
+            prop::array::uniform5(finite())
+        )
+            .prop_map(|((n_positive, n_negative), positive, negative)| {
+                Message::PlacementReport(PlacementReport {
+                    n_positive,
+                    n_negative,
+                    positive,
+                    negative,
+                })
+            }),
     ]
 }
 

@@ -316,3 +316,42 @@ fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
     want.extend([0x3c, 0x0e, 0x3c]);
     assert_eq!(codec::encode(&hello, &Limits::default()).unwrap(), want);
 }
+
+#[test]
+fn a_placement_task_names_one_to_a_hundred_runs_a_side_and_bounds_its_histograms() {
+    let h = ScoreHistogram {
+        positive: vec![1, 0],
+        negative: vec![0, 1],
+    };
+    let task = |a_runs: Vec<String>| {
+        Message::PlacementTask(PlacementTask {
+            a_runs,
+            b_runs: vec!["b".into()],
+            pooled_a: h.clone(),
+            pooled_b: h.clone(),
+        })
+    };
+    for runs in [vec![], vec!["a".to_string(); MAX_PLACEMENT_RUNS + 1]] {
+        let e = codec::encode(&task(runs.clone()), &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("runs on one side"), "{e}");
+    }
+    // The decoder refuses what a peer's encoder would not have sent.
+    let p = payload((
+        0u64,
+        vec!["b".to_string()],
+        vec![1u64],
+        vec![1u64],
+        vec![1u64],
+        vec![1u64],
+    ));
+    assert!(err(&frame(MessageKind::PlacementTask, &p)).contains("a_runs: none"));
+    let p = payload((
+        vec!["a".to_string()],
+        vec!["b".to_string()],
+        vec![1u64, 0],
+        vec![1u64],
+    ));
+    assert!(err(&frame(MessageKind::PlacementTask, &p)).contains("differ in bins"));
+    let p = payload((vec!["a".to_string()], vec!["b".to_string()], 1_000_000u64));
+    assert!(err(&frame(MessageKind::PlacementTask, &p)).contains("histogram bins claims 1000000"));
+}

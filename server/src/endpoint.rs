@@ -14,7 +14,8 @@ use fedslm_certs::{
 };
 use fedslm_protocol::io::{read_message, write_message};
 use fedslm_protocol::{
-    close, codec, ByteBudget, CenterId, ErrorCode, Finish, Limits, Message, ProtocolError, Role,
+    close, codec, ByteBudget, CenterId, ErrorCode, Finish, Limits, Message, PlacementReport,
+    PlacementTask, ProtocolError, Role,
 };
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
@@ -352,6 +353,35 @@ impl Server {
         .await;
         driver.abort();
         outcome.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The second pass of paired comparisons (DESIGN.md §3): once every centre named is connected (or
+    /// `deadline` has passed), each gets its tasks, each on a fresh stream; the answers come back in the tasks'
+    /// order, or why there is none. Then every centre is told the run is over. No rounds, no store: the
+    /// comparisons are computed from the answers by [`crate::evaluation::paired_comparison`].
+    pub async fn run_placements(
+        &self,
+        tasks: Vec<(CenterId, PlacementTask)>,
+        deadline: Duration,
+    ) -> Vec<Result<PlacementReport, String>> {
+        drop(lock(&self.inputs).take());
+        let shared = self.shared.clone();
+        let (done_tx, done_rx) = oneshot::channel();
+        let work = tokio::spawn(async move {
+            let answers = placements(&shared, tasks, deadline).await;
+            let _ = done_tx.send(());
+            answers
+        });
+        self.serve_until(async {
+            let _ = done_rx.await;
+            let until = tokio::time::Instant::now() + FINISH_LINGER;
+            while !lock(&self.shared.peers).is_empty() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        work.await
+            .unwrap_or_else(|e| vec![Err(format!("the second pass stopped: {e}"))])
     }
 
     async fn serve_until(&self, shutdown: impl Future<Output = ()>) {
@@ -771,6 +801,85 @@ async fn task_exchange(x: TaskExchange) {
             let _ = send.reset(VarInt::from_u32(TASK_CANCELLED));
             let _ = recv.stop(VarInt::from_u32(TASK_CANCELLED));
         }
+    }
+}
+
+/// The placement tasks of [`Server::run_placements`], all at once, then Finish to every centre.
+async fn placements(
+    shared: &Arc<Shared>,
+    tasks: Vec<(CenterId, PlacementTask)>,
+    deadline: Duration,
+) -> Vec<Result<PlacementReport, String>> {
+    let until = tokio::time::Instant::now() + deadline;
+    let wanted: BTreeSet<CenterId> = tasks.iter().map(|(c, _)| c.clone()).collect();
+    while !wanted.iter().all(|c| lock(&shared.peers).contains_key(c))
+        && tokio::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exchanges: Vec<_> = tasks
+        .into_iter()
+        .map(|(center, task)| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout_at(until, placement_exchange(&shared, &center, task))
+                    .await
+                    .unwrap_or_else(|_| Err(format!("{center}: no answer before the deadline")))
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(exchanges.len());
+    for e in exchanges {
+        answers.push(e.await.unwrap_or_else(|e| Err(format!("stopped: {e}"))));
+    }
+    let finish = Finish {
+        run_id: shared.config.enrolment.run_id.clone(),
+        rounds_completed: 0,
+        reason: "paired comparisons done".into(),
+    };
+    *lock(&shared.finished) = Some(finish.clone());
+    let peers: Vec<(CenterId, mpsc::Sender<Finish>)> = lock(&shared.peers)
+        .iter()
+        .map(|(c, p)| (c.clone(), p.finish.clone()))
+        .collect();
+    for (center, p) in peers {
+        if p.try_send(finish.clone()).is_ok() {
+            lock(&shared.told).insert(center);
+        }
+    }
+    answers
+}
+
+async fn placement_exchange(
+    shared: &Shared,
+    center: &CenterId,
+    task: PlacementTask,
+) -> Result<PlacementReport, String> {
+    let peer = lock(&shared.peers)
+        .get(center)
+        .map(|p| (p.connection.clone(), p.budget.clone()));
+    let Some((connection, budget)) = peer else {
+        return Err(format!("{center}: not connected"));
+    };
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| format!("{center}: cannot open a task stream: {e}"))?;
+    write_message(&mut send, &Message::PlacementTask(task), &shared.limits)
+        .await
+        .map_err(|e| format!("{center}: cannot send the task: {e}"))?;
+    let _ = send.finish();
+    match read_message(&mut recv, &shared.limits, &budget).await {
+        Ok(Message::PlacementReport(r)) => Ok(r),
+        Ok(Message::Error(e)) => Err(format!(
+            "{center} could not place its patients: {}",
+            e.message
+        )),
+        Ok(other) => Err(format!(
+            "{center}: expected PlacementReport, got {}",
+            other.kind()
+        )),
+        Err(e) => Err(format!("{center}: no answer: {e}")),
     }
 }
 

@@ -3,8 +3,8 @@
 //! (validation centres, whole cohorts), with AUC and DeLong's CI exactly for the binned scores. Nothing here is
 //! per patient.
 
-use fedslm_metrics::ScoreHistograms;
-use fedslm_protocol::{CenterId, EvalReport, Fold, Role};
+use fedslm_metrics::{Comparison, PlacementSums, ScoreHistograms};
+use fedslm_protocol::{CenterId, EvalReport, Fold, PlacementReport, Role};
 use serde_json::{json, Value};
 
 /// What one centre reported.
@@ -133,6 +133,52 @@ pub fn auc_json(h: &ScoreHistograms) -> Value {
     }
 }
 
+/// The paired DeLong test between models A and B from every centre's placement sums (the second pass, DESIGN.md
+/// §3). Each report must be sums a centre can have made (placements lie in [0, 1]), and the centres together
+/// must have placed every patient of the pooled histograms exactly once: otherwise the test would not be of
+/// the patients the AUCs are of.
+pub fn paired_comparison(
+    pooled_a: &ScoreHistograms,
+    pooled_b: &ScoreHistograms,
+    reports: &[(CenterId, PlacementReport)],
+) -> Result<Comparison, String> {
+    let mut total = PlacementSums::default();
+    for (center, r) in reports {
+        for (class, n, sums) in [
+            ("positive", r.n_positive, &r.positive),
+            ("negative", r.n_negative, &r.negative),
+        ] {
+            let n = n as f64;
+            // V, V and their products lie in [0, 1]: each sum in [0, n], up to rounding.
+            if sums
+                .iter()
+                .any(|s| !s.is_finite() || *s < -1e-9 || *s > n * (1.0 + 1e-9) + 1e-9)
+            {
+                return Err(format!(
+                    "{center}: placement sums {sums:?} over {n} {class} patients cannot be"
+                ));
+            }
+        }
+        total.add(&PlacementSums {
+            n_positive: r.n_positive,
+            n_negative: r.n_negative,
+            positive: r.positive,
+            negative: r.negative,
+        });
+    }
+    let want = (pooled_a.n_positive(), pooled_a.n_negative());
+    if (total.n_positive, total.n_negative) != want {
+        return Err(format!(
+            "the centres placed {}+/{}- patients, the pooled histograms hold {}+/{}-",
+            total.n_positive, total.n_negative, want.0, want.1
+        ));
+    }
+    if (pooled_b.n_positive(), pooled_b.n_negative()) != want {
+        return Err("the two models' pooled histograms are not of the same patients".into());
+    }
+    total.paired_test().map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +272,88 @@ mod tests {
         );
         assert_eq!(e.to_json()["external"], Value::Null);
         assert_eq!(e.to_json()["internal"]["auc"], json!(pooled.auc));
+    }
+
+    /// The second pass: the centres' placement sums against the pooled histograms give the paired test of all
+    /// patients' binned scores, computed directly.
+    #[test]
+    fn the_paired_test_from_placement_sums_is_the_direct_paired_delong() {
+        let bins = 40;
+        let mut rng = 0x9e37_79b9_u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let centres: Vec<(Vec<bool>, Vec<f64>, Vec<f64>)> = [35usize, 60, 22]
+            .into_iter()
+            .map(|n| {
+                let labels: Vec<bool> = (0..n).map(|_| next() < 0.4).collect();
+                let a = labels
+                    .iter()
+                    .map(|&y| (next() * 0.7 + if y { 0.2 } else { 0.0 }).min(1.0))
+                    .collect();
+                let b = labels
+                    .iter()
+                    .map(|&y| (next() * 0.6 + if y { 0.35 } else { 0.0 }).min(1.0))
+                    .collect();
+                (labels, a, b)
+            })
+            .collect();
+        let (mut ha, mut hb) = (
+            ScoreHistograms::new(bins).unwrap(),
+            ScoreHistograms::new(bins).unwrap(),
+        );
+        for (labels, a, b) in &centres {
+            ha.merge(&ScoreHistograms::from_scores(labels, a, bins).unwrap())
+                .unwrap();
+            hb.merge(&ScoreHistograms::from_scores(labels, b, bins).unwrap())
+                .unwrap();
+        }
+        let reports: Vec<(CenterId, PlacementReport)> = centres
+            .iter()
+            .enumerate()
+            .map(|(i, (labels, a, b))| {
+                let s = PlacementSums::from_patients(&ha, &hb, labels, a, b).unwrap();
+                (
+                    CenterId::new(format!("c{i}")).unwrap(),
+                    PlacementReport {
+                        n_positive: s.n_positive,
+                        n_negative: s.n_negative,
+                        positive: s.positive,
+                        negative: s.negative,
+                    },
+                )
+            })
+            .collect();
+        let federated = paired_comparison(&ha, &hb, &reports).unwrap();
+        let binned = |h: &ScoreHistograms, x: &[f64]| -> Vec<f64> {
+            x.iter().map(|&p| h.bin_value(h.bin_of(p))).collect()
+        };
+        let (mut labels, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        for (l, sa, sb) in &centres {
+            labels.extend(l);
+            a.extend(binned(&ha, sa));
+            b.extend(binned(&hb, sb));
+        }
+        let direct = fedslm_metrics::paired_delong(&labels, &a, &b).unwrap();
+        assert!((federated.auc_a - direct.auc_a).abs() < 1e-12);
+        assert!((federated.auc_b - direct.auc_b).abs() < 1e-12);
+        assert!(
+            (federated.z - direct.z).abs() < 1e-9,
+            "{federated:?} {direct:?}"
+        );
+        assert!((federated.p - direct.p).abs() < 1e-9);
+
+        // A centre missing, or sums no centre can have made, are refused by name.
+        let e = paired_comparison(&ha, &hb, &reports[..2]).unwrap_err();
+        assert!(e.contains("the pooled histograms hold"), "{e}");
+        let mut bad = reports.clone();
+        bad[1].1.positive[2] = bad[1].1.n_positive as f64 + 5.0;
+        let e = paired_comparison(&ha, &hb, &bad).unwrap_err();
+        assert!(e.starts_with("c1:"), "{e}");
+        bad[1].1.positive[2] = f64::NAN;
+        assert!(paired_comparison(&ha, &hb, &bad).is_err());
     }
 }

@@ -62,7 +62,7 @@ impl LocalTrainer for Echo {
         })
     }
 
-    fn evaluate(&mut self, _: &EvaluateTask) -> Result<EvalReport, String> {
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
         Err("the round benchmark does not evaluate".into())
     }
 }

@@ -1,6 +1,7 @@
 //! `fedslm client`: a hospital node. It loads and checks its cohort before it connects (nothing leaves the site
 //! on bad data), then trains on the server's request and sends only weights, counts and losses.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -13,7 +14,7 @@ use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, NetworkKind, T
 use fedslm_protocol::clinical::NewtonUpdate;
 use fedslm_protocol::{
     close, codec, EvalReport, EvaluateTask, FitResult, FitTask, Fold, Limits, LocalObjective,
-    Message, ModelKind, SampleCounts, ScoreHistogram, Weights,
+    Message, ModelKind, PlacementReport, PlacementTask, SampleCounts, ScoreHistogram, Weights,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -221,6 +222,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
             config: config.clone(),
             cohort,
             network: None,
+            kept: VecDeque::new(),
         };
         let backoff = Backoff {
             attempts: args.max_attempts,
@@ -362,11 +364,18 @@ impl LocalTrainer for SharedTrainer {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).fit(task)
     }
 
-    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String> {
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, String> {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .evaluate(task)
+            .evaluate(run_id, task)
+    }
+
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .placements(task)
     }
 }
 
@@ -379,9 +388,20 @@ pub fn node_trainer(config: &ClientConfig) -> anyhow::Result<(NodeTrainer, Sampl
             config: config.clone(),
             cohort,
             network: None,
+            kept: VecDeque::new(),
         },
         counts,
     ))
+}
+
+/// Runs whose evaluation scores a node keeps for paired comparisons; older ones are forgotten.
+const KEPT_RUNS: usize = 256;
+
+/// A patient's score in an evaluation, kept at the node (it never leaves it).
+struct Scored {
+    patient: String,
+    label: bool,
+    probability: f64,
 }
 
 /// Training at this node, on the server's request.
@@ -390,6 +410,8 @@ pub struct NodeTrainer {
     cohort: Cohort,
     /// The network of the last task, reused while the architecture stays the same.
     network: Option<Network>,
+    /// Each run's last evaluation, patient by patient, for the second pass of paired tests.
+    kept: VecDeque<(String, Vec<Scored>)>,
 }
 
 impl LocalTrainer for NodeTrainer {
@@ -406,24 +428,101 @@ impl LocalTrainer for NodeTrainer {
         Ok(result)
     }
 
-    fn evaluate(&mut self, task: &EvaluateTask) -> Result<EvalReport, String> {
-        self.evaluate_all(task).map_err(|e| format!("{e:#}"))
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, String> {
+        let (report, scored) = self.evaluate_all(task).map_err(|e| format!("{e:#}"))?;
+        self.kept.retain(|(r, _)| r != run_id);
+        if self.kept.len() == KEPT_RUNS {
+            self.kept.pop_front();
+        }
+        self.kept.push_back((run_id.to_string(), scored));
+        Ok(report)
+    }
+
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, String> {
+        self.placement_sums(task).map_err(|e| format!("{e:#}"))
     }
 }
 
 impl NodeTrainer {
-    /// Predictions for every labelled local patient, as counts, mean log-loss and per-class histograms.
-    fn evaluate_all(&mut self, task: &EvaluateTask) -> anyhow::Result<EvalReport> {
+    /// The placement sums of the kept scores of the task's runs: each patient scored under both models, its
+    /// placements among the pooled scores of the other class.
+    fn placement_sums(&self, task: &PlacementTask) -> anyhow::Result<PlacementReport> {
+        let side = |runs: &[String], model: &str| -> anyhow::Result<BTreeMap<&str, (bool, f64)>> {
+            let mut scores = BTreeMap::new();
+            for run in runs {
+                let Some((_, kept)) = self.kept.iter().find(|(r, _)| r == run) else {
+                    bail!("model {model}: this node has no evaluation of run {run:?}");
+                };
+                for s in kept {
+                    if scores
+                        .insert(s.patient.as_str(), (s.label, s.probability))
+                        .is_some()
+                    {
+                        bail!(
+                            "model {model}: patient {} is scored in more than one run",
+                            s.patient
+                        );
+                    }
+                }
+            }
+            Ok(scores)
+        };
+        let a = side(&task.a_runs, "A")?;
+        let b = side(&task.b_runs, "B")?;
+        if !a.keys().eq(b.keys()) {
+            bail!(
+                "model A scored {} patients here and model B {}, not all the same: a paired test needs the \
+                 same patients",
+                a.len(),
+                b.len()
+            );
+        }
+        let mut labels = Vec::with_capacity(a.len());
+        let (mut pa, mut pb) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
+        for ((patient, (ya, sa)), (yb, sb)) in a.iter().zip(b.values()) {
+            if ya != yb {
+                bail!("patient {patient} has different outcomes in the two runs");
+            }
+            labels.push(*ya);
+            pa.push(*sa);
+            pb.push(*sb);
+        }
+        let pooled = |h: &fedslm_protocol::ScoreHistogram| fedslm_metrics::ScoreHistograms {
+            positive: h.positive.clone(),
+            negative: h.negative.clone(),
+        };
+        let s = fedslm_metrics::PlacementSums::from_patients(
+            &pooled(&task.pooled_a),
+            &pooled(&task.pooled_b),
+            &labels,
+            &pa,
+            &pb,
+        )?;
+        Ok(PlacementReport {
+            n_positive: s.n_positive,
+            n_negative: s.n_negative,
+            positive: s.positive,
+            negative: s.negative,
+        })
+    }
+
+    /// Predictions for every labelled local patient, as counts, mean log-loss and per-class histograms, and
+    /// the patients' scores for the node to keep.
+    fn evaluate_all(&mut self, task: &EvaluateTask) -> anyhow::Result<(EvalReport, Vec<Scored>)> {
         let part = Part::evaluate(task.fold);
-        let (labels, probs): (Vec<bool>, Vec<f64>) = match task.model {
+        let (ids, (labels, probs)): (Vec<String>, (Vec<bool>, Vec<f64>)) = match task.model {
             ModelKind::Clinical => {
                 let beta = clinical::coefficients(&task.weights)?;
                 self.cohort
                     .labelled_patients(part)
                     .into_iter()
                     .filter_map(|p| {
-                        p.slm
-                            .map(|y| (y, clinical::predict(&self.config.coding, &beta, p)))
+                        p.slm.map(|y| {
+                            (
+                                p.id.clone(),
+                                (y, clinical::predict(&self.config.coding, &beta, p)),
+                            )
+                        })
                     })
                     .unzip()
             }
@@ -439,8 +538,11 @@ impl NodeTrainer {
                 let labelled = self.cohort.labelled_samples(part);
                 let probs = network.predict(&labelled)?;
                 (
-                    labelled.iter().map(|s| s.label == Some(true)).collect(),
-                    probs,
+                    labelled.iter().map(|s| s.patient_id.clone()).collect(),
+                    (
+                        labelled.iter().map(|s| s.label == Some(true)).collect(),
+                        probs,
+                    ),
                 )
             }
         };
@@ -465,7 +567,7 @@ impl NodeTrainer {
             })
             .sum::<f64>()
             / labels.len() as f64;
-        Ok(EvalReport {
+        let report = EvalReport {
             round: task.round,
             examples: labels.len() as u64,
             positives: labels.iter().filter(|&&y| y).count() as u64,
@@ -474,7 +576,17 @@ impl NodeTrainer {
                 positive: h.positive,
                 negative: h.negative,
             },
-        })
+        };
+        let scored = ids
+            .into_iter()
+            .zip(labels.into_iter().zip(probs))
+            .map(|(patient, (label, probability))| Scored {
+                patient,
+                label,
+                probability,
+            })
+            .collect();
+        Ok((report, scored))
     }
 
     fn newton(&self, task: &FitTask) -> anyhow::Result<FitResult> {

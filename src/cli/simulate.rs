@@ -250,6 +250,7 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
         results.insert(model.name().into(), r.json.clone());
         per_model.push((model, r));
     }
+    let comparisons = compare(&ctx, &runtime, &per_model)?;
     let wall = started.elapsed().as_secs_f64();
     let peak = super::server::peak_rss_mib();
     let results = json!({
@@ -261,7 +262,7 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
             "bins": ctx.args.bins, "seed": ctx.args.seed, "network": "compact (ResNet-10, width 8, 9x64x64)",
         },
         "models": results,
-        "comparisons": [],
+        "comparisons": comparisons,
         "wall_seconds": wall,
         "peak_memory_mib": peak,
     });
@@ -273,7 +274,7 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
     figures(&out, &per_model)?;
     let report = report_md(&results, &per_model);
     std::fs::write(out.join("report.md"), &report).context("cannot write report.md")?;
-    println!("\n{}", table(&per_model));
+    println!("\n{}", table(&per_model, &comparisons));
     println!(
         "wall time {wall:.0} s, peak memory {peak:.0} MiB; results.json, report.md and figures/ in {}",
         out.display()
@@ -567,6 +568,191 @@ fn side_report(name: &str, h: &m::ScoreHistograms) -> anyhow::Result<ScoreReport
     score_report(name, &labels, &scores, &THRESHOLDS)
 }
 
+/// The run id of a model's federation on fold `fold` (or on all training data): the key under which every
+/// node keeps that run's evaluation scores for the paired tests.
+fn run_id(model: TrainableModel, fold: Option<u32>) -> String {
+    match fold {
+        Some(f) => format!("simulate-{}-fold-{}", model.name(), f + 1),
+        None => format!("simulate-{}-all", model.name()),
+    }
+}
+
+fn centres_toml(ctx: &Simulation) -> String {
+    let mut toml = String::new();
+    for (c, role) in &ctx.centres {
+        let role = match role {
+            Role::Train => "train",
+            Role::Validate => "validate",
+        };
+        toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
+    }
+    toml
+}
+
+/// Every node connected to `addr` until the server tells it the run is over.
+fn start_nodes(
+    ctx: &Simulation,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<
+    Vec<tokio::task::JoinHandle<Result<fedslm_protocol::Finish, fedslm_client::ClientError>>>,
+> {
+    let mut clients = Vec::new();
+    for (name, trainer, counts) in &ctx.trainers {
+        // The node's trainer holds its cohort; this run's configuration only says where to connect.
+        let config = client_config(&ctx.out, &ctx.pki, name, None, &addr.to_string())?;
+        let trainer = SharedTrainer(trainer.clone());
+        let counts = *counts;
+        clients.push(tokio::spawn(async move {
+            let backoff = Backoff {
+                attempts: Some(5),
+                ..Backoff::default()
+            };
+            fedslm_client::run(&config, counts, trainer, backoff, |_| {}).await
+        }));
+    }
+    Ok(clients)
+}
+
+/// Paired DeLong tests of each model against the combined network, internally (pooled out-of-fold scores)
+/// and externally, through the second pass: one more server, to which every node connects; each centre
+/// places its patients' two kept scores in the pooled histograms the server sends and returns only sums.
+fn compare(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    per_model: &[(TrainableModel, ModelResult)],
+) -> anyhow::Result<Vec<Value>> {
+    let Some((_, b)) = per_model
+        .iter()
+        .find(|(m, _)| *m == TrainableModel::Combined)
+    else {
+        return Ok(Vec::new());
+    };
+    let b_model = TrainableModel::Combined;
+    let folds: Vec<Option<u32>> = (0..ctx.args.folds).map(Some).collect();
+    let runs = |m: TrainableModel, fs: &[Option<u32>]| -> Vec<String> {
+        fs.iter().map(|f| run_id(m, *f)).collect()
+    };
+    // (a, side, pooled a, pooled b, centres, a's runs, b's runs)
+    let mut plans = Vec::new();
+    for (a_model, a) in per_model.iter().filter(|(m, _)| *m != b_model) {
+        let sides = [
+            (
+                "internal",
+                &a.internal,
+                &b.internal,
+                Role::Train,
+                folds.clone(),
+            ),
+            (
+                "external",
+                &a.external,
+                &b.external,
+                Role::Validate,
+                vec![None],
+            ),
+        ];
+        for (side, ha, hb, role, fs) in sides {
+            let (Some(ha), Some(hb)) = (ha, hb) else {
+                continue;
+            };
+            let centres: Vec<CenterId> = ctx
+                .centres
+                .iter()
+                .filter(|(_, r)| *r == role)
+                .map(|(c, _)| CenterId::new(c.as_str()))
+                .collect::<Result<_, _>>()?;
+            plans.push((
+                *a_model,
+                side,
+                ha,
+                hb,
+                centres,
+                runs(*a_model, &fs),
+                runs(b_model, &fs),
+            ));
+        }
+    }
+    if plans.is_empty() {
+        return Ok(Vec::new());
+    }
+    let proto = |h: &m::ScoreHistograms| fedslm_protocol::ScoreHistogram {
+        positive: h.positive.clone(),
+        negative: h.negative.clone(),
+    };
+    let mut tasks = Vec::new();
+    for (_, _, ha, hb, centres, a_runs, b_runs) in &plans {
+        for c in centres {
+            tasks.push((
+                c.clone(),
+                fedslm_protocol::PlacementTask {
+                    a_runs: a_runs.clone(),
+                    b_runs: b_runs.clone(),
+                    pooled_a: proto(ha),
+                    pooled_b: proto(hb),
+                },
+            ));
+        }
+    }
+    let dir = ctx.out.join("runs").join("comparisons");
+    std::fs::create_dir_all(&dir)?;
+    let toml = format!(
+        "listen = \"127.0.0.1:0\"\npki = \"{}\"\nrun_id = \"simulate-comparisons\"\noutput = \"{}\"\n\
+         rounds = 1\n{}",
+        ctx.pki.display(),
+        dir.display(),
+        centres_toml(ctx)
+    );
+    let config = ServerConfig::parse(&toml, &dir.join("server.toml"))?;
+    let mut answers = runtime
+        .block_on(async {
+            let server = Arc::new(Server::bind(config)?);
+            let clients = start_nodes(ctx, server.local_addr()?)?;
+            let answers = server
+                .run_placements(tasks, std::time::Duration::from_secs(600))
+                .await;
+            for c in clients {
+                if let Ok(Err(e)) = c.await {
+                    tracing::warn!(error = %e, "a node ended with an error");
+                }
+            }
+            Ok::<_, anyhow::Error>(answers)
+        })?
+        .into_iter();
+    let mut out = Vec::new();
+    for (a_model, side, ha, hb, centres, _, _) in &plans {
+        let mut reports = Vec::new();
+        let mut failed = Vec::new();
+        for c in centres {
+            match answers.next() {
+                Some(Ok(r)) => reports.push((c.clone(), r)),
+                Some(Err(e)) => failed.push(e),
+                None => failed.push(format!("{c}: no answer")),
+            }
+        }
+        let result = if failed.is_empty() {
+            fedslm_server::evaluation::paired_comparison(ha, hb, &reports)
+        } else {
+            Err(failed.join("; "))
+        };
+        let what = format!("{} vs combined, {side}", a_model.name());
+        out.push(match result {
+            Ok(c) => {
+                println!(
+                    "paired DeLong, {what}: AUC {:.3} vs {:.3}, z = {:.2}, p = {:.4}",
+                    c.auc_a, c.auc_b, c.z, c.p
+                );
+                json!({"a": a_model.name(), "b": "combined", "side": side, "auc_a": c.auc_a,
+                       "auc_b": c.auc_b, "z": c.z, "p": c.p})
+            }
+            Err(e) => {
+                println!("paired DeLong, {what}: not computed: {e}");
+                json!({"a": a_model.name(), "b": "combined", "side": side, "error": e})
+            }
+        });
+    }
+    Ok(out)
+}
+
 /// One federation over loopback: a server and every centre's node, to its end.
 fn federate(
     ctx: &Simulation,
@@ -581,11 +767,11 @@ fn federate(
     let clinical = model == TrainableModel::Clinical;
     let rounds = if clinical { 30 } else { ctx.args.rounds };
     let mut toml = format!(
-        "listen = \"127.0.0.1:0\"\npki = \"{}\"\nrun_id = \"simulate-{}-{tag}\"\noutput = \"{}\"\n\
+        "listen = \"127.0.0.1:0\"\npki = \"{}\"\nrun_id = \"{}\"\noutput = \"{}\"\n\
          initial_model = \"{}\"\nrounds = {rounds}\nlocal_epochs = {}\nround_start_grace_secs = 30\n\
          evaluation_bins = {}\nseed = {}\n",
         ctx.pki.display(),
-        model.name(),
+        run_id(model, fold),
         dir.display(),
         init.display(),
         ctx.args.local_epochs,
@@ -595,13 +781,7 @@ fn federate(
     if let Some(f) = fold {
         toml.push_str(&format!("cv_fold = {f}\ncv_folds = {}\n", ctx.args.folds));
     }
-    for (c, role) in &ctx.centres {
-        let role = match role {
-            Role::Train => "train",
-            Role::Validate => "validate",
-        };
-        toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
-    }
+    toml.push_str(&centres_toml(ctx));
     let config = ServerConfig::parse(&toml, &dir.join("server.toml"))?;
     let run = super::server::open_run(&config, init, false)?;
     let label = format!(
@@ -633,20 +813,7 @@ fn federate(
             s.run_rounds(coordinator, run_store, writer, std::future::pending())
                 .await
         });
-        let mut clients = Vec::new();
-        for (name, trainer, counts) in &ctx.trainers {
-            // The node's trainer holds its cohort; this run's configuration only says where to connect.
-            let config = client_config(&ctx.out, &ctx.pki, name, None, &addr.to_string())?;
-            let trainer = SharedTrainer(trainer.clone());
-            let counts = *counts;
-            clients.push(tokio::spawn(async move {
-                let backoff = Backoff {
-                    attempts: Some(5),
-                    ..Backoff::default()
-                };
-                fedslm_client::run(&config, counts, trainer, backoff, |_| {}).await
-            }));
-        }
+        let clients = start_nodes(ctx, addr)?;
         let mut evaluation = None;
         while let Ok(event) = events.recv().await {
             match event {
@@ -725,9 +892,9 @@ fn fmt_auc(r: Option<&ScoreReport>) -> String {
 }
 
 /// The study's table beside the paper's figures.
-fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
+fn table(per_model: &[(TrainableModel, ModelResult)], comparisons: &[Value]) -> String {
     let mut t = format!(
-        "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11}\n",
+        "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11} {:>15}\n",
         "model",
         "internal AUC (95% CI)",
         "external AUC (95% CI)",
@@ -736,7 +903,8 @@ fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
         "sens/spec int.",
         "sens/spec ext.",
         "central int",
-        "central ext"
+        "central ext",
+        "p vs comb. i/e"
     );
     for (model, r) in per_model {
         let paper = PAPER.iter().find(|p| p.0 == model.name());
@@ -752,8 +920,21 @@ fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
                 .as_f64()
                 .map_or("-".into(), |a| format!("{a:.3}"))
         };
+        let p = |side: &str| {
+            comparisons
+                .iter()
+                .find(|c| c["a"] == model.name() && c["side"] == side)
+                .and_then(|c| c["p"].as_f64())
+                .map_or("-".into(), |p| {
+                    if p < 0.001 {
+                        "<0.001".to_string()
+                    } else {
+                        format!("{p:.3}")
+                    }
+                })
+        };
         t.push_str(&format!(
-            "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11}\n",
+            "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11} {:>15}\n",
             model.name(),
             fmt_auc(r.internal_report.as_ref()),
             fmt_auc(r.external_report.as_ref()),
@@ -763,6 +944,7 @@ fn table(per_model: &[(TrainableModel, ModelResult)]) -> String {
             ss("external"),
             central("internal"),
             central("external"),
+            format!("{}/{}", p("internal"), p("external")),
         ));
     }
     t
@@ -783,7 +965,10 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
         results["peak_memory_mib"].as_f64().unwrap_or(0.0),
     ));
     md.push_str("## AUC, internal and external, beside the study's\n\n```\n");
-    md.push_str(&table(per_model));
+    md.push_str(&table(
+        per_model,
+        results["comparisons"].as_array().map_or(&[], |v| v),
+    ));
     md.push_str("```\n\nSensitivity and specificity at the Youden cut-off chosen on the internal (out-of-fold) scores, applied unchanged externally. \
                  Central: `fedslm train` on the training centres pooled (same folds count, epochs = rounds x local epochs, seed, and \
                  the combined network's head started at the clinical fit of the same training patients), out of fold and at the \
@@ -835,7 +1020,8 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
         ));
     }
     md.push_str("\nFigures: `figures/internal/{roc,dca,calibration}.png` and `figures/external/...` (PNG and SVG).\n\
-                 Not yet: paired DeLong tests between models (the second pass), the centralised baseline.\n");
+                 Paired DeLong p against the combined network: from the second pass (each centre's placement sums \
+                 of its patients' kept scores against the pooled histograms; no score leaves a centre).\n");
     md
 }
 
