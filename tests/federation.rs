@@ -356,3 +356,151 @@ fn labelled(dir: &Path) -> u64 {
         .filter(|l| !l.split(',').nth(col).unwrap_or("").is_empty())
         .count() as u64
 }
+
+/// The paired test of two cross-validated networks in a real deployment: four federations of separate
+/// processes (two models, two folds), whose nodes keep their patients' scores on their own disk, then
+/// `server compare` asks each training centre for its placement sums. The test's AUCs are the pooled
+/// histograms' (every patient placed once), and a comparison over the wrong runs is refused.
+#[test]
+fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cohort = common::tiny_synth_cohort(d);
+    let centres = [
+        ("center-a", "train"),
+        ("center-b", "train"),
+        ("center-c", "train"),
+        ("external", "validate"),
+    ];
+    let node_settings = |c: &str| {
+        format!(
+            "scores = \"{}\"\n[preprocess]\nsize = 32\nneighbours = 0\n",
+            d.join("scores").join(c).display()
+        )
+    };
+    let mut pooled: std::collections::BTreeMap<&str, fedslm_metrics::ScoreHistograms> =
+        Default::default();
+    let mut outs: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    for (i, model) in ["mri", "combined"].into_iter().enumerate() {
+        for fold in 0..2 {
+            let dir = d.join(format!("{model}-{fold}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let keys = format!(
+                "initial_model = \"{}\"\nrounds = 1\nlocal_epochs = 1\nbatch_size = 4\ncv_fold = {fold}\n\
+                 cv_folds = 2\nevaluation_bins = 100\n",
+                d.join(format!("{model}.safetensors")).display()
+            );
+            let run = Run::with_id(&dir, &format!("{model}-fold-{fold}"), &centres, &keys);
+            let clients: Vec<PathBuf> = centres
+                .iter()
+                .map(|(c, _)| run.client_config(c, &cohort.join(c), &node_settings(c)))
+                .collect();
+            if fold == 0 {
+                common::init_model(
+                    model,
+                    &d.join(format!("{model}.safetensors")),
+                    &[
+                        "--config",
+                        &clients[0].display().to_string(),
+                        "--seed",
+                        &i.to_string(),
+                    ],
+                );
+            }
+            let (out, _) = run.go(&clients);
+            assert!(out.contains("run completed after 1 round"), "{out}");
+            let last: Value = serde_json::from_str(
+                std::fs::read_to_string(run.out().join("rounds.jsonl"))
+                    .unwrap()
+                    .lines()
+                    .last()
+                    .unwrap(),
+            )
+            .unwrap();
+            for (_, h) in fedslm_server::evaluation::histograms_from_json(
+                &last["evaluation"],
+                fedslm_protocol::Role::Train,
+            )
+            .unwrap()
+            {
+                match pooled.get_mut(model) {
+                    Some(p) => p.merge(&h).unwrap(),
+                    None => {
+                        pooled.insert(model, h);
+                    }
+                }
+            }
+            outs.entry(model)
+                .or_default()
+                .push(run.out().display().to_string());
+        }
+    }
+    // Each node kept each run's scores where it was told, one file per run.
+    assert!(d.join("scores/center-b/combined-fold-1.csv").is_file());
+
+    let compare = |dir: &Path, a: &[String], b: &[String]| {
+        std::fs::create_dir_all(dir).unwrap();
+        let run = Run::with_id(dir, "compare", &centres, "");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fedslm"));
+        cmd.args(["server", "compare", "--config"])
+            .arg(dir.join("server.toml"))
+            .args(["--a", &a.join(","), "--b", &b.join(","), "--json"])
+            .arg(dir.join("comparison.json"))
+            .env("RUST_LOG", "warn");
+        let server = common::process::Proc::spawn(cmd);
+        server.wait_for(
+            |out, err| out.contains("listening on") || !err.is_empty(),
+            std::time::Duration::from_secs(30),
+        );
+        let clients: Vec<_> = centres
+            .iter()
+            .map(|(c, _)| run.client(&run.client_config(c, &cohort.join(c), &node_settings(c)), 5))
+            .collect();
+        let (ok, out, err) = server.wait();
+        for c in clients {
+            c.wait();
+        }
+        (ok, out, err, run)
+    };
+    let (ok, out, err, run) = compare(&d.join("compare"), &outs["mri"], &outs["combined"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("paired DeLong (Internal)"), "{out}");
+    let c: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.dir.join("comparison.json")).unwrap())
+            .unwrap();
+    for (key, model) in [("auc_a", "mri"), ("auc_b", "combined")] {
+        let want = pooled[model].delong().unwrap().auc;
+        assert!(
+            (c[key].as_f64().unwrap() - want).abs() < 1e-9,
+            "{key}: {c} against the pooled histograms' {want}"
+        );
+    }
+    let p = c["p"].as_f64().unwrap();
+    assert!(p > 0.0 && p <= 1.0, "{c}");
+    // What each node sent in this pass: one PlacementReport of ten sums, nothing else but its Hello.
+    for (centre, role) in centres {
+        let frames = run.dir.join(centre).join("sent/frames");
+        let kinds: Vec<String> = std::fs::read_dir(&frames)
+            .map(|r| {
+                r.map(|e| {
+                    let bytes = std::fs::read(e.unwrap().path()).unwrap();
+                    let (msg, _) =
+                        fedslm_protocol::codec::decode(&bytes, &Default::default()).unwrap();
+                    msg.kind().to_string()
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        let placements = kinds.iter().filter(|k| *k == "PlacementReport").count();
+        assert_eq!(
+            placements,
+            usize::from(role == "train"),
+            "{centre}: {kinds:?}"
+        );
+    }
+
+    // One fold of B missing: the centres' patients differ between A and B, and the pass says so.
+    let (ok, out, err, _) = compare(&d.join("compare-bad"), &outs["mri"], &outs["combined"][..1]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("not all the same"), "{err}");
+}

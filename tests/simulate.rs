@@ -206,14 +206,20 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
         assert_eq!(c["a"], "clinical");
         let close = |got: &Value, model: &str| {
             let want = results["models"][model][side]["auc"].as_f64().unwrap();
-            assert!((got.as_f64().unwrap() - want).abs() < 1e-9, "{side} {model}: {c}");
+            assert!(
+                (got.as_f64().unwrap() - want).abs() < 1e-9,
+                "{side} {model}: {c}"
+            );
         };
         close(&c["auc_a"], "clinical");
         close(&c["auc_b"], "combined");
         let p = c["p"].as_f64().unwrap();
         assert!(p > 0.0 && p <= 1.0, "{c}");
     }
-    assert!(stdout.contains("paired DeLong, clinical vs combined, external"), "{stdout}");
+    assert!(
+        stdout.contains("paired DeLong, clinical vs combined, external"),
+        "{stdout}"
+    );
     for side in ["internal", "external"] {
         assert!(
             out.join("figures").join(side).join("roc.png").is_file(),

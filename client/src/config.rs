@@ -33,6 +33,7 @@ struct File {
     cache: Option<PathBuf>,
     threads: Option<usize>,
     record: Option<PathBuf>,
+    scores: Option<PathBuf>,
     #[serde(default)]
     coding: ClinicalCoding,
     #[serde(default)]
@@ -61,6 +62,9 @@ pub struct ClientConfig {
     pub threads: Option<usize>,
     /// A folder where the node keeps a copy of every update it sends (what left the site).
     pub record: Option<PathBuf>,
+    /// A folder where the node keeps each run's per-patient evaluation scores (`<run id>.csv`), so that a later
+    /// run's paired comparison can use them after this process has ended. They never leave the site.
+    pub scores: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -94,6 +98,7 @@ impl ClientConfig {
             cache: file.cache.map(|p| base.join(p)),
             threads: file.threads,
             record: file.record.map(|p| base.join(p)),
+            scores: file.scores.map(|p| base.join(p)),
             center,
             server: file.server,
             server_name,

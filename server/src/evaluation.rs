@@ -114,6 +114,49 @@ impl Evaluation {
     }
 }
 
+/// The histograms of the centres with `role` in a stored evaluation record (what [`Evaluation::to_json`]
+/// wrote), by centre.
+pub fn histograms_from_json(
+    record: &Value,
+    role: Role,
+) -> Result<Vec<(CenterId, ScoreHistograms)>, String> {
+    let centres = record["centres"]
+        .as_array()
+        .ok_or("the evaluation record has no centres")?;
+    let mut out = Vec::new();
+    for c in centres {
+        if c["role"].as_str() != Some(role_name(role)) {
+            continue;
+        }
+        let name = c["center"].as_str().ok_or("a centre without a name")?;
+        let center = CenterId::new(name).map_err(|e| format!("centre {name:?}: {e}"))?;
+        let counts = |class: &str| -> Result<Vec<u64>, String> {
+            c["histogram"][class]
+                .as_array()
+                .ok_or_else(|| format!("{center}: no {class} histogram"))?
+                .iter()
+                .map(|n| {
+                    n.as_u64()
+                        .ok_or_else(|| format!("{center}: a count {n} in its {class} histogram"))
+                })
+                .collect()
+        };
+        let h = ScoreHistograms {
+            positive: counts("positive")?,
+            negative: counts("negative")?,
+        };
+        if h.positive.len() != h.negative.len() || h.positive.is_empty() {
+            return Err(format!(
+                "{center}: histograms of {} and {} bins",
+                h.positive.len(),
+                h.negative.len()
+            ));
+        }
+        out.push((center, h));
+    }
+    Ok(out)
+}
+
 pub fn role_name(role: Role) -> &'static str {
     match role {
         Role::Train => "train",
@@ -271,6 +314,21 @@ mod tests {
             (direct.n_positive, direct.n_negative)
         );
         assert_eq!(e.to_json()["external"], Value::Null);
+        // What the store keeps gives the same histograms back.
+        let back = histograms_from_json(&e.to_json(), Role::Train).unwrap();
+        assert_eq!(back.len(), 3);
+        for ((c, h), orig) in back.iter().zip(&e.centres) {
+            assert_eq!((c, h), (&orig.center, &orig.histogram));
+        }
+        assert!(histograms_from_json(&e.to_json(), Role::Validate)
+            .unwrap()
+            .is_empty());
+        assert!(histograms_from_json(
+            &json!({"centres": [{"center": "c0", "role": "train",
+            "histogram": {"positive": [1, 2], "negative": [1]}}]}),
+            Role::Train
+        )
+        .is_err());
         assert_eq!(e.to_json()["internal"]["auc"], json!(pooled.auc));
     }
 

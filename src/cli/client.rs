@@ -398,10 +398,78 @@ pub fn node_trainer(config: &ClientConfig) -> anyhow::Result<(NodeTrainer, Sampl
 const KEPT_RUNS: usize = 256;
 
 /// A patient's score in an evaluation, kept at the node (it never leaves it).
+#[derive(Debug)]
 struct Scored {
     patient: String,
     label: bool,
     probability: f64,
+}
+
+/// The file of a run's kept scores. A run id comes from the server: only plain names become file names.
+fn scores_path(dir: &Path, run_id: &str) -> anyhow::Result<PathBuf> {
+    let plain = !run_id.is_empty()
+        && run_id.len() <= 128
+        && !run_id.starts_with('.')
+        && run_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !plain {
+        bail!("run id {run_id:?} is not a plain name (letters, digits, '.', '_', '-')");
+    }
+    Ok(dir.join(format!("{run_id}.csv")))
+}
+
+/// Writes a run's scores to `dir/<run id>.csv`, whole or not at all.
+fn keep_scores(dir: &Path, run_id: &str, scored: &[Scored]) -> anyhow::Result<()> {
+    let path = scores_path(dir, run_id)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut csv = String::from("patient_id,label,probability\n");
+    for s in scored {
+        csv += &format!(
+            "{},{},{:.17}\n",
+            s.patient,
+            u8::from(s.label),
+            s.probability
+        );
+    }
+    let pending = path.with_extension("csv.pending");
+    std::fs::write(&pending, csv).with_context(|| format!("cannot write {}", pending.display()))?;
+    std::fs::rename(&pending, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn read_scores(dir: &Path, run_id: &str) -> anyhow::Result<Vec<Scored>> {
+    let path = scores_path(dir, run_id)?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("this node has no evaluation of it (no {})", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    if lines.next().map(|(_, h)| h) != Some("patient_id,label,probability") {
+        bail!("{}: not a scores file (its header)", path.display());
+    }
+    lines
+        .map(|(i, line)| {
+            let bad = || anyhow::anyhow!("{} line {}: {line:?}", path.display(), i + 1);
+            let mut f = line.split(',');
+            let (Some(patient), Some(label), Some(p), None) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                return Err(bad());
+            };
+            let label = match label {
+                "0" => false,
+                "1" => true,
+                _ => return Err(bad()),
+            };
+            let probability: f64 = p.parse().map_err(|_| bad())?;
+            if !(0.0..=1.0).contains(&probability) {
+                return Err(bad());
+            }
+            Ok(Scored {
+                patient: patient.to_string(),
+                label,
+                probability,
+            })
+        })
+        .collect()
 }
 
 /// Training at this node, on the server's request.
@@ -430,6 +498,10 @@ impl LocalTrainer for NodeTrainer {
 
     fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, String> {
         let (report, scored) = self.evaluate_all(task).map_err(|e| format!("{e:#}"))?;
+        if let Some(dir) = &self.config.scores {
+            keep_scores(dir, run_id, &scored)
+                .map_err(|e| format!("cannot keep this run's scores: {e:#}"))?;
+        }
         self.kept.retain(|(r, _)| r != run_id);
         if self.kept.len() == KEPT_RUNS {
             self.kept.pop_front();
@@ -447,15 +519,26 @@ impl NodeTrainer {
     /// The placement sums of the kept scores of the task's runs: each patient scored under both models, its
     /// placements among the pooled scores of the other class.
     fn placement_sums(&self, task: &PlacementTask) -> anyhow::Result<PlacementReport> {
-        let side = |runs: &[String], model: &str| -> anyhow::Result<BTreeMap<&str, (bool, f64)>> {
+        let side = |runs: &[String],
+                    model: &str|
+         -> anyhow::Result<BTreeMap<String, (bool, f64)>> {
             let mut scores = BTreeMap::new();
             for run in runs {
-                let Some((_, kept)) = self.kept.iter().find(|(r, _)| r == run) else {
-                    bail!("model {model}: this node has no evaluation of run {run:?}");
+                let from_disk;
+                let kept = match self.kept.iter().find(|(r, _)| r == run) {
+                    Some((_, kept)) => kept,
+                    None => match &self.config.scores {
+                        Some(dir) => {
+                            from_disk = read_scores(dir, run)
+                                .with_context(|| format!("model {model}: run {run:?}"))?;
+                            &from_disk
+                        }
+                        None => bail!("model {model}: this node has no evaluation of run {run:?}"),
+                    },
                 };
                 for s in kept {
                     if scores
-                        .insert(s.patient.as_str(), (s.label, s.probability))
+                        .insert(s.patient.clone(), (s.label, s.probability))
                         .is_some()
                     {
                         bail!(
@@ -730,4 +813,50 @@ fn centre_seed(seed: u64, center: &str) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     seed ^ h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_scores_round_trip_and_a_run_id_never_leaves_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let scored = vec![
+            Scored {
+                patient: "P1".into(),
+                label: true,
+                probability: 0.123_456_789_012_345_67,
+            },
+            Scored {
+                patient: "P2".into(),
+                label: false,
+                probability: 1.0,
+            },
+        ];
+        keep_scores(tmp.path(), "combined-fold-2", &scored).unwrap();
+        let back = read_scores(tmp.path(), "combined-fold-2").unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].patient, "P1");
+        assert!(back[0].label && !back[1].label);
+        assert_eq!(back[0].probability, scored[0].probability);
+        for bad in ["../escape", "", ".hidden", "a/b", "a b"] {
+            let e = keep_scores(tmp.path(), bad, &scored)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a plain name"), "{bad}: {e}");
+            assert!(read_scores(tmp.path(), bad).is_err());
+        }
+        let e = read_scores(tmp.path(), "never-run")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no evaluation"), "{e}");
+        std::fs::write(
+            tmp.path().join("broken.csv"),
+            "patient_id,label,probability\nP1,2,0.5\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", read_scores(tmp.path(), "broken").unwrap_err());
+        assert!(e.contains("line 2"), "{e}");
+    }
 }

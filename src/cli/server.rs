@@ -3,15 +3,17 @@
 //! sled), resumes a stored run after a crash, and writes the final model; without, it only admits centres.
 //! `server verify` and `server status` read a run's store.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fedslm_certs::Signer;
+use fedslm_metrics::ScoreHistograms;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
-use fedslm_protocol::{ModelKind, Role};
-use fedslm_server::evaluation::Evaluation;
+use fedslm_protocol::{CenterId, ModelKind, PlacementTask, Role};
+use fedslm_server::evaluation::{histograms_from_json, paired_comparison, Evaluation};
 use fedslm_server::store::sha256_file;
 use fedslm_server::{
     Committed, Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig,
@@ -45,6 +47,25 @@ enum ServerCommand {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Paired DeLong test of two models' evaluations (the second pass): each centre that evaluated both is
+    /// sent the pooled histograms and returns sums of its patients' placements, from the scores it kept
+    /// (client.toml's `scores` folder). Uses the configuration's listen address, PKI, centres and run_id.
+    Compare {
+        #[arg(long)]
+        config: PathBuf,
+        /// Output folders of model A's runs: its cross-validation folds' (internal), or its final run's.
+        #[arg(long, value_delimiter = ',', required = true)]
+        a: Vec<PathBuf>,
+        /// Output folders of model B's runs, the same patients as A's.
+        #[arg(long, value_delimiter = ',', required = true)]
+        b: Vec<PathBuf>,
+        /// internal: the training centres' evaluations; external: the validation centres'.
+        #[arg(long, value_enum, default_value = "internal")]
+        side: Side,
+        /// Also write the result as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// A run's rounds, centres, last metrics and audit head; while the server runs, from its status file.
     Status {
         /// The run's output folder (`output` in server.toml).
@@ -54,6 +75,154 @@ enum ServerCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Internal,
+    External,
+}
+
+/// Run ids, pooled histograms and evaluating centres of one side of a comparison, from the runs' stores.
+fn evaluations(
+    dirs: &[PathBuf],
+    role: Role,
+    model: &str,
+) -> anyhow::Result<(Vec<String>, ScoreHistograms, BTreeSet<CenterId>)> {
+    let mut runs = Vec::new();
+    let mut pooled: Option<ScoreHistograms> = None;
+    let mut centres = BTreeSet::new();
+    for dir in dirs {
+        let at = || format!("model {model}: {}", dir.display());
+        let store = Store::open_existing(dir).with_context(at)?;
+        let meta = store
+            .meta()
+            .with_context(at)?
+            .with_context(|| format!("{}: no run recorded", at()))?;
+        let record = store
+            .rounds()
+            .with_context(at)?
+            .into_iter()
+            .rev()
+            .find(|r| !r.evaluation.is_null())
+            .with_context(|| format!("{}: run {} has no stored evaluation", at(), meta.run_id))?
+            .evaluation;
+        let hs =
+            histograms_from_json(&record, role).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        if hs.is_empty() {
+            bail!("{}: no {role:?} centre evaluated run {}", at(), meta.run_id);
+        }
+        for (c, h) in hs {
+            centres.insert(c);
+            match &mut pooled {
+                Some(p) => p.merge(&h).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?,
+                None => pooled = Some(h),
+            }
+        }
+        runs.push(meta.run_id);
+    }
+    let pooled = pooled.with_context(|| format!("model {model}: no run named"))?;
+    Ok((runs, pooled, centres))
+}
+
+fn compare(
+    config_path: &Path,
+    a: &[PathBuf],
+    b: &[PathBuf],
+    side: Side,
+    json_out: Option<&Path>,
+) -> anyhow::Result<()> {
+    let config = ServerConfig::load(config_path)?;
+    let role = match side {
+        Side::Internal => Role::Train,
+        Side::External => Role::Validate,
+    };
+    let (a_runs, pooled_a, centres_a) = evaluations(a, role, "A")?;
+    let (b_runs, pooled_b, centres_b) = evaluations(b, role, "B")?;
+    if centres_a != centres_b {
+        bail!(
+            "model A was evaluated at {:?} and model B at {:?}: a paired test needs the same patients",
+            centres_a,
+            centres_b
+        );
+    }
+    if pooled_a.bins() != pooled_b.bins() {
+        bail!(
+            "model A's histograms have {} bins, model B's {}",
+            pooled_a.bins(),
+            pooled_b.bins()
+        );
+    }
+    for c in &centres_a {
+        if !config.enrolment.centers.contains_key(c) {
+            bail!(
+                "{c} evaluated the runs but is not enrolled in {}",
+                config_path.display()
+            );
+        }
+    }
+    let proto = |h: &ScoreHistograms| fedslm_protocol::ScoreHistogram {
+        positive: h.positive.clone(),
+        negative: h.negative.clone(),
+    };
+    let centres: Vec<CenterId> = centres_a.into_iter().collect();
+    let tasks: Vec<(CenterId, PlacementTask)> = centres
+        .iter()
+        .map(|c| {
+            (
+                c.clone(),
+                PlacementTask {
+                    a_runs: a_runs.clone(),
+                    b_runs: b_runs.clone(),
+                    pooled_a: proto(&pooled_a),
+                    pooled_b: proto(&pooled_b),
+                },
+            )
+        })
+        .collect();
+    let deadline = config.run.deadline;
+    let answers = super::runtime()?.block_on(async {
+        let server = Server::bind(config)?;
+        let addr = server.local_addr().context("no local address")?;
+        println!(
+            "listening on {addr}: paired comparison of {} runs of A and {} of B at {}",
+            a_runs.len(),
+            b_runs.len(),
+            centres
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok::<_, anyhow::Error>(server.run_placements(tasks, deadline).await)
+    })?;
+    let mut reports = Vec::new();
+    for (c, answer) in centres.iter().zip(answers) {
+        match answer {
+            Ok(r) => reports.push((c.clone(), r)),
+            Err(e) => bail!("no paired comparison: {e}"),
+        }
+    }
+    let c = paired_comparison(&pooled_a, &pooled_b, &reports)
+        .map_err(|e| anyhow::anyhow!("no paired comparison: {e}"))?;
+    println!(
+        "paired DeLong ({side:?}): AUC A {:.3} vs B {:.3}, difference {:.3}, z = {:.3}, p = {:.4}",
+        c.auc_a,
+        c.auc_b,
+        c.auc_a - c.auc_b,
+        c.z,
+        c.p
+    );
+    if let Some(path) = json_out {
+        let v = json!({
+            "side": format!("{side:?}").to_lowercase(), "a_runs": a_runs, "b_runs": b_runs,
+            "centres": centres.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+            "auc_a": c.auc_a, "auc_b": c.auc_b, "z": c.z, "p": c.p,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn kind_of(card: &ModelCard, path: &Path) -> anyhow::Result<ModelKind> {
@@ -72,6 +241,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ServerCommand::Verify { out, ca }) => return verify(&out, ca.as_deref()),
         Some(ServerCommand::Status { out, json }) => return status(&out, json),
+        Some(ServerCommand::Compare {
+            config,
+            a,
+            b,
+            side,
+            json,
+        }) => return compare(&config, &a, &b, side, json.as_deref()),
         None => {}
     }
     let Some(config_path) = args.config else {

@@ -358,6 +358,17 @@ fn simulate_model(
         }
         fold_rounds.push(f.rounds);
         fold_models.push(f.model);
+        if let Some(Ok(so_far)) = internal.as_ref().map(|h| h.delong()) {
+            let (lo, hi) = so_far.ci95();
+            println!(
+                "{} internal AUC so far, folds 1-{} pooled: {:.3} ({lo:.3}-{hi:.3}; {}+/{}-)",
+                model.name(),
+                fold + 1,
+                so_far.auc,
+                so_far.n_positive,
+                so_far.n_negative
+            );
+        }
     }
     let start = init("all", clinical_for(None))?;
     let all = federate(ctx, runtime, model, &start, None)?;

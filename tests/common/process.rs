@@ -22,11 +22,17 @@ pub fn free_udp_port() -> u16 {
 pub struct Run {
     pub dir: PathBuf,
     pub port: u16,
+    pub run_id: String,
 }
 
 impl Run {
     /// A PKI with a certificate for each centre, and the server's configuration (output in `out`).
     pub fn new(dir: &Path, centres: &[(&str, &str)], round_keys: &str) -> Run {
+        Run::with_id(dir, "e2e", centres, round_keys)
+    }
+
+    /// [`Run::new`] with the run id `run_id`.
+    pub fn with_id(dir: &Path, run_id: &str, centres: &[(&str, &str)], round_keys: &str) -> Run {
         let pki = Pki::init(
             &dir.join("pki"),
             "test",
@@ -38,6 +44,7 @@ impl Run {
         let run = Run {
             dir: dir.to_path_buf(),
             port,
+            run_id: run_id.to_string(),
         };
         for (c, _) in centres {
             pki.issue(&id(c), &dir.join(c), IssueOptions::days(30).unwrap())
@@ -50,8 +57,8 @@ impl Run {
     /// (Re)writes `server.toml`.
     pub fn write_server_config(&self, centres: &[(&str, &str)], round_keys: &str) {
         let mut toml = format!(
-            "listen = \"127.0.0.1:{}\"\npki = \"pki\"\nrun_id = \"e2e\"\noutput = \"out\"\n{round_keys}\n",
-            self.port
+            "listen = \"127.0.0.1:{}\"\npki = \"pki\"\nrun_id = \"{}\"\noutput = \"out\"\n{round_keys}\n",
+            self.port, self.run_id
         );
         for (c, role) in centres {
             toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
