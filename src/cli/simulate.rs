@@ -987,7 +987,8 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
     for (model, r) in per_model {
         if let Some(fit) = &r.fit {
             md.push_str(&format!(
-                "## The clinical model ({model:?}), federated Newton on all training data\n\n"
+                "## The {} model, federated Newton on all training data\n\n",
+                model.name()
             ));
             md.push_str("| covariate | beta | SE | OR | OR 95% CI | p |\n| --- | --- | --- | --- | --- | --- |\n");
             for (i, name) in fit.names.iter().enumerate() {
@@ -1020,6 +1021,28 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
                     v["n"]["negatives"],
                 ));
             }
+        }
+    }
+    if let Some(comparisons) = results["comparisons"].as_array().filter(|c| !c.is_empty()) {
+        md.push_str("\n## Paired DeLong tests against the combined network (second pass)\n\n\
+                     | model | side | AUC | combined AUC | z | p |\n| --- | --- | --- | --- | --- | --- |\n");
+        for c in comparisons {
+            let num = |k: &str, digits: usize| {
+                c[k].as_f64()
+                    .map_or("-".to_string(), |v| format!("{v:.digits$}"))
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                c["a"].as_str().unwrap_or("?"),
+                c["side"].as_str().unwrap_or("?"),
+                num("auc_a", 3),
+                num("auc_b", 3),
+                num("z", 2),
+                c["p"].as_f64().map_or_else(
+                    || format!("not computed: {}", c["error"].as_str().unwrap_or("?")),
+                    |p| format!("{p:.4}")
+                ),
+            ));
         }
     }
     md.push_str("\n## Audit\n\n| model | final federation's audit head |\n| --- | --- |\n");
