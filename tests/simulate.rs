@@ -124,30 +124,11 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
     ]);
     assert!(ok, "{err}");
     let out = tmp.path().join("sim");
-    let (ok, stdout, err) = fedslm(&[
-        "--log",
-        "warn",
-        "simulate",
-        "--cohort",
-        &cohort.display().to_string(),
-        "--models",
-        "combined",
-        "--folds",
-        "2",
-        "--rounds",
-        "1",
-        "--local-epochs",
-        "1",
-        "--out",
-        &out.display().to_string(),
-    ]);
-    assert!(ok, "{stdout}\n{err}");
+    let (stdout, results) = quick_combined(&cohort, &out, &[]);
     assert!(
         stdout.contains("held out for external validation"),
         "{stdout}"
     );
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let combined = &results["models"]["combined"];
     assert_eq!(results["holdout"], "external");
     // Every labelled training patient once internally; the external centre's patients externally.
@@ -234,32 +215,12 @@ fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain()
     let tmp = tempfile::tempdir().unwrap();
     let cohort = common::tiny_synth_cohort(tmp.path());
     let out = tmp.path().join("sim");
-    let (ok, stdout, err) = fedslm(&[
-        "--log",
-        "warn",
-        "simulate",
-        "--cohort",
-        &cohort.display().to_string(),
-        "--models",
-        "combined",
-        "--folds",
-        "2",
-        "--rounds",
-        "1",
-        "--local-epochs",
-        "1",
-        "--no-centralised",
-        "--out",
-        &out.display().to_string(),
-    ]);
-    assert!(ok, "{stdout}\n{err}");
+    let (stdout, results) = quick_combined(&cohort, &out, &["--no-centralised"]);
     assert!(
         stdout.contains("the clinical model cannot be fitted here"),
         "{stdout}"
     );
     assert!(stdout.contains("perfect separation"), "{stdout}");
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     let combined = &results["models"]["combined"];
     assert!(
         combined["head_start"].as_str().unwrap().starts_with("none"),
@@ -268,4 +229,34 @@ fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain()
     assert_eq!(combined["centralised"], Value::Null);
     assert!(results["models"].get("clinical").is_none());
     assert!(out.join("models/combined.safetensors").is_file());
+}
+
+/// `fedslm simulate --models combined` with 2 folds of 1 round of 1 epoch (and `extra`) into `out`: its
+/// standard output and results.json.
+fn quick_combined(cohort: &Path, out: &Path, extra: &[&str]) -> (String, Value) {
+    let cohort = cohort.display().to_string();
+    let out_arg = out.display().to_string();
+    let mut args = vec![
+        "--log",
+        "warn",
+        "simulate",
+        "--cohort",
+        &cohort,
+        "--models",
+        "combined",
+        "--folds",
+        "2",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--out",
+        &out_arg,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, err) = fedslm(&args);
+    assert!(ok, "{stdout}\n{err}");
+    let results =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    (stdout, results)
 }
