@@ -1078,10 +1078,18 @@ fn figures(out: &Path, per_model: &[(TrainableModel, ModelResult)]) -> anyhow::R
         };
         // One set of rows for every model: the same patients, so the same class counts.
         let (np, nn) = (first.n_positive(), first.n_negative());
-        let same: Vec<&(String, m::ScoreHistograms)> = hists
+        let (same, other): (Vec<_>, Vec<_>) = hists
             .iter()
-            .filter(|(_, h)| h.n_positive() == np && h.n_negative() == nn)
-            .collect();
+            .partition(|(_, h)| h.n_positive() == np && h.n_negative() == nn);
+        for (name, h) in other {
+            // One figure's curves share their patients (one prevalence, one treat-all line).
+            println!(
+                "{side} figures: {name} left out: its {}+/{}- patients are not the {np}+/{nn}- of {}",
+                h.n_positive(),
+                h.n_negative(),
+                hists[0].0
+            );
+        }
         let labels = pseudo(first).0;
         let mut scores = Vec::new();
         let mut reports = Vec::new();
