@@ -674,6 +674,15 @@ fn finish_all(
             Outcome::Failed { reason, .. } => format!("failed: {reason}"),
         },
     };
+    tell_finish(shared, finish);
+    for (_, c) in cancels.drain() {
+        let _ = c.send(());
+    }
+    shared.emit(ServerEvent::Finished(outcome.clone()));
+}
+
+/// The run's end to every connected centre, and to any that joins later.
+fn tell_finish(shared: &Shared, finish: Finish) {
     *lock(&shared.finished) = Some(finish.clone());
     let peers: Vec<(CenterId, mpsc::Sender<Finish>)> = lock(&shared.peers)
         .iter()
@@ -684,10 +693,6 @@ fn finish_all(
             lock(&shared.told).insert(center);
         }
     }
-    for (_, c) in cancels.drain() {
-        let _ = c.send(());
-    }
-    shared.emit(ServerEvent::Finished(outcome.clone()));
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -837,16 +842,7 @@ async fn placements(
         rounds_completed: 0,
         reason: "paired comparisons done".into(),
     };
-    *lock(&shared.finished) = Some(finish.clone());
-    let peers: Vec<(CenterId, mpsc::Sender<Finish>)> = lock(&shared.peers)
-        .iter()
-        .map(|(c, p)| (c.clone(), p.finish.clone()))
-        .collect();
-    for (center, p) in peers {
-        if p.try_send(finish.clone()).is_ok() {
-            lock(&shared.told).insert(center);
-        }
-    }
+    tell_finish(shared, finish);
     answers
 }
 
