@@ -191,13 +191,16 @@ pub struct Committed {
 impl RoundRecord {
     /// The example-weighted mean training loss of the accepted updates.
     pub fn train_loss(&self) -> f64 {
-        let n: u64 = self.contributions.iter().map(|c| c.examples).sum();
-        self.contributions
-            .iter()
-            .map(|c| c.train_loss * c.examples as f64)
-            .sum::<f64>()
-            / n.max(1) as f64
+        weighted_loss(self.contributions.iter().map(|c| (c.examples, c.train_loss)))
     }
+}
+
+/// The example-weighted mean of centres' training losses, from `(examples, loss)` pairs.
+pub(crate) fn weighted_loss(parts: impl Iterator<Item = (u64, f64)>) -> f64 {
+    let (n, sum) = parts.fold((0u64, 0.0), |(n, sum), (examples, loss)| {
+        (n + examples, sum + loss * examples as f64)
+    });
+    sum / n.max(1) as f64
 }
 
 /// How a run ended.

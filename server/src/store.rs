@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::audit::{check_chain, AuditEvent, Head};
 use crate::failpoint;
-use crate::round::RoundRecord;
+use crate::round::{weighted_loss, RoundRecord};
 
 /// The sled database, inside the output folder.
 pub const STORE_DIR: &str = "store";
@@ -230,12 +230,7 @@ impl StoredRound {
 
     /// The example-weighted mean training loss.
     pub fn train_loss(&self) -> f64 {
-        let n: u64 = self.contributions.iter().map(|c| c.examples).sum();
-        self.contributions
-            .iter()
-            .map(|c| c.train_loss * c.examples as f64)
-            .sum::<f64>()
-            / n.max(1) as f64
+        weighted_loss(self.contributions.iter().map(|c| (c.examples, c.train_loss)))
     }
 }
 
