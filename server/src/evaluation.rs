@@ -4,7 +4,9 @@
 //! per patient.
 
 use fedslm_metrics::{Comparison, PlacementSums, ScoreHistograms};
-use fedslm_protocol::{CenterId, EvalReport, Fold, PlacementReport, Role};
+use fedslm_protocol::{
+    CenterId, EvalReport, Fold, PlacementReport, PlacementTask, Role, ScoreHistogram,
+};
 use serde_json::{json, Value};
 
 /// What one centre reported.
@@ -49,10 +51,34 @@ pub fn check_report(report: &EvalReport, round: u32, bins: u32) -> Result<ScoreH
     if !report.loss.is_finite() || report.loss < 0.0 {
         return Err(format!("loss {} is not a finite log-loss", report.loss));
     }
-    Ok(ScoreHistograms {
+    Ok(from_wire(h))
+}
+
+/// Histograms as a centre sent them.
+pub fn from_wire(h: &ScoreHistogram) -> ScoreHistograms {
+    ScoreHistograms {
         positive: h.positive.clone(),
         negative: h.negative.clone(),
-    })
+    }
+}
+
+/// The second pass's task for a centre: the runs whose kept scores to pair, and both models' pooled histograms.
+pub fn placement_task(
+    a_runs: Vec<String>,
+    b_runs: Vec<String>,
+    pooled_a: &ScoreHistograms,
+    pooled_b: &ScoreHistograms,
+) -> PlacementTask {
+    let wire = |h: &ScoreHistograms| ScoreHistogram {
+        positive: h.positive.clone(),
+        negative: h.negative.clone(),
+    };
+    PlacementTask {
+        a_runs,
+        b_runs,
+        pooled_a: wire(pooled_a),
+        pooled_b: wire(pooled_b),
+    }
 }
 
 /// One evaluation round.

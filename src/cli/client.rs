@@ -16,6 +16,7 @@ use fedslm_protocol::{
     close, codec, EvalReport, EvaluateTask, FitResult, FitTask, Fold, Limits, LocalObjective,
     Message, ModelKind, PlacementReport, PlacementTask, SampleCounts, ScoreHistogram, Weights,
 };
+use fedslm_server::evaluation::from_wire;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -570,13 +571,9 @@ impl NodeTrainer {
             pa.push(*sa);
             pb.push(*sb);
         }
-        let pooled = |h: &fedslm_protocol::ScoreHistogram| fedslm_metrics::ScoreHistograms {
-            positive: h.positive.clone(),
-            negative: h.negative.clone(),
-        };
         let s = fedslm_metrics::PlacementSums::from_patients(
-            &pooled(&task.pooled_a),
-            &pooled(&task.pooled_b),
+            &from_wire(&task.pooled_a),
+            &from_wire(&task.pooled_b),
             &labels,
             &pa,
             &pb,

@@ -13,7 +13,9 @@ use fedslm_certs::Signer;
 use fedslm_metrics::ScoreHistograms;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
 use fedslm_protocol::{CenterId, ModelKind, PlacementTask, Role};
-use fedslm_server::evaluation::{histograms_from_json, paired_comparison, Evaluation};
+use fedslm_server::evaluation::{
+    histograms_from_json, paired_comparison, placement_task, Evaluation,
+};
 use fedslm_server::store::sha256_file;
 use fedslm_server::{
     Committed, Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig,
@@ -161,22 +163,13 @@ fn compare(
             );
         }
     }
-    let proto = |h: &ScoreHistograms| fedslm_protocol::ScoreHistogram {
-        positive: h.positive.clone(),
-        negative: h.negative.clone(),
-    };
     let centres: Vec<CenterId> = centres_a.into_iter().collect();
     let tasks: Vec<(CenterId, PlacementTask)> = centres
         .iter()
         .map(|c| {
             (
                 c.clone(),
-                PlacementTask {
-                    a_runs: a_runs.clone(),
-                    b_runs: b_runs.clone(),
-                    pooled_a: proto(&pooled_a),
-                    pooled_b: proto(&pooled_b),
-                },
+                placement_task(a_runs.clone(), b_runs.clone(), &pooled_a, &pooled_b),
             )
         })
         .collect();

@@ -686,21 +686,12 @@ fn compare(
     if plans.is_empty() {
         return Ok(Vec::new());
     }
-    let proto = |h: &m::ScoreHistograms| fedslm_protocol::ScoreHistogram {
-        positive: h.positive.clone(),
-        negative: h.negative.clone(),
-    };
     let mut tasks = Vec::new();
     for (_, _, ha, hb, centres, a_runs, b_runs) in &plans {
         for c in centres {
             tasks.push((
                 c.clone(),
-                fedslm_protocol::PlacementTask {
-                    a_runs: a_runs.clone(),
-                    b_runs: b_runs.clone(),
-                    pooled_a: proto(ha),
-                    pooled_b: proto(hb),
-                },
+                fedslm_server::evaluation::placement_task(a_runs.clone(), b_runs.clone(), ha, hb),
             ));
         }
     }
