@@ -67,12 +67,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cohort = common::tiny_synth_cohort(d);
-    let centres = [
-        ("center-a", "train"),
-        ("center-b", "train"),
-        ("center-c", "train"),
-        ("external", "validate"),
-    ];
+    let centres = common::TINY_CENTRES;
     let run = Run::new(
         d,
         &centres,
@@ -366,12 +361,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cohort = common::tiny_synth_cohort(d);
-    let centres = [
-        ("center-a", "train"),
-        ("center-b", "train"),
-        ("center-c", "train"),
-        ("external", "validate"),
-    ];
+    let centres = common::TINY_CENTRES;
     let node_settings = |c: &str| {
         format!(
             "scores = \"{}\"\n[preprocess]\nsize = 32\nneighbours = 0\n",

@@ -13,12 +13,7 @@ use common::process::Run;
 use fedslm_server::failpoint;
 use fedslm_server::{Store, StoredRound};
 
-const CENTRES: [(&str, &str); 4] = [
-    ("center-a", "train"),
-    ("center-b", "train"),
-    ("center-c", "train"),
-    ("external", "validate"),
-];
+const CENTRES: [(&str, &str); 4] = common::TINY_CENTRES;
 const ROUNDS: usize = 5;
 const PREPROCESS: &str = "[preprocess]\nsize = 32\nneighbours = 0\n";
 

@@ -148,12 +148,7 @@ fn setup(round_keys: &str) -> Setup {
         &["127.0.0.1".parse().unwrap()],
     )
     .unwrap();
-    let centres = [
-        ("center-a", "train"),
-        ("center-b", "train"),
-        ("center-c", "train"),
-        ("external", "validate"),
-    ];
+    let centres = common::TINY_CENTRES;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

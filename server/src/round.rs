@@ -191,7 +191,11 @@ pub struct Committed {
 impl RoundRecord {
     /// The example-weighted mean training loss of the accepted updates.
     pub fn train_loss(&self) -> f64 {
-        weighted_loss(self.contributions.iter().map(|c| (c.examples, c.train_loss)))
+        weighted_loss(
+            self.contributions
+                .iter()
+                .map(|c| (c.examples, c.train_loss)),
+        )
     }
 }
 

@@ -230,7 +230,11 @@ impl StoredRound {
 
     /// The example-weighted mean training loss.
     pub fn train_loss(&self) -> f64 {
-        weighted_loss(self.contributions.iter().map(|c| (c.examples, c.train_loss)))
+        weighted_loss(
+            self.contributions
+                .iter()
+                .map(|c| (c.examples, c.train_loss)),
+        )
     }
 }
 

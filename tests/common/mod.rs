@@ -34,6 +34,14 @@ pub fn fedslm_in(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The tiny synthetic cohort's centres and their roles.
+pub const TINY_CENTRES: [(&str, &str); 4] = [
+    ("center-a", "train"),
+    ("center-b", "train"),
+    ("center-c", "train"),
+    ("external", "validate"),
+];
+
 /// `fedslm model init --model MODEL --out OUT` with `extra` arguments (a client.toml, a seed).
 pub fn init_model(model: &str, out: &Path, extra: &[&str]) {
     let out = out.display().to_string();
