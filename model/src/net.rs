@@ -6,7 +6,9 @@
 //! model file loads into a PyTorch ResNet as it is.
 
 use candle_core::{Module, Result, Tensor, Var, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::kernels::{self, Kernels};
 use serde::{Deserialize, Serialize};
 
 /// The first layers, before the residual stages.
@@ -182,7 +184,56 @@ impl BatchNorm2d {
         })
     }
 
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The normalised `x`, through a ReLU with `relu`; in training, the batch's statistics also move the
+    /// running ones.
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+        relu: bool,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
+        if kernels == Kernels::Candle {
+            let y = self.forward_candle(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        if !train {
+            return kernels::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                BN_EPS,
+                relu,
+            );
+        }
+        let (y, stats) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
+        let (n, _, h, w) = x.dims4()?;
+        let unbiased = unbiased_factor(n * h * w);
+        let var: Vec<f32> = stats.var.iter().map(|v| v * unbiased as f32).collect();
+        let dev = x.device();
+        let c = stats.mean.len();
+        self.update_running(
+            &Tensor::from_vec(stats.mean, c, dev)?,
+            &Tensor::from_vec(var, c, dev)?,
+        )?;
+        Ok(y)
+    }
+
+    fn update_running(&self, mean: &Tensor, unbiased_var: &Tensor) -> Result<()> {
+        self.running_mean.set(
+            &((self.running_mean.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
+                + (mean * BN_MOMENTUM)?)?,
+        )?;
+        self.running_var.set(
+            &((self.running_var.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
+                + (unbiased_var * BN_MOMENTUM)?)?,
+        )
+    }
+
+    /// The same from candle's own tensor ops (the reference the kernel is tested against).
+    fn forward_candle(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         let shape = (1, c, 1, 1);
         let (mean, var) = if train {
@@ -196,22 +247,9 @@ impl BatchNorm2d {
             };
             let mean = per_channel(x)?;
             let var = per_channel(&x.broadcast_sub(&mean)?.sqr()?)?;
-            let count = (n * h * w) as f64;
-            let unbiased = if count > 1.0 {
-                count / (count - 1.0)
-            } else {
-                1.0
-            };
             let m = mean.detach().flatten_all()?;
-            let v = (var.detach().flatten_all()? * unbiased)?;
-            self.running_mean.set(
-                &((self.running_mean.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
-                    + (m * BN_MOMENTUM)?)?,
-            )?;
-            self.running_var.set(
-                &((self.running_var.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
-                    + (v * BN_MOMENTUM)?)?,
-            )?;
+            let v = (var.detach().flatten_all()? * unbiased_factor(n * h * w))?;
+            self.update_running(&m, &v)?;
             (mean, var)
         } else {
             (
@@ -229,6 +267,31 @@ impl BatchNorm2d {
     }
 }
 
+/// Running variances are unbiased (PyTorch's convention), the batch's own normalisation biased.
+fn unbiased_factor(count: usize) -> f64 {
+    if count > 1 {
+        count as f64 / (count as f64 - 1.0)
+    } else {
+        1.0
+    }
+}
+
+/// A convolution without bias, padding `kernel / 2`.
+struct Conv {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        match kernels {
+            Kernels::Fedslm => kernels::conv2d(x, &self.weight, self.stride, self.padding),
+            Kernels::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1),
+        }
+    }
+}
+
 fn conv(
     vb: VarBuilder,
     name: &str,
@@ -236,26 +299,26 @@ fn conv(
     cout: usize,
     kernel: usize,
     stride: usize,
-) -> Result<Conv2d> {
-    candle_nn::conv2d_no_bias(
-        cin,
-        cout,
-        kernel,
-        Conv2dConfig {
-            padding: kernel / 2,
-            stride,
-            ..Default::default()
-        },
-        vb.pp(name),
-    )
+) -> Result<Conv> {
+    // Network::new draws the weights from its own seeded generator; the hint only fills the variable.
+    let weight = vb.pp(name).get_with_hints(
+        (cout, cin, kernel, kernel),
+        "weight",
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+    )?;
+    Ok(Conv {
+        weight,
+        stride,
+        padding: kernel / 2,
+    })
 }
 
 struct BasicBlock {
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm2d,
-    conv2: Conv2d,
+    conv2: Conv,
     bn2: BatchNorm2d,
-    downsample: Option<(Conv2d, BatchNorm2d)>,
+    downsample: Option<(Conv, BatchNorm2d)>,
 }
 
 impl BasicBlock {
@@ -277,11 +340,15 @@ impl BasicBlock {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+    fn forward_t(&self, x: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
+        let y = self
+            .bn1
+            .forward_t(&self.conv1.forward(x, k)?, train, true, k)?;
+        let y = self
+            .bn2
+            .forward_t(&self.conv2.forward(&y, k)?, train, false, k)?;
         let shortcut = match &self.downsample {
-            Some((c, bn)) => bn.forward_t(&c.forward(x)?, train)?,
+            Some((c, bn)) => bn.forward_t(&c.forward(x, k)?, train, false, k)?,
             None => x.clone(),
         };
         (y + shortcut)?.relu()
@@ -291,10 +358,11 @@ impl BasicBlock {
 /// The ResNet: stem, four stages, global average pooling, optional clinical concatenation, one logit.
 pub struct ResNet {
     cfg: NetConfig,
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm2d,
     blocks: Vec<BasicBlock>,
     fc: Linear,
+    pub kernels: Kernels,
 }
 
 impl ResNet {
@@ -330,6 +398,7 @@ impl ResNet {
             bn1,
             blocks,
             fc,
+            kernels: Kernels::default(),
         })
     }
 
@@ -341,15 +410,15 @@ impl ResNet {
         clinical: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        let k = self.kernels;
         let mut x = self
             .bn1
-            .forward_t(&self.conv1.forward(image)?, train)?
-            .relu()?;
+            .forward_t(&self.conv1.forward(image, k)?, train, true, k)?;
         if self.cfg.stem == Stem::Standard {
             x = x.max_pool2d(2)?;
         }
         for b in &self.blocks {
-            x = b.forward_t(&x, train)?;
+            x = b.forward_t(&x, train, k)?;
         }
         let pooled = x.mean(D::Minus1)?.mean(D::Minus1)?;
         let features = match (self.cfg.clinical_features, clinical) {

@@ -426,6 +426,11 @@ impl Network {
         Ok((images, clinical))
     }
 
+    /// Chooses our kernels (the default) or candle's own ops, the reference they are tested against.
+    pub fn set_kernels(&mut self, kernels: crate::kernels::Kernels) {
+        self.net.kernels = kernels;
+    }
+
     /// Per-patient probabilities, batch-norm statistics frozen.
     pub fn predict(&self, samples: &[&Sample]) -> Result<Vec<f64>, ModelError> {
         let mut out = Vec::with_capacity(samples.len());

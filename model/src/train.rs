@@ -2,6 +2,7 @@
 //! side only, a numerically stable weighted binary cross-entropy, AdamW or SGD with momentum under a cosine
 //! learning-rate schedule, and an optional FedProx proximal term.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::augment::{augment, Augmentation};
 use crate::error::ModelError;
+use crate::kernels::{FusedAdamW, Kernels};
 use crate::network::Network;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -115,8 +117,7 @@ struct Sgd {
 }
 
 impl Sgd {
-    fn step(&mut self, loss: &Tensor, lr: f64) -> candle_core::Result<()> {
-        let grads = loss.backward()?;
+    fn step(&mut self, grads: &GradStore, lr: f64) -> candle_core::Result<()> {
         for (var, v) in self.vars.iter().zip(self.velocity.iter_mut()) {
             let Some(g) = grads.get(var) else { continue };
             let mut g = g.clone();
@@ -135,8 +136,130 @@ impl Sgd {
 }
 
 enum Opt {
+    /// candle-nn's, with candle's kernels (the reference).
     AdamW(AdamW),
+    FusedAdamW(FusedAdamW),
     Sgd(Sgd),
+}
+
+/// The parts of a training step as `fit` runs them, one batch at a time (the benchmark times each part).
+pub struct Trainer<'a> {
+    network: &'a Network,
+    cfg: &'a TrainConfig,
+    trainable: Vec<Var>,
+    /// FedProx: mu and the weights at the start.
+    anchor: Option<(f64, Vec<Tensor>)>,
+    opt: Opt,
+}
+
+/// A batch's forward pass: the loss to differentiate (with the proximal term) and the cross-entropy alone.
+pub struct Forward {
+    pub loss: Tensor,
+    pub cross_entropy: f64,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(network: &'a Network, cfg: &'a TrainConfig) -> Result<Trainer<'a>, ModelError> {
+        cfg.check()?;
+        let trainable: Vec<Var> = network
+            .trainable_vars()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        let anchor: Option<(f64, Vec<Tensor>)> = match cfg.proximal_mu {
+            Some(mu) if mu > 0.0 => Some((
+                mu,
+                trainable
+                    .iter()
+                    .map(|v| v.as_tensor().detach().copy())
+                    .collect::<Result<_, _>>()?,
+            )),
+            _ => None,
+        };
+        let opt = match cfg.optimizer {
+            Optimizer::AdamW { weight_decay } => {
+                let params = ParamsAdamW {
+                    lr: cfg.learning_rate,
+                    weight_decay,
+                    ..Default::default()
+                };
+                match network.net.kernels {
+                    Kernels::Fedslm => Opt::FusedAdamW(FusedAdamW::new(trainable.clone(), params)?),
+                    Kernels::Candle => Opt::AdamW(AdamW::new(trainable.clone(), params)?),
+                }
+            }
+            Optimizer::Sgd {
+                momentum,
+                weight_decay,
+            } => Opt::Sgd(Sgd {
+                velocity: vec![None; trainable.len()],
+                vars: trainable.clone(),
+                momentum,
+                weight_decay,
+            }),
+        };
+        Ok(Trainer {
+            network,
+            cfg,
+            trainable,
+            anchor,
+            opt,
+        })
+    }
+
+    /// Assembles the batch (augmented from `rng` where the configuration says so) and runs the network on it.
+    pub fn forward(&self, batch: &[&Sample], rng: &mut Rng) -> Result<Forward, ModelError> {
+        let groups = 3;
+        let (images, clinical) =
+            self.network
+                .batch(batch, |s, buf| match &self.cfg.augmentation {
+                    Some(a) => augment(&s.image, s.channels, s.size, groups, a, rng, buf),
+                    None => buf.extend_from_slice(&s.image),
+                })?;
+        let labels: Vec<f32> = batch
+            .iter()
+            .map(|s| if s.label == Some(true) { 1.0 } else { 0.0 })
+            .collect();
+        let labels = Tensor::from_vec(labels, batch.len(), images.device())?;
+        let logits = self
+            .network
+            .net
+            .forward_t(&images, clinical.as_ref(), true)?;
+        let bce = bce_with_logits(&logits, &labels, self.cfg.pos_weight.unwrap_or(1.0))?;
+        let cross_entropy = f64::from(bce.to_scalar::<f32>()?);
+        let mut loss = bce;
+        if let Some((mu, start)) = &self.anchor {
+            let mut distance = Tensor::zeros((), candle_core::DType::F32, images.device())?;
+            for (v, w0) in self.trainable.iter().zip(start) {
+                distance = (distance + (v.as_tensor() - w0)?.sqr()?.sum_all()?)?;
+            }
+            loss = (loss + (distance * (mu / 2.0))?)?;
+        }
+        Ok(Forward {
+            loss,
+            cross_entropy,
+        })
+    }
+
+    pub fn backward(&self, forward: &Forward) -> Result<GradStore, ModelError> {
+        Ok(forward.loss.backward()?)
+    }
+
+    /// One optimiser step at learning rate `lr`.
+    pub fn update(&mut self, grads: &GradStore, lr: f64) -> Result<(), ModelError> {
+        match &mut self.opt {
+            Opt::AdamW(a) => {
+                a.set_learning_rate(lr);
+                a.step(grads)?;
+            }
+            Opt::FusedAdamW(a) => {
+                a.set_learning_rate(lr);
+                a.step(grads)?;
+            }
+            Opt::Sgd(s) => s.step(grads, lr)?,
+        }
+        Ok(())
+    }
 }
 
 impl Network {
@@ -164,40 +287,10 @@ impl Network {
                 samples.len()
             )));
         }
-        let trainable: Vec<Var> = self.trainable_vars().into_iter().map(|(_, v)| v).collect();
-        let anchor: Option<(f64, Vec<Tensor>)> = match cfg.proximal_mu {
-            Some(mu) if mu > 0.0 => Some((
-                mu,
-                trainable
-                    .iter()
-                    .map(|v| v.as_tensor().detach().copy())
-                    .collect::<Result<_, _>>()?,
-            )),
-            _ => None,
-        };
-        let mut opt = match cfg.optimizer {
-            Optimizer::AdamW { weight_decay } => Opt::AdamW(AdamW::new(
-                trainable.clone(),
-                ParamsAdamW {
-                    lr: cfg.learning_rate,
-                    weight_decay,
-                    ..Default::default()
-                },
-            )?),
-            Optimizer::Sgd {
-                momentum,
-                weight_decay,
-            } => Opt::Sgd(Sgd {
-                velocity: vec![None; trainable.len()],
-                vars: trainable.clone(),
-                momentum,
-                weight_decay,
-            }),
-        };
+        let mut trainer = Trainer::new(self, cfg)?;
         // Batches of at least 2: a last batch of one would give batch norm a variance of zero.
         let batches_per_epoch = samples.len().div_ceil(cfg.batch_size);
         let total_steps = (cfg.epochs * batches_per_epoch).max(1);
-        let groups = 3;
         let root = Rng::new(cfg.seed);
         let mut reports = Vec::with_capacity(cfg.epochs);
         let mut step = 0;
@@ -212,42 +305,19 @@ impl Network {
                     continue;
                 }
                 let batch: Vec<&Sample> = chunk.iter().map(|&i| samples[i]).collect();
-                let (images, clinical) = self.batch(&batch, |s, buf| match &cfg.augmentation {
-                    Some(a) => augment(&s.image, s.channels, s.size, groups, a, &mut rng, buf),
-                    None => buf.extend_from_slice(&s.image),
-                })?;
-                let labels: Vec<f32> = batch
-                    .iter()
-                    .map(|s| if s.label == Some(true) { 1.0 } else { 0.0 })
-                    .collect();
-                let labels = Tensor::from_vec(labels, batch.len(), images.device())?;
-                let logits = self.net.forward_t(&images, clinical.as_ref(), true)?;
-                let bce = bce_with_logits(&logits, &labels, cfg.pos_weight.unwrap_or(1.0))?;
-                let value = f64::from(bce.to_scalar::<f32>()?);
+                let forward = trainer.forward(&batch, &mut rng)?;
+                let value = forward.cross_entropy;
                 if !value.is_finite() {
                     return Err(ModelError::Training(format!(
                         "the loss became {value} at epoch {} (learning rate {lr:.2e} too high?)",
                         epoch + 1
                     )));
                 }
-                let mut loss = bce;
-                if let Some((mu, start)) = &anchor {
-                    let mut distance = Tensor::zeros((), candle_core::DType::F32, images.device())?;
-                    for (v, w0) in trainable.iter().zip(start) {
-                        distance = (distance + (v.as_tensor() - w0)?.sqr()?.sum_all()?)?;
-                    }
-                    loss = (loss + (distance * (mu / 2.0))?)?;
-                }
                 lr = cfg.learning_rate
                     * 0.5
                     * (1.0 + (std::f64::consts::PI * step as f64 / total_steps as f64).cos());
-                match &mut opt {
-                    Opt::AdamW(a) => {
-                        a.set_learning_rate(lr);
-                        a.backward_step(&loss)?;
-                    }
-                    Opt::Sgd(s) => s.step(&loss, lr)?,
-                }
+                let grads = trainer.backward(&forward)?;
+                trainer.update(&grads, lr)?;
                 step += 1;
                 loss_sum += value;
                 batches += 1;

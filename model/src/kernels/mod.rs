@@ -1,0 +1,112 @@
+//! CPU kernels of our own for the operations that dominate training, as candle custom ops: candle 0.11's CPU
+//! convolution runs at a fraction of the machine's speed (its input gradient is a naive transposed convolution)
+//! and its batch norm, built from a dozen elementwise ops, copies every activation several times.
+//!
+//! - `conv`: 2-D convolution by im2col over the `gemm` crate (the GEMM candle itself uses), with both backward
+//!   passes (input gradient through col2im, weight gradient); no column buffer outlives a call.
+//! - `norm`: batch normalisation with the ReLU that follows it fused in, forward and backward in one pass each.
+//! - `adamw`: AdamW updating each variable in place in one pass, as candle-nn's twelve tensor ops do.
+//!
+//! Work is split over the batch into one contiguous chunk per thread (`threads()`): the result does not depend
+//! on scheduling, only on the thread count. Each op is tested against candle's own (`model/tests/kernels.rs`).
+
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+pub mod adamw;
+pub mod conv;
+pub mod norm;
+
+pub use adamw::FusedAdamW;
+pub use conv::conv2d;
+pub use norm::{batch_norm_eval, batch_norm_train, BatchStats};
+
+/// Which implementation the networks use: ours, or candle's own ops (the reference, kept for the tests and for
+/// the benchmark's before/after in one run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    #[default]
+    Fedslm,
+    Candle,
+}
+
+/// Threads the kernels split work over: candle's own setting (`RAYON_NUM_THREADS`, else the physical cores).
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// The f32 values of a CPU storage in the layout's logical order, borrowed where they are contiguous.
+pub(crate) fn values<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> Result<Cow<'a, [f32]>> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!(
+            "{op}: only f32 tensors are supported, got {:?}",
+            storage.dtype()
+        )
+    };
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return Ok(Cow::Borrowed(&data[start..end]));
+    }
+    // A strided view (a transpose, a narrowed slice): gather it in row-major order.
+    let dims = layout.dims();
+    let stride = layout.stride();
+    let mut out = Vec::with_capacity(layout.shape().elem_count());
+    let mut index = vec![0usize; dims.len()];
+    if dims.iter().all(|&d| d > 0) {
+        loop {
+            let offset: usize =
+                layout.start_offset() + index.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+            out.push(data[offset]);
+            let mut axis = dims.len();
+            loop {
+                if axis == 0 {
+                    return Ok(Cow::Owned(out));
+                }
+                axis -= 1;
+                index[axis] += 1;
+                if index[axis] < dims[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// The f32 values of a tensor (on the CPU) in row-major order.
+pub(crate) fn tensor_values(t: &Tensor, op: &str) -> Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => Ok(values(cpu, layout, op)?.into_owned()),
+        _ => candle_core::bail!("{op}: only CPU tensors are supported"),
+    }
+}
+
+/// Runs `f` on the tensor's f32 values without copying contiguous ones.
+pub(crate) fn with_values<R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(&values(cpu, layout, op)?),
+        _ => candle_core::bail!("{op}: only CPU tensors are supported"),
+    }
+}
+
+/// Splits `items` (samples of a batch) into at most `threads()` contiguous runs: (first, count) each.
+pub(crate) fn chunks(items: usize) -> Vec<(usize, usize)> {
+    let parts = threads().min(items).max(1);
+    let per = items.div_ceil(parts);
+    (0..parts)
+        .map(|p| (p * per, per.min(items.saturating_sub(p * per))))
+        .filter(|&(_, n)| n > 0)
+        .collect()
+}
