@@ -14,6 +14,12 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // candle's own thread pool spins 25,000 rounds after each op before it sleeps; our kernels run on rayon's
+    // threads, and on a small CPU that spinning takes the cores they need (2 cores: 44 -> 33 ms per training
+    // step of the default network). Set before any thread starts, as set_var requires.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let args = cli::Cli::parse();
     cli::init_logging(&args.log);
     match cli::run(args) {

@@ -8,7 +8,7 @@
 use candle_core::{Module, Result, Tensor, Var, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::kernels::{self, Kernels};
+use crate::kernels::{self, Kernels, Then};
 use serde::{Deserialize, Serialize};
 
 /// The first layers, before the residual stages.
@@ -184,18 +184,21 @@ impl BatchNorm2d {
         })
     }
 
-    /// The normalised `x`, through a ReLU with `relu`; in training, the batch's statistics also move the
-    /// running ones.
+    /// The normalised `x`, then `then` (the shortcut added, a ReLU); in training, the batch's statistics also
+    /// move the running ones.
     pub fn forward_t(
         &self,
         x: &Tensor,
         train: bool,
-        relu: bool,
+        then: Then,
         kernels: Kernels,
     ) -> Result<Tensor> {
         if kernels == Kernels::Candle {
-            let y = self.forward_candle(x, train)?;
-            return if relu { y.relu() } else { Ok(y) };
+            let mut y = self.forward_candle(x, train)?;
+            if let Some(r) = then.residual {
+                y = (y + r)?;
+            }
+            return if then.relu { y.relu() } else { Ok(y) };
         }
         if !train {
             return kernels::batch_norm_eval(
@@ -205,10 +208,10 @@ impl BatchNorm2d {
                 self.running_mean.as_tensor(),
                 self.running_var.as_tensor(),
                 BN_EPS,
-                relu,
+                then,
             );
         }
-        let (y, stats) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, relu)?;
+        let (y, stats) = kernels::batch_norm_train(x, &self.weight, &self.bias, BN_EPS, then)?;
         let (n, _, h, w) = x.dims4()?;
         let unbiased = unbiased_factor(n * h * w);
         let var: Vec<f32> = stats.var.iter().map(|v| v * unbiased as f32).collect();
@@ -341,17 +344,23 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
+        let relu = Then {
+            residual: None,
+            relu: true,
+        };
         let y = self
             .bn1
-            .forward_t(&self.conv1.forward(x, k)?, train, true, k)?;
-        let y = self
-            .bn2
-            .forward_t(&self.conv2.forward(&y, k)?, train, false, k)?;
+            .forward_t(&self.conv1.forward(x, k)?, train, relu, k)?;
         let shortcut = match &self.downsample {
-            Some((c, bn)) => bn.forward_t(&c.forward(x, k)?, train, false, k)?,
+            Some((c, bn)) => bn.forward_t(&c.forward(x, k)?, train, Then::default(), k)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        let then = Then {
+            residual: Some(&shortcut),
+            relu: true,
+        };
+        self.bn2
+            .forward_t(&self.conv2.forward(&y, k)?, train, then, k)
     }
 }
 
@@ -411,9 +420,15 @@ impl ResNet {
         train: bool,
     ) -> Result<Tensor> {
         let k = self.kernels;
-        let mut x = self
-            .bn1
-            .forward_t(&self.conv1.forward(image, k)?, train, true, k)?;
+        let mut x = self.bn1.forward_t(
+            &self.conv1.forward(image, k)?,
+            train,
+            Then {
+                residual: None,
+                relu: true,
+            },
+            k,
+        )?;
         if self.cfg.stem == Stem::Standard {
             x = x.max_pool2d(2)?;
         }

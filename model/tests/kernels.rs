@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
-use fedslm_model::kernels::{batch_norm_eval, batch_norm_train, conv2d, FusedAdamW};
+use fedslm_model::kernels::{batch_norm_eval, batch_norm_train, conv2d, FusedAdamW, Then};
 use fedslm_model::{Kernels, NetConfig, Network, NetworkKind, TrainConfig};
 
 fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
@@ -245,9 +245,16 @@ fn batch_norm_equals_candles_forward_and_gradients() {
         if n * h * w < 2 {
             continue;
         }
-        for relu in [false, true] {
+        for (relu, add) in [(false, false), (true, false), (true, true), (false, true)] {
             for train in [true, false] {
-                let what = format!("case {i}: {n}x{c}x{h}x{w}, relu {relu}, train {train}");
+                let what = format!(
+                    "case {i}: {n}x{c}x{h}x{w}, relu {relu}, residual {add}, train {train}"
+                );
+                let residual = Var::from_tensor(&random(&mut rng, &[n, c, h, w])).unwrap();
+                let then = Then {
+                    residual: add.then_some(residual.as_tensor()),
+                    relu,
+                };
                 let x =
                     Var::from_tensor(&random(&mut rng, &[n, c, h, w]).affine(3.0, 1.0).unwrap())
                         .unwrap();
@@ -261,7 +268,7 @@ fn batch_norm_equals_candles_forward_and_gradients() {
                         gamma.as_tensor(),
                         beta.as_tensor(),
                         1e-5,
-                        relu,
+                        then,
                     )
                     .unwrap();
                     // The returned statistics are the batch's mean and biased variance.
@@ -310,7 +317,7 @@ fn batch_norm_equals_candles_forward_and_gradients() {
                         &running_mean,
                         &running_var,
                         1e-5,
-                        relu,
+                        then,
                     )
                     .unwrap();
                     let r = reference_batch_norm(
@@ -320,6 +327,11 @@ fn batch_norm_equals_candles_forward_and_gradients() {
                         Some((&running_mean, &running_var)),
                     );
                     (y, r)
+                };
+                let reference = if add {
+                    (reference + residual.as_tensor()).unwrap()
+                } else {
+                    reference
                 };
                 let reference = if relu {
                     reference.relu().unwrap()
@@ -347,6 +359,16 @@ fn batch_norm_equals_candles_forward_and_gradients() {
                         5e-5,
                         &format!("{what}: {name} gradient"),
                     );
+                }
+                if add {
+                    assert_close(
+                        g_ours.get(&residual).unwrap(),
+                        g_ref.get(&residual).unwrap(),
+                        1e-6,
+                        &format!("{what}: residual gradient"),
+                    );
+                } else {
+                    assert!(g_ours.get(&residual).is_none());
                 }
             }
         }

@@ -22,6 +22,9 @@ pub enum BenchCommand {
     /// The cost of committing a round to the server's store: the checkpoint file written, hashed, fsynced
     /// and renamed, then the sled record flushed and the status files rewritten, for a ResNet-18 (45 MB).
     Commit(CommitArgs),
+    /// Training and inference speed of the image networks, phase by phase, beside the identical network in
+    /// PyTorch when it is installed: ours / PyTorch on the same threads.
+    Train(super::bench_train::TrainBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +74,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let args = match cmd {
         BenchCommand::Rounds(args) => args,
         BenchCommand::Commit(args) => return commit(args),
+        BenchCommand::Train(args) => return super::bench_train::run(args),
     };
     println!(
         "model, parameters, MB, centres, s/round (median of {}), server peak MiB",

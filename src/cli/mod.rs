@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing (clap derive) and dispatch. `anyhow` lives here, at the edge.
 
 mod bench;
+mod bench_train;
 mod certs;
 mod client;
 pub mod evaluate;

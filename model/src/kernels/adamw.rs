@@ -9,11 +9,11 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor, Var};
 use candle_nn::ParamsAdamW;
 use rayon::prelude::*;
 
-use super::values;
+use super::{parallel, values};
 
 const NAME: &str = "fedslm-adamw";
 
-/// Variables updated in parallel chunks of this many values; smaller ones in one go.
+/// Large variables are updated in parallel chunks of this many values.
 const CHUNK: usize = 1 << 15;
 
 pub struct FusedAdamW {
@@ -100,6 +100,10 @@ impl Coefficients {
     }
 }
 
+/// A slice of a variable and its gradient; the same slice of its two moments.
+type Chunk<'a> = (&'a mut [f32], &'a [f32]);
+type Moments<'a> = (&'a mut [f32], &'a mut [f32]);
+
 struct Update<'a> {
     c: Coefficients,
     moments: RefCell<(&'a mut [f32], &'a mut [f32])>,
@@ -135,15 +139,20 @@ impl InplaceOp2 for Update<'_> {
             );
         }
         let c = self.c;
-        theta
-            .par_chunks_mut(CHUNK)
-            .zip(grad.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((t, g), (m, v))| {
-                for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    (*t, *m, *v) = c.apply(*t, g, *m, *v);
-                }
-            });
+        let update = |((t, g), (m, v)): (Chunk, Moments)| {
+            for (((t, &g), m), v) in t.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                (*t, *m, *v) = c.apply(*t, g, *m, *v);
+            }
+        };
+        if parallel(theta.len()) {
+            theta
+                .par_chunks_mut(CHUNK)
+                .zip(grad.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+                .for_each(update);
+        } else {
+            update(((theta, &grad), (m, v)));
+        }
         Ok(())
     }
 }

@@ -96,34 +96,14 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// The output columns `[lo, hi)` whose input column `ox * stride + kx - pad` lies inside the image.
-    fn valid_columns(&self, kx: usize) -> (usize, usize) {
-        let lo = if self.pad > kx {
-            (self.pad - kx).div_ceil(self.stride)
-        } else {
-            0
-        };
-        let hi = if self.w + self.pad > kx {
-            (self.w + self.pad - kx).div_ceil(self.stride).min(self.wo)
-        } else {
-            0
-        };
-        (lo.min(hi), hi)
-    }
-
-    /// Calls `f(row of the column matrix, output row oy, input row iy or None where it is padding,
-    /// kx)` for every (channel, ky, kx, oy).
-    fn for_each_row(&self, mut f: impl FnMut(usize, usize, Option<usize>, usize, usize)) {
+    /// Calls `f(row of the column matrix, channel, ky, kx)` for every kernel tap, in row order.
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let mut row = 0;
         for ci in 0..self.cin {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
-                    let row = (ci * self.kh + ky) * self.kw + kx;
-                    for oy in 0..self.ho {
-                        let iy = (oy * self.stride + ky)
-                            .checked_sub(self.pad)
-                            .filter(|&iy| iy < self.h);
-                        f(row, oy, iy, ci, kx);
-                    }
+                    f(row, ci, ky, kx);
+                    row += 1;
                 }
             }
         }
@@ -131,23 +111,29 @@ impl Geometry {
 
     /// Unfolds one sample `[cin, h, w]` into `col [k, p]`.
     fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        let (p, wo, s) = (self.p(), self.wo, self.stride);
-        self.for_each_row(|row, oy, iy, ci, kx| {
-            let out = &mut col[row * p + oy * wo..][..wo];
-            let Some(iy) = iy else {
-                out.fill(0.0);
-                return;
-            };
-            let src = &x[(ci * self.h + iy) * self.w..][..self.w];
-            let (lo, hi) = self.valid_columns(kx);
-            out[..lo].fill(0.0);
-            out[hi..].fill(0.0);
-            let first = lo * s + kx - self.pad;
-            if s == 1 {
-                out[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
-            } else {
-                for (o, i) in out[lo..hi].iter_mut().zip(src[first..].iter().step_by(s)) {
-                    *o = *i;
+        let (p, wo, s, pad) = (self.p(), self.wo, self.stride, self.pad);
+        self.for_each_tap(|row, ci, ky, kx| {
+            let plane = &x[ci * self.h * self.w..][..self.h * self.w];
+            let dst = &mut col[row * p..][..p];
+            let (oy_lo, oy_hi) = valid(ky, pad, s, self.h, self.ho);
+            let (lo, hi) = valid(kx, pad, s, self.w, wo);
+            dst[..oy_lo * wo].fill(0.0);
+            dst[oy_hi * wo..].fill(0.0);
+            for oy in oy_lo..oy_hi {
+                let out = &mut dst[oy * wo..][..wo];
+                out[..lo].fill(0.0);
+                out[hi..].fill(0.0);
+                if lo == hi {
+                    continue;
+                }
+                let first = (oy * s + ky - pad) * self.w + lo * s + kx - pad;
+                let src = &plane[first..first + (hi - lo - 1) * s + 1];
+                if s == 1 {
+                    out[lo..hi].copy_from_slice(src);
+                } else {
+                    for (j, o) in out[lo..hi].iter_mut().enumerate() {
+                        *o = src[j * s];
+                    }
                 }
             }
         });
@@ -155,24 +141,47 @@ impl Geometry {
 
     /// Folds `col [k, p]` back onto one sample's input gradient `[cin, h, w]`, adding.
     fn col2im(&self, col: &[f32], dx: &mut [f32]) {
-        let (p, wo, s) = (self.p(), self.wo, self.stride);
-        self.for_each_row(|row, oy, iy, ci, kx| {
-            let Some(iy) = iy else { return };
-            let src = &col[row * p + oy * wo..][..wo];
-            let dst = &mut dx[(ci * self.h + iy) * self.w..][..self.w];
-            let (lo, hi) = self.valid_columns(kx);
-            let first = lo * s + kx - self.pad;
-            if s == 1 {
-                for (d, v) in dst[first..first + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                    *d += *v;
-                }
-            } else {
-                for (d, v) in dst[first..].iter_mut().step_by(s).zip(&src[lo..hi]) {
-                    *d += *v;
+        let (p, wo, s, pad) = (self.p(), self.wo, self.stride, self.pad);
+        self.for_each_tap(|row, ci, ky, kx| {
+            let plane = &mut dx[ci * self.h * self.w..][..self.h * self.w];
+            let src_rows = &col[row * p..][..p];
+            let (oy_lo, oy_hi) = valid(ky, pad, s, self.h, self.ho);
+            let (lo, hi) = valid(kx, pad, s, self.w, wo);
+            if lo == hi {
+                return;
+            }
+            for oy in oy_lo..oy_hi {
+                let src = &src_rows[oy * wo + lo..oy * wo + hi];
+                let first = (oy * s + ky - pad) * self.w + lo * s + kx - pad;
+                let dst = &mut plane[first..first + (hi - lo - 1) * s + 1];
+                if s == 1 {
+                    for (d, v) in dst.iter_mut().zip(src) {
+                        *d += *v;
+                    }
+                } else {
+                    for (j, v) in src.iter().enumerate() {
+                        dst[j * s] += *v;
+                    }
                 }
             }
         });
     }
+}
+
+/// The output positions `[lo, hi)` along one axis whose input position `o * stride + tap - pad` lies inside
+/// `[0, size)`, of `out` output positions.
+fn valid(tap: usize, pad: usize, stride: usize, size: usize, out: usize) -> (usize, usize) {
+    let lo = if pad > tap {
+        (pad - tap).div_ceil(stride)
+    } else {
+        0
+    };
+    let hi = if size + pad > tap {
+        (size + pad - tap).div_ceil(stride).min(out)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
 }
 
 /// `dst [m, n] = lhs [m, k] · rhs [k, n]` (or `dst +=` with `accumulate`), each operand given by its row and

@@ -21,7 +21,7 @@ pub mod norm;
 
 pub use adamw::FusedAdamW;
 pub use conv::conv2d;
-pub use norm::{batch_norm_eval, batch_norm_train, BatchStats};
+pub use norm::{batch_norm_eval, batch_norm_train, BatchStats, Then};
 
 /// Which implementation the networks use: ours, or candle's own ops (the reference, kept for the tests and for
 /// the benchmark's before/after in one run).
@@ -35,6 +35,12 @@ pub enum Kernels {
 /// Threads the kernels split work over: candle's own setting (`RAYON_NUM_THREADS`, else the physical cores).
 pub fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
+}
+
+/// Whether work over `len` values is worth handing to the thread pool: waking its threads costs more than a
+/// small elementwise pass.
+pub(crate) fn parallel(len: usize) -> bool {
+    len >= 1 << 15 && threads() > 1
 }
 
 /// The f32 values of a CPU storage in the layout's logical order, borrowed where they are contiguous.

@@ -1,0 +1,409 @@
+//! `fedslm bench train`: the single source of truth for training speed. Times the forward pass (with the
+//! loss), the backward pass, the optimiser step, the whole step and inference of our networks through the
+//! client's own training path (`model::Trainer`, what `Network::fit` runs; `Network::predict`), one process
+//! per kernel set (ours, candle's own ops as the before), and the identical network in PyTorch
+//! (`tools/bench_torch.py`, compiled in) side by side on the same threads when PyTorch is installed. Prints a
+//! Markdown table of medians and each process's peak RSS.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fedslm_cohort::{Rng, Sample};
+use fedslm_model::{Kernels, NetConfig, Network, NetworkKind, TrainConfig, Trainer};
+use serde::{Deserialize, Serialize};
+
+const TORCH_SCRIPT: &str = include_str!("../../tools/bench_torch.py");
+
+#[derive(Debug, Args)]
+pub struct TrainBenchArgs {
+    /// Networks, comma-separated: `default` (the default run's combined network: ResNet-10 of width 8, compact
+    /// stem, 9 x 64 x 64), `small` (the same on 3 x 32 x 32), `resnet18` (the study's scale: ResNet-18 of width
+    /// 64, torchvision's stem, 3 x 224 x 224, combined).
+    #[arg(long, value_delimiter = ',', default_value = "default,resnet18")]
+    arch: Vec<String>,
+    /// Threads on both sides (ours: RAYON_NUM_THREADS; PyTorch: torch.set_num_threads). Default: candle's
+    /// default, the physical cores.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed steps per network, after the warm-up; default 20, and 5 for resnet18.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Kernel sets, comma-separated: `fedslm` (ours, what the client runs) and `candle` (candle's own ops, the
+    /// reference and the before).
+    #[arg(long, value_delimiter = ',', default_value = "fedslm,candle")]
+    kernels: Vec<String>,
+    /// The Python interpreter with PyTorch for the side-by-side run; `none` skips it.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Measure in this process and print JSON lines (the parent starts one such process per kernel set).
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+/// One network's medians from one process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Timing {
+    name: String,
+    forward: f64,
+    backward: f64,
+    optimiser: f64,
+    step: f64,
+    inference: f64,
+    peak_rss_mib: f64,
+}
+
+const PHASES: [&str; 5] = [
+    "forward",
+    "backward",
+    "optimiser",
+    "train step",
+    "inference",
+];
+
+impl Timing {
+    fn phase(&self, i: usize) -> f64 {
+        [
+            self.forward,
+            self.backward,
+            self.optimiser,
+            self.step,
+            self.inference,
+        ][i]
+    }
+}
+
+struct Net {
+    name: &'static str,
+    label: &'static str,
+    config: NetConfig,
+    steps: usize,
+}
+
+fn nets(args: &TrainBenchArgs) -> anyhow::Result<Vec<Net>> {
+    args.arch
+        .iter()
+        .map(|a| {
+            let (name, label, config, steps) = match a.as_str() {
+                "default" => (
+                    "default",
+                    "default, 9 x 64 x 64",
+                    NetConfig::compact(9, 64, 5),
+                    20,
+                ),
+                "small" => (
+                    "small",
+                    "default, 3 x 32 x 32",
+                    NetConfig::compact(3, 32, 5),
+                    20,
+                ),
+                "resnet18" => (
+                    "resnet18",
+                    "ResNet-18, 3 x 224 x 224",
+                    NetConfig::resnet18(3, 224, 5),
+                    5,
+                ),
+                other => bail!("unknown network {other:?}: use default, small or resnet18"),
+            };
+            Ok(Net {
+                name,
+                label,
+                config,
+                steps: args.steps.unwrap_or(steps),
+            })
+        })
+        .collect()
+}
+
+fn kernels(name: &str) -> anyhow::Result<Kernels> {
+    match name {
+        "fedslm" => Ok(Kernels::Fedslm),
+        "candle" => Ok(Kernels::Candle),
+        other => bail!("unknown kernel set {other:?}: use fedslm or candle"),
+    }
+}
+
+/// Random crops and clinical indicators, alternate labels (the PyTorch script draws the same kind).
+fn samples(n: usize, config: &NetConfig, rng: &mut Rng) -> Vec<Sample> {
+    let (c, s) = (config.in_channels, config.input_size);
+    (0..n)
+        .map(|i| Sample {
+            patient_id: format!("P{i}"),
+            center: "bench".into(),
+            image: (0..c * s * s).map(|_| rng.normal() as f32).collect(),
+            channels: c,
+            size: s,
+            clinical: (0..config.clinical_features)
+                .map(|_| f32::from(rng.bernoulli(0.4)))
+                .collect(),
+            label: Some(i % 2 == 0),
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Measures in this process, one JSON line per network.
+fn worker(args: &TrainBenchArgs) -> anyhow::Result<()> {
+    let [set] = args.kernels.as_slice() else {
+        bail!("a worker measures one kernel set");
+    };
+    let set = kernels(set)?;
+    let mut rng = Rng::new(1);
+    for net in nets(args)? {
+        let mut network = Network::new(NetworkKind::Combined, net.config, 1)?;
+        network.set_kernels(set);
+        let data = samples(args.batch, &net.config, &mut rng);
+        let batch: Vec<&Sample> = data.iter().collect();
+        // Augmentation off: PyTorch's side has none, and it is not what this compares.
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch_size: args.batch,
+            augmentation: None,
+            ..TrainConfig::default()
+        };
+        let mut trainer = Trainer::new(&network, &cfg)?;
+        let mut phases: [Vec<f64>; 5] = Default::default();
+        for i in 0..args.warmup + net.steps {
+            let t0 = Instant::now();
+            let forward = trainer.forward(&batch, &mut rng)?;
+            let t1 = Instant::now();
+            let grads = trainer.backward(&forward)?;
+            let t2 = Instant::now();
+            trainer.update(&grads, cfg.learning_rate)?;
+            drop((grads, forward));
+            let t3 = Instant::now();
+            network.predict(&batch)?;
+            let t4 = Instant::now();
+            if i >= args.warmup {
+                let ms = |a: Instant, b: Instant| 1e3 * (b - a).as_secs_f64();
+                for (p, v) in phases.iter_mut().zip([
+                    ms(t0, t1),
+                    ms(t1, t2),
+                    ms(t2, t3),
+                    ms(t0, t3),
+                    ms(t3, t4),
+                ]) {
+                    p.push(v);
+                }
+            }
+        }
+        let [forward, backward, optimiser, step, inference] = phases.map(median);
+        let timing = Timing {
+            name: net.name.into(),
+            forward,
+            backward,
+            optimiser,
+            step,
+            inference,
+            peak_rss_mib: super::server::peak_rss_mib(),
+        };
+        println!("{}", serde_json::to_string(&timing)?);
+        std::io::stdout().flush()?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd` and reads one JSON timing per line of its output, ticking `bar` for each.
+fn collect(
+    mut cmd: Command,
+    what: &str,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Vec<Timing>> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut out = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let t: Timing = serde_json::from_str(&line)
+            .with_context(|| format!("{what} printed {line:?}, not a timing"))?;
+        bar.inc(1);
+        out.push(t);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(out)
+}
+
+/// The PyTorch version, or why there is none.
+fn torch_version(python: &str) -> Result<String, String> {
+    if python == "none" {
+        return Err("--python none".into());
+    }
+    let out = Command::new(python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("{python}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{python} cannot import torch"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+pub fn run(args: TrainBenchArgs) -> anyhow::Result<()> {
+    if args.worker {
+        return worker(&args);
+    }
+    let nets = nets(&args)?;
+    for k in &args.kernels {
+        kernels(k)?;
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(fedslm_model::kernels::threads)
+        .max(1);
+    let torch = torch_version(&args.python);
+    let processes = args.kernels.len() + usize::from(torch.is_ok());
+    let bar = indicatif::ProgressBar::new((processes * nets.len()) as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} networks timed, {elapsed}")?,
+    );
+    let exe = std::env::current_exe()?;
+    let arch = nets.iter().map(|n| n.name).collect::<Vec<_>>().join(",");
+    let mut columns: Vec<(String, Vec<Timing>)> = Vec::new();
+    for k in &args.kernels {
+        let mut cmd = Command::new(&exe);
+        cmd.env("RAYON_NUM_THREADS", threads.to_string())
+            .args([
+                "bench",
+                "train",
+                "--worker",
+                "--kernels",
+                k,
+                "--arch",
+                &arch,
+            ])
+            .args([
+                "--warmup",
+                &args.warmup.to_string(),
+                "--batch",
+                &args.batch.to_string(),
+            ]);
+        if let Some(s) = args.steps {
+            cmd.args(["--steps", &s.to_string()]);
+        }
+        columns.push((k.clone(), collect(cmd, &format!("the {k} worker"), &bar)?));
+    }
+    let script = std::env::temp_dir().join(format!("fedslm-bench-torch-{}.py", std::process::id()));
+    if torch.is_ok() {
+        std::fs::write(&script, TORCH_SCRIPT)
+            .with_context(|| format!("writing {}", script.display()))?;
+        let mut timings = Vec::new();
+        for net in &nets {
+            let c = &net.config;
+            let stem = match c.stem {
+                fedslm_model::Stem::Compact => "compact",
+                fedslm_model::Stem::Standard => "standard",
+            };
+            let spec = format!(
+                "{}:{}:{}:{}:{}:{stem}:{}",
+                net.name, c.in_channels, c.input_size, c.width, c.depth, c.clinical_features
+            );
+            let mut cmd = Command::new(&args.python);
+            cmd.arg(&script)
+                .args([
+                    "--threads",
+                    &threads.to_string(),
+                    "--steps",
+                    &net.steps.to_string(),
+                ])
+                .args([
+                    "--warmup",
+                    &args.warmup.to_string(),
+                    "--batch",
+                    &args.batch.to_string(),
+                ])
+                .arg(spec);
+            let result = collect(cmd, "the PyTorch script", &bar);
+            if result.is_err() {
+                let _ = std::fs::remove_file(&script);
+            }
+            timings.extend(result?);
+        }
+        let _ = std::fs::remove_file(&script);
+        columns.push(("PyTorch".into(), timings));
+    }
+    bar.finish_and_clear();
+    print_table(&args, threads, &nets, &columns, &torch);
+    Ok(())
+}
+
+fn print_table(
+    args: &TrainBenchArgs,
+    threads: usize,
+    nets: &[Net],
+    columns: &[(String, Vec<Timing>)],
+    torch: &Result<String, String>,
+) {
+    match torch {
+        Ok(v) => println!("PyTorch {v} ({}), ", args.python),
+        Err(why) => println!("PyTorch not run ({why}): no ratios. "),
+    }
+    println!(
+        "{threads} threads, batch {}, medians in ms of the timed steps after {} warm-up steps, peak RSS of \
+         each process in MiB\n",
+        args.batch, args.warmup
+    );
+    let has_torch = columns.iter().any(|(n, _)| n == "PyTorch");
+    let ours: Vec<&(String, Vec<Timing>)> =
+        columns.iter().filter(|(n, _)| n != "PyTorch").collect();
+    let mut header = vec!["network".to_string(), "threads".into(), "phase".into()];
+    header.extend(columns.iter().map(|(n, _)| format!("{n} ms")));
+    if has_torch {
+        header.extend(ours.iter().map(|(n, _)| format!("{n} / PyTorch")));
+    }
+    println!("| {} |", header.join(" | "));
+    println!("|{}", " --- |".repeat(header.len()));
+    let find =
+        |col: &(String, Vec<Timing>), name: &str| col.1.iter().find(|t| t.name == name).cloned();
+    for net in nets {
+        let label = format!("{} ({} steps)", net.label, net.steps);
+        for (i, phase) in PHASES.iter().enumerate().chain([(5, &"peak RSS MiB")]) {
+            let value = |t: &Timing| if i == 5 { t.peak_rss_mib } else { t.phase(i) };
+            let mut row = vec![
+                if i == 0 { label.clone() } else { String::new() },
+                if i == 0 {
+                    threads.to_string()
+                } else {
+                    String::new()
+                },
+                phase.to_string(),
+            ];
+            let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+            row.extend(
+                columns
+                    .iter()
+                    .map(|c| cell(find(c, net.name).map(|t| value(&t)))),
+            );
+            if has_torch {
+                let torch = columns
+                    .iter()
+                    .find(|(n, _)| n == "PyTorch")
+                    .and_then(|c| find(c, net.name));
+                for col in &ours {
+                    let ratio = match (find(col, net.name), &torch) {
+                        (Some(a), Some(b)) => format!("{:.2}", value(&a) / value(b)),
+                        _ => "-".into(),
+                    };
+                    row.push(ratio);
+                }
+            }
+            println!("| {} |", row.join(" | "));
+        }
+    }
+}
