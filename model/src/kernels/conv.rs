@@ -96,71 +96,176 @@ impl Geometry {
         self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// Calls `f(row of the column matrix, channel, ky, kx)` for every kernel tap, in row order.
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize)) {
+    /// Height and width of the phase planes: with stride `s`, input pixel `(y, x)` lies in phase
+    /// `(y % s, x % s)` at `(y / s, x / s)`. Every kernel tap then reads one phase plane at one offset, so that
+    /// unfolding is a block copy instead of a strided gather.
+    fn phase_dims(&self) -> (usize, usize) {
+        (self.h.div_ceil(self.stride), self.w.div_ceil(self.stride))
+    }
+
+    fn phases_len(&self) -> usize {
+        let (ph, pw) = self.phase_dims();
+        self.cin * self.stride * self.stride * ph * pw
+    }
+
+    /// Splits one sample `[cin, h, w]` into its phase planes `[cin, s, s, ph, pw]` (zero beyond the image).
+    fn split_phases(&self, x: &[f32], phases: &mut [f32]) {
+        let s = self.stride;
+        let (ph, pw) = self.phase_dims();
+        if self.h % s != 0 || self.w % s != 0 {
+            phases.fill(0.0);
+        }
+        for ci in 0..self.cin {
+            let plane = &x[ci * self.h * self.w..][..self.h * self.w];
+            for (y, row) in plane.chunks_exact(self.w).enumerate() {
+                let base = (ci * s + y % s) * s * ph * pw + (y / s) * pw;
+                if s == 2 {
+                    // The common case, in a form the compiler turns into shuffles.
+                    let (even, rest) = phases[base..].split_at_mut(ph * pw);
+                    let odd = &mut rest[..pw];
+                    for ((e, o), pair) in
+                        even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2))
+                    {
+                        *e = pair[0];
+                        *o = pair[1];
+                    }
+                    if self.w % 2 == 1 {
+                        even[pw - 1] = row[self.w - 1];
+                    }
+                    continue;
+                }
+                for px in 0..s.min(self.w) {
+                    let at = base + px * ph * pw;
+                    for (d, v) in phases[at..at + pw]
+                        .iter_mut()
+                        .zip(row[px..].iter().step_by(s))
+                    {
+                        *d = *v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds phase planes `[cin, s, s, ph, pw]` back onto one sample's `[cin, h, w]`.
+    fn merge_phases(&self, phases: &[f32], dx: &mut [f32]) {
+        let s = self.stride;
+        let (ph, pw) = self.phase_dims();
+        for ci in 0..self.cin {
+            let plane = &mut dx[ci * self.h * self.w..][..self.h * self.w];
+            for (y, row) in plane.chunks_exact_mut(self.w).enumerate() {
+                for px in 0..s.min(self.w) {
+                    let base = ((ci * s + y % s) * s + px) * ph * pw + (y / s) * pw;
+                    for (d, v) in row[px..]
+                        .iter_mut()
+                        .step_by(s)
+                        .zip(&phases[base..base + pw])
+                    {
+                        *d += *v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel tap in column-matrix row order: its row, the phase plane it reads (index into
+    /// `[cin, s, s]`), and the output rows `[oy_lo, oy_hi)` and columns `[lo, hi)` inside the image with the
+    /// offset `(dy, dx)` of output `(oy, ox)` in that plane: `(oy + dy, ox + dx)`.
+    fn for_each_tap(&self, mut f: impl FnMut(Tap)) {
+        let s = self.stride as isize;
+        let (ph, pw) = self.phase_dims();
+        let axis = |k: usize, extent: usize, out: usize| {
+            let t = k as isize - self.pad as isize;
+            let (q, phase) = (t.div_euclid(s), t.rem_euclid(s) as usize);
+            let lo = (-q).max(0) as usize;
+            let hi = (extent as isize - q).clamp(0, out as isize) as usize;
+            (phase, q, lo.min(hi), hi)
+        };
         let mut row = 0;
         for ci in 0..self.cin {
             for ky in 0..self.kh {
+                let (py, dy, oy_lo, oy_hi) = axis(ky, ph, self.ho);
                 for kx in 0..self.kw {
-                    f(row, ci, ky, kx);
+                    let (px, dx, lo, hi) = axis(kx, pw, self.wo);
+                    f(Tap {
+                        row,
+                        plane: (ci * self.stride + py) * self.stride + px,
+                        dy,
+                        dx,
+                        oy: (oy_lo, oy_hi),
+                        ox: (lo, hi),
+                    });
                     row += 1;
                 }
             }
         }
     }
 
-    /// Unfolds one sample `[cin, h, w]` into `col [k, p]`.
-    fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        let (p, wo, s, pad) = (self.p(), self.wo, self.stride, self.pad);
-        self.for_each_tap(|row, ci, ky, kx| {
-            let plane = &x[ci * self.h * self.w..][..self.h * self.w];
-            let dst = &mut col[row * p..][..p];
-            let (oy_lo, oy_hi) = valid(ky, pad, s, self.h, self.ho);
-            let (lo, hi) = valid(kx, pad, s, self.w, wo);
-            dst[..oy_lo * wo].fill(0.0);
-            dst[oy_hi * wo..].fill(0.0);
-            for oy in oy_lo..oy_hi {
-                let out = &mut dst[oy * wo..][..wo];
-                out[..lo].fill(0.0);
-                out[hi..].fill(0.0);
-                if lo == hi {
-                    continue;
-                }
-                let first = (oy * s + ky - pad) * self.w + lo * s + kx - pad;
-                let src = &plane[first..first + (hi - lo - 1) * s + 1];
-                if s == 1 {
-                    out[lo..hi].copy_from_slice(src);
-                } else {
-                    for (j, o) in out[lo..hi].iter_mut().enumerate() {
-                        *o = src[j * s];
-                    }
+    /// Unfolds one sample into `col [k, p]`, from its phase planes (the sample itself with stride 1).
+    fn im2col(&self, phases: &[f32], col: &mut [f32]) {
+        let (p, wo) = (self.p(), self.wo);
+        let (ph, pw) = self.phase_dims();
+        self.for_each_tap(|t| {
+            let plane = &phases[t.plane * ph * pw..][..ph * pw];
+            let dst = &mut col[t.row * p..][..p];
+            let ((oy_lo, oy_hi), (lo, hi)) = (t.oy, t.ox);
+            if oy_lo == oy_hi || lo == hi {
+                dst.fill(0.0);
+                return;
+            }
+            let from = |oy: usize, ox: usize| {
+                ((oy as isize + t.dy) * pw as isize + ox as isize + t.dx) as usize
+            };
+            let (start, end) = (oy_lo * wo + lo, (oy_hi - 1) * wo + hi);
+            dst[..start].fill(0.0);
+            dst[end..].fill(0.0);
+            if wo == pw {
+                // Output rows as wide as the plane's: one copy, row breaks included; the columns that fall
+                // into the padding (holding the neighbouring row's pixels) are zeroed after.
+                let f = from(oy_lo, lo);
+                dst[start..end].copy_from_slice(&plane[f..f + (end - start)]);
+                zero_outside(dst, wo, t.oy, t.ox);
+            } else {
+                zero_outside(dst, wo, t.oy, t.ox);
+                for oy in oy_lo..oy_hi {
+                    let f = from(oy, lo);
+                    dst[oy * wo + lo..oy * wo + hi].copy_from_slice(&plane[f..f + (hi - lo)]);
                 }
             }
         });
     }
 
-    /// Folds `col [k, p]` back onto one sample's input gradient `[cin, h, w]`, adding.
-    fn col2im(&self, col: &[f32], dx: &mut [f32]) {
-        let (p, wo, s, pad) = (self.p(), self.wo, self.stride, self.pad);
-        self.for_each_tap(|row, ci, ky, kx| {
-            let plane = &mut dx[ci * self.h * self.w..][..self.h * self.w];
-            let src_rows = &col[row * p..][..p];
-            let (oy_lo, oy_hi) = valid(ky, pad, s, self.h, self.ho);
-            let (lo, hi) = valid(kx, pad, s, self.w, wo);
-            if lo == hi {
+    /// Folds `col [k, p]` onto one sample's phase planes (the sample's gradient itself with stride 1),
+    /// adding. `col` is scratch: its padding columns are zeroed.
+    fn col2im(&self, col: &mut [f32], phases: &mut [f32]) {
+        let (p, wo) = (self.p(), self.wo);
+        let (ph, pw) = self.phase_dims();
+        self.for_each_tap(|t| {
+            let plane = &mut phases[t.plane * ph * pw..][..ph * pw];
+            let src = &mut col[t.row * p..][..p];
+            let ((oy_lo, oy_hi), (lo, hi)) = (t.oy, t.ox);
+            if oy_lo == oy_hi || lo == hi {
                 return;
             }
-            for oy in oy_lo..oy_hi {
-                let src = &src_rows[oy * wo + lo..oy * wo + hi];
-                let first = (oy * s + ky - pad) * self.w + lo * s + kx - pad;
-                let dst = &mut plane[first..first + (hi - lo - 1) * s + 1];
-                if s == 1 {
-                    for (d, v) in dst.iter_mut().zip(src) {
+            let from = |oy: usize, ox: usize| {
+                ((oy as isize + t.dy) * pw as isize + ox as isize + t.dx) as usize
+            };
+            if wo == pw {
+                // The padding's gradients must not land on the neighbouring row's pixels: zero them first.
+                zero_outside(src, wo, t.oy, t.ox);
+                let (start, end) = (oy_lo * wo + lo, (oy_hi - 1) * wo + hi);
+                let f = from(oy_lo, lo);
+                for (d, v) in plane[f..f + (end - start)].iter_mut().zip(&src[start..end]) {
+                    *d += *v;
+                }
+            } else {
+                for oy in oy_lo..oy_hi {
+                    let f = from(oy, lo);
+                    for (d, v) in plane[f..f + (hi - lo)]
+                        .iter_mut()
+                        .zip(&src[oy * wo + lo..oy * wo + hi])
+                    {
                         *d += *v;
-                    }
-                } else {
-                    for (j, v) in src.iter().enumerate() {
-                        dst[j * s] += *v;
                     }
                 }
             }
@@ -168,20 +273,80 @@ impl Geometry {
     }
 }
 
-/// The output positions `[lo, hi)` along one axis whose input position `o * stride + tap - pad` lies inside
-/// `[0, size)`, of `out` output positions.
-fn valid(tap: usize, pad: usize, stride: usize, size: usize, out: usize) -> (usize, usize) {
-    let lo = if pad > tap {
-        (pad - tap).div_ceil(stride)
-    } else {
-        0
-    };
-    let hi = if size + pad > tap {
-        (size + pad - tap).div_ceil(stride).min(out)
-    } else {
-        0
-    };
-    (lo.min(hi), hi)
+/// One kernel tap's place in the unfolding (see `Geometry::for_each_tap`).
+struct Tap {
+    row: usize,
+    plane: usize,
+    dy: isize,
+    dx: isize,
+    oy: (usize, usize),
+    ox: (usize, usize),
+}
+
+/// Zeroes columns `[0, lo)` and `[hi, wo)` of output rows `[oy_lo, oy_hi)` in one column-matrix row.
+fn zero_outside(
+    row: &mut [f32],
+    wo: usize,
+    (oy_lo, oy_hi): (usize, usize),
+    (lo, hi): (usize, usize),
+) {
+    if lo == 0 && hi == wo {
+        return;
+    }
+    for oy in oy_lo..oy_hi {
+        row[oy * wo..oy * wo + lo].fill(0.0);
+        row[oy * wo + hi..(oy + 1) * wo].fill(0.0);
+    }
+}
+
+/// One thread's buffers: the column matrix and, with a stride, the sample's phase planes.
+struct Scratch {
+    col: Vec<f32>,
+    phases: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(g: &Geometry) -> Scratch {
+        if g.direct() {
+            return Scratch {
+                col: Vec::new(),
+                phases: Vec::new(),
+            };
+        }
+        Scratch {
+            col: vec![0f32; g.k() * g.p()],
+            phases: if g.stride > 1 {
+                vec![0f32; g.phases_len()]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The column matrix of one sample (the sample itself for a 1x1 convolution of stride 1).
+    fn unfold<'a>(&'a mut self, g: &Geometry, sample: &'a [f32]) -> &'a [f32] {
+        if g.direct() {
+            return sample;
+        }
+        if g.stride > 1 {
+            g.split_phases(sample, &mut self.phases);
+            g.im2col(&self.phases, &mut self.col);
+        } else {
+            g.im2col(sample, &mut self.col);
+        }
+        &self.col
+    }
+
+    /// Adds the column matrix in `self.col` onto one sample's input gradient.
+    fn fold(&mut self, g: &Geometry, dx: &mut [f32]) {
+        if g.stride > 1 {
+            self.phases.fill(0.0);
+            g.col2im(&mut self.col, &mut self.phases);
+            g.merge_phases(&self.phases, dx);
+        } else {
+            g.col2im(&mut self.col, dx);
+        }
+    }
 }
 
 /// `dst [m, n] = lhs [m, k] · rhs [k, n]` (or `dst +=` with `accumulate`), each operand given by its row and
@@ -268,19 +433,10 @@ impl CustomOp2 for Conv2d {
         let (k, p) = (g.k(), g.p());
         let mut out = vec![0f32; g.n * g.output_len()];
         per_chunk(&mut out, g.n, g.output_len(), |first, part, par| {
-            let mut col = if g.direct() {
-                Vec::new()
-            } else {
-                vec![0f32; k * p]
-            };
+            let mut scratch = Scratch::new(&g);
             for (i, dst) in part.chunks_mut(g.output_len()).enumerate() {
                 let sample = &x[(first + i) * g.input_len()..][..g.input_len()];
-                let col: &[f32] = if g.direct() {
-                    sample
-                } else {
-                    g.im2col(sample, &mut col);
-                    &col
-                };
+                let col = scratch.unfold(&g, sample);
                 matmul(
                     (g.cout, p, k),
                     dst,
@@ -326,11 +482,7 @@ fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32]) -> Result<Vec<f32>
     let (k, p) = (g.k(), g.p());
     let mut dx = vec![0f32; g.n * g.input_len()];
     per_chunk(&mut dx, g.n, g.input_len(), |first, part, par| {
-        let mut col = if g.direct() {
-            Vec::new()
-        } else {
-            vec![0f32; k * p]
-        };
+        let mut scratch = Scratch::new(g);
         for (i, dst) in part.chunks_mut(g.input_len()).enumerate() {
             let gout = &grad[(first + i) * g.output_len()..][..g.output_len()];
             // weightᵀ [k, cout] · grad_out [cout, p]
@@ -348,7 +500,7 @@ fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32]) -> Result<Vec<f32>
             } else {
                 matmul(
                     (k, p, g.cout),
-                    &mut col,
+                    &mut scratch.col,
                     false,
                     weight,
                     (1, k),
@@ -356,7 +508,7 @@ fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32]) -> Result<Vec<f32>
                     (p, 1),
                     par,
                 );
-                g.col2im(&col, dst);
+                scratch.fold(g, dst);
             }
         }
         Ok(())
@@ -375,20 +527,11 @@ fn weight_gradient(g: &Geometry, x: &[f32], grad: &[f32]) -> Result<Vec<f32>> {
         .par_iter()
         .map(|&(first, count)| {
             let mut dw = vec![0f32; g.cout * k];
-            let mut col = if g.direct() {
-                Vec::new()
-            } else {
-                vec![0f32; k * p]
-            };
+            let mut scratch = Scratch::new(g);
             for i in first..first + count {
                 let sample = &x[i * g.input_len()..][..g.input_len()];
                 let gout = &grad[i * g.output_len()..][..g.output_len()];
-                let col: &[f32] = if g.direct() {
-                    sample
-                } else {
-                    g.im2col(sample, &mut col);
-                    &col
-                };
+                let col = scratch.unfold(g, sample);
                 // grad_out [cout, p] · columnsᵀ [p, k]
                 matmul(
                     (g.cout, k, p),
