@@ -355,9 +355,11 @@ fn print_table(
         Err(why) => println!("PyTorch not run ({why}): no ratios. "),
     }
     println!(
-        "{threads} threads, batch {}, medians in ms of the timed steps after {} warm-up steps, peak RSS of \
+        "{threads} thread{}, batch {}, medians in ms of the timed steps after {} warm-up steps, peak RSS of \
          each process in MiB\n",
-        args.batch, args.warmup
+        if threads == 1 { "" } else { "s" },
+        args.batch,
+        args.warmup
     );
     let has_torch = columns.iter().any(|(n, _)| n == "PyTorch");
     let ours: Vec<&(String, Vec<Timing>)> =
