@@ -18,7 +18,7 @@ pub enum Stem {
     /// One 3x3 convolution of stride 2: small crops (64 px) keep their detail.
     Compact,
     /// torchvision's 7x7 convolution of stride 2, then a 2x2 max-pool of stride 2 (torchvision pools 3x3 with
-    /// padding 1, which candle cannot differentiate; the output size is the same for even inputs).
+    /// padding 1; the output size is the same for even inputs).
     Standard,
 }
 
@@ -279,6 +279,20 @@ fn unbiased_factor(count: usize) -> f64 {
     }
 }
 
+/// Max pooling from candle's reshape and max reduction (the reference). candle's own `max_pool2d` scales each
+/// gradient by the window's share of maxima (a quarter for a unique maximum in a 2x2 window) instead of routing
+/// it whole.
+fn max_pool_by_reduction(x: &Tensor, size: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = (h / size, w / size);
+    x.narrow(2, 0, ho * size)?
+        .narrow(3, 0, wo * size)?
+        .contiguous()?
+        .reshape((n, c, ho, size, wo, size))?
+        .max(5)?
+        .max(3)
+}
+
 /// A convolution without bias, padding `kernel / 2`.
 struct Conv {
     weight: Tensor,
@@ -430,7 +444,10 @@ impl ResNet {
             k,
         )?;
         if self.cfg.stem == Stem::Standard {
-            x = x.max_pool2d(2)?;
+            x = match k {
+                Kernels::Fedslm => kernels::max_pool2d(&x, 2)?,
+                Kernels::Candle => max_pool_by_reduction(&x, 2)?,
+            };
         }
         for b in &self.blocks {
             x = b.forward_t(&x, train, k)?;

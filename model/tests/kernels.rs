@@ -4,7 +4,9 @@
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
-use fedslm_model::kernels::{batch_norm_eval, batch_norm_train, conv2d, FusedAdamW, Then};
+use fedslm_model::kernels::{
+    batch_norm_eval, batch_norm_train, conv2d, max_pool2d, FusedAdamW, Then,
+};
 use fedslm_model::{Kernels, NetConfig, Network, NetworkKind, TrainConfig};
 
 fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
@@ -373,6 +375,88 @@ fn batch_norm_equals_candles_forward_and_gradients() {
             }
         }
     }
+}
+
+#[test]
+fn max_pool_equals_candles_forward_and_gradient() {
+    let mut rng = Rng::new(13);
+    let mut cases = vec![
+        (16, 4, 112, 112, 2),
+        (2, 3, 7, 5, 2),
+        (1, 1, 2, 2, 2),
+        (2, 2, 9, 9, 3),
+    ];
+    for _ in 0..10 {
+        let size = 2 + rng.below(2);
+        cases.push((
+            1 + rng.below(3),
+            1 + rng.below(4),
+            size + rng.below(9),
+            size + rng.below(9),
+            size,
+        ));
+    }
+    for (n, c, h, w, size) in cases {
+        let what = format!("{n}x{c}x{h}x{w}, window {size}");
+        let x = Var::from_tensor(&random(&mut rng, &[n, c, h, w])).unwrap();
+        let ours = max_pool2d(x.as_tensor(), size).unwrap();
+        let reference = x.as_tensor().max_pool2d(size).unwrap();
+        assert_close(&ours, &reference, 0.0, &format!("{what}: output"));
+        let probe = random(&mut rng, reference.dims());
+        let g_ours = (ours * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        // candle's own backward hands each maximum a 1 / (size * size) share of its gradient (the window's
+        // mean of the equality mask, where a count was meant), and where the window does not divide the input
+        // its nearest-neighbour upsampling puts gradients on the wrong rows: compared where it holds, times
+        // size².
+        if h % size == 0 && w % size == 0 {
+            let g_ref = (reference * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let scaled = (g_ref.get(&x).unwrap() * (size * size) as f64).unwrap();
+            assert_close(
+                g_ours.get(&x).unwrap(),
+                &scaled,
+                1e-6,
+                &format!("{what}: input gradient"),
+            );
+        }
+        // And by the definition: the probe routed to each window's maximum.
+        let (xv, pv) = (values(x.as_tensor()), values(&probe));
+        let (ho, wo) = (h / size, w / size);
+        let mut direct = vec![0f32; xv.len()];
+        for plane in 0..n * c {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let at = |ky: usize, kx: usize| {
+                        plane * h * w + (oy * size + ky) * w + ox * size + kx
+                    };
+                    let best = (0..size * size)
+                        .map(|i| at(i / size, i % size))
+                        .max_by(|&a, &b| xv[a].total_cmp(&xv[b]))
+                        .unwrap();
+                    direct[best] += pv[(plane * ho + oy) * wo + ox];
+                }
+            }
+        }
+        let direct = Tensor::from_vec(direct, (n, c, h, w), &Device::Cpu).unwrap();
+        assert_close(
+            g_ours.get(&x).unwrap(),
+            &direct,
+            0.0,
+            &format!("{what}: routed gradient"),
+        );
+    }
+    let small = Tensor::zeros((1, 1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = max_pool2d(&small, 2).unwrap_err().to_string();
+    assert!(err.contains("larger than the input"), "{err}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! - `conv`: 2-D convolution by im2col over the `gemm` crate (the GEMM candle itself uses), with both backward
 //!   passes (input gradient through col2im, weight gradient); no column buffer outlives a call.
 //! - `norm`: batch normalisation with the ReLU that follows it fused in, forward and backward in one pass each.
+//! - `pool`: max pooling (window = stride) whose backward routes each gradient in one pass.
 //! - `adamw`: AdamW updating each variable in place in one pass, as candle-nn's twelve tensor ops do.
 //!
 //! Work is split over the batch into one contiguous chunk per thread (`threads()`): the result does not depend
@@ -18,10 +19,12 @@ use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 pub mod adamw;
 pub mod conv;
 pub mod norm;
+pub mod pool;
 
 pub use adamw::FusedAdamW;
 pub use conv::conv2d;
 pub use norm::{batch_norm_eval, batch_norm_train, BatchStats, Then};
+pub use pool::max_pool2d;
 
 /// Which implementation the networks use: ours, or candle's own ops (the reference, kept for the tests and for
 /// the benchmark's before/after in one run).
