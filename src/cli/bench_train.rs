@@ -39,6 +39,9 @@ pub struct TrainBenchArgs {
     /// reference and the before).
     #[arg(long, value_delimiter = ',', default_value = "fedslm,candle")]
     kernels: Vec<String>,
+    /// Times each process is run, in turn with the others; figures are medians over these rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// The Python interpreter with PyTorch for the side-by-side run; `none` skips it.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -215,7 +218,7 @@ fn worker(args: &TrainBenchArgs) -> anyhow::Result<()> {
 
 /// Runs `cmd` and reads one JSON timing per line of its output, ticking `bar` for each.
 fn collect(
-    mut cmd: Command,
+    cmd: &mut Command,
     what: &str,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Vec<Timing>> {
@@ -269,13 +272,30 @@ pub fn run(args: TrainBenchArgs) -> anyhow::Result<()> {
         .unwrap_or_else(fedslm_model::kernels::threads)
         .max(1);
     let torch = torch_version(&args.python);
-    let processes = args.kernels.len() + usize::from(torch.is_ok());
-    let bar = indicatif::ProgressBar::new((processes * nets.len()) as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} networks timed, {elapsed}")?,
-    );
+    let script = std::env::temp_dir().join(format!("fedslm-bench-torch-{}.py", std::process::id()));
+    if torch.is_ok() {
+        std::fs::write(&script, TORCH_SCRIPT)
+            .with_context(|| format!("writing {}", script.display()))?;
+    }
+    let result = measure(&args, threads, &nets, torch.is_ok(), &script);
+    let _ = std::fs::remove_file(&script);
+    let columns = result?;
+    print_table(&args, threads, &nets, &columns, &torch);
+    Ok(())
+}
+
+/// Runs every process `--rounds` times, in turn (our kernel sets, then PyTorch), so that a change in the
+/// machine's load falls on all of them alike; each figure is the median over rounds of the processes' medians.
+fn measure(
+    args: &TrainBenchArgs,
+    threads: usize,
+    nets: &[Net],
+    torch: bool,
+    script: &std::path::Path,
+) -> anyhow::Result<Vec<(String, Vec<Timing>)>> {
     let exe = std::env::current_exe()?;
     let arch = nets.iter().map(|n| n.name).collect::<Vec<_>>().join(",");
-    let mut columns: Vec<(String, Vec<Timing>)> = Vec::new();
+    let mut jobs: Vec<(String, Vec<Command>)> = Vec::new();
     for k in &args.kernels {
         let mut cmd = Command::new(&exe);
         cmd.env("RAYON_NUM_THREADS", threads.to_string())
@@ -288,59 +308,81 @@ pub fn run(args: TrainBenchArgs) -> anyhow::Result<()> {
                 "--arch",
                 &arch,
             ])
-            .args([
-                "--warmup",
-                &args.warmup.to_string(),
-                "--batch",
-                &args.batch.to_string(),
-            ]);
+            .args(["--warmup", &args.warmup.to_string()])
+            .args(["--batch", &args.batch.to_string()]);
         if let Some(s) = args.steps {
             cmd.args(["--steps", &s.to_string()]);
         }
-        columns.push((k.clone(), collect(cmd, &format!("the {k} worker"), &bar)?));
+        jobs.push((k.clone(), vec![cmd]));
     }
-    let script = std::env::temp_dir().join(format!("fedslm-bench-torch-{}.py", std::process::id()));
-    if torch.is_ok() {
-        std::fs::write(&script, TORCH_SCRIPT)
-            .with_context(|| format!("writing {}", script.display()))?;
-        let mut timings = Vec::new();
-        for net in &nets {
-            let c = &net.config;
-            let stem = match c.stem {
-                fedslm_model::Stem::Compact => "compact",
-                fedslm_model::Stem::Standard => "standard",
-            };
-            let spec = format!(
-                "{}:{}:{}:{}:{}:{stem}:{}",
-                net.name, c.in_channels, c.input_size, c.width, c.depth, c.clinical_features
-            );
-            let mut cmd = Command::new(&args.python);
-            cmd.arg(&script)
-                .args([
-                    "--threads",
-                    &threads.to_string(),
-                    "--steps",
-                    &net.steps.to_string(),
-                ])
-                .args([
-                    "--warmup",
-                    &args.warmup.to_string(),
-                    "--batch",
-                    &args.batch.to_string(),
-                ])
-                .arg(spec);
-            let result = collect(cmd, "the PyTorch script", &bar);
-            if result.is_err() {
-                let _ = std::fs::remove_file(&script);
+    if torch {
+        // One process per network: each its own step count and peak RSS.
+        let cmds = nets
+            .iter()
+            .map(|net| {
+                let c = &net.config;
+                let stem = match c.stem {
+                    fedslm_model::Stem::Compact => "compact",
+                    fedslm_model::Stem::Standard => "standard",
+                };
+                let spec = format!(
+                    "{}:{}:{}:{}:{}:{stem}:{}",
+                    net.name, c.in_channels, c.input_size, c.width, c.depth, c.clinical_features
+                );
+                let mut cmd = Command::new(&args.python);
+                cmd.arg(script)
+                    .args(["--threads", &threads.to_string()])
+                    .args(["--steps", &net.steps.to_string()])
+                    .args(["--warmup", &args.warmup.to_string()])
+                    .args(["--batch", &args.batch.to_string()])
+                    .arg(spec);
+                cmd
+            })
+            .collect();
+        jobs.push(("PyTorch".into(), cmds));
+    }
+    let rounds = args.rounds.max(1);
+    let bar = indicatif::ProgressBar::new((rounds * jobs.len() * nets.len()) as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} networks timed, {elapsed}")?,
+    );
+    let mut runs: Vec<Vec<Timing>> = vec![Vec::new(); jobs.len()];
+    for _ in 0..rounds {
+        for ((name, cmds), out) in jobs.iter_mut().zip(&mut runs) {
+            for cmd in cmds {
+                let what = if name == "PyTorch" {
+                    "the PyTorch script".to_string()
+                } else {
+                    format!("the {name} worker")
+                };
+                out.extend(collect(cmd, &what, &bar)?);
             }
-            timings.extend(result?);
         }
-        let _ = std::fs::remove_file(&script);
-        columns.push(("PyTorch".into(), timings));
     }
     bar.finish_and_clear();
-    print_table(&args, threads, &nets, &columns, &torch);
-    Ok(())
+    let median_of = |timings: &[Timing], name: &str| -> Option<Timing> {
+        let of: Vec<&Timing> = timings.iter().filter(|t| t.name == name).collect();
+        let m = |f: fn(&Timing) -> f64| median(of.iter().map(|t| f(t)).collect());
+        (!of.is_empty()).then(|| Timing {
+            name: name.into(),
+            forward: m(|t| t.forward),
+            backward: m(|t| t.backward),
+            optimiser: m(|t| t.optimiser),
+            step: m(|t| t.step),
+            inference: m(|t| t.inference),
+            peak_rss_mib: m(|t| t.peak_rss_mib),
+        })
+    };
+    Ok(jobs
+        .iter()
+        .zip(&runs)
+        .map(|((name, _), timings)| {
+            let per_net = nets
+                .iter()
+                .filter_map(|n| median_of(timings, n.name))
+                .collect();
+            (name.clone(), per_net)
+        })
+        .collect())
 }
 
 fn print_table(
@@ -355,10 +397,12 @@ fn print_table(
         Err(why) => println!("PyTorch not run ({why}): no ratios. "),
     }
     println!(
-        "{threads} thread{}, batch {}, medians in ms of the timed steps after {} warm-up steps, peak RSS of \
-         each process in MiB\n",
+        "{threads} thread{}, batch {}; each process run {} times in turn with the others; in ms, the median \
+         over those runs of each run's median over its timed steps (after {} warm-up steps); peak RSS of each \
+         process in MiB\n",
         if threads == 1 { "" } else { "s" },
         args.batch,
+        args.rounds.max(1),
         args.warmup
     );
     let has_torch = columns.iter().any(|(n, _)| n == "PyTorch");
