@@ -114,7 +114,8 @@ fn ratios_against_the_pytorch_side() {
     let ours: f64 = step[0].parse().unwrap();
     assert_eq!(step[1], "4.0");
     let ratio: f64 = step[2].parse().unwrap();
-    assert!((ratio - ours / 4.0).abs() <= 0.01, "{out}");
+    // Both printed figures are rounded: ours to 0.05 ms (0.0125 in the ratio), the ratio to 0.005.
+    assert!((ratio - ours / 4.0).abs() <= 0.0126 + 0.0051, "{out}");
 }
 
 #[test]
