@@ -32,8 +32,10 @@ fn both_kernel_sets_timed_in_their_own_processes() {
         "--arch",
         "small",
         "--steps",
-        "2",
+        "1",
         "--warmup",
+        "1",
+        "--rounds",
         "1",
         "--threads",
         "2",
@@ -67,7 +69,7 @@ fn both_kernel_sets_timed_in_their_own_processes() {
             assert!(v > 0.0, "{phase}: {v}");
         }
     }
-    // A training step holds its three phases.
+    // One step in one round: the step's time holds its three phases' (each printed to 0.05 ms).
     let ms = |phase: &str, col: usize| -> f64 {
         rows.iter().find(|r| r.0 == phase).unwrap().1[col]
             .parse()
@@ -75,7 +77,7 @@ fn both_kernel_sets_timed_in_their_own_processes() {
     };
     for col in 0..2 {
         let parts = ms("forward", col) + ms("backward", col) + ms("optimiser", col);
-        assert!(ms("train step", col) >= 0.9 * parts, "{out}");
+        assert!(ms("train step", col) >= parts - 0.15, "{out}");
     }
 }
 
