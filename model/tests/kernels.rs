@@ -1,6 +1,7 @@
 //! Our CPU kernels against candle's own ops: forward values and every gradient, on random shapes, strides,
 //! paddings and odd sizes, contiguous and strided inputs; and whole networks trained both ways.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
@@ -17,6 +18,15 @@ fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The gradients of `sum(y * probe)`: every element of `y` with its own weight.
+fn try_gradients(y: &Tensor, probe: &Tensor) -> candle_core::Result<GradStore> {
+    (y * probe)?.sum_all()?.backward()
+}
+
+fn gradients(y: &Tensor, probe: &Tensor) -> GradStore {
+    try_gradients(y, probe).unwrap()
 }
 
 /// Largest difference relative to the reference's largest magnitude (at least 1).
@@ -84,15 +94,10 @@ fn convolution_equals_candles_forward_and_gradients() {
         assert_close(&ours, &reference, 1e-5, &format!("{what}: output"));
         // A random linear function of the output, so every output position carries its own gradient.
         let probe = random(&mut rng, reference.dims());
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = gradients(&ours, &probe);
         // candle's own backward fails where the stride leaves input rows or columns unused (its transposed
         // convolution gets the size wrong): there the direct sums below are the only reference.
-        let g_ref = (reference * &probe).unwrap().sum_all().unwrap().backward();
+        let g_ref = try_gradients(&reference, &probe);
         let direct = direct_gradients(
             &values(x.as_tensor()),
             &values(weight.as_tensor()),
@@ -342,18 +347,8 @@ fn batch_norm_equals_candles_forward_and_gradients() {
                 };
                 assert_close(&ours, &reference, 2e-5, &format!("{what}: output"));
                 let probe = random(&mut rng, &[n, c, h, w]);
-                let g_ours = (ours * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g_ref = (reference * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let g_ours = gradients(&ours, &probe);
+                let g_ref = gradients(&reference, &probe);
                 for (var, name) in [(&x, "input"), (&gamma, "weight"), (&beta, "bias")] {
                     assert_close(
                         g_ours.get(var).unwrap(),
@@ -403,23 +398,13 @@ fn max_pool_equals_candles_forward_and_gradient() {
         let reference = x.as_tensor().max_pool2d(size).unwrap();
         assert_close(&ours, &reference, 0.0, &format!("{what}: output"));
         let probe = random(&mut rng, reference.dims());
-        let g_ours = (ours * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_ours = gradients(&ours, &probe);
         // candle's own backward hands each maximum a 1 / (size * size) share of its gradient (the window's
         // mean of the equality mask, where a count was meant), and where the window does not divide the input
         // its nearest-neighbour upsampling puts gradients on the wrong rows: compared where it holds, times
         // size².
         if h % size == 0 && w % size == 0 {
-            let g_ref = (reference * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g_ref = gradients(&reference, &probe);
             let scaled = (g_ref.get(&x).unwrap() * (size * size) as f64).unwrap();
             assert_close(
                 g_ours.get(&x).unwrap(),

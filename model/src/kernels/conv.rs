@@ -486,28 +486,22 @@ fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32]) -> Result<Vec<f32>
         for (i, dst) in part.chunks_mut(g.input_len()).enumerate() {
             let gout = &grad[(first + i) * g.output_len()..][..g.output_len()];
             // weightᵀ [k, cout] · grad_out [cout, p]
+            let weight_t_times = |out: &mut [f32]| {
+                matmul(
+                    (k, p, g.cout),
+                    out,
+                    false,
+                    weight,
+                    (1, k),
+                    gout,
+                    (p, 1),
+                    par,
+                )
+            };
             if g.direct() {
-                matmul(
-                    (k, p, g.cout),
-                    dst,
-                    false,
-                    weight,
-                    (1, k),
-                    gout,
-                    (p, 1),
-                    par,
-                );
+                weight_t_times(dst);
             } else {
-                matmul(
-                    (k, p, g.cout),
-                    &mut scratch.col,
-                    false,
-                    weight,
-                    (1, k),
-                    gout,
-                    (p, 1),
-                    par,
-                );
+                weight_t_times(&mut scratch.col);
                 scratch.fold(g, dst);
             }
         }

@@ -46,6 +46,22 @@ pub(crate) fn parallel(len: usize) -> bool {
     len >= 1 << 15 && threads() > 1
 }
 
+/// Runs `f(index, chunk)` over the `per`-long chunks of `out` (an activation's planes), in parallel when it is
+/// large.
+pub(crate) fn per_plane(out: &mut [f32], per: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if per == 0 {
+        return;
+    }
+    if parallel(out.len()) {
+        out.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, p)| f(i, p));
+    } else {
+        out.chunks_mut(per).enumerate().for_each(|(i, p)| f(i, p));
+    }
+}
+
 /// The f32 values of a CPU storage in the layout's logical order, borrowed where they are contiguous.
 pub(crate) fn values<'a>(
     storage: &'a CpuStorage,

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{parallel, tensor_values, values, with_values};
+use super::{parallel, per_plane, tensor_values, values, with_values};
 
 const NAME: &str = "fedslm-batch-norm";
 
@@ -152,17 +152,6 @@ fn inverse_std(var: &[f32], eps: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `f(plane index, plane)` over the `hw`-long planes of `out`, in parallel when it is large.
-fn per_plane(out: &mut [f32], hw: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if parallel(out.len()) {
-        out.par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(i, p)| f(i, p));
-    } else {
-        out.chunks_mut(hw).enumerate().for_each(|(i, p)| f(i, p));
-    }
-}
-
 impl BatchNorm {
     fn stats(&self) -> Result<BatchStats> {
         match &self.stats {
@@ -229,7 +218,7 @@ impl CustomOp3 for BatchNorm {
         let mut out = vec![0f32; n * c * hw];
         let relu = self.relu;
         let residual = residual.as_deref();
-        per_plane(&mut out, hw.max(1), |plane, o| {
+        per_plane(&mut out, hw, |plane, o| {
             let (a, b) = (scale[plane % c], shift[plane % c]);
             let xs = &x[plane * hw..][..hw];
             match residual {
@@ -308,7 +297,7 @@ impl CustomOp3 for BatchNorm {
                 let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
                 let m = (n * hw) as f32;
                 let mut dx = vec![0f32; n * c * hw];
-                per_plane(&mut dx, hw.max(1), |plane, d| {
+                per_plane(&mut dx, hw, |plane, d| {
                     let ch = plane % c;
                     let k = gamma[ch] * inv[ch];
                     let (gs, xs) = (&g[plane * hw..][..hw], &xv[plane * hw..][..hw]);

@@ -3,10 +3,8 @@
 //! the stem's activation (the largest in ResNet-18); this one routes each output's gradient to its window's
 //! first maximum (PyTorch's choice on ties) in one pass.
 
+use super::{per_plane, values, with_values};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-use super::{parallel, values, with_values};
 
 const NAME: &str = "fedslm-max-pool2d";
 
@@ -50,20 +48,6 @@ impl MaxPool {
             }
         }
         best
-    }
-}
-
-/// Runs `f(plane, its output)` over every plane of `out`, in parallel when it is large.
-fn per_plane(out: &mut [f32], per: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if per == 0 {
-        return;
-    }
-    if parallel(out.len()) {
-        out.par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o));
-    } else {
-        out.chunks_mut(per).enumerate().for_each(|(i, o)| f(i, o));
     }
 }
 
