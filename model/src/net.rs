@@ -358,13 +358,9 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool, k: Kernels) -> Result<Tensor> {
-        let relu = Then {
-            residual: None,
-            relu: true,
-        };
         let y = self
             .bn1
-            .forward_t(&self.conv1.forward(x, k)?, train, relu, k)?;
+            .forward_t(&self.conv1.forward(x, k)?, train, Then::RELU, k)?;
         let shortcut = match &self.downsample {
             Some((c, bn)) => bn.forward_t(&c.forward(x, k)?, train, Then::default(), k)?,
             None => x.clone(),
@@ -434,15 +430,9 @@ impl ResNet {
         train: bool,
     ) -> Result<Tensor> {
         let k = self.kernels;
-        let mut x = self.bn1.forward_t(
-            &self.conv1.forward(image, k)?,
-            train,
-            Then {
-                residual: None,
-                relu: true,
-            },
-            k,
-        )?;
+        let mut x = self
+            .bn1
+            .forward_t(&self.conv1.forward(image, k)?, train, Then::RELU, k)?;
         if self.cfg.stem == Stem::Standard {
             x = match k {
                 Kernels::Fedslm => kernels::max_pool2d(&x, 2)?,

@@ -204,24 +204,14 @@ fn reference_batch_norm(
     let (mean, var) = match stats {
         Some((m, v)) => (m.reshape(shape).unwrap(), v.reshape(shape).unwrap()),
         None => {
-            let mean = x
-                .mean_keepdim(0)
-                .unwrap()
-                .mean_keepdim(2)
-                .unwrap()
-                .mean_keepdim(3)
-                .unwrap();
-            let var = x
-                .broadcast_sub(&mean)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .mean_keepdim(0)
-                .unwrap()
-                .mean_keepdim(2)
-                .unwrap()
-                .mean_keepdim(3)
-                .unwrap();
+            let per_channel = |t: &Tensor| {
+                t.mean_keepdim(0)
+                    .and_then(|t| t.mean_keepdim(2))
+                    .and_then(|t| t.mean_keepdim(3))
+                    .unwrap()
+            };
+            let mean = per_channel(x);
+            let var = per_channel(&x.broadcast_sub(&mean).unwrap().sqr().unwrap());
             (mean, var)
         }
     };

@@ -106,11 +106,7 @@ pub(crate) fn values<'a>(
 
 /// The f32 values of a tensor (on the CPU) in row-major order.
 pub(crate) fn tensor_values(t: &Tensor, op: &str) -> Result<Vec<f32>> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => Ok(values(cpu, layout, op)?.into_owned()),
-        _ => candle_core::bail!("{op}: only CPU tensors are supported"),
-    }
+    with_values(t, op, |v| Ok(v.to_vec()))
 }
 
 /// Runs `f` on the tensor's f32 values without copying contiguous ones.

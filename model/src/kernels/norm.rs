@@ -31,6 +31,14 @@ pub struct Then<'a> {
     pub relu: bool,
 }
 
+impl Then<'static> {
+    /// A ReLU and nothing added.
+    pub const RELU: Then<'static> = Then {
+        residual: None,
+        relu: true,
+    };
+}
+
 /// `gamma (x - mean) / sqrt(var + eps) + beta` with the batch's statistics, which are returned too, then
 /// `then`.
 pub fn batch_norm_train(
