@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use common::id;
 use fedslm_certs::{IssueOptions, Pki};
-use fedslm_client::{Backoff, ClientConfig, LocalTrainer, NodeEvent};
+use fedslm_client::{Backoff, ClientConfig, Declined, LocalTrainer, NodeEvent};
 use fedslm_protocol::{
-    DType, EvalReport, EvaluateTask, FitResult, FitTask, SampleCounts, Tensor, TensorRole, Weights,
+    DType, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask,
+    SampleCounts, Tensor, TensorRole, Weights,
 };
 use fedslm_server::{CheckpointWriter, Coordinator, Outcome, Server, ServerConfig, Store};
 
@@ -50,7 +51,9 @@ struct Honest {
 }
 
 impl LocalTrainer for Honest {
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+    type Error = Declined;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
         self.asked.lock().unwrap().push(task.round);
         Ok(FitResult {
             round: task.round,
@@ -60,8 +63,12 @@ impl LocalTrainer for Honest {
         })
     }
 
-    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
-        Err("evaluation is Federation III's".into())
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, Declined> {
+        Err(Declined("evaluate in this test"))
+    }
+
+    fn placements(&mut self, _: &PlacementTask) -> Result<PlacementReport, Declined> {
+        Err(Declined("compare models in this test"))
     }
 }
 
@@ -69,7 +76,9 @@ impl LocalTrainer for Honest {
 struct Misbehaving;
 
 impl LocalTrainer for Misbehaving {
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+    type Error = Declined;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
         let ok = shifted(&task.weights, 1.0);
         let conv = ok.tensors()[0].clone();
         let var = ok.tensors()[1].clone();
@@ -117,8 +126,12 @@ impl LocalTrainer for Misbehaving {
         })
     }
 
-    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
-        Err("evaluation is Federation III's".into())
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, Declined> {
+        Err(Declined("evaluate in this test"))
+    }
+
+    fn placements(&mut self, _: &PlacementTask) -> Result<PlacementReport, Declined> {
+        Err(Declined("compare models in this test"))
     }
 }
 

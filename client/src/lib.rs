@@ -19,7 +19,7 @@ use fedslm_protocol::{
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 
 pub use config::{ClientConfig, ConfigError};
-pub use node::{run, Backoff, LocalTrainer, NodeEvent};
+pub use node::{run, Backoff, Declined, LocalTrainer, NodeEvent};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);

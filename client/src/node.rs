@@ -17,21 +17,27 @@ use crate::{connect, lost, ClientConfig, ClientError, Session};
 
 /// What a node does with its data when the server asks. Runs on a blocking thread.
 pub trait LocalTrainer: Send + 'static {
+    /// Why a task cannot be carried out; its text is told to the server in an `Error` frame.
+    type Error: std::error::Error + Send + 'static;
+
     /// Trains from the task's weights (or computes the clinical model's Newton statistics) and returns only
-    /// weights, a count and a loss. An error is told to the server as "cannot train", with its text.
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String>;
+    /// weights, a count and a loss.
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Self::Error>;
 
     /// Evaluates the task's weights on local patients and returns only counts, a loss and per-class score
     /// histograms. A node that takes part in paired comparisons keeps the scores, by `run_id`, for
     /// [`LocalTrainer::placements`].
-    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, String>;
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, Self::Error>;
 
     /// The second pass of a paired DeLong test: placement sums of the kept scores of the runs named.
-    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, String> {
-        let _ = task;
-        Err("this node keeps no scores for paired comparisons".into())
-    }
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, Self::Error>;
 }
+
+/// A task a trainer does not take (a benchmark's echoing centre does not evaluate, say): its text is what the
+/// node declines to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("this node does not {0}")]
+pub struct Declined(pub &'static str);
 
 /// Reconnection: waits grow from `initial` by doubling to `max`, each drawn uniformly from half to one and a
 /// half times the nominal wait, so that centres cut off together do not come back together.
@@ -238,14 +244,18 @@ async fn task<T: LocalTrainer>(
             let run_id = session.welcome.run_id.clone();
             let round = eval.round;
             let outcome = on_worker(trainer, "evaluation", move |t| {
-                t.evaluate(&run_id, &eval).map(Message::EvalReport)
+                t.evaluate(&run_id, &eval)
+                    .map(Message::EvalReport)
+                    .map_err(|e| error_text(&e))
             })
             .await;
             return answer_once(session, send, round, outcome, on_event).await;
         }
         Message::PlacementTask(placement) => {
             let outcome = on_worker(trainer, "placement", move |t| {
-                t.placements(&placement).map(Message::PlacementReport)
+                t.placements(&placement)
+                    .map(Message::PlacementReport)
+                    .map_err(|e| error_text(&e))
             })
             .await;
             return answer_once(session, send, 0, outcome, on_event).await;
@@ -260,7 +270,10 @@ async fn task<T: LocalTrainer>(
     };
     let round = fit.round;
     tracing::info!(round, epochs = fit.local_epochs, "training");
-    let outcome = on_worker(trainer, "training", move |t| t.fit(&fit)).await;
+    let outcome = on_worker(trainer, "training", move |t| {
+        t.fit(&fit).map_err(|e| error_text(&e))
+    })
+    .await;
     let answer = match outcome {
         Ok(result) => {
             on_event(NodeEvent::Trained {
@@ -310,6 +323,20 @@ async fn task<T: LocalTrainer>(
         }
     }
     Ok(())
+}
+
+/// An error and its causes, as one line for the server: "outer: inner: innermost".
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let inner = s.to_string();
+        if !text.ends_with(&inner) {
+            text = format!("{text}: {inner}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Runs `work` on the trainer on a blocking thread: training takes seconds to hours of CPU.

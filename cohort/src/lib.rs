@@ -11,7 +11,6 @@ pub mod manifest;
 mod nifti_file;
 pub mod partition;
 pub mod preprocess;
-pub mod rng;
 pub mod summary;
 pub mod synth;
 mod volume;
@@ -20,13 +19,14 @@ pub use cache::{load_center, LoadError, Source};
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
 pub use error::ImageError;
+pub use fedslm_protocol::folds::stratified_folds;
+pub use fedslm_protocol::rng::{self, Rng};
 pub use manifest::{open_cohort, ImagePaths, Manifest, ManifestError, Patient, Sex, Site};
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
-pub use partition::{partition, stratified_folds, Partitioner};
+pub use partition::{partition, Partitioner};
 pub use preprocess::{
     crop_volumes, preprocess_patient, PreprocessError, PreprocessSettings, Sample,
 };
-pub use rng::Rng;
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};
 

@@ -1,7 +1,7 @@
-//! Splitting patients into virtual centres (as Flower Datasets' partitioners do) and into cross-validation
-//! folds. Every split is seeded.
+//! Splitting patients into virtual centres (as Flower Datasets' partitioners do). Every split is seeded.
+//! Cross-validation folds are part of the wire contract: `fedslm_protocol::folds`.
 
-use crate::rng::Rng;
+use fedslm_protocol::rng::Rng;
 
 /// How to split a pool of patients into `k` virtual centres.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,24 +121,6 @@ fn draw_sizes(rng: &mut Rng, alpha: f64, k: usize, n: usize) -> Vec<usize> {
     sizes
 }
 
-/// Stratified k-fold: the fold (0..k) of each patient, positives and negatives dealt out separately so that
-/// every fold keeps the prevalence.
-pub fn stratified_folds(labels: &[bool], k: usize, seed: u64) -> Vec<usize> {
-    let k = k.max(1);
-    let mut rng = Rng::new(seed);
-    let mut folds = vec![0; labels.len()];
-    let mut next = 0;
-    for class in [true, false] {
-        let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
-        rng.shuffle(&mut idx);
-        for i in idx {
-            folds[i] = next % k;
-            next += 1;
-        }
-    }
-    folds
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,16 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn folds_keep_the_prevalence() {
-        let l = labels(100);
-        let f = stratified_folds(&l, 5, 9);
-        for k in 0..5 {
-            let members: Vec<usize> = (0..100).filter(|&i| f[i] == k).collect();
-            assert_eq!(members.len(), 20);
-            let pos = members.iter().filter(|&&i| l[i]).count();
-            assert!((6..=7).contains(&pos), "fold {k}: {pos}");
-        }
-        assert_eq!(f, stratified_folds(&l, 5, 9));
+    fn partitioners_parse_by_name() {
         assert!("dirichlet:x".parse::<Partitioner>().is_err());
         assert_eq!(
             "dirichlet:0.5".parse::<Partitioner>(),

@@ -34,8 +34,8 @@ use rayon::prelude::*;
 
 use crate::error::ImageError;
 use crate::nifti_file::{write_nifti, StoreAs};
-use crate::rng::Rng;
 use crate::volume::{scaled_identity, Format, Volume};
+use fedslm_protocol::rng::Rng;
 
 /// A scanner, as far as the images show it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -18,8 +18,9 @@ pub mod train;
 
 pub use augment::Augmentation;
 pub use error::ModelError;
+pub use fedslm_protocol::ModelKind;
 pub use file::{load, save, ClinicalTable, ModelCard};
 pub use kernels::Kernels;
 pub use net::{NetConfig, Stem};
-pub use network::{Network, NetworkKind, Standardisation};
+pub use network::{Network, Standardisation};
 pub use train::{EpochReport, Forward, Optimizer, TrainConfig, Trainer};

@@ -4,30 +4,11 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use fedslm_cohort::{Rng, Sample};
-use fedslm_protocol::{TensorRole, Weights};
+use fedslm_protocol::{ModelKind, TensorRole, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::net::{NetConfig, ResNet};
-
-/// Which image network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NetworkKind {
-    /// MRI only.
-    Mri,
-    /// MRI and the coded clinical factors.
-    Combined,
-}
-
-impl NetworkKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            NetworkKind::Mri => "mri",
-            NetworkKind::Combined => "combined",
-        }
-    }
-}
 
 /// Mean and scale of each coded clinical factor over the training data (DESIGN.md §5: never the validation
 /// folds or the external centre). The combined network sees `(x - mean) / scale`.
@@ -93,7 +74,7 @@ impl Standardisation {
 
 /// An image network and its variables.
 pub struct Network {
-    pub kind: NetworkKind,
+    pub kind: ModelKind,
     pub config: NetConfig,
     pub standardisation: Standardisation,
     varmap: VarMap,
@@ -116,9 +97,14 @@ pub fn role_of(name: &str) -> TensorRole {
 impl Network {
     /// A fresh network with weights drawn from `seed` (candle's own CPU generator cannot be seeded):
     /// convolutions He-normal, the head uniform in ±1/sqrt(fan-in) as PyTorch's, batch norm at identity.
-    pub fn new(kind: NetworkKind, config: NetConfig, seed: u64) -> Result<Network, ModelError> {
+    pub fn new(kind: ModelKind, config: NetConfig, seed: u64) -> Result<Network, ModelError> {
         config.check().map_err(ModelError::Architecture)?;
-        if (kind == NetworkKind::Mri) != (config.clinical_features == 0) {
+        if !kind.is_network() {
+            return Err(ModelError::Architecture(
+                "the clinical model is not an image network".into(),
+            ));
+        }
+        if (kind == ModelKind::Mri) != (config.clinical_features == 0) {
             return Err(ModelError::Architecture(format!(
                 "a {} network with {} clinical features",
                 kind.name(),
@@ -169,7 +155,7 @@ impl Network {
     /// The image columns keep their initialisation (zeros there would stop every gradient into the backbone).
     pub fn start_head_from_clinical(&self, coefficients: &[f64]) -> Result<(), ModelError> {
         let f = self.config.clinical_features;
-        if self.kind != NetworkKind::Combined || coefficients.len() != f + 1 {
+        if self.kind != ModelKind::Combined || coefficients.len() != f + 1 {
             return Err(ModelError::Architecture(format!(
                 "a clinical model of {} coefficients cannot start the head of a {} network with {f} \
                  clinical features",
@@ -314,7 +300,7 @@ impl Network {
     ) -> crate::ModelCard {
         crate::ModelCard {
             network: Some(self.config),
-            standardisation: (self.kind == NetworkKind::Combined)
+            standardisation: (self.kind == ModelKind::Combined)
                 .then(|| self.standardisation.clone()),
             ..crate::ModelCard::new(self.kind.name(), coding, preprocess)
         }
@@ -327,16 +313,20 @@ impl Network {
             path: path.to_path_buf(),
             reason,
         };
-        let kind = match card.model.as_str() {
-            "mri" => NetworkKind::Mri,
-            "combined" => NetworkKind::Combined,
-            other => return Err(bad(format!("a {other} model is not an image network"))),
+        let kind = match card.model.parse::<ModelKind>() {
+            Ok(kind) if kind.is_network() => kind,
+            _ => {
+                return Err(bad(format!(
+                    "a {} model is not an image network",
+                    card.model
+                )))
+            }
         };
         let config = card
             .network
             .ok_or_else(|| bad("its card has no network architecture".into()))?;
         let mut network = Network::new(kind, config, 0)?;
-        if kind == NetworkKind::Combined {
+        if kind == ModelKind::Combined {
             let st = card
                 .standardisation
                 .clone()

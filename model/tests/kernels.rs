@@ -8,7 +8,7 @@ use fedslm_cohort::{Rng, Sample};
 use fedslm_model::kernels::{
     batch_norm_eval, batch_norm_train, conv2d, max_pool2d, FusedAdamW, Then,
 };
-use fedslm_model::{Kernels, NetConfig, Network, NetworkKind, TrainConfig};
+use fedslm_model::{Kernels, ModelKind, NetConfig, Network, TrainConfig};
 
 fn random(rng: &mut Rng, dims: &[usize]) -> Tensor {
     let n: usize = dims.iter().product();
@@ -536,8 +536,8 @@ fn networks_train_alike_on_either_kernels() {
                 learning_rate: 1e-2,
                 ..TrainConfig::default()
             };
-            let ours = Network::new(NetworkKind::Combined, config, 9).unwrap();
-            let mut theirs = Network::new(NetworkKind::Combined, config, 9).unwrap();
+            let ours = Network::new(ModelKind::Combined, config, 9).unwrap();
+            let mut theirs = Network::new(ModelKind::Combined, config, 9).unwrap();
             theirs.set_kernels(Kernels::Candle);
             let la = ours.fit(&refs, &cfg, |_| {}).unwrap();
             let lb = theirs.fit(&refs, &cfg, |_| {}).unwrap();

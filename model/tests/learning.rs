@@ -5,7 +5,7 @@
 use fedslm_cohort::synth::{synth_center_samples, Geometry, Preset};
 use fedslm_cohort::{ClinicalCoding, PreprocessSettings, Sample};
 use fedslm_metrics::auc_delong;
-use fedslm_model::{NetConfig, Network, NetworkKind, TrainConfig};
+use fedslm_model::{ModelKind, NetConfig, Network, TrainConfig};
 
 fn settings() -> PreprocessSettings {
     PreprocessSettings {
@@ -75,19 +75,19 @@ fn learn(train: &[(Sample, f64)], test: &[(Sample, f64)], cfg: &TrainConfig) -> 
         auc(&test_samples, &clinical_scores)
     );
     let mut result = [0.0; 2];
-    let kinds: Vec<(usize, NetworkKind)> = [NetworkKind::Mri, NetworkKind::Combined]
+    let kinds: Vec<(usize, ModelKind)> = [ModelKind::Mri, ModelKind::Combined]
         .into_iter()
         .enumerate()
         .filter(|(_, k)| std::env::var("FEDSLM_KIND").map_or(true, |v| v == k.name()))
         .collect();
     for (i, kind) in kinds {
-        let features = if kind == NetworkKind::Mri { 0 } else { 5 };
+        let features = if kind == ModelKind::Mri { 0 } else { 5 };
         let config = NetConfig {
             width: env_or("FEDSLM_WIDTH", 8),
             ..NetConfig::compact(settings.channels(), settings.size, features)
         };
         let mut net = Network::new(kind, config, 7).unwrap();
-        if kind == NetworkKind::Combined {
+        if kind == ModelKind::Combined {
             net.standardisation = fedslm_model::Standardisation::fit(&train_samples, 5);
         }
         let start = std::time::Instant::now();

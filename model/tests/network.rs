@@ -7,17 +7,17 @@ use fedslm_cohort::{Rng, Sample};
 use fedslm_model::network::role_of;
 use fedslm_model::train::bce_with_logits;
 use fedslm_model::{
-    save, Augmentation, ModelError, NetConfig, Network, NetworkKind, Optimizer, Standardisation,
+    save, Augmentation, ModelError, ModelKind, NetConfig, Network, Optimizer, Standardisation,
     TrainConfig,
 };
 use fedslm_protocol::{TensorRole, Weights};
 
 const SIZE: usize = 16;
 
-fn config(kind: NetworkKind) -> NetConfig {
+fn config(kind: ModelKind) -> NetConfig {
     NetConfig {
         width: 4,
-        ..NetConfig::compact(3, SIZE, if kind == NetworkKind::Mri { 0 } else { 5 })
+        ..NetConfig::compact(3, SIZE, if kind == ModelKind::Mri { 0 } else { 5 })
     }
 }
 
@@ -72,7 +72,7 @@ fn bytes(w: &Weights) -> Vec<(String, Vec<u8>, Vec<usize>, TensorRole)> {
 
 #[test]
 fn names_follow_torchvision_and_roles_follow_names() {
-    let net = Network::new(NetworkKind::Combined, config(NetworkKind::Combined), 1).unwrap();
+    let net = Network::new(ModelKind::Combined, config(ModelKind::Combined), 1).unwrap();
     let w = net.to_weights().unwrap();
     let names: Vec<&str> = w.tensors().iter().map(|t| t.name()).collect();
     let mut sorted = names.clone();
@@ -123,16 +123,16 @@ fn names_follow_torchvision_and_roles_follow_names() {
 
 #[test]
 fn initialisation_is_seeded() {
-    let c = config(NetworkKind::Mri);
-    let a = Network::new(NetworkKind::Mri, c, 5)
+    let c = config(ModelKind::Mri);
+    let a = Network::new(ModelKind::Mri, c, 5)
         .unwrap()
         .to_weights()
         .unwrap();
-    let b = Network::new(NetworkKind::Mri, c, 5)
+    let b = Network::new(ModelKind::Mri, c, 5)
         .unwrap()
         .to_weights()
         .unwrap();
-    let other = Network::new(NetworkKind::Mri, c, 6)
+    let other = Network::new(ModelKind::Mri, c, 6)
         .unwrap()
         .to_weights()
         .unwrap();
@@ -142,7 +142,7 @@ fn initialisation_is_seeded() {
 
 #[test]
 fn weights_round_trip_bit_exactly_with_batch_norm_statistics() {
-    let kind = NetworkKind::Combined;
+    let kind = ModelKind::Combined;
     let data = samples(32, 1);
     let refs: Vec<&Sample> = data.iter().collect();
     let trained = Network::new(kind, config(kind), 1).unwrap();
@@ -182,7 +182,7 @@ fn weights_round_trip_bit_exactly_with_batch_norm_statistics() {
 
 #[test]
 fn a_model_file_loads_back_and_predicts_identically() {
-    let kind = NetworkKind::Combined;
+    let kind = ModelKind::Combined;
     let data = samples(24, 2);
     let refs: Vec<&Sample> = data.iter().collect();
     let mut net = Network::new(kind, config(kind), 3).unwrap();
@@ -205,7 +205,7 @@ fn a_model_file_loads_back_and_predicts_identically() {
 
 #[test]
 fn evaluation_freezes_batch_norm_and_training_is_reproducible() {
-    let kind = NetworkKind::Mri;
+    let kind = ModelKind::Mri;
     let data = samples(40, 3);
     let refs: Vec<&Sample> = data.iter().collect();
     let cfg = TrainConfig {
@@ -254,7 +254,7 @@ fn both_optimisers_learn_a_visible_signal() {
             weight_decay: 1e-4,
         },
     ] {
-        let net = Network::new(NetworkKind::Mri, config(NetworkKind::Mri), 5).unwrap();
+        let net = Network::new(ModelKind::Mri, config(ModelKind::Mri), 5).unwrap();
         let cfg = TrainConfig {
             optimizer,
             learning_rate: if matches!(optimizer, Optimizer::Sgd { .. }) {
@@ -280,7 +280,7 @@ fn the_proximal_term_holds_weights_near_the_start() {
     let data = samples(32, 6);
     let refs: Vec<&Sample> = data.iter().collect();
     let distance = |mu: Option<f64>| {
-        let net = Network::new(NetworkKind::Mri, config(NetworkKind::Mri), 6).unwrap();
+        let net = Network::new(ModelKind::Mri, config(ModelKind::Mri), 6).unwrap();
         let start = net.to_weights().unwrap();
         net.fit(
             &refs,
@@ -355,7 +355,7 @@ fn the_loss_is_stable_and_weights_positives() {
 
 #[test]
 fn weights_that_do_not_fit_are_refused_by_name() {
-    let kind = NetworkKind::Mri;
+    let kind = ModelKind::Mri;
     let net = Network::new(kind, config(kind), 1).unwrap();
     let good = net.to_weights().unwrap();
     let without = Weights::from_tensors(
@@ -383,7 +383,7 @@ fn weights_that_do_not_fit_are_refused_by_name() {
     let err = net.load_weights(&wider).unwrap_err().to_string();
     assert!(err.contains("has shape"), "{err}");
 
-    let combined = Network::new(NetworkKind::Combined, config(NetworkKind::Combined), 1)
+    let combined = Network::new(ModelKind::Combined, config(ModelKind::Combined), 1)
         .unwrap()
         .to_weights()
         .unwrap();
@@ -420,7 +420,7 @@ fn weights_that_do_not_fit_are_refused_by_name() {
         "{err}"
     );
     assert!(Network::new(
-        NetworkKind::Mri,
+        ModelKind::Mri,
         NetConfig {
             depth: 12,
             ..config(kind)
@@ -428,14 +428,14 @@ fn weights_that_do_not_fit_are_refused_by_name() {
         1
     )
     .is_err());
-    assert!(Network::new(NetworkKind::Mri, config(NetworkKind::Combined), 1).is_err());
+    assert!(Network::new(ModelKind::Mri, config(ModelKind::Combined), 1).is_err());
 }
 
 #[test]
 fn the_architecture_is_read_back_from_the_weights() {
     let cases = [
-        config(NetworkKind::Combined),
-        config(NetworkKind::Mri),
+        config(ModelKind::Combined),
+        config(ModelKind::Mri),
         NetConfig {
             width: 4,
             ..NetConfig::resnet18(9, 64, 5)
@@ -448,9 +448,9 @@ fn the_architecture_is_read_back_from_the_weights() {
     ];
     for cfg in cases {
         let kind = if cfg.clinical_features == 0 {
-            NetworkKind::Mri
+            ModelKind::Mri
         } else {
-            NetworkKind::Combined
+            ModelKind::Combined
         };
         let w = Network::new(kind, cfg, 3).unwrap().to_weights().unwrap();
         assert_eq!(NetConfig::from_weights(&w, cfg.input_size), Ok(cfg));
@@ -463,7 +463,7 @@ fn the_architecture_is_read_back_from_the_weights() {
 
 #[test]
 fn a_head_started_from_the_clinical_model_adds_its_linear_predictor() {
-    let kind = NetworkKind::Combined;
+    let kind = ModelKind::Combined;
     let data = samples(24, 5);
     let refs: Vec<&Sample> = data.iter().collect();
     let logits = |net: &Network| -> Vec<f64> {
@@ -498,7 +498,7 @@ fn a_head_started_from_the_clinical_model_adds_its_linear_predictor() {
             );
         }
     }
-    let mri = Network::new(NetworkKind::Mri, config(NetworkKind::Mri), 9).unwrap();
+    let mri = Network::new(ModelKind::Mri, config(ModelKind::Mri), 9).unwrap();
     assert!(mri.start_head_from_clinical(&beta).is_err());
     let combined = Network::new(kind, config(kind), 9).unwrap();
     assert!(combined.start_head_from_clinical(&beta[..5]).is_err());

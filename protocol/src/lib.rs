@@ -1,18 +1,23 @@
 //! The wire contract between fedslm's coordinating server and its hospital clients.
 //!
-//! Messages ([`Message`]), named tensors ([`Weights`]), the frame codec ([`codec`]) and the limits every
-//! received size is checked against ([`Limits`], [`ByteBudget`]). Pure: no runtime, no sockets; the async
+//! Messages ([`Message`]), named tensors ([`Weights`]), the frame codec ([`codec`]), the limits every
+//! received size is checked against ([`Limits`], [`ByteBudget`]), and the cross-validation folds every centre
+//! deals alike ([`folds`], with the seeded generator [`rng`]). Pure: no runtime, no sockets (the statistics
+//! crate, pure f64, only for the aggregates' conversions); the async
 //! helpers in [`io`] work over any `AsyncRead`/`AsyncWrite`. PROTOCOL.md at the repository root describes the
 //! bytes for implementers in other languages.
 
 pub mod center;
 pub mod clinical;
 pub mod codec;
+mod convert;
 mod error;
+pub mod folds;
 pub mod hex;
 pub mod io;
 mod limits;
 mod message;
+pub mod rng;
 mod weights;
 
 pub use center::{CenterId, CenterIdError};

@@ -13,12 +13,59 @@ pub enum Role {
     Validate,
 }
 
-/// Which of the study's three networks a task is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
+/// Which of the study's three models: the one model kind of every layer (tasks, model files, commands,
+/// results), named `clinical`, `mri` and `combined` wherever it is written.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, bincode::Encode, bincode::Decode,
+)]
 pub enum ModelKind {
+    /// Logistic regression on the coded clinical factors.
     Clinical,
+    /// The ResNet on the MRI crops.
     Mri,
+    /// The ResNet with the coded clinical factors joined to its pooled features.
     Combined,
+}
+
+impl ModelKind {
+    /// The three, in the study's order.
+    pub const ALL: [ModelKind; 3] = [ModelKind::Clinical, ModelKind::Mri, ModelKind::Combined];
+
+    /// The model's name in files, commands and results.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Clinical => "clinical",
+            ModelKind::Mri => "mri",
+            ModelKind::Combined => "combined",
+        }
+    }
+
+    /// Whether the model is an image network (trained by gradient steps, not fitted by Newton).
+    pub fn is_network(self) -> bool {
+        self != ModelKind::Clinical
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A model name that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown model {0:?}: the models are clinical, mri and combined")]
+pub struct UnknownModel(pub String);
+
+impl std::str::FromStr for ModelKind {
+    type Err = UnknownModel;
+
+    fn from_str(s: &str) -> Result<ModelKind, UnknownModel> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| UnknownModel(s.to_string()))
+    }
 }
 
 /// What a client optimises locally during a fit task.

@@ -4,9 +4,7 @@
 //! per patient.
 
 use fedslm_metrics::{Comparison, PlacementSums, ScoreHistograms};
-use fedslm_protocol::{
-    CenterId, EvalReport, Fold, PlacementReport, PlacementTask, Role, ScoreHistogram,
-};
+use fedslm_protocol::{CenterId, EvalReport, Fold, PlacementReport, Role};
 use serde_json::{json, Value};
 
 /// What one centre reported.
@@ -51,34 +49,7 @@ pub fn check_report(report: &EvalReport, round: u32, bins: u32) -> Result<ScoreH
     if !report.loss.is_finite() || report.loss < 0.0 {
         return Err(format!("loss {} is not a finite log-loss", report.loss));
     }
-    Ok(from_wire(h))
-}
-
-/// Histograms as a centre sent them.
-pub fn from_wire(h: &ScoreHistogram) -> ScoreHistograms {
-    ScoreHistograms {
-        positive: h.positive.clone(),
-        negative: h.negative.clone(),
-    }
-}
-
-/// The second pass's task for a centre: the runs whose kept scores to pair, and both models' pooled histograms.
-pub fn placement_task(
-    a_runs: Vec<String>,
-    b_runs: Vec<String>,
-    pooled_a: &ScoreHistograms,
-    pooled_b: &ScoreHistograms,
-) -> PlacementTask {
-    let wire = |h: &ScoreHistograms| ScoreHistogram {
-        positive: h.positive.clone(),
-        negative: h.negative.clone(),
-    };
-    PlacementTask {
-        a_runs,
-        b_runs,
-        pooled_a: wire(pooled_a),
-        pooled_b: wire(pooled_b),
-    }
+    Ok(h.into())
 }
 
 /// One evaluation round.
@@ -228,12 +199,7 @@ pub fn paired_comparison(
                 ));
             }
         }
-        total.add(&PlacementSums {
-            n_positive: r.n_positive,
-            n_negative: r.n_negative,
-            positive: r.positive,
-            negative: r.negative,
-        });
+        total.add(&r.into());
     }
     let want = (pooled_a.n_positive(), pooled_a.n_negative());
     if (total.n_positive, total.n_negative) != want {
@@ -402,12 +368,7 @@ mod tests {
                 let s = PlacementSums::from_patients(&ha, &hb, labels, a, b).unwrap();
                 (
                     CenterId::new(format!("c{i}")).unwrap(),
-                    PlacementReport {
-                        n_positive: s.n_positive,
-                        n_negative: s.n_negative,
-                        positive: s.positive,
-                        negative: s.negative,
-                    },
+                    PlacementReport::from(s),
                 )
             })
             .collect();

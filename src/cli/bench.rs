@@ -11,9 +11,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fedslm_certs::{IssueOptions, Pki};
-use fedslm_client::{Backoff, ClientConfig, LocalTrainer};
-use fedslm_model::{save, NetConfig, Network, NetworkKind};
-use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, FitResult, FitTask, SampleCounts};
+use fedslm_client::{Backoff, ClientConfig, Declined, LocalTrainer};
+use fedslm_model::{save, ModelKind, NetConfig, Network};
+use fedslm_protocol::{
+    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask,
+    SampleCounts,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -56,7 +59,9 @@ pub struct RoundsArgs {
 struct Echo;
 
 impl LocalTrainer for Echo {
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, String> {
+    type Error = Declined;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
         Ok(FitResult {
             round: task.round,
             weights: task.weights.clone(),
@@ -65,8 +70,12 @@ impl LocalTrainer for Echo {
         })
     }
 
-    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, String> {
-        Err("the round benchmark does not evaluate".into())
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, Declined> {
+        Err(Declined("evaluate in the round benchmark"))
+    }
+
+    fn placements(&mut self, _: &PlacementTask) -> Result<PlacementReport, Declined> {
+        Err(Declined("compare models in the round benchmark"))
     }
 }
 
@@ -89,7 +98,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             "resnet18" => NetConfig::resnet18(3, 224, 0),
             other => bail!("unknown model {other:?}: use small or resnet18"),
         };
-        let network = Network::new(NetworkKind::Mri, cfg, 1)?;
+        let network = Network::new(ModelKind::Mri, cfg, 1)?;
         let weights = network.to_weights()?;
         for &n in &args.centres {
             let tmp = tempfile_dir()?;
@@ -225,7 +234,7 @@ fn commit(args: CommitArgs) -> anyhow::Result<()> {
         let out = dir.join("out");
         let mut store = Store::open(&out, Some(signer))?;
         store.begin("bench", &Default::default(), args.rounds, false)?;
-        let network = Network::new(NetworkKind::Mri, NetConfig::resnet18(3, 224, 0), 1)?;
+        let network = Network::new(ModelKind::Mri, NetConfig::resnet18(3, 224, 0), 1)?;
         let weights = network.to_weights()?;
         let card = network.card(Default::default(), Default::default());
         let mb = weights.data_bytes() as f64 / 1e6;

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Args;
 use fedslm_cohort::{Rng, Sample};
-use fedslm_model::{Kernels, NetConfig, Network, NetworkKind, TrainConfig, Trainer};
+use fedslm_model::{Kernels, ModelKind, NetConfig, Network, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
 const TORCH_SCRIPT: &str = include_str!("../../tools/bench_torch.py");
@@ -163,7 +163,7 @@ fn worker(args: &TrainBenchArgs) -> anyhow::Result<()> {
     let set = kernels(set)?;
     let mut rng = Rng::new(1);
     for net in nets(args)? {
-        let mut network = Network::new(NetworkKind::Combined, net.config, 1)?;
+        let mut network = Network::new(ModelKind::Combined, net.config, 1)?;
         network.set_kernels(set);
         let data = samples(args.batch, &net.config, &mut rng);
         let batch: Vec<&Sample> = data.iter().collect();

@@ -103,6 +103,13 @@ async fn shutdown_signal() {
     }
 }
 
+/// The study's three models as a command-line value: `clinical`, `mri` or `combined`, listed in the help.
+fn model_kind() -> impl clap::builder::TypedValueParser<Value = fedslm_protocol::ModelKind> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(fedslm_protocol::ModelKind::ALL.map(|m| m.name()))
+        .try_map(|name| name.parse::<fedslm_protocol::ModelKind>())
+}
+
 /// A multi-threaded tokio runtime for the commands that do network work.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 use clap::{Args, Subcommand};
-use fedslm_model::{clinical, save, ModelCard, Network, NetworkKind};
+use fedslm_model::{clinical, save, ModelCard, ModelKind, Network};
 use serde_json::json;
 
-use super::train::{NetArgs, TrainableModel};
+use super::train::NetArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum ModelCommand {
@@ -18,8 +18,8 @@ pub enum ModelCommand {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
-    #[arg(long, value_enum)]
-    model: TrainableModel,
+    #[arg(long, value_parser = super::model_kind())]
+    model: ModelKind,
     /// Seed of the initial weights (the clinical model starts at zero, Newton's starting point, whatever it is).
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -49,7 +49,7 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
 /// Writes a fresh `model` to `out` (a combined network's head started at the `clinical` model file's
 /// coefficients, if given); returns what it is.
 pub fn init(
-    model: TrainableModel,
+    model: ModelKind,
     seed: u64,
     net: &NetArgs,
     clinical: Option<&Path>,
@@ -61,13 +61,13 @@ pub fn init(
         "mode": "init",
         "seed": seed,
     });
-    if clinical.is_some() && model.network_kind() != Some(NetworkKind::Combined) {
+    if clinical.is_some() && model != ModelKind::Combined {
         bail!(
             "--clinical starts the combined network's head; it does not apply to the {} model",
             model.name()
         );
     }
-    match model.network_kind() {
+    match Some(model).filter(|m| m.is_network()) {
         None => {
             let p = clinical::names().len();
             let card = ModelCard {

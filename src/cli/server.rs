@@ -13,9 +13,7 @@ use fedslm_certs::Signer;
 use fedslm_metrics::ScoreHistograms;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
 use fedslm_protocol::{CenterId, ModelKind, PlacementTask, Role};
-use fedslm_server::evaluation::{
-    histograms_from_json, paired_comparison, placement_task, Evaluation,
-};
+use fedslm_server::evaluation::{histograms_from_json, paired_comparison, Evaluation};
 use fedslm_server::store::sha256_file;
 use fedslm_server::{
     Committed, Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig,
@@ -169,7 +167,7 @@ fn compare(
         .map(|c| {
             (
                 c.clone(),
-                placement_task(a_runs.clone(), b_runs.clone(), &pooled_a, &pooled_b),
+                PlacementTask::new(a_runs.clone(), b_runs.clone(), &pooled_a, &pooled_b),
             )
         })
         .collect();

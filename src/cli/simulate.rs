@@ -6,7 +6,7 @@
 //! histograms, counts and losses come back; the statistics are computed from them.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -15,15 +15,15 @@ use fedslm_certs::{IssueOptions, Pki};
 use fedslm_client::{Backoff, ClientConfig};
 use fedslm_metrics as m;
 use fedslm_model::{save, ClinicalTable, ModelCard};
-use fedslm_protocol::{CenterId, Role};
+use fedslm_node::{Node, SharedNode};
+use fedslm_protocol::{CenterId, ModelKind, Role};
 use fedslm_server::evaluation::{auc_json, Evaluation};
 use fedslm_server::{Outcome, Server, ServerConfig, ServerEvent};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use super::client::{node_trainer, NodeTrainer, SharedTrainer};
 use super::evaluate::{score_report, Predictions, ScoreReport};
-use super::train::{NetArgs, TrainableModel};
+use super::train::NetArgs;
 
 /// The study's figures (BMC Med Imaging 2025;25:173): internal (5-fold CV) and external AUC.
 const PAPER: [(&str, f64, f64); 3] = [
@@ -49,11 +49,11 @@ pub struct SimulateArgs {
     /// Models to federate; combined brings clinical with it (its head starts at the clinical fit).
     #[arg(
         long,
-        value_enum,
+        value_parser = super::model_kind(),
         value_delimiter = ',',
         default_value = "clinical,mri,combined"
     )]
-    models: Vec<TrainableModel>,
+    models: Vec<ModelKind>,
     /// Cross-validation folds (each a federation); 0: no cross-validation (no internal estimate).
     #[arg(long, default_value_t = 5)]
     folds: u32,
@@ -81,11 +81,7 @@ struct Simulation {
     cohort: PathBuf,
     pki: PathBuf,
     centres: Vec<(String, Role)>,
-    trainers: Vec<(
-        String,
-        Arc<Mutex<NodeTrainer>>,
-        fedslm_protocol::SampleCounts,
-    )>,
+    trainers: Vec<(String, SharedNode, fedslm_protocol::SampleCounts)>,
     args: SimulateArgs,
 }
 
@@ -102,15 +98,11 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     // The combined network starts from the clinical model of the same fold: clinical runs first, and always
     // where combined does.
-    let clinical_requested = args.models.contains(&TrainableModel::Clinical);
-    if args.models.contains(&TrainableModel::Combined) {
-        args.models.push(TrainableModel::Clinical);
+    let clinical_requested = args.models.contains(&ModelKind::Clinical);
+    if args.models.contains(&ModelKind::Combined) {
+        args.models.push(ModelKind::Clinical);
     }
-    args.models.sort_by_key(|m| match m {
-        TrainableModel::Clinical => 0,
-        TrainableModel::Mri => 1,
-        TrainableModel::Combined => 2,
-    });
+    args.models.sort();
     args.models.dedup();
     if args.folds == 1 || args.folds > fedslm_protocol::MAX_FOLDS {
         bail!(
@@ -202,7 +194,8 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
             Some(&cohort.join(name)),
             "127.0.0.1:9",
         )?;
-        let (trainer, counts) = node_trainer(&config)?;
+        let node = Node::load(&config)?;
+        let counts = node.counts();
         println!(
             "{name}: {} patients ({} with SLM), {} with images{}",
             counts.patients,
@@ -214,7 +207,7 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
                 ""
             }
         );
-        trainers.push((name.clone(), Arc::new(Mutex::new(trainer)), counts));
+        trainers.push((name.clone(), SharedNode::new(node), counts));
     }
     let ctx = Simulation {
         out: out.clone(),
@@ -229,16 +222,16 @@ pub fn run(mut args: SimulateArgs) -> anyhow::Result<()> {
     let mut per_model = Vec::new();
     for &model in &ctx.args.models {
         let clinical = match model {
-            TrainableModel::Combined => per_model
+            ModelKind::Combined => per_model
                 .iter()
-                .find(|(m, _)| *m == TrainableModel::Clinical)
+                .find(|(m, _)| *m == ModelKind::Clinical)
                 .map(|(_, r)| r),
             _ => None,
         };
         let r = match simulate_model(&ctx, &runtime, model, clinical) {
             Ok(r) => r,
             // Brought in only to start the combined network's head: without it the head starts plain.
-            Err(e) if model == TrainableModel::Clinical && !clinical_requested => {
+            Err(e) if model == ModelKind::Clinical && !clinical_requested => {
                 println!(
                     "the clinical model cannot be fitted here ({e:#}); the combined network's head starts \
                      without it"
@@ -320,7 +313,7 @@ struct ModelResult {
 fn simulate_model(
     ctx: &Simulation,
     runtime: &tokio::runtime::Runtime,
-    model: TrainableModel,
+    model: ModelKind,
     clinical: Option<&ModelResult>,
 ) -> anyhow::Result<ModelResult> {
     let dir = ctx.out.join("runs").join(model.name());
@@ -414,10 +407,10 @@ fn simulate_model(
         centralised(ctx, model)?
     };
     let head_start = match (model, clinical) {
-        (TrainableModel::Combined, Some(_)) => {
+        (ModelKind::Combined, Some(_)) => {
             json!("the clinical model federated on the same patients")
         }
-        (TrainableModel::Combined, None) => json!("none: no clinical model could be fitted"),
+        (ModelKind::Combined, None) => json!("none: no clinical model could be fitted"),
         _ => Value::Null,
     };
     let json = json!({
@@ -448,7 +441,7 @@ fn simulate_model(
 /// The baseline federation is measured against: `fedslm train` on the training centres pooled, with the same
 /// number of folds, epochs (rounds x local epochs), seed and initialisation recipe, validated on the same
 /// held-out centre.
-fn centralised(ctx: &Simulation, model: TrainableModel) -> anyhow::Result<Value> {
+fn centralised(ctx: &Simulation, model: ModelKind) -> anyhow::Result<Value> {
     let started = Instant::now();
     let dir = ctx.out.join("centralised").join(model.name());
     let training: Vec<&str> = ctx
@@ -478,7 +471,7 @@ fn centralised(ctx: &Simulation, model: TrainableModel) -> anyhow::Result<Value>
     .iter()
     .map(|w| w.to_string())
     .collect();
-    if model == TrainableModel::Combined {
+    if model == ModelKind::Combined {
         words.push("--head-from-clinical".into());
     }
     println!(
@@ -581,7 +574,7 @@ fn side_report(name: &str, h: &m::ScoreHistograms) -> anyhow::Result<ScoreReport
 
 /// The run id of a model's federation on fold `fold` (or on all training data): the key under which every
 /// node keeps that run's evaluation scores for the paired tests.
-fn run_id(model: TrainableModel, fold: Option<u32>) -> String {
+fn run_id(model: ModelKind, fold: Option<u32>) -> String {
     match fold {
         Some(f) => format!("simulate-{}-fold-{}", model.name(), f + 1),
         None => format!("simulate-{}-all", model.name()),
@@ -611,7 +604,7 @@ fn start_nodes(
     for (name, trainer, counts) in &ctx.trainers {
         // The node's trainer holds its cohort; this run's configuration only says where to connect.
         let config = client_config(&ctx.out, &ctx.pki, name, None, &addr.to_string())?;
-        let trainer = SharedTrainer(trainer.clone());
+        let trainer = trainer.clone();
         let counts = *counts;
         clients.push(tokio::spawn(async move {
             let backoff = Backoff {
@@ -630,17 +623,14 @@ fn start_nodes(
 fn compare(
     ctx: &Simulation,
     runtime: &tokio::runtime::Runtime,
-    per_model: &[(TrainableModel, ModelResult)],
+    per_model: &[(ModelKind, ModelResult)],
 ) -> anyhow::Result<Vec<Value>> {
-    let Some((_, b)) = per_model
-        .iter()
-        .find(|(m, _)| *m == TrainableModel::Combined)
-    else {
+    let Some((_, b)) = per_model.iter().find(|(m, _)| *m == ModelKind::Combined) else {
         return Ok(Vec::new());
     };
-    let b_model = TrainableModel::Combined;
+    let b_model = ModelKind::Combined;
     let folds: Vec<Option<u32>> = (0..ctx.args.folds).map(Some).collect();
-    let runs = |m: TrainableModel, fs: &[Option<u32>]| -> Vec<String> {
+    let runs = |m: ModelKind, fs: &[Option<u32>]| -> Vec<String> {
         fs.iter().map(|f| run_id(m, *f)).collect()
     };
     // (a, side, pooled a, pooled b, centres, a's runs, b's runs)
@@ -691,7 +681,7 @@ fn compare(
         for c in centres {
             tasks.push((
                 c.clone(),
-                fedslm_server::evaluation::placement_task(a_runs.clone(), b_runs.clone(), ha, hb),
+                fedslm_protocol::PlacementTask::new(a_runs.clone(), b_runs.clone(), ha, hb),
             ));
         }
     }
@@ -759,14 +749,14 @@ fn compare(
 fn federate(
     ctx: &Simulation,
     runtime: &tokio::runtime::Runtime,
-    model: TrainableModel,
+    model: ModelKind,
     init: &Path,
     fold: Option<u32>,
 ) -> anyhow::Result<Federated> {
     let tag = fold.map_or("all".to_string(), |f| format!("fold-{}", f + 1));
     let dir = ctx.out.join("runs").join(model.name()).join(&tag);
     std::fs::create_dir_all(&dir)?;
-    let clinical = model == TrainableModel::Clinical;
+    let clinical = model == ModelKind::Clinical;
     let rounds = if clinical { 30 } else { ctx.args.rounds };
     let mut toml = format!(
         "listen = \"127.0.0.1:0\"\npki = \"{}\"\nrun_id = \"{}\"\noutput = \"{}\"\n\
@@ -894,7 +884,7 @@ fn fmt_auc(r: Option<&ScoreReport>) -> String {
 }
 
 /// The study's table beside the paper's figures.
-fn table(per_model: &[(TrainableModel, ModelResult)], comparisons: &[Value]) -> String {
+fn table(per_model: &[(ModelKind, ModelResult)], comparisons: &[Value]) -> String {
     let mut t = format!(
         "{:<10} {:>24} {:>24} {:>12} {:>12} {:>16} {:>16} {:>11} {:>11} {:>15}\n",
         "model",
@@ -952,7 +942,7 @@ fn table(per_model: &[(TrainableModel, ModelResult)], comparisons: &[Value]) -> 
     t
 }
 
-fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> String {
+fn report_md(results: &Value, per_model: &[(ModelKind, ModelResult)]) -> String {
     let s = &results["settings"];
     let mut md = String::from("# fedslm simulate: the study, federated\n\n");
     md.push_str(&format!(
@@ -1051,7 +1041,7 @@ fn report_md(results: &Value, per_model: &[(TrainableModel, ModelResult)]) -> St
 }
 
 /// ROC and decision curves of every model, internal and external.
-fn figures(out: &Path, per_model: &[(TrainableModel, ModelResult)]) -> anyhow::Result<()> {
+fn figures(out: &Path, per_model: &[(ModelKind, ModelResult)]) -> anyhow::Result<()> {
     for (side, pick) in [
         (
             "internal",

@@ -12,39 +12,10 @@ use fedslm_cohort::{
 };
 use fedslm_metrics::auc_delong;
 use fedslm_model::{
-    clinical, save, Augmentation, ClinicalTable, ModelCard, NetConfig, Network, NetworkKind,
+    clinical, save, Augmentation, ClinicalTable, ModelCard, ModelKind, NetConfig, Network,
     Optimizer, Standardisation, TrainConfig,
 };
 use serde_json::json;
-
-/// The study's three models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TrainableModel {
-    /// Logistic regression on sex, tumour site, CEA and CA19-9.
-    Clinical,
-    /// A ResNet on the tumour's T2W, DWI and ADC crop.
-    Mri,
-    /// The ResNet with the clinical factors joined before its head.
-    Combined,
-}
-
-impl TrainableModel {
-    pub fn network_kind(self) -> Option<NetworkKind> {
-        match self {
-            TrainableModel::Clinical => None,
-            TrainableModel::Mri => Some(NetworkKind::Mri),
-            TrainableModel::Combined => Some(NetworkKind::Combined),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            TrainableModel::Clinical => "clinical",
-            TrainableModel::Mri => "mri",
-            TrainableModel::Combined => "combined",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Arch {
@@ -99,12 +70,13 @@ impl NetArgs {
     /// The architecture for `kind` on crops made with `preprocess`.
     pub fn config(
         &self,
-        kind: NetworkKind,
+        kind: ModelKind,
         preprocess: &PreprocessSettings,
     ) -> anyhow::Result<NetConfig> {
         let features = match kind {
-            NetworkKind::Mri => 0,
-            NetworkKind::Combined => ClinicalCoding::FEATURES.len(),
+            ModelKind::Clinical => bail!("the clinical model is not an image network"),
+            ModelKind::Mri => 0,
+            ModelKind::Combined => ClinicalCoding::FEATURES.len(),
         };
         let (c, s) = (preprocess.channels(), preprocess.size);
         let arch = if self.study_scale {
@@ -206,8 +178,8 @@ pub struct TrainArgs {
     /// A cohort folder: one centre (with manifest.csv) or several (sub-folders with manifest.csv), pooled.
     #[arg(long)]
     cohort: PathBuf,
-    #[arg(long, value_enum)]
-    model: TrainableModel,
+    #[arg(long, value_parser = super::model_kind())]
+    model: ModelKind,
     /// Only these centres of the cohort, comma-separated.
     #[arg(long, value_delimiter = ',')]
     centers: Vec<String>,
@@ -367,7 +339,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Trained> {
     let write_cv = |csv: &str| {
         std::fs::write(&cv_path, csv).with_context(|| format!("cannot write {}", cv_path.display()))
     };
-    let out_of_fold = match args.model.network_kind() {
+    let out_of_fold = match Some(args.model).filter(|m| m.is_network()) {
         None => {
             let patients: Vec<(&str, &Patient)> = centres
                 .iter()
@@ -461,7 +433,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<Trained> {
             let fit_on = |idx: &[usize], what: &str| -> anyhow::Result<Network> {
                 let train: Vec<&Sample> = idx.iter().map(|&i| &samples[i]).collect();
                 let mut network = Network::new(kind, config, args.seed)?;
-                if kind == NetworkKind::Combined {
+                if kind == ModelKind::Combined {
                     network.standardisation =
                         Standardisation::fit(&train, config.clinical_features);
                     if args.head_from_clinical {

@@ -1,5 +1,7 @@
-//! A small seeded generator (xoshiro256**, seeded through splitmix64): the same seed gives the same cohort,
-//! partition and folds on every machine and in every version of every dependency.
+//! The seeded generator (xoshiro256**, seeded through splitmix64) that everything random in fedslm draws from:
+//! the same seed gives the same cohort, partition and folds on every machine and in every version of every
+//! dependency. It lives in the wire contract because the cross-validation folds ([`crate::folds`]) are dealt
+//! with it, and every peer must deal them alike.
 
 #[derive(Debug, Clone)]
 pub struct Rng {

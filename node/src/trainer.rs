@@ -1,0 +1,413 @@
+//! The node's answers to the server's tasks: local training (or the clinical model's Newton statistics),
+//! evaluation into histograms, and the placement sums of the paired tests' second pass.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use fedslm_client::{ClientConfig, LocalTrainer};
+use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, TrainConfig};
+use fedslm_protocol::clinical::NewtonUpdate;
+use fedslm_protocol::folds::{centre_seed, Selection};
+use fedslm_protocol::{
+    EvalReport, EvaluateTask, FitResult, FitTask, LocalObjective, ModelKind, PlacementReport,
+    PlacementTask, SampleCounts, Weights,
+};
+
+use crate::scores::{read_scores, write_scores, KeptScores, Scored};
+use crate::{NodeError, PlacementError, SiteCohort};
+
+/// A hospital node: its configuration, its cohort, the network of its last task, and the scores it keeps.
+pub struct Node {
+    config: ClientConfig,
+    cohort: SiteCohort,
+    /// The network of the last task, reused while the architecture stays the same.
+    network: Option<Network>,
+    /// Each run's last evaluation, patient by patient, for the second pass of paired tests.
+    kept: KeptScores,
+}
+
+impl Node {
+    /// A node over the cohort of `config`, loaded and checked.
+    pub fn load(config: &ClientConfig) -> Result<Node, NodeError> {
+        Ok(Node::new(config.clone(), SiteCohort::load(config)?))
+    }
+
+    pub fn new(config: ClientConfig, cohort: SiteCohort) -> Node {
+        Node {
+            config,
+            cohort,
+            network: None,
+            kept: KeptScores::default(),
+        }
+    }
+
+    pub fn cohort(&self) -> &SiteCohort {
+        &self.cohort
+    }
+
+    /// What the node tells the server in its Hello.
+    pub fn counts(&self) -> SampleCounts {
+        self.cohort.counts()
+    }
+
+    /// Trains from the task's weights, or computes the clinical model's Newton statistics; with `record` in
+    /// client.toml, keeps a copy of what leaves the site.
+    pub fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+        let result = match task.objective {
+            LocalObjective::NewtonStep => self.newton(task)?,
+            LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(task)?,
+        };
+        if let Some(dir) = &self.config.record {
+            self.record(dir, task, &result).map_err(NodeError::Record)?;
+        }
+        Ok(result)
+    }
+
+    /// Evaluates the task's model on the selected labelled patients and keeps their scores under `run_id`
+    /// (in memory, and on disk where client.toml names a `scores` folder).
+    pub fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
+        let (report, scored) = self.evaluate_all(task)?;
+        if let Some(dir) = &self.config.scores {
+            write_scores(dir, run_id, &scored).map_err(NodeError::KeepScores)?;
+        }
+        self.kept.keep(run_id, scored);
+        Ok(report)
+    }
+
+    /// The placement sums of the kept scores of the task's runs: each patient scored under both models, its
+    /// placements among the pooled scores of the other class.
+    pub fn placements(&self, task: &PlacementTask) -> Result<PlacementReport, NodeError> {
+        let a = self.paired_side(&task.a_runs, "A")?;
+        let b = self.paired_side(&task.b_runs, "B")?;
+        if !a.keys().eq(b.keys()) {
+            return Err(PlacementError::DifferentPatients {
+                a: a.len(),
+                b: b.len(),
+            }
+            .into());
+        }
+        let mut labels = Vec::with_capacity(a.len());
+        let (mut pa, mut pb) = (Vec::with_capacity(a.len()), Vec::with_capacity(a.len()));
+        for ((patient, (ya, sa)), (yb, sb)) in a.iter().zip(b.values()) {
+            if ya != yb {
+                return Err(PlacementError::DifferentOutcomes(patient.clone()).into());
+            }
+            labels.push(*ya);
+            pa.push(*sa);
+            pb.push(*sb);
+        }
+        let sums = fedslm_metrics::PlacementSums::from_patients(
+            &(&task.pooled_a).into(),
+            &(&task.pooled_b).into(),
+            &labels,
+            &pa,
+            &pb,
+        )?;
+        Ok(sums.into())
+    }
+
+    /// One model's kept scores over the runs named, by patient (each patient once).
+    fn paired_side(
+        &self,
+        runs: &[String],
+        side: &'static str,
+    ) -> Result<BTreeMap<String, (bool, f64)>, PlacementError> {
+        let mut scores = BTreeMap::new();
+        for run in runs {
+            let from_disk;
+            let kept = match (self.kept.get(run), &self.config.scores) {
+                (Some(kept), _) => kept,
+                (None, Some(dir)) => {
+                    from_disk =
+                        read_scores(dir, run).map_err(|source| PlacementError::KeptRun {
+                            side,
+                            run: run.clone(),
+                            source,
+                        })?;
+                    &from_disk
+                }
+                (None, None) => {
+                    return Err(PlacementError::NoRun {
+                        side,
+                        run: run.clone(),
+                    })
+                }
+            };
+            for s in kept {
+                if scores
+                    .insert(s.patient.clone(), (s.label, s.probability))
+                    .is_some()
+                {
+                    return Err(PlacementError::ScoredTwice {
+                        side,
+                        patient: s.patient.clone(),
+                    });
+                }
+            }
+        }
+        Ok(scores)
+    }
+
+    /// Predictions for every selected labelled patient, as counts, mean log-loss and per-class histograms,
+    /// and the patients' scores for the node to keep.
+    fn evaluate_all(
+        &mut self,
+        task: &EvaluateTask,
+    ) -> Result<(EvalReport, Vec<Scored>), NodeError> {
+        let selection = Selection::evaluate(task.fold);
+        let (ids, labels, probs): (Vec<String>, Vec<bool>, Vec<f64>) = match task.model {
+            ModelKind::Clinical => {
+                let beta = clinical::coefficients(&task.weights)?;
+                let patients = self.cohort.labelled_patients(selection);
+                let (mut ids, mut labels, mut probs) = (vec![], vec![], vec![]);
+                for p in patients {
+                    if let Some(y) = p.slm {
+                        ids.push(p.id.clone());
+                        labels.push(y);
+                        probs.push(clinical::predict(&self.config.coding, &beta, p));
+                    }
+                }
+                (ids, labels, probs)
+            }
+            ModelKind::Mri | ModelKind::Combined => {
+                let network = network_for(
+                    &mut self.network,
+                    &self.config,
+                    &self.cohort,
+                    task.model,
+                    &task.weights,
+                    0,
+                )?;
+                let labelled = self.cohort.labelled_samples(selection);
+                let probs = network.predict(&labelled)?;
+                (
+                    labelled.iter().map(|s| s.patient_id.clone()).collect(),
+                    labelled.iter().map(|s| s.label == Some(true)).collect(),
+                    probs,
+                )
+            }
+        };
+        if labels.is_empty() {
+            return Err(NodeError::NothingToEvaluate);
+        }
+        let histograms = fedslm_metrics::ScoreHistograms::from_scores(
+            &labels,
+            &probs,
+            task.histogram_bins as usize,
+        )?;
+        let report = EvalReport {
+            round: task.round,
+            examples: labels.len() as u64,
+            positives: labels.iter().filter(|&&y| y).count() as u64,
+            loss: mean_log_loss(&labels, &probs),
+            histogram: (&histograms).into(),
+        };
+        let scored = ids
+            .into_iter()
+            .zip(labels.into_iter().zip(probs))
+            .map(|(patient, (label, probability))| Scored {
+                patient,
+                label,
+                probability,
+            })
+            .collect();
+        Ok((report, scored))
+    }
+
+    fn newton(&self, task: &FitTask) -> Result<FitResult, NodeError> {
+        let beta = clinical::coefficients(&task.weights)?;
+        let patients = self.cohort.labelled_patients(Selection::fit(task.fold));
+        let s = clinical::local_stats(&self.config.coding, &patients, &beta)?;
+        if s.n == 0 {
+            return Err(NodeError::NoOutcome);
+        }
+        let update = NewtonUpdate {
+            gradient: s.gradient,
+            hessian: s.hessian,
+            log_likelihood: s.log_likelihood,
+            fitted_exactly: s.fitted_exactly,
+        };
+        Ok(FitResult {
+            round: task.round,
+            weights: update.to_weights()?,
+            examples: s.n,
+            train_loss: -s.log_likelihood / s.n as f64,
+        })
+    }
+
+    fn train(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+        if task.model == ModelKind::Clinical {
+            return Err(NodeError::ClinicalIsNotTrained);
+        }
+        let seed = centre_seed(task.seed, &self.cohort.centre);
+        let network = network_for(
+            &mut self.network,
+            &self.config,
+            &self.cohort,
+            task.model,
+            &task.weights,
+            task.seed,
+        )?;
+        let train = self.cohort.labelled_samples(Selection::fit(task.fold));
+        if train.len() < 2 {
+            return Err(NodeError::TooFewToTrain(train.len()));
+        }
+        let train_cfg = TrainConfig {
+            epochs: task.local_epochs as usize,
+            batch_size: task.batch_size as usize,
+            learning_rate: task.learning_rate,
+            proximal_mu: match task.objective {
+                LocalObjective::Proximal { mu } => Some(mu),
+                _ => None,
+            },
+            seed,
+            ..TrainConfig::default()
+        };
+        let reports = network.fit(&train, &train_cfg, |r| {
+            tracing::debug!(round = task.round, epoch = r.epoch, loss = r.loss, "epoch");
+        })?;
+        Ok(FitResult {
+            round: task.round,
+            weights: network.to_weights()?,
+            examples: train.len() as u64,
+            train_loss: reports.last().map_or(f64::NAN, |r| r.loss),
+        })
+    }
+
+    /// A copy of what leaves the site: `round-NNNN.safetensors`, the count and loss in its card.
+    fn record(
+        &self,
+        dir: &Path,
+        task: &FitTask,
+        result: &FitResult,
+    ) -> Result<(), fedslm_model::ModelError> {
+        let model = match task.objective {
+            LocalObjective::NewtonStep => "newton-statistics",
+            _ => task.model.name(),
+        };
+        let card = ModelCard {
+            training: serde_json::json!({
+                "mode": "federated update",
+                "center": self.cohort.centre,
+                "round": result.round,
+                "examples": result.examples,
+                "train_loss": result.train_loss,
+            }),
+            ..ModelCard::new(model, self.config.coding, self.config.preprocess)
+        };
+        save(
+            &dir.join(format!("round-{:04}.safetensors", result.round)),
+            &result.weights,
+            &card,
+        )
+    }
+}
+
+/// The node's network for `weights` in `slot` (built again only when the architecture changes), loaded with
+/// them.
+fn network_for<'a>(
+    slot: &'a mut Option<Network>,
+    config: &ClientConfig,
+    cohort: &SiteCohort,
+    model: ModelKind,
+    weights: &Weights,
+    seed: u64,
+) -> Result<&'a Network, NodeError> {
+    if !model.is_network() {
+        return Err(NodeError::NotANetwork);
+    }
+    if cohort.samples.is_empty() {
+        return Err(NodeError::NoImages);
+    }
+    let pre = &config.preprocess;
+    let cfg = NetConfig::from_weights(weights, pre.size).map_err(NodeError::TaskNetwork)?;
+    if cfg.in_channels != pre.channels() {
+        return Err(NodeError::Channels {
+            task: cfg.in_channels,
+            node: pre.channels(),
+        });
+    }
+    let network = match slot.take() {
+        Some(n) if n.kind == model && n.config == cfg => n,
+        _ => Network::new(model, cfg, seed)?,
+    };
+    network.load_weights(weights)?;
+    Ok(slot.insert(network))
+}
+
+/// The mean log-loss of probabilities against outcomes, each probability kept within [1e-12, 1 - 1e-12].
+fn mean_log_loss(labels: &[bool], probs: &[f64]) -> f64 {
+    labels
+        .iter()
+        .zip(probs)
+        .map(|(&y, &p)| {
+            let p = p.clamp(1e-12, 1.0 - 1e-12);
+            if y {
+                -p.ln()
+            } else {
+                -(1.0 - p).ln()
+            }
+        })
+        .sum::<f64>()
+        / labels.len() as f64
+}
+
+impl LocalTrainer for Node {
+    type Error = NodeError;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+        Node::fit(self, task)
+    }
+
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
+        Node::evaluate(self, run_id, task)
+    }
+
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, NodeError> {
+        Node::placements(self, task)
+    }
+}
+
+/// A node shared between runs: a simulation runs many federations over the same loaded cohorts.
+#[derive(Clone)]
+pub struct SharedNode(pub Arc<Mutex<Node>>);
+
+impl SharedNode {
+    pub fn new(node: Node) -> SharedNode {
+        SharedNode(Arc::new(Mutex::new(node)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Node> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl LocalTrainer for SharedNode {
+    type Error = NodeError;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+        self.lock().fit(task)
+    }
+
+    fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
+        self.lock().evaluate(run_id, task)
+    }
+
+    fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, NodeError> {
+        self.lock().placements(task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_loss_is_bounded_for_certain_wrong_answers() {
+        let l = mean_log_loss(&[true, false], &[0.0, 1.0]);
+        assert!(l.is_finite() && (l - -(1e-12f64).ln()).abs() < 1e-3, "{l}");
+        let half = mean_log_loss(&[true, false], &[0.5, 0.5]);
+        assert!((half - std::f64::consts::LN_2).abs() < 1e-12);
+    }
+}
