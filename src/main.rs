@@ -2,7 +2,6 @@
 //! The one binary; each subcommand lives in `cli/`.
 
 mod cli;
-mod plot;
 
 use clap::Parser;
 

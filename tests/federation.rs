@@ -399,7 +399,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
             }
             let (out, _) = run.go(&clients);
             assert!(out.contains("run completed after 1 round"), "{out}");
-            let last: Value = serde_json::from_str(
+            let last: fedslm_server::StoredRound = serde_json::from_str(
                 std::fs::read_to_string(run.out().join("rounds.jsonl"))
                     .unwrap()
                     .lines()
@@ -407,12 +407,8 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
                     .unwrap(),
             )
             .unwrap();
-            for (_, h) in fedslm_server::evaluation::histograms_from_json(
-                &last["evaluation"],
-                fedslm_protocol::Role::Train,
-            )
-            .unwrap()
-            {
+            let evaluation = last.evaluation.expect("the last round is evaluated");
+            for (_, h) in evaluation.histograms(fedslm_protocol::Role::Train).unwrap() {
                 match pooled.get_mut(model) {
                     Some(p) => p.merge(&h).unwrap(),
                     None => {

@@ -80,14 +80,30 @@ pub fn calibration(labels: &[bool], probs: &[f64]) -> Result<Calibration, Metric
     })
 }
 
-/// Hosmer-Lemeshow with `g` groups cut at the quantiles of predicted risk, as R's
-/// `ResourceSelection::hoslem.test`: breaks at `quantile(p, 0:g/g)` (type 7), duplicates dropped (so ties
-/// can give fewer groups), each group closed on the right and the first also on the left.
-pub fn hosmer_lemeshow(
+/// A group of patients of similar predicted risk: how many, how many had the outcome, and the sum of their
+/// predicted risks.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RiskGroup {
+    pub count: f64,
+    pub observed: f64,
+    pub expected: f64,
+}
+
+impl RiskGroup {
+    /// (mean predicted risk, observed rate): a point of the calibration curve; `None` for an empty group.
+    pub fn point(&self) -> Option<(f64, f64)> {
+        (self.count > 0.0).then(|| (self.expected / self.count, self.observed / self.count))
+    }
+}
+
+/// The `g` groups of predicted risk that Hosmer-Lemeshow and the calibration figure share, as R's
+/// `ResourceSelection::hoslem.test` cuts them: breaks at `quantile(p, 0:g/g)` (type 7), duplicates dropped (so
+/// ties can give fewer groups), each group closed on the right and the first also on the left.
+pub fn risk_groups(
     labels: &[bool],
     probs: &[f64],
     g: usize,
-) -> Result<HosmerLemeshow, MetricsError> {
+) -> Result<Vec<RiskGroup>, MetricsError> {
     check_probabilities(labels, probs)?;
     let mut sorted = probs.to_vec();
     sorted.sort_unstable_by(f64::total_cmp);
@@ -101,20 +117,30 @@ pub fn hosmer_lemeshow(
     let mut breaks: Vec<f64> = (0..=g).map(|k| quantile(k as f64 / g as f64)).collect();
     breaks.dedup();
     let groups = breaks.len().saturating_sub(1).max(1);
-    let mut observed = vec![0.0; groups];
-    let mut expected = vec![0.0; groups];
-    let mut count = vec![0.0; groups];
+    let mut out = vec![RiskGroup::default(); groups];
     for (&y, &p) in labels.iter().zip(probs) {
         // Group k holds (breaks[k], breaks[k+1]]; the first also holds its lower end.
         let k = breaks[1..].partition_point(|&b| b < p).min(groups - 1);
-        observed[k] += if y { 1.0 } else { 0.0 };
-        expected[k] += p;
-        count[k] += 1.0;
+        out[k].observed += if y { 1.0 } else { 0.0 };
+        out[k].expected += p;
+        out[k].count += 1.0;
     }
-    let statistic: f64 = (0..groups)
-        .filter(|&k| count[k] > 0.0)
+    Ok(out)
+}
+
+/// Hosmer-Lemeshow with `g` groups cut at the quantiles of predicted risk ([`risk_groups`]), as R's
+/// `ResourceSelection::hoslem.test`.
+pub fn hosmer_lemeshow(
+    labels: &[bool],
+    probs: &[f64],
+    g: usize,
+) -> Result<HosmerLemeshow, MetricsError> {
+    let groups = risk_groups(labels, probs, g)?;
+    let statistic: f64 = groups
+        .iter()
+        .filter(|k| k.count > 0.0)
         .map(|k| {
-            let (o, e, c) = (observed[k], expected[k], count[k]);
+            let (o, e, c) = (k.observed, k.expected, k.count);
             let var = e * (1.0 - e / c);
             if var > 0.0 {
                 (o - e).powi(2) / var
@@ -123,10 +149,10 @@ pub fn hosmer_lemeshow(
             }
         })
         .sum();
-    let df = groups.saturating_sub(2);
+    let df = groups.len().saturating_sub(2);
     Ok(HosmerLemeshow {
         statistic,
-        groups,
+        groups: groups.len(),
         df,
         p: if df == 0 {
             f64::NAN

@@ -16,7 +16,8 @@ pub mod roc;
 
 pub use binned::{PlacementSums, ScoreHistograms, DEFAULT_BINS};
 pub use calibration::{
-    are_probabilities, brier, calibration, hosmer_lemeshow, Calibration, HosmerLemeshow,
+    are_probabilities, brier, calibration, hosmer_lemeshow, risk_groups, Calibration,
+    HosmerLemeshow, RiskGroup,
 };
 pub use cutoff::{at_cutoff, youden, AtCutoff};
 pub use dca::{decision_curve, default_thresholds, DecisionCurve};

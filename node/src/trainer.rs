@@ -378,6 +378,11 @@ impl SharedNode {
         SharedNode(Arc::new(Mutex::new(node)))
     }
 
+    /// What the node tells the server in its Hello.
+    pub fn counts(&self) -> SampleCounts {
+        self.lock().counts()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Node> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }

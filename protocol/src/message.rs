@@ -13,6 +13,38 @@ pub enum Role {
     Validate,
 }
 
+impl Role {
+    /// The role's name in configuration files, audit entries and results: `train` or `validate`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Train => "train",
+            Role::Validate => "validate",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A role name that is neither `train` nor `validate`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: a centre's role is train or validate")]
+pub struct UnknownRole(pub String);
+
+impl std::str::FromStr for Role {
+    type Err = UnknownRole;
+
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
+        [Role::Train, Role::Validate]
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| UnknownRole(s.to_string()))
+    }
+}
+
 /// Which of the study's three models: the one model kind of every layer (tasks, model files, commands,
 /// results), named `clinical`, `mri` and `combined` wherever it is written.
 #[derive(

@@ -26,75 +26,105 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-#[derive(Debug, Deserialize)]
+/// What `server.toml` says, key by key, before it is checked: the typed form in which a program (a
+/// simulation) writes a server's configuration without writing TOML. [`ServerConfig::from_toml`] checks it.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    listen: SocketAddr,
-    pki: PathBuf,
-    run_id: String,
+pub struct ServerToml {
+    pub listen: SocketAddr,
+    pub pki: PathBuf,
+    pub run_id: String,
     #[serde(default = "default_rounds")]
-    rounds: u32,
-    settings_hash: Option<String>,
+    pub rounds: u32,
+    pub settings_hash: Option<String>,
     #[serde(default = "default_hello_timeout")]
-    hello_timeout_secs: u64,
+    pub hello_timeout_secs: u64,
     #[serde(default = "default_budget")]
-    connection_budget_bytes: u64,
+    pub connection_budget_bytes: u64,
     #[serde(default)]
-    center: Vec<CenterEntry>,
-    initial_model: Option<PathBuf>,
+    pub center: Vec<CentreEntry>,
+    pub initial_model: Option<PathBuf>,
     #[serde(default = "default_output")]
-    output: PathBuf,
+    pub output: PathBuf,
     #[serde(default = "default_local_epochs")]
-    local_epochs: u32,
+    pub local_epochs: u32,
     #[serde(default = "default_learning_rate")]
-    learning_rate: f64,
+    pub learning_rate: f64,
     #[serde(default = "default_batch_size")]
-    batch_size: u32,
-    quorum: Option<usize>,
+    pub batch_size: u32,
+    pub quorum: Option<usize>,
     #[serde(default = "default_deadline")]
-    round_deadline_secs: u64,
+    pub round_deadline_secs: u64,
     #[serde(default = "default_grace")]
-    round_start_grace_secs: u64,
+    pub round_start_grace_secs: u64,
     #[serde(default = "default_retries")]
-    round_retries: u32,
-    strategy: Option<StrategyName>,
-    proximal_mu: Option<f64>,
-    norm_bound: Option<f64>,
+    pub round_retries: u32,
+    pub strategy: Option<StrategyName>,
+    pub proximal_mu: Option<f64>,
+    pub norm_bound: Option<f64>,
     #[serde(default = "default_seed")]
-    seed: u64,
+    pub seed: u64,
     #[serde(default = "default_evaluation_bins")]
-    evaluation_bins: u32,
+    pub evaluation_bins: u32,
     #[serde(default)]
-    evaluate_every: u32,
+    pub evaluate_every: u32,
     /// Cross-validation: the fold (0-based) every training centre holds out, of `cv_folds`.
-    cv_fold: Option<u32>,
-    cv_folds: Option<u32>,
+    pub cv_fold: Option<u32>,
+    pub cv_folds: Option<u32>,
+}
+
+impl ServerToml {
+    /// A configuration with every key at its default but the three without one.
+    pub fn new(listen: SocketAddr, pki: PathBuf, run_id: String) -> ServerToml {
+        ServerToml {
+            listen,
+            pki,
+            run_id,
+            rounds: default_rounds(),
+            settings_hash: None,
+            hello_timeout_secs: default_hello_timeout(),
+            connection_budget_bytes: default_budget(),
+            center: Vec::new(),
+            initial_model: None,
+            output: default_output(),
+            local_epochs: default_local_epochs(),
+            learning_rate: default_learning_rate(),
+            batch_size: default_batch_size(),
+            quorum: None,
+            round_deadline_secs: default_deadline(),
+            round_start_grace_secs: default_grace(),
+            round_retries: default_retries(),
+            strategy: None,
+            proximal_mu: None,
+            norm_bound: None,
+            seed: default_seed(),
+            evaluation_bins: default_evaluation_bins(),
+            evaluate_every: 0,
+            cv_fold: None,
+            cv_folds: None,
+        }
+    }
 }
 
 fn default_evaluation_bins() -> u32 {
     crate::round::EvaluationSettings::default().bins
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+/// `strategy` in server.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum StrategyName {
+pub enum StrategyName {
     Fedavg,
     Fedprox,
     Newton,
 }
 
-#[derive(Debug, Deserialize)]
+/// A `[[center]]` entry: a centre enrolled in the run, with its role (`train` or `validate`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct CenterEntry {
-    id: String,
-    role: RoleName,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RoleName {
-    Train,
-    Validate,
+pub struct CentreEntry {
+    pub id: String,
+    pub role: String,
 }
 
 fn default_rounds() -> u32 {
@@ -181,11 +211,20 @@ impl ServerConfig {
 
     /// Parses the text of `path`.
     pub fn parse(text: &str, path: &Path) -> Result<ServerConfig, ConfigError> {
+        let file: ServerToml = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        ServerConfig::from_toml(file, path)
+    }
+
+    /// Checks a configuration given as values; relative paths in it are relative to `path`'s folder, which
+    /// errors name.
+    pub fn from_toml(file: ServerToml, path: &Path) -> Result<ServerConfig, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
         };
-        let file: File = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if file.center.is_empty() {
             return Err(invalid(
                 "no centre is enrolled: add [[center]] entries with an id and a role (train or validate)".into(),
@@ -195,10 +234,10 @@ impl ServerConfig {
         for c in &file.center {
             let id =
                 CenterId::new(c.id.as_str()).map_err(|e| invalid(format!("[[center]] {e}")))?;
-            let role = match c.role {
-                RoleName::Train => Role::Train,
-                RoleName::Validate => Role::Validate,
-            };
+            let role = c
+                .role
+                .parse::<Role>()
+                .map_err(|e| invalid(format!("[[center]] {id}: {e}")))?;
             if centers.insert(id.clone(), role).is_some() {
                 return Err(invalid(format!("centre {id} is enrolled twice")));
             }
@@ -390,11 +429,7 @@ impl ServerConfig {
         };
         put("run_id", self.enrolment.run_id.clone());
         for (center, role) in &self.enrolment.centers {
-            let role = match role {
-                Role::Train => "train",
-                Role::Validate => "validate",
-            };
-            put(&format!("center.{center}"), role.into());
+            put(&format!("center.{center}"), role.name().into());
         }
         put(
             "settings_hash",
@@ -402,7 +437,7 @@ impl ServerConfig {
                 .settings_hash
                 .map_or("any".into(), |h| fedslm_protocol::hex::to_hex(&h)),
         );
-        put("model", format!("{:?}", settings.model).to_lowercase());
+        put("model", settings.model.name().into());
         put("initial_model_sha256", initial_model_sha256.into());
         put("rounds", settings.rounds.to_string());
         put("local_epochs", settings.local_epochs.to_string());

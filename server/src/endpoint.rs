@@ -215,11 +215,7 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             role,
         } => AuditEvent::CentreJoined {
             center: center.to_string(),
-            role: match role {
-                Role::Train => "train",
-                Role::Validate => "validate",
-            }
-            .into(),
+            role: role.name().into(),
             remote: remote.to_string(),
         },
         ServerEvent::Disconnected { center, reason } => AuditEvent::CentreLeft {
@@ -454,7 +450,7 @@ async fn drive(
                 Action::Evaluated(evaluation) => {
                     let store = store.clone();
                     let round = evaluation.round;
-                    let record = evaluation.to_json();
+                    let record = evaluation.record();
                     let done =
                         tokio::task::spawn_blocking(move || store.record_evaluation(round, record))
                             .await;

@@ -5,7 +5,7 @@
 
 use fedslm_metrics::{Comparison, PlacementSums, ScoreHistograms};
 use fedslm_protocol::{CenterId, EvalReport, Fold, PlacementReport, Role};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 /// What one centre reported.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,98 +78,241 @@ impl Evaluation {
 
     /// The record the store keeps and the report reads: per centre and pooled, AUC with DeLong's 95% CI where
     /// both classes are present, and the histograms themselves (for pooling folds later).
-    pub fn to_json(&self) -> Value {
-        let centres: Vec<Value> = self
-            .centres
-            .iter()
-            .map(|c| {
-                json!({
-                    "center": c.center.as_str(),
-                    "role": role_name(c.role),
-                    "examples": c.examples,
-                    "positives": c.positives,
-                    "loss": c.loss,
-                    "auc": auc_json(&c.histogram),
-                    "histogram": {"positive": c.histogram.positive, "negative": c.histogram.negative},
+    pub fn record(&self) -> EvaluationRecord {
+        EvaluationRecord {
+            round: self.round,
+            fold: self.fold.map(|f| FoldRecord {
+                index: f.index,
+                count: f.count,
+                seed: f.seed,
+            }),
+            bins: self.bins,
+            internal: self
+                .pooled(Role::Train)
+                .map(|h| AucSummary::of_histograms(&h)),
+            external: self
+                .pooled(Role::Validate)
+                .map(|h| AucSummary::of_histograms(&h)),
+            centres: self
+                .centres
+                .iter()
+                .map(|c| CentreRecord {
+                    center: c.center.to_string(),
+                    role: c.role.name().to_string(),
+                    examples: c.examples,
+                    positives: c.positives,
+                    loss: c.loss,
+                    auc: AucSummary::of_histograms(&c.histogram),
+                    histogram: HistogramRecord {
+                        positive: c.histogram.positive.clone(),
+                        negative: c.histogram.negative.clone(),
+                    },
                 })
-            })
-            .collect();
-        let pooled = |role| {
-            self.pooled(role)
-                .map(|h| auc_json(&h))
-                .unwrap_or(Value::Null)
+                .collect(),
+            missing: self
+                .missing
+                .iter()
+                .map(|(c, why)| MissingRecord {
+                    center: c.to_string(),
+                    reason: why.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// `round 5 evaluated: internal AUC 0.812 (0.702-0.922; 25+/95-), external AUC 0.790 (...)`.
+    pub fn summary(&self) -> String {
+        let side = |role| match self.pooled(role).map(|h| AucSummary::of_histograms(&h)) {
+            None => "none reported".to_string(),
+            Some(a) => a.to_string(),
         };
-        json!({
-            "round": self.round,
-            "fold": self.fold.map(|f| json!({"index": f.index, "count": f.count, "seed": f.seed})),
-            "bins": self.bins,
-            "internal": pooled(Role::Train),
-            "external": pooled(Role::Validate),
-            "centres": centres,
-            "missing": self.missing.iter().map(|(c, why)| json!({"center": c.as_str(), "reason": why})).collect::<Vec<_>>(),
-        })
+        let mut line = format!(
+            "round {} evaluated{}: internal {}, external {}",
+            self.round,
+            self.fold
+                .map(|f| format!(" (fold {} of {})", f.index + 1, f.count))
+                .unwrap_or_default(),
+            side(Role::Train),
+            side(Role::Validate)
+        );
+        for (c, why) in &self.missing {
+            line.push_str(&format!("; {c}: {why}"));
+        }
+        line
     }
 }
 
-/// The histograms of the centres with `role` in a stored evaluation record (what [`Evaluation::to_json`]
-/// wrote), by centre.
-pub fn histograms_from_json(
-    record: &Value,
-    role: Role,
-) -> Result<Vec<(CenterId, ScoreHistograms)>, String> {
-    let centres = record["centres"]
-        .as_array()
-        .ok_or("the evaluation record has no centres")?;
-    let mut out = Vec::new();
-    for c in centres {
-        if c["role"].as_str() != Some(role_name(role)) {
-            continue;
+/// The number of positive and negative patients behind a figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClassCounts {
+    pub positives: u64,
+    pub negatives: u64,
+}
+
+/// An AUC with DeLong's 95% CI and its class counts: the one shape of an AUC in every stored and reported
+/// record. The AUC and CI are absent (null) where a class is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AucSummary {
+    pub auc: Option<f64>,
+    pub ci95: Option<[f64; 2]>,
+    pub n: ClassCounts,
+}
+
+impl AucSummary {
+    /// Of binned scores, exactly for the bins.
+    pub fn of_histograms(h: &ScoreHistograms) -> AucSummary {
+        let n = ClassCounts {
+            positives: h.n_positive(),
+            negatives: h.n_negative(),
+        };
+        match h.delong() {
+            Ok(e) => AucSummary::of(&e, n),
+            Err(_) => AucSummary {
+                auc: None,
+                ci95: None,
+                n,
+            },
         }
-        let name = c["center"].as_str().ok_or("a centre without a name")?;
-        let center = CenterId::new(name).map_err(|e| format!("centre {name:?}: {e}"))?;
-        let counts = |class: &str| -> Result<Vec<u64>, String> {
-            c["histogram"][class]
-                .as_array()
-                .ok_or_else(|| format!("{center}: no {class} histogram"))?
-                .iter()
-                .map(|n| {
-                    n.as_u64()
-                        .ok_or_else(|| format!("{center}: a count {n} in its {class} histogram"))
-                })
-                .collect()
+    }
+
+    /// Of per-patient scores (higher = more likely positive).
+    pub fn of_scores(labels: &[bool], scores: &[f64]) -> AucSummary {
+        let positives = labels.iter().filter(|&&y| y).count() as u64;
+        let n = ClassCounts {
+            positives,
+            negatives: labels.len() as u64 - positives,
         };
-        let h = ScoreHistograms {
-            positive: counts("positive")?,
-            negative: counts("negative")?,
-        };
-        if h.positive.len() != h.negative.len() || h.positive.is_empty() {
-            return Err(format!(
-                "{center}: histograms of {} and {} bins",
-                h.positive.len(),
-                h.negative.len()
+        match fedslm_metrics::auc_delong(labels, scores) {
+            Ok(e) => AucSummary::of(&e, n),
+            Err(_) => AucSummary {
+                auc: None,
+                ci95: None,
+                n,
+            },
+        }
+    }
+
+    fn of(e: &fedslm_metrics::AucEstimate, n: ClassCounts) -> AucSummary {
+        let (lo, hi) = e.ci95();
+        AucSummary {
+            auc: Some(e.auc),
+            ci95: Some([lo, hi]),
+            n,
+        }
+    }
+}
+
+/// `AUC 0.812 (0.702-0.922; 25+/95-)`, or `no AUC (0+/12-)`.
+impl std::fmt::Display for AucSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ClassCounts {
+            positives: p,
+            negatives: n,
+        } = self.n;
+        match (self.auc, self.ci95) {
+            (Some(auc), Some([lo, hi])) => {
+                write!(f, "AUC {auc:.3} ({lo:.3}-{hi:.3}; {p}+/{n}-)")
+            }
+            _ => write!(f, "no AUC ({p}+/{n}-)"),
+        }
+    }
+}
+
+/// A stored evaluation round: what the store keeps with the round, what `server status`, `server compare`
+/// and the model card read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationRecord {
+    pub round: u32,
+    pub fold: Option<FoldRecord>,
+    pub bins: u32,
+    /// The training centres pooled (their held-out fold under cross-validation).
+    pub internal: Option<AucSummary>,
+    /// The validation centres pooled.
+    pub external: Option<AucSummary>,
+    pub centres: Vec<CentreRecord>,
+    pub missing: Vec<MissingRecord>,
+}
+
+/// A cross-validation fold in a stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoldRecord {
+    pub index: u32,
+    pub count: u32,
+    pub seed: u64,
+}
+
+/// One centre's report in a stored evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CentreRecord {
+    pub center: String,
+    pub role: String,
+    pub examples: u64,
+    pub positives: u64,
+    pub loss: f64,
+    pub auc: AucSummary,
+    pub histogram: HistogramRecord,
+}
+
+/// Per-class counts of binned scores, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistogramRecord {
+    pub positive: Vec<u64>,
+    pub negative: Vec<u64>,
+}
+
+/// A centre asked that did not report, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingRecord {
+    pub center: String,
+    pub reason: String,
+}
+
+/// Why a stored evaluation cannot be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("centre {name:?} in the evaluation record: {reason}")]
+    Centre { name: String, reason: String },
+    #[error("{center}: histograms of {positive} and {negative} bins")]
+    Bins {
+        center: String,
+        positive: usize,
+        negative: usize,
+    },
+}
+
+impl EvaluationRecord {
+    /// The histograms of the centres with `role`, by centre, checked.
+    pub fn histograms(&self, role: Role) -> Result<Vec<(CenterId, ScoreHistograms)>, RecordError> {
+        let mut out = Vec::new();
+        for c in &self.centres {
+            let r = c.role.parse::<Role>().map_err(|e| RecordError::Centre {
+                name: c.center.clone(),
+                reason: e.to_string(),
+            })?;
+            if r != role {
+                continue;
+            }
+            let center = CenterId::new(c.center.as_str()).map_err(|e| RecordError::Centre {
+                name: c.center.clone(),
+                reason: e.to_string(),
+            })?;
+            let h = &c.histogram;
+            if h.positive.len() != h.negative.len() || h.positive.is_empty() {
+                return Err(RecordError::Bins {
+                    center: c.center.clone(),
+                    positive: h.positive.len(),
+                    negative: h.negative.len(),
+                });
+            }
+            out.push((
+                center,
+                ScoreHistograms {
+                    positive: h.positive.clone(),
+                    negative: h.negative.clone(),
+                },
             ));
         }
-        out.push((center, h));
-    }
-    Ok(out)
-}
-
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Train => "train",
-        Role::Validate => "validate",
-    }
-}
-
-/// AUC, DeLong's 95% CI and the class counts of binned scores; the AUC alone is null with one class only.
-pub fn auc_json(h: &ScoreHistograms) -> Value {
-    let n = json!({"positives": h.n_positive(), "negatives": h.n_negative()});
-    match h.delong() {
-        Ok(e) => {
-            let (lo, hi) = e.ci95();
-            json!({"auc": e.auc, "ci95": [lo, hi], "n": n})
-        }
-        Err(_) => json!({"auc": null, "ci95": null, "n": n}),
+        Ok(out)
     }
 }
 
@@ -305,23 +448,29 @@ mod tests {
             (pooled.n_positive, pooled.n_negative),
             (direct.n_positive, direct.n_negative)
         );
-        assert_eq!(e.to_json()["external"], Value::Null);
-        // What the store keeps gives the same histograms back.
-        let back = histograms_from_json(&e.to_json(), Role::Train).unwrap();
-        assert_eq!(back.len(), 3);
-        for ((c, h), orig) in back.iter().zip(&e.centres) {
+        let record = e.record();
+        assert_eq!(record.external, None);
+        // What the store keeps, through its JSON, gives the same histograms back.
+        let json = serde_json::to_string(&record).unwrap();
+        let back: EvaluationRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, record);
+        let hs = back.histograms(Role::Train).unwrap();
+        assert_eq!(hs.len(), 3);
+        for ((c, h), orig) in hs.iter().zip(&e.centres) {
             assert_eq!((c, h), (&orig.center, &orig.histogram));
         }
-        assert!(histograms_from_json(&e.to_json(), Role::Validate)
-            .unwrap()
-            .is_empty());
-        assert!(histograms_from_json(
-            &json!({"centres": [{"center": "c0", "role": "train",
-            "histogram": {"positive": [1, 2], "negative": [1]}}]}),
-            Role::Train
-        )
-        .is_err());
-        assert_eq!(e.to_json()["internal"]["auc"], json!(pooled.auc));
+        assert!(back.histograms(Role::Validate).unwrap().is_empty());
+        let mut broken = back.clone();
+        broken.centres[0].histogram.negative.pop();
+        assert!(matches!(
+            broken.histograms(Role::Train),
+            Err(RecordError::Bins { .. })
+        ));
+        assert_eq!(record.internal.and_then(|a| a.auc), Some(pooled.auc));
+        // The stored JSON's shape: one AUC shape everywhere.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["internal"]["n"]["positives"], pooled.n_positive as u64);
+        assert_eq!(v["external"], serde_json::Value::Null);
     }
 
     /// The second pass: the centres' placement sums against the pooled histograms give the paired test of all

@@ -12,6 +12,7 @@ pub mod config;
 mod endpoint;
 pub mod evaluation;
 pub mod failpoint;
+mod opening;
 pub mod round;
 pub mod store;
 
@@ -19,8 +20,9 @@ pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
 pub use endpoint::{CheckpointWriter, Server, ServerError, ServerEvent};
+pub use opening::{open_run, CheckpointReader, InitialModel, OpenError, OpenedRun};
 pub use round::{
     Action, Committed, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings,
     SetupError, Strategy,
 };
-pub use store::{Opening, RunState, Store, StoreError, StoredRound, VerifyReport};
+pub use store::{Opening, RunState, RunStatus, Store, StoreError, StoredRound, VerifyReport};

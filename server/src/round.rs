@@ -197,6 +197,25 @@ impl RoundRecord {
                 .map(|c| (c.examples, c.train_loss)),
         )
     }
+
+    /// `3 centres, 120 patients, loss 0.5123` (and who was silent or refused).
+    pub fn summary(&self) -> String {
+        let examples: u64 = self.contributions.iter().map(|c| c.examples).sum();
+        format!(
+            "{} centres, {examples} patients, loss {:.4}{}",
+            self.contributions.len(),
+            self.train_loss(),
+            if self.silent.is_empty() && self.refused.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", {} silent, {} refused",
+                    self.silent.len(),
+                    self.refused.len()
+                )
+            }
+        )
+    }
 }
 
 /// The example-weighted mean of centres' training losses, from `(examples, loss)` pairs.

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{check_chain, AuditEvent, Head};
+use crate::evaluation::EvaluationRecord;
 use crate::failpoint;
 use crate::round::{weighted_loss, RoundRecord};
 
@@ -174,9 +175,9 @@ pub struct StoredRound {
     pub log_likelihood: Option<f64>,
     #[serde(default)]
     pub newton: Option<NewtonSums>,
-    /// Evaluation aggregates of the round's model (Federation III); null until then.
+    /// Evaluation aggregates of the round's model; null until then.
     #[serde(default)]
-    pub evaluation: serde_json::Value,
+    pub evaluation: Option<EvaluationRecord>,
     pub committed_unix_ms: u64,
 }
 
@@ -213,7 +214,7 @@ impl StoredRound {
                 n: s.n,
                 fitted_exactly: s.fitted_exactly,
             }),
-            evaluation: serde_json::Value::Null,
+            evaluation: None,
             committed_unix_ms: now_ms(),
         }
     }
@@ -637,7 +638,7 @@ impl Store {
     pub fn record_evaluation(
         &self,
         round: u32,
-        evaluation: serde_json::Value,
+        evaluation: EvaluationRecord,
     ) -> Result<(), StoreError> {
         let key = round_key(round);
         let bytes = self
@@ -647,14 +648,13 @@ impl Store {
             .ok_or_else(|| self.corrupt(format!("no record of round {round} to evaluate")))?;
         let mut stored: StoredRound = serde_json::from_slice(&bytes)
             .map_err(|e| self.corrupt(format!("round record: {e}")))?;
-        let auc = |side: &str| evaluation[side]["auc"].as_f64();
         let event = AuditEvent::RoundEvaluated {
             round,
-            internal_auc: auc("internal"),
-            external_auc: auc("external"),
-            centres: evaluation["centres"].as_array().map_or(0, Vec::len),
+            internal_auc: evaluation.internal.and_then(|a| a.auc),
+            external_auc: evaluation.external.and_then(|a| a.auc),
+            centres: evaluation.centres.len(),
         };
-        stored.evaluation = evaluation;
+        stored.evaluation = Some(evaluation);
         self.write_with_audit(&[(key, json_bytes(&stored))], event)?;
         self.flush()?;
         self.write_derived()
@@ -702,12 +702,12 @@ impl Store {
     }
 
     /// The run's state for `fedslm server status` (and the status file).
-    pub fn status(&self) -> Result<serde_json::Value, StoreError> {
+    pub fn status(&self) -> Result<RunStatus, StoreError> {
         let meta = self
             .meta()?
             .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
         let rounds = self.rounds()?;
-        Ok(status_json(&meta, &rounds, self.head()))
+        Ok(run_status(&meta, &rounds, self.head()))
     }
 
     /// `rounds.jsonl`, `status.json` and the signed `audit-head.json`, from sled.
@@ -723,12 +723,11 @@ impl Store {
         }
         write_atomic(&self.out.join(ROUNDS_FILE), &lines)?;
         let head = self.head();
-        let mut status = status_json(&meta, &rounds, head);
-        status["server_pid"] = std::process::id().into();
-        write_atomic(
-            &self.out.join(STATUS_FILE),
-            &serde_json::to_vec_pretty(&status).unwrap_or_default(),
-        )?;
+        let status = RunStatus {
+            server_pid: Some(std::process::id()),
+            ..run_status(&meta, &rounds, head)
+        };
+        write_atomic(&self.out.join(STATUS_FILE), &json_pretty(&status))?;
         if let Some(signer) = &self.signer {
             let signature = signer.sign(&head_message(&meta.run_id, head.entries, &head.hex()))?;
             let signed = SignedHead {
@@ -740,10 +739,7 @@ impl Store {
                 certificate: signer.certificate_pem().to_string(),
                 signed_unix_ms: now_ms(),
             };
-            write_atomic(
-                &self.out.join(HEAD_FILE),
-                &serde_json::to_vec_pretty(&signed).unwrap_or_default(),
-            )?;
+            write_atomic(&self.out.join(HEAD_FILE), &json_pretty(&signed))?;
         }
         Ok(())
     }
@@ -884,8 +880,11 @@ pub fn checkpoint_path(out: &Path, hash: &str) -> PathBuf {
 }
 
 fn json_bytes<T: Serialize>(value: &T) -> Vec<u8> {
-    // Records of strings, numbers and vectors of finite floats.
-    serde_json::to_vec(value).unwrap_or_default()
+    serde_json::to_vec(value).expect("the store's records are plain data with string keys")
+}
+
+fn json_pretty<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).expect("the store's records are plain data with string keys")
 }
 
 /// Each setting whose value differs, as `name: stored -> now`.
@@ -907,7 +906,61 @@ fn differences(stored: &BTreeMap<String, String>, now: &BTreeMap<String, String>
         .collect()
 }
 
-fn status_json(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> serde_json::Value {
+/// `status.json` and `fedslm server status --json`: where the run stands, read by people and tools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunStatus {
+    pub run_id: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub software: String,
+    pub started_unix_ms: u64,
+    pub updated_unix_ms: u64,
+    pub resumes: u32,
+    pub rounds_planned: u32,
+    pub rounds_committed: u32,
+    pub centres: Vec<CentreStatus>,
+    pub last_round: Option<LastRound>,
+    pub final_checkpoint: Option<String>,
+    pub audit: AuditStatus,
+    /// The server process that wrote `status.json` (absent when read from the store directly).
+    #[serde(default)]
+    pub server_pid: Option<u32>,
+}
+
+/// One enrolled centre in [`RunStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CentreStatus {
+    pub center: String,
+    pub role: String,
+    pub rounds_contributed: usize,
+    pub last_round: Option<u32>,
+    pub last_examples: Option<u64>,
+    pub last_train_loss: Option<f64>,
+}
+
+/// The last committed round in [`RunStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRound {
+    pub round: u32,
+    pub checkpoint: String,
+    /// The example-weighted training loss; absent where no centre contributed.
+    pub train_loss: Option<f64>,
+    pub examples: u64,
+    pub centres: usize,
+    pub silent: Vec<String>,
+    pub refused: usize,
+    pub seconds: f64,
+    pub log_likelihood: Option<f64>,
+}
+
+/// The audit log's length and head in [`RunStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditStatus {
+    pub entries: u64,
+    pub head: String,
+}
+
+fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> RunStatus {
     let mut centres = Vec::new();
     for (key, role) in &meta.fingerprint {
         let Some(center) = key.strip_prefix("center.") else {
@@ -923,41 +976,45 @@ fn status_json(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> serde_json
             })
             .collect();
         let last = mine.last();
-        centres.push(serde_json::json!({
-            "center": center,
-            "role": role,
-            "rounds_contributed": mine.len(),
-            "last_round": last.map(|(r, _)| *r),
-            "last_examples": last.map(|(_, c)| c.examples),
-            "last_train_loss": last.map(|(_, c)| c.train_loss),
-        }));
+        centres.push(CentreStatus {
+            center: center.to_string(),
+            role: role.clone(),
+            rounds_contributed: mine.len(),
+            last_round: last.map(|(r, _)| *r),
+            last_examples: last.map(|(_, c)| c.examples),
+            last_train_loss: last.map(|(_, c)| c.train_loss),
+        });
     }
     let last = rounds.last();
-    serde_json::json!({
-        "run_id": meta.run_id,
-        "state": meta.state.name(),
-        "reason": meta.reason,
-        "software": meta.software,
-        "started_unix_ms": meta.started_unix_ms,
-        "updated_unix_ms": now_ms(),
-        "resumes": meta.resumes,
-        "rounds_planned": meta.rounds_planned,
-        "rounds_committed": last.map_or(0, |r| r.round),
-        "centres": centres,
-        "last_round": last.map(|r| serde_json::json!({
-            "round": r.round,
-            "checkpoint": r.checkpoint,
-            "train_loss": r.train_loss(),
-            "examples": r.contributions.iter().map(|c| c.examples).sum::<u64>(),
-            "centres": r.contributions.len(),
-            "silent": r.silent,
-            "refused": r.refused.len(),
-            "seconds": r.seconds,
-            "log_likelihood": r.log_likelihood,
-        })),
-        "final_checkpoint": meta.final_checkpoint,
-        "audit": {"entries": head.entries, "head": head.hex()},
-    })
+    RunStatus {
+        run_id: meta.run_id.clone(),
+        state: meta.state.name().to_string(),
+        reason: meta.reason.clone(),
+        software: meta.software.clone(),
+        started_unix_ms: meta.started_unix_ms,
+        updated_unix_ms: now_ms(),
+        resumes: meta.resumes,
+        rounds_planned: meta.rounds_planned,
+        rounds_committed: last.map_or(0, |r| r.round),
+        centres,
+        last_round: last.map(|r| LastRound {
+            round: r.round,
+            checkpoint: r.checkpoint.clone(),
+            train_loss: Some(r.train_loss()).filter(|l| l.is_finite()),
+            examples: r.contributions.iter().map(|c| c.examples).sum(),
+            centres: r.contributions.len(),
+            silent: r.silent.clone(),
+            refused: r.refused.len(),
+            seconds: r.seconds,
+            log_likelihood: r.log_likelihood,
+        }),
+        final_checkpoint: meta.final_checkpoint.clone(),
+        audit: AuditStatus {
+            entries: head.entries,
+            head: head.hex(),
+        },
+        server_pid: None,
+    }
 }
 
 #[cfg(test)]

@@ -208,7 +208,7 @@ fn worker(args: &TrainBenchArgs) -> anyhow::Result<()> {
             optimiser,
             step,
             inference,
-            peak_rss_mib: super::server::peak_rss_mib(),
+            peak_rss_mib: fedslm_study::runs::peak_rss_mib(),
         };
         println!("{}", serde_json::to_string(&timing)?);
         std::io::stdout().flush()?;

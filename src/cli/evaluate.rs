@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use fedslm_metrics as m;
-use serde::Serialize;
+use fedslm_study::score::{evaluate, DcaReport, Predictions};
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
@@ -28,12 +28,6 @@ pub struct EvaluateArgs {
     /// Decision-curve thresholds, comma-separated, each strictly between 0 and 1 (default 0.05, 0.10, ..., 0.95).
     #[arg(long, value_delimiter = ',')]
     thresholds: Option<Vec<f64>>,
-}
-
-/// A predictions file, checked.
-pub struct Predictions {
-    pub labels: Vec<bool>,
-    pub scores: Vec<(String, Vec<f64>)>,
 }
 
 /// Reads and checks a predictions file; every error names the file and, where it applies, the line and column.
@@ -144,167 +138,6 @@ pub fn read_predictions(
     Ok(Predictions { labels, scores })
 }
 
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub n: usize,
-    pub n_positive: usize,
-    pub scores: serde_json::Map<String, serde_json::Value>,
-    pub comparisons: Vec<ComparisonReport>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ScoreReport {
-    pub auc: f64,
-    pub ci95: [f64; 2],
-    pub delong_var: f64,
-    pub youden: YoudenReport,
-    pub brier: Option<f64>,
-    pub calibration: Option<CalibrationReport>,
-    /// Net benefit is defined for predicted probabilities only.
-    pub dca: Option<DcaReport>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct YoudenReport {
-    pub threshold: f64,
-    pub sensitivity: Option<f64>,
-    pub specificity: Option<f64>,
-    pub accuracy: Option<f64>,
-    pub ppv: Option<f64>,
-    pub npv: Option<f64>,
-    pub true_positive: usize,
-    pub false_positive: usize,
-    pub true_negative: usize,
-    pub false_negative: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CalibrationReport {
-    pub intercept: f64,
-    pub slope: f64,
-    pub hosmer_lemeshow_p: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DcaReport {
-    pub thresholds: Vec<f64>,
-    pub net_benefit: Vec<f64>,
-    pub treat_all: Vec<f64>,
-    pub treat_none: Vec<f64>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ComparisonReport {
-    pub a: String,
-    pub b: String,
-    pub z: f64,
-    pub p: f64,
-}
-
-pub fn score_report(
-    name: &str,
-    labels: &[bool],
-    scores: &[f64],
-    thresholds: &[f64],
-) -> anyhow::Result<ScoreReport> {
-    let ctx = || format!("score {name:?}");
-    let d = m::auc_delong(labels, scores).with_context(ctx)?;
-    let (lo, hi) = d.ci95();
-    let y = m::youden(labels, scores).with_context(ctx)?;
-    let probabilities = m::are_probabilities(scores);
-    let dca = if probabilities {
-        let c = m::decision_curve(labels, scores, thresholds).with_context(ctx)?;
-        Some(DcaReport {
-            thresholds: c.thresholds,
-            net_benefit: c.model,
-            treat_all: c.treat_all,
-            treat_none: c.treat_none,
-        })
-    } else {
-        None
-    };
-    let calibration = if probabilities {
-        match m::calibration(labels, scores) {
-            Ok(c) => Some(CalibrationReport {
-                intercept: c.intercept,
-                slope: c.slope,
-                hosmer_lemeshow_p: Some(c.hosmer_lemeshow.p).filter(|p| p.is_finite()),
-            }),
-            Err(e) => {
-                tracing::warn!(score = name, error = %e, "no calibration");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    Ok(ScoreReport {
-        auc: d.auc,
-        ci95: [lo, hi],
-        delong_var: d.variance,
-        youden: YoudenReport {
-            threshold: y.threshold,
-            sensitivity: y.sensitivity(),
-            specificity: y.specificity(),
-            accuracy: y.accuracy(),
-            ppv: y.ppv(),
-            npv: y.npv(),
-            true_positive: y.true_positive,
-            false_positive: y.false_positive,
-            true_negative: y.true_negative,
-            false_negative: y.false_negative,
-        },
-        brier: if probabilities {
-            Some(m::brier(labels, scores)?)
-        } else {
-            None
-        },
-        calibration,
-        dca,
-    })
-}
-
-/// Every statistic of every score, and a paired DeLong test for every pair of scores.
-pub fn evaluate(
-    p: &Predictions,
-    thresholds: &[f64],
-) -> anyhow::Result<(Report, Vec<(String, ScoreReport)>)> {
-    let mut per_score = Vec::new();
-    for (name, scores) in &p.scores {
-        per_score.push((
-            name.clone(),
-            score_report(name, &p.labels, scores, thresholds)?,
-        ));
-    }
-    let mut comparisons = Vec::new();
-    for i in 0..p.scores.len() {
-        for j in i + 1..p.scores.len() {
-            let (a, b) = (&p.scores[i], &p.scores[j]);
-            let t = m::paired_delong(&p.labels, &a.1, &b.1)
-                .with_context(|| format!("comparing {:?} with {:?}", a.0, b.0))?;
-            comparisons.push(ComparisonReport {
-                a: a.0.clone(),
-                b: b.0.clone(),
-                z: t.z,
-                p: t.p,
-            });
-        }
-    }
-    let mut scores = serde_json::Map::new();
-    for (name, r) in &per_score {
-        scores.insert(name.clone(), serde_json::to_value(r)?);
-    }
-    Ok((
-        Report {
-            n: p.labels.len(),
-            n_positive: p.labels.iter().filter(|&&l| l).count(),
-            scores,
-            comparisons,
-        },
-        per_score,
-    ))
-}
-
 fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.3}"))
 }
@@ -328,7 +161,7 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let predictions = read_predictions(&args.predictions, &args.label, &args.scores)?;
     let (report, per_score) = evaluate(&predictions, &thresholds)?;
     if let Some(dir) = &args.plot {
-        let written = crate::plot::write_figures(dir, &predictions, &per_score)?;
+        let written = fedslm_study::figures::write_figures(dir, &predictions, &per_score)?;
         for f in written {
             eprintln!("wrote {}", f.display());
         }

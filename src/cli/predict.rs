@@ -1,15 +1,10 @@
 //! `fedslm predict`: per-patient risk of SLM for a site's patients.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use fedslm_cohort::{load_center, settings_hash, ClinicalCoding, Manifest, PreprocessSettings};
-use fedslm_model::{clinical, load, Network};
-use fedslm_protocol::hex::to_hex;
-
-use super::train::settings_from;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
@@ -31,8 +26,12 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
-    let (coding, preprocess) = settings_from(args.config.as_deref())?;
-    let (manifest, probabilities) = probabilities(
+    let net = fedslm_study::NetSpec {
+        settings_from: args.config.clone(),
+        ..Default::default()
+    };
+    let (coding, preprocess) = net.settings()?;
+    let (manifest, probabilities) = fedslm_study::predict::probabilities(
         &args.model,
         &args.manifest,
         &coding,
@@ -58,52 +57,4 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         None => std::io::stdout().write_all(csv.as_bytes())?,
     }
     Ok(())
-}
-
-/// Every patient of the manifest at `manifest_path` scored by the model file at `model`, in manifest order;
-/// refused when the site's coding and preprocessing differ from the model's.
-pub fn probabilities(
-    model: &Path,
-    manifest_path: &Path,
-    coding: &ClinicalCoding,
-    preprocess: &PreprocessSettings,
-    cache: Option<&Path>,
-) -> anyhow::Result<(Manifest, Vec<f64>)> {
-    let (weights, card) = load(model)?;
-    let here = to_hex(&settings_hash(coding, preprocess));
-    if here != card.settings_hash {
-        bail!(
-            "this site's settings hash {here} differs from the model's {}: the model was trained with coding {:?} \
-             and preprocessing {:?}",
-            card.settings_hash,
-            card.coding,
-            card.preprocess
-        );
-    }
-    let manifest = Manifest::read(manifest_path, coding)?;
-    let probabilities: Vec<f64> = match card.model.as_str() {
-        "clinical" => {
-            let coefficients =
-                clinical::coefficients(&weights).with_context(|| format!("{}", model.display()))?;
-            manifest
-                .patients
-                .iter()
-                .map(|p| clinical::predict(coding, &coefficients, p))
-                .collect()
-        }
-        "mri" | "combined" => {
-            let (network, _) = Network::load(model)?;
-            let site = manifest_path
-                .parent()
-                .and_then(|d| d.file_name())
-                .map_or_else(|| "site".into(), |n| n.to_string_lossy().into_owned());
-            let (samples, _) = load_center(&manifest, &site, coding, preprocess, cache)?;
-            network.predict(&samples.iter().collect::<Vec<_>>())?
-        }
-        other => bail!(
-            "{}: a {other} model is not one this fedslm knows",
-            model.display()
-        ),
-    };
-    Ok((manifest, probabilities))
 }

@@ -5,20 +5,17 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fedslm_certs::Signer;
 use fedslm_metrics::ScoreHistograms;
-use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard};
-use fedslm_protocol::{CenterId, ModelKind, PlacementTask, Role};
-use fedslm_server::evaluation::{histograms_from_json, paired_comparison, Evaluation};
-use fedslm_server::store::sha256_file;
+use fedslm_model::{save, ClinicalTable, ModelCard};
+use fedslm_protocol::{CenterId, PlacementTask, Role};
+use fedslm_server::evaluation::paired_comparison;
 use fedslm_server::{
-    Committed, Coordinator, Opening, Outcome, RoundRecord, RoundSettings, Server, ServerConfig,
-    ServerEvent, Store, StoreError,
+    OpenedRun, Outcome, RunStatus, Server, ServerConfig, ServerEvent, Store, StoreError,
 };
+use fedslm_study::runs::{checkpoint_writer, open_run_from_files, peak_rss_mib};
 use serde_json::json;
 
 #[derive(Debug, Args)]
@@ -104,11 +101,9 @@ fn evaluations(
             .with_context(at)?
             .into_iter()
             .rev()
-            .find(|r| !r.evaluation.is_null())
-            .with_context(|| format!("{}: run {} has no stored evaluation", at(), meta.run_id))?
-            .evaluation;
-        let hs =
-            histograms_from_json(&record, role).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+            .find_map(|r| r.evaluation)
+            .with_context(|| format!("{}: run {} has no stored evaluation", at(), meta.run_id))?;
+        let hs = record.histograms(role).with_context(at)?;
         if hs.is_empty() {
             bail!("{}: no {role:?} centre evaluated run {}", at(), meta.run_id);
         }
@@ -216,18 +211,6 @@ fn compare(
     Ok(())
 }
 
-fn kind_of(card: &ModelCard, path: &Path) -> anyhow::Result<ModelKind> {
-    Ok(match card.model.as_str() {
-        "clinical" => ModelKind::Clinical,
-        "mri" => ModelKind::Mri,
-        "combined" => ModelKind::Combined,
-        other => bail!(
-            "{}: model {other:?} is not clinical, mri or combined",
-            path.display()
-        ),
-    })
-}
-
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
         Some(ServerCommand::Verify { out, ca }) => return verify(&out, ca.as_deref()),
@@ -254,7 +237,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     // The model, the rounds and the stored run are checked before anything listens.
     let federation = match &config.run.initial_model {
         None => None,
-        Some(path) => Some(open_run(&config, path, args.new_run)?),
+        Some(path) => Some(open_run_from_files(&config, path, args.new_run)?),
     };
     super::runtime()?.block_on(async {
         let server = Server::bind(config)?;
@@ -269,13 +252,22 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 .await;
             return Ok(());
         };
-        let Run {
-            coordinator,
+        let (
+            OpenedRun {
+                coordinator,
+                store,
+                settings,
+                committed,
+            },
             card,
-            store,
-            settings,
-            committed,
-        } = run;
+        ) = run;
+        if coordinator.is_finished() {
+            println!(
+                "run {} already ended after round {committed}; telling centres that reconnect. \
+                 Start with --new-run for another run.",
+                store.meta()?.map(|m| m.run_id).unwrap_or_default()
+            );
+        }
         println!(
             "listening on {addr}: {} model, strategy {}, {} rounds, quorum {} of {}",
             card.model,
@@ -302,15 +294,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 match event {
                     ServerEvent::RoundCommitted(record) => {
                         progress.set_position(u64::from(record.round));
-                        progress.set_message(round_line(&record));
+                        progress.set_message(record.summary());
                     }
                     // Printed also when the bar is hidden (not a terminal): these lines are the run's log.
                     ServerEvent::Admitted { center, .. } => {
                         progress.suspend(|| println!("centre {center} joined"))
                     }
-                    ServerEvent::Evaluated(e) => {
-                        progress.suspend(|| println!("{}", evaluation_line(&e)))
-                    }
+                    ServerEvent::Evaluated(e) => progress.suspend(|| println!("{}", e.summary())),
                     ServerEvent::Finished(_) => break,
                     _ => {}
                 }
@@ -357,12 +347,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 // The final model's evaluation (internal: the training centres' held-out fold under
                 // cross-validation, else their own patients; external: the validation centres).
                 if let Some(last) = store.rounds()?.last() {
-                    if let Some(ev) = last.evaluation.as_object() {
+                    if let Some(ev) = &last.evaluation {
                         final_card.metrics = json!({
                             "round": last.round,
-                            "internal": ev.get("internal"),
-                            "external": ev.get("external"),
-                            "fold": ev.get("fold"),
+                            "internal": ev.internal,
+                            "external": ev.external,
+                            "fold": ev.fold,
                         });
                     }
                 }
@@ -395,143 +385,6 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             }
         }
     })
-}
-
-/// Writes each round's model file with `card` (the round in its provenance).
-pub fn checkpoint_writer(card: ModelCard) -> fedslm_server::CheckpointWriter {
-    Box::new(move |record, weights, path| {
-        // Nothing in the card that differs between two runs with the same seeds: equal models, equal hashes.
-        let card = ModelCard {
-            training: json!({"mode": "federated", "round": record.round}),
-            ..card.clone()
-        };
-        save(path, weights, &card).map_err(|e| format!("{e:#}"))
-    })
-}
-
-pub struct Run {
-    pub coordinator: Coordinator,
-    pub card: ModelCard,
-    pub store: Arc<Store>,
-    pub settings: RoundSettings,
-    pub committed: u32,
-}
-
-/// The run to carry out: a new one, or the stored one after its last committed round.
-pub fn open_run(config: &ServerConfig, initial_path: &Path, new_run: bool) -> anyhow::Result<Run> {
-    let (initial, card) =
-        load(initial_path).with_context(|| format!("initial model {}", initial_path.display()))?;
-    let kind = kind_of(&card, initial_path)?;
-    let settings = config.round_settings(kind)?;
-    let names = clinical::names();
-    let names: &[&str] = if kind == ModelKind::Clinical {
-        &names
-    } else {
-        &[]
-    };
-    let out = &config.run.output;
-    let signer = Signer::from_files(&config.tls.cert, &config.tls.key)
-        .context("the server's key signs the audit log")?;
-    let mut store = Store::open(out, Some(signer))?;
-    let fingerprint = config.fingerprint(&settings, &sha256_file(initial_path)?);
-    let opening = store.begin(
-        &config.enrolment.run_id,
-        &fingerprint,
-        settings.rounds,
-        new_run,
-    )?;
-    let centers = config.enrolment.centers.clone();
-    let (coordinator, committed) = match opening {
-        Opening::New => (
-            Coordinator::new(settings.clone(), centers, initial, names),
-            0,
-        ),
-        Opening::Resume { rounds, .. } | Opening::Completed { rounds, .. } => match rounds.last() {
-            None => (
-                Coordinator::new(settings.clone(), centers, initial, names),
-                0,
-            ),
-            Some(last) => {
-                let path = store.checked_checkpoint(&last.checkpoint)?;
-                let (global, _) =
-                    load(&path).with_context(|| format!("round {}'s checkpoint", last.round))?;
-                let history: Vec<_> = rounds.iter().filter_map(|r| r.newton_stats()).collect();
-                (
-                    Coordinator::resume(
-                        settings.clone(),
-                        centers,
-                        initial,
-                        names,
-                        Committed {
-                            round: last.round,
-                            global,
-                            newton_history: history,
-                            evaluated: !last.evaluation.is_null(),
-                        },
-                    ),
-                    last.round,
-                )
-            }
-        },
-    };
-    let coordinator = coordinator.with_context(|| format!("{}", config.path().display()))?;
-    if coordinator.is_finished() {
-        println!(
-            "run {} already ended after round {committed}; telling centres that reconnect. \
-             Start with --new-run for another run.",
-            config.enrolment.run_id
-        );
-    }
-    Ok(Run {
-        coordinator,
-        card,
-        store: Arc::new(store),
-        settings,
-        committed,
-    })
-}
-
-/// `round 5 evaluated: internal AUC 0.812 (0.702-0.922; 25+/95-), external AUC 0.790 (...)`.
-pub fn evaluation_line(e: &Evaluation) -> String {
-    let side = |role| match e
-        .pooled(role)
-        .map(|h| (h.delong(), h.n_positive(), h.n_negative()))
-    {
-        None => "none reported".to_string(),
-        Some((Ok(a), p, n)) => {
-            let (lo, hi) = a.ci95();
-            format!("AUC {:.3} ({lo:.3}-{hi:.3}; {p}+/{n}-)", a.auc)
-        }
-        Some((Err(_), p, n)) => format!("no AUC ({p}+/{n}-)"),
-    };
-    let mut line = format!(
-        "round {} evaluated{}: internal {}, external {}",
-        e.round,
-        e.fold
-            .map(|f| format!(" (fold {} of {})", f.index + 1, f.count))
-            .unwrap_or_default(),
-        side(Role::Train),
-        side(Role::Validate)
-    );
-    for (c, why) in &e.missing {
-        line.push_str(&format!("; {c}: {why}"));
-    }
-    line
-}
-
-/// `3 centres, 120 patients, loss 0.5123` (and who was silent or refused).
-pub fn round_line(r: &RoundRecord) -> String {
-    let examples: u64 = r.contributions.iter().map(|c| c.examples).sum();
-    let loss = r.train_loss();
-    format!(
-        "{} centres, {examples} patients, loss {loss:.4}{}",
-        r.contributions.len(),
-        if r.silent.is_empty() && r.refused.is_empty() {
-            String::new()
-        } else {
-            format!(", {} silent, {} refused", r.silent.len(), r.refused.len())
-        }
-    )
 }
 
 /// `fedslm server verify`.
@@ -583,104 +436,69 @@ fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
 
 /// `fedslm server status`.
 fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
-    let (status, live) = match Store::open_existing(out) {
+    let (s, live) = match Store::open_existing(out) {
         Ok(store) => (store.status()?, false),
         Err(StoreError::Locked { .. }) => {
             let path = out.join(fedslm_server::store::STATUS_FILE);
             let bytes = std::fs::read(&path).with_context(|| {
                 format!("the server runs but {} cannot be read", path.display())
             })?;
-            let v: serde_json::Value =
+            let status: RunStatus =
                 serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
-            (v, true)
+            (status, true)
         }
         Err(e) => return Err(e.into()),
     };
     if as_json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    let s = &status;
     println!(
         "run {}: {}{}, {} of {} rounds committed{}",
-        s["run_id"].as_str().unwrap_or("?"),
-        s["state"].as_str().unwrap_or("?"),
+        s.run_id,
+        s.state,
         if live { " (server running)" } else { "" },
-        s["rounds_committed"],
-        s["rounds_planned"],
-        match s["resumes"].as_u64() {
-            Some(n) if n > 0 => format!(", resumed {n} time(s)"),
-            _ => String::new(),
+        s.rounds_committed,
+        s.rounds_planned,
+        if s.resumes > 0 {
+            format!(", resumed {} time(s)", s.resumes)
+        } else {
+            String::new()
         }
     );
-    if let Some(reason) = s["reason"].as_str() {
+    if let Some(reason) = &s.reason {
         println!("  {reason}");
     }
     println!("centres:");
-    for c in s["centres"].as_array().into_iter().flatten() {
-        let last = match c["last_round"].as_u64() {
-            Some(r) => format!(
-                "{} rounds, last round {r}: {} patients, loss {:.4}",
-                c["rounds_contributed"],
-                c["last_examples"],
-                c["last_train_loss"].as_f64().unwrap_or(f64::NAN)
+    for c in &s.centres {
+        let last = match (c.last_round, c.last_examples, c.last_train_loss) {
+            (Some(r), Some(n), Some(loss)) => format!(
+                "{} rounds, last round {r}: {n} patients, loss {loss:.4}",
+                c.rounds_contributed
             ),
-            None => "no contribution".into(),
+            _ => "no contribution".into(),
         };
+        println!("  {:<16} {:<9} {last}", c.center, c.role);
+    }
+    if let Some(r) = &s.last_round {
         println!(
-            "  {:<16} {:<9} {last}",
-            c["center"].as_str().unwrap_or("?"),
-            c["role"].as_str().unwrap_or("?")
+            "last round {}: {} centres, {} patients, loss {}, {:.1} s, checkpoint {}",
+            r.round,
+            r.centres,
+            r.examples,
+            r.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            r.seconds,
+            r.checkpoint
         );
     }
-    if let Some(r) = s["last_round"].as_object() {
-        println!(
-            "last round {}: {} centres, {} patients, loss {:.4}, {:.1} s, checkpoint {}",
-            r["round"],
-            r["centres"],
-            r["examples"],
-            r["train_loss"].as_f64().unwrap_or(f64::NAN),
-            r["seconds"].as_f64().unwrap_or(f64::NAN),
-            r["checkpoint"].as_str().unwrap_or("?")
-        );
-    }
-    println!(
-        "audit: {} entries, head {}",
-        s["audit"]["entries"],
-        s["audit"]["head"].as_str().unwrap_or("?")
-    );
+    println!("audit: {} entries, head {}", s.audit.entries, s.audit.head);
     if live {
-        let age = s["updated_unix_ms"]
-            .as_u64()
-            .map(|t| fedslm_server::store::now_ms().saturating_sub(t) / 1000);
+        let age = fedslm_server::store::now_ms().saturating_sub(s.updated_unix_ms) / 1000;
         println!(
-            "(from {} written {} s ago by server pid {})",
+            "(from {} written {age} s ago by server pid {})",
             fedslm_server::store::STATUS_FILE,
-            age.map_or("?".into(), |a| a.to_string()),
-            s["server_pid"]
+            s.server_pid.map_or("?".into(), |p| p.to_string())
         );
     }
     Ok(())
-}
-
-/// This process's peak resident memory.
-pub fn peak_rss_mib() -> f64 {
-    // VmHWM is this program's own high-water mark; getrusage's ru_maxrss also counts the parent's memory
-    // that a forked child held before it exec'd us (a benchmark harness's, for one).
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(kib) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        {
-            return kib / 1024.0;
-        }
-    }
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return f64::NAN;
-    }
-    // Linux reports kibibytes.
-    usage.ru_maxrss as f64 / 1024.0
 }

@@ -28,17 +28,6 @@ pub struct SynthArgs {
     partition: Option<Partitioner>,
 }
 
-/// Writes the preset's centres to `out` (a simulation's own cohort), with a progress bar.
-pub fn write_preset(out: &std::path::Path, seed: u64, preset: Preset) -> anyhow::Result<()> {
-    run(SynthArgs {
-        out: out.to_path_buf(),
-        seed,
-        preset,
-        centers: None,
-        partition: None,
-    })
-}
-
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     if args.out.join("synth.json").exists() {
         bail!(

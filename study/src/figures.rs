@@ -5,14 +5,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use anyhow::{anyhow, Context};
 use fedslm_metrics as m;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::cli::evaluate::{DcaReport, Predictions, ScoreReport};
+use crate::score::{DcaReport, Predictions, ScoreReport};
+use crate::StudyError;
 
 const FONT: &str = "sans-serif";
 const SIZE: (u32, u32) = (900, 760);
@@ -41,8 +41,11 @@ fn register_font() {
     });
 }
 
-fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
-    anyhow!("drawing failed: {e:?}")
+/// What went wrong while drawing (plotters' errors are Debug only).
+type Drawn<T> = Result<T, String>;
+
+fn draw_err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
 }
 
 type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
@@ -53,7 +56,7 @@ fn frame<'a, DB: DrawingBackend>(
     title: &str,
     (x_desc, x_range): (&str, std::ops::Range<f64>),
     (y_desc, y_range): (&str, std::ops::Range<f64>),
-) -> anyhow::Result<Chart<'a, DB>>
+) -> Drawn<Chart<'a, DB>>
 where
     DB::ErrorType: 'static,
 {
@@ -79,7 +82,7 @@ where
 fn legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut Chart<'a, DB>,
     position: SeriesLabelPosition,
-) -> anyhow::Result<()>
+) -> Drawn<()>
 where
     DB::ErrorType: 'static,
 {
@@ -94,7 +97,7 @@ where
 }
 
 /// The dashed line y = x: chance on a ROC curve, perfect calibration.
-fn diagonal<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> anyhow::Result<()>
+fn diagonal<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>) -> Drawn<()>
 where
     DB::ErrorType: 'static,
 {
@@ -113,7 +116,7 @@ fn roc<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     p: &Predictions,
     reports: &[(String, ScoreReport)],
-) -> anyhow::Result<()>
+) -> Drawn<()>
 where
     DB::ErrorType: 'static,
 {
@@ -127,7 +130,7 @@ where
     diagonal(&mut chart)?;
     for (k, ((name, scores), (_, r))) in p.scores.iter().zip(reports).enumerate() {
         let color = PALETTE[k % PALETTE.len()];
-        let points = m::roc_curve(&p.labels, scores)?;
+        let points = m::roc_curve(&p.labels, scores).map_err(|e| e.to_string())?;
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|q| (1.0 - q.specificity, q.sensitivity)),
@@ -148,7 +151,7 @@ fn dca<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     p: &Predictions,
     reports: &[(String, ScoreReport)],
-) -> anyhow::Result<()>
+) -> Drawn<()>
 where
     DB::ErrorType: 'static,
 {
@@ -214,31 +217,19 @@ where
     area.present().map_err(draw_err)
 }
 
-/// Mean predicted risk and observed rate in `groups` groups of patients of about equal size, by predicted risk
-/// (the deciles of a Hosmer-Lemeshow table).
+/// The calibration curve's points: mean predicted risk and observed rate in the groups of predicted risk that
+/// Hosmer-Lemeshow uses (`fedslm_metrics::risk_groups`, deciles where ties allow).
 pub fn calibration_points(labels: &[bool], scores: &[f64], groups: usize) -> Vec<(f64, f64)> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let n = order.len();
-    (0..groups.min(n))
-        .filter_map(|g| {
-            let part = &order[g * n / groups.min(n)..(g + 1) * n / groups.min(n)];
-            (!part.is_empty()).then(|| {
-                let k = part.len() as f64;
-                (
-                    part.iter().map(|&i| scores[i]).sum::<f64>() / k,
-                    part.iter().filter(|&&i| labels[i]).count() as f64 / k,
-                )
-            })
-        })
-        .collect()
+    m::risk_groups(labels, scores, groups)
+        .map(|g| g.iter().filter_map(m::RiskGroup::point).collect())
+        .unwrap_or_default()
 }
 
 fn calibration<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     p: &Predictions,
     reports: &[(String, ScoreReport)],
-) -> anyhow::Result<()>
+) -> Drawn<()>
 where
     DB::ErrorType: 'static,
 {
@@ -285,16 +276,16 @@ pub fn write_figures(
     dir: &Path,
     p: &Predictions,
     reports: &[(String, ScoreReport)],
-) -> anyhow::Result<Vec<PathBuf>> {
+) -> Result<Vec<PathBuf>, StudyError> {
     register_font();
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::error::create_dir(dir)?;
     let mut written = Vec::new();
     let any_curve = reports.iter().any(|(_, r)| r.dca.is_some());
     for name in ["roc", "dca", "calibration"]
         .into_iter()
         .filter(|n| *n == "roc" || any_curve)
     {
-        let draw = |png: bool, path: &Path| -> anyhow::Result<()> {
+        let draw = |png: bool, path: &Path| -> Drawn<()> {
             match (png, name) {
                 (true, "roc") => roc(
                     &BitMapBackend::new(path, SIZE).into_drawing_area(),
@@ -317,11 +308,13 @@ pub fn write_figures(
                     calibration(&SVGBackend::new(path, SIZE).into_drawing_area(), p, reports)
                 }
             }
-            .with_context(|| format!("writing {}", path.display()))
         };
         for (png, ext) in [(true, "png"), (false, "svg")] {
             let path = dir.join(format!("{name}.{ext}"));
-            draw(png, &path)?;
+            draw(png, &path).map_err(|reason| StudyError::Figure {
+                path: path.clone(),
+                reason,
+            })?;
             written.push(path);
         }
     }

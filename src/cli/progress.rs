@@ -1,0 +1,34 @@
+//! The progress bars a person watches, in one style.
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+fn bar(len: u64, template: &str) -> ProgressBar {
+    ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    )
+}
+
+/// Epochs of training, the current fit as its message.
+pub fn epochs_bar() -> ProgressBar {
+    bar(
+        0,
+        "{msg:>22} [{bar:30}] {pos}/{len} epochs, {elapsed} (eta {eta})",
+    )
+}
+
+/// A federation's rounds, named by its prefix, the last round's summary as its message.
+pub fn rounds_bar(label: &str, rounds: u32) -> ProgressBar {
+    let b = bar(
+        u64::from(rounds),
+        "{prefix:>18} round {pos}/{len} [{bar:25}] {elapsed} {msg}",
+    );
+    b.set_prefix(label.to_string());
+    b
+}
+
+/// Patients written.
+pub fn patients_bar(total: u64) -> ProgressBar {
+    bar(total, "{msg} [{bar:40}] {pos}/{len} patients, {eta} left")
+}

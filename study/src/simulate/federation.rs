@@ -1,0 +1,197 @@
+//! One federation over loopback: a server and every centre's node in this process, the same endpoint and node
+//! code as `fedslm server` and `fedslm client`, to the run's end.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedslm_client::{Backoff, ClientError};
+use fedslm_metrics::LogisticFit;
+use fedslm_model::{save, ClinicalTable, ModelCard, ModelKind};
+use fedslm_protocol::Finish;
+use fedslm_server::evaluation::Evaluation;
+use fedslm_server::{Outcome, Server, ServerConfig, ServerEvent};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use super::{configs, Simulation, StudyEvent};
+use crate::runs::{checkpoint_writer, open_run_from_files};
+use crate::{Context, StudyError};
+
+/// Rounds of federated Newton for the clinical model: it converges in a few; the machine stops it there.
+const NEWTON_ROUNDS: u32 = 30;
+
+/// What one federation gave.
+pub struct Federated {
+    pub evaluation: Option<Evaluation>,
+    /// The final model file.
+    pub model: PathBuf,
+    pub rounds: u32,
+    pub fit: Option<LogisticFit>,
+    pub audit_head: String,
+}
+
+/// The run id of a model's federation on fold `fold` (or on all training data): the key under which every
+/// node keeps that run's evaluation scores for the paired tests.
+pub fn run_id(model: ModelKind, fold: Option<u32>) -> String {
+    match fold {
+        Some(f) => format!("simulate-{model}-fold-{}", f + 1),
+        None => format!("simulate-{model}-all"),
+    }
+}
+
+/// Every node connected to `addr` until the server tells it the run is over.
+pub fn start_nodes(
+    ctx: &Simulation,
+    addr: SocketAddr,
+) -> Result<Vec<JoinHandle<Result<Finish, ClientError>>>, StudyError> {
+    let mut clients = Vec::new();
+    for (name, node) in &ctx.nodes {
+        // The node holds its cohort; this run's configuration only says where to connect.
+        let config = configs::client_config(&ctx.out, &ctx.pki, name, None, addr)?;
+        let node = node.clone();
+        let counts = node.counts();
+        clients.push(tokio::spawn(async move {
+            let backoff = Backoff {
+                attempts: Some(5),
+                ..Backoff::default()
+            };
+            fedslm_client::run(&config, counts, node, backoff, |_| {}).await
+        }));
+    }
+    Ok(clients)
+}
+
+/// Waits for every node; a node that ended with an error is logged (the server's outcome says what counts).
+pub async fn join_nodes(clients: Vec<JoinHandle<Result<Finish, ClientError>>>) {
+    for c in clients {
+        if let Ok(Err(e)) = c.await {
+            tracing::warn!(error = %e, "a node ended with an error");
+        }
+    }
+}
+
+/// One federation of `model` from the initial model file `init`, on fold `fold` (or all training data).
+pub fn federate(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    model: ModelKind,
+    init: &Path,
+    fold: Option<u32>,
+) -> Result<Federated, StudyError> {
+    let s = &ctx.settings;
+    let tag = fold.map_or("all".to_string(), |f| format!("fold-{}", f + 1));
+    let dir = ctx.out.join("runs").join(model.name()).join(&tag);
+    crate::error::create_dir(&dir)?;
+    let rounds = if model == ModelKind::Clinical {
+        NEWTON_ROUNDS
+    } else {
+        s.rounds
+    };
+    let config: ServerConfig =
+        configs::server_config(&ctx.pki, &run_id(model, fold), &dir, &ctx.centres, |t| {
+            t.initial_model = Some(init.to_path_buf());
+            t.rounds = rounds;
+            t.local_epochs = s.local_epochs;
+            t.round_start_grace_secs = 30;
+            t.evaluation_bins = s.bins;
+            t.seed = s.seed;
+            if let Some(f) = fold {
+                t.cv_fold = Some(f);
+                t.cv_folds = Some(s.folds);
+            }
+        })?;
+    let (run, card) = open_run_from_files(&config, init, false)?;
+    let label = format!(
+        "{model} {}",
+        fold.map_or("all data".to_string(), |f| format!(
+            "fold {}/{}",
+            f + 1,
+            s.folds
+        ))
+    );
+    (ctx.observer)(StudyEvent::FederationStarted {
+        label: &label,
+        rounds,
+    });
+    let store = run.store.clone();
+    let (outcome, evaluation) = runtime.block_on(async {
+        let server = Arc::new(Server::bind(config)?);
+        let addr = server.local_addr()?;
+        let mut events = server.subscribe();
+        let writer = checkpoint_writer(card.clone());
+        let s = server.clone();
+        let (coordinator, run_store) = (run.coordinator, run.store.clone());
+        let server_task = tokio::spawn(async move {
+            s.run_rounds(coordinator, run_store, writer, std::future::pending())
+                .await
+        });
+        let clients = start_nodes(ctx, addr)?;
+        let mut evaluation = None;
+        while let Ok(event) = events.recv().await {
+            match event {
+                ServerEvent::RoundCommitted(r) => (ctx.observer)(StudyEvent::RoundCommitted {
+                    label: &label,
+                    round: r.round,
+                    summary: r.summary(),
+                }),
+                ServerEvent::Evaluated(e) => evaluation = Some(e),
+                ServerEvent::Finished(_) => break,
+                _ => {}
+            }
+        }
+        let outcome = server_task
+            .await
+            .map_err(|e| StudyError::Failed(format!("{label}: the server stopped: {e}")))?;
+        join_nodes(clients).await;
+        Ok::<_, StudyError>((outcome, evaluation))
+    })?;
+    (ctx.observer)(StudyEvent::FederationEnded { label: &label });
+    if let Some(e) = &evaluation {
+        (ctx.observer)(StudyEvent::Milestone(format!("{label}: {}", e.summary())));
+    }
+    match outcome {
+        Some(Outcome::Completed {
+            rounds,
+            weights,
+            fit,
+        }) => {
+            let path = dir.join(format!("{model}.safetensors"));
+            let record = evaluation.as_ref().map(Evaluation::record);
+            let mut final_card = ModelCard {
+                training: json!({
+                    "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
+                    "mode": "federated (simulation)",
+                    "rounds": rounds,
+                    "fold": fold,
+                    "folds": s.folds,
+                    "seed": s.seed,
+                    "centers": ctx.centres.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
+                    "audit_head": store.head().hex(),
+                }),
+                metrics: record
+                    .map(|r| json!({"internal": r.internal, "external": r.external}))
+                    .unwrap_or_default(),
+                ..card
+            };
+            if let Some(fit) = &fit {
+                final_card.clinical = Some(ClinicalTable::from_fit(fit));
+                final_card.training["patients"] = json!(fit.n);
+            }
+            save(&path, &weights, &final_card).context(|| label.clone())?;
+            Ok(Federated {
+                evaluation,
+                model: path,
+                rounds,
+                fit,
+                audit_head: store.head().hex(),
+            })
+        }
+        Some(Outcome::Failed { rounds, reason }) => Err(StudyError::Failed(format!(
+            "{label}: the federation failed after {rounds} rounds: {reason}"
+        ))),
+        None => Err(StudyError::Failed(format!(
+            "{label}: the federation stopped"
+        ))),
+    }
+}

@@ -1,0 +1,132 @@
+//! The study's results as typed records: results.json is these serialised, and report.md and the printed
+//! table are rendered from them (`report.rs`).
+
+use std::collections::BTreeMap;
+
+use fedslm_server::evaluation::AucSummary;
+use serde::{Deserialize, Serialize};
+
+use crate::score::ScoreReport;
+
+/// `results.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyResults {
+    pub software: String,
+    pub cohort: String,
+    /// The centre held out for external validation.
+    pub holdout: Option<String>,
+    pub settings: SettingsRecord,
+    /// By model name.
+    pub models: BTreeMap<String, ModelResults>,
+    /// Paired DeLong tests of each model against the combined network.
+    pub comparisons: Vec<ComparisonResult>,
+    pub wall_seconds: f64,
+    pub peak_memory_mib: f64,
+}
+
+/// The settings a run was made with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingsRecord {
+    pub folds: u32,
+    pub rounds: u32,
+    pub local_epochs: u32,
+    pub bins: u32,
+    pub seed: u64,
+    pub network: String,
+}
+
+/// One model's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelResults {
+    /// The combined network's head start ("the clinical model federated on the same patients", or why none).
+    pub head_start: Option<String>,
+    /// The centralised baseline (absent with `--no-centralised`).
+    pub centralised: Option<CentralisedResult>,
+    /// The folds' held-out histograms pooled (absent without cross-validation).
+    pub internal: Option<SideResult>,
+    /// The held-out centre, by the federation on all training data.
+    pub external: Option<SideResult>,
+    /// Each training centre's out-of-fold AUC.
+    pub per_centre_internal: BTreeMap<String, AucSummary>,
+    pub rounds: RoundsRecord,
+    pub final_model: String,
+    /// The audit head of the federation on all training data.
+    pub audit_head: String,
+    /// The Youden cut-off chosen on the internal scores.
+    pub youden_cutoff: Option<f64>,
+    pub internal_report: Option<ScoreReport>,
+    pub external_report: Option<ScoreReport>,
+}
+
+/// An AUC, and the sensitivity and specificity at the internal Youden cut-off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SideResult {
+    #[serde(flatten)]
+    pub auc: AucSummary,
+    pub at_internal_youden: Option<AtCutoff>,
+}
+
+/// Sensitivity and specificity at a cut-off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AtCutoff {
+    pub threshold: f64,
+    pub sensitivity: Option<f64>,
+    pub specificity: Option<f64>,
+}
+
+/// Rounds each federation ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundsRecord {
+    /// Each cross-validation fold's federation.
+    pub folds: Vec<u32>,
+    /// The federation on all training data.
+    #[serde(rename = "final")]
+    pub all: u32,
+}
+
+/// The centralised baseline of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CentralisedResult {
+    /// Out of fold.
+    pub internal: Option<AucSummary>,
+    /// At the held-out centre.
+    pub external: Option<AucSummary>,
+    pub model: String,
+    pub seconds: f64,
+}
+
+/// A paired DeLong test of model `a` against `b`, or why it could not be made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComparisonResult {
+    pub a: String,
+    pub b: String,
+    /// `internal` or `external`.
+    pub side: String,
+    #[serde(flatten)]
+    pub outcome: ComparisonOutcome,
+}
+
+/// The test's figures, or the reason there are none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ComparisonOutcome {
+    Tested {
+        auc_a: f64,
+        auc_b: f64,
+        z: f64,
+        p: f64,
+    },
+    NotComputed {
+        error: String,
+    },
+}
+
+impl ComparisonResult {
+    /// The test's p value, where it was made.
+    pub fn p(&self) -> Option<f64> {
+        match self.outcome {
+            ComparisonOutcome::Tested { p, .. } => Some(p),
+            ComparisonOutcome::NotComputed { .. } => None,
+        }
+    }
+}
