@@ -205,7 +205,7 @@ fn store(s: &Setup, name: &str) -> (Arc<Store>, CheckpointWriter) {
             .iter()
             .flat_map(|t| t.bytes().to_vec())
             .collect();
-        std::fs::write(path, bytes).map_err(|e| e.to_string())
+        std::fs::write(path, bytes).map_err(Into::into)
     });
     (Arc::new(store), writer)
 }

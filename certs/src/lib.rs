@@ -23,7 +23,7 @@ pub use quic::{
     alert_name, connection_center, quic_client_config, quic_server_config, server_endpoint_config,
     tls_alert, udp_socket,
 };
-pub use sign::{issued_by, verify as verify_signature, Signer, SIGNATURE_SCHEME};
+pub use sign::{issued_by, verify as verify_signature, SignatureError, Signer, SIGNATURE_SCHEME};
 pub use tls::{
     client_config, provider, server_config, ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,
 };

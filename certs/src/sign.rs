@@ -69,43 +69,72 @@ impl Signer {
     }
 }
 
-fn parse_pem(pem: &str) -> Result<CertificateDer<'static>, String> {
-    CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| format!("not a PEM certificate: {e}"))
+/// Why a signature or a signer's certificate does not check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("{what}: not a PEM certificate: {reason}")]
+    NotPem { what: String, reason: String },
+    #[error("{what}: bad certificate: {reason}")]
+    BadCertificate { what: String, reason: String },
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("the signature does not match the certificate's key")]
+    Mismatch,
+    #[error("the certificate of {subject} was not issued by {ca}")]
+    NotIssuedBy { subject: String, ca: String },
+}
+
+fn parse_pem(pem: &str, what: &str) -> Result<CertificateDer<'static>, SignatureError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| SignatureError::NotPem {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn parse_der<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, SignatureError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| SignatureError::BadCertificate {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 /// Checks `signature` of `message` against the public key of the certificate `certificate_pem`.
-pub fn verify(certificate_pem: &str, message: &[u8], signature: &[u8]) -> Result<(), String> {
-    let der = parse_pem(certificate_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("bad certificate: {e}"))?;
+pub fn verify(
+    certificate_pem: &str,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), SignatureError> {
+    let der = parse_pem(certificate_pem, "the signer")?;
+    let cert = parse_der(&der, "the signer")?;
     UnparsedPublicKey::new(
         &ECDSA_P256_SHA256_ASN1,
         &cert.public_key().subject_public_key.data,
     )
     .verify(message, signature)
-    .map_err(|_| "the signature does not match the certificate's key".to_string())
+    .map_err(|_| SignatureError::Mismatch)
 }
 
 /// Checks that `certificate_pem` was signed by the CA certificate in `ca` (PEM), and says whose it is.
-pub fn issued_by(certificate_pem: &str, ca: &Path) -> Result<String, String> {
-    let ca_pem =
-        std::fs::read_to_string(ca).map_err(|e| format!("cannot read {}: {e}", ca.display()))?;
-    let ca_der = parse_pem(&ca_pem).map_err(|e| format!("{}: {e}", ca.display()))?;
-    let (_, ca_cert) = X509Certificate::from_der(&ca_der)
-        .map_err(|e| format!("{}: bad certificate: {e}", ca.display()))?;
-    let der = parse_pem(certificate_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("bad certificate: {e}"))?;
+pub fn issued_by(certificate_pem: &str, ca: &Path) -> Result<String, SignatureError> {
+    let ca_name = ca.display().to_string();
+    let ca_pem = std::fs::read_to_string(ca).map_err(|e| SignatureError::Read {
+        path: ca_name.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca_der = parse_pem(&ca_pem, &ca_name)?;
+    let ca_cert = parse_der(&ca_der, &ca_name)?;
+    let der = parse_pem(certificate_pem, "the signer")?;
+    let cert = parse_der(&der, "the signer")?;
     UnparsedPublicKey::new(
         &ECDSA_P256_SHA256_ASN1,
         &ca_cert.public_key().subject_public_key.data,
     )
     .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
-    .map_err(|_| {
-        format!(
-            "the certificate of {} was not issued by {}",
-            cert.subject(),
-            ca.display()
-        )
+    .map_err(|_| SignatureError::NotIssuedBy {
+        subject: cert.subject().to_string(),
+        ca: ca_name,
     })?;
     Ok(cert.subject().to_string())
 }
@@ -134,7 +163,8 @@ mod tests {
         Pki::init(&dir.path().join("other"), "o", "localhost", &[]).unwrap();
         let other = ServerTlsFiles::in_pki(&dir.path().join("other"));
         let err = issued_by(signer.certificate_pem(), &other.ca).unwrap_err();
-        assert!(err.contains("was not issued by"), "{err}");
+        assert!(matches!(err, SignatureError::NotIssuedBy { .. }), "{err}");
+        assert!(err.to_string().contains("was not issued by"), "{err}");
         let err = Signer::from_files(&files.cert, &other.key)
             .unwrap_err()
             .to_string();

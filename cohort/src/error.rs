@@ -42,3 +42,9 @@ pub enum ImageError {
     #[error("{folder} contains no DICOM file")]
     EmptySeries { folder: PathBuf },
 }
+
+/// A name on the command line that is none of the ones allowed (a preset, a partition), with the allowed
+/// ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UnknownName(pub String);

@@ -18,7 +18,7 @@ mod volume;
 pub use cache::{load_center, LoadError, Source};
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};
-pub use error::ImageError;
+pub use error::{ImageError, UnknownName};
 pub use fedslm_protocol::folds::stratified_folds;
 pub use fedslm_protocol::rng::{self, Rng};
 pub use manifest::{open_cohort, ImagePaths, Manifest, ManifestError, Patient, Sex, Site};

@@ -16,10 +16,16 @@ pub enum Partitioner {
 }
 
 impl std::str::FromStr for Partitioner {
-    type Err = String;
+    type Err = crate::error::UnknownName;
 
     /// `iid`, `dirichlet:ALPHA`, `quantity:ALPHA`.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, crate::error::UnknownName> {
+        Partitioner::parse(s).map_err(crate::error::UnknownName)
+    }
+}
+
+impl Partitioner {
+    fn parse(s: &str) -> Result<Partitioner, String> {
         let (name, arg) = s.split_once(':').unwrap_or((s, ""));
         let alpha = || {
             arg.parse::<f64>()

@@ -99,13 +99,15 @@ pub enum Preset {
 }
 
 impl std::str::FromStr for Preset {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Preset, String> {
+    type Err = crate::error::UnknownName;
+    fn from_str(s: &str) -> Result<Preset, crate::error::UnknownName> {
         match s {
             "tiny" => Ok(Preset::Tiny),
             "study" => Ok(Preset::Study),
             "large" => Ok(Preset::Large),
-            _ => Err(format!("unknown preset {s:?}: use tiny, study or large")),
+            _ => Err(crate::error::UnknownName(format!(
+                "unknown preset {s:?}: use tiny, study or large"
+            ))),
         }
     }
 }

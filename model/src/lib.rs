@@ -21,6 +21,6 @@ pub use error::ModelError;
 pub use fedslm_protocol::ModelKind;
 pub use file::{load, save, ClinicalTable, ModelCard};
 pub use kernels::Kernels;
-pub use net::{NetConfig, Stem};
+pub use net::{ArchitectureError, NetConfig, Stem};
 pub use network::{Network, Standardisation};
 pub use train::{EpochReport, Forward, Optimizer, TrainConfig, Trainer};

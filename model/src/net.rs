@@ -39,6 +39,11 @@ pub struct NetConfig {
     pub stem: Stem,
 }
 
+/// Why a network's architecture cannot be built, or cannot be read from a model's tensors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ArchitectureError(pub String);
+
 impl NetConfig {
     /// The default for a 2-core CPU: ResNet-10 of width 8 with the compact stem (77 k parameters).
     pub fn compact(in_channels: usize, input_size: usize, clinical_features: usize) -> NetConfig {
@@ -74,7 +79,11 @@ impl NetConfig {
     }
 
     /// Why this configuration cannot be built, if it cannot.
-    pub fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), ArchitectureError> {
+        self.check_text().map_err(ArchitectureError)
+    }
+
+    fn check_text(&self) -> std::result::Result<(), String> {
         if self.blocks().is_none() {
             return Err(format!("depth {} (use 10, 18 or 34)", self.depth));
         }
@@ -106,6 +115,13 @@ impl NetConfig {
     /// The architecture whose tensors `weights` holds (a federated client learns it from its first task),
     /// for crops of `input_size`.
     pub fn from_weights(
+        weights: &fedslm_protocol::Weights,
+        input_size: usize,
+    ) -> std::result::Result<NetConfig, ArchitectureError> {
+        NetConfig::from_weights_text(weights, input_size).map_err(ArchitectureError)
+    }
+
+    fn from_weights_text(
         weights: &fedslm_protocol::Weights,
         input_size: usize,
     ) -> std::result::Result<NetConfig, String> {
@@ -148,7 +164,7 @@ impl NetConfig {
             clinical_features,
             stem,
         };
-        cfg.check()?;
+        cfg.check_text()?;
         Ok(cfg)
     }
 }

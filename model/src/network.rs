@@ -98,7 +98,7 @@ impl Network {
     /// A fresh network with weights drawn from `seed` (candle's own CPU generator cannot be seeded):
     /// convolutions He-normal, the head uniform in ±1/sqrt(fan-in) as PyTorch's, batch norm at identity.
     pub fn new(kind: ModelKind, config: NetConfig, seed: u64) -> Result<Network, ModelError> {
-        config.check().map_err(ModelError::Architecture)?;
+        config.check().map_err(|e| ModelError::Architecture(e.0))?;
         if !kind.is_network() {
             return Err(ModelError::Architecture(
                 "the clinical model is not an image network".into(),

@@ -458,6 +458,7 @@ fn the_architecture_is_read_back_from_the_weights() {
     let clinical = fedslm_model::clinical::to_weights(&[0.0; 2], &[0.0; 4]).unwrap();
     assert!(NetConfig::from_weights(&clinical, 32)
         .unwrap_err()
+        .to_string()
         .contains("not a ResNet"));
 }
 

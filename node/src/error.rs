@@ -47,7 +47,7 @@ pub enum NodeError {
     #[error("this centre's manifest names no images: it can take part in the clinical model only")]
     NoImages,
     #[error("the task's network: {0}")]
-    TaskNetwork(String),
+    TaskNetwork(#[from] fedslm_model::ArchitectureError),
     #[error("the task's network takes {task} channels; this node's preprocessing makes {node}")]
     Channels { task: usize, node: usize },
     #[error("cannot keep a copy of the update: {0}")]

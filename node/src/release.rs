@@ -1,8 +1,9 @@
 //! What this site releases, message by message: `fedslm client --dry-run` prints it before anything connects.
 
 use fedslm_client::ClientConfig;
+use fedslm_metrics::LogisticStats;
 use fedslm_model::{clinical, NetConfig, Network};
-use fedslm_protocol::clinical::NewtonUpdate;
+use fedslm_protocol::clinical::newton_weights;
 use fedslm_protocol::{codec, FitResult, Limits, Message, ModelKind, Weights};
 
 use crate::{NodeError, SiteCohort};
@@ -47,7 +48,7 @@ pub fn releases(config: &ClientConfig, cohort: &SiteCohort) -> Result<Vec<Releas
     out.push(Release {
         when: "each round, clinical model (federated Newton)".into(),
         message: "FitResult",
-        bytes: size(&result(NewtonUpdate::zeros(p).to_weights()?))?,
+        bytes: size(&result(newton_weights(&LogisticStats::zeros(p))?))?,
         holds: format!("gradient [{p}], Hessian [{p}x{p}], log-likelihood, patient count"),
     });
     let pre = &config.preprocess;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use fedslm_client::{ClientConfig, LocalTrainer};
 use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, TrainConfig};
-use fedslm_protocol::clinical::NewtonUpdate;
+use fedslm_protocol::clinical::newton_weights;
 use fedslm_protocol::folds::{centre_seed, Selection};
 use fedslm_protocol::{
     EvalReport, EvaluateTask, FitResult, FitTask, LocalObjective, ModelKind, PlacementReport,
@@ -222,15 +222,9 @@ impl Node {
         if s.n == 0 {
             return Err(NodeError::NoOutcome);
         }
-        let update = NewtonUpdate {
-            gradient: s.gradient,
-            hessian: s.hessian,
-            log_likelihood: s.log_likelihood,
-            fitted_exactly: s.fitted_exactly,
-        };
         Ok(FitResult {
             round: task.round,
-            weights: update.to_weights()?,
+            weights: newton_weights(&s)?,
             examples: s.n,
             train_loss: -s.log_likelihood / s.n as f64,
         })
@@ -321,7 +315,7 @@ fn network_for<'a>(
         return Err(NodeError::NoImages);
     }
     let pre = &config.preprocess;
-    let cfg = NetConfig::from_weights(weights, pre.size).map_err(NodeError::TaskNetwork)?;
+    let cfg = NetConfig::from_weights(weights, pre.size)?;
     if cfg.in_channels != pre.channels() {
         return Err(NodeError::Channels {
             task: cfg.in_channels,

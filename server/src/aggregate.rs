@@ -50,7 +50,9 @@ pub enum UpdateRefusal {
     #[error("the update's loss {0} is not finite")]
     NonFiniteLoss(f64),
     #[error("the evaluation report is refused: {0}")]
-    BadReport(String),
+    BadReport(#[from] crate::evaluation::ReportError),
+    #[error("the Newton statistics cannot be summed: {0}")]
+    NewtonStatistics(String),
 }
 
 /// Checks `update` against `global`: the same tensors (names, shapes, dtypes, roles), finite values, and, with

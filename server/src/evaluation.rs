@@ -19,35 +19,67 @@ pub struct CentreEvaluation {
     pub histogram: ScoreHistograms,
 }
 
-/// Why a report is refused: it must be the aggregate of what was asked.
-pub fn check_report(report: &EvalReport, round: u32, bins: u32) -> Result<ScoreHistograms, String> {
+/// Why an evaluation report is refused: it must be the aggregate of what was asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReportError {
+    #[error("evaluation of round {got}, but round {asked} was asked")]
+    Round { got: u32, asked: u32 },
+    #[error("{positive} and {negative} histogram bins, but {asked} were asked")]
+    Bins {
+        positive: usize,
+        negative: usize,
+        asked: u32,
+    },
+    #[error(
+        "the histograms count {positive} positive and {negative} negative patients, the report says {positives} of {examples}"
+    )]
+    Counts {
+        positive: u64,
+        negative: u64,
+        positives: u64,
+        examples: u64,
+    },
+    #[error("no patient evaluated")]
+    Empty,
+    #[error("loss {0} is not a finite log-loss")]
+    Loss(f64),
+}
+
+/// Checks a report against what was asked; its histograms when it holds.
+pub fn check_report(
+    report: &EvalReport,
+    round: u32,
+    bins: u32,
+) -> Result<ScoreHistograms, ReportError> {
     if report.round != round {
-        return Err(format!(
-            "evaluation of round {}, but round {round} was asked",
-            report.round
-        ));
+        return Err(ReportError::Round {
+            got: report.round,
+            asked: round,
+        });
     }
     let h = &report.histogram;
     if h.positive.len() != bins as usize || h.negative.len() != bins as usize {
-        return Err(format!(
-            "{} and {} histogram bins, but {bins} were asked",
-            h.positive.len(),
-            h.negative.len()
-        ));
+        return Err(ReportError::Bins {
+            positive: h.positive.len(),
+            negative: h.negative.len(),
+            asked: bins,
+        });
     }
     let pos: u64 = h.positive.iter().sum();
     let neg: u64 = h.negative.iter().sum();
     if pos != report.positives || pos.checked_add(neg) != Some(report.examples) {
-        return Err(format!(
-            "the histograms count {pos} positive and {neg} negative patients, the report says {} of {}",
-            report.positives, report.examples
-        ));
+        return Err(ReportError::Counts {
+            positive: pos,
+            negative: neg,
+            positives: report.positives,
+            examples: report.examples,
+        });
     }
     if report.examples == 0 {
-        return Err("no patient evaluated".into());
+        return Err(ReportError::Empty);
     }
     if !report.loss.is_finite() || report.loss < 0.0 {
-        return Err(format!("loss {} is not a finite log-loss", report.loss));
+        return Err(ReportError::Loss(report.loss));
     }
     Ok(h.into())
 }
@@ -316,6 +348,31 @@ impl EvaluationRecord {
     }
 }
 
+/// Why the paired test cannot be made from the centres' placement sums.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ComparisonError {
+    #[error("{center}: placement sums {sums:?} over {n} {class} patients cannot be")]
+    ImpossibleSums {
+        center: CenterId,
+        class: &'static str,
+        n: u64,
+        sums: [f64; 5],
+    },
+    #[error(
+        "the centres placed {placed_positive}+/{placed_negative}- patients, the pooled histograms hold {pooled_positive}+/{pooled_negative}-"
+    )]
+    NotEveryPatient {
+        placed_positive: u64,
+        placed_negative: u64,
+        pooled_positive: u64,
+        pooled_negative: u64,
+    },
+    #[error("the two models' pooled histograms are not of the same patients")]
+    OtherPatients,
+    #[error(transparent)]
+    Test(#[from] fedslm_metrics::MetricsError),
+}
+
 /// The paired DeLong test between models A and B from every centre's placement sums (the second pass, DESIGN.md
 /// §3). Each report must be sums a centre can have made (placements lie in [0, 1]), and the centres together
 /// must have placed every patient of the pooled histograms exactly once: otherwise the test would not be of
@@ -324,37 +381,42 @@ pub fn paired_comparison(
     pooled_a: &ScoreHistograms,
     pooled_b: &ScoreHistograms,
     reports: &[(CenterId, PlacementReport)],
-) -> Result<Comparison, String> {
+) -> Result<Comparison, ComparisonError> {
     let mut total = PlacementSums::default();
     for (center, r) in reports {
         for (class, n, sums) in [
             ("positive", r.n_positive, &r.positive),
             ("negative", r.n_negative, &r.negative),
         ] {
-            let n = n as f64;
+            let bound = n as f64;
             // V, V and their products lie in [0, 1]: each sum in [0, n], up to rounding.
             if sums
                 .iter()
-                .any(|s| !s.is_finite() || *s < -1e-9 || *s > n * (1.0 + 1e-9) + 1e-9)
+                .any(|s| !s.is_finite() || *s < -1e-9 || *s > bound * (1.0 + 1e-9) + 1e-9)
             {
-                return Err(format!(
-                    "{center}: placement sums {sums:?} over {n} {class} patients cannot be"
-                ));
+                return Err(ComparisonError::ImpossibleSums {
+                    center: center.clone(),
+                    class,
+                    n,
+                    sums: *sums,
+                });
             }
         }
         total.add(&r.into());
     }
     let want = (pooled_a.n_positive(), pooled_a.n_negative());
     if (total.n_positive, total.n_negative) != want {
-        return Err(format!(
-            "the centres placed {}+/{}- patients, the pooled histograms hold {}+/{}-",
-            total.n_positive, total.n_negative, want.0, want.1
-        ));
+        return Err(ComparisonError::NotEveryPatient {
+            placed_positive: total.n_positive,
+            placed_negative: total.n_negative,
+            pooled_positive: want.0,
+            pooled_negative: want.1,
+        });
     }
     if (pooled_b.n_positive(), pooled_b.n_negative()) != want {
-        return Err("the two models' pooled histograms are not of the same patients".into());
+        return Err(ComparisonError::OtherPatients);
     }
-    total.paired_test().map_err(|e| e.to_string())
+    Ok(total.paired_test()?)
 }
 
 #[cfg(test)]
@@ -379,18 +441,23 @@ mod tests {
     fn a_report_must_be_the_aggregate_that_was_asked() {
         assert!(check_report(&report(2, vec![0, 1, 2], vec![3, 1, 0]), 2, 3).is_ok());
         let e = check_report(&report(1, vec![0, 1, 2], vec![3, 1, 0]), 2, 3).unwrap_err();
-        assert!(e.contains("round 1"), "{e}");
+        assert_eq!(e, ReportError::Round { got: 1, asked: 2 });
+        assert!(e.to_string().contains("round 1"), "{e}");
         let e = check_report(&report(2, vec![1, 2], vec![3, 0]), 2, 3).unwrap_err();
-        assert!(e.contains("3 were asked"), "{e}");
+        assert!(e.to_string().contains("3 were asked"), "{e}");
         let mut r = report(2, vec![0, 1, 2], vec![3, 1, 0]);
         r.examples += 1;
         assert!(check_report(&r, 2, 3)
             .unwrap_err()
+            .to_string()
             .contains("the report says"));
         let mut r = report(2, vec![0, 1, 2], vec![3, 1, 0]);
         r.loss = f64::NAN;
-        assert!(check_report(&r, 2, 3).is_err());
-        assert!(check_report(&report(2, vec![0; 3], vec![0; 3]), 2, 3).is_err());
+        assert!(matches!(check_report(&r, 2, 3), Err(ReportError::Loss(_))));
+        assert_eq!(
+            check_report(&report(2, vec![0; 3], vec![0; 3]), 2, 3),
+            Err(ReportError::Empty)
+        );
     }
 
     /// The pooled AUC of several centres' histograms is the AUC of every patient's binned score, computed
@@ -541,11 +608,13 @@ mod tests {
         assert!((federated.p - direct.p).abs() < 1e-9);
 
         // A centre missing, or sums no centre can have made, are refused by name.
-        let e = paired_comparison(&ha, &hb, &reports[..2]).unwrap_err();
+        let e = paired_comparison(&ha, &hb, &reports[..2])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("the pooled histograms hold"), "{e}");
         let mut bad = reports.clone();
         bad[1].1.positive[2] = bad[1].1.n_positive as f64 + 5.0;
-        let e = paired_comparison(&ha, &hb, &bad).unwrap_err();
+        let e = paired_comparison(&ha, &hb, &bad).unwrap_err().to_string();
         assert!(e.starts_with("c1:"), "{e}");
         bad[1].1.positive[2] = f64::NAN;
         assert!(paired_comparison(&ha, &hb, &bad).is_err());

@@ -180,7 +180,7 @@ fn compare(
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok::<_, anyhow::Error>(server.run_placements(tasks, deadline).await)
+        Ok::<_, anyhow::Error>(server.run_placements(tasks, deadline).await?)
     })?;
     let mut reports = Vec::new();
     for (c, answer) in centres.iter().zip(answers) {
@@ -379,6 +379,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             Some(Outcome::Failed { rounds, reason }) => {
                 bail!("the run failed after {rounds} committed rounds: {reason}")
             }
+            Some(Outcome::Placed(_)) => bail!("the run ended as a second pass, which it is not"),
             None => {
                 println!("stopped; start the server again to resume the run");
                 Ok(())

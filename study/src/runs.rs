@@ -48,7 +48,7 @@ pub fn checkpoint_writer(card: ModelCard) -> CheckpointWriter {
             training: json!({"mode": "federated", "round": record.round}),
             ..card.clone()
         };
-        save(path, weights, &card).map_err(|e| e.to_string())
+        save(path, weights, &card).map_err(Into::into)
     })
 }
 

@@ -118,7 +118,7 @@ pub fn compare(
         .block_on(async {
             let server = Arc::new(Server::bind(config)?);
             let clients = start_nodes(ctx, server.local_addr()?)?;
-            let answers = server.run_placements(tasks, PLACEMENTS_DEADLINE).await;
+            let answers = server.run_placements(tasks, PLACEMENTS_DEADLINE).await?;
             join_nodes(clients).await;
             Ok::<_, StudyError>(answers)
         })?
@@ -130,12 +130,12 @@ pub fn compare(
         for c in &p.centres {
             match answers.next() {
                 Some(Ok(r)) => reports.push((c.clone(), r)),
-                Some(Err(e)) => failed.push(e),
+                Some(Err(e)) => failed.push(e.to_string()),
                 None => failed.push(format!("{c}: no answer")),
             }
         }
         let result = if failed.is_empty() {
-            paired_comparison(p.pooled_a, p.pooled_b, &reports)
+            paired_comparison(p.pooled_a, p.pooled_b, &reports).map_err(|e| e.to_string())
         } else {
             Err(failed.join("; "))
         };

@@ -1,0 +1,190 @@
+//! One connection: the handshake's outcome, the centre from its certificate, Hello and admission, then the
+//! control stream until the run's Finish or the connection's end. Tasks travel on streams the server opens.
+
+use std::sync::Arc;
+
+use fedslm_certs::{connection_center, tls_alert};
+use fedslm_protocol::io::{read_message, write_message};
+use fedslm_protocol::{close, ByteBudget, ErrorCode, Message, ProtocolError};
+use quinn::VarInt;
+use tokio::sync::mpsc;
+
+use super::{lock, Admitted, ServerEvent, Shared, ERROR_LINGER, FINISH_LINGER};
+use crate::admission::admit;
+use crate::round::Input;
+
+pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.emit(ServerEvent::HandshakeFailed {
+                remote,
+                alert: tls_alert(&e),
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    // The verifier accepted the chain; the id comes from the certificate, never from a message.
+    let center = match connection_center(&connection) {
+        Ok(c) => c,
+        Err(e) => {
+            connection.close(VarInt::from_u32(close::REFUSED), e.to_string().as_bytes());
+            shared.emit(ServerEvent::HandshakeFailed {
+                remote,
+                alert: None,
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    let budget = ByteBudget::new(shared.config.connection_budget);
+    let timeout = shared.config.hello_timeout;
+    let hello = tokio::time::timeout(timeout, async {
+        let (send, mut recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
+        let msg = read_message(&mut recv, &shared.limits, &budget).await;
+        Ok::<_, String>((send, recv, msg))
+    })
+    .await;
+    let (mut send, mut recv, msg) = match hello {
+        Ok(Ok(x)) => x,
+        Ok(Err(reason)) => {
+            shared.emit(ServerEvent::Disconnected { center, reason });
+            return;
+        }
+        Err(_) => {
+            let reason = format!("no Hello within {} s", timeout.as_secs());
+            connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+            shared.emit(ServerEvent::Disconnected { center, reason });
+            return;
+        }
+    };
+    let admitted = match msg {
+        Ok(Message::Hello(hello)) => {
+            admit(&shared.config.enrolment, &center, &hello).map_err(|r| (r.code(), r.to_string()))
+        }
+        Ok(other) => Err((
+            ErrorCode::Unexpected,
+            format!("expected Hello, got {}", other.kind()),
+        )),
+        Err(ProtocolError::UnsupportedVersion { got, supported }) => Err((
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {got} is not supported; this server speaks version {supported}"
+            ),
+        )),
+        Err(e) => Err((ErrorCode::Malformed, format!("bad Hello: {e}"))),
+    };
+    let welcome = match admitted {
+        Ok(w) => w,
+        Err((code, reason)) => {
+            let _ = write_message(
+                &mut send,
+                &Message::error(code, reason.clone()),
+                &shared.limits,
+            )
+            .await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+            connection.close(VarInt::from_u32(close::REFUSED), reason.as_bytes());
+            shared.emit(ServerEvent::Refused {
+                remote,
+                center,
+                code,
+                reason,
+            });
+            return;
+        }
+    };
+    let role = welcome.role;
+    if let Err(e) = write_message(&mut send, &Message::Welcome(welcome), &shared.limits).await {
+        shared.emit(ServerEvent::Disconnected {
+            center,
+            reason: format!("cannot send Welcome: {e}"),
+        });
+        return;
+    }
+    let (finish_tx, mut finish_rx) = mpsc::channel(1);
+    let previous = lock(&shared.peers).insert(
+        center.clone(),
+        Admitted {
+            connection: connection.clone(),
+            budget: budget.clone(),
+            finish: finish_tx.clone(),
+        },
+    );
+    shared.peers_changed();
+    // Joined after the run ended (a restarted server with nothing left to do): told at once.
+    let over = lock(&shared.finished).clone();
+    if let Some(finish) = over {
+        if finish_tx.try_send(finish).is_ok() {
+            lock(&shared.told).insert(center.clone());
+            shared.peers_changed();
+        }
+    }
+    if let Some(old) = previous {
+        old.connection.close(
+            VarInt::from_u32(close::SUPERSEDED),
+            b"a newer connection of this centre took over",
+        );
+    }
+    shared.emit(ServerEvent::Admitted {
+        remote,
+        center: center.clone(),
+        role,
+    });
+    let connection_id = connection.stable_id() as u64;
+    shared.tell(Input::Connected {
+        center: center.clone(),
+        connection: connection_id,
+    });
+
+    // Tasks travel on streams the server opens; the only message a centre may send on its control stream
+    // after Welcome is an Error (it aborts).
+    let reason = tokio::select! {
+        Some(finish) = finish_rx.recv() => {
+            let reason = finish.reason.clone();
+            if write_message(&mut send, &Message::Finish(finish), &shared.limits).await.is_ok() {
+                let _ = send.finish();
+                // The centre closes once it has read Finish.
+                let _ = tokio::time::timeout(FINISH_LINGER, connection.closed()).await;
+            }
+            format!("run finished: {reason}")
+        }
+        msg = read_message(&mut recv, &shared.limits, &budget) => match msg {
+            Ok(Message::Error(e)) => format!("centre aborted: {:?}: {}", e.code, e.message),
+            Ok(other) => {
+                let reason = format!("unexpected {} on the control stream", other.kind());
+                connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                reason
+            }
+            // The client finished its side of the control stream; the connection may live on.
+            Err(ProtocolError::Closed) => connection.closed().await.to_string(),
+            Err(e) => match connection.close_reason() {
+                Some(closed) => closed.to_string(),
+                None => {
+                    let reason = e.to_string();
+                    connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                    reason
+                }
+            },
+        },
+        e = connection.closed() => e.to_string(),
+    };
+    {
+        let mut peers = lock(&shared.peers);
+        if peers
+            .get(&center)
+            .is_some_and(|p| p.connection.stable_id() == connection.stable_id())
+        {
+            peers.remove(&center);
+        }
+    }
+    shared.peers_changed();
+    shared.tell(Input::Disconnected {
+        center: center.clone(),
+        connection: connection_id,
+    });
+    shared.emit(ServerEvent::Disconnected { center, reason });
+}

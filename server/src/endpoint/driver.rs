@@ -1,0 +1,367 @@
+//! The round machine's driver: inputs and the clock in, each action carried out by a method of its own. A
+//! verdict goes to the task it is about (by task id); a commit or an evaluation is stored before the machine
+//! hears of it, and the machine announces only what it heard was stored.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fedslm_protocol::{codec, CenterId, Finish, Message, Weights};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::exchange::{bytes_of, task_exchange, TaskExchange};
+use super::{lock, tell_finish, CheckpointWriter, Envelope, ServerEvent, Shared, Verdict};
+use crate::aggregate::UpdateRefusal;
+use crate::audit::AuditEvent;
+use crate::evaluation::Evaluation;
+use crate::failpoint;
+use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
+use crate::store::{RunState, Store, StoredRound};
+
+/// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
+/// about the global model, its f64 accumulators and this many updates, however many centres answer.
+const RESULTS_IN_FLIGHT: usize = 2;
+
+/// Where a run is made durable: the store, and the writer of each round's model file.
+pub(super) struct Durable {
+    pub(super) store: Arc<Store>,
+    pub(super) checkpoint: Arc<Mutex<CheckpointWriter>>,
+}
+
+pub(super) struct Driver {
+    shared: Arc<Shared>,
+    machine: Coordinator,
+    inputs: mpsc::UnboundedReceiver<Envelope>,
+    /// `None` for the paired tests' pass, which stores nothing.
+    durable: Option<Durable>,
+    results: Arc<Semaphore>,
+    /// Each task's switch to reset its stream.
+    cancels: HashMap<TaskId, oneshot::Sender<()>>,
+    /// Where the verdict on each answered task goes.
+    verdicts: HashMap<TaskId, oneshot::Sender<Verdict>>,
+    /// Each task's round, for the audit log.
+    rounds_of: HashMap<TaskId, u32>,
+}
+
+impl Driver {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        machine: Coordinator,
+        inputs: mpsc::UnboundedReceiver<Envelope>,
+        durable: Option<Durable>,
+    ) -> Driver {
+        Driver {
+            shared,
+            machine,
+            inputs,
+            durable,
+            results: Arc::new(Semaphore::new(RESULTS_IN_FLIGHT)),
+            cancels: HashMap::new(),
+            verdicts: HashMap::new(),
+            rounds_of: HashMap::new(),
+        }
+    }
+
+    /// Runs the machine to its end.
+    pub(super) async fn run(mut self) -> Outcome {
+        self.connect_admitted();
+        loop {
+            while let Some(action) = self.machine.poll_action() {
+                if let Some(outcome) = self.carry_out(action).await {
+                    return outcome;
+                }
+            }
+            if let Some(outcome) = self.next_input().await {
+                return outcome;
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, action: Action) -> Option<Outcome> {
+        match action {
+            Action::SendFit { task, to } => {
+                self.send(task.round, &Message::FitTask((*task).clone()), to)
+            }
+            Action::SendEvaluate { task, to } => {
+                self.send(task.round, &Message::EvaluateTask((*task).clone()), to)
+            }
+            Action::SendPlacement { task, to } => {
+                self.send(0, &Message::PlacementTask((*task).clone()), to)
+            }
+            Action::Accept { center, task } => self.accept(center, task),
+            Action::Refuse {
+                center,
+                task,
+                refusal,
+            } => self.refuse(center, task, refusal),
+            Action::Cancel { center, task } => self.cancel(center, task),
+            Action::CommitRound { record, weights } => self.commit_round(record, weights).await,
+            Action::AnnounceRound(record) => self.announce_round(record),
+            Action::StoreEvaluation(evaluation) => self.store_evaluation(evaluation).await,
+            Action::AnnounceEvaluation(evaluation) => {
+                self.shared.emit(ServerEvent::Evaluated(evaluation))
+            }
+            Action::Finish(outcome) => return Some(self.finish(outcome).await),
+        }
+        None
+    }
+
+    /// Tells the machine of the centres connected before it began.
+    fn connect_admitted(&mut self) {
+        let already: Vec<(CenterId, u64)> = lock(&self.shared.peers)
+            .iter()
+            .map(|(c, p)| (c.clone(), p.connection.stable_id() as u64))
+            .collect();
+        for (center, connection) in already {
+            self.machine
+                .handle(Input::Connected { center, connection }, Instant::now());
+        }
+    }
+
+    /// The next input (its verdict's way back kept by task id), or the clock.
+    async fn next_input(&mut self) -> Option<Outcome> {
+        let timeout = self.machine.poll_timeout();
+        tokio::select! {
+            envelope = self.inputs.recv() => {
+                let Some(Envelope { input, verdict }) = envelope else {
+                    return Some(Outcome::Failed {
+                        rounds: self.machine.committed(),
+                        reason: "server stopped".into(),
+                    });
+                };
+                if let Input::TaskFailed { center, task, reason } = &input {
+                    if let Some(round) = self.rounds_of.get(task) {
+                        self.shared.audit(AuditEvent::TaskDropped {
+                            round: *round,
+                            center: center.to_string(),
+                            task: *task,
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                if let (Some(verdict), Some(task)) = (verdict, answered_task(&input)) {
+                    self.verdicts.insert(task, verdict);
+                }
+                self.machine.handle(input, Instant::now());
+            }
+            () = sleep_until(timeout) => self.machine.handle_timeout(Instant::now()),
+        }
+        None
+    }
+
+    /// Sends one encoded task to each centre on a fresh stream; a centre that is gone fails its task at once.
+    fn send(&mut self, round: u32, message: &Message, to: Vec<(CenterId, TaskId)>) {
+        let shared = &self.shared;
+        let frame = match codec::encode(message, &shared.limits) {
+            Ok(f) => bytes_of(f),
+            Err(e) => {
+                let reason = format!("cannot encode round {round}'s {}: {e}", message.kind());
+                for (center, task) in to {
+                    shared.tell(Input::TaskFailed {
+                        center,
+                        task,
+                        reason: reason.clone(),
+                    });
+                }
+                return;
+            }
+        };
+        for (center, task) in to {
+            self.rounds_of.insert(task, round);
+            let (cancel, cancelled) = oneshot::channel();
+            self.cancels.insert(task, cancel);
+            let peer = lock(&shared.peers)
+                .get(&center)
+                .map(|p| (p.connection.clone(), p.budget.clone()));
+            let Some((connection, budget)) = peer else {
+                shared.tell(Input::TaskFailed {
+                    center,
+                    task,
+                    reason: "not connected".into(),
+                });
+                continue;
+            };
+            shared.audit(AuditEvent::TaskSent {
+                round,
+                center: center.to_string(),
+                task,
+            });
+            tokio::spawn(task_exchange(TaskExchange {
+                shared: shared.clone(),
+                connection,
+                budget,
+                frame: frame.clone(),
+                center,
+                task,
+                results: self.results.clone(),
+                cancelled,
+            }));
+        }
+    }
+
+    fn round_of(&self, task: TaskId) -> u32 {
+        self.rounds_of.get(&task).copied().unwrap_or_default()
+    }
+
+    fn accept(&mut self, center: CenterId, task: TaskId) {
+        self.cancels.remove(&task);
+        let round = self.round_of(task);
+        self.shared.audit(AuditEvent::UpdateAccepted {
+            round,
+            center: center.to_string(),
+            task,
+        });
+        failpoint::hit(failpoint::AGGREGATING, round);
+        if let Some(v) = self.verdicts.remove(&task) {
+            let _ = v.send(Ok(()));
+        }
+    }
+
+    fn refuse(&mut self, center: CenterId, task: TaskId, refusal: UpdateRefusal) {
+        self.cancels.remove(&task);
+        self.shared.audit(AuditEvent::UpdateRefused {
+            round: self.round_of(task),
+            center: center.to_string(),
+            task,
+            reason: refusal.to_string(),
+        });
+        if let Some(v) = self.verdicts.remove(&task) {
+            let _ = v.send(Err(refusal));
+        }
+    }
+
+    fn cancel(&mut self, center: CenterId, task: TaskId) {
+        self.shared.audit(AuditEvent::TaskDropped {
+            round: self.round_of(task),
+            center: center.to_string(),
+            task,
+            reason: "no answer before the round closed".into(),
+        });
+        self.verdicts.remove(&task);
+        if let Some(c) = self.cancels.remove(&task) {
+            let _ = c.send(());
+        }
+    }
+
+    /// Writes the round's checkpoint, names it by its hash and commits the round's record; tells the machine
+    /// whether that worked.
+    async fn commit_round(&mut self, record: RoundRecord, weights: Arc<Weights>) {
+        let round = record.round;
+        let Some(durable) = &self.durable else {
+            return self.machine.handle(
+                Input::StoreFailed {
+                    reason: format!("round {round}: this pass has no store"),
+                },
+                Instant::now(),
+            );
+        };
+        let store = durable.store.clone();
+        let writer = durable.checkpoint.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            let pending = store.pending_checkpoint(record.round);
+            (*lock(&writer))(&record, &weights, &pending).map_err(|e| e.to_string())?;
+            let hash = store.put_checkpoint(&pending).map_err(|e| e.to_string())?;
+            failpoint::hit(failpoint::CHECKPOINT_WRITTEN, record.round);
+            store
+                .commit_round(&StoredRound::new(&record, hash))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the commit stopped: {e}")));
+        let input = match committed {
+            Ok(()) => Input::RoundStored { round },
+            Err(reason) => Input::StoreFailed {
+                reason: format!("cannot commit round {round}: {reason}"),
+            },
+        };
+        self.machine.handle(input, Instant::now());
+    }
+
+    /// The event that announces a round carries no model, so that the event channel keeps none alive.
+    fn announce_round(&mut self, record: RoundRecord) {
+        let round = record.round;
+        self.shared.emit(ServerEvent::RoundCommitted(record));
+        failpoint::hit(failpoint::BETWEEN_ROUNDS, round);
+    }
+
+    /// Stores an evaluation with its round; tells the machine whether that worked.
+    async fn store_evaluation(&mut self, evaluation: Evaluation) {
+        let round = evaluation.round;
+        let stored = match &self.durable {
+            None => Err("this pass has no store".to_string()),
+            Some(durable) => {
+                let store = durable.store.clone();
+                let record = evaluation.record();
+                tokio::task::spawn_blocking(move || store.record_evaluation(round, record))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            }
+        };
+        let input = match stored {
+            Ok(()) => Input::EvaluationStored { round },
+            Err(reason) => Input::StoreFailed {
+                reason: format!("cannot store round {round}'s evaluation: {reason}"),
+            },
+        };
+        self.machine.handle(input, Instant::now());
+    }
+
+    /// The run's end, durable before any centre is told; then Finish to every centre, every pending task
+    /// dropped, the event emitted.
+    async fn finish(&mut self, outcome: Outcome) -> Outcome {
+        if let Some(durable) = &self.durable {
+            record_end(&durable.store, &outcome).await;
+        }
+        let finish = Finish {
+            run_id: self.shared.config.enrolment.run_id.clone(),
+            rounds_completed: self.machine.committed(),
+            reason: match &outcome {
+                Outcome::Completed { rounds, .. } => format!("completed {rounds} rounds"),
+                Outcome::Failed { reason, .. } => format!("failed: {reason}"),
+                Outcome::Placed(_) => "paired comparisons done".into(),
+            },
+        };
+        tell_finish(&self.shared, finish);
+        for (_, c) in self.cancels.drain() {
+            let _ = c.send(());
+        }
+        self.shared.emit(ServerEvent::Finished(outcome.clone()));
+        outcome
+    }
+}
+
+/// The task an answer is about.
+fn answered_task(input: &Input) -> Option<TaskId> {
+    match input {
+        Input::FitAnswered { task, .. }
+        | Input::EvalAnswered { task, .. }
+        | Input::PlacementAnswered { task, .. } => Some(*task),
+        _ => None,
+    }
+}
+
+/// Records how the run ended.
+async fn record_end(store: &Arc<Store>, outcome: &Outcome) {
+    let (state, reason) = match outcome {
+        Outcome::Completed { rounds, .. } => {
+            (RunState::Completed, format!("completed {rounds} rounds"))
+        }
+        Outcome::Failed { reason, .. } => (RunState::Failed, reason.clone()),
+        Outcome::Placed(_) => return,
+    };
+    let store = store.clone();
+    let done = tokio::task::spawn_blocking(move || store.finish(state, &reason)).await;
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot record the run's end"),
+        Err(e) => tracing::error!(error = %e, "cannot record the run's end"),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,462 @@
+//! The QUIC endpoint: accepts connections, identifies each peer by its certificate, runs admission on its
+//! Hello and keeps the admitted centres. One task per connection: whatever one peer does, the others are
+//! served.
+
+mod connection;
+mod driver;
+mod exchange;
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedslm_certs::{alert_name, quic_server_config, server_config, CertError};
+use fedslm_protocol::{
+    close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
+};
+use quinn::{Connection, Endpoint, VarInt};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::aggregate::UpdateRefusal;
+use crate::audit::AuditEvent;
+use crate::config::ServerConfig;
+use crate::evaluation::Evaluation;
+use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
+use crate::store::Store;
+use driver::{Driver, Durable};
+
+/// How long a refused peer has to read its Error before the connection is closed.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
+/// Writes a round's global model as a file at the path given (the store then names it by its hash and records
+/// it). Runs on a blocking thread; an error stops the run.
+pub type CheckpointWriter = Box<
+    dyn FnMut(
+            &RoundRecord,
+            &fedslm_protocol::Weights,
+            &Path,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+        + Send,
+>;
+
+/// How long the centres have to take their Finish and close before the server stops.
+const FINISH_LINGER: Duration = Duration::from_secs(5);
+/// Stream reset code of a task whose round closed without it.
+const TASK_CANCELLED: u32 = 1;
+
+/// What the server saw, for logs, tests and (later) the round state machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerEvent {
+    /// TLS or QUIC handshake failed (no, unknown, expired, revoked or misused certificate; wrong ALPN).
+    HandshakeFailed {
+        remote: SocketAddr,
+        alert: Option<u8>,
+        reason: String,
+    },
+    /// A verified peer was refused admission, with the code and message it was sent.
+    Refused {
+        remote: SocketAddr,
+        center: CenterId,
+        code: ErrorCode,
+        reason: String,
+    },
+    Admitted {
+        remote: SocketAddr,
+        center: CenterId,
+        role: Role,
+    },
+    Disconnected {
+        center: CenterId,
+        reason: String,
+    },
+    /// A round's new global model, with who contributed what.
+    RoundCommitted(RoundRecord),
+    /// An evaluation round's aggregates, stored with its round.
+    Evaluated(Evaluation),
+    /// The run is over; the centres were sent Finish.
+    Finished(Outcome),
+}
+
+/// Why the server cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Certs(#[from] CertError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("this server has run its machine already: one run per server")]
+    RanAlready,
+    #[error("the run stopped before its end")]
+    Stopped,
+}
+
+struct Admitted {
+    connection: Connection,
+    /// Shared by every stream of the connection.
+    budget: ByteBudget,
+    /// The run's end, for the connection's task to send on the control stream.
+    finish: mpsc::Sender<Finish>,
+}
+
+/// The coordinator's verdict on an answer: taken, or refused and why.
+type Verdict = Result<(), UpdateRefusal>;
+
+/// An input for the coordinator, with where its verdict goes (an answer's acceptance or refusal).
+struct Envelope {
+    input: Input,
+    verdict: Option<oneshot::Sender<Verdict>>,
+}
+
+struct Shared {
+    config: ServerConfig,
+    limits: Limits,
+    events: broadcast::Sender<ServerEvent>,
+    peers: Mutex<HashMap<CenterId, Admitted>>,
+    inputs: mpsc::UnboundedSender<Envelope>,
+    /// The run's durable record; every event goes into its audit log.
+    store: std::sync::OnceLock<Arc<Store>>,
+    /// Once the run is over: the Finish that every centre admitted from then on is sent at once.
+    finished: Mutex<Option<Finish>>,
+    /// Centres that were sent Finish.
+    told: Mutex<BTreeSet<CenterId>>,
+    /// Bumped whenever `peers` or `told` change, for whoever waits on them.
+    changed: watch::Sender<()>,
+}
+
+impl Shared {
+    /// Wakes whoever waits for the connected centres to change.
+    fn peers_changed(&self) {
+        self.changed.send_replace(());
+    }
+
+    /// Waits until `done` holds or `deadline` passes; `done` is checked again at every change of the
+    /// connected centres.
+    async fn wait_for(&self, deadline: tokio::time::Instant, done: impl Fn() -> bool) {
+        let mut changes = self.changed.subscribe();
+        while !done() {
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    fn tell(&self, input: Input) {
+        // The coordinator is gone only when the run is over.
+        let _ = self.inputs.send(Envelope {
+            input,
+            verdict: None,
+        });
+    }
+}
+
+impl Shared {
+    fn audit(&self, event: AuditEvent) {
+        if let Some(store) = self.store.get() {
+            if let Err(e) = store.audit(event) {
+                tracing::error!(error = %e, "cannot append to the audit log");
+            }
+        }
+    }
+
+    fn emit(&self, event: ServerEvent) {
+        if let Some(entry) = audit_event(&event) {
+            self.audit(entry);
+        }
+        match &event {
+            ServerEvent::HandshakeFailed {
+                remote,
+                alert,
+                reason,
+            } => {
+                tracing::warn!(%remote, alert = alert.map(alert_name), %reason, "handshake failed")
+            }
+            ServerEvent::Refused {
+                remote,
+                center,
+                reason,
+                ..
+            } => {
+                tracing::warn!(%remote, %center, %reason, "refused")
+            }
+            ServerEvent::Admitted {
+                remote,
+                center,
+                role,
+            } => {
+                tracing::info!(%remote, %center, ?role, "admitted")
+            }
+            ServerEvent::Disconnected { center, reason } => {
+                tracing::info!(%center, %reason, "disconnected")
+            }
+            ServerEvent::RoundCommitted(r) => {
+                tracing::info!(
+                    round = r.round,
+                    centres = r.contributions.len(),
+                    "round committed"
+                )
+            }
+            ServerEvent::Evaluated(e) => {
+                tracing::info!(
+                    round = e.round,
+                    centres = e.centres.len(),
+                    "round evaluated"
+                )
+            }
+            ServerEvent::Finished(Outcome::Completed { rounds, .. }) => {
+                tracing::info!(rounds, "run completed")
+            }
+            ServerEvent::Finished(Outcome::Failed { rounds, reason }) => {
+                tracing::error!(rounds, %reason, "run failed")
+            }
+            ServerEvent::Finished(Outcome::Placed(answers)) => {
+                let answered = answers.iter().filter(|a| a.is_ok()).count();
+                tracing::info!(answered, tasks = answers.len(), "second pass done")
+            }
+        }
+        // No subscriber is fine: events are also logged.
+        let _ = self.events.send(event);
+    }
+}
+
+/// The audit log's entry for a connection event; rounds are audited where the coordinator decides them.
+fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
+    Some(match event {
+        ServerEvent::HandshakeFailed { remote, reason, .. } => AuditEvent::HandshakeFailed {
+            remote: remote.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::Refused {
+            remote,
+            center,
+            reason,
+            ..
+        } => AuditEvent::CentreRefused {
+            center: center.to_string(),
+            remote: remote.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::Admitted {
+            remote,
+            center,
+            role,
+        } => AuditEvent::CentreJoined {
+            center: center.to_string(),
+            role: role.name().into(),
+            remote: remote.to_string(),
+        },
+        ServerEvent::Disconnected { center, reason } => AuditEvent::CentreLeft {
+            center: center.to_string(),
+            reason: reason.clone(),
+        },
+        ServerEvent::RoundCommitted(_) | ServerEvent::Evaluated(_) | ServerEvent::Finished(_) => {
+            return None
+        }
+    })
+}
+
+/// The coordinating server's endpoint.
+pub struct Server {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    inputs: Mutex<Option<mpsc::UnboundedReceiver<Envelope>>>,
+}
+
+impl Server {
+    /// Loads the TLS files and binds the UDP socket. Must be called within a tokio runtime.
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let quic = quic_server_config(server_config(&config.tls)?)?;
+        let bind_err = |source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let socket = fedslm_certs::udp_socket(config.listen).map_err(bind_err)?;
+        let runtime = quinn::default_runtime().ok_or_else(|| {
+            bind_err(std::io::Error::other(
+                "no async runtime to drive the endpoint",
+            ))
+        })?;
+        let endpoint = Endpoint::new(
+            fedslm_certs::server_endpoint_config(&config.tls)?,
+            Some(quic),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
+        let (events, _) = broadcast::channel(1024);
+        let (inputs, received) = mpsc::unbounded_channel();
+        Ok(Server {
+            endpoint,
+            shared: Arc::new(Shared {
+                config,
+                limits: Limits::default(),
+                events,
+                peers: Mutex::new(HashMap::new()),
+                inputs,
+                store: std::sync::OnceLock::new(),
+                finished: Mutex::new(None),
+                told: Mutex::new(BTreeSet::new()),
+                changed: watch::channel(()).0,
+            }),
+            inputs: Mutex::new(Some(received)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The centres admitted and still connected.
+    pub fn connected(&self) -> Vec<CenterId> {
+        let mut ids: Vec<CenterId> = lock(&self.shared.peers).keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Admits centres until `shutdown` completes, then closes every connection. No rounds.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        // Nobody coordinates: the connections' inputs go nowhere.
+        drop(lock(&self.inputs).take());
+        self.serve_until(shutdown).await;
+    }
+
+    /// Runs the federation of `coordinator` until it finishes (the outcome) or `shutdown` completes (`None`).
+    /// Each round is committed to `store` (its model written by `checkpoint`) before anything else happens, and
+    /// every event goes into the store's audit log. Can be called once per server.
+    pub async fn run_rounds(
+        &self,
+        coordinator: Coordinator,
+        store: Arc<Store>,
+        checkpoint: CheckpointWriter,
+        shutdown: impl Future<Output = ()>,
+    ) -> Option<Outcome> {
+        let inputs = lock(&self.inputs).take()?;
+        let _ = self.shared.store.set(store.clone());
+        // A resumed run with nothing left to do: the centres that reconnect are told it is over.
+        let already_over = coordinator.is_finished();
+        let durable = Durable {
+            store,
+            checkpoint: Arc::new(Mutex::new(checkpoint)),
+        };
+        let driver = Driver::new(self.shared.clone(), coordinator, inputs, Some(durable));
+        self.drive(driver, already_over, shutdown).await
+    }
+
+    /// The second pass of paired comparisons (DESIGN.md §3), as a phase of the round machine
+    /// ([`Coordinator::placements`]): once every centre named is connected (or `deadline` has passed), each
+    /// gets its task on a fresh stream; the answers come back in the tasks' order, or why there is none. Then
+    /// every centre is told the run is over. No rounds, no store: the comparisons are computed from the
+    /// answers by [`crate::evaluation::paired_comparison`]. Can be called once per server.
+    pub async fn run_placements(
+        &self,
+        tasks: Vec<(CenterId, PlacementTask)>,
+        deadline: Duration,
+    ) -> Result<Vec<Result<PlacementReport, Unanswered>>, ServerError> {
+        let inputs = lock(&self.inputs).take().ok_or(ServerError::RanAlready)?;
+        let roles = self.shared.config.enrolment.centers.clone();
+        let machine = Coordinator::placements(roles, tasks, deadline, Instant::now());
+        let driver = Driver::new(self.shared.clone(), machine, inputs, None);
+        match self.drive(driver, false, std::future::pending()).await {
+            Some(Outcome::Placed(answers)) => Ok(answers),
+            _ => Err(ServerError::Stopped),
+        }
+    }
+
+    /// Serves connections while `driver` runs the machine, then lets the centres take their Finish.
+    async fn drive(
+        &self,
+        driver: Driver,
+        already_over: bool,
+        shutdown: impl Future<Output = ()>,
+    ) -> Option<Outcome> {
+        let (done_tx, done_rx) = oneshot::channel();
+        let running = tokio::spawn(async move {
+            let outcome = driver.run().await;
+            let _ = done_tx.send(outcome);
+        });
+        let mut done = std::pin::pin!(done_rx);
+        let outcome = Mutex::new(None);
+        self.serve_until(async {
+            tokio::select! {
+                o = &mut done => {
+                    if let Ok(o) = o {
+                        *lock(&outcome) = Some(o);
+                    }
+                    self.linger(already_over).await;
+                }
+                () = shutdown => {}
+            }
+        })
+        .await;
+        running.abort();
+        outcome.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After the end: until the centres have taken their Finish and closed (at most [`FINISH_LINGER`]), and
+    /// for a run that was over before it began, until every enrolled centre was told (at most the start
+    /// grace).
+    async fn linger(&self, already_over: bool) {
+        let shared = &self.shared;
+        let now = tokio::time::Instant::now();
+        shared
+            .wait_for(now + FINISH_LINGER, || lock(&shared.peers).is_empty())
+            .await;
+        if already_over {
+            let enrolled: BTreeSet<CenterId> =
+                shared.config.enrolment.centers.keys().cloned().collect();
+            shared
+                .wait_for(now + shared.config.run.start_grace, || {
+                    *lock(&shared.told) == enrolled
+                })
+                .await;
+        }
+    }
+
+    async fn serve_until(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move { connection::serve(shared, incoming).await });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        self.endpoint
+            .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
+        // Give the close frames a moment to leave; peers time out otherwise.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// The run's end to every connected centre, and to any that joins later.
+fn tell_finish(shared: &Shared, finish: Finish) {
+    *lock(&shared.finished) = Some(finish.clone());
+    let peers: Vec<(CenterId, mpsc::Sender<Finish>)> = lock(&shared.peers)
+        .iter()
+        .map(|(c, p)| (c.clone(), p.finish.clone()))
+        .collect();
+    for (center, p) in peers {
+        if p.try_send(finish.clone()).is_ok() {
+            lock(&shared.told).insert(center);
+        }
+    }
+    shared.peers_changed();
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not stop the server from serving the other centres.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

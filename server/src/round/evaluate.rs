@@ -1,0 +1,167 @@
+//! Evaluation rounds: the committed model to every connected centre (training centres evaluate the run's
+//! held-out fold, or all their patients; validation centres their whole cohort), the reports checked and
+//! pooled, the evaluation stored, and then announced.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, Role};
+
+use super::fit::After;
+use super::{Action, Coordinator, Gone, Outcome, Phase, TaskId, TaskSet};
+use crate::aggregate::UpdateRefusal;
+use crate::evaluation::{check_report, CentreEvaluation, Evaluation};
+
+/// An evaluation whose tasks are out.
+pub(super) struct Evaluating {
+    round: u32,
+    pub(super) tasks: TaskSet,
+    centres: Vec<CentreEvaluation>,
+    missing: Vec<(CenterId, String)>,
+    after: After,
+}
+
+impl Evaluating {
+    pub(super) fn note(&mut self, center: &CenterId, gone: Gone) {
+        let why = match gone {
+            Gone::Silent => "no report before the deadline".to_string(),
+            Gone::Disconnected => "disconnected".to_string(),
+            Gone::Failed(why) | Gone::Refused(why) => why,
+        };
+        self.missing.push((center.clone(), why));
+    }
+}
+
+/// A closed evaluation, waiting for the store.
+pub(super) struct StoringEvaluation {
+    evaluation: Evaluation,
+    after: After,
+}
+
+impl Coordinator {
+    /// Whether the model committed at this round is evaluated before `after`.
+    pub(super) fn evaluation_due(&self, after: &After) -> bool {
+        let ev = self.settings.evaluation;
+        ev.bins > 0
+            && (matches!(after, After::Finish(Outcome::Completed { .. }))
+                || ev.every > 0 && self.committed % ev.every == 0)
+    }
+
+    /// Sends the committed model to every connected centre for evaluation.
+    pub(super) fn evaluate(&mut self, now: Instant, after: After) {
+        let round = self.committed;
+        self.first_task_of_round = self.next_task;
+        let mut tasks = TaskSet::new(now + self.settings.deadline);
+        let (mut training, mut validating) = (Vec::new(), Vec::new());
+        let connected: Vec<CenterId> = self.connected.keys().cloned().collect();
+        for center in connected {
+            let id = self.new_task();
+            tasks.add(id, center.clone());
+            match self.roles.get(&center) {
+                Some(Role::Train) => training.push((center, id)),
+                _ => validating.push((center, id)),
+            }
+        }
+        let missing = self
+            .roles
+            .keys()
+            .filter(|c| !self.connected.contains_key(*c))
+            .map(|c| (c.clone(), "not connected".to_string()))
+            .collect();
+        let task = EvaluateTask {
+            round,
+            model: self.settings.model,
+            weights: (*self.global).clone(),
+            fold: None,
+            histogram_bins: self.settings.evaluation.bins,
+        };
+        tracing::info!(round, centres = tasks.len(), "evaluation started");
+        if !training.is_empty() {
+            self.actions.push_back(Action::SendEvaluate {
+                task: Arc::new(EvaluateTask {
+                    fold: self.settings.fold,
+                    ..task.clone()
+                }),
+                to: training,
+            });
+        }
+        if !validating.is_empty() {
+            self.actions.push_back(Action::SendEvaluate {
+                task: Arc::new(task),
+                to: validating,
+            });
+        }
+        self.phase = Phase::Evaluating(Box::new(Evaluating {
+            round,
+            tasks,
+            centres: Vec::new(),
+            missing,
+            after,
+        }));
+        self.maybe_close(now);
+    }
+
+    /// The checks of an evaluation report; takes it in when they pass.
+    pub(super) fn take_report(
+        &mut self,
+        center: &CenterId,
+        task: TaskId,
+        report: EvalReport,
+    ) -> Result<(), UpdateRefusal> {
+        let stale = self.stale(task);
+        let Phase::Evaluating(e) = &mut self.phase else {
+            return Err(stale);
+        };
+        Coordinator::owned_and_pending(&e.tasks, center, task, e.round)?;
+        let histogram = check_report(&report, e.round, self.settings.evaluation.bins)?;
+        e.tasks.settle(task, center);
+        e.centres.push(CentreEvaluation {
+            center: center.clone(),
+            role: self.roles.get(center).copied().unwrap_or(Role::Validate),
+            examples: report.examples,
+            positives: report.positives,
+            loss: report.loss,
+            histogram,
+        });
+        Ok(())
+    }
+
+    /// Closes the evaluation: its aggregates go to the store.
+    pub(super) fn close_evaluation(&mut self) {
+        let Phase::Evaluating(e) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let e = *e;
+        let evaluation = Evaluation {
+            round: e.round,
+            fold: self.settings.fold,
+            bins: self.settings.evaluation.bins,
+            centres: e.centres,
+            missing: e.missing,
+        };
+        self.actions
+            .push_back(Action::StoreEvaluation(evaluation.clone()));
+        self.phase = Phase::StoringEvaluation(Box::new(StoringEvaluation {
+            evaluation,
+            after: e.after,
+        }));
+    }
+
+    /// The store says the evaluation of `round` is durable: announce it, then go on or finish.
+    pub(super) fn evaluation_stored(&mut self, round: u32, now: Instant) {
+        let Phase::StoringEvaluation(s) = &self.phase else {
+            return;
+        };
+        if s.evaluation.round != round {
+            return;
+        }
+        let Phase::StoringEvaluation(s) = std::mem::replace(&mut self.phase, Phase::Waiting(None))
+        else {
+            return;
+        };
+        let StoringEvaluation { evaluation, after } = *s;
+        self.actions
+            .push_back(Action::AnnounceEvaluation(evaluation));
+        self.proceed(now, after);
+    }
+}

@@ -1,0 +1,363 @@
+//! Training rounds: the fit task to every connected training centre, each answer checked and folded into the
+//! round's sum, the round closed into the next global model, committed, and then announced.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedslm_metrics::{LogisticFit, LogisticStats, NewtonStep};
+use fedslm_protocol::clinical::{newton_stats, newton_weights, COEFFICIENTS, COVARIANCE};
+use fedslm_protocol::{
+    CenterId, FitResult, FitTask, LocalObjective, Role, Tensor, TensorRole, Weights,
+};
+
+use super::{
+    round_seed, Action, Contribution, Coordinator, Gone, Outcome, Phase, RoundRecord, Strategy,
+    TaskId, TaskSet,
+};
+use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+
+/// What a round's accepted answers are folded into.
+pub(super) enum Sum {
+    Mean(FedAvg),
+    Newton {
+        template: Weights,
+        stats: LogisticStats,
+    },
+}
+
+/// A round whose fit tasks are out.
+pub(super) struct Fitting {
+    pub(super) round: u32,
+    pub(super) started: Instant,
+    pub(super) tasks: TaskSet,
+    sum: Sum,
+    contributions: Vec<Contribution>,
+    refused: Vec<(CenterId, String)>,
+    silent: Vec<CenterId>,
+}
+
+impl Fitting {
+    pub(super) fn note(&mut self, center: &CenterId, gone: Gone) {
+        match gone {
+            Gone::Silent | Gone::Disconnected => self.silent.push(center.clone()),
+            Gone::Failed(why) | Gone::Refused(why) => self.refused.push((center.clone(), why)),
+        }
+    }
+}
+
+/// What comes after a committed round (once it is evaluated, where due).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum After {
+    NextRound,
+    Finish(Outcome),
+}
+
+/// A closed round, waiting for the store.
+pub(super) struct Committing {
+    record: RoundRecord,
+    /// Federated Newton: the fit, where this round converged.
+    converged: Option<LogisticFit>,
+}
+
+impl Coordinator {
+    /// Sends the round's fit task to every connected training centre.
+    pub(super) fn start_round(&mut self, now: Instant) {
+        let round = self.committed + 1;
+        self.first_task_of_round = self.next_task;
+        let mut tasks = TaskSet::new(now + self.settings.deadline);
+        let mut to = Vec::new();
+        let training: Vec<CenterId> = self
+            .connected
+            .keys()
+            .filter(|c| self.roles.get(*c) == Some(&Role::Train))
+            .cloned()
+            .collect();
+        for center in training {
+            let id = self.new_task();
+            tasks.add(id, center.clone());
+            to.push((center, id));
+        }
+        let objective = match self.settings.strategy {
+            Strategy::FedAvg => LocalObjective::Plain,
+            Strategy::FedProx { mu } => LocalObjective::Proximal { mu },
+            Strategy::Newton => LocalObjective::NewtonStep,
+        };
+        let sum = match &self.newton {
+            Some(solver) => {
+                let p = solver.point().len();
+                let stats = LogisticStats::zeros(p);
+                Sum::Newton {
+                    template: newton_weights(&stats)
+                        .expect("zeros of the coefficients' own shape encode"),
+                    stats,
+                }
+            }
+            None => Sum::Mean(FedAvg::new(&self.global)),
+        };
+        let task = FitTask {
+            round,
+            model: self.settings.model,
+            weights: (*self.global).clone(),
+            local_epochs: self.settings.local_epochs,
+            learning_rate: self.settings.learning_rate,
+            batch_size: self.settings.batch_size,
+            fold: self.settings.fold,
+            // Each client mixes in its centre id, so one task (one encoding) serves every centre.
+            seed: round_seed(self.settings.seed, round),
+            objective,
+            keep_batch_norm_local: false,
+        };
+        tracing::info!(
+            round,
+            centres = to.len(),
+            retry = self.retries,
+            "round started"
+        );
+        self.phase = Phase::Fitting(Box::new(Fitting {
+            round,
+            started: now,
+            tasks,
+            sum,
+            contributions: Vec::new(),
+            refused: Vec::new(),
+            silent: Vec::new(),
+        }));
+        self.actions.push_back(Action::SendFit {
+            task: Arc::new(task),
+            to,
+        });
+    }
+
+    /// Every check of an answer, in order; folds it in when all pass.
+    pub(super) fn take_fit(
+        &mut self,
+        center: &CenterId,
+        task: TaskId,
+        result: FitResult,
+    ) -> Result<(), UpdateRefusal> {
+        if self.roles.get(center) != Some(&Role::Train) {
+            return Err(UpdateRefusal::NotTraining);
+        }
+        let stale = self.stale(task);
+        let first_of_round = self.first_task_of_round;
+        let Phase::Fitting(f) = &mut self.phase else {
+            return Err(stale);
+        };
+        if f.tasks.owner(task).is_none() {
+            return Err(if task < first_of_round {
+                UpdateRefusal::Late {
+                    round: f.round.saturating_sub(1),
+                }
+            } else {
+                UpdateRefusal::NoTask
+            });
+        }
+        Coordinator::owned_and_pending(&f.tasks, center, task, f.round)?;
+        if result.round != f.round {
+            return Err(UpdateRefusal::WrongRound {
+                got: result.round,
+                expected: f.round,
+            });
+        }
+        if result.examples == 0 {
+            return Err(UpdateRefusal::NoExamples);
+        }
+        if !result.train_loss.is_finite() {
+            return Err(UpdateRefusal::NonFiniteLoss(result.train_loss));
+        }
+        match &mut f.sum {
+            Sum::Mean(avg) => {
+                check_update(&self.global, &result.weights, self.settings.norm_bound)?;
+                avg.fold(&result.weights, result.examples)?;
+            }
+            Sum::Newton { template, stats } => {
+                // The same tensors as the template: names, shapes, dtypes and finite values checked.
+                check_update(template, &result.weights, None)?;
+                let local = newton_stats(&result.weights, result.examples)
+                    .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
+                stats
+                    .add(&local)
+                    .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
+            }
+        }
+        f.tasks.settle(task, center);
+        f.contributions.push(Contribution {
+            center: center.clone(),
+            examples: result.examples,
+            train_loss: result.train_loss,
+        });
+        Ok(())
+    }
+
+    /// Closes the round: with enough answers, the next global model, to be committed; with too few, the
+    /// round again (or the run fails).
+    pub(super) fn close_round(&mut self, now: Instant) {
+        let Phase::Fitting(f) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let f = *f;
+        let required = if self.newton.is_some() {
+            self.training()
+        } else {
+            self.settings.quorum
+        };
+        if f.contributions.len() < required {
+            self.retries += 1;
+            let why = format!(
+                "round {}: {} of the {required} answers needed{}{}",
+                f.round,
+                f.contributions.len(),
+                if f.silent.is_empty() {
+                    String::new()
+                } else {
+                    format!("; no answer from {}", join(&f.silent))
+                },
+                if f.refused.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; refused: {}",
+                        f.refused
+                            .iter()
+                            .map(|(c, why)| format!("{c} ({why})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            if self.retries > self.settings.retries {
+                self.finish_failed(format!("{why}; tried {} times, giving up", self.retries));
+            } else {
+                tracing::warn!(%why, retry = self.retries, "round falls short of its quorum; trying again");
+                self.start(now);
+            }
+            return;
+        }
+        let mut log_likelihood = None;
+        let mut newton = None;
+        let mut converged = None;
+        match f.sum {
+            Sum::Mean(avg) => match avg.finish() {
+                Ok(Some(w)) => self.global = Arc::new(w),
+                Ok(None) => {
+                    return self.finish_failed(format!("round {}: nothing to average", f.round))
+                }
+                Err(e) => return self.finish_failed(format!("round {}: {e}", f.round)),
+            },
+            Sum::Newton { stats, .. } => {
+                log_likelihood = Some(stats.log_likelihood);
+                newton = Some(stats.clone());
+                let solver = self
+                    .newton
+                    .as_mut()
+                    .expect("a Newton sum is made only where the run has a solver");
+                match solver.observe(stats) {
+                    Ok(NewtonStep::Evaluate(beta)) => {
+                        self.global = Arc::new(clinical_weights(&beta, None));
+                    }
+                    Ok(NewtonStep::Converged(fit)) => {
+                        self.global =
+                            Arc::new(clinical_weights(&fit.coefficients, Some(&fit.covariance)));
+                        converged = Some(fit);
+                    }
+                    Err(e) => {
+                        return self
+                            .finish_failed(format!("federated Newton at round {}: {e}", f.round))
+                    }
+                }
+            }
+        }
+        let record = RoundRecord {
+            round: f.round,
+            retries: std::mem::take(&mut self.retries),
+            contributions: f.contributions,
+            refused: f.refused,
+            silent: f.silent,
+            duration: now.saturating_duration_since(f.started),
+            log_likelihood,
+            newton,
+        };
+        self.actions.push_back(Action::CommitRound {
+            record: record.clone(),
+            weights: self.global.clone(),
+        });
+        self.phase = Phase::Committing(Box::new(Committing { record, converged }));
+    }
+
+    /// The store says round `round` is durable: announce it, then evaluate, go on, or finish.
+    pub(super) fn round_stored(&mut self, round: u32, now: Instant) {
+        let Phase::Committing(c) = &self.phase else {
+            return;
+        };
+        if c.record.round != round {
+            return;
+        }
+        let Phase::Committing(c) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let Committing { record, converged } = *c;
+        self.committed = record.round;
+        self.actions.push_back(Action::AnnounceRound(record));
+        let after = self.after_commit(converged);
+        if self.evaluation_due(&after) {
+            self.evaluate(now, after);
+        } else {
+            self.proceed(now, after);
+        }
+    }
+
+    /// What follows the round just committed: the next round, or the run's end.
+    pub(super) fn after_commit(&self, converged: Option<LogisticFit>) -> After {
+        if let Some(fit) = converged {
+            After::Finish(Outcome::Completed {
+                rounds: self.committed,
+                weights: self.global.clone(),
+                fit: Some(fit),
+            })
+        } else if self.committed >= self.settings.rounds {
+            if self.newton.is_some() {
+                After::Finish(Outcome::Failed {
+                    rounds: self.committed,
+                    reason: format!(
+                        "federated Newton did not converge within {} rounds; raise rounds",
+                        self.settings.rounds
+                    ),
+                })
+            } else {
+                After::Finish(Outcome::Completed {
+                    rounds: self.committed,
+                    weights: self.global.clone(),
+                    fit: None,
+                })
+            }
+        } else {
+            After::NextRound
+        }
+    }
+}
+
+/// The clinical model's weights at `beta`; the covariance is zero until the fit has converged.
+pub(super) fn clinical_weights(beta: &[f64], covariance: Option<&[f64]>) -> Weights {
+    let p = beta.len();
+    let zeros = vec![0.0; p * p];
+    let tensors = vec![
+        Tensor::from_f64(COEFFICIENTS, vec![p], TensorRole::Parameter, beta)
+            .expect("p coefficients fill a [p] tensor"),
+        Tensor::from_f64(
+            COVARIANCE,
+            vec![p, p],
+            TensorRole::Parameter,
+            covariance.unwrap_or(&zeros),
+        )
+        .expect("a p x p covariance fills a [p, p] tensor"),
+    ];
+    Weights::from_tensors(tensors).expect("two tensors of different names")
+}
+
+fn join(centers: &[CenterId]) -> String {
+    centers
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

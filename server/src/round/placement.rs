@@ -1,0 +1,184 @@
+//! The paired tests' second pass as a phase of the machine: once every centre named is connected (or the
+//! deadline has passed), each gets its placement task on a fresh stream; the answers come back in the tasks'
+//! order, or why there is none, and the run finishes with them ([`Outcome::Placed`]). No rounds, nothing
+//! stored: the comparisons are computed from the answers by [`crate::evaluation::paired_comparison`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role, Weights};
+
+use super::io::Unanswered;
+use super::{
+    Action, Coordinator, EvaluationSettings, Gone, Outcome, Phase, RoundSettings, Strategy, TaskId,
+    TaskSet,
+};
+use crate::aggregate::UpdateRefusal;
+
+/// The second pass: tasks waiting for their centres, tasks out, and the answers so far.
+pub(super) struct Placing {
+    /// Tasks not yet sent, with their place in the answers.
+    queued: Vec<(usize, CenterId, PlacementTask)>,
+    pub(super) tasks: TaskSet,
+    place: BTreeMap<TaskId, usize>,
+    answers: Vec<Option<Result<PlacementReport, Unanswered>>>,
+}
+
+impl Placing {
+    pub(super) fn note(&mut self, task: TaskId, center: &CenterId, gone: Gone) {
+        let why = match gone {
+            Gone::Silent => "no answer before the deadline".to_string(),
+            Gone::Disconnected => "disconnected".to_string(),
+            Gone::Failed(why) | Gone::Refused(why) => why,
+        };
+        if let Some(&i) = self.place.get(&task) {
+            self.answers[i] = Some(Err(Unanswered {
+                center: center.clone(),
+                reason: why,
+            }));
+        }
+    }
+
+    /// The deadline passed before every centre named connected: the tasks fail unsent, naming who was
+    /// missing.
+    pub(super) fn expire_unsent(&mut self, connected: &BTreeMap<CenterId, u64>) {
+        let missing: Vec<String> = self
+            .queued
+            .iter()
+            .filter(|(_, c, _)| !connected.contains_key(c))
+            .map(|(_, c, _)| c.to_string())
+            .collect();
+        for (i, center, _) in self.queued.drain(..) {
+            let why = if connected.contains_key(&center) {
+                format!("not sent: {} did not connect in time", missing.join(", "))
+            } else {
+                "not connected".to_string()
+            };
+            self.answers[i] = Some(Err(Unanswered {
+                center,
+                reason: why,
+            }));
+        }
+    }
+
+    pub(super) fn is_done(&self) -> bool {
+        self.queued.is_empty() && self.tasks.is_done()
+    }
+}
+
+impl Coordinator {
+    /// A machine for the paired tests' second pass over the enrolled `roles`: `tasks` (each for one centre),
+    /// answered within `deadline` of `now`.
+    pub fn placements(
+        roles: BTreeMap<CenterId, Role>,
+        tasks: Vec<(CenterId, PlacementTask)>,
+        deadline: Duration,
+        now: Instant,
+    ) -> Coordinator {
+        // Only the deadline applies to this pass: it has no rounds, no model and no quorum.
+        let settings = RoundSettings {
+            model: ModelKind::Clinical,
+            rounds: 0,
+            local_epochs: 0,
+            learning_rate: 0.0,
+            batch_size: 0,
+            quorum: 0,
+            deadline,
+            start_grace: Duration::ZERO,
+            retries: 0,
+            strategy: Strategy::Newton,
+            norm_bound: None,
+            seed: 0,
+            fold: None,
+            evaluation: EvaluationSettings { bins: 0, every: 0 },
+        };
+        let answers = vec![None; tasks.len()];
+        let queued = tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, (c, t))| (i, c, t))
+            .collect();
+        let mut c = Coordinator {
+            settings,
+            roles,
+            connected: BTreeMap::new(),
+            global: Arc::new(Weights::default()),
+            committed: 0,
+            retries: 0,
+            phase: Phase::Placing(Box::new(Placing {
+                queued,
+                tasks: TaskSet::new(now + deadline),
+                place: BTreeMap::new(),
+                answers,
+            })),
+            next_task: 1,
+            first_task_of_round: 1,
+            newton: None,
+            actions: VecDeque::new(),
+            evaluation_due: None,
+        };
+        c.maybe_close(now);
+        c
+    }
+
+    /// Sends every queued task once all their centres are connected.
+    pub(super) fn maybe_send_placements(&mut self) {
+        let Phase::Placing(p) = &self.phase else {
+            return;
+        };
+        if p.queued.is_empty()
+            || !p
+                .queued
+                .iter()
+                .all(|(_, c, _)| self.connected.contains_key(c))
+        {
+            return;
+        }
+        let Phase::Placing(mut p) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        for (i, center, task) in std::mem::take(&mut p.queued) {
+            let id = self.new_task();
+            p.tasks.add(id, center.clone());
+            p.place.insert(id, i);
+            self.actions.push_back(Action::SendPlacement {
+                task: Arc::new(task),
+                to: vec![(center, id)],
+            });
+        }
+        self.phase = Phase::Placing(p);
+    }
+
+    /// Takes a centre's placement sums (the paired test checks them against the pooled histograms).
+    pub(super) fn take_placement(
+        &mut self,
+        center: &CenterId,
+        task: TaskId,
+        report: PlacementReport,
+    ) -> Result<(), UpdateRefusal> {
+        let stale = self.stale(task);
+        let Phase::Placing(p) = &mut self.phase else {
+            return Err(stale);
+        };
+        Coordinator::owned_and_pending(&p.tasks, center, task, 0)?;
+        p.tasks.settle(task, center);
+        if let Some(&i) = p.place.get(&task) {
+            p.answers[i] = Some(Ok(report));
+        }
+        Ok(())
+    }
+
+    /// Every task answered or failed: the run finishes with the answers.
+    pub(super) fn close_placements(&mut self) {
+        let Phase::Placing(p) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+            return;
+        };
+        let answers = p
+            .answers
+            .into_iter()
+            .map(|a| a.expect("a finished pass has settled every task"))
+            .collect();
+        self.finish(Outcome::Placed(answers));
+    }
+}

@@ -1,0 +1,104 @@
+//! The run's round settings and why a run cannot be set up with them.
+
+use std::time::Duration;
+
+use fedslm_protocol::clinical::COEFFICIENTS;
+use fedslm_protocol::{Fold, ModelKind};
+
+/// How the next global model is made from the centres' answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// The example-weighted mean of the centres' weights.
+    FedAvg,
+    /// FedAvg, with the clients' loss plus `mu / 2 ||w - w_global||^2`.
+    FedProx { mu: f64 },
+    /// The clinical logistic model: centres send gradient, Hessian and log-likelihood at the global
+    /// coefficients; the server sums them and takes a Newton step, until convergence.
+    Newton,
+}
+
+impl Strategy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::FedAvg => "fedavg",
+            Strategy::FedProx { .. } => "fedprox",
+            Strategy::Newton => "newton",
+        }
+    }
+}
+
+/// The run's round settings, from the server's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSettings {
+    pub model: ModelKind,
+    /// Rounds to run; under federated Newton, the most rounds allowed to converge.
+    pub rounds: u32,
+    pub local_epochs: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    /// Training centres that must be connected to start a round and must answer to commit it.
+    pub quorum: usize,
+    /// How long a round waits for answers.
+    pub deadline: Duration,
+    /// Once `quorum` training centres are connected, how long to wait for the others before starting without
+    /// them (a round starts at once when every training centre is connected).
+    pub start_grace: Duration,
+    /// How often a round that fell short of its quorum is tried again before the run fails.
+    pub retries: u32,
+    pub strategy: Strategy,
+    /// Largest L2 distance of an update from the global model, batch-norm statistics excluded.
+    pub norm_bound: Option<f64>,
+    pub seed: u64,
+    /// Under cross-validation: the fold every training centre holds out of training and evaluates on.
+    pub fold: Option<Fold>,
+    pub evaluation: EvaluationSettings,
+}
+
+/// When and how finely the global model is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvaluationSettings {
+    /// Bins of the centres' score histograms; 0: no evaluation.
+    pub bins: u32,
+    /// Also evaluate after every this many rounds; 0: after the last round only.
+    pub every: u32,
+}
+
+impl Default for EvaluationSettings {
+    fn default() -> EvaluationSettings {
+        EvaluationSettings {
+            bins: 1000,
+            every: 0,
+        }
+    }
+}
+
+/// Why a run cannot be set up as configured.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SetupError {
+    #[error("no centre has the role train")]
+    NoTrainingCentre,
+    #[error("quorum {quorum} is more than the {training} training centres enrolled")]
+    Quorum { quorum: usize, training: usize },
+    #[error("quorum must be at least 1")]
+    ZeroQuorum,
+    #[error("rounds must be at least 1")]
+    ZeroRounds,
+    #[error("the clinical model is fitted by federated Newton (strategy = \"newton\"), not {0}")]
+    ClinicalNeedsNewton(&'static str),
+    #[error("strategy newton fits the clinical logistic model only, not the {0:?} network")]
+    NewtonNeedsClinical(ModelKind),
+    #[error("the initial clinical model has no {COEFFICIENTS} vector of {0} coefficients")]
+    Coefficients(usize),
+    #[error("the initial model has no tensors")]
+    EmptyModel,
+    #[error("cannot resume the stored run: {0}")]
+    Resume(String),
+}
+
+/// The seed of a round's local training, before each client mixes in its centre id (splitmix64).
+pub fn round_seed(seed: u64, round: u32) -> u64 {
+    let mut z = seed ^ (u64::from(round)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,152 @@
+//! Nothing is announced before it is durable: the machine hears of every commit's fate through an input.
+
+use super::*;
+
+/// The raw actions queued now, with no store answering.
+fn queued(m: &mut Coordinator) -> Vec<Action> {
+    std::iter::from_fn(|| m.poll_action()).collect()
+}
+
+/// A machine whose first round has closed with every answer in: its last action is the commit.
+fn round_closed(settings: RoundSettings, t0: Instant) -> Coordinator {
+    let mut m = machine(settings);
+    connect_all(&mut m, t0);
+    let tasks = sent(&queued(&mut m));
+    for c in ["a", "b", "c"] {
+        answer(&mut m, c, tasks[c], 1, model(&[1.0; 4], 1.0), 10, t0);
+    }
+    let acts = queued(&mut m);
+    assert!(
+        matches!(acts.last(), Some(Action::CommitRound { record, .. }) if record.round == 1),
+        "{acts:?}"
+    );
+    m
+}
+
+#[test]
+fn a_closed_round_is_neither_announced_nor_followed_until_the_store_says_it_is_durable() {
+    let t0 = Instant::now();
+    let mut m = round_closed(settings(3), t0);
+    // However long the store takes and whatever else happens, nothing more comes.
+    m.handle_timeout(t0 + 10 * MINUTE);
+    m.handle(
+        Input::Connected {
+            center: id("c"),
+            connection: 9,
+        },
+        t0 + 10 * MINUTE,
+    );
+    assert!(queued(&mut m).is_empty());
+    assert_eq!(m.committed(), 0, "not committed until it is stored");
+    assert_eq!(m.poll_timeout(), None);
+    // The store's word on another round is not this round's.
+    m.handle(Input::RoundStored { round: 2 }, t0);
+    assert!(queued(&mut m).is_empty());
+
+    m.handle(Input::RoundStored { round: 1 }, t0 + 10 * MINUTE);
+    let acts = queued(&mut m);
+    assert!(
+        matches!(&acts[..], [Action::AnnounceRound(r), Action::SendFit { task, .. }]
+            if r.round == 1 && task.round == 2),
+        "the announcement first, then the next round: {acts:?}"
+    );
+    assert_eq!(m.committed(), 1);
+}
+
+#[test]
+fn a_failed_commit_fails_the_run_naming_the_store_and_announces_nothing() {
+    let t0 = Instant::now();
+    let mut m = round_closed(settings(3), t0);
+    m.handle(
+        Input::StoreFailed {
+            reason: "cannot commit round 1: no space left on device".into(),
+        },
+        t0,
+    );
+    let acts = queued(&mut m);
+    assert!(
+        matches!(&acts[..], [Action::Finish(Outcome::Failed { rounds: 0, reason })]
+            if reason.contains("no space left")),
+        "{acts:?}"
+    );
+    assert!(m.is_finished());
+    assert_eq!(m.committed(), 0);
+}
+
+#[test]
+fn an_evaluation_is_announced_and_the_run_finished_only_once_the_evaluation_is_stored() {
+    let t0 = Instant::now();
+    let mut m = round_closed(
+        RoundSettings {
+            rounds: 1,
+            evaluation: EvaluationSettings { bins: 4, every: 0 },
+            ..settings(3)
+        },
+        t0,
+    );
+    m.handle(Input::RoundStored { round: 1 }, t0);
+    let acts = queued(&mut m);
+    assert!(matches!(acts[0], Action::AnnounceRound(_)), "{acts:?}");
+    for (c, task, _) in evaluations(&acts) {
+        m.handle(
+            Input::EvalAnswered {
+                center: id(&c),
+                task,
+                report: eval_report(1, vec![0, 0, 1, 1], vec![1, 1, 0, 0]),
+            },
+            t0,
+        );
+    }
+    let acts = queued(&mut m);
+    assert!(
+        matches!(acts.last(), Some(Action::StoreEvaluation(e)) if e.round == 1),
+        "{acts:?}"
+    );
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::AnnounceEvaluation(_) | Action::Finish(_))));
+    m.handle(Input::EvaluationStored { round: 1 }, t0);
+    let acts = queued(&mut m);
+    assert!(
+        matches!(
+            &acts[..],
+            [
+                Action::AnnounceEvaluation(_),
+                Action::Finish(Outcome::Completed { rounds: 1, .. })
+            ]
+        ),
+        "{acts:?}"
+    );
+
+    // A store that cannot keep the evaluation fails the run instead of announcing it.
+    let mut m = round_closed(
+        RoundSettings {
+            rounds: 1,
+            evaluation: EvaluationSettings { bins: 4, every: 0 },
+            ..settings(3)
+        },
+        t0,
+    );
+    m.handle(Input::RoundStored { round: 1 }, t0);
+    for (c, task, _) in evaluations(&queued(&mut m)) {
+        m.handle(
+            Input::EvalAnswered {
+                center: id(&c),
+                task,
+                report: eval_report(1, vec![0, 0, 1, 1], vec![1, 1, 0, 0]),
+            },
+            t0,
+        );
+    }
+    queued(&mut m);
+    m.handle(
+        Input::StoreFailed {
+            reason: "cannot store round 1's evaluation: read-only file system".into(),
+        },
+        t0,
+    );
+    assert!(matches!(
+        &queued(&mut m)[..],
+        [Action::Finish(Outcome::Failed { rounds: 1, reason })] if reason.contains("read-only")
+    ));
+}
