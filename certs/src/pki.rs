@@ -13,7 +13,6 @@
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use fedslm_protocol::hex::{from_hex, to_hex as hex};
@@ -597,19 +596,13 @@ fn normalize_serial(s: &str) -> Result<String, CertError> {
     unhex(&cleaned).map(|b| hex(&b))
 }
 
-/// Writes a file atomically (temporary name, fsync, rename); private keys get mode 0600 from the start.
+/// Writes a file atomically and durably (`fedslm_files`); private keys get mode 0600 from the start.
 fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), CertError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if private {
-        options.mode(0o600);
-    }
-    let mut f = options.open(&tmp).map_err(CertError::write(&tmp))?;
-    f.write_all(bytes).map_err(CertError::write(&tmp))?;
-    f.sync_all().map_err(CertError::write(&tmp))?;
-    fs::rename(&tmp, path).map_err(CertError::write(path))?;
-    Ok(())
+    let access = if private {
+        fedslm_files::Access::Private
+    } else {
+        fedslm_files::Access::Shared
+    };
+    fedslm_files::write_atomic_with(path, access, |w| w.write_all(bytes))
+        .map_err(CertError::write(path))
 }

@@ -158,7 +158,7 @@ pub(crate) fn keep_copy(record: Option<&std::path::Path>, msg: &Message, limits:
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
             std::fs::create_dir_all(&dir)
-                .and_then(|_| std::fs::write(dir.join(&name), bytes))
+                .and_then(|_| fedslm_files::write_atomic(&dir.join(&name), &bytes))
                 .map_err(|e| e.to_string())
         });
     if let Err(e) = written {

@@ -120,12 +120,7 @@ pub fn load_center(
 }
 
 fn write_cache(path: &Path, samples: &[Sample]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("partial");
-    {
-        let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    fedslm_files::write_atomic_with(path, fedslm_files::Access::Shared, |w| {
         w.write_all(MAGIC)?;
         w.write_all(&(samples.len() as u64).to_le_bytes())?;
         for s in samples {
@@ -145,9 +140,8 @@ fn write_cache(path: &Path, samples: &[Sample]) -> std::io::Result<()> {
                 w.write_all(&v.to_le_bytes())?;
             }
         }
-        w.flush()?;
-    }
-    std::fs::rename(tmp, path)
+        Ok(())
+    })
 }
 
 /// The cached samples, or `None` for a missing, stale or damaged cache (which is then rebuilt).

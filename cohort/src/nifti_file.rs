@@ -258,20 +258,17 @@ pub fn write_nifti(path: &Path, volume: &Volume, store: StoreAs) -> Result<(), I
         }
     }
     let compressed = path.extension().is_some_and(|e| e == "gz");
-    let tmp = path.with_extension("partial");
-    {
-        let file = std::fs::File::create(&tmp).map_err(io)?;
-        let mut w = std::io::BufWriter::new(file);
+    fedslm_files::write_atomic_with(path, fedslm_files::Access::Shared, |w| {
         if compressed {
-            let mut gz = flate2::write::GzEncoder::new(&mut w, flate2::Compression::fast());
-            std::io::Write::write_all(&mut gz, &bytes).map_err(io)?;
-            gz.finish().map_err(io)?;
+            let mut gz = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &bytes)?;
+            gz.finish()?;
+            Ok(())
         } else {
-            std::io::Write::write_all(&mut w, &bytes).map_err(io)?;
+            std::io::Write::write_all(w, &bytes)
         }
-        std::io::Write::flush(&mut w).map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)
+    })
+    .map_err(io)
 }
 
 #[cfg(test)]

@@ -689,6 +689,27 @@ pub struct CenterReport {
     pub oracle_auc: Option<f64>,
 }
 
+impl SynthReport {
+    /// The centres as a table: patients, SLM, prevalence and the generator's own (oracle) AUC.
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "{:<10} {:>8} {:>5} {:>11} {:>11}\n",
+            "centre", "patients", "SLM", "prevalence", "oracle AUC"
+        );
+        for c in &self.centers {
+            t += &format!(
+                "{:<10} {:>8} {:>5} {:>10.1}% {:>11}\n",
+                c.name,
+                c.patients,
+                c.positives,
+                100.0 * c.positives as f64 / c.patients.max(1) as f64,
+                c.oracle_auc.map_or("-".into(), |a| format!("{a:.3}"))
+            );
+        }
+        t
+    }
+}
+
 /// Writes each group of `plan` as a folder with `manifest.csv` and each patient's `t2w`, `dwi`, `adc`, `roi`
 /// `.nii.gz`, and `synth.json` with the settings and each folder's oracle AUC. Patients are generated in
 /// parallel and written as they are made, so memory stays small whatever the cohort.
@@ -741,7 +762,7 @@ pub fn write_cohort(
             csv += &r.3;
         }
         let manifest = dir.join("manifest.csv");
-        std::fs::write(&manifest, csv).map_err(io(&manifest))?;
+        fedslm_files::write_atomic(&manifest, csv.as_bytes()).map_err(io(&manifest))?;
         let labels: Vec<bool> = rows.iter().map(|r| r.2).collect();
         let latent: Vec<f64> = rows.iter().map(|r| r.1).collect();
         reports.push(CenterReport {
@@ -766,6 +787,6 @@ pub fn write_cohort(
     }))
     .unwrap_or_default();
     let path = out.join("synth.json");
-    std::fs::write(&path, json).map_err(io(&path))?;
+    fedslm_files::write_atomic(&path, json.as_bytes()).map_err(io(&path))?;
     Ok(report)
 }

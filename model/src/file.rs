@@ -164,24 +164,17 @@ pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), Mode
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
-    }
-    let tmp = path.with_extension("partial");
-    {
+    // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
+    fedslm_files::write_atomic_with(path, fedslm_files::Access::Shared, |w| {
         use std::io::Write;
-        // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
-        let file = std::fs::File::create(&tmp).map_err(write_err)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(write_err)?;
-        w.write_all(header.as_bytes()).map_err(write_err)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
         for t in &tensors {
-            w.write_all(t.bytes()).map_err(write_err)?;
+            w.write_all(t.bytes())?;
         }
-        w.flush().map_err(write_err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(write_err)
+        Ok(())
+    })
+    .map_err(write_err)
 }
 
 /// Reads a model file back: its tensors (each with the role its name implies) and its card.

@@ -12,7 +12,7 @@ use fedslm_protocol::{
 };
 
 fn centre() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/clinical/center-a")
+    PathBuf::from(env!("FEDSLM_REFERENCE")).join("clinical/center-a")
 }
 
 fn node(scores: Option<&Path>) -> Node {

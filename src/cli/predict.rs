@@ -51,9 +51,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         }
     }
     match &args.out {
-        Some(path) => {
-            std::fs::write(path, csv).with_context(|| format!("cannot write {}", path.display()))?
-        }
+        Some(path) => fedslm_files::write_atomic(path, csv.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?,
         None => std::io::stdout().write_all(csv.as_bytes())?,
     }
     Ok(())

@@ -3,18 +3,16 @@
 //! sled), resumes a stored run after a crash, and writes the final model; without, it only admits centres.
 //! `server verify` and `server status` read a run's store.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fedslm_metrics::ScoreHistograms;
 use fedslm_model::{save, ClinicalTable, ModelCard};
-use fedslm_protocol::{CenterId, PlacementTask, Role};
-use fedslm_server::evaluation::paired_comparison;
+use fedslm_protocol::Role;
 use fedslm_server::{
     OpenedRun, Outcome, RunStatus, Server, ServerConfig, ServerEvent, Store, StoreError,
 };
+use fedslm_study::compare::compare_stored;
 use fedslm_study::runs::{checkpoint_writer, open_run_from_files, peak_rss_mib};
 use serde_json::json;
 
@@ -80,46 +78,6 @@ enum Side {
     External,
 }
 
-/// Run ids, pooled histograms and evaluating centres of one side of a comparison, from the runs' stores.
-fn evaluations(
-    dirs: &[PathBuf],
-    role: Role,
-    model: &str,
-) -> anyhow::Result<(Vec<String>, ScoreHistograms, BTreeSet<CenterId>)> {
-    let mut runs = Vec::new();
-    let mut pooled: Option<ScoreHistograms> = None;
-    let mut centres = BTreeSet::new();
-    for dir in dirs {
-        let at = || format!("model {model}: {}", dir.display());
-        let store = Store::open_existing(dir).with_context(at)?;
-        let meta = store
-            .meta()
-            .with_context(at)?
-            .with_context(|| format!("{}: no run recorded", at()))?;
-        let record = store
-            .rounds()
-            .with_context(at)?
-            .into_iter()
-            .rev()
-            .find_map(|r| r.evaluation)
-            .with_context(|| format!("{}: run {} has no stored evaluation", at(), meta.run_id))?;
-        let hs = record.histograms(role).with_context(at)?;
-        if hs.is_empty() {
-            bail!("{}: no {role:?} centre evaluated run {}", at(), meta.run_id);
-        }
-        for (c, h) in hs {
-            centres.insert(c);
-            match &mut pooled {
-                Some(p) => p.merge(&h).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?,
-                None => pooled = Some(h),
-            }
-        }
-        runs.push(meta.run_id);
-    }
-    let pooled = pooled.with_context(|| format!("model {model}: no run named"))?;
-    Ok((runs, pooled, centres))
-}
-
 fn compare(
     config_path: &Path,
     a: &[PathBuf],
@@ -132,65 +90,18 @@ fn compare(
         Side::Internal => Role::Train,
         Side::External => Role::Validate,
     };
-    let (a_runs, pooled_a, centres_a) = evaluations(a, role, "A")?;
-    let (b_runs, pooled_b, centres_b) = evaluations(b, role, "B")?;
-    if centres_a != centres_b {
-        bail!(
-            "model A was evaluated at {:?} and model B at {:?}: a paired test needs the same patients",
-            centres_a,
-            centres_b
-        );
-    }
-    if pooled_a.bins() != pooled_b.bins() {
-        bail!(
-            "model A's histograms have {} bins, model B's {}",
-            pooled_a.bins(),
-            pooled_b.bins()
-        );
-    }
-    for c in &centres_a {
-        if !config.enrolment.centers.contains_key(c) {
-            bail!(
-                "{c} evaluated the runs but is not enrolled in {}",
-                config_path.display()
-            );
-        }
-    }
-    let centres: Vec<CenterId> = centres_a.into_iter().collect();
-    let tasks: Vec<(CenterId, PlacementTask)> = centres
-        .iter()
-        .map(|c| {
-            (
-                c.clone(),
-                PlacementTask::new(a_runs.clone(), b_runs.clone(), &pooled_a, &pooled_b),
-            )
-        })
-        .collect();
-    let deadline = config.run.deadline;
-    let answers = super::runtime()?.block_on(async {
-        let server = Server::bind(config)?;
-        let addr = server.local_addr().context("no local address")?;
+    let (c, record) = compare_stored(config, config_path, a, b, role, |addr, sa, sb| {
         println!(
             "listening on {addr}: paired comparison of {} runs of A and {} of B at {}",
-            a_runs.len(),
-            b_runs.len(),
-            centres
+            sa.runs.len(),
+            sb.runs.len(),
+            sa.centres
                 .iter()
                 .map(|c| c.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok::<_, anyhow::Error>(server.run_placements(tasks, deadline).await?)
     })?;
-    let mut reports = Vec::new();
-    for (c, answer) in centres.iter().zip(answers) {
-        match answer {
-            Ok(r) => reports.push((c.clone(), r)),
-            Err(e) => bail!("no paired comparison: {e}"),
-        }
-    }
-    let c = paired_comparison(&pooled_a, &pooled_b, &reports)
-        .map_err(|e| anyhow::anyhow!("no paired comparison: {e}"))?;
     println!(
         "paired DeLong ({side:?}): AUC A {:.3} vs B {:.3}, difference {:.3}, z = {:.3}, p = {:.4}",
         c.auc_a,
@@ -200,12 +111,7 @@ fn compare(
         c.p
     );
     if let Some(path) = json_out {
-        let v = json!({
-            "side": format!("{side:?}").to_lowercase(), "a_runs": a_runs, "b_runs": b_runs,
-            "centres": centres.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            "auc_a": c.auc_a, "auc_b": c.auc_b, "z": c.z, "p": c.p,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&v)?)
+        fedslm_files::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())

@@ -91,19 +91,6 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         args.seed,
         args.out.display()
     );
-    println!(
-        "{:<10} {:>8} {:>5} {:>11} {:>11}",
-        "centre", "patients", "SLM", "prevalence", "oracle AUC"
-    );
-    for c in &report.centers {
-        println!(
-            "{:<10} {:>8} {:>5} {:>10.1}% {:>11}",
-            c.name,
-            c.patients,
-            c.positives,
-            100.0 * c.positives as f64 / c.patients.max(1) as f64,
-            c.oracle_auc.map_or("-".into(), |a| format!("{a:.3}"))
-        );
-    }
+    print!("{}", report.table());
     Ok(())
 }

@@ -388,15 +388,8 @@ fn write_study_cohort(dir: &Path, seed: u64, observer: Observer<'_>) -> Result<(
         "synthetic cohort, seed {seed}: {}",
         dir.display()
     )));
-    for c in &report.centers {
-        observer(StudyEvent::Milestone(format!(
-            "{:<10} {:>4} patients, {:>3} with SLM ({:.1}%), oracle AUC {}",
-            c.name,
-            c.patients,
-            c.positives,
-            100.0 * c.positives as f64 / c.patients.max(1) as f64,
-            c.oracle_auc.map_or("-".into(), |a| format!("{a:.3}"))
-        )));
+    for line in report.table().lines() {
+        observer(StudyEvent::Milestone(line.to_string()));
     }
     Ok(())
 }

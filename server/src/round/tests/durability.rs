@@ -1,5 +1,6 @@
 //! Nothing is announced before it is durable: the machine hears of every commit's fate through an input.
 
+use super::evaluation::{eval_report, evaluations};
 use super::*;
 
 /// The raw actions queued now, with no store answering.
@@ -73,9 +74,9 @@ fn a_failed_commit_fails_the_run_naming_the_store_and_announces_nothing() {
     assert_eq!(m.committed(), 0);
 }
 
-#[test]
-fn an_evaluation_is_announced_and_the_run_finished_only_once_the_evaluation_is_stored() {
-    let t0 = Instant::now();
+/// A one-round run whose round is stored and whose every centre reported its evaluation: the last action is
+/// the evaluation's store.
+fn evaluation_closed(t0: Instant) -> Coordinator {
     let mut m = round_closed(
         RoundSettings {
             rounds: 1,
@@ -105,6 +106,13 @@ fn an_evaluation_is_announced_and_the_run_finished_only_once_the_evaluation_is_s
     assert!(!acts
         .iter()
         .any(|a| matches!(a, Action::AnnounceEvaluation(_) | Action::Finish(_))));
+    m
+}
+
+#[test]
+fn an_evaluation_is_announced_and_the_run_finished_only_once_the_evaluation_is_stored() {
+    let t0 = Instant::now();
+    let mut m = evaluation_closed(t0);
     m.handle(Input::EvaluationStored { round: 1 }, t0);
     let acts = queued(&mut m);
     assert!(
@@ -117,28 +125,12 @@ fn an_evaluation_is_announced_and_the_run_finished_only_once_the_evaluation_is_s
         ),
         "{acts:?}"
     );
+}
 
-    // A store that cannot keep the evaluation fails the run instead of announcing it.
-    let mut m = round_closed(
-        RoundSettings {
-            rounds: 1,
-            evaluation: EvaluationSettings { bins: 4, every: 0 },
-            ..settings(3)
-        },
-        t0,
-    );
-    m.handle(Input::RoundStored { round: 1 }, t0);
-    for (c, task, _) in evaluations(&queued(&mut m)) {
-        m.handle(
-            Input::EvalAnswered {
-                center: id(&c),
-                task,
-                report: eval_report(1, vec![0, 0, 1, 1], vec![1, 1, 0, 0]),
-            },
-            t0,
-        );
-    }
-    queued(&mut m);
+#[test]
+fn an_evaluation_the_store_cannot_keep_fails_the_run_instead_of_being_announced() {
+    let t0 = Instant::now();
+    let mut m = evaluation_closed(t0);
     m.handle(
         Input::StoreFailed {
             reason: "cannot store round 1's evaluation: read-only file system".into(),

@@ -2,13 +2,11 @@
 //! every round still completes with the honest centres' aggregate; the validation centre is never asked to
 //! train; a client whose server restarts comes back by itself.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::id;
+use crate::common::id;
 use fedslm_certs::{IssueOptions, Pki};
 use fedslm_client::{Backoff, ClientConfig, Declined, LocalTrainer, NodeEvent};
 use fedslm_protocol::{
@@ -161,7 +159,7 @@ fn setup(round_keys: &str) -> Setup {
         &["127.0.0.1".parse().unwrap()],
     )
     .unwrap();
-    let centres = common::TINY_CENTRES;
+    let centres = crate::common::TINY_CENTRES;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -1,15 +1,13 @@
 //! `fedslm simulate` from the shell: the whole study's machinery over loopback QUIC, checked against reference
 //! values.
 
-mod common;
-
 use std::path::Path;
 
-use common::fedslm;
+use crate::common::fedslm;
 use serde_json::Value;
 
 fn reference() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical")
+    crate::common::reference("clinical")
 }
 
 #[test]
@@ -33,7 +31,7 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
     assert!(stdout.contains("clinical fold 5/5"), "{stdout}");
 
     // The model fitted on all three centres is statsmodels' pooled fit.
-    common::assert_pooled_statsmodels_fit(&out.join("models/clinical.safetensors"));
+    crate::common::assert_pooled_statsmodels_fit(&out.join("models/clinical.safetensors"));
 
     // The internal estimate scores every labelled patient once, out of fold; no external centre here.
     let results: Value =
@@ -58,7 +56,7 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
     // The centralised baseline's model is the same pooled fit, and it too scores everyone out of fold.
     let central = &clinical["centralised"];
-    common::assert_pooled_statsmodels_fit(Path::new(central["model"].as_str().unwrap()));
+    crate::common::assert_pooled_statsmodels_fit(Path::new(central["model"].as_str().unwrap()));
     let n = &central["internal"]["n"];
     assert_eq!(
         n["positives"].as_u64().unwrap() + n["negatives"].as_u64().unwrap(),
@@ -213,7 +211,7 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
 fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain() {
     // The tiny cohort's 13 patients a fold separate perfectly on the clinical factors.
     let tmp = tempfile::tempdir().unwrap();
-    let cohort = common::tiny_synth_cohort(tmp.path());
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
     let out = tmp.path().join("sim");
     let (stdout, results) = quick_combined(&cohort, &out, &["--no-centralised"]);
     assert!(

@@ -3,8 +3,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-mod common;
-
 /// The table's rows for `network`: (phase, cells after the phase).
 fn rows<'a>(out: &'a str, network: &str) -> Vec<(&'a str, Vec<&'a str>)> {
     let mut rows = Vec::new();
@@ -26,7 +24,7 @@ fn rows<'a>(out: &'a str, network: &str) -> Vec<(&'a str, Vec<&'a str>)> {
 
 #[test]
 fn both_kernel_sets_timed_in_their_own_processes() {
-    let (ok, out, err) = common::fedslm(&[
+    let (ok, out, err) = crate::common::fedslm(&[
         "bench",
         "train",
         "--arch",
@@ -94,7 +92,7 @@ fn ratios_against_the_pytorch_side() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (ok, out, err) = common::fedslm(&[
+    let (ok, out, err) = crate::common::fedslm(&[
         "bench",
         "train",
         "--arch",
@@ -122,9 +120,11 @@ fn ratios_against_the_pytorch_side() {
 
 #[test]
 fn unknown_networks_and_kernel_sets_are_refused() {
-    let (ok, _, err) = common::fedslm(&["bench", "train", "--arch", "huge", "--python", "none"]);
+    let (ok, _, err) =
+        crate::common::fedslm(&["bench", "train", "--arch", "huge", "--python", "none"]);
     assert!(!ok && err.contains("unknown network \"huge\""), "{err}");
-    let (ok, _, err) = common::fedslm(&["bench", "train", "--kernels", "mkl", "--python", "none"]);
+    let (ok, _, err) =
+        crate::common::fedslm(&["bench", "train", "--kernels", "mkl", "--python", "none"]);
     assert!(!ok && err.contains("unknown kernel set \"mkl\""), "{err}");
 }
 

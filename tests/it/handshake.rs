@@ -2,11 +2,9 @@
 //! control on the same server, and each asserts what both sides see: the client's typed error and the
 //! server's event.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{id, Federation};
+use crate::common::{id, Federation};
 use fedslm_certs::{IssueOptions, Pki, RevokeTarget, Usage, Validity};
 use fedslm_client::{client_config, connect, connect_with, ClientConfig, ClientError};
 use fedslm_protocol::io::read_message;

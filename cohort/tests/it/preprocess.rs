@@ -1,13 +1,11 @@
 //! Preprocessing: resampling through the affines (also from DICOM's LPS to NIfTI's RAS), crops, z-scores, the
 //! cache, and each error naming its patient.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use fedslm_cohort::*;
 
-fn imaging() -> PathBuf {
-    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
-}
+use crate::imaging;
 
 fn affine(spacing: [f64; 3], origin: [f64; 3]) -> [[f64; 4]; 4] {
     let mut a = [[0.0; 4]; 4];

@@ -9,7 +9,7 @@
 //! sequence number (big-endian u64), so that a round's record and its audit entry go into one atomic batch.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,6 +19,11 @@ use fedslm_metrics::LogisticStats;
 use fedslm_protocol::hex::{from_hex, to_hex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod status;
+
+use status::run_status;
+pub use status::{AuditStatus, CentreStatus, LastRound, RunStatus};
 
 use crate::audit::{check_chain, AuditEvent, Head};
 use crate::evaluation::EvaluationRecord;
@@ -329,19 +334,13 @@ pub fn sha256_file(path: &Path) -> Result<String, StoreError> {
     Ok(to_hex(&hasher.finalize()))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename: readers see the old or the new file whole.
+/// Writes `bytes` to `path` whole or not at all, durably (`fedslm_files`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(write_err(&tmp))?;
-    f.write_all(bytes).map_err(write_err(&tmp))?;
-    f.sync_all().map_err(write_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(write_err(path))
+    fedslm_files::write_atomic(path, bytes).map_err(write_err(path))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(write_err(dir))
+    fedslm_files::sync_dir(dir).map_err(write_err(dir))
 }
 
 fn open_db(path: &Path, out: &Path) -> Result<sled::Db, StoreError> {
@@ -904,117 +903,6 @@ fn differences(stored: &BTreeMap<String, String>, now: &BTreeMap<String, String>
             })
         })
         .collect()
-}
-
-/// `status.json` and `fedslm server status --json`: where the run stands, read by people and tools.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunStatus {
-    pub run_id: String,
-    pub state: String,
-    pub reason: Option<String>,
-    pub software: String,
-    pub started_unix_ms: u64,
-    pub updated_unix_ms: u64,
-    pub resumes: u32,
-    pub rounds_planned: u32,
-    pub rounds_committed: u32,
-    pub centres: Vec<CentreStatus>,
-    pub last_round: Option<LastRound>,
-    pub final_checkpoint: Option<String>,
-    pub audit: AuditStatus,
-    /// The server process that wrote `status.json` (absent when read from the store directly).
-    #[serde(default)]
-    pub server_pid: Option<u32>,
-}
-
-/// One enrolled centre in [`RunStatus`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CentreStatus {
-    pub center: String,
-    pub role: String,
-    pub rounds_contributed: usize,
-    pub last_round: Option<u32>,
-    pub last_examples: Option<u64>,
-    pub last_train_loss: Option<f64>,
-}
-
-/// The last committed round in [`RunStatus`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LastRound {
-    pub round: u32,
-    pub checkpoint: String,
-    /// The example-weighted training loss; absent where no centre contributed.
-    pub train_loss: Option<f64>,
-    pub examples: u64,
-    pub centres: usize,
-    pub silent: Vec<String>,
-    pub refused: usize,
-    pub seconds: f64,
-    pub log_likelihood: Option<f64>,
-}
-
-/// The audit log's length and head in [`RunStatus`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditStatus {
-    pub entries: u64,
-    pub head: String,
-}
-
-fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> RunStatus {
-    let mut centres = Vec::new();
-    for (key, role) in &meta.fingerprint {
-        let Some(center) = key.strip_prefix("center.") else {
-            continue;
-        };
-        let mine: Vec<(u32, &StoredContribution)> = rounds
-            .iter()
-            .flat_map(|r| {
-                r.contributions
-                    .iter()
-                    .filter(|c| c.center == center)
-                    .map(move |c| (r.round, c))
-            })
-            .collect();
-        let last = mine.last();
-        centres.push(CentreStatus {
-            center: center.to_string(),
-            role: role.clone(),
-            rounds_contributed: mine.len(),
-            last_round: last.map(|(r, _)| *r),
-            last_examples: last.map(|(_, c)| c.examples),
-            last_train_loss: last.map(|(_, c)| c.train_loss),
-        });
-    }
-    let last = rounds.last();
-    RunStatus {
-        run_id: meta.run_id.clone(),
-        state: meta.state.name().to_string(),
-        reason: meta.reason.clone(),
-        software: meta.software.clone(),
-        started_unix_ms: meta.started_unix_ms,
-        updated_unix_ms: now_ms(),
-        resumes: meta.resumes,
-        rounds_planned: meta.rounds_planned,
-        rounds_committed: last.map_or(0, |r| r.round),
-        centres,
-        last_round: last.map(|r| LastRound {
-            round: r.round,
-            checkpoint: r.checkpoint.clone(),
-            train_loss: Some(r.train_loss()).filter(|l| l.is_finite()),
-            examples: r.contributions.iter().map(|c| c.examples).sum(),
-            centres: r.contributions.len(),
-            silent: r.silent.clone(),
-            refused: r.refused.len(),
-            seconds: r.seconds,
-            log_likelihood: r.log_likelihood,
-        }),
-        final_checkpoint: meta.final_checkpoint.clone(),
-        audit: AuditStatus {
-            entries: head.entries,
-            head: head.hex(),
-        },
-        server_pid: None,
-    }
 }
 
 #[cfg(test)]

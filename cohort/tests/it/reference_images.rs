@@ -1,13 +1,9 @@
 //! Every real file in shared/reference/imaging read as pydicom 3.0 and nibabel 5.4 read it.
 
-use std::path::PathBuf;
-
 use fedslm_cohort::{read_image, Format};
 use serde_json::Value;
 
-fn imaging() -> PathBuf {
-    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
-}
+use crate::imaging;
 
 fn rel(got: f64, want: f64) -> f64 {
     if want == 0.0 {

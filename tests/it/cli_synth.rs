@@ -1,8 +1,6 @@
 //! `fedslm synth` from the shell.
 
-mod common;
-
-use common::fedslm;
+use crate::common::fedslm;
 
 #[test]
 fn writes_a_cohort_that_inspect_reads() {

@@ -2,18 +2,16 @@
 //! committed round; the clients come back by themselves; the run ends with the uninterrupted run's model, its
 //! committed rounds intact and its audit chain valid. `server verify` names an edited audit entry or checkpoint.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::fedslm;
-use common::process::Run;
+use crate::common::fedslm;
+use crate::common::process::Run;
 use fedslm_server::failpoint;
 use fedslm_server::{Store, StoredRound};
 
-const CENTRES: [(&str, &str); 4] = common::TINY_CENTRES;
+const CENTRES: [(&str, &str); 4] = crate::common::TINY_CENTRES;
 const ROUNDS: usize = 5;
 const PREPROCESS: &str = "[preprocess]\nsize = 32\nneighbours = 0\n";
 
@@ -31,7 +29,7 @@ fn federation(dir: &Path, cohort: &Path) -> (Run, Vec<PathBuf>) {
         .iter()
         .map(|(c, _)| run.client_config(c, &cohort.join(c), PREPROCESS))
         .collect();
-    common::init_model(
+    crate::common::init_model(
         "mri",
         &dir.join("init.safetensors"),
         &["--config", &clients[0].display().to_string(), "--seed", "5"],
@@ -63,7 +61,7 @@ fn final_model(run: &Run) -> fedslm_protocol::Weights {
 #[test]
 fn killed_at_every_failpoint_the_run_resumes_and_ends_as_the_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let cohort = common::tiny_synth_cohort(tmp.path());
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
 
     // The uninterrupted run.
     let plain_dir = tmp.path().join("plain");
@@ -168,10 +166,10 @@ fn a_restart_with_other_settings_is_refused_naming_them_unless_it_is_a_new_run()
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let centres = [("center-a", "train"), ("center-b", "train")];
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical");
+    let reference = crate::common::reference("clinical");
     let keys = "initial_model = \"init.safetensors\"\nrounds = 30\nround_start_grace_secs = 1\n";
     let run = Run::new(d, &centres, keys);
-    common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))
@@ -240,13 +238,13 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
         ("center-b", "train"),
         ("center-c", "train"),
     ];
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical");
+    let reference = crate::common::reference("clinical");
     let run = Run::new(
         d,
         &centres,
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
-    common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))

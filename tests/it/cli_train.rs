@@ -2,12 +2,10 @@
 //! networks cross-validation, out-of-fold predictions and model files on a synthetic cohort; predictions that
 //! follow from the file, settings that must match, and files Python's safetensors reads.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::fedslm;
+use crate::common::fedslm;
 use fedslm_model::{clinical, load};
 use serde_json::Value;
 
@@ -221,7 +219,7 @@ print(json.dumps({"tensors": out, "card": json.loads(meta["model_card"]), "roles
 
 /// A tiny synthetic cohort and a client.toml whose preprocessing is small enough for quick training.
 fn tiny_cohort(dir: &std::path::Path) -> (PathBuf, PathBuf) {
-    let cohort = common::tiny_synth_cohort(dir);
+    let cohort = crate::common::tiny_synth_cohort(dir);
     let config = dir.join("client.toml");
     std::fs::write(
         &config,

@@ -1,10 +1,8 @@
 //! `fedslm certs` from the shell, as README.md shows it, and its errors for the usual mistakes.
 
-mod common;
-
 use std::path::Path;
 
-use common::fedslm_in;
+use crate::common::fedslm_in;
 
 fn ok(dir: &Path, args: &[&str]) -> String {
     let (success, out, err) = fedslm_in(dir, args);

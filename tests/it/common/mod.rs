@@ -1,7 +1,5 @@
 //! The test federation: a PKI in a temporary folder and a real server on loopback QUIC.
 
-#![allow(dead_code)] // each test binary uses part of it
-
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +11,12 @@ use fedslm_client::{connect, ClientConfig};
 use fedslm_protocol::{CenterId, ErrorCode, SampleCounts};
 use fedslm_server::{Server, ServerConfig, ServerEvent};
 use tokio::sync::broadcast;
+
+/// A folder of `shared/reference` (the values R, scikit-learn, statsmodels, dcurves, pydicom and nibabel
+/// computed), located as every crate's tests locate it: `FEDSLM_REFERENCE`, set in .cargo/config.toml.
+pub fn reference(sub: &str) -> PathBuf {
+    PathBuf::from(env!("FEDSLM_REFERENCE")).join(sub)
+}
 
 /// Runs the `fedslm` binary in the current folder; returns (success, stdout, stderr).
 pub fn fedslm(args: &[&str]) -> (bool, String, String) {
@@ -54,7 +58,7 @@ pub fn init_model(model: &str, out: &Path, extra: &[&str]) {
 /// The clinical model file at `path` holds statsmodels' pooled fit of the reference centres: coefficients
 /// within 1e-6, standard errors (in its card's odds-ratio table) within 1e-5.
 pub fn assert_pooled_statsmodels_fit(path: &Path) {
-    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical");
+    let reference = reference("clinical");
     let expected: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(reference.join("expected_pooled_logit.json")).unwrap(),
     )

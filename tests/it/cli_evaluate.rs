@@ -5,16 +5,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-mod common;
-
 fn evaluate(dir: &Path, args: &[&str]) -> (bool, String, String) {
     let mut all = vec!["evaluate"];
     all.extend(args);
-    common::fedslm_in(dir, &all)
+    crate::common::fedslm_in(dir, &all)
 }
 
 fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("FEDSLM_REFERENCE"))
+    crate::common::reference("")
 }
 
 fn close(what: &str, got: &Value, want: &Value, tol: f64) {

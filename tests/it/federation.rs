@@ -1,16 +1,14 @@
 //! Whole runs of the `fedslm` binary over loopback QUIC with mutual TLS: a server process and one client
 //! process per centre, each with its own certificate.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::fedslm;
-use common::process::Run;
+use crate::common::fedslm;
+use crate::common::process::Run;
 use serde_json::Value;
 
 fn reference() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference/clinical")
+    crate::common::reference("clinical")
 }
 
 #[test]
@@ -23,7 +21,7 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
         &centres.map(|c| (c, "train")),
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
-    common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))
@@ -34,7 +32,7 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
         assert!(out.contains("finished after"), "{out}");
     }
 
-    common::assert_pooled_statsmodels_fit(&d.join("out/clinical.safetensors"));
+    crate::common::assert_pooled_statsmodels_fit(&d.join("out/clinical.safetensors"));
     // What each centre sent: its statistics only, f64, one file per round.
     let sent = std::fs::read_dir(d.join("center-a/sent"))
         .unwrap()
@@ -66,8 +64,8 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
 fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_of_what_was_sent() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cohort = common::tiny_synth_cohort(d);
-    let centres = common::TINY_CENTRES;
+    let cohort = crate::common::tiny_synth_cohort(d);
+    let centres = crate::common::TINY_CENTRES;
     let run = Run::new(
         d,
         &centres,
@@ -79,7 +77,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
         .iter()
         .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
         .collect();
-    common::init_model(
+    crate::common::init_model(
         "mri",
         &d.join("init.safetensors"),
         &["--config", &clients[0].display().to_string(), "--seed", "5"],
@@ -239,7 +237,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
 fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cohort = common::tiny_synth_cohort(d);
+    let cohort = crate::common::tiny_synth_cohort(d);
     let run = Run::new(d, &[("center-a", "train")], "");
     let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
     let config = run.client_config("center-a", &cohort.join("center-a"), preprocess);
@@ -281,7 +279,7 @@ fn federated_cross_validation_holds_each_patient_out_exactly_once() {
         )
     };
     let run = Run::new(d, &centres.map(|c| (c, "train")), &keys(0));
-    common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
     let clients: Vec<PathBuf> = centres
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))
@@ -360,8 +358,8 @@ fn labelled(dir: &Path) -> u64 {
 fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cohort = common::tiny_synth_cohort(d);
-    let centres = common::TINY_CENTRES;
+    let cohort = crate::common::tiny_synth_cohort(d);
+    let centres = crate::common::TINY_CENTRES;
     let node_settings = |c: &str| {
         format!(
             "scores = \"{}\"\n[preprocess]\nsize = 32\nneighbours = 0\n",
@@ -386,7 +384,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
                 .map(|(c, _)| run.client_config(c, &cohort.join(c), &node_settings(c)))
                 .collect();
             if fold == 0 {
-                common::init_model(
+                crate::common::init_model(
                     model,
                     &d.join(format!("{model}.safetensors")),
                     &[
@@ -433,7 +431,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
             .args(["--a", &a.join(","), "--b", &b.join(","), "--json"])
             .arg(dir.join("comparison.json"))
             .env("RUST_LOG", "warn");
-        let server = common::process::Proc::spawn(cmd);
+        let server = crate::common::process::Proc::spawn(cmd);
         server.wait_for(
             |out, err| out.contains("listening on") || !err.is_empty(),
             std::time::Duration::from_secs(30),

@@ -4,14 +4,12 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-mod common;
-
 fn inspect(path: &std::path::Path) -> (bool, String, String) {
-    common::fedslm(&["inspect", "--json", &path.display().to_string()])
+    crate::common::fedslm(&["inspect", "--json", &path.display().to_string()])
 }
 
 fn reference_dir() -> PathBuf {
-    PathBuf::from(env!("FEDSLM_REFERENCE"))
+    crate::common::reference("")
 }
 
 #[test]

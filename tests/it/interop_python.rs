@@ -4,11 +4,9 @@
 //! Needs a Python with aioquic: `tools/test.sh` makes one and sets FEDSLM_INTEROP_PYTHON. Without it this test
 //! fails rather than pass unseen.
 
-mod common;
-
 use std::process::Command;
 
-use common::{id, Federation};
+use crate::common::{id, Federation};
 use fedslm_certs::RevokeTarget;
 use fedslm_protocol::ErrorCode;
 use fedslm_server::ServerEvent;

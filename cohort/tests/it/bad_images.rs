@@ -6,9 +6,7 @@ use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use fedslm_cohort::{read_image, ImageError};
 
-fn imaging() -> PathBuf {
-    PathBuf::from(env!("FEDSLM_REFERENCE")).join("imaging")
-}
+use crate::imaging;
 
 fn copy_series(to: &Path) -> Vec<PathBuf> {
     std::fs::create_dir_all(to).unwrap();

@@ -1,0 +1,7 @@
+//! The model crate's integration tests, as one test binary: the clinical model against statsmodels, our kernels
+//! against candle's ops, networks and their files, learning on synthetic cohorts.
+
+mod clinical;
+mod kernels;
+mod learning;
+mod network;
