@@ -69,7 +69,7 @@ fn open_names_what_is_missing() {
 }
 
 #[test]
-fn issued_certificates_name_their_centre() {
+fn issued_certificates_name_their_center() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = init(&tmp.path().join("pki"));
     let files = pki
@@ -96,7 +96,7 @@ fn issued_certificates_name_their_centre() {
 }
 
 #[test]
-fn a_csr_is_signed_for_the_centre_the_coordinator_names() {
+fn a_csr_is_signed_for_the_center_the_coordinator_names() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = init(&tmp.path().join("pki"));
     let site = tmp.path().join("site");

@@ -115,9 +115,9 @@ pub enum ManifestError {
         problem: String,
     },
     #[error("{path} holds no manifest.csv, and no sub-folder does")]
-    NoCentres { path: PathBuf },
+    NoCenters { path: PathBuf },
     #[error("{path} has no centre {center}; it has {known}")]
-    UnknownCentre {
+    UnknownCenter {
         path: PathBuf,
         center: String,
         known: String,
@@ -366,13 +366,13 @@ pub fn open_cohort(
         found.sort();
     }
     if found.is_empty() {
-        return Err(ManifestError::NoCentres {
+        return Err(ManifestError::NoCenters {
             path: dir.to_path_buf(),
         });
     }
     for wanted in only {
         if !found.iter().any(|(n, _)| n == wanted) {
-            return Err(ManifestError::UnknownCentre {
+            return Err(ManifestError::UnknownCenter {
                 path: dir.to_path_buf(),
                 center: wanted.clone(),
                 known: found

@@ -285,7 +285,7 @@ fn affine(spacing: [f64; 3], dims: [usize; 3]) -> [[f64; 4]; 4] {
 
 /// Tissue at a point of the pelvis (mm, from the volume centre): (T2W signal, DWI S0, ADC in µm²/s, tumour?).
 struct Anatomy {
-    tumour_centre: [f64; 3],
+    tumour_center: [f64; 3],
     radius: f64,
     height: f64,
     irregularity: Vec<(f64, f64, f64)>,
@@ -329,7 +329,7 @@ impl Anatomy {
             })
             .collect();
         Anatomy {
-            tumour_centre: [
+            tumour_center: [
                 RECTUM[0] + wall * angle.cos(),
                 RECTUM[1] + wall * angle.sin(),
                 4.0 * rng.normal(),
@@ -346,9 +346,9 @@ impl Anatomy {
 
     fn in_tumour(&self, p: [f64; 3]) -> bool {
         let d = [
-            p[0] - self.tumour_centre[0],
-            p[1] - self.tumour_centre[1],
-            p[2] - self.tumour_centre[2],
+            p[0] - self.tumour_center[0],
+            p[1] - self.tumour_center[1],
+            p[2] - self.tumour_center[2],
         ];
         if d[2].abs() > self.height || d[0] * d[0] + d[1] * d[1] > self.reach * self.reach {
             return false;

@@ -501,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn statistics_add_up_across_centres() {
+    fn statistics_add_up_across_centers() {
         let x: Vec<f64> = (0..40)
             .flat_map(|i| [1.0, (i % 7) as f64, (i % 3) as f64])
             .collect();

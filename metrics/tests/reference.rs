@@ -281,7 +281,7 @@ const NAMES: [&str; 6] = [
 ];
 
 /// A centre's design matrix under DESIGN.md's default clinical coding, read from its manifest.
-fn centre(name: &str) -> (Vec<f64>, Vec<bool>) {
+fn center(name: &str) -> (Vec<f64>, Vec<bool>) {
     let path = reference_dir()
         .join("clinical")
         .join(name)
@@ -351,7 +351,7 @@ fn check_against_statsmodels(fit: &LogisticFit, how: &str) {
 fn pooled_logistic_regression_matches_statsmodels() {
     let (mut x, mut y) = (Vec::new(), Vec::new());
     for c in ["center-a", "center-b", "center-c"] {
-        let (cx, cy) = centre(c);
+        let (cx, cy) = center(c);
         x.extend(cx);
         y.extend(cy);
     }
@@ -361,9 +361,9 @@ fn pooled_logistic_regression_matches_statsmodels() {
 
 #[test]
 fn federated_newton_from_summed_statistics_gives_the_pooled_fit() {
-    let centres: Vec<(Vec<f64>, Vec<bool>)> = ["center-a", "center-b", "center-c"]
+    let centers: Vec<(Vec<f64>, Vec<bool>)> = ["center-a", "center-b", "center-c"]
         .iter()
-        .map(|c| centre(c))
+        .map(|c| center(c))
         .collect();
     let mut rounds = 0;
     let fit = fit_newton(
@@ -371,7 +371,7 @@ fn federated_newton_from_summed_statistics_gives_the_pooled_fit() {
         |beta| {
             rounds += 1;
             let mut total = LogisticStats::zeros(beta.len());
-            for (x, y) in &centres {
+            for (x, y) in &centers {
                 // Each centre computes its own statistics; only these sums leave it.
                 total.add(&logistic_stats(x, y, None, beta)?)?;
             }

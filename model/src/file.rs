@@ -114,18 +114,29 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// Writes `weights` and `card` to `path`, atomically. The bytes depend on the model and the card only: the
-/// header is written here in a fixed order (the safetensors crate writes its metadata map in hash order), so that
-/// equal models have equal files and equal content hashes, which the server's checkpoints are named by.
+/// Writes `weights` and `card` to `path`, atomically and durably (`fedslm_files`). The bytes depend on the
+/// model and the card only: see [`write_model`].
 pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), ModelError> {
-    let write_err = |source| ModelError::Write {
+    fedslm_files::write_atomic_with(path, fedslm_files::Access::Shared, |w| {
+        write_model(w, weights, card)
+    })
+    .map_err(|source| ModelError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let bad = |reason: String| ModelError::BadFile {
-        path: path.to_path_buf(),
-        reason,
-    };
+    })
+}
+
+/// Streams a model file's bytes into `w`, with no second copy of a model of tens of megabytes in memory. The
+/// header is written here in a fixed order (the safetensors crate writes its metadata map in hash order), so
+/// that equal models have equal files and equal content hashes, which the server's checkpoints are named by.
+pub fn write_model(
+    w: &mut dyn std::io::Write,
+    weights: &Weights,
+    card: &ModelCard,
+) -> std::io::Result<()> {
+    fn json<T: Serialize + ?Sized>(v: &T) -> std::io::Result<String> {
+        serde_json::to_string(v).map_err(std::io::Error::other)
+    }
     // Widest dtype first, then by name: each tensor stays aligned to its element size, as safetensors does it.
     let mut tensors: Vec<&Tensor> = weights.tensors().iter().collect();
     tensors.sort_by(|a, b| {
@@ -134,28 +145,24 @@ pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), Mode
             .cmp(&a.dtype().size())
             .then(a.name().cmp(b.name()))
     });
-    let card_json = serde_json::to_string(card).map_err(|e| bad(e.to_string()))?;
     let roles: serde_json::Map<String, serde_json::Value> = tensors
         .iter()
         .map(|t| (t.name().to_string(), role_name(t.role()).into()))
         .collect();
     let metadata: std::collections::BTreeMap<&str, String> = [
-        (CARD_KEY, card_json),
+        (CARD_KEY, json(card)?),
         (ROLES_KEY, serde_json::Value::Object(roles).to_string()),
     ]
     .into();
-    fn to_json<T: Serialize + ?Sized>(v: &T) -> Result<String, String> {
-        serde_json::to_string(v).map_err(|e| e.to_string())
-    }
-    let mut header = format!("{{\"__metadata__\":{}", to_json(&metadata).map_err(bad)?);
+    let mut header = format!("{{\"__metadata__\":{}", json(&metadata)?);
     let mut offset = 0usize;
     for t in &tensors {
         let n = t.bytes().len();
         header.push_str(&format!(
             ",{}:{{\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{offset},{}]}}",
-            to_json(t.name()).map_err(bad)?,
+            json(t.name())?,
             dtype_name(t.dtype()),
-            to_json(t.shape()).map_err(bad)?,
+            json(t.shape())?,
             offset + n
         ));
         offset += n;
@@ -164,17 +171,12 @@ pub fn save(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), Mode
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    // Streamed from the tensors: no second copy of a model of tens of megabytes in memory.
-    fedslm_files::write_atomic_with(path, fedslm_files::Access::Shared, |w| {
-        use std::io::Write;
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(header.as_bytes())?;
-        for t in &tensors {
-            w.write_all(t.bytes())?;
-        }
-        Ok(())
-    })
-    .map_err(write_err)
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(header.as_bytes())?;
+    for t in &tensors {
+        w.write_all(t.bytes())?;
+    }
+    Ok(())
 }
 
 /// Reads a model file back: its tensors (each with the role its name implies) and its card.

@@ -19,7 +19,7 @@ pub mod train;
 pub use augment::Augmentation;
 pub use error::ModelError;
 pub use fedslm_protocol::ModelKind;
-pub use file::{load, save, ClinicalTable, ModelCard};
+pub use file::{load, save, write_model, ClinicalTable, ModelCard};
 pub use kernels::Kernels;
 pub use net::{ArchitectureError, NetConfig, Stem};
 pub use network::{Network, Standardisation};

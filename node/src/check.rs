@@ -12,7 +12,7 @@ use crate::CertificateError;
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertificateStatus {
     pub path: PathBuf,
-    pub centre: String,
+    pub center: String,
     /// Whole days until it expires.
     pub days_left: i64,
 }
@@ -41,7 +41,7 @@ pub fn certificate(
             source,
         })?;
     if certified != config.center {
-        return Err(CertificateError::OtherCentre {
+        return Err(CertificateError::OtherCenter {
             config: config_path.to_path_buf(),
             said: config.center.to_string(),
             path,
@@ -71,7 +71,7 @@ pub fn certificate(
     }
     Ok(CertificateStatus {
         path,
-        centre: certified.to_string(),
+        center: certified.to_string(),
         days_left: (not_after - now) / day,
     })
 }

@@ -9,7 +9,7 @@ use crate::NodeError;
 
 /// One centre's cohort: its manifest, and its patients' preprocessed images where the manifest names any.
 pub struct SiteCohort {
-    pub centre: String,
+    pub center: String,
     pub manifest: Manifest,
     pub samples: Vec<Sample>,
 }
@@ -19,19 +19,19 @@ impl SiteCohort {
     /// cache where one is configured). A centre with clinical data only takes part in the clinical model.
     pub fn load(config: &ClientConfig) -> Result<SiteCohort, NodeError> {
         let dir = config.cohort.as_ref().ok_or(NodeError::NoCohort)?;
-        let mut centres = open_cohort(dir, &config.coding, &[])?;
-        if centres.len() != 1 {
-            return Err(NodeError::NotOneCentre {
+        let mut centers = open_cohort(dir, &config.coding, &[])?;
+        if centers.len() != 1 {
+            return Err(NodeError::NotOneCenter {
                 dir: dir.clone(),
-                found: centres.len(),
-                names: centres
+                found: centers.len(),
+                names: centers
                     .iter()
                     .map(|(n, _)| n.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
             });
         }
-        let (centre, manifest) = centres.remove(0);
+        let (center, manifest) = centers.remove(0);
         let has_images = |p: &Patient| {
             ImagePaths::COLUMNS
                 .iter()
@@ -40,7 +40,7 @@ impl SiteCohort {
         let samples = if manifest.patients.iter().any(has_images) {
             load_center(
                 &manifest,
-                &centre,
+                &center,
                 &config.coding,
                 &config.preprocess,
                 config.cache.as_deref(),
@@ -54,7 +54,7 @@ impl SiteCohort {
             Vec::new()
         };
         Ok(SiteCohort {
-            centre,
+            center,
             manifest,
             samples,
         })
@@ -98,6 +98,6 @@ impl SiteCohort {
             .patients
             .iter()
             .filter_map(|p| p.slm.map(|y| (p.id.as_str(), y)));
-        FoldAssignment::new(selection, &self.centre, labelled)
+        FoldAssignment::new(selection, &self.center, labelled)
     }
 }

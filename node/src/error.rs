@@ -14,7 +14,7 @@ pub enum NodeError {
     #[error("client.toml has no cohort: name the folder that holds this centre's manifest.csv")]
     NoCohort,
     #[error("{}: a node holds one centre's cohort, found {found} ({names})", dir.display())]
-    NotOneCentre {
+    NotOneCenter {
         dir: PathBuf,
         found: usize,
         names: String,
@@ -92,7 +92,7 @@ pub enum CertificateError {
         source: fedslm_certs::CertError,
     },
     #[error("{} says centre {said}, but certificate {} is centre {certified}'s", config.display(), path.display())]
-    OtherCentre {
+    OtherCenter {
         config: PathBuf,
         said: String,
         path: PathBuf,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use fedslm_client::{ClientConfig, LocalTrainer};
 use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, TrainConfig};
 use fedslm_protocol::clinical::newton_weights;
-use fedslm_protocol::folds::{centre_seed, Selection};
+use fedslm_protocol::folds::{center_seed, Selection};
 use fedslm_protocol::{
     EvalReport, EvaluateTask, FitResult, FitTask, LocalObjective, ModelKind, PlacementReport,
     PlacementTask, SampleCounts, Weights,
@@ -234,7 +234,7 @@ impl Node {
         if task.model == ModelKind::Clinical {
             return Err(NodeError::ClinicalIsNotTrained);
         }
-        let seed = centre_seed(task.seed, &self.cohort.centre);
+        let seed = center_seed(task.seed, &self.cohort.center);
         let network = network_for(
             &mut self.network,
             &self.config,
@@ -283,7 +283,7 @@ impl Node {
         let card = ModelCard {
             training: serde_json::json!({
                 "mode": "federated update",
-                "center": self.cohort.centre,
+                "center": self.cohort.center,
                 "round": result.round,
                 "examples": result.examples,
                 "train_loss": result.train_loss,

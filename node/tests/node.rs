@@ -11,7 +11,7 @@ use fedslm_protocol::{
     EvaluateTask, FitTask, Fold, LocalObjective, ModelKind, PlacementTask, Weights,
 };
 
-fn centre() -> PathBuf {
+fn center() -> PathBuf {
     PathBuf::from(env!("FEDSLM_REFERENCE")).join("clinical/center-a")
 }
 
@@ -19,7 +19,7 @@ fn node(scores: Option<&Path>) -> Node {
     let mut text = format!(
         "center = \"center-a\"\nserver = \"127.0.0.1:9\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\
          cohort = {:?}\n",
-        centre().display().to_string()
+        center().display().to_string()
     );
     if let Some(dir) = scores {
         text += &format!("scores = {:?}\n", dir.display().to_string());

@@ -78,7 +78,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accepts_the_study_centres() {
+    fn accepts_the_study_centers() {
         for id in ["center-a", "center-b", "external", "h1", "0-x"] {
             assert_eq!(CenterId::new(id).unwrap().as_str(), id);
         }

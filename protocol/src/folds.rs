@@ -32,9 +32,9 @@ pub fn stratified_folds(labels: &[bool], k: usize, seed: u64) -> Vec<usize> {
 
 /// A seed made a centre's own: FNV-1a (64-bit) over the centre id's bytes, XORed into `seed`. The folds'
 /// generator and a centre's local training draw from it, so that centres differ and each is reproducible.
-pub fn centre_seed(seed: u64, centre: &str) -> u64 {
+pub fn center_seed(seed: u64, center: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in centre.bytes() {
+    for b in center.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -75,7 +75,7 @@ impl FoldAssignment {
     /// Deals `labelled` (each labelled patient's id and outcome, in manifest order) at `centre`.
     pub fn new<'a>(
         selection: Selection,
-        centre: &str,
+        center: &str,
         labelled: impl IntoIterator<Item = (&'a str, bool)>,
     ) -> FoldAssignment {
         let fold = match selection {
@@ -88,7 +88,7 @@ impl FoldAssignment {
             Selection::Outside(f) | Selection::Inside(f) => f,
         };
         let (ids, labels): (Vec<&str>, Vec<bool>) = labelled.into_iter().unzip();
-        let dealt = stratified_folds(&labels, fold.count as usize, centre_seed(fold.seed, centre));
+        let dealt = stratified_folds(&labels, fold.count as usize, center_seed(fold.seed, center));
         FoldAssignment {
             selection,
             fold_of: ids
@@ -122,7 +122,7 @@ mod tests {
     /// P01..P10 whose outcomes are 1,0,0,1,0,0,0,1,0,0.
     #[test]
     fn the_protocols_test_vector() {
-        assert_eq!(centre_seed(42, "center-a"), 0x561d_0b87_a64e_3554);
+        assert_eq!(center_seed(42, "center-a"), 0x561d_0b87_a64e_3554);
         let outcomes = [1, 0, 0, 1, 0, 0, 0, 1, 0, 0];
         let ids: Vec<String> = (1..=10).map(|i| format!("P{i:02}")).collect();
         let fold = Fold::new(0, 5, 42).unwrap();

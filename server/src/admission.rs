@@ -146,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn enrolled_centres_get_their_configured_role() {
+    fn enrolled_centers_get_their_configured_role() {
         let w = admit(&enrolment(), &id("external"), &hello("external")).unwrap();
         assert_eq!(
             (w.role, w.rounds, w.run_id.as_str()),

@@ -25,13 +25,15 @@ pub enum AuditEvent {
         committed_rounds: u32,
         previous_state: String,
     },
-    CentreJoined {
+    #[serde(alias = "centre_joined")]
+    CenterJoined {
         center: String,
         role: String,
         remote: String,
     },
     /// A peer with a valid certificate that was not admitted.
-    CentreRefused {
+    #[serde(alias = "centre_refused")]
+    CenterRefused {
         center: String,
         remote: String,
         reason: String,
@@ -41,7 +43,8 @@ pub enum AuditEvent {
         remote: String,
         reason: String,
     },
-    CentreLeft {
+    #[serde(alias = "centre_left")]
+    CenterLeft {
         center: String,
         reason: String,
     },
@@ -73,7 +76,7 @@ pub enum AuditEvent {
         round: u32,
         internal_auc: Option<f64>,
         external_auc: Option<f64>,
-        centres: usize,
+        centers: usize,
     },
     RoundCommitted {
         round: u32,

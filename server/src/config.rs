@@ -9,7 +9,7 @@ use std::time::Duration;
 use fedslm_certs::ServerTlsFiles;
 use fedslm_protocol::hex::from_hex;
 use fedslm_protocol::{CenterId, Fold, ModelKind, Role, DEFAULT_CONNECTION_BUDGET, MAX_FOLDS};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::admission::Enrolment;
 use crate::round::{RoundSettings, Strategy};
@@ -28,7 +28,7 @@ pub enum ConfigError {
 
 /// What `server.toml` says, key by key, before it is checked: the typed form in which a program (a
 /// simulation) writes a server's configuration without writing TOML. [`ServerConfig::from_toml`] checks it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerToml {
     pub listen: SocketAddr,
@@ -42,7 +42,7 @@ pub struct ServerToml {
     #[serde(default = "default_budget")]
     pub connection_budget_bytes: u64,
     #[serde(default)]
-    pub center: Vec<CentreEntry>,
+    pub center: Vec<CenterEntry>,
     pub initial_model: Option<PathBuf>,
     #[serde(default = "default_output")]
     pub output: PathBuf,
@@ -74,6 +74,11 @@ pub struct ServerToml {
 }
 
 impl ServerToml {
+    /// The configuration as server.toml text, for a server run as its own process.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("server.toml's keys are plain values with string keys")
+    }
+
     /// A configuration with every key at its default but the three without one.
     pub fn new(listen: SocketAddr, pki: PathBuf, run_id: String) -> ServerToml {
         ServerToml {
@@ -111,7 +116,7 @@ fn default_evaluation_bins() -> u32 {
 }
 
 /// `strategy` in server.toml.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StrategyName {
     Fedavg,
@@ -120,9 +125,9 @@ pub enum StrategyName {
 }
 
 /// A `[[center]]` entry: a centre enrolled in the run, with its role (`train` or `validate`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct CentreEntry {
+pub struct CenterEntry {
     pub id: String,
     pub role: String,
 }
@@ -491,6 +496,34 @@ mod tests {
 
     fn parse(text: &str) -> Result<ServerConfig, String> {
         ServerConfig::parse(text, Path::new("/etc/fedslm/server.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_configuration_written_as_values_reads_back_the_same() {
+        let mut t = ServerToml::new(
+            "127.0.0.1:7878".parse().unwrap(),
+            PathBuf::from("/srv/a \"quoted\" pki"),
+            "run \\ 1".into(),
+        );
+        t.rounds = 7;
+        t.cv_fold = Some(1);
+        t.cv_folds = Some(3);
+        t.center = vec![
+            CenterEntry {
+                id: "center-a".into(),
+                role: "train".into(),
+            },
+            CenterEntry {
+                id: "external".into(),
+                role: "validate".into(),
+            },
+        ];
+        let path = Path::new("/etc/fedslm/server.toml");
+        let direct = ServerConfig::from_toml(t.clone(), path).unwrap();
+        let read = ServerConfig::parse(&t.to_toml(), path).unwrap();
+        assert_eq!(read.run, direct.run);
+        assert_eq!(read.enrolment, direct.enrolment);
+        assert_eq!(read.tls.ca, PathBuf::from("/srv/a \"quoted\" pki/ca.pem"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// What one centre reported.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CentreEvaluation {
+pub struct CenterEvaluation {
     pub center: CenterId,
     pub role: Role,
     pub examples: u64,
@@ -91,7 +91,7 @@ pub struct Evaluation {
     /// The training centres' held-out fold, under cross-validation.
     pub fold: Option<Fold>,
     pub bins: u32,
-    pub centres: Vec<CentreEvaluation>,
+    pub centers: Vec<CenterEvaluation>,
     /// Centres asked that did not report, and why.
     pub missing: Vec<(CenterId, String)>,
 }
@@ -99,7 +99,7 @@ pub struct Evaluation {
 impl Evaluation {
     /// The merged histograms of the centres with `role`; `None` if none reported.
     pub fn pooled(&self, role: Role) -> Option<ScoreHistograms> {
-        let mut it = self.centres.iter().filter(|c| c.role == role);
+        let mut it = self.centers.iter().filter(|c| c.role == role);
         let mut pooled = it.next()?.histogram.clone();
         for c in it {
             // Every report was checked to have `bins` bins.
@@ -125,10 +125,10 @@ impl Evaluation {
             external: self
                 .pooled(Role::Validate)
                 .map(|h| AucSummary::of_histograms(&h)),
-            centres: self
-                .centres
+            centers: self
+                .centers
                 .iter()
-                .map(|c| CentreRecord {
+                .map(|c| CenterRecord {
                     center: c.center.to_string(),
                     role: c.role.name().to_string(),
                     examples: c.examples,
@@ -261,7 +261,7 @@ pub struct EvaluationRecord {
     pub internal: Option<AucSummary>,
     /// The validation centres pooled.
     pub external: Option<AucSummary>,
-    pub centres: Vec<CentreRecord>,
+    pub centers: Vec<CenterRecord>,
     pub missing: Vec<MissingRecord>,
 }
 
@@ -275,7 +275,7 @@ pub struct FoldRecord {
 
 /// One centre's report in a stored evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CentreRecord {
+pub struct CenterRecord {
     pub center: String,
     pub role: String,
     pub examples: u64,
@@ -303,7 +303,7 @@ pub struct MissingRecord {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
     #[error("centre {name:?} in the evaluation record: {reason}")]
-    Centre { name: String, reason: String },
+    Center { name: String, reason: String },
     #[error("{center}: histograms of {positive} and {negative} bins")]
     Bins {
         center: String,
@@ -316,15 +316,15 @@ impl EvaluationRecord {
     /// The histograms of the centres with `role`, by centre, checked.
     pub fn histograms(&self, role: Role) -> Result<Vec<(CenterId, ScoreHistograms)>, RecordError> {
         let mut out = Vec::new();
-        for c in &self.centres {
-            let r = c.role.parse::<Role>().map_err(|e| RecordError::Centre {
+        for c in &self.centers {
+            let r = c.role.parse::<Role>().map_err(|e| RecordError::Center {
                 name: c.center.clone(),
                 reason: e.to_string(),
             })?;
             if r != role {
                 continue;
             }
-            let center = CenterId::new(c.center.as_str()).map_err(|e| RecordError::Centre {
+            let center = CenterId::new(c.center.as_str()).map_err(|e| RecordError::Center {
                 name: c.center.clone(),
                 reason: e.to_string(),
             })?;
@@ -463,7 +463,7 @@ mod tests {
     /// The pooled AUC of several centres' histograms is the AUC of every patient's binned score, computed
     /// directly from the scores.
     #[test]
-    fn the_pooled_auc_is_the_auc_of_all_centres_binned_scores() {
+    fn the_pooled_auc_is_the_auc_of_all_centers_binned_scores() {
         let bins = 50;
         let mut rng = 0x1234_5678_u64;
         let mut next = move || {
@@ -474,7 +474,7 @@ mod tests {
         };
         let mut all_labels = Vec::new();
         let mut all_binned = Vec::new();
-        let mut centres = Vec::new();
+        let mut centers = Vec::new();
         for (i, n) in [40usize, 73, 25].into_iter().enumerate() {
             let labels: Vec<bool> = (0..n).map(|_| next() < 0.35).collect();
             let scores: Vec<f64> = labels
@@ -486,7 +486,7 @@ mod tests {
                 all_labels.push(y);
                 all_binned.push(h.bin_value(h.bin_of(s)));
             }
-            centres.push(CentreEvaluation {
+            centers.push(CenterEvaluation {
                 center: CenterId::new(format!("c{i}")).unwrap(),
                 role: Role::Train,
                 examples: n as u64,
@@ -499,7 +499,7 @@ mod tests {
             round: 3,
             fold: None,
             bins: bins as u32,
-            centres,
+            centers,
             missing: vec![],
         };
         let pooled = e.pooled(Role::Train).unwrap().delong().unwrap();
@@ -523,12 +523,12 @@ mod tests {
         assert_eq!(back, record);
         let hs = back.histograms(Role::Train).unwrap();
         assert_eq!(hs.len(), 3);
-        for ((c, h), orig) in hs.iter().zip(&e.centres) {
+        for ((c, h), orig) in hs.iter().zip(&e.centers) {
             assert_eq!((c, h), (&orig.center, &orig.histogram));
         }
         assert!(back.histograms(Role::Validate).unwrap().is_empty());
         let mut broken = back.clone();
-        broken.centres[0].histogram.negative.pop();
+        broken.centers[0].histogram.negative.pop();
         assert!(matches!(
             broken.histograms(Role::Train),
             Err(RecordError::Bins { .. })
@@ -552,7 +552,7 @@ mod tests {
             rng ^= rng << 17;
             (rng >> 11) as f64 / (1u64 << 53) as f64
         };
-        let centres: Vec<(Vec<bool>, Vec<f64>, Vec<f64>)> = [35usize, 60, 22]
+        let centers: Vec<(Vec<bool>, Vec<f64>, Vec<f64>)> = [35usize, 60, 22]
             .into_iter()
             .map(|n| {
                 let labels: Vec<bool> = (0..n).map(|_| next() < 0.4).collect();
@@ -571,13 +571,13 @@ mod tests {
             ScoreHistograms::new(bins).unwrap(),
             ScoreHistograms::new(bins).unwrap(),
         );
-        for (labels, a, b) in &centres {
+        for (labels, a, b) in &centers {
             ha.merge(&ScoreHistograms::from_scores(labels, a, bins).unwrap())
                 .unwrap();
             hb.merge(&ScoreHistograms::from_scores(labels, b, bins).unwrap())
                 .unwrap();
         }
-        let reports: Vec<(CenterId, PlacementReport)> = centres
+        let reports: Vec<(CenterId, PlacementReport)> = centers
             .iter()
             .enumerate()
             .map(|(i, (labels, a, b))| {
@@ -593,7 +593,7 @@ mod tests {
             x.iter().map(|&p| h.bin_value(h.bin_of(p))).collect()
         };
         let (mut labels, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
-        for (l, sa, sb) in &centres {
+        for (l, sa, sb) in &centers {
             labels.extend(l);
             a.extend(binned(&ha, sa));
             b.extend(binned(&hb, sb));

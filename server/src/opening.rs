@@ -75,7 +75,7 @@ pub fn open_run(
         settings.rounds,
         new_run,
     )?;
-    let centres = config.enrolment.centers.clone();
+    let centers = config.enrolment.centers.clone();
     let last = match opening {
         Opening::New => None,
         Opening::Resume { rounds, .. } | Opening::Completed { rounds, .. } => {
@@ -100,8 +100,8 @@ pub fn open_run(
     };
     let committed = last.as_ref().map_or(0, |c| c.round);
     let coordinator = match last {
-        None => Coordinator::new(settings.clone(), centres, initial.weights, &names),
-        Some(last) => Coordinator::resume(settings.clone(), centres, initial.weights, &names, last),
+        None => Coordinator::new(settings.clone(), centers, initial.weights, &names),
+        Some(last) => Coordinator::resume(settings.clone(), centers, initial.weights, &names, last),
     }
     .map_err(|source| OpenError::Setup {
         path: config.path().to_path_buf(),

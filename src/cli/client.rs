@@ -38,7 +38,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         let c = check::certificate(&config, &args.config)?;
         println!(
             "certificate: centre {}, valid for {} more days ({}){}",
-            c.centre,
+            c.center,
             c.days_left,
             c.path.display(),
             if c.renew_soon() {
@@ -52,7 +52,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
     let counts = node.counts();
     println!(
         "cohort: centre {}, {} patients ({} with SLM), {} with images",
-        node.cohort().centre,
+        node.cohort().center,
         counts.patients,
         counts.positives,
         counts.with_images
@@ -64,7 +64,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         println!(
             "never: images, patient ids, clinical rows or predictions ({} patients' data stay at {})",
             node.cohort().manifest.patients.len(),
-            node.cohort().centre
+            node.cohort().center
         );
         return Ok(());
     }

@@ -95,7 +95,7 @@ fn compare(
             "listening on {addr}: paired comparison of {} runs of A and {} of B at {}",
             sa.runs.len(),
             sb.runs.len(),
-            sa.centres
+            sa.centers
                 .iter()
                 .map(|c| c.as_str())
                 .collect::<Vec<_>>()
@@ -148,7 +148,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     super::runtime()?.block_on(async {
         let server = Server::bind(config)?;
         let addr = server.local_addr().context("no local address")?;
-        tracing::info!(%addr, centres = %enrolled.join(", "), "listening");
+        tracing::info!(%addr, centers = %enrolled.join(", "), "listening");
         let Some(run) = federation else {
             server
                 .run(async {
@@ -377,7 +377,7 @@ fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
         println!("  {reason}");
     }
     println!("centres:");
-    for c in &s.centres {
+    for c in &s.centers {
         let last = match (c.last_round, c.last_examples, c.last_train_loss) {
             (Some(r), Some(n), Some(loss)) => format!(
                 "{} rounds, last round {r}: {n} patients, loss {loss:.4}",
@@ -391,7 +391,7 @@ fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
         println!(
             "last round {}: {} centres, {} patients, loss {}, {:.1} s, checkpoint {}",
             r.round,
-            r.centres,
+            r.centers,
             r.examples,
             r.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
             r.seconds,

@@ -63,7 +63,7 @@ impl SimulateArgs {
             holdout: match self.holdout.as_deref() {
                 None => Holdout::Default,
                 Some("none") => Holdout::None,
-                Some(c) => Holdout::Centre(c.to_string()),
+                Some(c) => Holdout::Center(c.to_string()),
             },
             bins: self.bins,
             seed: self.seed,

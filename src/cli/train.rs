@@ -135,7 +135,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let spec = TrainSpec {
         cohort: args.cohort,
         model: args.model,
-        centres: args.centers,
+        centers: args.centers,
         folds: args.folds,
         seed: args.seed,
         out: args.out,
@@ -159,7 +159,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         trained.description,
         trained.patients,
         trained.positives,
-        trained.centres.join(", ")
+        trained.centers.join(", ")
     );
     if let Some(fit) = &trained.clinical_fit {
         print_table(fit);

@@ -22,7 +22,7 @@ pub struct TrainSpec {
     pub cohort: PathBuf,
     pub model: ModelKind,
     /// Only these centres of the cohort (empty: all).
-    pub centres: Vec<String>,
+    pub centers: Vec<String>,
     /// Cross-validation folds (stratified); 0 or 1 skips cross-validation.
     pub folds: usize,
     /// Seed of the folds, the initial weights, batches and augmentation.
@@ -56,7 +56,7 @@ pub struct Trained {
     pub model: PathBuf,
     /// What it is ("clinical model", or the network's description).
     pub description: String,
-    pub centres: Vec<String>,
+    pub centers: Vec<String>,
     pub patients: usize,
     pub positives: usize,
     /// The clinical model's fit on all patients.
@@ -82,7 +82,7 @@ pub enum TrainProgress<'a> {
 /// One patient of the training data, whatever the model.
 struct Row<'a> {
     id: &'a str,
-    centre: &'a str,
+    center: &'a str,
     label: bool,
 }
 
@@ -115,7 +115,7 @@ fn cross_validate(
         csv += &format!(
             "{},{},{},{},{:.17}\n",
             r.id,
-            r.centre,
+            r.center,
             assignment[i] + 1,
             u8::from(r.label),
             out_of_fold[i]
@@ -138,8 +138,8 @@ pub fn train(
     progress: &mut dyn FnMut(TrainProgress<'_>),
 ) -> Result<Trained, StudyError> {
     let (coding, preprocess) = spec.net.settings()?;
-    let centres = open_cohort(&spec.cohort, &coding, &spec.centres)?;
-    let labelled: usize = centres
+    let centers = open_cohort(&spec.cohort, &coding, &spec.centers)?;
+    let labelled: usize = centers
         .iter()
         .flat_map(|(_, m)| &m.patients)
         .filter(|p| p.slm.is_some())
@@ -155,24 +155,24 @@ pub fn train(
         "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
         "mode": "centralised",
         "cohort": spec.cohort.display().to_string(),
-        "centers": centres.iter().map(|(n, m)| json!({"name": n, "patients": m.patients.len()})).collect::<Vec<_>>(),
+        "centers": centers.iter().map(|(n, m)| json!({"name": n, "patients": m.patients.len()})).collect::<Vec<_>>(),
         "seed": spec.seed,
     });
     let name = spec.model.name();
     let model_path = spec.out.join(format!("{name}.safetensors"));
     let cv_path = spec.out.join(format!("{name}-cv-predictions.csv"));
-    let centre_names: Vec<String> = centres.iter().map(|(n, _)| n.clone()).collect();
+    let center_names: Vec<String> = centers.iter().map(|(n, _)| n.clone()).collect();
     let mut trained = Trained {
         model: model_path.clone(),
         description: String::new(),
-        centres: centre_names,
+        centers: center_names,
         patients: 0,
         positives: 0,
         clinical_fit: None,
         cross_validation: None,
     };
     if !spec.model.is_network() {
-        let patients: Vec<(&str, &Patient)> = centres
+        let patients: Vec<(&str, &Patient)> = centers
             .iter()
             .flat_map(|(n, m)| m.patients.iter().map(move |p| (n.as_str(), p)))
             .filter(|(_, p)| p.slm.is_some())
@@ -181,7 +181,7 @@ pub fn train(
             .iter()
             .map(|(c, p)| Row {
                 id: &p.id,
-                centre: c,
+                center: c,
                 label: p.slm == Some(true),
             })
             .collect();
@@ -228,22 +228,22 @@ pub fn train(
         ..spec.train.clone()
     };
     let mut samples: Vec<Sample> = Vec::new();
-    for (centre, manifest) in &centres {
+    for (center, manifest) in &centers {
         let (s, _) = load_center(
             manifest,
-            centre,
+            center,
             &coding,
             &preprocess,
             spec.cache.as_deref(),
         )
-        .context(|| format!("centre {centre}"))?;
+        .context(|| format!("centre {center}"))?;
         samples.extend(s.into_iter().filter(|s| s.label.is_some()));
     }
     let rows: Vec<Row> = samples
         .iter()
         .map(|s| Row {
             id: &s.patient_id,
-            centre: &s.center,
+            center: &s.center,
             label: s.label == Some(true),
         })
         .collect();

@@ -19,7 +19,7 @@ use crate::{Context, StudyError};
 pub struct StoredSide {
     pub runs: Vec<String>,
     pub pooled: ScoreHistograms,
-    pub centres: BTreeSet<CenterId>,
+    pub centers: BTreeSet<CenterId>,
 }
 
 /// The stored evaluations of the runs in `dirs` by the centres with `role`, pooled; `model` names the side in
@@ -27,7 +27,7 @@ pub struct StoredSide {
 pub fn stored_side(dirs: &[PathBuf], role: Role, model: &str) -> Result<StoredSide, StudyError> {
     let mut runs = Vec::new();
     let mut pooled: Option<ScoreHistograms> = None;
-    let mut centres = BTreeSet::new();
+    let mut centers = BTreeSet::new();
     for dir in dirs {
         let at = || format!("model {model}: {}", dir.display());
         let store = Store::open_existing(dir).context(at)?;
@@ -59,7 +59,7 @@ pub fn stored_side(dirs: &[PathBuf], role: Role, model: &str) -> Result<StoredSi
             )));
         }
         for (c, h) in hs {
-            centres.insert(c);
+            centers.insert(c);
             match &mut pooled {
                 Some(p) => p.merge(&h).context(at)?,
                 None => pooled = Some(h),
@@ -72,7 +72,7 @@ pub fn stored_side(dirs: &[PathBuf], role: Role, model: &str) -> Result<StoredSi
     Ok(StoredSide {
         runs,
         pooled,
-        centres,
+        centers,
     })
 }
 
@@ -101,10 +101,10 @@ pub fn compare_stored(
 ) -> Result<(Comparison, ComparisonRecord), StudyError> {
     let sa = stored_side(a, role, "A")?;
     let sb = stored_side(b, role, "B")?;
-    if sa.centres != sb.centres {
+    if sa.centers != sb.centers {
         return Err(StudyError::Refused(format!(
             "model A was evaluated at {:?} and model B at {:?}: a paired test needs the same patients",
-            sa.centres, sb.centres
+            sa.centers, sb.centers
         )));
     }
     if sa.pooled.bins() != sb.pooled.bins() {
@@ -115,7 +115,7 @@ pub fn compare_stored(
         )));
     }
     if let Some(c) = sa
-        .centres
+        .centers
         .iter()
         .find(|c| !config.enrolment.centers.contains_key(*c))
     {
@@ -124,8 +124,8 @@ pub fn compare_stored(
             config_path.display()
         )));
     }
-    let centres: Vec<CenterId> = sa.centres.iter().cloned().collect();
-    let tasks: Vec<(CenterId, PlacementTask)> = centres
+    let centers: Vec<CenterId> = sa.centers.iter().cloned().collect();
+    let tasks: Vec<(CenterId, PlacementTask)> = centers
         .iter()
         .map(|c| {
             let task = PlacementTask::new(sa.runs.clone(), sb.runs.clone(), &sa.pooled, &sb.pooled);
@@ -143,7 +143,7 @@ pub fn compare_stored(
         Ok::<_, StudyError>(server.run_placements(tasks, deadline).await?)
     })?;
     let mut reports = Vec::new();
-    for (c, answer) in centres.iter().zip(answers) {
+    for (c, answer) in centers.iter().zip(answers) {
         let r = answer.map_err(|e| StudyError::Failed(format!("no paired comparison: {e}")))?;
         reports.push((c.clone(), r));
     }
@@ -156,7 +156,7 @@ pub fn compare_stored(
         },
         a_runs: sa.runs,
         b_runs: sb.runs,
-        centers: centres.iter().map(|c| c.to_string()).collect(),
+        centers: centers.iter().map(|c| c.to_string()).collect(),
         auc_a: c.auc_a,
         auc_b: c.auc_b,
         z: c.z,

@@ -6,6 +6,7 @@
 //!   rendered ([`simulate::report`]).
 //! - [`centralised`]: centralised cross-validated training, the baseline federated results are measured
 //!   against.
+//! - [`bench`]: the round and commit benchmarks' measurements.
 //! - [`compare`]: a paired test of two models' runs in a real deployment, from their stores.
 //! - [`score`]: the statistics of a set of scores; [`figures`]: ROC, decision and calibration curves.
 //! - [`init`], [`net`], [`predict`], [`runs`]: initial models, architectures, scoring a site, a federation's
@@ -14,6 +15,7 @@
 //! Invariant: no choice (rounds, cut-off) is made on the held-out centre's results; the Youden cut-off is
 //! chosen on the internal scores and applied unchanged externally.
 
+pub mod bench;
 pub mod centralised;
 pub mod compare;
 mod error;

@@ -32,14 +32,14 @@ pub struct Predictions {
 /// patients' and carry no pairing between models; ROC, Youden, decision curves and calibration depend only on
 /// each class's distribution, which the histograms hold exactly (to the bin).
 pub fn binned_rows(h: &m::ScoreHistograms) -> (Vec<bool>, Vec<f64>) {
-    let centre = |b: usize| h.bin_value(b) + 0.5 / h.bins() as f64;
+    let center = |b: usize| h.bin_value(b) + 0.5 / h.bins() as f64;
     let mut labels = Vec::new();
     let mut scores = Vec::new();
     for (class, counts) in [(true, &h.positive), (false, &h.negative)] {
         for (b, &n) in counts.iter().enumerate() {
             for _ in 0..n {
                 labels.push(class);
-                scores.push(centre(b));
+                scores.push(center(b));
             }
         }
     }

@@ -231,7 +231,7 @@ fn mistakes_get_clear_errors() {
 }
 
 #[test]
-fn a_site_asking_for_another_centre_gets_the_one_the_coordinator_names() {
+fn a_site_asking_for_another_center_gets_the_one_the_coordinator_names() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ok(

@@ -33,7 +33,7 @@ fn train(out: &std::path::Path) -> PathBuf {
 }
 
 #[test]
-fn training_on_the_reference_centres_reproduces_statsmodels() {
+fn training_on_the_reference_centers_reproduces_statsmodels() {
     let tmp = tempfile::tempdir().unwrap();
     let model = train(tmp.path());
     let (weights, card) = load(&model).unwrap();

@@ -12,17 +12,17 @@ fn reference() -> PathBuf {
 }
 
 #[test]
-fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit() {
+fn federated_newton_over_the_reference_centers_equals_the_pooled_statsmodels_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let centres = ["center-a", "center-b", "center-c"];
+    let centers = ["center-a", "center-b", "center-c"];
     let run = Run::new(
         d,
-        &centres.map(|c| (c, "train")),
+        &centers.map(|c| (c, "train")),
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
     crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
-    let clients: Vec<PathBuf> = centres
+    let clients: Vec<PathBuf> = centers
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))
         .collect();
@@ -61,19 +61,19 @@ fn federated_newton_over_the_reference_centres_equals_the_pooled_statsmodels_fit
 }
 
 #[test]
-fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_of_what_was_sent() {
+fn three_centers_train_one_validates_and_each_global_model_is_the_weighted_mean_of_what_was_sent() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cohort = crate::common::tiny_synth_cohort(d);
-    let centres = crate::common::TINY_CENTRES;
+    let centers = crate::common::TINY_CENTRES;
     let run = Run::new(
         d,
-        &centres,
+        &centers,
         "initial_model = \"init.safetensors\"\nrounds = 2\nlocal_epochs = 1\nbatch_size = 4\n\
          strategy = \"fedprox\"\nproximal_mu = 0.01\n",
     );
     let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
-    let clients: Vec<PathBuf> = centres
+    let clients: Vec<PathBuf> = centers
         .iter()
         .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
         .collect();
@@ -112,7 +112,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
                 .join(format!("{checkpoint}.safetensors")),
         )
         .unwrap();
-        let sent: Vec<(fedslm_protocol::Weights, f64)> = centres[..3]
+        let sent: Vec<(fedslm_protocol::Weights, f64)> = centers[..3]
             .iter()
             .map(|(c, _)| {
                 let (w, card) = fedslm_model::load(&d.join(c).join("sent").join(&file)).unwrap();
@@ -159,7 +159,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
 
     // The final model was evaluated everywhere: the training centres on their patients, the validator on its.
     let evaluation = &rounds[1]["evaluation"];
-    let reported = evaluation["centres"].as_array().unwrap();
+    let reported = evaluation["centers"].as_array().unwrap();
     assert_eq!(reported.len(), 4, "{evaluation}");
     let internal = &evaluation["internal"]["n"];
     assert_eq!(
@@ -172,7 +172,7 @@ fn three_centres_train_one_validates_and_each_global_model_is_the_weighted_mean_
     // Every frame each node sent, byte for byte: only these kinds, no patient id or file name anywhere in
     // them, model tensors exactly the global model's, evaluation as histograms of the bins asked.
     let init = fedslm_model::load(&d.join("init.safetensors")).unwrap().0;
-    for (c, role) in centres {
+    for (c, role) in centers {
         let manifest = std::fs::read_to_string(cohort.join(c).join("manifest.csv")).unwrap();
         let identifiers: Vec<&str> = manifest
             .lines()
@@ -270,7 +270,7 @@ fn a_node_checks_its_cohort_before_anything_leaves_and_dry_run_says_what_would()
 fn federated_cross_validation_holds_each_patient_out_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let centres = ["center-a", "center-b", "center-c"];
+    let centers = ["center-a", "center-b", "center-c"];
     let k = 3;
     let keys = |fold: u32| {
         format!(
@@ -278,16 +278,16 @@ fn federated_cross_validation_holds_each_patient_out_exactly_once() {
              evaluation_bins = 200\n"
         )
     };
-    let run = Run::new(d, &centres.map(|c| (c, "train")), &keys(0));
+    let run = Run::new(d, &centers.map(|c| (c, "train")), &keys(0));
     crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
-    let clients: Vec<PathBuf> = centres
+    let clients: Vec<PathBuf> = centers
         .iter()
         .map(|c| run.client_config(c, &reference().join(c), ""))
         .collect();
     let mut held_out: std::collections::BTreeMap<String, u64> = Default::default();
     let mut pooled = fedslm_metrics::ScoreHistograms::new(200).unwrap();
     for fold in 0..k {
-        run.write_server_config(&centres.map(|c| (c, "train")), &keys(fold));
+        run.write_server_config(&centers.map(|c| (c, "train")), &keys(fold));
         let args: &[&str] = if fold == 0 { &[] } else { &["--new-run"] };
         let (out, _) = run.go_with(args, &clients);
         assert!(
@@ -304,7 +304,7 @@ fn federated_cross_validation_holds_each_patient_out_exactly_once() {
         .unwrap();
         let evaluation = &last["evaluation"];
         assert_eq!(evaluation["fold"]["index"], fold);
-        for c in evaluation["centres"].as_array().unwrap() {
+        for c in evaluation["centers"].as_array().unwrap() {
             let n = c["examples"].as_u64().unwrap();
             *held_out
                 .entry(c["center"].as_str().unwrap().to_string())
@@ -328,7 +328,7 @@ fn federated_cross_validation_holds_each_patient_out_exactly_once() {
         }
     }
     // Each centre's patients were evaluated exactly once, out of fold.
-    for c in centres {
+    for c in centers {
         assert_eq!(held_out[c], labelled(&reference().join(c)), "{c}");
     }
     let oof = pooled.delong().unwrap();
@@ -355,11 +355,11 @@ fn labelled(dir: &Path) -> u64 {
 /// `server compare` asks each training centre for its placement sums. The test's AUCs are the pooled
 /// histograms' (every patient placed once), and a comparison over the wrong runs is refused.
 #[test]
-fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
+fn server_compare_pairs_two_models_from_the_scores_the_centers_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cohort = crate::common::tiny_synth_cohort(d);
-    let centres = crate::common::TINY_CENTRES;
+    let centers = crate::common::TINY_CENTRES;
     let node_settings = |c: &str| {
         format!(
             "scores = \"{}\"\n[preprocess]\nsize = 32\nneighbours = 0\n",
@@ -378,8 +378,8 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
                  cv_folds = 2\nevaluation_bins = 100\n",
                 d.join(format!("{model}.safetensors")).display()
             );
-            let run = Run::with_id(&dir, &format!("{model}-fold-{fold}"), &centres, &keys);
-            let clients: Vec<PathBuf> = centres
+            let run = Run::with_id(&dir, &format!("{model}-fold-{fold}"), &centers, &keys);
+            let clients: Vec<PathBuf> = centers
                 .iter()
                 .map(|(c, _)| run.client_config(c, &cohort.join(c), &node_settings(c)))
                 .collect();
@@ -424,7 +424,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
 
     let compare = |dir: &Path, a: &[String], b: &[String]| {
         std::fs::create_dir_all(dir).unwrap();
-        let run = Run::with_id(dir, "compare", &centres, "");
+        let run = Run::with_id(dir, "compare", &centers, "");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fedslm"));
         cmd.args(["server", "compare", "--config"])
             .arg(dir.join("server.toml"))
@@ -436,7 +436,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
             |out, err| out.contains("listening on") || !err.is_empty(),
             std::time::Duration::from_secs(30),
         );
-        let clients: Vec<_> = centres
+        let clients: Vec<_> = centers
             .iter()
             .map(|(c, _)| run.client(&run.client_config(c, &cohort.join(c), &node_settings(c)), 5))
             .collect();
@@ -462,8 +462,8 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
     let p = c["p"].as_f64().unwrap();
     assert!(p > 0.0 && p <= 1.0, "{c}");
     // What each node sent in this pass: one PlacementReport of ten sums, nothing else but its Hello.
-    for (centre, role) in centres {
-        let frames = run.dir.join(centre).join("sent/frames");
+    for (center, role) in centers {
+        let frames = run.dir.join(center).join("sent/frames");
         let kinds: Vec<String> = std::fs::read_dir(&frames)
             .map(|r| {
                 r.map(|e| {
@@ -479,7 +479,7 @@ fn server_compare_pairs_two_models_from_the_scores_the_centres_kept() {
         assert_eq!(
             placements,
             usize::from(role == "train"),
-            "{centre}: {kinds:?}"
+            "{center}: {kinds:?}"
         );
     }
 

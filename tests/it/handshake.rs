@@ -35,7 +35,7 @@ fn refused(e: &ClientError) -> (ErrorCode, String) {
 }
 
 #[tokio::test]
-async fn a_valid_centre_is_admitted_and_identified_by_its_certificate() {
+async fn a_valid_center_is_admitted_and_identified_by_its_certificate() {
     let mut fed = Federation::start("").await;
     let session = connect(
         &fed.node("center-a"),
@@ -233,7 +233,7 @@ async fn a_certificate_with_the_server_auth_usage_only_is_refused() {
 }
 
 #[tokio::test]
-async fn a_valid_certificate_of_a_centre_not_enrolled_is_refused() {
+async fn a_valid_certificate_of_a_center_not_enrolled_is_refused() {
     let mut fed = Federation::start("").await;
     fed.control("center-a").await;
     let e = connect(&fed.node("center-z"), SampleCounts::default())
@@ -328,7 +328,7 @@ async fn a_protocol_version_mismatch_is_refused() {
 }
 
 #[tokio::test]
-async fn a_hello_claiming_another_centre_is_refused() {
+async fn a_hello_claiming_another_center_is_refused() {
     let mut fed = Federation::start("").await;
     fed.control("center-a").await;
     // center-a's certificate, but the Hello says center-b.
@@ -410,7 +410,7 @@ async fn a_misbehaving_peer_does_not_stop_the_server() {
 }
 
 #[tokio::test]
-async fn a_second_connection_of_a_centre_supersedes_the_first() {
+async fn a_second_connection_of_a_center_supersedes_the_first() {
     let mut fed = Federation::start("").await;
     let config = fed.node("center-a");
     let first = connect(&config, SampleCounts::default()).await.unwrap();

@@ -165,12 +165,12 @@ fn killed_at_every_failpoint_the_run_resumes_and_ends_as_the_uninterrupted_run()
 fn a_restart_with_other_settings_is_refused_naming_them_unless_it_is_a_new_run() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let centres = [("center-a", "train"), ("center-b", "train")];
+    let centers = [("center-a", "train"), ("center-b", "train")];
     let reference = crate::common::reference("clinical");
     let keys = "initial_model = \"init.safetensors\"\nrounds = 30\nround_start_grace_secs = 1\n";
-    let run = Run::new(d, &centres, keys);
+    let run = Run::new(d, &centers, keys);
     crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
-    let clients: Vec<PathBuf> = centres
+    let clients: Vec<PathBuf> = centers
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))
         .collect();
@@ -190,7 +190,7 @@ fn a_restart_with_other_settings_is_refused_naming_them_unless_it_is_a_new_run()
 
     // Other settings: refused, naming each change.
     run.write_server_config(
-        &centres,
+        &centers,
         "initial_model = \"init.safetensors\"\nrounds = 31\nseed = 9\nround_start_grace_secs = 1\n",
     );
     let (ok, _, err) = fedslm(&[
@@ -233,7 +233,7 @@ fn a_restart_with_other_settings_is_refused_naming_them_unless_it_is_a_new_run()
 fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let centres = [
+    let centers = [
         ("center-a", "train"),
         ("center-b", "train"),
         ("center-c", "train"),
@@ -241,11 +241,11 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
     let reference = crate::common::reference("clinical");
     let run = Run::new(
         d,
-        &centres,
+        &centers,
         "initial_model = \"init.safetensors\"\nrounds = 30\n",
     );
     crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
-    let clients: Vec<PathBuf> = centres
+    let clients: Vec<PathBuf> = centers
         .iter()
         .map(|(c, _)| run.client_config(c, &reference.join(c), ""))
         .collect();

@@ -159,7 +159,7 @@ fn setup(round_keys: &str) -> Setup {
         &["127.0.0.1".parse().unwrap()],
     )
     .unwrap();
-    let centres = crate::common::TINY_CENTRES;
+    let centers = crate::common::TINY_CENTRES;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -168,12 +168,12 @@ fn setup(round_keys: &str) -> Setup {
     let addr = format!("127.0.0.1:{port}");
     let mut toml =
         format!("listen = \"{addr}\"\npki = \"pki\"\nrun_id = \"rounds\"\n{round_keys}\n");
-    for (c, role) in centres {
+    for (c, role) in centers {
         toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
     }
     let config = ServerConfig::parse(&toml, &dir.path().join("server.toml")).unwrap();
     let mut configs = BTreeMap::new();
-    for (c, _) in centres {
+    for (c, _) in centers {
         let out = dir.path().join(c);
         pki.issue(&id(c), &out, IssueOptions::days(30).unwrap())
             .unwrap();

@@ -11,7 +11,7 @@ fn reference() -> std::path::PathBuf {
 }
 
 #[test]
-fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmodels_fit() {
+fn the_clinical_model_simulated_over_the_reference_centers_is_the_pooled_statsmodels_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sim");
     let (ok, stdout, err) = fedslm(&[
@@ -50,7 +50,7 @@ fn the_clinical_model_simulated_over_the_reference_centres_is_the_pooled_statsmo
     assert_eq!(clinical["external"], Value::Null);
     assert_eq!(clinical["rounds"]["folds"].as_array().unwrap().len(), 5);
     assert_eq!(
-        clinical["per_centre_internal"].as_object().unwrap().len(),
+        clinical["per_center_internal"].as_object().unwrap().len(),
         3
     );
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);

@@ -25,7 +25,7 @@ fn error(rows: &[&str]) -> String {
 }
 
 #[test]
-fn the_reference_centres_read_and_code_as_designed() {
+fn the_reference_centers_read_and_code_as_designed() {
     let mut total = 0;
     let mut positives = 0;
     for c in ["center-a", "center-b", "center-c"] {

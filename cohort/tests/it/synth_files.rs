@@ -111,7 +111,7 @@ fn the_same_seed_gives_the_same_bytes() {
 }
 
 #[test]
-fn a_partitioned_federation_keeps_every_patient_once_and_the_external_centre() {
+fn a_partitioned_federation_keeps_every_patient_once_and_the_external_center() {
     let centers = Preset::Study.centers();
     let plan = Plan::partitioned(3, &centers, 8, Partitioner::Dirichlet { alpha: 0.5 });
     assert_eq!(plan.groups.len(), 9);

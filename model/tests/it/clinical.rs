@@ -11,13 +11,13 @@ fn the_fit_on_samples_is_the_statsmodels_pooled_fit() {
     let reference = PathBuf::from(env!("FEDSLM_REFERENCE")).join("clinical");
     let coding = ClinicalCoding::default();
     let mut samples = Vec::new();
-    for centre in ["center-a", "center-b", "center-c"] {
+    for center in ["center-a", "center-b", "center-c"] {
         let manifest =
-            Manifest::read(&reference.join(centre).join("manifest.csv"), &coding).unwrap();
+            Manifest::read(&reference.join(center).join("manifest.csv"), &coding).unwrap();
         for p in &manifest.patients {
             samples.push(Sample {
                 patient_id: p.id.clone(),
-                center: centre.into(),
+                center: center.into(),
                 image: Vec::new(),
                 channels: 0,
                 size: 0,

@@ -30,8 +30,8 @@ fn samples(n: usize, seed: u64) -> Vec<Sample> {
             let image = (0..3 * SIZE * SIZE)
                 .map(|j| {
                     let (x, y) = ((j % SIZE) as f64, ((j / SIZE) % SIZE) as f64);
-                    let centre = (x - 7.5).abs() < 4.0 && (y - 7.5).abs() < 4.0 && j < SIZE * SIZE;
-                    (rng.normal() + if centre && label { 3.0 } else { 0.0 }) as f32
+                    let center = (x - 7.5).abs() < 4.0 && (y - 7.5).abs() < 4.0 && j < SIZE * SIZE;
+                    (rng.normal() + if center && label { 3.0 } else { 0.0 }) as f32
                 })
                 .collect();
             Sample {

@@ -197,14 +197,14 @@ impl Shared {
             ServerEvent::RoundCommitted(r) => {
                 tracing::info!(
                     round = r.round,
-                    centres = r.contributions.len(),
+                    centers = r.contributions.len(),
                     "round committed"
                 )
             }
             ServerEvent::Evaluated(e) => {
                 tracing::info!(
                     round = e.round,
-                    centres = e.centres.len(),
+                    centers = e.centers.len(),
                     "round evaluated"
                 )
             }
@@ -236,7 +236,7 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             center,
             reason,
             ..
-        } => AuditEvent::CentreRefused {
+        } => AuditEvent::CenterRefused {
             center: center.to_string(),
             remote: remote.to_string(),
             reason: reason.clone(),
@@ -245,12 +245,12 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             remote,
             center,
             role,
-        } => AuditEvent::CentreJoined {
+        } => AuditEvent::CenterJoined {
             center: center.to_string(),
             role: role.name().into(),
             remote: remote.to_string(),
         },
-        ServerEvent::Disconnected { center, reason } => AuditEvent::CentreLeft {
+        ServerEvent::Disconnected { center, reason } => AuditEvent::CenterLeft {
             center: center.to_string(),
             reason: reason.clone(),
         },

@@ -10,13 +10,13 @@ use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, Role};
 use super::fit::After;
 use super::{Action, Coordinator, Gone, Outcome, Phase, TaskId, TaskSet};
 use crate::aggregate::UpdateRefusal;
-use crate::evaluation::{check_report, CentreEvaluation, Evaluation};
+use crate::evaluation::{check_report, CenterEvaluation, Evaluation};
 
 /// An evaluation whose tasks are out.
 pub(super) struct Evaluating {
     round: u32,
     pub(super) tasks: TaskSet,
-    centres: Vec<CentreEvaluation>,
+    centers: Vec<CenterEvaluation>,
     missing: Vec<(CenterId, String)>,
     after: After,
 }
@@ -75,7 +75,7 @@ impl Coordinator {
             fold: None,
             histogram_bins: self.settings.evaluation.bins,
         };
-        tracing::info!(round, centres = tasks.len(), "evaluation started");
+        tracing::info!(round, centers = tasks.len(), "evaluation started");
         if !training.is_empty() {
             self.actions.push_back(Action::SendEvaluate {
                 task: Arc::new(EvaluateTask {
@@ -94,7 +94,7 @@ impl Coordinator {
         self.phase = Phase::Evaluating(Box::new(Evaluating {
             round,
             tasks,
-            centres: Vec::new(),
+            centers: Vec::new(),
             missing,
             after,
         }));
@@ -115,7 +115,7 @@ impl Coordinator {
         Coordinator::owned_and_pending(&e.tasks, center, task, e.round)?;
         let histogram = check_report(&report, e.round, self.settings.evaluation.bins)?;
         e.tasks.settle(task, center);
-        e.centres.push(CentreEvaluation {
+        e.centers.push(CenterEvaluation {
             center: center.clone(),
             role: self.roles.get(center).copied().unwrap_or(Role::Validate),
             examples: report.examples,
@@ -136,7 +136,7 @@ impl Coordinator {
             round: e.round,
             fold: self.settings.fold,
             bins: self.settings.evaluation.bins,
-            centres: e.centres,
+            centers: e.centers,
             missing: e.missing,
         };
         self.actions

@@ -109,7 +109,7 @@ impl Coordinator {
         };
         tracing::info!(
             round,
-            centres = to.len(),
+            centers = to.len(),
             retry = self.retries,
             "round started"
         );

@@ -190,7 +190,7 @@ impl Coordinator {
                 }
                 self.connected.remove(&center);
                 if let Some(tasks) = self.phase.tasks_mut() {
-                    for task in tasks.drop_centre(&center) {
+                    for task in tasks.drop_center(&center) {
                         self.phase.note(task, &center, Gone::Disconnected);
                     }
                 }

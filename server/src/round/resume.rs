@@ -23,7 +23,7 @@ impl Coordinator {
     ) -> Result<Coordinator, SetupError> {
         let training = roles.values().filter(|r| **r == Role::Train).count();
         if training == 0 {
-            return Err(SetupError::NoTrainingCentre);
+            return Err(SetupError::NoTrainingCenter);
         }
         if settings.quorum == 0 {
             return Err(SetupError::ZeroQuorum);

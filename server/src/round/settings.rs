@@ -76,7 +76,7 @@ impl Default for EvaluationSettings {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SetupError {
     #[error("no centre has the role train")]
-    NoTrainingCentre,
+    NoTrainingCenter,
     #[error("quorum {quorum} is more than the {training} training centres enrolled")]
     Quorum { quorum: usize, training: usize },
     #[error("quorum must be at least 1")]

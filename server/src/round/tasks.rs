@@ -44,7 +44,7 @@ impl TaskSet {
     }
 
     /// Ends every pending task of `center` (its connection is gone); returns them.
-    pub(crate) fn drop_centre(&mut self, center: &CenterId) -> Vec<TaskId> {
+    pub(crate) fn drop_center(&mut self, center: &CenterId) -> Vec<TaskId> {
         let gone: Vec<TaskId> = self
             .pending
             .iter()
@@ -92,7 +92,7 @@ mod tests {
         assert!(!t.settle(1, &id("b")), "not b's task");
         assert!(t.settle(1, &id("a")));
         assert!(!t.settle(1, &id("a")), "settled already");
-        assert_eq!(t.drop_centre(&id("a")), vec![3]);
+        assert_eq!(t.drop_center(&id("a")), vec![3]);
         assert!(!t.is_done());
         assert_eq!(t.expire(), vec![(2, id("b"))]);
         assert!(t.is_done());

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 mod status;
 
 use status::run_status;
-pub use status::{AuditStatus, CentreStatus, LastRound, RunStatus};
+pub use status::{AuditStatus, CenterStatus, LastRound, RunStatus};
 
 use crate::audit::{check_chain, AuditEvent, Head};
 use crate::evaluation::EvaluationRecord;
@@ -651,7 +651,7 @@ impl Store {
             round,
             internal_auc: evaluation.internal.and_then(|a| a.auc),
             external_auc: evaluation.external.and_then(|a| a.auc),
-            centres: evaluation.centres.len(),
+            centers: evaluation.centers.len(),
         };
         stored.evaluation = Some(evaluation);
         self.write_with_audit(&[(key, json_bytes(&stored))], event)?;
@@ -968,7 +968,7 @@ mod tests {
             let status: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(out.join(STATUS_FILE)).unwrap()).unwrap();
             assert_eq!(status["rounds_committed"], 1);
-            assert_eq!(status["centres"][0]["center"], "center-a");
+            assert_eq!(status["centers"][0]["center"], "center-a");
         }
         {
             let mut store = Store::open(out, None).unwrap();

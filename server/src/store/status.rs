@@ -17,7 +17,7 @@ pub struct RunStatus {
     pub resumes: u32,
     pub rounds_planned: u32,
     pub rounds_committed: u32,
-    pub centres: Vec<CentreStatus>,
+    pub centers: Vec<CenterStatus>,
     pub last_round: Option<LastRound>,
     pub final_checkpoint: Option<String>,
     pub audit: AuditStatus,
@@ -28,7 +28,7 @@ pub struct RunStatus {
 
 /// One enrolled centre in [`RunStatus`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CentreStatus {
+pub struct CenterStatus {
     pub center: String,
     pub role: String,
     pub rounds_contributed: usize,
@@ -45,7 +45,7 @@ pub struct LastRound {
     /// The example-weighted training loss; absent where no centre contributed.
     pub train_loss: Option<f64>,
     pub examples: u64,
-    pub centres: usize,
+    pub centers: usize,
     pub silent: Vec<String>,
     pub refused: usize,
     pub seconds: f64,
@@ -60,7 +60,7 @@ pub struct AuditStatus {
 }
 
 pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> RunStatus {
-    let mut centres = Vec::new();
+    let mut centers = Vec::new();
     for (key, role) in &meta.fingerprint {
         let Some(center) = key.strip_prefix("center.") else {
             continue;
@@ -75,7 +75,7 @@ pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> 
             })
             .collect();
         let last = mine.last();
-        centres.push(CentreStatus {
+        centers.push(CenterStatus {
             center: center.to_string(),
             role: role.clone(),
             rounds_contributed: mine.len(),
@@ -95,13 +95,13 @@ pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> 
         resumes: meta.resumes,
         rounds_planned: meta.rounds_planned,
         rounds_committed: last.map_or(0, |r| r.round),
-        centres,
+        centers,
         last_round: last.map(|r| LastRound {
             round: r.round,
             checkpoint: r.checkpoint.clone(),
             train_loss: Some(r.train_loss()).filter(|l| l.is_finite()),
             examples: r.contributions.iter().map(|c| c.examples).sum(),
-            centres: r.contributions.len(),
+            centers: r.contributions.len(),
             silent: r.silent.clone(),
             refused: r.refused.len(),
             seconds: r.seconds,

@@ -26,14 +26,14 @@ struct Plan<'a> {
     side: &'static str,
     pooled_a: &'a ScoreHistograms,
     pooled_b: &'a ScoreHistograms,
-    centres: Vec<CenterId>,
+    centers: Vec<CenterId>,
     a_runs: Vec<String>,
     b_runs: Vec<String>,
 }
 
 /// The tests to make: every model against combined, on each side both have histograms for.
 fn plans<'a>(
-    centres: &[(String, Role)],
+    centers: &[(String, Role)],
     folds: u32,
     per_model: &'a [(ModelKind, ModelRun)],
 ) -> Result<Vec<Plan<'a>>, StudyError> {
@@ -67,7 +67,7 @@ fn plans<'a>(
             let (Some(pooled_a), Some(pooled_b)) = (ha, hb) else {
                 continue;
             };
-            let centres = centres
+            let centers = centers
                 .iter()
                 .filter(|(_, r)| *r == role)
                 .map(|(c, _)| {
@@ -80,7 +80,7 @@ fn plans<'a>(
                 side,
                 pooled_a,
                 pooled_b,
-                centres,
+                centers,
                 a_runs: runs(*a_model, &fs),
                 b_runs: runs(b_model, &fs),
             });
@@ -95,13 +95,13 @@ pub fn compare(
     runtime: &tokio::runtime::Runtime,
     per_model: &[(ModelKind, ModelRun)],
 ) -> Result<Vec<ComparisonResult>, StudyError> {
-    let plans = plans(&ctx.centres, ctx.settings.folds, per_model)?;
+    let plans = plans(&ctx.centers, ctx.settings.folds, per_model)?;
     if plans.is_empty() {
         return Ok(Vec::new());
     }
     let mut tasks = Vec::new();
     for p in &plans {
-        for c in &p.centres {
+        for c in &p.centers {
             tasks.push((
                 c.clone(),
                 PlacementTask::new(p.a_runs.clone(), p.b_runs.clone(), p.pooled_a, p.pooled_b),
@@ -111,7 +111,7 @@ pub fn compare(
     let dir = ctx.out.join("runs").join("comparisons");
     crate::error::create_dir(&dir)?;
     let config =
-        configs::server_config(&ctx.pki, "simulate-comparisons", &dir, &ctx.centres, |t| {
+        configs::server_config(&ctx.pki, "simulate-comparisons", &dir, &ctx.centers, |t| {
             t.rounds = 1;
         })?;
     let mut answers = runtime
@@ -127,7 +127,7 @@ pub fn compare(
     for p in &plans {
         let mut reports = Vec::new();
         let mut failed = Vec::new();
-        for c in &p.centres {
+        for c in &p.centers {
             match answers.next() {
                 Some(Ok(r)) => reports.push((c.clone(), r)),
                 Some(Err(e)) => failed.push(e.to_string()),

@@ -7,7 +7,7 @@ use std::path::Path;
 use fedslm_certs::ClientTlsFiles;
 use fedslm_client::ClientConfig;
 use fedslm_protocol::{CenterId, Role};
-use fedslm_server::config::{CentreEntry, ServerToml};
+use fedslm_server::config::{CenterEntry, ServerToml};
 use fedslm_server::ServerConfig;
 
 use crate::StudyError;
@@ -19,15 +19,15 @@ pub fn server_config(
     pki: &Path,
     run_id: &str,
     output: &Path,
-    centres: &[(String, Role)],
+    centers: &[(String, Role)],
     adjust: impl FnOnce(&mut ServerToml),
 ) -> Result<ServerConfig, StudyError> {
     let listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut toml = ServerToml::new(listen, pki.to_path_buf(), run_id.to_string());
     toml.output = output.to_path_buf();
-    toml.center = centres
+    toml.center = centers
         .iter()
-        .map(|(id, role)| CentreEntry {
+        .map(|(id, role)| CenterEntry {
             id: id.clone(),
             role: role.name().to_string(),
         })
@@ -74,7 +74,7 @@ mod tests {
     #[test]
     fn paths_with_quotes_and_spaces_reach_the_configurations_as_they_are() {
         let odd = Path::new("/tmp/a \"quoted\" folder\\with backslash");
-        let centres = vec![
+        let centers = vec![
             ("center-a".to_string(), Role::Train),
             ("external".to_string(), Role::Validate),
         ];
@@ -82,7 +82,7 @@ mod tests {
             &odd.join("pki"),
             "run-1",
             &odd.join("runs"),
-            &centres,
+            &centers,
             |t| {
                 t.rounds = 3;
                 t.cv_fold = Some(1);

@@ -89,7 +89,7 @@ pub fn federate(
         s.rounds
     };
     let config: ServerConfig =
-        configs::server_config(&ctx.pki, &run_id(model, fold), &dir, &ctx.centres, |t| {
+        configs::server_config(&ctx.pki, &run_id(model, fold), &dir, &ctx.centers, |t| {
             t.initial_model = Some(init.to_path_buf());
             t.rounds = rounds;
             t.local_epochs = s.local_epochs;
@@ -166,7 +166,7 @@ pub fn federate(
                     "fold": fold,
                     "folds": s.folds,
                     "seed": s.seed,
-                    "centers": ctx.centres.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
+                    "centers": ctx.centers.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
                     "audit_head": store.head().hex(),
                 }),
                 metrics: record

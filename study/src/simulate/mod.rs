@@ -81,7 +81,7 @@ pub enum Holdout {
     /// `external`, where the cohort has a centre of that name; else none.
     Default,
     None,
-    Centre(String),
+    Center(String),
 }
 
 impl Holdout {
@@ -90,8 +90,8 @@ impl Holdout {
         match self {
             Holdout::None => Ok(None),
             Holdout::Default => Ok(names.iter().find(|n| *n == "external").cloned()),
-            Holdout::Centre(c) if names.contains(c) => Ok(Some(c.clone())),
-            Holdout::Centre(c) => Err(StudyError::Refused(format!(
+            Holdout::Center(c) if names.contains(c) => Ok(Some(c.clone())),
+            Holdout::Center(c) => Err(StudyError::Refused(format!(
                 "--holdout {c}: no such centre; the cohort has {}",
                 names.join(", ")
             ))),
@@ -174,7 +174,7 @@ pub(crate) struct Simulation<'a> {
     pub(crate) out: PathBuf,
     pub(crate) cohort: PathBuf,
     pub(crate) pki: PathBuf,
-    pub(crate) centres: Vec<(String, Role)>,
+    pub(crate) centers: Vec<(String, Role)>,
     /// Each centre's node, its cohort loaded once for every federation.
     pub(crate) nodes: Vec<(String, SharedNode)>,
     pub(crate) observer: Observer<'a>,
@@ -209,9 +209,9 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             dir
         }
     };
-    let names = centre_names(&cohort)?;
+    let names = center_names(&cohort)?;
     let holdout = settings.holdout.resolve(&names)?;
-    let centres: Vec<(String, Role)> = names
+    let centers: Vec<(String, Role)> = names
         .iter()
         .map(|n| {
             let role = if Some(n) == holdout.as_ref() {
@@ -222,7 +222,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             (n.clone(), role)
         })
         .collect();
-    if !centres.iter().any(|(_, r)| *r == Role::Train) {
+    if !centers.iter().any(|(_, r)| *r == Role::Train) {
         return Err(StudyError::Refused(format!(
             "no training centre left once {} is held out",
             holdout.unwrap_or_default()
@@ -236,7 +236,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         &[std::net::IpAddr::from([127, 0, 0, 1])],
     )?;
     let mut nodes = Vec::new();
-    for (name, role) in &centres {
+    for (name, role) in &centers {
         let id = CenterId::new(name.as_str())
             .map_err(|e| StudyError::Refused(format!("centre folder {name:?}: {e}")))?;
         pki.issue(
@@ -271,7 +271,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         out: out.clone(),
         cohort: cohort.clone(),
         pki: pki_dir,
-        centres,
+        centers,
         nodes,
         observer,
     };
@@ -354,7 +354,7 @@ fn prepare_out(out: &Path) -> Result<PathBuf, StudyError> {
 }
 
 /// The centres of a cohort: its sub-folders with a manifest.csv, sorted.
-fn centre_names(cohort: &Path) -> Result<Vec<String>, StudyError> {
+fn center_names(cohort: &Path) -> Result<Vec<String>, StudyError> {
     let mut names: Vec<String> = std::fs::read_dir(cohort)
         .map_err(|source| StudyError::Read {
             path: cohort.to_path_buf(),
@@ -376,11 +376,11 @@ fn centre_names(cohort: &Path) -> Result<Vec<String>, StudyError> {
 
 /// The `study` synthetic cohort, written as NIfTI files and manifests into `dir`.
 fn write_study_cohort(dir: &Path, seed: u64, observer: Observer<'_>) -> Result<(), StudyError> {
-    let centres = Preset::Study.centers();
-    let plan = Plan::natural(&centres);
+    let centers = Preset::Study.centers();
+    let plan = Plan::natural(&centers);
     let total: usize = plan.groups.iter().map(|g| g.1.len()).sum();
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let report = write_cohort(dir, seed, &centres, &plan, &Geometry::standard(), &|n| {
+    let report = write_cohort(dir, seed, &centers, &plan, &Geometry::standard(), &|n| {
         let done = done.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
         observer(StudyEvent::WritingCohort { done, total });
     })?;
@@ -443,7 +443,7 @@ fn simulate_model(
         }
     };
     let mut internal: Option<ScoreHistograms> = None;
-    let mut per_centre: BTreeMap<String, Option<ScoreHistograms>> = BTreeMap::new();
+    let mut per_center: BTreeMap<String, Option<ScoreHistograms>> = BTreeMap::new();
     let mut fold_rounds = Vec::new();
     let mut fold_models = Vec::new();
     for fold in 0..s.folds {
@@ -452,10 +452,10 @@ fn simulate_model(
         let e = f.evaluation.ok_or_else(|| {
             StudyError::Failed(format!("{model} fold {}: no evaluation", fold + 1))
         })?;
-        for c in e.centres.iter().filter(|c| c.role == Role::Train) {
+        for c in e.centers.iter().filter(|c| c.role == Role::Train) {
             merge(&mut internal, &c.histogram)?;
             merge(
-                per_centre.entry(c.center.to_string()).or_default(),
+                per_center.entry(c.center.to_string()).or_default(),
                 &c.histogram,
             )?;
         }
@@ -515,7 +515,7 @@ fn simulate_model(
         centralised,
         internal: side(&internal),
         external: side(&external),
-        per_centre_internal: per_centre
+        per_center_internal: per_center
             .iter()
             .filter_map(|(c, h)| {
                 h.as_ref()
@@ -551,8 +551,8 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
     let spec = TrainSpec {
         cohort: ctx.cohort.clone(),
         model,
-        centres: ctx
-            .centres
+        centers: ctx
+            .centers
             .iter()
             .filter(|(_, r)| *r == Role::Train)
             .map(|(c, _)| c.clone())
@@ -571,7 +571,7 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
     (ctx.observer)(StudyEvent::Milestone(format!(
         "{model} centralised: {} epochs on {} pooled, {} folds",
         spec.train.epochs,
-        spec.centres.join(", "),
+        spec.centers.join(", "),
         spec.folds
     )));
     let trained = train(&spec, &mut |progress| {
@@ -582,12 +582,12 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
         .cross_validation
         .as_ref()
         .map(|(_, _, labels, scores)| AucSummary::of_scores(labels, scores));
-    let external = match ctx.centres.iter().find(|(_, r)| *r == Role::Validate) {
-        Some((centre, _)) => {
+    let external = match ctx.centers.iter().find(|(_, r)| *r == Role::Validate) {
+        Some((center, _)) => {
             let (coding, preprocess) = NetSpec::default().settings()?;
             let (manifest, probs) = crate::predict::probabilities(
                 &trained.model,
-                &ctx.cohort.join(centre).join("manifest.csv"),
+                &ctx.cohort.join(center).join("manifest.csv"),
                 &coding,
                 &preprocess,
                 Some(&ctx.out.join("cache")),
@@ -726,7 +726,7 @@ mod tests {
     }
 
     #[test]
-    fn the_holdout_is_external_by_default_and_a_named_centre_must_exist() {
+    fn the_holdout_is_external_by_default_and_a_named_center_must_exist() {
         let names = vec!["center-a".to_string(), "external".to_string()];
         assert_eq!(
             Holdout::Default.resolve(&names).unwrap().as_deref(),
@@ -735,13 +735,13 @@ mod tests {
         assert_eq!(Holdout::Default.resolve(&names[..1]).unwrap(), None);
         assert_eq!(Holdout::None.resolve(&names).unwrap(), None);
         assert_eq!(
-            Holdout::Centre("center-a".into())
+            Holdout::Center("center-a".into())
                 .resolve(&names)
                 .unwrap()
                 .as_deref(),
             Some("center-a")
         );
-        let e = Holdout::Centre("nowhere".into())
+        let e = Holdout::Center("nowhere".into())
             .resolve(&names)
             .unwrap_err()
             .to_string();

@@ -135,7 +135,7 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
     }
     md.push_str("## Per-centre internal AUC (out of fold)\n\n| model | centre | AUC | 95% CI | positives/negatives |\n| --- | --- | --- | --- | --- |\n");
     for (model, r) in models(results) {
-        for (c, a) in &r.per_centre_internal {
+        for (c, a) in &r.per_center_internal {
             md.push_str(&format!(
                 "| {model} | {c} | {} | {} | {}/{} |\n",
                 a.auc.map_or("-".into(), |a| format!("{a:.3}")),
@@ -169,4 +169,125 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
                  Paired DeLong p against the combined network: from the second pass (each centre's placement sums \
                  of its patients' kept scores against the pooled histograms; no score leaves a centre).\n");
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fedslm_server::evaluation::{AucSummary, ClassCounts};
+
+    use super::*;
+    use crate::simulate::results::{
+        AtCutoff, CentralisedResult, ComparisonResult, RoundsRecord, SettingsRecord,
+    };
+
+    fn side(auc: f64) -> SideResult {
+        SideResult {
+            auc: AucSummary {
+                auc: Some(auc),
+                ci95: Some([auc - 0.1, auc + 0.1]),
+                n: ClassCounts {
+                    positives: 10,
+                    negatives: 20,
+                },
+            },
+            at_internal_youden: Some(AtCutoff {
+                threshold: 0.4,
+                sensitivity: Some(0.8),
+                specificity: Some(0.6),
+            }),
+        }
+    }
+
+    fn model(internal: f64) -> ModelResults {
+        ModelResults {
+            head_start: None,
+            centralised: Some(CentralisedResult {
+                internal: Some(side(0.801).auc),
+                external: None,
+                model: "m".into(),
+                seconds: 1.0,
+            }),
+            internal: Some(side(internal)),
+            external: None,
+            per_center_internal: BTreeMap::from([("center-a".to_string(), side(0.7).auc)]),
+            rounds: RoundsRecord {
+                folds: vec![3],
+                all: 3,
+            },
+            final_model: "m.safetensors".into(),
+            audit_head: "abc".into(),
+            youden_cutoff: Some(0.4),
+            internal_report: None,
+            external_report: None,
+        }
+    }
+
+    #[test]
+    fn the_table_and_the_report_are_rendered_from_the_typed_results_in_the_studys_order() {
+        let results = StudyResults {
+            software: "fedslm".into(),
+            cohort: "c".into(),
+            holdout: None,
+            settings: SettingsRecord {
+                folds: 5,
+                rounds: 10,
+                local_epochs: 3,
+                bins: 1000,
+                seed: 42,
+                network: "compact".into(),
+            },
+            models: BTreeMap::from([
+                ("mri".to_string(), model(0.75)),
+                ("clinical".to_string(), model(0.8)),
+            ]),
+            comparisons: vec![
+                ComparisonResult {
+                    a: "mri".into(),
+                    b: "combined".into(),
+                    side: "internal".into(),
+                    outcome: ComparisonOutcome::Tested {
+                        auc_a: 0.75,
+                        auc_b: 0.8,
+                        z: -2.0,
+                        p: 0.0004,
+                    },
+                },
+                ComparisonResult {
+                    a: "clinical".into(),
+                    b: "combined".into(),
+                    side: "external".into(),
+                    outcome: ComparisonOutcome::NotComputed {
+                        error: "center-x: no answer".into(),
+                    },
+                },
+            ],
+            wall_seconds: 1.0,
+            peak_memory_mib: 2.0,
+        };
+        let t = table(&results);
+        let rows: Vec<&str> = t.lines().skip(1).collect();
+        assert!(
+            rows[0].starts_with("clinical") && rows[1].starts_with("mri"),
+            "{t}"
+        );
+        assert!(
+            rows[0].contains("0.80/0.60") && rows[0].contains("0.801"),
+            "{t}"
+        );
+        assert!(rows[1].contains("<0.001/-"), "{t}");
+        let md = report_md(&results, &[]);
+        assert!(
+            md.contains("| mri | center-a | 0.700 | 0.600-0.800 | 10/20 |"),
+            "{md}"
+        );
+        assert!(md.contains("not computed: center-x: no answer"), "{md}");
+        // results.json keeps each test's outcome under its own keys.
+        let json = serde_json::to_value(&results).unwrap();
+        assert_eq!(json["comparisons"][0]["p"], 0.0004);
+        assert_eq!(json["comparisons"][1]["error"], "center-x: no answer");
+        assert_eq!(json["models"]["mri"]["internal"]["n"]["positives"], 10);
+        assert_eq!(json["models"]["mri"]["rounds"]["final"], 3);
+    }
 }

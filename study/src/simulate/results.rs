@@ -47,7 +47,7 @@ pub struct ModelResults {
     /// The held-out centre, by the federation on all training data.
     pub external: Option<SideResult>,
     /// Each training centre's out-of-fold AUC.
-    pub per_centre_internal: BTreeMap<String, AucSummary>,
+    pub per_center_internal: BTreeMap<String, AucSummary>,
     pub rounds: RoundsRecord,
     pub final_model: String,
     /// The audit head of the federation on all training data.

@@ -27,12 +27,12 @@ pub struct Run {
 
 impl Run {
     /// A PKI with a certificate for each centre, and the server's configuration (output in `out`).
-    pub fn new(dir: &Path, centres: &[(&str, &str)], round_keys: &str) -> Run {
-        Run::with_id(dir, "e2e", centres, round_keys)
+    pub fn new(dir: &Path, centers: &[(&str, &str)], round_keys: &str) -> Run {
+        Run::with_id(dir, "e2e", centers, round_keys)
     }
 
     /// [`Run::new`] with the run id `run_id`.
-    pub fn with_id(dir: &Path, run_id: &str, centres: &[(&str, &str)], round_keys: &str) -> Run {
+    pub fn with_id(dir: &Path, run_id: &str, centers: &[(&str, &str)], round_keys: &str) -> Run {
         let pki = Pki::init(
             &dir.join("pki"),
             "test",
@@ -46,21 +46,21 @@ impl Run {
             port,
             run_id: run_id.to_string(),
         };
-        for (c, _) in centres {
+        for (c, _) in centers {
             pki.issue(&id(c), &dir.join(c), IssueOptions::days(30).unwrap())
                 .unwrap();
         }
-        run.write_server_config(centres, round_keys);
+        run.write_server_config(centers, round_keys);
         run
     }
 
     /// (Re)writes `server.toml`.
-    pub fn write_server_config(&self, centres: &[(&str, &str)], round_keys: &str) {
+    pub fn write_server_config(&self, centers: &[(&str, &str)], round_keys: &str) {
         let mut toml = format!(
             "listen = \"127.0.0.1:{}\"\npki = \"pki\"\nrun_id = \"{}\"\noutput = \"out\"\n{round_keys}\n",
             self.port, self.run_id
         );
-        for (c, role) in centres {
+        for (c, role) in centers {
             toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
         }
         std::fs::write(self.dir.join("server.toml"), toml).unwrap();
@@ -71,14 +71,14 @@ impl Run {
     }
 
     /// `client.toml` of `centre` with its cohort folder and extra settings.
-    pub fn client_config(&self, centre: &str, cohort: &Path, extra: &str) -> PathBuf {
-        let d = self.dir.join(centre);
+    pub fn client_config(&self, center: &str, cohort: &Path, extra: &str) -> PathBuf {
+        let d = self.dir.join(center);
         let path = d.join("client.toml");
         std::fs::write(
             &path,
             format!(
-                "center = \"{centre}\"\nserver = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\n\
-                 ca = \"ca.pem\"\ncert = \"{centre}.pem\"\nkey = \"{centre}.key\"\n\
+                "center = \"{center}\"\nserver = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\n\
+                 ca = \"ca.pem\"\ncert = \"{center}.pem\"\nkey = \"{center}.key\"\n\
                  cohort = \"{}\"\nrecord = \"sent\"\nthreads = 1\n{extra}",
                 self.port,
                 cohort.display()

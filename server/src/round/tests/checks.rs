@@ -4,7 +4,7 @@ use super::*;
 
 /// Every check: c misbehaves one way, is told why, and the round commits a and b's mean.
 #[test]
-fn each_check_refuses_the_misbehaving_centre_and_the_round_completes_with_the_honest_mean() {
+fn each_check_refuses_the_misbehaving_center_and_the_round_completes_with_the_honest_mean() {
     type Misbehave = fn(&mut Coordinator, &BTreeMap<String, TaskId>, Instant) -> (String, TaskId);
     type Expect = fn(&UpdateRefusal) -> bool;
     let honest = model(&[1.0; 4], 1.0);
@@ -198,7 +198,7 @@ fn each_check_refuses_the_misbehaving_centre_and_the_round_completes_with_the_ho
 }
 
 #[test]
-fn only_the_first_answer_of_a_centre_counts() {
+fn only_the_first_answer_of_a_center_counts() {
     let t0 = Instant::now();
     let mut m = machine(settings(3));
     connect_all(&mut m, t0);

@@ -122,7 +122,7 @@ fn the_last_round_is_evaluated_everywhere_before_the_run_finishes() {
         panic!("{acts:?}")
     };
     assert_eq!(e.round, 2);
-    assert_eq!(e.centres.len(), 3);
+    assert_eq!(e.centers.len(), 3);
     assert_eq!(e.missing.len(), 1);
     let internal = e.pooled(Role::Train).unwrap();
     assert_eq!((internal.n_positive(), internal.n_negative()), (5, 6));
@@ -134,7 +134,7 @@ fn the_last_round_is_evaluated_everywhere_before_the_run_finishes() {
 }
 
 #[test]
-fn evaluation_every_round_and_a_silent_centre_at_the_deadline() {
+fn evaluation_every_round_and_a_silent_center_at_the_deadline() {
     let t0 = Instant::now();
     let mut m = machine(evaluating(1, 2));
     connect_all(&mut m, t0);

@@ -5,7 +5,7 @@ use super::*;
 /// Runs a federated Newton machine with these centres' data to its end: the outcome and each committed round.
 fn drive_newton(
     mut m: Coordinator,
-    centres: &[(Vec<f64>, Vec<bool>)],
+    centers: &[(Vec<f64>, Vec<bool>)],
 ) -> (Outcome, Vec<CommittedRound>) {
     let t0 = Instant::now();
     connect_all(&mut m, t0);
@@ -25,7 +25,7 @@ fn drive_newton(
         };
         assert_eq!(task.objective, LocalObjective::NewtonStep);
         let beta = task.weights.require(COEFFICIENTS).unwrap().to_f64_vec();
-        for ((center, tid), (x, y)) in to.iter().zip(centres) {
+        for ((center, tid), (x, y)) in to.iter().zip(centers) {
             let s = logistic_stats(x, y, None, &beta).unwrap();
             answer(
                 &mut m,
@@ -50,7 +50,7 @@ fn federated_newton_reaches_the_pooled_fit() {
         rng ^= rng << 17;
         (rng >> 11) as f64 / (1u64 << 53) as f64
     };
-    let mut centres: Vec<(Vec<f64>, Vec<bool>)> = Vec::new();
+    let mut centers: Vec<(Vec<f64>, Vec<bool>)> = Vec::new();
     for n in [40, 70, 25] {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for _ in 0..n {
@@ -60,11 +60,11 @@ fn federated_newton_reaches_the_pooled_fit() {
             x.extend([1.0, a, b]);
             y.push(next() < 1.0 / (1.0 + (-eta).exp()));
         }
-        centres.push((x, y));
+        centers.push((x, y));
     }
     let names = ["intercept", "a", "b"];
-    let pooled_x: Vec<f64> = centres.iter().flat_map(|c| c.0.clone()).collect();
-    let pooled_y: Vec<bool> = centres.iter().flat_map(|c| c.1.clone()).collect();
+    let pooled_x: Vec<f64> = centers.iter().flat_map(|c| c.0.clone()).collect();
+    let pooled_y: Vec<bool> = centers.iter().flat_map(|c| c.1.clone()).collect();
     let pooled = fit_logistic(&names, &pooled_x, &pooled_y, None).unwrap();
 
     let settings = RoundSettings {
@@ -80,7 +80,7 @@ fn federated_newton_reaches_the_pooled_fit() {
         &names,
     )
     .unwrap();
-    let (outcome, history) = drive_newton(m, &centres);
+    let (outcome, history) = drive_newton(m, &centers);
     let rounds = history.len() as u32;
     assert!(rounds >= 4, "{rounds}");
     // Stopped after any committed round and resumed from its record, the run ends exactly the same.
@@ -103,7 +103,7 @@ fn federated_newton_reaches_the_pooled_fit() {
             },
         )
         .unwrap();
-        let (again, rest) = drive_newton(resumed, &centres);
+        let (again, rest) = drive_newton(resumed, &centers);
         assert_eq!(again, outcome, "resumed after round {k}");
         assert_eq!(rest.len() as u32, rounds - k);
     }
@@ -151,7 +151,7 @@ fn federated_newton_reaches_the_pooled_fit() {
 }
 
 #[test]
-fn federated_newton_waits_for_every_training_centre() {
+fn federated_newton_waits_for_every_training_center() {
     let names = ["intercept"];
     let settings = RoundSettings {
         model: ModelKind::Clinical,

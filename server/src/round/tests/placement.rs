@@ -38,7 +38,7 @@ fn placements(acts: &[Action]) -> Vec<(String, TaskId)> {
 }
 
 #[test]
-fn the_tasks_wait_for_every_centre_named_and_the_answers_come_back_in_the_tasks_order() {
+fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_order() {
     let t0 = Instant::now();
     let tasks = vec![
         (id("b"), task("r1")),

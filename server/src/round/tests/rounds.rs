@@ -3,7 +3,7 @@
 use super::*;
 
 #[test]
-fn a_round_starts_at_quorum_and_commits_as_soon_as_every_centre_has_answered() {
+fn a_round_starts_at_quorum_and_commits_as_soon_as_every_center_has_answered() {
     let t0 = Instant::now();
     let mut m = machine(settings(3));
     m.handle(
@@ -133,7 +133,7 @@ fn the_last_round_finishes_the_run() {
 }
 
 #[test]
-fn a_centre_that_never_answers_is_dropped_at_the_deadline_and_the_quorum_commits() {
+fn a_center_that_never_answers_is_dropped_at_the_deadline_and_the_quorum_commits() {
     let t0 = Instant::now();
     let mut m = machine(settings(2));
     connect_all(&mut m, t0);
@@ -217,7 +217,7 @@ fn a_deadline_with_too_few_answers_retries_the_round_then_fails_naming_the_silen
 }
 
 #[test]
-fn a_centre_that_disconnects_mid_round_is_not_waited_for_and_a_stale_disconnect_is_ignored() {
+fn a_center_that_disconnects_mid_round_is_not_waited_for_and_a_stale_disconnect_is_ignored() {
     let t0 = Instant::now();
     let mut m = machine(settings(2));
     connect_all(&mut m, t0);
@@ -254,7 +254,7 @@ fn a_centre_that_disconnects_mid_round_is_not_waited_for_and_a_stale_disconnect_
 }
 
 #[test]
-fn fedprox_sends_mu_and_a_failed_centre_is_recorded() {
+fn fedprox_sends_mu_and_a_failed_center_is_recorded() {
     let t0 = Instant::now();
     let mut m = machine(RoundSettings {
         strategy: Strategy::FedProx { mu: 0.01 },

@@ -1,0 +1,308 @@
+//! The benchmarks' measurements (`fedslm bench rounds`, `fedslm bench commit`); the binary prints them.
+//!
+//! - [`round_seconds`]: the cost of a round itself, without training: a real server process with a fresh PKI
+//!   runs FedAvg rounds for nodes in this process that send the task's weights straight back; the server's
+//!   own timing of each round (task out to commit) and its peak memory.
+//! - [`commit_phases`]: the cost of making a round durable (checkpoint, fsync, sled flush) for a model,
+//!   beside the same file written without fsync or record.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fedslm_certs::{IssueOptions, Pki};
+use fedslm_client::{Backoff, Declined, LocalTrainer};
+use fedslm_model::{save, ModelCard, ModelKind, NetConfig, Network};
+use fedslm_protocol::{
+    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask, Role,
+    SampleCounts, Weights,
+};
+use fedslm_server::config::{CenterEntry, ServerToml};
+use fedslm_server::store::{sha256_file, Store, StoredRound};
+use fedslm_server::RoundRecord;
+
+use crate::simulate::configs::client_config;
+use crate::StudyError;
+
+/// Answers every task with its own weights.
+struct Echo;
+
+impl LocalTrainer for Echo {
+    type Error = Declined;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+        Ok(FitResult {
+            round: task.round,
+            weights: task.weights.clone(),
+            examples: 10,
+            train_loss: 0.5,
+        })
+    }
+
+    fn evaluate(&mut self, _: &str, _: &EvaluateTask) -> Result<EvalReport, Declined> {
+        Err(Declined("evaluate in the round benchmark"))
+    }
+
+    fn placements(&mut self, _: &PlacementTask) -> Result<PlacementReport, Declined> {
+        Err(Declined("compare models in the round benchmark"))
+    }
+}
+
+/// The round benchmark's networks: `small` (ResNet-10 of width 20 on 9x64x64) or `resnet18` (3x224x224).
+pub fn bench_network(name: &str) -> Result<Network, StudyError> {
+    let cfg = match name {
+        "small" => NetConfig {
+            width: 20,
+            ..NetConfig::compact(9, 64, 0)
+        },
+        "resnet18" => NetConfig::resnet18(3, 224, 0),
+        other => {
+            return Err(StudyError::Refused(format!(
+                "unknown model {other:?}: use small or resnet18"
+            )))
+        }
+    };
+    Ok(Network::new(ModelKind::Mri, cfg, 1)?)
+}
+
+/// What one configuration of the round benchmark measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundTiming {
+    /// The median of the server's own round times.
+    pub median_seconds: f64,
+    /// The server process's peak resident memory.
+    pub server_peak_mib: f64,
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> StudyError + '_ {
+    move |e| StudyError::Failed(format!("{what}: {e}"))
+}
+
+/// Runs `rounds` FedAvg rounds of `network` for `centres` echoing nodes against a server process started
+/// from `server_program` (the `fedslm` binary), in the scratch folder `dir`.
+pub fn round_seconds(
+    server_program: &Path,
+    dir: &Path,
+    network: &Network,
+    centres: usize,
+    rounds: u32,
+) -> Result<RoundTiming, StudyError> {
+    save(
+        &dir.join("init.safetensors"),
+        &network.to_weights()?,
+        &network.card(Default::default(), Default::default()),
+    )?;
+    let pki_dir = dir.join("pki");
+    let pki = Pki::init(
+        &pki_dir,
+        "bench",
+        "localhost",
+        &[std::net::IpAddr::from([127, 0, 0, 1])],
+    )?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map_err(io_err("no free UDP port"))?
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut server = ServerToml::new(addr, pki_dir.clone(), "bench".into());
+    server.output = dir.join("out");
+    server.initial_model = Some(dir.join("init.safetensors"));
+    server.rounds = rounds;
+    let mut configs = Vec::new();
+    for i in 0..centres {
+        let name = format!("c{i:03}");
+        let id = CenterId::new(name.as_str())
+            .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
+        pki.issue(
+            &id,
+            &pki_dir.join("centres").join(&name),
+            IssueOptions::days(1)?,
+        )?;
+        server.center.push(CenterEntry {
+            id: name.clone(),
+            role: Role::Train.name().into(),
+        });
+        configs.push(client_config(dir, &pki_dir, &name, None, addr)?);
+    }
+    let toml_path = dir.join("server.toml");
+    crate::error::write_file(&toml_path, server.to_toml().as_bytes())?;
+    let mut process = Command::new(server_program)
+        .args(["--log", "warn", "server", "--config"])
+        .arg(&toml_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env_remove("RUST_LOG")
+        .spawn()
+        .map_err(io_err("cannot start the server"))?;
+    let stdout = process
+        .stdout
+        .take()
+        .ok_or_else(|| StudyError::Failed("the server has no stdout".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines
+        .next()
+        .transpose()
+        .map_err(io_err("the server's output"))?
+        .unwrap_or_default();
+    if !first.starts_with("listening on") {
+        let _ = process.kill();
+        return Err(StudyError::Failed(format!("the server said {first:?}")));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("cannot start the async runtime"))?;
+    let nodes = runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for config in configs {
+            tasks.push(tokio::spawn(async move {
+                let backoff = Backoff {
+                    attempts: Some(3),
+                    ..Backoff::default()
+                };
+                fedslm_client::run(&config, SampleCounts::default(), Echo, backoff, |_| {}).await
+            }));
+        }
+        for t in tasks {
+            t.await
+                .map_err(|e| StudyError::Failed(format!("a node stopped: {e}")))??;
+        }
+        Ok::<(), StudyError>(())
+    });
+    let mut peak = f64::NAN;
+    for line in lines.map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("server peak memory: ") {
+            peak = rest.trim_end_matches(" MiB").parse().unwrap_or(f64::NAN);
+        }
+    }
+    let status = process.wait().map_err(io_err("the server"))?;
+    nodes?;
+    if !status.success() {
+        return Err(StudyError::Failed("the server failed".into()));
+    }
+    let rounds_file = dir.join("out").join(fedslm_server::store::ROUNDS_FILE);
+    let text = std::fs::read_to_string(&rounds_file).map_err(|source| StudyError::Read {
+        path: rounds_file.clone(),
+        source,
+    })?;
+    let mut seconds: Vec<f64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StoredRound>(l).ok())
+        .map(|r| r.seconds)
+        .collect();
+    seconds.sort_by(f64::total_cmp);
+    Ok(RoundTiming {
+        median_seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN),
+        server_peak_mib: peak,
+    })
+}
+
+/// Each phase's time, one value per commit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitPhases {
+    /// The checkpoint written (safetensors, page cache).
+    pub write: Vec<f64>,
+    /// Hashed, fsynced, renamed, folder fsynced.
+    pub durable: Vec<f64>,
+    /// The sled record and audit entry flushed, status files, head signed.
+    pub record: Vec<f64>,
+    /// The commit, all of it.
+    pub total: Vec<f64>,
+    /// The same file written without fsync or record.
+    pub baseline: Vec<f64>,
+    /// SHA-256 of the file alone.
+    pub hash: Vec<f64>,
+}
+
+/// Times `rounds` commits of `weights` (with `card`) to a store in `dir` (made, and left for the caller to
+/// remove), then the baseline.
+pub fn commit_phases(
+    dir: &Path,
+    weights: &Weights,
+    card: &ModelCard,
+    rounds: u32,
+) -> Result<CommitPhases, StudyError> {
+    let pki = dir.join("pki");
+    Pki::init(&pki, "bench", "localhost", &[])?;
+    let files = fedslm_certs::ServerTlsFiles::in_pki(&pki);
+    let signer = fedslm_certs::Signer::from_files(&files.cert, &files.key)?;
+    let mut store = Store::open(&dir.join("out"), Some(signer))?;
+    store.begin("bench", &Default::default(), rounds, false)?;
+    let mut p = CommitPhases::default();
+    let card_of = |round: u32| ModelCard {
+        training: serde_json::json!({"mode": "federated", "round": round}),
+        ..card.clone()
+    };
+    for round in 1..=rounds {
+        let t0 = Instant::now();
+        let pending = store.pending_checkpoint(round);
+        save(&pending, weights, &card_of(round))?;
+        let t1 = Instant::now();
+        let checkpoint = store.put_checkpoint(&pending)?;
+        let t2 = Instant::now();
+        let r = RoundRecord {
+            round,
+            retries: 0,
+            contributions: vec![],
+            refused: vec![],
+            silent: vec![],
+            duration: Duration::ZERO,
+            log_likelihood: None,
+            newton: None,
+        };
+        store.commit_round(&StoredRound::new(&r, checkpoint))?;
+        let t3 = Instant::now();
+        p.write.push((t1 - t0).as_secs_f64());
+        p.durable.push((t2 - t1).as_secs_f64());
+        p.record.push((t3 - t2).as_secs_f64());
+        p.total.push((t3 - t0).as_secs_f64());
+    }
+    // The baseline, after the commits so that their writeback does not slow it: the model file written as
+    // the server wrote it before it had a store (no fsync, no record).
+    let mut plain = Vec::new();
+    for round in 1..=rounds {
+        let path = dir.join(format!("plain-{round}.safetensors"));
+        let t = Instant::now();
+        save_plain(&path, weights, &card_of(round))?;
+        p.baseline.push(t.elapsed().as_secs_f64());
+        plain.push(path);
+    }
+    for path in &plain {
+        let t = Instant::now();
+        sha256_file(path)?;
+        p.hash.push(t.elapsed().as_secs_f64());
+    }
+    Ok(p)
+}
+
+/// A model file written as a server without a store wrote it, with no fsync: the baseline's write.
+fn save_plain(path: &Path, weights: &Weights, card: &ModelCard) -> Result<(), StudyError> {
+    let write = || -> std::io::Result<()> {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+        fedslm_model::write_model(&mut w, weights, card)?;
+        std::io::Write::flush(&mut w)
+    };
+    write().map_err(|source| StudyError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The filesystem type holding `path`, from /proc/mounts (the longest mount point that contains it).
+pub fn filesystem_of(path: &Path) -> String {
+    let Ok(path) = path.canonicalize() else {
+        return "unknown filesystem".into();
+    };
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at).then(|| (at.len(), kind.to_string()))
+        })
+        .max()
+        .map_or("unknown filesystem".into(), |(_, k)| k)
+}
