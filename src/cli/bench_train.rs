@@ -7,13 +7,13 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fedslm_cohort::{Rng, Sample};
-use fedslm_model::{Kernels, ModelKind, NetConfig, Network, TrainConfig, Trainer};
-use serde::{Deserialize, Serialize};
+use fedslm_cohort::Rng;
+use fedslm_study::bench::train::{
+    bench_net, kernel_set, median, time_training, BenchNet, Timing, PHASES,
+};
 
 const TORCH_SCRIPT: &str = include_str!("../../tools/bench_torch.py");
 
@@ -50,109 +50,15 @@ pub struct TrainBenchArgs {
     worker: bool,
 }
 
-/// One network's medians from one process.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Timing {
-    name: String,
-    forward: f64,
-    backward: f64,
-    optimiser: f64,
-    step: f64,
-    inference: f64,
-    peak_rss_mib: f64,
-}
-
-const PHASES: [&str; 5] = [
-    "forward",
-    "backward",
-    "optimiser",
-    "train step",
-    "inference",
-];
-
-impl Timing {
-    fn phase(&self, i: usize) -> f64 {
-        [
-            self.forward,
-            self.backward,
-            self.optimiser,
-            self.step,
-            self.inference,
-        ][i]
-    }
-}
-
-struct Net {
-    name: &'static str,
-    label: &'static str,
-    config: NetConfig,
-    steps: usize,
-}
-
-fn nets(args: &TrainBenchArgs) -> anyhow::Result<Vec<Net>> {
+fn nets(args: &TrainBenchArgs) -> anyhow::Result<Vec<BenchNet>> {
     args.arch
         .iter()
         .map(|a| {
-            let (name, label, config, steps) = match a.as_str() {
-                "default" => (
-                    "default",
-                    "default, 9 x 64 x 64",
-                    NetConfig::compact(9, 64, 5),
-                    20,
-                ),
-                "small" => (
-                    "small",
-                    "default, 3 x 32 x 32",
-                    NetConfig::compact(3, 32, 5),
-                    20,
-                ),
-                "resnet18" => (
-                    "resnet18",
-                    "ResNet-18, 3 x 224 x 224",
-                    NetConfig::resnet18(3, 224, 5),
-                    5,
-                ),
-                other => bail!("unknown network {other:?}: use default, small or resnet18"),
-            };
-            Ok(Net {
-                name,
-                label,
-                config,
-                steps: args.steps.unwrap_or(steps),
-            })
+            let mut net = bench_net(a)?;
+            net.steps = args.steps.unwrap_or(net.steps);
+            Ok(net)
         })
         .collect()
-}
-
-fn kernels(name: &str) -> anyhow::Result<Kernels> {
-    match name {
-        "fedslm" => Ok(Kernels::Fedslm),
-        "candle" => Ok(Kernels::Candle),
-        other => bail!("unknown kernel set {other:?}: use fedslm or candle"),
-    }
-}
-
-/// Random crops and clinical indicators, alternate labels (the PyTorch script draws the same kind).
-fn samples(n: usize, config: &NetConfig, rng: &mut Rng) -> Vec<Sample> {
-    let (c, s) = (config.in_channels, config.input_size);
-    (0..n)
-        .map(|i| Sample {
-            patient_id: format!("P{i}"),
-            center: "bench".into(),
-            image: (0..c * s * s).map(|_| rng.normal() as f32).collect(),
-            channels: c,
-            size: s,
-            clinical: (0..config.clinical_features)
-                .map(|_| f32::from(rng.bernoulli(0.4)))
-                .collect(),
-            label: Some(i % 2 == 0),
-        })
-        .collect()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Measures in this process, one JSON line per network.
@@ -160,56 +66,10 @@ fn worker(args: &TrainBenchArgs) -> anyhow::Result<()> {
     let [set] = args.kernels.as_slice() else {
         bail!("a worker measures one kernel set");
     };
-    let set = kernels(set)?;
+    let set = kernel_set(set)?;
     let mut rng = Rng::new(1);
     for net in nets(args)? {
-        let mut network = Network::new(ModelKind::Combined, net.config, 1)?;
-        network.set_kernels(set);
-        let data = samples(args.batch, &net.config, &mut rng);
-        let batch: Vec<&Sample> = data.iter().collect();
-        // Augmentation off: PyTorch's side has none, and it is not what this compares.
-        let cfg = TrainConfig {
-            epochs: 1,
-            batch_size: args.batch,
-            augmentation: None,
-            ..TrainConfig::default()
-        };
-        let mut trainer = Trainer::new(&network, &cfg)?;
-        let mut phases: [Vec<f64>; 5] = Default::default();
-        for i in 0..args.warmup + net.steps {
-            let t0 = Instant::now();
-            let forward = trainer.forward(&batch, &mut rng)?;
-            let t1 = Instant::now();
-            let grads = trainer.backward(&forward)?;
-            let t2 = Instant::now();
-            trainer.update(&grads, cfg.learning_rate)?;
-            drop((grads, forward));
-            let t3 = Instant::now();
-            network.predict(&batch)?;
-            let t4 = Instant::now();
-            if i >= args.warmup {
-                let ms = |a: Instant, b: Instant| 1e3 * (b - a).as_secs_f64();
-                for (p, v) in phases.iter_mut().zip([
-                    ms(t0, t1),
-                    ms(t1, t2),
-                    ms(t2, t3),
-                    ms(t0, t3),
-                    ms(t3, t4),
-                ]) {
-                    p.push(v);
-                }
-            }
-        }
-        let [forward, backward, optimiser, step, inference] = phases.map(median);
-        let timing = Timing {
-            name: net.name.into(),
-            forward,
-            backward,
-            optimiser,
-            step,
-            inference,
-            peak_rss_mib: fedslm_study::runs::peak_rss_mib(),
-        };
+        let timing = time_training(&net, set, args.batch, args.warmup, net.steps, &mut rng)?;
         println!("{}", serde_json::to_string(&timing)?);
         std::io::stdout().flush()?;
     }
@@ -265,7 +125,7 @@ pub fn run(args: TrainBenchArgs) -> anyhow::Result<()> {
     }
     let nets = nets(&args)?;
     for k in &args.kernels {
-        kernels(k)?;
+        kernel_set(k)?;
     }
     let threads = args
         .threads
@@ -289,7 +149,7 @@ pub fn run(args: TrainBenchArgs) -> anyhow::Result<()> {
 fn measure(
     args: &TrainBenchArgs,
     threads: usize,
-    nets: &[Net],
+    nets: &[BenchNet],
     torch: bool,
     script: &std::path::Path,
 ) -> anyhow::Result<Vec<(String, Vec<Timing>)>> {
@@ -388,7 +248,7 @@ fn measure(
 fn print_table(
     args: &TrainBenchArgs,
     threads: usize,
-    nets: &[Net],
+    nets: &[BenchNet],
     columns: &[(String, Vec<Timing>)],
     torch: &Result<String, String>,
 ) {

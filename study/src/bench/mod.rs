@@ -5,6 +5,9 @@
 //!   own timing of each round (task out to commit) and its peak memory.
 //! - [`commit_phases`]: the cost of making a round durable (checkpoint, fsync, sled flush) for a model,
 //!   beside the same file written without fsync or record.
+//! - [`train`]: training and inference speed, phase by phase.
+
+pub mod train;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
