@@ -7,14 +7,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fedslm_model::{save, ClinicalTable, ModelCard};
 use fedslm_protocol::Role;
-use fedslm_server::{
-    OpenedRun, Outcome, RunStatus, Server, ServerConfig, ServerEvent, Store, StoreError,
-};
+use fedslm_server::{OpenedRun, Outcome, Server, ServerConfig, ServerEvent, Store, StoreError};
 use fedslm_study::compare::compare_stored;
-use fedslm_study::runs::{checkpoint_writer, open_run_from_files, peak_rss_mib};
-use serde_json::json;
+use fedslm_study::runs::{checkpoint_writer, open_run_from_files, peak_rss_mib, write_final_model};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -232,42 +228,15 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 fit,
             }) => {
                 let path = out.join(format!("{}.safetensors", card.model));
-                let final_checkpoint = store
-                    .meta()?
-                    .and_then(|m| m.final_checkpoint)
-                    .unwrap_or_default();
-                let mut final_card = ModelCard {
-                    training: json!({
-                        "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
-                        "mode": "federated",
-                        "run_id": store.meta()?.map(|m| m.run_id).unwrap_or_default(),
-                        "strategy": settings.strategy.name(),
-                        "rounds": rounds,
-                        "seed": settings.seed,
-                        "centers": enrolled,
-                        "checkpoint_sha256": final_checkpoint,
-                        "audit_head": store.head().hex(),
-                    }),
-                    ..card.clone()
-                };
-                // The final model's evaluation (internal: the training centres' held-out fold under
-                // cross-validation, else their own patients; external: the validation centres).
-                if let Some(last) = store.rounds()?.last() {
-                    if let Some(ev) = &last.evaluation {
-                        final_card.metrics = json!({
-                            "round": last.round,
-                            "internal": ev.internal,
-                            "external": ev.external,
-                            "fold": ev.fold,
-                        });
-                    }
-                }
-                if let Some(fit) = &fit {
-                    final_card.clinical = Some(ClinicalTable::from_fit(fit));
-                    final_card.training["patients"] = json!(fit.n);
-                    final_card.training["newton_iterations"] = json!(fit.iterations);
-                }
-                save(&path, &weights, &final_card)?;
+                write_final_model(
+                    &path,
+                    &store,
+                    &card,
+                    &settings,
+                    &enrolled,
+                    &weights,
+                    fit.as_ref(),
+                )?;
                 println!(
                     "run completed after {rounds} rounds; model: {}",
                     path.display()
@@ -345,15 +314,7 @@ fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
 fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
     let (s, live) = match Store::open_existing(out) {
         Ok(store) => (store.status()?, false),
-        Err(StoreError::Locked { .. }) => {
-            let path = out.join(fedslm_server::store::STATUS_FILE);
-            let bytes = std::fs::read(&path).with_context(|| {
-                format!("the server runs but {} cannot be read", path.display())
-            })?;
-            let status: RunStatus =
-                serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
-            (status, true)
-        }
+        Err(StoreError::Locked { .. }) => (Store::read_status(out)?, true),
         Err(e) => return Err(e.into()),
     };
     if as_json {

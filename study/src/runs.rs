@@ -3,8 +3,12 @@
 
 use std::path::Path;
 
-use fedslm_model::{clinical, load, save, ModelCard, ModelKind};
-use fedslm_server::{open_run, CheckpointWriter, InitialModel, OpenedRun, ServerConfig};
+use fedslm_metrics::LogisticFit;
+use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard, ModelKind};
+use fedslm_protocol::Weights;
+use fedslm_server::{
+    open_run, CheckpointWriter, InitialModel, OpenedRun, RoundSettings, ServerConfig, Store,
+};
 use serde_json::json;
 
 use crate::{Context, StudyError};
@@ -50,6 +54,53 @@ pub fn checkpoint_writer(card: ModelCard) -> CheckpointWriter {
         };
         save(path, weights, &card).map_err(Into::into)
     })
+}
+
+/// Writes a completed run's final model to `path`: the initial model's `card` with the run's provenance
+/// (run id, strategy, rounds, seed, the `enrolled` centres, the final checkpoint's hash, the audit head), its
+/// last stored evaluation, and for the clinical model its fit's table.
+pub fn write_final_model(
+    path: &Path,
+    store: &Store,
+    card: &ModelCard,
+    settings: &RoundSettings,
+    enrolled: &[String],
+    weights: &Weights,
+    fit: Option<&LogisticFit>,
+) -> Result<(), StudyError> {
+    let meta = store.meta()?;
+    let mut final_card = ModelCard {
+        training: json!({
+            "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
+            "mode": "federated",
+            "run_id": meta.as_ref().map(|m| m.run_id.clone()).unwrap_or_default(),
+            "strategy": settings.strategy.name(),
+            "rounds": store.rounds()?.last().map_or(0, |r| r.round),
+            "seed": settings.seed,
+            "centers": enrolled,
+            "checkpoint_sha256": meta.and_then(|m| m.final_checkpoint).unwrap_or_default(),
+            "audit_head": store.head().hex(),
+        }),
+        ..card.clone()
+    };
+    // The final model's evaluation (internal: the training centres' held-out fold under cross-validation,
+    // else their own patients; external: the validation centres).
+    if let Some(last) = store.rounds()?.last() {
+        if let Some(ev) = &last.evaluation {
+            final_card.metrics = json!({
+                "round": last.round,
+                "internal": ev.internal,
+                "external": ev.external,
+                "fold": ev.fold,
+            });
+        }
+    }
+    if let Some(fit) = fit {
+        final_card.clinical = Some(ClinicalTable::from_fit(fit));
+        final_card.training["patients"] = json!(fit.n);
+        final_card.training["newton_iterations"] = json!(fit.iterations);
+    }
+    Ok(save(path, weights, &final_card)?)
 }
 
 /// This process's peak resident memory, in MiB.

@@ -2,6 +2,7 @@
 //! per file): end-to-end federations over loopback, hostile peers, crash and restart, the binary from the
 //! shell, and cross-checks against Python's reference implementations. `common` holds their shared helpers.
 
+mod calibration_numpy;
 mod cli_bench;
 mod cli_certs;
 mod cli_evaluate;

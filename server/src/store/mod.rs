@@ -709,6 +709,19 @@ impl Store {
         Ok(run_status(&meta, &rounds, self.head()))
     }
 
+    /// The status a running server last wrote to `out/status.json` (its store is locked while it runs).
+    pub fn read_status(out: &Path) -> Result<RunStatus, StoreError> {
+        let path = out.join(STATUS_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
     /// `rounds.jsonl`, `status.json` and the signed `audit-head.json`, from sled.
     fn write_derived(&self) -> Result<(), StoreError> {
         let Some(meta) = self.meta()? else {
