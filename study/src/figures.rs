@@ -219,10 +219,15 @@ where
 
 /// The calibration curve's points: mean predicted risk and observed rate in the groups of predicted risk that
 /// Hosmer-Lemeshow uses (`fedslm_metrics::risk_groups`, deciles where ties allow).
-pub fn calibration_points(labels: &[bool], scores: &[f64], groups: usize) -> Vec<(f64, f64)> {
-    m::risk_groups(labels, scores, groups)
-        .map(|g| g.iter().filter_map(m::RiskGroup::point).collect())
-        .unwrap_or_default()
+pub fn calibration_points(
+    labels: &[bool],
+    scores: &[f64],
+    groups: usize,
+) -> Result<Vec<(f64, f64)>, m::MetricsError> {
+    Ok(m::risk_groups(labels, scores, groups)?
+        .iter()
+        .filter_map(m::RiskGroup::point)
+        .collect())
 }
 
 fn calibration<DB: DrawingBackend>(
@@ -246,7 +251,7 @@ where
             continue;
         }
         let color = PALETTE[k % PALETTE.len()];
-        let points = calibration_points(&p.labels, scores, 10);
+        let points = calibration_points(&p.labels, scores, 10).map_err(|e| e.to_string())?;
         chart
             .draw_series(LineSeries::new(
                 points.iter().copied(),
@@ -329,7 +334,7 @@ mod tests {
     fn calibration_points_are_group_means_of_predicted_and_observed() {
         let scores = [0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9];
         let labels = [false, false, true, false, true, false, true, true];
-        let points = calibration_points(&labels, &scores, 4);
+        let points = calibration_points(&labels, &scores, 4).unwrap();
         let want = [(0.15, 0.0), (0.35, 0.5), (0.65, 0.5), (0.85, 1.0)];
         assert_eq!(points.len(), 4);
         for ((x, y), (wx, wy)) in points.iter().zip(want) {
@@ -339,6 +344,11 @@ mod tests {
             );
         }
         // More groups than patients: one group each.
-        assert_eq!(calibration_points(&labels[..3], &scores[..3], 10).len(), 3);
+        assert_eq!(
+            calibration_points(&labels[..3], &scores[..3], 10)
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }
