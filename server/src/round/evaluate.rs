@@ -141,6 +141,8 @@ impl Coordinator {
         };
         self.actions
             .push_back(Action::StoreEvaluation(evaluation.clone()));
+        // The evaluation's tasks are closed: a report now is late.
+        self.first_task_of_round = self.next_task;
         self.phase = Phase::StoringEvaluation(Box::new(StoringEvaluation {
             evaluation,
             after: e.after,

@@ -59,6 +59,12 @@ pub(super) struct Committing {
     converged: Option<LogisticFit>,
 }
 
+impl Committing {
+    pub(super) fn round(&self) -> u32 {
+        self.record.round
+    }
+}
+
 impl Coordinator {
     /// Sends the round's fit task to every connected training centre.
     pub(super) fn start_round(&mut self, now: Instant) {
@@ -281,6 +287,8 @@ impl Coordinator {
             record: record.clone(),
             weights: self.global.clone(),
         });
+        // The round's tasks are closed: an answer to one now is late.
+        self.first_task_of_round = self.next_task;
         self.phase = Phase::Committing(Box::new(Committing { record, converged }));
     }
 

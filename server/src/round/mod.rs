@@ -300,9 +300,12 @@ impl Coordinator {
     /// other was never sent.
     fn stale(&self, task: TaskId) -> UpdateRefusal {
         if task < self.first_task_of_round {
-            UpdateRefusal::Late {
-                round: self.committed,
-            }
+            // The round being committed has closed too, though it is not committed yet.
+            let round = match &self.phase {
+                Phase::Committing(c) => c.round(),
+                _ => self.committed,
+            };
+            UpdateRefusal::Late { round }
         } else {
             UpdateRefusal::NoTask
         }

@@ -10,6 +10,13 @@ fn queued(m: &mut Coordinator) -> Vec<Action> {
 
 /// A machine whose first round has closed with every answer in: its last action is the commit.
 fn round_closed(settings: RoundSettings, t0: Instant) -> Coordinator {
+    round_closed_with_tasks(settings, t0).0
+}
+
+fn round_closed_with_tasks(
+    settings: RoundSettings,
+    t0: Instant,
+) -> (Coordinator, BTreeMap<String, TaskId>) {
     let mut m = machine(settings);
     connect_all(&mut m, t0);
     let tasks = sent(&queued(&mut m));
@@ -21,13 +28,22 @@ fn round_closed(settings: RoundSettings, t0: Instant) -> Coordinator {
         matches!(acts.last(), Some(Action::CommitRound { record, .. }) if record.round == 1),
         "{acts:?}"
     );
-    m
+    (m, tasks)
 }
 
 #[test]
 fn a_closed_round_is_neither_announced_nor_followed_until_the_store_says_it_is_durable() {
     let t0 = Instant::now();
-    let mut m = round_closed(settings(3), t0);
+    let (mut m, tasks) = round_closed_with_tasks(settings(3), t0);
+    // A second answer to the closed round, while it is being stored, is late for that round.
+    answer(&mut m, "a", tasks["a"], 1, model(&[2.0; 4], 1.0), 10, t0);
+    assert!(matches!(
+        &queued(&mut m)[..],
+        [Action::Refuse {
+            refusal: UpdateRefusal::Late { round: 1 },
+            ..
+        }]
+    ));
     // However long the store takes and whatever else happens, nothing more comes.
     m.handle_timeout(t0 + 10 * MINUTE);
     m.handle(
