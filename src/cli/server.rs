@@ -254,7 +254,6 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
             Some(Outcome::Failed { rounds, reason }) => {
                 bail!("the run failed after {rounds} committed rounds: {reason}")
             }
-            Some(Outcome::Placed(_)) => bail!("the run ended as a second pass, which it is not"),
             None => {
                 println!("stopped; start the server again to resume the run");
                 Ok(())

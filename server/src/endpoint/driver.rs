@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use fedslm_protocol::{codec, CenterId, Finish, Message, Weights};
+use fedslm_protocol::{codec, CenterId, Finish, Message, PlacementReport, Weights};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::exchange::{bytes_of, task_exchange, TaskExchange};
@@ -15,7 +15,7 @@ use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
 use crate::evaluation::Evaluation;
 use crate::failpoint;
-use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId};
+use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId, Unanswered};
 use crate::store::{RunState, Store, StoredRound};
 
 /// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
@@ -63,21 +63,21 @@ impl Driver {
     }
 
     /// Runs the machine to its end.
-    pub(super) async fn run(mut self) -> Outcome {
+    pub(super) async fn run(mut self) -> Ended {
         self.connect_admitted();
         loop {
             while let Some(action) = self.machine.poll_action() {
-                if let Some(outcome) = self.carry_out(action).await {
-                    return outcome;
+                if let Some(ended) = self.carry_out(action).await {
+                    return ended;
                 }
             }
             if let Some(outcome) = self.next_input().await {
-                return outcome;
+                return Ended::Run(outcome);
             }
         }
     }
 
-    async fn carry_out(&mut self, action: Action) -> Option<Outcome> {
+    async fn carry_out(&mut self, action: Action) -> Option<Ended> {
         match action {
             Action::SendFit { task, to } => {
                 self.send(task.round, &Message::FitTask((*task).clone()), to)
@@ -101,7 +101,13 @@ impl Driver {
             Action::AnnounceEvaluation(evaluation) => {
                 self.shared.emit(ServerEvent::Evaluated(evaluation))
             }
-            Action::Finish(outcome) => return Some(self.finish(outcome).await),
+            Action::Finish(outcome) => return Some(Ended::Run(self.finish(outcome).await)),
+            Action::FinishPlacements(answers) => {
+                let answered = answers.iter().filter(|a| a.is_ok()).count();
+                tracing::info!(answered, tasks = answers.len(), "second pass done");
+                self.tell_finish("paired comparisons done".into());
+                return Some(Ended::Placed(answers));
+            }
         }
         None
     }
@@ -313,22 +319,32 @@ impl Driver {
         if let Some(durable) = &self.durable {
             record_end(&durable.store, &outcome).await;
         }
+        self.tell_finish(match &outcome {
+            Outcome::Completed { rounds, .. } => format!("completed {rounds} rounds"),
+            Outcome::Failed { reason, .. } => format!("failed: {reason}"),
+        });
+        self.shared.emit(ServerEvent::Finished(outcome.clone()));
+        outcome
+    }
+
+    /// Finish to every centre, every pending task dropped.
+    fn tell_finish(&mut self, reason: String) {
         let finish = Finish {
             run_id: self.shared.config.enrolment.run_id.clone(),
             rounds_completed: self.machine.committed(),
-            reason: match &outcome {
-                Outcome::Completed { rounds, .. } => format!("completed {rounds} rounds"),
-                Outcome::Failed { reason, .. } => format!("failed: {reason}"),
-                Outcome::Placed(_) => "paired comparisons done".into(),
-            },
+            reason,
         };
         tell_finish(&self.shared, finish);
         for (_, c) in self.cancels.drain() {
             let _ = c.send(());
         }
-        self.shared.emit(ServerEvent::Finished(outcome.clone()));
-        outcome
     }
+}
+
+/// How the machine ended: a run's outcome, or the paired tests' answers.
+pub(super) enum Ended {
+    Run(Outcome),
+    Placed(Vec<Result<PlacementReport, Unanswered>>),
 }
 
 /// The task an answer is about.
@@ -348,7 +364,6 @@ async fn record_end(store: &Arc<Store>, outcome: &Outcome) {
             (RunState::Completed, format!("completed {rounds} rounds"))
         }
         Outcome::Failed { reason, .. } => (RunState::Failed, reason.clone()),
-        Outcome::Placed(_) => return,
     };
     let store = store.clone();
     let done = tokio::task::spawn_blocking(move || store.finish(state, &reason)).await;

@@ -26,7 +26,7 @@ use crate::config::ServerConfig;
 use crate::evaluation::Evaluation;
 use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
 use crate::store::Store;
-use driver::{Driver, Durable};
+use driver::{Driver, Durable, Ended};
 
 /// How long a refused peer has to read its Error before the connection is closed.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
@@ -214,10 +214,6 @@ impl Shared {
             ServerEvent::Finished(Outcome::Failed { rounds, reason }) => {
                 tracing::error!(rounds, %reason, "run failed")
             }
-            ServerEvent::Finished(Outcome::Placed(answers)) => {
-                let answered = answers.iter().filter(|a| a.is_ok()).count();
-                tracing::info!(answered, tasks = answers.len(), "second pass done")
-            }
         }
         // No subscriber is fine: events are also logged.
         let _ = self.events.send(event);
@@ -349,7 +345,10 @@ impl Server {
             checkpoint: Arc::new(Mutex::new(checkpoint)),
         };
         let driver = Driver::new(self.shared.clone(), coordinator, inputs, Some(durable));
-        self.drive(driver, already_over, shutdown).await
+        match self.drive(driver, already_over, shutdown).await? {
+            Ended::Run(outcome) => Some(outcome),
+            Ended::Placed(_) => unreachable!("a run's machine never finishes a second pass"),
+        }
     }
 
     /// The second pass of paired comparisons (DESIGN.md §3), as a phase of the round machine
@@ -367,7 +366,7 @@ impl Server {
         let machine = Coordinator::placements(roles, tasks, deadline, Instant::now());
         let driver = Driver::new(self.shared.clone(), machine, inputs, None);
         match self.drive(driver, false, std::future::pending()).await {
-            Some(Outcome::Placed(answers)) => Ok(answers),
+            Some(Ended::Placed(answers)) => Ok(answers),
             _ => Err(ServerError::Stopped),
         }
     }
@@ -378,7 +377,7 @@ impl Server {
         driver: Driver,
         already_over: bool,
         shutdown: impl Future<Output = ()>,
-    ) -> Option<Outcome> {
+    ) -> Option<Ended> {
         let (done_tx, done_rx) = oneshot::channel();
         let running = tokio::spawn(async move {
             let outcome = driver.run().await;

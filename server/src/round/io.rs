@@ -107,6 +107,9 @@ pub enum Action {
     AnnounceEvaluation(Evaluation),
     /// Record the run's end, then tell every centre.
     Finish(Outcome),
+    /// The paired tests' pass is over: each placement task's answer, in the order the tasks were given, or
+    /// why there is none; tell every centre.
+    FinishPlacements(Vec<Result<PlacementReport, Unanswered>>),
 }
 
 /// A centre's accepted part of a round.
@@ -199,9 +202,6 @@ pub enum Outcome {
         rounds: u32,
         reason: String,
     },
-    /// The paired tests' pass: each placement task's answer, in the order the tasks were given, or why
-    /// there is none.
-    Placed(Vec<Result<PlacementReport, Unanswered>>),
 }
 
 /// A task that ended without an answer: whose, and why.

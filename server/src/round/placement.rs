@@ -1,6 +1,6 @@
 //! The paired tests' second pass as a phase of the machine: once every centre named is connected (or the
 //! deadline has passed), each gets its placement task on a fresh stream; the answers come back in the tasks'
-//! order, or why there is none, and the run finishes with them ([`Outcome::Placed`]). No rounds, nothing
+//! order, or why there is none, and the pass finishes with them ([`Action::FinishPlacements`]). No rounds, nothing
 //! stored: the comparisons are computed from the answers by [`crate::evaluation::paired_comparison`].
 
 use std::collections::{BTreeMap, VecDeque};
@@ -11,8 +11,7 @@ use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role,
 
 use super::io::Unanswered;
 use super::{
-    Action, Coordinator, EvaluationSettings, Gone, Outcome, Phase, RoundSettings, Strategy, TaskId,
-    TaskSet,
+    Action, Coordinator, EvaluationSettings, Gone, Phase, RoundSettings, Strategy, TaskId, TaskSet,
 };
 use crate::aggregate::UpdateRefusal;
 
@@ -179,6 +178,7 @@ impl Coordinator {
             .into_iter()
             .map(|a| a.expect("a finished pass has settled every task"))
             .collect();
-        self.finish(Outcome::Placed(answers));
+        self.phase = Phase::Done;
+        self.actions.push_back(Action::FinishPlacements(answers));
     }
 }

@@ -190,7 +190,7 @@ pub fn federate(
         Some(Outcome::Failed { rounds, reason }) => Err(StudyError::Failed(format!(
             "{label}: the federation failed after {rounds} rounds: {reason}"
         ))),
-        Some(Outcome::Placed(_)) | None => Err(StudyError::Failed(format!(
+        None => Err(StudyError::Failed(format!(
             "{label}: the federation stopped"
         ))),
     }

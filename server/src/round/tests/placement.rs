@@ -111,7 +111,7 @@ fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_
         t0,
     );
     let acts = actions(&mut m, t0);
-    let Some(Action::Finish(Outcome::Placed(answers))) = acts.last() else {
+    let Some(Action::FinishPlacements(answers)) = acts.last() else {
         panic!("{acts:?}")
     };
     assert_eq!(answers[0], Ok(report(1)));
@@ -137,7 +137,7 @@ fn at_the_deadline_unanswered_and_unsent_tasks_fail_by_name() {
     assert_eq!(m.poll_timeout(), Some(t0 + MINUTE));
     m.handle_timeout(t0 + MINUTE);
     let acts = actions(&mut m, t0 + MINUTE);
-    let Some(Action::Finish(Outcome::Placed(answers))) = acts.last() else {
+    let Some(Action::FinishPlacements(answers)) = acts.last() else {
         panic!("{acts:?}")
     };
     let why: Vec<String> = answers
