@@ -1,6 +1,7 @@
 //! Training rounds: the fit task to every connected training centre, each answer checked and folded into the
 //! round's sum, the round closed into the next global model, committed, and then announced.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,9 +20,11 @@ use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
 /// What a round's accepted answers are folded into.
 pub(super) enum Sum {
     Mean(FedAvg),
+    /// Each centre's statistics (a few hundred numbers each), summed in centre order when the round closes,
+    /// so that the sum does not depend on the order the answers arrived in.
     Newton {
         template: Weights,
-        stats: LogisticStats,
+        by_centre: BTreeMap<CenterId, LogisticStats>,
     },
 }
 
@@ -91,11 +94,10 @@ impl Coordinator {
         let sum = match &self.newton {
             Some(solver) => {
                 let p = solver.point().len();
-                let stats = LogisticStats::zeros(p);
                 Sum::Newton {
-                    template: newton_weights(&stats)
+                    template: newton_weights(&LogisticStats::zeros(p))
                         .expect("zeros of the coefficients' own shape encode"),
-                    stats,
+                    by_centre: BTreeMap::new(),
                 }
             }
             None => Sum::Mean(FedAvg::new(&self.global)),
@@ -176,14 +178,15 @@ impl Coordinator {
                 check_update(&self.global, &result.weights, self.settings.norm_bound)?;
                 avg.fold(&result.weights, result.examples)?;
             }
-            Sum::Newton { template, stats } => {
+            Sum::Newton {
+                template,
+                by_centre,
+            } => {
                 // The same tensors as the template: names, shapes, dtypes and finite values checked.
                 check_update(template, &result.weights, None)?;
                 let local = newton_stats(&result.weights, result.examples)
                     .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
-                stats
-                    .add(&local)
-                    .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
+                by_centre.insert(center.clone(), local);
             }
         }
         f.tasks.settle(task, center);
@@ -250,7 +253,15 @@ impl Coordinator {
                 }
                 Err(e) => return self.finish_failed(format!("round {}: {e}", f.round)),
             },
-            Sum::Newton { stats, .. } => {
+            Sum::Newton { by_centre, .. } => {
+                let p = self.newton.as_ref().map_or(0, |s| s.point().len());
+                let mut stats = LogisticStats::zeros(p);
+                for local in by_centre.values() {
+                    if let Err(e) = stats.add(local) {
+                        return self
+                            .finish_failed(format!("federated Newton at round {}: {e}", f.round));
+                    }
+                }
                 log_likelihood = Some(stats.log_likelihood);
                 newton = Some(stats.clone());
                 let solver = self

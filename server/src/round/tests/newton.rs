@@ -4,8 +4,17 @@ use super::*;
 
 /// Runs a federated Newton machine with these centres' data to its end: the outcome and each committed round.
 fn drive_newton(
+    m: Coordinator,
+    centers: &[(Vec<f64>, Vec<bool>)],
+) -> (Outcome, Vec<CommittedRound>) {
+    drive_newton_answering(m, centers, false)
+}
+
+/// [`drive_newton`], the centres answering in reverse order when `reversed`.
+fn drive_newton_answering(
     mut m: Coordinator,
     centers: &[(Vec<f64>, Vec<bool>)],
+    reversed: bool,
 ) -> (Outcome, Vec<CommittedRound>) {
     let t0 = Instant::now();
     connect_all(&mut m, t0);
@@ -25,7 +34,11 @@ fn drive_newton(
         };
         assert_eq!(task.objective, LocalObjective::NewtonStep);
         let beta = task.weights.require(COEFFICIENTS).unwrap().to_f64_vec();
-        for ((center, tid), (x, y)) in to.iter().zip(centers) {
+        let mut answers: Vec<_> = to.iter().zip(centers).collect();
+        if reversed {
+            answers.reverse();
+        }
+        for ((center, tid), (x, y)) in answers {
             let s = logistic_stats(x, y, None, &beta).unwrap();
             answer(
                 &mut m,
@@ -40,9 +53,8 @@ fn drive_newton(
     }
 }
 
-/// Three centres' patients; the federated Newton fit must be the pooled fit.
-#[test]
-fn federated_newton_reaches_the_pooled_fit() {
+/// Three centres' patients, x = [1, a, b] per patient.
+fn three_centres() -> Vec<(Vec<f64>, Vec<bool>)> {
     let mut rng = 12345u64;
     let mut next = || {
         rng ^= rng << 13;
@@ -62,6 +74,13 @@ fn federated_newton_reaches_the_pooled_fit() {
         }
         centers.push((x, y));
     }
+    centers
+}
+
+/// The federated Newton fit must be the pooled fit.
+#[test]
+fn federated_newton_reaches_the_pooled_fit() {
+    let centers = three_centres();
     let names = ["intercept", "a", "b"];
     let pooled_x: Vec<f64> = centers.iter().flat_map(|c| c.0.clone()).collect();
     let pooled_y: Vec<bool> = centers.iter().flat_map(|c| c.1.clone()).collect();
@@ -174,4 +193,33 @@ fn federated_newton_waits_for_every_training_center() {
         matches!(acts.last(), Some(Action::Finish(Outcome::Failed { reason, .. })) if reason.contains("2 of the 3 answers needed")),
         "{acts:?}"
     );
+}
+
+#[test]
+fn every_round_of_federated_newton_is_the_same_to_the_bit_whatever_order_the_centres_answer_in() {
+    let names = ["intercept", "a", "b"];
+    let settings = RoundSettings {
+        model: ModelKind::Clinical,
+        strategy: Strategy::Newton,
+        rounds: 50,
+        ..settings(3)
+    };
+    let run = |reversed| {
+        let m = Coordinator::new(
+            settings.clone(),
+            roles(),
+            clinical_weights(&[0.0; 3], None),
+            &names,
+        )
+        .unwrap();
+        drive_newton_answering(m, &three_centres(), reversed)
+    };
+    let (outcome, history) = run(false);
+    let (again, reversed) = run(true);
+    assert_eq!(again, outcome);
+    assert_eq!(history.len(), reversed.len());
+    for (a, b) in history.iter().zip(&reversed) {
+        assert_eq!(a.weights, b.weights, "round {}", a.round);
+        assert_eq!(a.newton, b.newton, "round {}", a.round);
+    }
 }
