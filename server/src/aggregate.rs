@@ -35,6 +35,10 @@ pub enum UpdateRefusal {
     Norm { norm: f64, bound: f64 },
     #[error("the update claims no training examples")]
     NoExamples,
+    #[error("the update claims {claimed} examples; this centre declared {declared} in its Hello")]
+    MoreExamplesThanDeclared { claimed: u64, declared: u64 },
+    #[error("the update claims {claimed} examples; this centre's earlier rounds had {earlier}")]
+    ExamplesChanged { claimed: u64, earlier: u64 },
     #[error("this centre validates: it is never asked to train, so it may not send an update")]
     NotTraining,
     #[error("no fit task of this server asked for this update")]

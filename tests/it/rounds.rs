@@ -41,6 +41,13 @@ fn shifted(w: &Weights, by: f32) -> Weights {
     model(&conv, var)
 }
 
+/// What the test centres declare in their Hello: more patients than any of their updates claims.
+const DECLARED: SampleCounts = SampleCounts {
+    patients: 10_000,
+    positives: 1_000,
+    with_images: 10_000,
+};
+
 /// Moves every weight by `by`, as if it had trained, on `examples` patients.
 struct Honest {
     by: f32,
@@ -248,7 +255,7 @@ async fn each_broken_rule_is_refused_and_told_and_every_round_commits_the_honest
         let asked_v = asked_v.clone();
         let refusals = refusals.clone();
         clients.push(tokio::spawn(async move {
-            let counts = SampleCounts::default();
+            let counts = DECLARED;
             let record = move |e: NodeEvent| {
                 if let NodeEvent::Refused { round, reason } = e {
                     refusals.lock().unwrap().push((round, reason));
@@ -359,7 +366,7 @@ async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_ru
             examples: 5,
             asked: Arc::default(),
         };
-        fedslm_client::run(&cfg, SampleCounts::default(), t, backoff, move |e| {
+        fedslm_client::run(&cfg, DECLARED, t, backoff, move |e| {
             seen.lock().unwrap().push(e)
         })
         .await

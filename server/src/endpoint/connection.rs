@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use fedslm_certs::{connection_center, tls_alert};
 use fedslm_protocol::io::{read_message, write_message};
-use fedslm_protocol::{close, ByteBudget, ErrorCode, Message, ProtocolError};
+use fedslm_protocol::{close, ByteBudget, ErrorCode, Message, ProtocolError, SampleCounts};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
@@ -60,8 +60,10 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
+    let mut declared = SampleCounts::default();
     let admitted = match msg {
         Ok(Message::Hello(hello)) => {
+            declared = hello.counts;
             admit(&shared.config.enrolment, &center, &hello).map_err(|r| (r.code(), r.to_string()))
         }
         Ok(other) => Err((
@@ -112,6 +114,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             connection: connection.clone(),
             budget: budget.clone(),
             finish: finish_tx.clone(),
+            declared,
         },
     );
     shared.peers_changed();
@@ -138,6 +141,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     shared.tell(Input::Connected {
         center: center.clone(),
         connection: connection_id,
+        declared,
     });
 
     // Tasks travel on streams the server opens; the only message a centre may send on its control stream

@@ -114,13 +114,16 @@ impl Driver {
 
     /// Tells the machine of the centres connected before it began.
     fn connect_admitted(&mut self) {
-        let already: Vec<(CenterId, u64)> = lock(&self.shared.peers)
+        let already: Vec<Input> = lock(&self.shared.peers)
             .iter()
-            .map(|(c, p)| (c.clone(), p.connection.stable_id() as u64))
+            .map(|(c, p)| Input::Connected {
+                center: c.clone(),
+                connection: p.connection.stable_id() as u64,
+                declared: p.declared,
+            })
             .collect();
-        for (center, connection) in already {
-            self.machine
-                .handle(Input::Connected { center, connection }, Instant::now());
+        for input in already {
+            self.machine.handle(input, Instant::now());
         }
     }
 

@@ -101,6 +101,8 @@ struct Admitted {
     budget: ByteBudget,
     /// The run's end, for the connection's task to send on the control stream.
     finish: mpsc::Sender<Finish>,
+    /// The patients its Hello declared.
+    declared: fedslm_protocol::SampleCounts,
 }
 
 /// The coordinator's verdict on an answer: taken, or refused and why.

@@ -170,6 +170,29 @@ impl Coordinator {
         if result.examples == 0 {
             return Err(UpdateRefusal::NoExamples);
         }
+        // No centre outweighs the others by claiming more patients than it declared, or other patients
+        // than it trained on before (the same fold every round).
+        let declared = self.declared.get(center).map_or(0, |d| {
+            if self.settings.model.is_network() {
+                d.with_images
+            } else {
+                d.patients
+            }
+        });
+        if result.examples > declared {
+            return Err(UpdateRefusal::MoreExamplesThanDeclared {
+                claimed: result.examples,
+                declared,
+            });
+        }
+        if let Some(&earlier) = self.examples.get(center) {
+            if earlier != result.examples {
+                return Err(UpdateRefusal::ExamplesChanged {
+                    claimed: result.examples,
+                    earlier,
+                });
+            }
+        }
         if !result.train_loss.is_finite() {
             return Err(UpdateRefusal::NonFiniteLoss(result.train_loss));
         }
@@ -186,10 +209,12 @@ impl Coordinator {
                 check_update(template, &result.weights, None)?;
                 let local = newton_stats(&result.weights, result.examples)
                     .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
+                plausible(&local).map_err(UpdateRefusal::NewtonStatistics)?;
                 by_centre.insert(center.clone(), local);
             }
         }
         f.tasks.settle(task, center);
+        self.examples.insert(center.clone(), result.examples);
         f.contributions.push(Contribution {
             center: center.clone(),
             examples: result.examples,
@@ -353,6 +378,37 @@ impl Coordinator {
             After::NextRound
         }
     }
+}
+
+/// Whether a centre's Newton statistics are ones `n` patients can have made. The clinical model's covariates
+/// are the intercept and 0/1 indicators (DESIGN.md §5), so each gradient entry, a sum of `x (y - p)`, lies
+/// within `[-n, n]`, each Hessian entry, a sum of `x x' p (1 - p)`, within `[0, n / 4]` on the diagonal and
+/// `[-n / 4, n / 4]` off it, and the log-likelihood is at most 0.
+fn plausible(s: &LogisticStats) -> Result<(), String> {
+    let n = s.n as f64;
+    let tolerance = 1e-9 * n.max(1.0);
+    if let Some(g) = s.gradient.iter().find(|g| g.abs() > n + tolerance) {
+        return Err(format!("a gradient entry of {g:e} from {} patients", s.n));
+    }
+    let p = s.gradient.len();
+    for (i, h) in s.hessian.iter().enumerate() {
+        let diagonal = i / p.max(1) == i % p.max(1);
+        let low = if diagonal {
+            -tolerance
+        } else {
+            -n / 4.0 - tolerance
+        };
+        if *h < low || *h > n / 4.0 + tolerance {
+            return Err(format!("a Hessian entry of {h:e} from {} patients", s.n));
+        }
+    }
+    if s.log_likelihood > tolerance || s.fitted_exactly > s.n {
+        return Err(format!(
+            "a log-likelihood of {} with {} of {} patients fitted exactly",
+            s.log_likelihood, s.fitted_exactly, s.n
+        ));
+    }
+    Ok(())
 }
 
 /// The clinical model's weights at `beta`; the covariance is zero until the fit has converged.

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use fedslm_metrics::{LogisticFit, LogisticStats};
 use fedslm_protocol::{
-    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask, Weights,
+    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask,
+    SampleCounts, Weights,
 };
 
 use super::TaskId;
@@ -16,10 +17,12 @@ use crate::evaluation::Evaluation;
 /// What the endpoint tells the machine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// An admitted centre's connection (a reconnection replaces the older one).
+    /// An admitted centre's connection (a reconnection replaces the older one), with the patients its Hello
+    /// declared: no update may claim more.
     Connected {
         center: CenterId,
         connection: u64,
+        declared: SampleCounts,
     },
     Disconnected {
         center: CenterId,

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedslm_metrics::NewtonSolver;
-use fedslm_protocol::{CenterId, Role, Weights};
+use fedslm_protocol::{CenterId, Role, SampleCounts, Weights};
 
 pub(crate) use io::weighted_loss;
 pub use io::{Action, Committed, Contribution, Input, Outcome, RoundRecord, Unanswered};
@@ -101,6 +101,11 @@ pub struct Coordinator {
     settings: RoundSettings,
     roles: BTreeMap<CenterId, Role>,
     connected: BTreeMap<CenterId, u64>,
+    /// The patients each centre's Hello declared.
+    declared: BTreeMap<CenterId, SampleCounts>,
+    /// Each centre's example count in the first round it contributed to: its later rounds train on the same
+    /// patients.
+    examples: BTreeMap<CenterId, u64>,
     global: Arc<Weights>,
     committed: u32,
     retries: u32,
@@ -180,7 +185,12 @@ impl Coordinator {
             return;
         }
         match input {
-            Input::Connected { center, connection } => {
+            Input::Connected {
+                center,
+                connection,
+                declared,
+            } => {
+                self.declared.insert(center.clone(), declared);
                 self.connected.insert(center, connection);
                 self.maybe_start(now);
             }

@@ -102,6 +102,8 @@ impl Coordinator {
             settings,
             roles,
             connected: BTreeMap::new(),
+            declared: BTreeMap::new(),
+            examples: BTreeMap::new(),
             global: Arc::new(Weights::default()),
             committed: 0,
             retries: 0,

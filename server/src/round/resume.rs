@@ -62,6 +62,8 @@ impl Coordinator {
             settings,
             roles,
             connected: BTreeMap::new(),
+            declared: BTreeMap::new(),
+            examples: BTreeMap::new(),
             global: Arc::new(global),
             committed: 0,
             retries: 0,

@@ -29,8 +29,15 @@ use fedslm_server::RoundRecord;
 use crate::simulate::configs::client_config;
 use crate::StudyError;
 
-/// Answers every task with its own weights.
+/// Answers every task with its own weights, on the patients it declares.
 struct Echo;
+
+/// What an echoing node declares in its Hello: the 10 patients of its every update.
+const ECHO_PATIENTS: SampleCounts = SampleCounts {
+    patients: 10,
+    positives: 5,
+    with_images: 10,
+};
 
 impl LocalTrainer for Echo {
     type Error = Declined;
@@ -165,7 +172,7 @@ pub fn round_seconds(
                     attempts: Some(3),
                     ..Backoff::default()
                 };
-                fedslm_client::run(&config, SampleCounts::default(), Echo, backoff, |_| {}).await
+                fedslm_client::run(&config, ECHO_PATIENTS, Echo, backoff, |_| {}).await
             }));
         }
         for t in tasks {

@@ -142,6 +142,17 @@ fn each_check_refuses_the_misbehaving_center_and_the_round_completes_with_the_ho
             |r| matches!(r, UpdateRefusal::NoExamples),
         ),
         (
+            "more patients than its Hello declared",
+            |m, t, now| {
+                answer(m, "c", t["c"], 1, model(&[1.0; 4], 1.0), 1 << 62, now);
+                ("c".into(), t["c"])
+            },
+            |r| {
+                matches!(r, UpdateRefusal::MoreExamplesThanDeclared { claimed, declared }
+                    if *claimed == 1 << 62 && *declared == DECLARED.with_images)
+            },
+        ),
+        (
             "someone else's task",
             |m, t, now| {
                 answer(m, "c", t["a"], 1, model(&[50.0; 4], 1.0), 10, now);
@@ -269,5 +280,32 @@ fn settings_that_cannot_work_are_refused() {
             &["intercept", "age"]
         ),
         Some(SetupError::Coefficients(2))
+    );
+}
+
+#[test]
+fn a_centre_claims_the_same_patients_every_round() {
+    let t0 = Instant::now();
+    let mut m = machine(settings(2));
+    connect_all(&mut m, t0);
+    let tasks = sent(&actions(&mut m, t0));
+    for c in ["a", "b", "c"] {
+        answer(&mut m, c, tasks[c], 1, model(&[1.0; 4], 1.0), 10, t0);
+    }
+    let tasks = sent(&actions(&mut m, t0));
+    answer(&mut m, "c", tasks["c"], 2, model(&[1.0; 4], 1.0), 20, t0);
+    let acts = actions(&mut m, t0);
+    assert!(
+        acts.iter().any(|a| matches!(
+            a,
+            Action::Refuse {
+                refusal: UpdateRefusal::ExamplesChanged {
+                    claimed: 20,
+                    earlier: 10
+                },
+                ..
+            }
+        )),
+        "{acts:?}"
     );
 }

@@ -50,6 +50,7 @@ fn a_closed_round_is_neither_announced_nor_followed_until_the_store_says_it_is_d
         Input::Connected {
             center: id("c"),
             connection: 9,
+            declared: DECLARED,
         },
         t0 + 10 * MINUTE,
     );

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use fedslm_metrics::{fit_logistic, logistic_stats, LogisticStats};
 use fedslm_protocol::clinical::{newton_weights, COEFFICIENTS, COVARIANCE};
 use fedslm_protocol::{
-    CenterId, DType, EvalReport, FitResult, Fold, LocalObjective, ModelKind, Role, Tensor,
-    TensorRole, Weights,
+    CenterId, DType, EvalReport, FitResult, Fold, LocalObjective, ModelKind, Role, SampleCounts,
+    Tensor, TensorRole, Weights,
 };
 
 use super::fit::clinical_weights;
@@ -16,6 +16,13 @@ use super::*;
 use crate::aggregate::UpdateRefusal;
 
 const MINUTE: Duration = Duration::from_secs(60);
+
+/// What every test centre declares in its Hello: more patients than any test update claims.
+const DECLARED: SampleCounts = SampleCounts {
+    patients: 1000,
+    positives: 300,
+    with_images: 1000,
+};
 
 fn id(s: &str) -> CenterId {
     CenterId::new(s).unwrap()
@@ -77,6 +84,7 @@ fn connect_all(m: &mut Coordinator, now: Instant) {
             Input::Connected {
                 center: id(c),
                 connection: n as u64,
+                declared: DECLARED,
             },
             now,
         );

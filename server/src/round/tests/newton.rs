@@ -223,3 +223,72 @@ fn every_round_of_federated_newton_is_the_same_to_the_bit_whatever_order_the_cen
         assert_eq!(a.newton, b.newton, "round {}", a.round);
     }
 }
+
+#[test]
+fn statistics_no_patients_can_have_made_are_refused() {
+    let names = ["intercept"];
+    let honest = logistic_stats(&[1.0, 1.0], &[true, false], None, &[0.0]).unwrap();
+    for (bad, what) in [
+        (
+            LogisticStats {
+                gradient: vec![1e300],
+                ..honest.clone()
+            },
+            "gradient",
+        ),
+        (
+            LogisticStats {
+                hessian: vec![-1.0],
+                ..honest.clone()
+            },
+            "Hessian",
+        ),
+        (
+            LogisticStats {
+                log_likelihood: 5.0,
+                ..honest.clone()
+            },
+            "log-likelihood",
+        ),
+    ] {
+        let settings = RoundSettings {
+            model: ModelKind::Clinical,
+            strategy: Strategy::Newton,
+            ..settings(3)
+        };
+        let mut m =
+            Coordinator::new(settings, roles(), clinical_weights(&[0.0], None), &names).unwrap();
+        let t0 = Instant::now();
+        connect_all(&mut m, t0);
+        let tasks = sent(&actions(&mut m, t0));
+        answer(
+            &mut m,
+            "a",
+            tasks["a"],
+            1,
+            newton_weights(&honest).unwrap(),
+            2,
+            t0,
+        );
+        answer(
+            &mut m,
+            "c",
+            tasks["c"],
+            1,
+            newton_weights(&bad).unwrap(),
+            2,
+            t0,
+        );
+        let acts = actions(&mut m, t0);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::Refuse {
+                refusal: UpdateRefusal::NewtonStatistics(why), ..
+            } if why.contains(what))),
+            "{what}: {acts:?}"
+        );
+        assert!(
+            matches!(&acts[0], Action::Accept { .. }),
+            "the honest centre's statistics pass: {acts:?}"
+        );
+    }
+}

@@ -51,6 +51,7 @@ fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_
             Input::Connected {
                 center: id(c),
                 connection: n as u64,
+                declared: DECLARED,
             },
             t0,
         );
@@ -60,6 +61,7 @@ fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_
         Input::Connected {
             center: id("x"),
             connection: 7,
+            declared: DECLARED,
         },
         t0,
     );
@@ -130,6 +132,7 @@ fn at_the_deadline_unanswered_and_unsent_tasks_fail_by_name() {
         Input::Connected {
             center: id("a"),
             connection: 1,
+            declared: DECLARED,
         },
         t0,
     );

@@ -10,6 +10,7 @@ fn a_round_starts_at_quorum_and_commits_as_soon_as_every_center_has_answered() {
         Input::Connected {
             center: id("a"),
             connection: 1,
+            declared: DECLARED,
         },
         t0,
     );
@@ -17,6 +18,7 @@ fn a_round_starts_at_quorum_and_commits_as_soon_as_every_center_has_answered() {
         Input::Connected {
             center: id("x"),
             connection: 2,
+            declared: DECLARED,
         },
         t0,
     );
@@ -24,6 +26,7 @@ fn a_round_starts_at_quorum_and_commits_as_soon_as_every_center_has_answered() {
         Input::Connected {
             center: id("b"),
             connection: 3,
+            declared: DECLARED,
         },
         t0,
     );
@@ -33,6 +36,7 @@ fn a_round_starts_at_quorum_and_commits_as_soon_as_every_center_has_answered() {
         Input::Connected {
             center: id("c"),
             connection: 4,
+            declared: DECLARED,
         },
         t0,
     );
@@ -227,6 +231,7 @@ fn a_center_that_disconnects_mid_round_is_not_waited_for_and_a_stale_disconnect_
         Input::Connected {
             center: id("b"),
             connection: 9,
+            declared: DECLARED,
         },
         t0,
     );
@@ -289,6 +294,7 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
         Input::Connected {
             center: id("a"),
             connection: 1,
+            declared: DECLARED,
         },
         t0,
     );
@@ -298,6 +304,7 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
         Input::Connected {
             center: id("b"),
             connection: 2,
+            declared: DECLARED,
         },
         t1,
     );
@@ -313,6 +320,7 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
         Input::Connected {
             center: id("c"),
             connection: 3,
+            declared: DECLARED,
         },
         t1 + Duration::from_secs(11),
     );
@@ -329,6 +337,7 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
         Input::Connected {
             center: id("a"),
             connection: 1,
+            declared: DECLARED,
         },
         t0,
     );
@@ -336,6 +345,7 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
         Input::Connected {
             center: id("b"),
             connection: 2,
+            declared: DECLARED,
         },
         t0,
     );
