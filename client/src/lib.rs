@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use fedslm_certs::{alert_name, quic_client_config, tls_alert, CertError};
 use fedslm_protocol::io::{read_message, write_message};
+use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, ErrorCode, Finish, Hello, Limits, Message, ProtocolError, SampleCounts,
     Welcome, PROTOCOL_VERSION,
@@ -98,7 +99,7 @@ impl Session {
             Ok(Message::Error(e)) => Err(ClientError::Refused {
                 server: self.server.clone(),
                 code: e.code,
-                message: e.message,
+                message: escape_peer(&e.message),
             }),
             Ok(other) => Err(ClientError::Unexpected {
                 server: self.server.clone(),
@@ -215,7 +216,7 @@ pub async fn connect_with(
         Message::Error(e) => Err(ClientError::Refused {
             server,
             code: e.code,
-            message: e.message,
+            message: escape_peer(&e.message),
         }),
         other => Err(ClientError::Unexpected {
             server,
@@ -288,7 +289,9 @@ pub(crate) fn connection_error(server: &str, e: ConnectionError) -> ClientError 
     let server = server.to_string();
     if let Some(alert) = tls_alert(&e) {
         let reason = match &e {
-            ConnectionError::ConnectionClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
+            ConnectionError::ConnectionClosed(c) => {
+                escape_peer(&String::from_utf8_lossy(&c.reason))
+            }
             ConnectionError::TransportError(t) => t.reason.clone(),
             other => other.to_string(),
         };
@@ -303,7 +306,7 @@ pub(crate) fn connection_error(server: &str, e: ConnectionError) -> ClientError 
         ConnectionError::ApplicationClosed(c) => ClientError::Closed {
             server,
             code: c.error_code.into_inner(),
-            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            reason: escape_peer(&String::from_utf8_lossy(&c.reason)),
         },
         source => ClientError::Connection { server, source },
     }

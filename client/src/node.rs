@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedslm_protocol::io::{read_message, write_message};
+use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ErrorCode, EvalReport, EvaluateTask, Finish, FitResult, FitTask, Message,
     PlacementReport, PlacementTask, ProtocolError, SampleCounts,
@@ -175,7 +176,7 @@ async fn serve<T: LocalTrainer>(
                     Ok(Message::Error(e)) => Err(ClientError::Refused {
                         server: session.server.clone(),
                         code: e.code,
-                        message: e.message,
+                        message: escape_peer(&e.message),
                     }),
                     Ok(other) => Err(ClientError::Unexpected {
                         server: session.server.clone(),
@@ -300,11 +301,9 @@ async fn task<T: LocalTrainer>(
     let _ = send.finish();
     match read_message(&mut recv, &session.limits, &session.budget).await {
         Ok(Message::Error(e)) if e.code == ErrorCode::UpdateRefused => {
-            tracing::warn!(round, reason = %e.message, "the server refused this centre's update");
-            on_event(NodeEvent::Refused {
-                round,
-                reason: e.message,
-            });
+            let reason = escape_peer(&e.message);
+            tracing::warn!(round, %reason, "the server refused this centre's update");
+            on_event(NodeEvent::Refused { round, reason });
         }
         Err(ProtocolError::Closed) => {
             if matches!(answer, Message::FitResult(_)) {

@@ -18,6 +18,7 @@ pub mod io;
 mod limits;
 mod message;
 pub mod rng;
+pub mod text;
 mod weights;
 
 pub use center::{CenterId, CenterIdError};

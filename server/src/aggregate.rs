@@ -69,7 +69,10 @@ pub fn check_update(
 ) -> Result<(), UpdateRefusal> {
     for t in update.tensors() {
         if global.get(t.name()).is_none() {
-            return Err(UpdateRefusal::Unexpected(t.name().to_string()));
+            // The name is the peer's: escaped before it reaches a log or the audit.
+            return Err(UpdateRefusal::Unexpected(
+                fedslm_protocol::text::escape_peer(t.name()),
+            ));
         }
     }
     let mut squared = 0.0;

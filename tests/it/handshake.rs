@@ -426,3 +426,24 @@ async fn a_second_connection_of_a_center_supersedes_the_first() {
     }
     assert_eq!(fed.server.connected(), vec![id("center-a")]);
 }
+
+#[tokio::test]
+async fn a_close_reason_that_forges_log_lines_reaches_the_log_escaped() {
+    let mut fed = Federation::start("").await;
+    let session = connect(&fed.node("center-a"), SampleCounts::default())
+        .await
+        .unwrap();
+    fed.expect_admitted("center-a").await;
+    let forged =
+        "bye\n2026-11-30T00:00:00Z  INFO fedslm_server: run completed rounds=99\r\u{1b}[31m";
+    session.close(0, forged).await;
+    let ServerEvent::Disconnected { reason, .. } = fed
+        .expect(|e| matches!(e, ServerEvent::Disconnected { .. }))
+        .await
+    else {
+        unreachable!()
+    };
+    assert!(!reason.chars().any(char::is_control), "{reason:?}");
+    assert!(reason.contains("bye\\n2026"), "{reason:?}");
+    fed.control("center-b").await;
+}

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedslm_certs::{alert_name, quic_server_config, server_config, CertError};
+use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
 };
@@ -149,6 +150,19 @@ impl Shared {
     }
 
     fn tell(&self, input: Input) {
+        // A failed task's reason may be a peer's text: escaped before it reaches the log or the audit.
+        let input = match input {
+            Input::TaskFailed {
+                center,
+                task,
+                reason,
+            } => Input::TaskFailed {
+                center,
+                task,
+                reason: escape_peer(&reason),
+            },
+            other => other,
+        };
         // The coordinator is gone only when the run is over.
         let _ = self.inputs.send(Envelope {
             input,
@@ -167,6 +181,7 @@ impl Shared {
     }
 
     fn emit(&self, event: ServerEvent) {
+        let event = escaped(event);
         if let Some(entry) = audit_event(&event) {
             self.audit(entry);
         }
@@ -219,6 +234,38 @@ impl Shared {
         }
         // No subscriber is fine: events are also logged.
         let _ = self.events.send(event);
+    }
+}
+
+/// A connection event with the texts a peer can put in it (close reasons, handshake errors, refusals that
+/// quote its Hello, an abort's message) escaped.
+fn escaped(event: ServerEvent) -> ServerEvent {
+    match event {
+        ServerEvent::HandshakeFailed {
+            remote,
+            alert,
+            reason,
+        } => ServerEvent::HandshakeFailed {
+            remote,
+            alert,
+            reason: escape_peer(&reason),
+        },
+        ServerEvent::Refused {
+            remote,
+            center,
+            code,
+            reason,
+        } => ServerEvent::Refused {
+            remote,
+            center,
+            code,
+            reason: escape_peer(&reason),
+        },
+        ServerEvent::Disconnected { center, reason } => ServerEvent::Disconnected {
+            center,
+            reason: escape_peer(&reason),
+        },
+        other => other,
     }
 }
 

@@ -38,6 +38,32 @@ fn each_check_refuses_the_misbehaving_center_and_the_round_completes_with_the_ho
             |r| matches!(r, UpdateRefusal::Unexpected(n) if n == "spy"),
         ),
         (
+            "extra tensor whose name forges a log line",
+            |m, t, now| {
+                let mut v = model(&[1.0; 4], 1.0).tensors().to_vec();
+                v.push(
+                    Tensor::from_f32(
+                        "x\nINFO run completed",
+                        vec![1],
+                        TensorRole::Parameter,
+                        &[0.0],
+                    )
+                    .unwrap(),
+                );
+                answer(
+                    m,
+                    "c",
+                    t["c"],
+                    1,
+                    Weights::from_tensors(v).unwrap(),
+                    10,
+                    now,
+                );
+                ("c".into(), t["c"])
+            },
+            |r| matches!(r, UpdateRefusal::Unexpected(n) if n == "x\\nINFO run completed"),
+        ),
+        (
             "shape",
             |m, t, now| {
                 let w = Weights::from_tensors(vec![
