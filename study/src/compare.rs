@@ -133,10 +133,7 @@ pub fn compare_stored(
         })
         .collect();
     let deadline = config.run.deadline;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StudyError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let runtime = crate::error::runtime()?;
     let answers = runtime.block_on(async {
         let server = Server::bind(config)?;
         listening(server.local_addr()?, &sa, &sb);

@@ -108,3 +108,11 @@ pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<(), Stu
         source,
     })
 }
+
+/// The multi-threaded runtime a study step runs its servers and nodes on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, StudyError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StudyError::Failed(format!("cannot start the async runtime: {e}")))
+}

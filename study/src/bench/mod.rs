@@ -160,10 +160,7 @@ pub fn round_seconds(
         let _ = process.kill();
         return Err(StudyError::Failed(format!("the server said {first:?}")));
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(io_err("cannot start the async runtime"))?;
+    let runtime = crate::error::runtime()?;
     let nodes = runtime.block_on(async {
         let mut tasks = Vec::new();
         for config in configs {

@@ -275,10 +275,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         nodes,
         observer,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StudyError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let runtime = crate::error::runtime()?;
     let mut per_model: Vec<(ModelKind, ModelRun)> = Vec::new();
     for model in models {
         let clinical = match model {
