@@ -88,7 +88,7 @@ impl FrameHeader {
             })
     }
 
-    fn write(kind: MessageKind, payload_len: u64, out: &mut [u8]) {
+    pub(crate) fn write(kind: MessageKind, payload_len: u64, out: &mut [u8]) {
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         out[6] = kind.code();

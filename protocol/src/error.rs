@@ -23,6 +23,14 @@ pub enum ProtocolError {
         needed: u64,
         remaining: u64,
     },
+    #[error("{got} frame where only {expected} may come")]
+    UnexpectedFrame { got: MessageKind, expected: String },
+    #[error("{kind} frame of {len} bytes not received within {secs} s of its header")]
+    FrameTimedOut {
+        kind: MessageKind,
+        len: u64,
+        secs: u64,
+    },
     #[error("connection closed in the middle of a frame: {got} of {expected} bytes received")]
     Truncated { expected: u64, got: u64 },
     #[error("connection closed")]

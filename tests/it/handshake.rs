@@ -447,3 +447,68 @@ async fn a_close_reason_that_forges_log_lines_reaches_the_log_escaped() {
     assert!(reason.contains("bye\\n2026"), "{reason:?}");
     fed.control("center-b").await;
 }
+
+/// A frame header declaring `len` payload bytes of `kind`, and nothing after it.
+fn header_only(kind: fedslm_protocol::MessageKind, len: u64) -> Vec<u8> {
+    let mut h = b"FSLM".to_vec();
+    h.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    h.extend_from_slice(&[kind as u8, 0]);
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+#[tokio::test]
+async fn a_frame_other_than_hello_before_the_hello_is_refused_from_its_header() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-a");
+    // A FitResult of 100 MB (within a FitResult's own limit) as the first frame: refused at once from its
+    // header, nothing of its payload awaited or buffered.
+    let frame = header_only(fedslm_protocol::MessageKind::FitResult, 100 << 20);
+    let reply = tokio::time::timeout(Duration::from_secs(1), raw_exchange(&config, &frame))
+        .await
+        .expect("refused from the header, not after the Hello timeout");
+    let Message::Error(e) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(e.code, ErrorCode::Unexpected);
+    assert_eq!(e.message, "FitResult frame where only Hello may come");
+    fed.control("center-a").await;
+}
+
+#[tokio::test]
+async fn an_admitted_center_may_send_only_an_error_on_its_control_stream() {
+    let mut fed = Federation::start("").await;
+    let config = fed.node("center-a");
+    let (_endpoint, conn) = fedslm_client::open(&config, client_config(&config.tls).unwrap())
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = codec::encode(
+        &Message::Hello(fedslm_client::hello(&config, SampleCounts::default())),
+        &Limits::default(),
+    )
+    .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut send, &hello)
+        .await
+        .unwrap();
+    let welcome = read_message(&mut recv, &Limits::default(), &ByteBudget::default())
+        .await
+        .unwrap();
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    fed.expect_admitted("center-a").await;
+    // 400 MB announced on the control stream, where only an Error may come: the connection is closed from
+    // the header.
+    let frame = header_only(fedslm_protocol::MessageKind::FitResult, 400 << 20);
+    tokio::io::AsyncWriteExt::write_all(&mut send, &frame)
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(2), conn.closed())
+        .await
+        .expect("closed from the header");
+    assert!(
+        closed
+            .to_string()
+            .contains("FitResult frame where only Error may come"),
+        "{closed}"
+    );
+}

@@ -158,6 +158,11 @@ struct Setup {
 }
 
 fn setup(round_keys: &str) -> Setup {
+    setup_with(round_keys, &crate::common::TINY_CENTRES)
+}
+
+/// A run of `centers` (id, role).
+fn setup_with(round_keys: &str, centers: &[(&str, &str)]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(
         &dir.path().join("pki"),
@@ -166,7 +171,6 @@ fn setup(round_keys: &str) -> Setup {
         &["127.0.0.1".parse().unwrap()],
     )
     .unwrap();
-    let centers = crate::common::TINY_CENTRES;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -175,12 +179,12 @@ fn setup(round_keys: &str) -> Setup {
     let addr = format!("127.0.0.1:{port}");
     let mut toml =
         format!("listen = \"{addr}\"\npki = \"pki\"\nrun_id = \"rounds\"\n{round_keys}\n");
-    for (c, role) in centers {
+    for &(c, role) in centers {
         toml.push_str(&format!("[[center]]\nid = \"{c}\"\nrole = \"{role}\"\n"));
     }
     let config = ServerConfig::parse(&toml, &dir.path().join("server.toml")).unwrap();
     let mut configs = BTreeMap::new();
-    for (c, _) in centers {
+    for &(c, _) in centers {
         let out = dir.path().join(c);
         pki.issue(&id(c), &out, IssueOptions::days(30).unwrap())
             .unwrap();
@@ -431,4 +435,87 @@ async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_ru
         "{events:?}"
     );
     assert!(events.contains(&NodeEvent::Accepted { round: 1 }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_centers_cost_one_deadline_and_never_the_honest_answers() {
+    // The silent centres come first in every round's task order, so that they would take the server's
+    // result permits first if a permit were taken before an answer began to come.
+    let centers = [
+        ("center-a", "train"),
+        ("center-b", "train"),
+        ("center-c", "train"),
+        ("center-d", "train"),
+    ];
+    let keys = "rounds = 2\nquorum = 2\nround_deadline_secs = 3\nround_retries = 0";
+    let s = setup_with(keys, &centers);
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let mut events = server.subscribe();
+    let (store, writer) = store(&s, "out");
+    let run = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .run_rounds(machine, store, writer, std::future::pending())
+                .await
+        })
+    };
+    // Connected and admitted, but they never take a task.
+    let mut silent = Vec::new();
+    for c in ["center-a", "center-b"] {
+        silent.push(
+            fedslm_client::connect(&s.configs[c], DECLARED)
+                .await
+                .unwrap(),
+        );
+    }
+    let backoff = Backoff {
+        attempts: Some(2),
+        ..Backoff::default()
+    };
+    let mut clients = Vec::new();
+    for (c, by) in [("center-c", 1.0), ("center-d", 3.0)] {
+        let cfg = s.configs[c].clone();
+        let t = Honest {
+            by,
+            examples: 10,
+            asked: Arc::default(),
+        };
+        clients.push(tokio::spawn(async move {
+            fedslm_client::run(&cfg, DECLARED, t, backoff, |_| {}).await
+        }));
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the run ended within 30 s")
+        .unwrap();
+    let Some(Outcome::Completed { rounds: 2, .. }) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let mut committed = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if let fedslm_server::ServerEvent::RoundCommitted(r) = e {
+            let mut answered: Vec<String> = r
+                .contributions
+                .iter()
+                .map(|c| c.center.to_string())
+                .collect();
+            answered.sort();
+            let silent: Vec<String> = r.silent.iter().map(|c| c.to_string()).collect();
+            committed.push((answered, silent));
+            // One deadline (3 s) per round, not three.
+            assert!(r.duration < Duration::from_secs(6), "{:?}", r.duration);
+            assert_eq!(r.retries, 0);
+        }
+    }
+    let want = (
+        vec!["center-c".to_string(), "center-d".to_string()],
+        vec!["center-a".to_string(), "center-b".to_string()],
+    );
+    assert_eq!(committed, vec![want.clone(), want]);
+    for c in clients {
+        c.await.unwrap().expect("the honest centres got Finish");
+    }
+    drop(silent);
 }

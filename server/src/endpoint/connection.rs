@@ -4,14 +4,23 @@
 use std::sync::Arc;
 
 use fedslm_certs::{connection_center, tls_alert};
-use fedslm_protocol::io::{read_message, write_message};
-use fedslm_protocol::{close, ByteBudget, ErrorCode, Message, ProtocolError, SampleCounts};
+use fedslm_protocol::io::{read_expected, write_message, Expect};
+use fedslm_protocol::{
+    close, ByteBudget, ErrorCode, Message, MessageKind, ProtocolError, SampleCounts,
+};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
-use super::{lock, Admitted, ServerEvent, Shared, ERROR_LINGER, FINISH_LINGER};
+use super::{
+    lock, Admitted, ServerEvent, Shared, CONTROL_FRAME_WITHIN, ERROR_LINGER, FINISH_LINGER,
+};
 use crate::admission::admit;
 use crate::round::Input;
+
+/// After Welcome, a centre may send only an Error on its control stream (it aborts), within the time a control
+/// frame has once its header is in.
+const AFTER_WELCOME: Expect<'static> =
+    Expect::only(&[MessageKind::Error]).within(CONTROL_FRAME_WITHIN);
 
 pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
@@ -43,7 +52,9 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let timeout = shared.config.hello_timeout;
     let hello = tokio::time::timeout(timeout, async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
-        let msg = read_message(&mut recv, &shared.limits, &budget).await;
+        // Before its Hello, a peer may send a Hello and nothing else (at most the control frames' 64 KiB).
+        let expect = Expect::only(&[MessageKind::Hello]);
+        let msg = read_expected(&mut recv, &shared.limits, &budget, expect).await;
         Ok::<_, String>((send, recv, msg))
     })
     .await;
@@ -70,6 +81,9 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             ErrorCode::Unexpected,
             format!("expected Hello, got {}", other.kind()),
         )),
+        Err(e @ ProtocolError::UnexpectedFrame { .. }) => {
+            Err((ErrorCode::Unexpected, e.to_string()))
+        }
         Err(ProtocolError::UnsupportedVersion { got, supported }) => Err((
             ErrorCode::UnsupportedVersion,
             format!(
@@ -156,7 +170,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             }
             format!("run finished: {reason}")
         }
-        msg = read_message(&mut recv, &shared.limits, &budget) => match msg {
+        msg = read_expected(&mut recv, &shared.limits, &budget, AFTER_WELCOME) => match msg {
             Ok(Message::Error(e)) => format!("centre aborted: {:?}: {}", e.code, e.message),
             Ok(other) => {
                 let reason = format!("unexpected {} on the control stream", other.kind());

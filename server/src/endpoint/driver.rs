@@ -9,7 +9,7 @@ use std::time::Instant;
 use fedslm_protocol::{codec, CenterId, Finish, Message, PlacementReport, Weights};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::exchange::{bytes_of, task_exchange, TaskExchange};
+use super::exchange::{bytes_of, task_exchange, Answer, TaskExchange};
 use super::{lock, tell_finish, CheckpointWriter, Envelope, ServerEvent, Shared, Verdict};
 use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
@@ -18,8 +18,9 @@ use crate::failpoint;
 use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId, Unanswered};
 use crate::store::{RunState, Store, StoredRound};
 
-/// Fit results read and held at once: the rest wait in QUIC's flow control, so the server's memory stays
-/// about the global model, its f64 accumulators and this many updates, however many centres answer.
+/// Answers read and held at once, once they have begun to come: the rest wait in QUIC's flow control, so the
+/// server's memory stays about the global model, its f64 accumulators and this many updates, however many
+/// centres answer. A centre that has not begun its answer holds no permit.
 const RESULTS_IN_FLIGHT: usize = 2;
 
 /// Where a run is made durable: the store, and the writer of each round's model file.
@@ -162,7 +163,7 @@ impl Driver {
     fn send(&mut self, round: u32, message: &Message, to: Vec<(CenterId, TaskId)>) {
         let shared = &self.shared;
         let frame = match codec::encode(message, &shared.limits) {
-            Ok(f) => bytes_of(f),
+            Ok(f) => f,
             Err(e) => {
                 let reason = format!("cannot encode round {round}'s {}: {e}", message.kind());
                 for (center, task) in to {
@@ -175,6 +176,12 @@ impl Driver {
                 return;
             }
         };
+        let bins = match message {
+            Message::EvaluateTask(t) => t.histogram_bins,
+            _ => 0,
+        };
+        let answer = Answer::to(message.kind(), frame.len() as u64, bins);
+        let frame = bytes_of(frame);
         for (center, task) in to {
             self.rounds_of.insert(task, round);
             let (cancel, cancelled) = oneshot::channel();
@@ -202,6 +209,7 @@ impl Driver {
                 frame: frame.clone(),
                 center,
                 task,
+                answer,
                 results: self.results.clone(),
                 cancelled,
             }));

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use fedslm_protocol::io::{read_message, write_message};
-use fedslm_protocol::{ByteBudget, CenterId, ErrorCode, Message};
+use fedslm_protocol::io::{read_header, read_payload, write_message, Expect};
+use fedslm_protocol::{ByteBudget, CenterId, ErrorCode, Message, MessageKind};
 use quinn::{Connection, VarInt};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -14,6 +14,49 @@ pub(super) fn bytes_of(frame: Vec<u8>) -> bytes::Bytes {
     bytes::Bytes::from(frame)
 }
 
+/// What may come back on a task's stream, checked from the frame's header: the task's answer or an Error, no
+/// larger than the task allows, its payload within a time that grows with its size.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answer {
+    pub(super) kinds: &'static [MessageKind],
+    pub(super) max_payload: u64,
+}
+
+/// The slowest a centre may send its answer once it has begun: the answer's time limit is
+/// [`ANSWER_BASE_TIME`] plus one second per this many bytes.
+const ANSWER_MIN_RATE: u64 = 1024 * 1024;
+const ANSWER_BASE_TIME: u64 = 30;
+
+impl Answer {
+    /// The answer to a task of `kind` sent as a frame of `task_frame` bytes: a fit result carries the task's
+    /// tensors (of the same shapes and dtypes, or it is refused) and a few fields; an evaluation report two
+    /// histograms of the task's bins; placement sums a control frame's size.
+    pub(super) fn to(kind: MessageKind, task_frame: u64, bins: u32) -> Answer {
+        const SLACK: u64 = 64 * 1024;
+        match kind {
+            MessageKind::FitTask => Answer {
+                kinds: &[MessageKind::FitResult, MessageKind::Error],
+                max_payload: task_frame + SLACK,
+            },
+            MessageKind::EvaluateTask => Answer {
+                kinds: &[MessageKind::EvalReport, MessageKind::Error],
+                max_payload: 2 * 9 * u64::from(bins) + SLACK,
+            },
+            _ => Answer {
+                kinds: &[MessageKind::PlacementReport, MessageKind::Error],
+                max_payload: SLACK,
+            },
+        }
+    }
+
+    fn expect(&self) -> Expect<'static> {
+        let secs = ANSWER_BASE_TIME + self.max_payload / ANSWER_MIN_RATE;
+        Expect::only(self.kinds)
+            .at_most(self.max_payload)
+            .within(std::time::Duration::from_secs(secs))
+    }
+}
+
 pub(super) struct TaskExchange {
     pub(super) shared: Arc<Shared>,
     pub(super) connection: Connection,
@@ -22,6 +65,7 @@ pub(super) struct TaskExchange {
     pub(super) frame: bytes::Bytes,
     pub(super) center: CenterId,
     pub(super) task: TaskId,
+    pub(super) answer: Answer,
     pub(super) results: Arc<Semaphore>,
     pub(super) cancelled: oneshot::Receiver<()>,
 }
@@ -36,6 +80,7 @@ pub(super) async fn task_exchange(x: TaskExchange) {
         frame,
         center,
         task,
+        answer,
         results,
         mut cancelled,
     } = x;
@@ -55,9 +100,16 @@ pub(super) async fn task_exchange(x: TaskExchange) {
         send.write_chunk(frame)
             .await
             .map_err(|e| format!("cannot send the task: {e}"))?;
-        // Held until the coordinator has folded the update in (or refused it): bounds memory.
+        // Every centre's answer is awaited at once; one that has begun to come (its header is in, its kind and
+        // size allowed) takes a permit, held until the coordinator has folded it in (or refused it). The
+        // others wait in QUIC's flow control: memory stays a few answers, and a silent centre holds no
+        // permit, so it cannot keep an honest answer unread.
+        let expect = answer.expect();
+        let header = read_header(&mut recv, &shared.limits, expect)
+            .await
+            .map_err(|e| format!("no answer: {e}"))?;
         let permit = results.acquire().await.map_err(|e| e.to_string())?;
-        let reply = read_message(&mut recv, &shared.limits, &budget).await;
+        let reply = read_payload(&mut recv, header, &shared.limits, &budget, expect).await;
         let input = match reply {
             Ok(Message::FitResult(result)) => Input::FitAnswered {
                 center: center.clone(),

@@ -29,6 +29,8 @@ use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
 use crate::store::Store;
 use driver::{Driver, Durable, Ended};
 
+/// How long a control frame's payload (64 KiB at most) may take once its header is in.
+const CONTROL_FRAME_WITHIN: Duration = Duration::from_secs(10);
 /// How long a refused peer has to read its Error before the connection is closed.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// Writes a round's global model as a file at the path given (the store then names it by its hash and records
