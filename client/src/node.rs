@@ -103,11 +103,14 @@ pub enum NodeEvent {
 fn is_final(e: &ClientError) -> bool {
     match e {
         ClientError::Refused { .. } | ClientError::TlsAlert { .. } | ClientError::Certs(_) => true,
-        ClientError::Closed { code, .. } => {
-            *code == u64::from(close::REFUSED) || *code == u64::from(close::SUPERSEDED)
-        }
+        ClientError::Closed { code, .. } => *code == u64::from(close::REFUSED),
         _ => false,
     }
+}
+
+/// Whether another connection with this centre's certificate took this one's place at the server.
+fn is_superseded(e: &ClientError) -> bool {
+    matches!(e, ClientError::Closed { code, .. } if *code == u64::from(close::SUPERSEDED))
 }
 
 /// Runs the node until the server's Finish (or a refusal, or `backoff` gives up).
@@ -120,6 +123,10 @@ pub async fn run<T: LocalTrainer>(
 ) -> Result<Finish, ClientError> {
     let trainer = Arc::new(Mutex::new(trainer));
     let mut failures = 0u32;
+    // Consecutive sessions ended by another connection with this certificate: the node comes back, never
+    // faster than its backoff, so that a moment's impersonation does not remove it and two nodes sharing a
+    // key take turns slowly (each turn is in the server's audit).
+    let mut superseded = 0u32;
     loop {
         let error = match connect(config, counts).await {
             Ok(session) => {
@@ -137,6 +144,23 @@ pub async fn run<T: LocalTrainer>(
         if is_final(&error) {
             return Err(error);
         }
+        if is_superseded(&error) {
+            superseded += 1;
+            let after = backoff.wait(superseded, jitter());
+            tracing::warn!(
+                %error,
+                ?after,
+                "another node with this centre's certificate connected; if it is not yours, revoke the \
+                 certificate. Reconnecting"
+            );
+            on_event(NodeEvent::Reconnecting {
+                after,
+                reason: error.to_string(),
+            });
+            tokio::time::sleep(after).await;
+            continue;
+        }
+        superseded = 0;
         failures += 1;
         if backoff.attempts.is_some_and(|max| failures > max) {
             return Err(error);

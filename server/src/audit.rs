@@ -43,6 +43,19 @@ pub enum AuditEvent {
         remote: String,
         reason: String,
     },
+    /// A newer connection with a centre's certificate completed its Hello and took the older one's place;
+    /// the older was closed, told why.
+    CenterSuperseded {
+        center: String,
+        previous_remote: String,
+        remote: String,
+    },
+    /// A connected centre whose certificate the CRL now revokes, closed.
+    CenterRevoked {
+        center: String,
+        remote: String,
+        serial: String,
+    },
     #[serde(alias = "centre_left")]
     CenterLeft {
         center: String,

@@ -519,3 +519,110 @@ async fn silent_centers_cost_one_deadline_and_never_the_honest_answers() {
     }
     drop(silent);
 }
+
+/// Trains as [`Honest`] does, taking `secs` per round.
+struct Slow(Honest, f32);
+
+impl LocalTrainer for Slow {
+    type Error = Declined;
+
+    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+        std::thread::sleep(Duration::from_secs_f32(self.1));
+        self.0.fit(task)
+    }
+
+    fn evaluate(&mut self, r: &str, t: &EvaluateTask) -> Result<EvalReport, Declined> {
+        self.0.evaluate(r, t)
+    }
+
+    fn placements(&mut self, t: &PlacementTask) -> Result<PlacementReport, Declined> {
+        self.0.placements(t)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moment_of_impersonation_does_not_remove_the_honest_node_and_the_run_completes() {
+    // Every training centre is needed, so the run cannot finish without center-a's honest node.
+    let keys = "rounds = 3\nquorum = 3\nround_deadline_secs = 10\nround_retries = 5";
+    let s = setup(keys);
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let mut events = server.subscribe();
+    let (store, writer) = store(&s, "out");
+    let run = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .run_rounds(machine, store, writer, std::future::pending())
+                .await
+        })
+    };
+    let backoff = Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(1),
+        attempts: Some(3),
+    };
+    let reconnects = Arc::new(Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for (c, cfg) in s.configs.clone() {
+        let reconnects = reconnects.clone();
+        let t = Slow(
+            Honest {
+                by: 1.0,
+                examples: 10,
+                asked: Arc::default(),
+            },
+            0.7,
+        );
+        clients.push(tokio::spawn(async move {
+            let record = move |e: NodeEvent| {
+                if let NodeEvent::Reconnecting { reason, .. } = e {
+                    reconnects.lock().unwrap().push((c.clone(), reason));
+                }
+            };
+            fedslm_client::run(&cfg, DECLARED, t, backoff, record).await
+        }));
+    }
+    // Once every centre is in, an impostor with center-a's certificate and key holds a connection for a
+    // second.
+    for _ in 0..4 {
+        while !matches!(
+            events.recv().await.unwrap(),
+            fedslm_server::ServerEvent::Admitted { .. }
+        ) {}
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let impostor = fedslm_client::connect(&s.configs["center-a"], DECLARED)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    impostor.close(0, "").await;
+
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ended within 60 s")
+        .unwrap();
+    let Some(Outcome::Completed { rounds: 3, .. }) = outcome else {
+        panic!("{outcome:?}")
+    };
+    for c in clients {
+        let finish = c.await.unwrap().expect("every honest node got Finish");
+        assert_eq!(finish.rounds_completed, 3);
+    }
+    let reconnects = reconnects.lock().unwrap().clone();
+    assert!(
+        reconnects
+            .iter()
+            .any(|(c, reason)| c == "center-a" && reason.contains("took over")),
+        "{reconnects:?}"
+    );
+    // The takeover is in the audit, with both addresses.
+    let mut superseded = 0;
+    while let Ok(e) = events.try_recv() {
+        if let fedslm_server::ServerEvent::Superseded { center, .. } = e {
+            assert_eq!(center, id("center-a"));
+            superseded += 1;
+        }
+    }
+    assert!(superseded >= 1);
+}

@@ -141,10 +141,17 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     }
     if let Some(old) = previous {
-        old.connection.close(
-            VarInt::from_u32(close::SUPERSEDED),
-            b"a newer connection of this centre took over",
-        );
+        // The older connection is told why; its node tries again after its backoff (a stolen key shows as
+        // connections taking turns, each audited).
+        let previous = old.connection.remote_address();
+        let why = format!("a newer connection of this centre (from {remote}) took over");
+        old.connection
+            .close(VarInt::from_u32(close::SUPERSEDED), why.as_bytes());
+        shared.emit(ServerEvent::Superseded {
+            center: center.clone(),
+            previous,
+            remote,
+        });
     }
     shared.emit(ServerEvent::Admitted {
         remote,

@@ -74,6 +74,18 @@ pub enum ServerEvent {
         center: CenterId,
         reason: String,
     },
+    /// A newer connection of `center` (from `remote`) replaced the one from `previous`.
+    Superseded {
+        center: CenterId,
+        previous: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// A connected centre's certificate was revoked; its connection was closed.
+    Revoked {
+        center: CenterId,
+        remote: SocketAddr,
+        serial: String,
+    },
     /// A round's new global model, with who contributed what.
     RoundCommitted(RoundRecord),
     /// An evaluation round's aggregates, stored with its round.
@@ -213,6 +225,20 @@ impl Shared {
             ServerEvent::Disconnected { center, reason } => {
                 tracing::info!(%center, %reason, "disconnected")
             }
+            ServerEvent::Superseded {
+                center,
+                previous,
+                remote,
+            } => {
+                tracing::warn!(%center, %previous, %remote, "a newer connection of this centre took over")
+            }
+            ServerEvent::Revoked {
+                center,
+                remote,
+                serial,
+            } => {
+                tracing::warn!(%center, %remote, %serial, "certificate revoked; connection closed")
+            }
             ServerEvent::RoundCommitted(r) => {
                 tracing::info!(
                     round = r.round,
@@ -300,6 +326,24 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
         ServerEvent::Disconnected { center, reason } => AuditEvent::CenterLeft {
             center: center.to_string(),
             reason: reason.clone(),
+        },
+        ServerEvent::Superseded {
+            center,
+            previous,
+            remote,
+        } => AuditEvent::CenterSuperseded {
+            center: center.to_string(),
+            previous_remote: previous.to_string(),
+            remote: remote.to_string(),
+        },
+        ServerEvent::Revoked {
+            center,
+            remote,
+            serial,
+        } => AuditEvent::CenterRevoked {
+            center: center.to_string(),
+            remote: remote.to_string(),
+            serial: serial.clone(),
         },
         ServerEvent::RoundCommitted(_) | ServerEvent::Evaluated(_) | ServerEvent::Finished(_) => {
             return None

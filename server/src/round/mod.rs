@@ -117,6 +117,10 @@ pub struct Coordinator {
     actions: VecDeque<Action>,
     /// A resumed run whose last round still needs its evaluation: done before anything else.
     evaluation_due: Option<After>,
+    /// Since when a run that has begun has been short of its quorum of connected training centres: after a
+    /// deadline of that, the round counts as a try that fell short (a run never stalls on centres that are
+    /// gone). Before the first round, the server waits for the centres as long as they take.
+    short_since: Option<Instant>,
 }
 
 impl Coordinator {
@@ -168,7 +172,11 @@ impl Coordinator {
             Phase::Fitting(f) => Some(f.tasks.deadline),
             Phase::Evaluating(e) => Some(e.tasks.deadline),
             Phase::Placing(p) => Some(p.tasks.deadline),
-            Phase::Waiting(Some(since)) => Some(*since + self.settings.start_grace),
+            Phase::Waiting(grace) => {
+                let grace = grace.map(|since| since + self.settings.start_grace);
+                let short = self.short_since.map(|since| since + self.settings.deadline);
+                grace.into_iter().chain(short).min()
+            }
             _ => None,
         }
     }
@@ -257,9 +265,14 @@ impl Coordinator {
 
     /// Starts a round whose start grace has passed, or closes a phase whose deadline has.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Phase::Waiting(Some(since)) = self.phase {
-            if now >= since + self.settings.start_grace {
+        if let Phase::Waiting(grace) = self.phase {
+            if grace.is_some_and(|since| now >= since + self.settings.start_grace) {
                 self.start(now);
+            } else if self
+                .short_since
+                .is_some_and(|since| now >= since + self.settings.deadline)
+            {
+                self.short_of_quorum(now);
             }
             return;
         }
@@ -349,6 +362,7 @@ impl Coordinator {
                 if connected == self.training() {
                     self.start(now);
                 } else if connected >= self.settings.quorum {
+                    self.short_since = None;
                     if since.is_none() {
                         self.phase = Phase::Waiting(Some(now));
                     }
@@ -365,8 +379,13 @@ impl Coordinator {
     fn start(&mut self, now: Instant) {
         if self.connected_training() < self.settings.quorum {
             self.phase = Phase::Waiting(None);
+            let begun = self.committed > 0 || self.retries > 0;
+            if begun && self.short_since.is_none() {
+                self.short_since = Some(now);
+            }
             return;
         }
+        self.short_since = None;
         if let Some(after) = self.evaluation_due.take() {
             return self.evaluate(now, after);
         }
@@ -387,6 +406,25 @@ impl Coordinator {
             // Centres that were there for this round need no grace to be there for the next.
             After::NextRound => self.start(now),
             After::Finish(outcome) => self.finish(outcome),
+        }
+    }
+
+    /// A deadline has passed with fewer training centres connected than the quorum: a try of the round
+    /// that fell short, and after the retries, the run's end.
+    fn short_of_quorum(&mut self, now: Instant) {
+        self.retries += 1;
+        let why = format!(
+            "round {}: {} of the {} training centres needed connected for {} s",
+            self.committed + 1,
+            self.connected_training(),
+            self.settings.quorum,
+            self.settings.deadline.as_secs()
+        );
+        if self.retries > self.settings.retries {
+            self.finish_failed(format!("{why}; tried {} times, giving up", self.retries));
+        } else {
+            tracing::warn!(%why, retry = self.retries, "the quorum is not connected; waiting again");
+            self.short_since = Some(now);
         }
     }
 

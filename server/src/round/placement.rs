@@ -118,6 +118,7 @@ impl Coordinator {
             newton: None,
             actions: VecDeque::new(),
             evaluation_due: None,
+            short_since: None,
         };
         c.maybe_close(now);
         c

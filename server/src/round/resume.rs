@@ -73,6 +73,7 @@ impl Coordinator {
             newton,
             actions: VecDeque::new(),
             evaluation_due: None,
+            short_since: None,
         })
     }
 

@@ -360,3 +360,73 @@ fn with_a_quorum_reached_early_the_round_waits_the_grace_then_starts_without_the
     m.handle_timeout(t0 + MINUTE);
     assert!(actions(&mut m, t0).is_empty());
 }
+
+#[test]
+fn a_run_that_loses_its_quorum_ends_after_a_deadline_per_try_instead_of_stalling() {
+    let t0 = Instant::now();
+    let mut m = machine(settings(2));
+    connect_all(&mut m, t0);
+    let tasks = sent(&actions(&mut m, t0));
+    // b and c leave mid-round (an impostor took their place for a moment, or they crashed): the round closes
+    // short of its quorum at once, and the next try waits for centres that do not come.
+    answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+    for (c, connection) in [("b", 1), ("c", 3)] {
+        m.handle(
+            Input::Disconnected {
+                center: id(c),
+                connection,
+            },
+            t0,
+        );
+    }
+    assert!(committed(&actions(&mut m, t0)).is_none());
+    // The round's one retry is that wait: a deadline, then the run ends saying why.
+    assert_eq!(m.poll_timeout(), Some(t0 + MINUTE), "waits one deadline");
+    m.handle_timeout(t0 + MINUTE - Duration::from_secs(1));
+    assert!(actions(&mut m, t0).is_empty());
+    m.handle_timeout(t0 + MINUTE);
+    let acts = actions(&mut m, t0 + MINUTE);
+    let Some(Action::Finish(Outcome::Failed { rounds: 0, reason })) = acts.last() else {
+        panic!("{acts:?}")
+    };
+    assert!(
+        reason.contains("1 of the 2 training centres needed connected for 60 s")
+            && reason.contains("tried 2 times"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_center_that_comes_back_within_the_deadline_keeps_the_run_going() {
+    let t0 = Instant::now();
+    let mut m = machine(settings(2));
+    connect_all(&mut m, t0);
+    let tasks = sent(&actions(&mut m, t0));
+    answer(&mut m, "a", tasks["a"], 1, model(&[1.0; 4], 1.0), 10, t0);
+    for (c, connection) in [("b", 1), ("c", 3)] {
+        m.handle(
+            Input::Disconnected {
+                center: id(c),
+                connection,
+            },
+            t0,
+        );
+    }
+    actions(&mut m, t0);
+    m.handle(
+        Input::Connected {
+            center: id("b"),
+            connection: 7,
+            declared: DECLARED,
+        },
+        t0 + MINUTE / 2,
+    );
+    // The quorum is back: the grace for c, then the round again; the short-of-quorum clock is gone.
+    assert_eq!(
+        m.poll_timeout(),
+        Some(t0 + MINUTE / 2 + Duration::from_secs(10))
+    );
+    m.handle_timeout(t0 + MINUTE / 2 + Duration::from_secs(10));
+    let retry = sent(&actions(&mut m, t0 + MINUTE));
+    assert_eq!(retry.keys().collect::<Vec<_>>(), ["a", "b"]);
+}
