@@ -39,6 +39,13 @@ pub fn peer_center(chain: &[CertificateDer<'_>]) -> Result<CenterId, CertError> 
         .and_then(center_of)
 }
 
+/// A certificate's serial number in hexadecimal (as the CRL and `fedslm certs list` show it).
+pub fn serial_of(cert: &CertificateDer<'_>) -> Result<String, CertError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| CertError::BadPeerCertificate(e.to_string()))?;
+    Ok(fedslm_protocol::hex::to_hex(parsed.raw_serial()))
+}
+
 /// A certificate's validity period, as Unix seconds (not before, not after).
 pub fn validity_of(cert: &CertificateDer<'_>) -> Result<(i64, i64), CertError> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert)

@@ -96,11 +96,18 @@ pub fn tls_alert(e: &ConnectionError) -> Option<u8> {
 
 /// The centre of a QUIC connection's verified peer certificate.
 pub fn connection_center(conn: &quinn::Connection) -> Result<fedslm_protocol::CenterId, CertError> {
+    crate::peer_center(&connection_chain(conn)?)
+}
+
+/// A QUIC connection's verified peer certificate chain, its end entity first.
+pub fn connection_chain(
+    conn: &quinn::Connection,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, CertError> {
     let identity = conn.peer_identity().ok_or(CertError::NoCenterIdentity)?;
-    let chain = identity
+    identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| CertError::NoCenterIdentity)?;
-    crate::peer_center(&chain)
+        .map(|chain| *chain)
+        .map_err(|_| CertError::NoCenterIdentity)
 }
 
 /// A TLS alert's name as the TLS specification spells it in CamelCase, e.g. `CertificateRevoked`.

@@ -96,6 +96,14 @@ fn load_crl(path: &Path) -> Result<CertificateRevocationListDer<'static>, CertEr
 /// Server side: requires a client certificate chained to the federation CA, with the client-auth usage and
 /// not on the CRL. TLS 1.3 only; ALPN `fedslm/1`.
 pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, CertError> {
+    Ok(server_config_with_verifier(files)?.0)
+}
+
+/// [`server_config`], and its client verifier, for the server to check its live connections against the CRL
+/// whenever it changes ([`ReloadingClientVerifier::revoked`]).
+pub fn server_config_with_verifier(
+    files: &ServerTlsFiles,
+) -> Result<(rustls::ServerConfig, Arc<ReloadingClientVerifier>), CertError> {
     let provider = provider();
     let verifier = Arc::new(ReloadingClientVerifier::new(
         load_roots(&files.ca)?,
@@ -105,11 +113,11 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<rustls::ServerConfig, Cer
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CertError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
         .map_err(|e| CertError::Tls(format!("{}: {e}", files.key.display())))?;
     config.alpn_protocols = vec![fedslm_protocol::ALPN.to_vec()];
-    Ok(config)
+    Ok((config, verifier))
 }
 
 /// Client side: verifies the server against the federation CA (and the server name at connect time) and
@@ -144,6 +152,8 @@ fn stamp(path: &Path) -> Result<FileStamp, CertError> {
 
 struct Current {
     stamp: Option<FileStamp>,
+    /// Counts the CRL's loads, whoever triggered them (a handshake, or [`ReloadingClientVerifier::refresh`]).
+    generation: u64,
     verifier: Result<Arc<dyn ClientCertVerifier>, String>,
 }
 
@@ -182,6 +192,7 @@ impl ReloadingClientVerifier {
             hints,
             current: Mutex::new(Current {
                 stamp: None,
+                generation: 0,
                 verifier: Err("not loaded".into()),
             }),
         };
@@ -190,6 +201,7 @@ impl ReloadingClientVerifier {
         if let Ok(mut cur) = v.current.lock() {
             *cur = Current {
                 stamp: Some(stamp),
+                generation: 0,
                 verifier: Ok(inner),
             };
         }
@@ -204,6 +216,32 @@ impl ReloadingClientVerifier {
             .map_err(|e| CertError::malformed(&self.crl_path, e))
     }
 
+    /// Reloads the CRL if its file changed since it was last read; returns how many times it has been
+    /// loaded since the server started, so that a caller that remembers the number learns of every change,
+    /// also of one a handshake loaded first.
+    pub fn refresh(&self) -> u64 {
+        let _ = self.verifier();
+        self.current.lock().map_or(0, |cur| cur.generation)
+    }
+
+    /// Whether the CRL now loaded revokes the certificate of `chain` (its end entity first): only a
+    /// definite revocation counts, not an unreadable CRL (which refuses new handshakes, but does not drop the
+    /// centres already connected) nor an expiry.
+    pub fn revoked(&self, chain: &[CertificateDer<'_>]) -> bool {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return false;
+        };
+        let Ok(verifier) = self.verifier() else {
+            return false;
+        };
+        matches!(
+            verifier.verify_client_cert(end_entity, intermediates, UnixTime::now()),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked
+            ))
+        )
+    }
+
     fn verifier(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
         let mut cur = self
             .current
@@ -212,6 +250,7 @@ impl ReloadingClientVerifier {
         let now = stamp(&self.crl_path).ok();
         if now.is_none() || now != cur.stamp {
             cur.stamp = now;
+            cur.generation += 1;
             cur.verifier = self.build().map_err(|e| e.to_string());
             match &cur.verifier {
                 Ok(_) => {

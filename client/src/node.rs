@@ -103,7 +103,9 @@ pub enum NodeEvent {
 fn is_final(e: &ClientError) -> bool {
     match e {
         ClientError::Refused { .. } | ClientError::TlsAlert { .. } | ClientError::Certs(_) => true,
-        ClientError::Closed { code, .. } => *code == u64::from(close::REFUSED),
+        ClientError::Closed { code, .. } => {
+            *code == u64::from(close::REFUSED) || *code == u64::from(close::REVOKED)
+        }
         _ => false,
     }
 }

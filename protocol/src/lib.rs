@@ -45,4 +45,6 @@ pub mod close {
     pub const SUPERSEDED: u32 = 3;
     /// The server is shutting down.
     pub const SHUTDOWN: u32 = 4;
+    /// The centre's certificate was revoked while it was connected.
+    pub const REVOKED: u32 = 5;
 }

@@ -132,6 +132,17 @@ pub fn check_update(
     Ok(())
 }
 
+/// The L2 norm of a model's parameters, batch-norm statistics excluded (the quantity a norm bound measures).
+pub fn parameter_norm(w: &Weights) -> f64 {
+    let mut squared = 0.0;
+    for t in w.tensors() {
+        if t.role() != TensorRole::BatchNormStatistic {
+            t.for_each_f64(|v| squared += v * v);
+        }
+    }
+    squared.sqrt()
+}
+
 /// FedAvg: the example-weighted mean of the updates folded in, tensor by tensor, in f64.
 #[derive(Debug)]
 pub struct FedAvg {

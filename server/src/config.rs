@@ -12,7 +12,7 @@ use fedslm_protocol::{CenterId, Fold, ModelKind, Role, DEFAULT_CONNECTION_BUDGET
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Enrolment;
-use crate::round::{RoundSettings, Strategy};
+use crate::round::{NormBound, RoundSettings, Strategy};
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +53,8 @@ pub struct ServerToml {
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     pub quorum: Option<usize>,
-    #[serde(default = "default_deadline")]
-    pub round_deadline_secs: u64,
+    /// `None`: [`default_deadline`] for the run's model.
+    pub round_deadline_secs: Option<u64>,
     #[serde(default = "default_grace")]
     pub round_start_grace_secs: u64,
     #[serde(default = "default_retries")]
@@ -62,6 +62,7 @@ pub struct ServerToml {
     pub strategy: Option<StrategyName>,
     pub proximal_mu: Option<f64>,
     pub norm_bound: Option<f64>,
+    pub relative_norm_bound: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
     #[serde(default = "default_evaluation_bins")]
@@ -96,12 +97,13 @@ impl ServerToml {
             learning_rate: default_learning_rate(),
             batch_size: default_batch_size(),
             quorum: None,
-            round_deadline_secs: default_deadline(),
+            round_deadline_secs: None,
             round_start_grace_secs: default_grace(),
             round_retries: default_retries(),
             strategy: None,
             proximal_mu: None,
             norm_bound: None,
+            relative_norm_bound: None,
             seed: default_seed(),
             evaluation_bins: default_evaluation_bins(),
             evaluate_every: 0,
@@ -153,8 +155,14 @@ fn default_learning_rate() -> f64 {
 fn default_batch_size() -> u32 {
     16
 }
-fn default_deadline() -> u64 {
-    3600
+/// A round's deadline when server.toml sets none: what one silent centre may cost a round. Federated Newton's
+/// statistics take a centre a second; a network's local epoch takes minutes on a hospital's CPU.
+pub fn default_deadline(model: ModelKind) -> Duration {
+    if model.is_network() {
+        Duration::from_secs(15 * 60)
+    } else {
+        Duration::from_secs(2 * 60)
+    }
 }
 fn default_grace() -> u64 {
     10
@@ -178,13 +186,14 @@ pub struct RunConfig {
     pub batch_size: u32,
     /// `None`: every training centre.
     pub quorum: Option<usize>,
-    pub deadline: Duration,
+    /// `None`: [`default_deadline`] for the run's model.
+    pub deadline: Option<Duration>,
     pub start_grace: Duration,
     pub retries: u32,
     /// `None`: newton for the clinical model, fedavg for the networks.
     strategy: Option<StrategyName>,
     proximal_mu: Option<f64>,
-    pub norm_bound: Option<f64>,
+    pub norm_bound: NormBound,
     pub seed: u64,
     pub evaluation: crate::round::EvaluationSettings,
     /// Cross-validation: the fold the training centres hold out.
@@ -276,9 +285,22 @@ impl ServerConfig {
             }
         };
         positive("learning_rate", file.learning_rate)?;
-        if let Some(b) = file.norm_bound {
-            positive("norm_bound", b)?;
-        }
+        let norm_bound = match (file.norm_bound, file.relative_norm_bound) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "norm_bound and relative_norm_bound: set one of them".into(),
+                ))
+            }
+            (Some(b), None) => {
+                positive("norm_bound", b)?;
+                NormBound::Absolute(b)
+            }
+            (None, Some(k)) => {
+                positive("relative_norm_bound", k)?;
+                NormBound::Relative(k)
+            }
+            (None, None) => NormBound::DEFAULT,
+        };
         match (file.strategy, file.proximal_mu) {
             (Some(StrategyName::Fedprox), None) => {
                 return Err(invalid(
@@ -305,7 +327,7 @@ impl ServerConfig {
         if file.rounds == 0 {
             return Err(invalid("rounds must be at least 1".into()));
         }
-        if file.round_deadline_secs == 0 {
+        if file.round_deadline_secs == Some(0) {
             return Err(invalid("round_deadline_secs must be at least 1".into()));
         }
         let fold = match (file.cv_fold, file.cv_folds) {
@@ -342,12 +364,12 @@ impl ServerConfig {
                 learning_rate: file.learning_rate,
                 batch_size: file.batch_size,
                 quorum: file.quorum,
-                deadline: Duration::from_secs(file.round_deadline_secs),
+                deadline: file.round_deadline_secs.map(Duration::from_secs),
                 start_grace: Duration::from_secs(file.round_start_grace_secs),
                 retries: file.round_retries,
                 strategy: file.strategy,
                 proximal_mu: file.proximal_mu,
-                norm_bound: file.norm_bound,
+                norm_bound,
                 seed: file.seed,
                 evaluation: crate::round::EvaluationSettings {
                     bins: file.evaluation_bins,
@@ -410,7 +432,7 @@ impl ServerConfig {
             learning_rate: r.learning_rate,
             batch_size: r.batch_size,
             quorum: r.quorum.unwrap_or(training),
-            deadline: r.deadline,
+            deadline: r.deadline.unwrap_or_else(|| default_deadline(model)),
             start_grace: r.start_grace,
             retries: r.retries,
             strategy,
@@ -456,10 +478,7 @@ impl ServerConfig {
                 other => other.name().into(),
             },
         );
-        put(
-            "norm_bound",
-            settings.norm_bound.map_or("none".into(), |b| b.to_string()),
-        );
+        put("norm_bound", settings.norm_bound.to_string());
         put("seed", settings.seed.to_string());
         put("evaluation_bins", settings.evaluation.bins.to_string());
         put("evaluate_every", settings.evaluation.every.to_string());
@@ -541,11 +560,12 @@ mod tests {
             (1, 1, 16, 2)
         );
         assert_eq!(s.strategy, Strategy::FedAvg);
-        assert_eq!(s.deadline, Duration::from_secs(3600));
-        assert_eq!(
-            c.round_settings(ModelKind::Clinical).unwrap().strategy,
-            Strategy::Newton
-        );
+        // Safe defaults: a deadline of minutes that fits the model, and a norm bound on.
+        assert_eq!(s.deadline, Duration::from_secs(15 * 60));
+        assert_eq!(s.norm_bound, NormBound::Relative(3.0));
+        let clinical = c.round_settings(ModelKind::Clinical).unwrap();
+        assert_eq!(clinical.strategy, Strategy::Newton);
+        assert_eq!(clinical.deadline, Duration::from_secs(2 * 60));
     }
 
     #[test]
@@ -562,7 +582,12 @@ mod tests {
         let s = c.round_settings(ModelKind::Combined).unwrap();
         assert_eq!(s.strategy, Strategy::FedProx { mu: 0.05 });
         assert_eq!((s.quorum, s.seed, s.local_epochs), (1, 9, 2));
-        assert_eq!(s.norm_bound, Some(3.5));
+        assert_eq!(s.norm_bound, NormBound::Absolute(3.5));
+        let relative = parse(&format!("relative_norm_bound = 0.5\n{GOOD}")).unwrap();
+        assert_eq!(
+            relative.round_settings(ModelKind::Mri).unwrap().norm_bound,
+            NormBound::Relative(0.5)
+        );
         assert_eq!(s.deadline, Duration::from_secs(90));
         let e = c
             .round_settings(ModelKind::Clinical)
@@ -598,6 +623,11 @@ mod tests {
             ("proximal_mu = 0.1", "for strategy = \"fedprox\" only"),
             ("strategy = \"fedsgd\"", "fedsgd"),
             ("norm_bound = 0.0", "norm_bound"),
+            ("relative_norm_bound = -1.0", "relative_norm_bound"),
+            (
+                "norm_bound = 1.0\nrelative_norm_bound = 1.0",
+                "set one of them",
+            ),
             ("round_deadline_secs = 0", "round_deadline_secs"),
             ("local_epoch = 2", "local_epoch"),
             ("rounds = 0", "rounds"),

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fedslm_metrics::{Comparison, ScoreHistograms};
-use fedslm_protocol::{CenterId, PlacementTask, Role};
+use fedslm_protocol::{CenterId, ModelKind, PlacementTask, Role};
 use fedslm_server::evaluation::paired_comparison;
 use fedslm_server::{Server, ServerConfig, Store};
 use serde::Serialize;
@@ -132,7 +132,11 @@ pub fn compare_stored(
             (c.clone(), task)
         })
         .collect();
-    let deadline = config.run.deadline;
+    // Placement sums from kept scores take a centre a moment, as federated Newton's statistics do.
+    let deadline = config
+        .run
+        .deadline
+        .unwrap_or_else(|| fedslm_server::config::default_deadline(ModelKind::Clinical));
     let runtime = crate::error::runtime()?;
     let answers = runtime.block_on(async {
         let server = Server::bind(config)?;

@@ -179,6 +179,42 @@ async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_run
 }
 
 #[tokio::test]
+async fn a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds() {
+    let mut fed = Federation::start("").await;
+    let a = connect(&fed.node("center-a"), SampleCounts::default())
+        .await
+        .unwrap();
+    fed.expect_admitted("center-a").await;
+    let b = connect(&fed.node("center-b"), SampleCounts::default())
+        .await
+        .unwrap();
+    fed.expect_admitted("center-b").await;
+    let revoked_at = std::time::Instant::now();
+    fed.pki
+        .revoke(&RevokeTarget::Center(id("center-b")))
+        .unwrap();
+    let ServerEvent::Revoked { center, serial, .. } = fed
+        .expect(|e| matches!(e, ServerEvent::Revoked { .. }))
+        .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(center, id("center-b"));
+    assert_eq!(serial.len(), 32, "{serial}");
+    assert!(revoked_at.elapsed() < Duration::from_secs(3));
+    match b.wait_finish().await.err().unwrap() {
+        ClientError::Closed { code, .. } => {
+            assert_eq!(code, u64::from(fedslm_protocol::close::REVOKED))
+        }
+        other => panic!("{other}"),
+    }
+    // The other centre stays.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fed.server.connected(), vec![id("center-a")]);
+    drop(a);
+}
+
+#[tokio::test]
 async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation() {
     let fed = Federation::start("").await;
     let config_b = fed.node("center-b");

@@ -13,7 +13,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedslm_certs::{alert_name, quic_server_config, server_config, CertError};
+use fedslm_certs::{
+    alert_name, connection_chain, quic_server_config, serial_of, server_config_with_verifier,
+    CertError, ReloadingClientVerifier,
+};
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
@@ -29,6 +32,8 @@ use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
 use crate::store::Store;
 use driver::{Driver, Durable, Ended};
 
+/// How often the server looks at the CRL file for a change that revokes a connected centre.
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
 /// How long a control frame's payload (64 KiB at most) may take once its header is in.
 const CONTROL_FRAME_WITHIN: Duration = Duration::from_secs(10);
 /// How long a refused peer has to read its Error before the connection is closed.
@@ -131,6 +136,8 @@ struct Envelope {
 
 struct Shared {
     config: ServerConfig,
+    /// The TLS client verifier, whose CRL the connected centres are checked against when it changes.
+    verifier: Arc<ReloadingClientVerifier>,
     limits: Limits,
     events: broadcast::Sender<ServerEvent>,
     peers: Mutex<HashMap<CenterId, Admitted>>,
@@ -361,7 +368,8 @@ pub struct Server {
 impl Server {
     /// Loads the TLS files and binds the UDP socket. Must be called within a tokio runtime.
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
-        let quic = quic_server_config(server_config(&config.tls)?)?;
+        let (tls, verifier) = server_config_with_verifier(&config.tls)?;
+        let quic = quic_server_config(tls)?;
         let bind_err = |source| ServerError::Bind {
             addr: config.listen,
             source,
@@ -385,6 +393,7 @@ impl Server {
             endpoint,
             shared: Arc::new(Shared {
                 config,
+                verifier,
                 limits: Limits::default(),
                 events,
                 peers: Mutex::new(HashMap::new()),
@@ -518,12 +527,22 @@ impl Server {
 
     async fn serve_until(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut crl = tokio::time::interval(REVOCATION_POLL);
+        crl.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut checked = self.shared.verifier.refresh();
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let shared = self.shared.clone();
                     tokio::spawn(async move { connection::serve(shared, incoming).await });
+                }
+                _ = crl.tick() => {
+                    let loaded = self.shared.verifier.refresh();
+                    if loaded != checked {
+                        checked = loaded;
+                        close_revoked(&self.shared);
+                    }
                 }
                 () = &mut shutdown => break,
             }
@@ -532,6 +551,36 @@ impl Server {
             .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
         // Give the close frames a moment to leave; peers time out otherwise.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Closes the connection of every admitted centre whose certificate the CRL now revokes, within a poll of the
+/// CRL changing (new handshakes are refused by the verifier itself).
+fn close_revoked(shared: &Shared) {
+    let peers: Vec<(CenterId, Connection)> = lock(&shared.peers)
+        .iter()
+        .map(|(c, p)| (c.clone(), p.connection.clone()))
+        .collect();
+    for (center, connection) in peers {
+        let Ok(chain) = connection_chain(&connection) else {
+            continue;
+        };
+        if !shared.verifier.revoked(&chain) {
+            continue;
+        }
+        let serial = chain
+            .first()
+            .and_then(|c| serial_of(c).ok())
+            .unwrap_or_default();
+        connection.close(
+            VarInt::from_u32(close::REVOKED),
+            b"this centre's certificate was revoked",
+        );
+        shared.emit(ServerEvent::Revoked {
+            center,
+            remote: connection.remote_address(),
+            serial,
+        });
     }
 }
 

@@ -34,6 +34,8 @@ pub(super) struct Fitting {
     pub(super) started: Instant,
     pub(super) tasks: TaskSet,
     sum: Sum,
+    /// How far an update may move this round's global model.
+    norm_limit: f64,
     contributions: Vec<Contribution>,
     refused: Vec<(CenterId, String)>,
     silent: Vec<CenterId>,
@@ -126,6 +128,7 @@ impl Coordinator {
             started: now,
             tasks,
             sum,
+            norm_limit: self.settings.norm_bound.limit(&self.global),
             contributions: Vec::new(),
             refused: Vec::new(),
             silent: Vec::new(),
@@ -198,7 +201,7 @@ impl Coordinator {
         }
         match &mut f.sum {
             Sum::Mean(avg) => {
-                check_update(&self.global, &result.weights, self.settings.norm_bound)?;
+                check_update(&self.global, &result.weights, Some(f.norm_limit))?;
                 avg.fold(&result.weights, result.examples)?;
             }
             Sum::Newton {

@@ -36,7 +36,9 @@ use fedslm_protocol::{CenterId, Role, SampleCounts, Weights};
 
 pub(crate) use io::weighted_loss;
 pub use io::{Action, Committed, Contribution, Input, Outcome, RoundRecord, Unanswered};
-pub use settings::{round_seed, EvaluationSettings, RoundSettings, SetupError, Strategy};
+pub use settings::{
+    round_seed, EvaluationSettings, NormBound, RoundSettings, SetupError, Strategy,
+};
 
 use crate::aggregate::UpdateRefusal;
 use evaluate::{Evaluating, StoringEvaluation};

@@ -11,7 +11,8 @@ use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role,
 
 use super::io::Unanswered;
 use super::{
-    Action, Coordinator, EvaluationSettings, Gone, Phase, RoundSettings, Strategy, TaskId, TaskSet,
+    Action, Coordinator, EvaluationSettings, Gone, NormBound, Phase, RoundSettings, Strategy,
+    TaskId, TaskSet,
 };
 use crate::aggregate::UpdateRefusal;
 
@@ -87,7 +88,7 @@ impl Coordinator {
             start_grace: Duration::ZERO,
             retries: 0,
             strategy: Strategy::Newton,
-            norm_bound: None,
+            norm_bound: NormBound::DEFAULT,
             seed: 0,
             fold: None,
             evaluation: EvaluationSettings { bins: 0, every: 0 },

@@ -47,7 +47,7 @@ pub struct RoundSettings {
     pub retries: u32,
     pub strategy: Strategy,
     /// Largest L2 distance of an update from the global model, batch-norm statistics excluded.
-    pub norm_bound: Option<f64>,
+    pub norm_bound: NormBound,
     pub seed: u64,
     /// Under cross-validation: the fold every training centre holds out of training and evaluates on.
     pub fold: Option<Fold>,
@@ -101,4 +101,37 @@ pub fn round_seed(seed: u64, round: u32) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// How far (L2, batch-norm statistics excluded) an update may move the global model before it is refused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormBound {
+    /// At most this distance.
+    Absolute(f64),
+    /// At most this multiple of the global model's own L2 norm (batch-norm statistics excluded), or of 1
+    /// where that norm is smaller (a model that starts at zero).
+    Relative(f64),
+}
+
+impl NormBound {
+    /// The default: an update may move the model by at most three times its norm. Honest local training moves
+    /// a model by a fraction of its norm per round; a scaled or poisoned update (say by 1e30) is refused.
+    pub const DEFAULT: NormBound = NormBound::Relative(3.0);
+
+    /// The distance allowed from `global`.
+    pub fn limit(&self, global: &fedslm_protocol::Weights) -> f64 {
+        match *self {
+            NormBound::Absolute(b) => b,
+            NormBound::Relative(k) => k * crate::aggregate::parameter_norm(global).max(1.0),
+        }
+    }
+}
+
+impl std::fmt::Display for NormBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NormBound::Absolute(b) => write!(f, "{b}"),
+            NormBound::Relative(k) => write!(f, "{k} x max(|global|, 1)"),
+        }
+    }
 }

@@ -335,3 +335,31 @@ fn a_centre_claims_the_same_patients_every_round() {
         "{acts:?}"
     );
 }
+
+#[test]
+fn by_default_an_update_scaled_far_beyond_the_global_model_is_refused() {
+    let t0 = Instant::now();
+    let defaults = RoundSettings {
+        norm_bound: NormBound::DEFAULT,
+        ..settings(2)
+    };
+    // A global model of norm 4: the default bound is 3 x 4 = 12.
+    let mut m = Coordinator::new(defaults, roles(), model(&[2.0; 4], 1.0), &[]).unwrap();
+    connect_all(&mut m, t0);
+    let tasks = sent(&actions(&mut m, t0));
+    answer(&mut m, "a", tasks["a"], 1, model(&[3.0; 4], 1.0), 10, t0);
+    answer(&mut m, "b", tasks["b"], 1, model(&[5.0; 4], 1.0), 10, t0);
+    // Every weight 2e30: the round would be non-finite for everyone after it.
+    answer(&mut m, "c", tasks["c"], 1, model(&[2e30; 4], 1.0), 10, t0);
+    let acts = actions(&mut m, t0);
+    let refusal = acts.iter().find_map(|a| match a {
+        Action::Refuse { refusal, .. } => Some(refusal.clone()),
+        _ => None,
+    });
+    assert!(
+        matches!(refusal, Some(UpdateRefusal::Norm { bound, .. }) if bound == 12.0),
+        "{refusal:?}"
+    );
+    let c = committed(&acts).expect("a and b commit");
+    assert_eq!(conv(&c.weights), vec![4.0; 4]);
+}

@@ -54,7 +54,7 @@ fn settings(quorum: usize) -> RoundSettings {
         start_grace: Duration::from_secs(10),
         retries: 1,
         strategy: Strategy::FedAvg,
-        norm_bound: Some(10.0),
+        norm_bound: NormBound::Absolute(10.0),
         seed: 7,
         fold: None,
         // The machine's evaluation rounds have their own tests.
