@@ -25,6 +25,6 @@ pub use quic::{
 };
 pub use sign::{issued_by, verify as verify_signature, SignatureError, Signer, SIGNATURE_SCHEME};
 pub use tls::{
-    client_config, provider, server_config, server_config_with_verifier, ClientTlsFiles,
-    ReloadingClientVerifier, ServerTlsFiles,
+    client_config, provider, server_config, server_config_with_verifier, stranger_client_config,
+    ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,
 };

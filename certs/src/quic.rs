@@ -68,6 +68,9 @@ pub fn quic_server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConf
     // A federation has a handful of centres: a flood of unauthenticated handshakes is refused, not queued
     // (quinn's default allows 65,536 pending).
     config.max_incoming(MAX_PENDING_HANDSHAKES);
+    // Datagrams held for connection attempts not yet decided on (quinn's defaults: 10 MiB each, 100 MiB in all).
+    config.incoming_buffer_size(64 * 1024);
+    config.incoming_buffer_size_total(4 * 1024 * 1024);
     Ok(config)
 }
 

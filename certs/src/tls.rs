@@ -133,6 +133,18 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<rustls::ClientConfig, Cer
     Ok(config)
 }
 
+/// A client that trusts the federation CA at `ca` and presents no certificate: what a stranger to the
+/// federation has, for tests and load benchmarks of what the server gives strangers.
+pub fn stranger_client_config(ca: &Path) -> Result<rustls::ClientConfig, CertError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CertError::Tls(e.to_string()))?
+        .with_root_certificates(load_roots(ca)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![fedslm_protocol::ALPN.to_vec()];
+    Ok(config)
+}
+
 /// What identifies one version of the CRL file: a rename gives a new inode, a rewrite a new time or length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {

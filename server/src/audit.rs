@@ -38,10 +38,20 @@ pub enum AuditEvent {
         remote: String,
         reason: String,
     },
-    /// A TLS or QUIC handshake that failed (unknown, expired or revoked certificate, or none).
+    /// A TLS or QUIC handshake that failed (unknown, expired or revoked certificate, or none). Kept for
+    /// logs written before failures were counted per interval ([`AuditEvent::HandshakesFailed`]).
     HandshakeFailed {
         remote: String,
         reason: String,
+    },
+    /// The handshakes that failed or were ignored over `seconds`, counted by reason (a TLS alert's name, a
+    /// timeout, a limit), from `addresses` source addresses (`more_addresses`: more than were counted).
+    HandshakesFailed {
+        seconds: u64,
+        total: u64,
+        addresses: u64,
+        more_addresses: bool,
+        by_reason: BTreeMap<String, u64>,
     },
     /// A newer connection with a centre's certificate completed its Hello and took the older one's place;
     /// the older was closed, told why.

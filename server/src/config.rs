@@ -12,6 +12,7 @@ use fedslm_protocol::{CenterId, Fold, ModelKind, Role, DEFAULT_CONNECTION_BUDGET
 use serde::{Deserialize, Serialize};
 
 use crate::admission::Enrolment;
+use crate::endpoint::HandshakeLimits;
 use crate::round::{NormBound, RoundSettings, Strategy};
 
 /// Why a configuration file cannot be used.
@@ -41,6 +42,9 @@ pub struct ServerToml {
     pub hello_timeout_secs: u64,
     #[serde(default = "default_budget")]
     pub connection_budget_bytes: u64,
+    /// Handshakes in flight, in all and from one source address (`HandshakeLimits`' defaults).
+    pub max_handshakes: Option<usize>,
+    pub max_handshakes_per_address: Option<usize>,
     #[serde(default)]
     pub center: Vec<CenterEntry>,
     pub initial_model: Option<PathBuf>,
@@ -90,6 +94,8 @@ impl ServerToml {
             settings_hash: None,
             hello_timeout_secs: default_hello_timeout(),
             connection_budget_bytes: default_budget(),
+            max_handshakes: None,
+            max_handshakes_per_address: None,
             center: Vec::new(),
             initial_model: None,
             output: default_output(),
@@ -209,6 +215,7 @@ pub struct ServerConfig {
     /// How long a connected peer has to send its Hello.
     pub hello_timeout: Duration,
     pub connection_budget: u64,
+    pub handshakes: HandshakeLimits,
     pub run: RunConfig,
     path: PathBuf,
 }
@@ -274,6 +281,18 @@ impl ServerConfig {
                     })?,
             ),
         };
+        let defaults = HandshakeLimits::default();
+        let handshakes = HandshakeLimits {
+            in_flight: file.max_handshakes.unwrap_or(defaults.in_flight),
+            per_address: file
+                .max_handshakes_per_address
+                .unwrap_or(defaults.per_address),
+        };
+        if handshakes.in_flight == 0 || handshakes.per_address == 0 {
+            return Err(invalid(
+                "max_handshakes and max_handshakes_per_address must be at least 1".into(),
+            ));
+        }
         if file.hello_timeout_secs == 0 {
             return Err(invalid("hello_timeout_secs must be at least 1".into()));
         }
@@ -387,6 +406,7 @@ impl ServerConfig {
             },
             hello_timeout: Duration::from_secs(file.hello_timeout_secs),
             connection_budget: file.connection_budget_bytes,
+            handshakes,
         })
     }
 

@@ -19,7 +19,7 @@ pub mod store;
 pub use admission::{admit, Enrolment, Refusal};
 pub use aggregate::{check_update, FedAvg, UpdateRefusal};
 pub use config::{ConfigError, ServerConfig};
-pub use endpoint::{CheckpointWriter, Server, ServerError, ServerEvent};
+pub use endpoint::{CheckpointWriter, HandshakeLimits, Server, ServerError, ServerEvent};
 pub use opening::{open_run, CheckpointReader, InitialModel, OpenError, OpenedRun};
 pub use round::{
     Action, Committed, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings,

@@ -548,3 +548,53 @@ async fn an_admitted_center_may_send_only_an_error_on_its_control_stream() {
         "{closed}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_get_a_retry_then_a_handshake_within_the_limits_and_its_timeout() {
+    use fedslm_study::bench::stranger::{Answers, Stranger};
+    let mut fed = Federation::start("max_handshakes_per_address = 4").await;
+    let config = fed.node("center-a");
+    let server: std::net::SocketAddr = config.server.parse().unwrap();
+    let ca = config.tls.ca.clone();
+    let mut stranger = Stranger::new(server, &ca).unwrap();
+    // 200 Initials from an address that answers nothing (as spoofed ones would): each gets a Retry, and the
+    // server keeps nothing of them.
+    let (mut stranger, answers) = tokio::task::spawn_blocking(move || {
+        stranger.initials(200).unwrap();
+        let answers = stranger.listen(Duration::from_millis(1500)).unwrap();
+        (stranger, answers)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers,
+        Answers {
+            retry: 200,
+            handshake: 0
+        }
+    );
+    // Six that answer their Retry, from one address: four handshakes in flight from it, the others ignored.
+    let answers = tokio::task::spawn_blocking(move || {
+        stranger.validated(6).unwrap();
+        stranger.listen(Duration::from_millis(1000)).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        answers,
+        Answers {
+            retry: 6,
+            handshake: 4
+        }
+    );
+    // The half-open handshakes end at the handshake timeout (2 s here), and a centre from the same address
+    // comes in.
+    let ServerEvent::HandshakeFailed { reason, .. } = fed
+        .expect(|e| matches!(e, ServerEvent::HandshakeFailed { .. }))
+        .await
+    else {
+        unreachable!()
+    };
+    assert_eq!(reason, "no handshake within 2 s");
+    fed.control("center-a").await;
+}

@@ -447,7 +447,8 @@ async fn silent_centers_cost_one_deadline_and_never_the_honest_answers() {
         ("center-c", "train"),
         ("center-d", "train"),
     ];
-    let keys = "rounds = 2\nquorum = 2\nround_deadline_secs = 3\nround_retries = 0";
+    let keys =
+        "rounds = 2\nquorum = 2\nround_deadline_secs = 3\nround_retries = 0\nnorm_bound = 100.0";
     let s = setup_with(keys, &centers);
     let machine = coordinator(&s.server);
     let server = Arc::new(Server::bind(s.server.clone()).unwrap());

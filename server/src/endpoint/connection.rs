@@ -11,6 +11,7 @@ use fedslm_protocol::{
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
+use super::strangers::Slot;
 use super::{
     lock, Admitted, ServerEvent, Shared, CONTROL_FRAME_WITHIN, ERROR_LINGER, FINISH_LINGER,
 };
@@ -22,15 +23,28 @@ use crate::round::Input;
 const AFTER_WELCOME: Expect<'static> =
     Expect::only(&[MessageKind::Error]).within(CONTROL_FRAME_WITHIN);
 
-pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: Slot) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // The handshake holds its slot in the limits until it ends; one that does not end in time is dropped
+    // (and its connection closed).
+    let within = shared.config.hello_timeout;
+    let handshake = tokio::time::timeout(within, incoming).await;
+    drop(slot);
+    let connection = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             shared.emit(ServerEvent::HandshakeFailed {
                 remote,
                 alert: tls_alert(&e),
                 reason: e.to_string(),
+            });
+            return;
+        }
+        Err(_) => {
+            shared.emit(ServerEvent::HandshakeFailed {
+                remote,
+                alert: None,
+                reason: format!("no handshake within {} s", within.as_secs()),
             });
             return;
         }

@@ -5,6 +5,9 @@
 mod connection;
 mod driver;
 mod exchange;
+mod strangers;
+
+pub use strangers::HandshakeLimits;
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -31,6 +34,7 @@ use crate::evaluation::Evaluation;
 use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
 use crate::store::Store;
 use driver::{Driver, Durable, Ended};
+use strangers::{Gate, Screening, Tally, TALLY_INTERVAL};
 
 /// How often the server looks at the CRL file for a change that revokes a connected centre.
 const REVOCATION_POLL: Duration = Duration::from_secs(1);
@@ -150,6 +154,10 @@ struct Shared {
     told: Mutex<BTreeSet<CenterId>>,
     /// Bumped whenever `peers` or `told` change, for whoever waits on them.
     changed: watch::Sender<()>,
+    /// Handshakes in flight, within their limits.
+    gate: Arc<Gate>,
+    /// Failed handshakes since the last audit entry of them.
+    tally: Mutex<Tally>,
 }
 
 impl Shared {
@@ -201,6 +209,29 @@ impl Shared {
         }
     }
 
+    /// Counts a failed or ignored handshake for the interval's audit entry.
+    fn count_stranger(&self, reason: &str, remote: SocketAddr) {
+        lock(&self.tally).count(reason, remote.ip());
+    }
+
+    /// Audits (and logs) the failed handshakes counted since the last time.
+    fn audit_strangers(&self) {
+        let entry = lock(&self.tally).take(Instant::now());
+        if let Some(entry) = entry {
+            if let AuditEvent::HandshakesFailed {
+                seconds,
+                total,
+                addresses,
+                by_reason,
+                ..
+            } = &entry
+            {
+                tracing::warn!(total, addresses, seconds, ?by_reason, "handshakes failed");
+            }
+            self.audit(entry);
+        }
+    }
+
     fn emit(&self, event: ServerEvent) {
         let event = escaped(event);
         if let Some(entry) = audit_event(&event) {
@@ -212,7 +243,13 @@ impl Shared {
                 alert,
                 reason,
             } => {
-                tracing::warn!(%remote, alert = alert.map(alert_name), %reason, "handshake failed")
+                // One line and one audit entry per interval, not per attempt: strangers are many.
+                let class = match alert {
+                    Some(a) => alert_name(*a),
+                    None => reason.chars().take(60).collect(),
+                };
+                self.count_stranger(&class, *remote);
+                tracing::debug!(%remote, alert = alert.map(alert_name), %reason, "handshake failed")
             }
             ServerEvent::Refused {
                 remote,
@@ -307,10 +344,8 @@ fn escaped(event: ServerEvent) -> ServerEvent {
 /// The audit log's entry for a connection event; rounds are audited where the coordinator decides them.
 fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
     Some(match event {
-        ServerEvent::HandshakeFailed { remote, reason, .. } => AuditEvent::HandshakeFailed {
-            remote: remote.to_string(),
-            reason: reason.clone(),
-        },
+        // Counted, and audited once per interval ([`Shared::audit_strangers`]).
+        ServerEvent::HandshakeFailed { .. } => return None,
         ServerEvent::Refused {
             remote,
             center,
@@ -388,6 +423,7 @@ impl Server {
         )
         .map_err(bind_err)?;
         let (events, _) = broadcast::channel(1024);
+        let config_handshakes = config.handshakes;
         let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
             endpoint,
@@ -402,6 +438,8 @@ impl Server {
                 finished: Mutex::new(None),
                 told: Mutex::new(BTreeSet::new()),
                 changed: watch::channel(()).0,
+                gate: Gate::new(config_handshakes),
+                tally: Mutex::new(Tally::new(Instant::now())),
             }),
             inputs: Mutex::new(Some(received)),
         })
@@ -530,13 +568,15 @@ impl Server {
         let mut crl = tokio::time::interval(REVOCATION_POLL);
         crl.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut checked = self.shared.verifier.refresh();
+        let mut tally = tokio::time::interval(TALLY_INTERVAL);
+        tally.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    let shared = self.shared.clone();
-                    tokio::spawn(async move { connection::serve(shared, incoming).await });
+                    self.screen(incoming);
                 }
+                _ = tally.tick() => self.shared.audit_strangers(),
                 _ = crl.tick() => {
                     let loaded = self.shared.verifier.refresh();
                     if loaded != checked {
@@ -547,10 +587,35 @@ impl Server {
                 () = &mut shutdown => break,
             }
         }
+        self.shared.audit_strangers();
         self.endpoint
             .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
         // Give the close frames a moment to leave; peers time out otherwise.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Server {
+    /// An attempt from an address not validated gets a Retry; a validated one a handshake within the limits,
+    /// on a task of its own, or nothing.
+    fn screen(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated() || !incoming.may_retry();
+        match self.shared.gate.screen(remote.ip(), validated) {
+            Screening::Retry => {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+            }
+            Screening::Ignore(reason) => {
+                incoming.ignore();
+                self.shared.count_stranger(reason, remote);
+            }
+            Screening::Handshake(slot) => {
+                let shared = self.shared.clone();
+                tokio::spawn(async move { connection::serve(shared, incoming, slot).await });
+            }
+        }
     }
 }
 

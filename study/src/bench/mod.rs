@@ -7,6 +7,7 @@
 //!   beside the same file written without fsync or record.
 //! - [`train`]: training and inference speed, phase by phase.
 
+pub mod stranger;
 pub mod train;
 
 use std::io::{BufRead, BufReader};
