@@ -16,14 +16,16 @@ mod tls;
 pub use error::CertError;
 pub use identity::{center_of, peer_center, serial_of, validity_of, CENTER_URI_PREFIX};
 pub use pki::{
-    request, CenterFiles, IssueOptions, IssuedCert, Pki, RequestFiles, RevokeTarget, Signed, Usage,
-    Validity, MAX_DAYS,
+    federation_server_name, request, CenterFiles, IssueOptions, IssuedCert, Pki, RequestFiles,
+    RevokeTarget, Signed, Usage, Validity, MAX_DAYS,
 };
 pub use quic::{
     alert_name, connection_center, connection_chain, quic_client_config, quic_server_config,
     server_endpoint_config, tls_alert, udp_socket,
 };
-pub use sign::{issued_by, verify as verify_signature, SignatureError, Signer, SIGNATURE_SCHEME};
+pub use sign::{
+    issued_by, server_signer, verify as verify_signature, SignatureError, Signer, SIGNATURE_SCHEME,
+};
 pub use tls::{
     client_config, provider, server_config, server_config_with_verifier, stranger_client_config,
     ClientTlsFiles, ReloadingClientVerifier, ServerTlsFiles,

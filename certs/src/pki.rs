@@ -151,6 +151,14 @@ struct RevokedEntry {
     revoked_at_unix: i64,
 }
 
+/// The server name that the PKI folder `dir` was made for (its `federation.toml`), if it can be read.
+pub fn federation_server_name(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join("federation.toml")).ok()?;
+    toml::from_str::<FederationFile>(&text)
+        .ok()
+        .map(|f| f.server_name)
+}
+
 /// A federation PKI folder.
 #[derive(Debug)]
 pub struct Pki {

@@ -82,6 +82,8 @@ pub enum SignatureError {
     Mismatch,
     #[error("the certificate of {subject} was not issued by {ca}")]
     NotIssuedBy { subject: String, ca: String },
+    #[error("the certificate of {subject} is not the server's: {why}")]
+    NotTheServer { subject: String, why: String },
 }
 
 fn parse_pem(pem: &str, what: &str) -> Result<CertificateDer<'static>, SignatureError> {
@@ -139,6 +141,66 @@ pub fn issued_by(certificate_pem: &str, ca: &Path) -> Result<String, SignatureEr
     Ok(cert.subject().to_string())
 }
 
+/// Checks that `certificate_pem` is the federation server's: issued by the CA in `ca`, for server
+/// authentication, not a centre's (no centre URI), valid at `at_unix` (when it signed), and, with
+/// `server_name`, naming it (as a DNS name or an IP address). Says whose it is.
+pub fn server_signer(
+    certificate_pem: &str,
+    ca: &Path,
+    server_name: Option<&str>,
+    at_unix: i64,
+) -> Result<String, SignatureError> {
+    let subject = issued_by(certificate_pem, ca)?;
+    let der = parse_pem(certificate_pem, "the signer")?;
+    let cert = parse_der(&der, "the signer")?;
+    let not = |why: String| SignatureError::NotTheServer {
+        subject: subject.clone(),
+        why,
+    };
+    let server_auth = cert
+        .extended_key_usage()
+        .ok()
+        .flatten()
+        .is_some_and(|eku| eku.value.server_auth);
+    if !server_auth {
+        return Err(not("it is not for server authentication".into()));
+    }
+    let mut dns = Vec::new();
+    let mut ips = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::URI(uri)
+                    if uri.starts_with(crate::CENTER_URI_PREFIX) =>
+                {
+                    return Err(not(format!("it is a centre's ({uri})")));
+                }
+                x509_parser::extensions::GeneralName::DNSName(d) => dns.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => ips.push(b.to_vec()),
+                _ => {}
+            }
+        }
+    }
+    let validity = cert.validity();
+    if at_unix < validity.not_before.timestamp() || at_unix > validity.not_after.timestamp() {
+        return Err(not(format!(
+            "it was not valid when it signed (at {at_unix}; valid {} to {})",
+            validity.not_before, validity.not_after
+        )));
+    }
+    if let Some(name) = server_name {
+        let named = match name.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => ips.iter().any(|b| b[..] == v4.octets()),
+            Ok(std::net::IpAddr::V6(v6)) => ips.iter().any(|b| b[..] == v6.octets()),
+            Err(_) => dns.iter().any(|d| d.eq_ignore_ascii_case(name)),
+        };
+        if !named {
+            return Err(not(format!("it does not name the server {name}")));
+        }
+    }
+    Ok(subject)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +231,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not belong to"), "{err}");
+    }
+
+    #[test]
+    fn only_the_servers_certificate_may_sign_the_audit_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(&dir.path().join("pki"), "t", "localhost", &[]).unwrap();
+        let files = ServerTlsFiles::in_pki(&dir.path().join("pki"));
+        let server = std::fs::read_to_string(&files.cert).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        server_signer(&server, &files.ca, Some("localhost"), now).unwrap();
+        server_signer(&server, &files.ca, None, now).unwrap();
+        // Another name, or a time outside its validity (an expired certificate), is not the server's.
+        let err = server_signer(&server, &files.ca, Some("example.org"), now).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not name the server example.org"),
+            "{err}"
+        );
+        let err = server_signer(&server, &files.ca, None, now + 20 * 365 * 86400).unwrap_err();
+        assert!(
+            err.to_string().contains("not valid when it signed"),
+            "{err}"
+        );
+        // A hospital's certificate, issued by the same CA, is not the server's.
+        let center = fedslm_protocol::CenterId::new("center-a").unwrap();
+        pki.issue(
+            &center,
+            &dir.path().join("a"),
+            crate::IssueOptions::days(30).unwrap(),
+        )
+        .unwrap();
+        let client = std::fs::read_to_string(dir.path().join("a").join("center-a.pem")).unwrap();
+        issued_by(&client, &files.ca).unwrap();
+        let err = server_signer(&client, &files.ca, None, now).unwrap_err();
+        assert!(matches!(err, SignatureError::NotTheServer { .. }), "{err}");
     }
 }

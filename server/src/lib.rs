@@ -25,4 +25,6 @@ pub use round::{
     Action, Committed, Contribution, Coordinator, Input, Outcome, RoundRecord, RoundSettings,
     SetupError, Strategy,
 };
-pub use store::{Opening, RunState, RunStatus, Store, StoreError, StoredRound, VerifyReport};
+pub use store::{
+    Opening, RunState, RunStatus, SignerCheck, Store, StoreError, StoredRound, VerifyReport,
+};

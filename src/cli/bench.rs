@@ -3,6 +3,7 @@
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
+use fedslm_study::bench::flood::{flood, FloodSpec};
 use fedslm_study::bench::{bench_network, commit_phases, filesystem_of, round_seconds};
 
 #[derive(Debug, Subcommand)]
@@ -15,6 +16,29 @@ pub enum BenchCommand {
     /// Training and inference speed of the image networks, phase by phase, beside the identical network in
     /// PyTorch when it is installed: ours / PyTorch on the same threads.
     Train(super::bench_train::TrainBenchArgs),
+    /// What strangers cost the server: its resident memory, sampled every 20 ms, and the honest centres'
+    /// rounds while QUIC Initials that never go on, validated half-open handshakes and refused handshakes
+    /// arrive, phase by phase.
+    Flood(FloodArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FloodArgs {
+    /// Initials from an address that answers nothing, as spoofed ones would.
+    #[arg(long, default_value_t = 30_000)]
+    initials: usize,
+    /// Connections from one address that answer their Retry and then stop.
+    #[arg(long, default_value_t = 1_000)]
+    validated: usize,
+    /// Handshakes without a certificate, in sequence.
+    #[arg(long, default_value_t = 1_000)]
+    hostile: usize,
+    /// Honest training centres, running rounds throughout.
+    #[arg(long, default_value_t = 2)]
+    centers: usize,
+    /// The `fedslm` binary to run the server with (default: this one), to compare versions.
+    #[arg(long)]
+    server_program: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -47,6 +71,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Rounds(args) => args,
         BenchCommand::Commit(args) => return commit(args),
         BenchCommand::Train(args) => return super::bench_train::run(args),
+        BenchCommand::Flood(args) => return flood_bench(args),
     };
     println!(
         "model, parameters, MB, centres, s/round (median of {}), server peak MiB",
@@ -84,6 +109,49 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     ));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// `fedslm bench flood`.
+fn flood_bench(args: FloodArgs) -> anyhow::Result<()> {
+    let spec = FloodSpec {
+        initials: args.initials,
+        validated: args.validated,
+        hostile: args.hostile,
+        centres: args.centers,
+    };
+    let tmp = tempfile_dir()?;
+    let program = match args.server_program {
+        Some(p) => p,
+        None => std::env::current_exe()?,
+    };
+    let bar = super::progress::phases_bar(6);
+    let phases = flood(&program, &tmp, spec, |name| {
+        bar.inc(1);
+        bar.set_message(name.to_string())
+    });
+    bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!(
+        "| phase | s | server RSS before (MiB) | peak | after | honest rounds | rounds/s | answered: Retry / handshake / refused |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    for p in phases? {
+        let answers = p.answers.map_or("".into(), |a| {
+            format!("{} / {} / {}", a.retry, a.handshake, a.refused)
+        });
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.1} | {answers} |",
+            p.name,
+            p.seconds,
+            p.rss_before_mib,
+            p.rss_peak_mib,
+            p.rss_after_mib,
+            p.rounds,
+            p.rounds as f64 / p.seconds
+        );
+    }
+    Ok(())
 }
 
 /// `fedslm bench commit`.

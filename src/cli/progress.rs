@@ -32,3 +32,8 @@ pub fn rounds_bar(label: &str, rounds: u32) -> ProgressBar {
 pub fn patients_bar(total: u64) -> ProgressBar {
     bar(total, "{msg} [{bar:40}] {pos}/{len} patients, {eta} left")
 }
+
+/// A benchmark's phases, the current one as its message.
+pub fn phases_bar(phases: u64) -> ProgressBar {
+    bar(phases, "phase {pos}/{len} [{bar:20}] {elapsed} {msg}")
+}

@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use fedslm_protocol::Role;
 use fedslm_server::{OpenedRun, Outcome, Server, ServerConfig, ServerEvent, Store, StoreError};
 use fedslm_study::compare::compare_stored;
-use fedslm_study::runs::{checkpoint_writer, open_run_from_files, peak_rss_mib, write_final_model};
+use fedslm_study::runs::{
+    checkpoint_writer, open_run_from_files, peak_rss_mib, verify_run, write_final_model,
+};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -34,9 +36,13 @@ enum ServerCommand {
         /// The run's output folder (`output` in server.toml).
         #[arg(long)]
         out: PathBuf,
-        /// The federation CA certificate: also check that the head's signer was issued by it.
+        /// The federation CA certificate: also check that the server signed the head (a certificate the CA
+        /// issued for server authentication, valid when it signed, naming the server).
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The server's name its certificate must carry (default: the one in the PKI folder holding --ca).
+        #[arg(long, requires = "ca")]
+        server_name: Option<String>,
     },
     /// Paired DeLong test of two models' evaluations (the second pass): each centre that evaluated both is
     /// sent the pooled histograms and returns sums of its patients' placements, from the scores it kept
@@ -115,7 +121,11 @@ fn compare(
 
 pub fn run(args: ServerArgs) -> anyhow::Result<()> {
     match args.command {
-        Some(ServerCommand::Verify { out, ca }) => return verify(&out, ca.as_deref()),
+        Some(ServerCommand::Verify {
+            out,
+            ca,
+            server_name,
+        }) => return verify(&out, ca.as_deref(), server_name.as_deref()),
         Some(ServerCommand::Status { out, json }) => return status(&out, json),
         Some(ServerCommand::Compare {
             config,
@@ -263,9 +273,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
 }
 
 /// `fedslm server verify`.
-fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
-    let store = Store::open_existing(out)?;
-    let r = store.verify(ca)?;
+fn verify(out: &Path, ca: Option<&Path>, server_name: Option<&str>) -> anyhow::Result<()> {
+    let verified = verify_run(out, ca, server_name)?;
+    if let Some(why) = &verified.read_from_copy {
+        println!("the store cannot be opened in place ({why}); read from a copy");
+    }
+    let r = verified.report;
     println!(
         "run {}: {} audit entries, head {}; {} rounds, {} checkpoints intact",
         r.run_id,
@@ -280,7 +293,7 @@ fn verify(out: &Path, ca: Option<&Path>) -> anyhow::Result<()> {
     );
     match (r.signed_entries, &r.signer) {
         (Some(n), Some(who)) => {
-            println!("signed head covers {n} entries; signer {who}, issued by the CA")
+            println!("signed head covers {n} entries; signer {who}, the server's certificate")
         }
         (Some(n), None) => {
             println!("signed head covers {n} entries (signer not checked against a CA: pass --ca)")

@@ -7,7 +7,8 @@ use fedslm_metrics::LogisticFit;
 use fedslm_model::{clinical, load, save, ClinicalTable, ModelCard, ModelKind};
 use fedslm_protocol::Weights;
 use fedslm_server::{
-    open_run, CheckpointWriter, InitialModel, OpenedRun, RoundSettings, ServerConfig, Store,
+    open_run, CheckpointWriter, InitialModel, OpenedRun, RoundSettings, ServerConfig, SignerCheck,
+    Store, StoreError, VerifyReport,
 };
 use serde_json::json;
 
@@ -83,17 +84,8 @@ pub fn write_final_model(
         }),
         ..card.clone()
     };
-    // The final model's evaluation (internal: the training centres' held-out fold under cross-validation,
-    // else their own patients; external: the validation centres).
-    if let Some(last) = store.rounds()?.last() {
-        if let Some(ev) = &last.evaluation {
-            final_card.metrics = json!({
-                "round": last.round,
-                "internal": ev.internal,
-                "external": ev.external,
-                "fold": ev.fold,
-            });
-        }
+    if let Some(metrics) = final_metrics(store)? {
+        final_card.metrics = metrics;
     }
     if let Some(fit) = fit {
         final_card.clinical = Some(ClinicalTable::from_fit(fit));
@@ -101,6 +93,132 @@ pub fn write_final_model(
         final_card.training["newton_iterations"] = json!(fit.iterations);
     }
     Ok(save(path, weights, &final_card)?)
+}
+
+/// The final model's evaluation as its card states it (internal: the training centres' held-out fold under
+/// cross-validation, else their own patients; external: the validation centres): the last round's.
+fn final_metrics(store: &Store) -> Result<Option<serde_json::Value>, StudyError> {
+    let rounds = store.rounds()?;
+    Ok(rounds.last().and_then(|last| {
+        last.evaluation.as_ref().map(|ev| {
+            json!({
+                "round": last.round,
+                "internal": ev.internal,
+                "external": ev.external,
+                "fold": ev.fold,
+            })
+        })
+    }))
+}
+
+/// What `fedslm server verify` found.
+#[derive(Debug)]
+pub struct Verified {
+    pub report: VerifyReport,
+    /// Where the store could not be opened in place (a full or read-only disk): why; it was read from a copy.
+    pub read_from_copy: Option<String>,
+}
+
+/// Verifies the run in `out`: the store's audit chain, signed head and checkpoints ([`Store::verify`]; with
+/// `ca`, that the server signed the head, naming `server_name` or, by default, the server name of the PKI
+/// folder holding `ca`), and a completed run's final model file against its card and its last checkpoint.
+/// A store that cannot be opened in place is read from a copy in the system's temporary folder.
+pub fn verify_run(
+    out: &Path,
+    ca: Option<&Path>,
+    server_name: Option<&str>,
+) -> Result<Verified, StudyError> {
+    let (store, read_from_copy) = match Store::open_existing(out) {
+        Ok(store) => (store, None),
+        Err(e @ StoreError::Sled { .. }) => {
+            let why = e.to_string();
+            (Store::open_copy(out, &std::env::temp_dir())?, Some(why))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let pki_name = ca
+        .and_then(Path::parent)
+        .and_then(fedslm_certs::federation_server_name);
+    let check = ca.map(|ca| SignerCheck {
+        ca,
+        server_name: server_name.or(pki_name.as_deref()),
+    });
+    let mut report = store.verify(check)?;
+    let final_problems = check_final_model(out, &store, &report)?;
+    report.problems.extend(final_problems);
+    Ok(Verified {
+        report,
+        read_from_copy,
+    })
+}
+
+/// A completed run's final model file (`<model>.safetensors` in `out`) against the store: its card names the
+/// run and the last checkpoint, states the last round's evaluation, and its tensors are the checkpoint's.
+fn check_final_model(
+    out: &Path,
+    store: &Store,
+    report: &VerifyReport,
+) -> Result<Vec<String>, StudyError> {
+    let (Some(model), Some(hash)) = (&report.model, &report.final_checkpoint) else {
+        return Ok(Vec::new());
+    };
+    let path = out.join(format!("{model}.safetensors"));
+    let shown = path.display();
+    let (weights, card) = match load(&path) {
+        Ok(x) => x,
+        Err(e) => return Ok(vec![format!("the final model {shown}: {e}")]),
+    };
+    let mut problems = Vec::new();
+    let named = card.training["checkpoint_sha256"]
+        .as_str()
+        .unwrap_or("none");
+    if named != hash {
+        problems.push(format!(
+            "the final model {shown} names checkpoint {named}; the run's last is {hash}"
+        ));
+    }
+    let run = card.training["run_id"].as_str().unwrap_or("none");
+    if run != report.run_id {
+        problems.push(format!(
+            "the final model {shown} is of run {run}; the store holds run {}",
+            report.run_id
+        ));
+    }
+    let metrics = final_metrics(store)?.unwrap_or(serde_json::Value::Null);
+    if !card.metrics.is_null() && card.metrics != metrics {
+        problems.push(format!(
+            "the final model {shown} states an evaluation other than the run's last: {} (stored: {})",
+            card.metrics, metrics
+        ));
+    }
+    let checkpoint = fedslm_server::store::checkpoint_path(out, hash);
+    match load(&checkpoint) {
+        Err(e) => problems.push(format!("the last checkpoint {}: {e}", checkpoint.display())),
+        Ok((last, _)) => {
+            if let Some(why) = tensors_differ(&weights, &last) {
+                problems.push(format!(
+                    "the final model {shown} differs from the last checkpoint: {why}"
+                ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// Where two models' tensors differ (names, shapes, dtypes or bytes), if they do.
+fn tensors_differ(a: &Weights, b: &Weights) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!("{} tensors against {}", a.len(), b.len()));
+    }
+    for t in a.tensors() {
+        let Some(u) = b.get(t.name()) else {
+            return Some(format!("tensor {} is not in the checkpoint", t.name()));
+        };
+        if t.shape() != u.shape() || t.dtype() != u.dtype() || t.bytes() != u.bytes() {
+            return Some(format!("tensor {} was altered", t.name()));
+        }
+    }
+    None
 }
 
 /// This process's peak resident memory, in MiB.

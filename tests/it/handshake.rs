@@ -570,7 +570,8 @@ async fn strangers_get_a_retry_then_a_handshake_within_the_limits_and_its_timeou
         answers,
         Answers {
             retry: 200,
-            handshake: 0
+            handshake: 0,
+            refused: 0
         }
     );
     // Six that answer their Retry, from one address: four handshakes in flight from it, the others ignored.
@@ -584,7 +585,8 @@ async fn strangers_get_a_retry_then_a_handshake_within_the_limits_and_its_timeou
         answers,
         Answers {
             retry: 6,
-            handshake: 4
+            handshake: 4,
+            refused: 0
         }
     );
     // The half-open handshakes end at the handshake timeout (2 s here), and a centre from the same address

@@ -256,7 +256,7 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
     let (ok, text, err) = verify();
     assert!(ok, "{text}{err}");
     assert!(
-        text.contains("verified") && text.contains("issued by the CA"),
+        text.contains("verified") && text.contains("the server's certificate"),
         "{text}"
     );
     assert!(
@@ -306,11 +306,93 @@ fn verify_names_an_edited_audit_entry_and_an_altered_checkpoint() {
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
     let (ok, text, _) = verify();
     assert!(!ok);
     assert!(
         text.contains("BAD: round 2's checkpoint") && text.contains(&second.checkpoint),
         "{text}"
+    );
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(verify().0, "restored");
+
+    // The final model file: its coefficients, then the evaluation its card states.
+    let final_path = d.join("out/clinical.safetensors");
+    let original = std::fs::read(&final_path).unwrap();
+    let (weights, card) = fedslm_model::load(&final_path).unwrap();
+    let doubled: Vec<fedslm_protocol::Tensor> = weights
+        .tensors()
+        .iter()
+        .map(|t| {
+            let v: Vec<f64> = t.to_f64_vec().iter().map(|x| 2.0 * x).collect();
+            fedslm_protocol::Tensor::from_f64(t.name(), t.shape().to_vec(), t.role(), &v).unwrap()
+        })
+        .collect();
+    let doubled = fedslm_protocol::Weights::from_tensors(doubled).unwrap();
+    fedslm_model::save(&final_path, &doubled, &card).unwrap();
+    let (ok, text, _) = verify();
+    assert!(!ok);
+    assert!(
+        text.contains("BAD: the final model") && text.contains("differs from the last checkpoint"),
+        "{text}"
+    );
+    let mut boasting = card.clone();
+    boasting.metrics = serde_json::json!({"round": 1, "internal": {"auc": 0.99}});
+    fedslm_model::save(&final_path, &weights, &boasting).unwrap();
+    let (ok, text, _) = verify();
+    assert!(!ok);
+    assert!(
+        text.contains("states an evaluation other than the run's last"),
+        "{text}"
+    );
+    std::fs::write(&final_path, original).unwrap();
+    assert!(verify().0, "restored");
+}
+
+#[test]
+fn verify_reads_a_store_on_a_full_disk() {
+    // A small tmpfs of its own, in a user and mount namespace (as root, or where unprivileged namespaces are
+    // allowed); the run is copied onto it and the disk filled before `server verify` runs there.
+    let probe = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        panic!("this test needs `unshare -rm` and tmpfs mounts (util-linux, Linux namespaces)");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let centers = [("center-a", "train"), ("center-b", "train")];
+    let reference = crate::common::reference("clinical");
+    let run = Run::new(
+        d,
+        &centers,
+        "initial_model = \"init.safetensors\"\nrounds = 30\n",
+    );
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|(c, _)| run.client_config(c, &reference.join(c), ""))
+        .collect();
+    run.go(&clients);
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=4m tmpfs /mnt; cp -r {out} /mnt/out; \
+         dd if=/dev/zero of=/mnt/fill bs=64k 2>/dev/null || true; \
+         df -k /mnt | tail -1; {bin} server verify --out /mnt/out --ca {ca}",
+        out = d.join("out").display(),
+        bin = env!("CARGO_BIN_EXE_fedslm"),
+        ca = d.join("pki/ca.pem").display(),
+    );
+    let verified = std::process::Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .env("TMPDIR", d)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&verified.stdout);
+    let err = String::from_utf8_lossy(&verified.stderr);
+    assert!(verified.status.success(), "{text}{err}");
+    assert!(
+        text.contains("read from a copy") && text.contains("verified"),
+        "{text}{err}"
     );
 }

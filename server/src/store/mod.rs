@@ -292,7 +292,20 @@ pub struct VerifyReport {
     pub signer: Option<String>,
     pub rounds: u32,
     pub checkpoints: usize,
+    /// A completed run's final checkpoint (its hash), which the final model file must hold.
+    pub final_checkpoint: Option<String>,
+    /// The run's model kind (its fingerprint's `model`), which names the final model file.
+    pub model: Option<String>,
     pub problems: Vec<String>,
+}
+
+/// Who may have signed the audit head, for [`Store::verify`].
+#[derive(Debug, Clone, Copy)]
+pub struct SignerCheck<'a> {
+    /// The federation CA certificate.
+    pub ca: &'a Path,
+    /// The server's name (DNS name or IP address) its certificate must carry; `None`: any.
+    pub server_name: Option<&'a str>,
 }
 
 /// The durable record of one run in an output folder.
@@ -302,6 +315,16 @@ pub struct Store {
     db: sled::Db,
     head: Mutex<Head>,
     signer: Option<Signer>,
+    /// A copy of the store made to read it ([`Store::open_copy`]), removed with the store.
+    copy: Option<PathBuf>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(copy) = &self.copy {
+            let _ = std::fs::remove_dir_all(copy);
+        }
+    }
 }
 
 pub fn now_ms() -> u64 {
@@ -369,6 +392,7 @@ impl Store {
             path,
             db,
             signer,
+            copy: None,
         };
         *store.lock_head() = store.stored_head()?;
         // Checkpoints half-written by a process that was killed: never named by any record.
@@ -388,6 +412,43 @@ impl Store {
             return Err(StoreError::NoRun(out.to_path_buf()));
         }
         Store::open(out, None)
+    }
+
+    /// Opens a copy of the store of `out`, made in a new folder under `scratch`, to read it where it cannot
+    /// be opened in place: sled writes when it opens, which fails on a full or read-only disk. The copy is
+    /// removed when the store is dropped; the run's other files (checkpoints, the signed head) are read where
+    /// they are.
+    pub fn open_copy(out: &Path, scratch: &Path) -> Result<Store, StoreError> {
+        let source = out.join(STORE_DIR);
+        if !source.is_dir() {
+            return Err(StoreError::NoRun(out.to_path_buf()));
+        }
+        let copy = scratch.join(format!(
+            "fedslm-store-copy-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        copy_dir(&source, &copy).map_err(|source| StoreError::Write {
+            path: copy.clone(),
+            source,
+        })?;
+        let db = match open_db(&copy, out) {
+            Ok(db) => db,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&copy);
+                return Err(e);
+            }
+        };
+        let store = Store {
+            out: out.to_path_buf(),
+            head: Mutex::new(Head::EMPTY),
+            path: copy.clone(),
+            db,
+            signer: None,
+            copy: Some(copy),
+        };
+        *store.lock_head() = store.stored_head()?;
+        Ok(store)
     }
 
     pub fn out(&self) -> &Path {
@@ -756,9 +817,13 @@ impl Store {
         Ok(())
     }
 
-    /// Checks the audit chain, the signed head (and its signer against `ca`), and every round's checkpoint. The
-    /// first broken audit entry and each bad checkpoint are named.
-    pub fn verify(&self, ca: Option<&Path>) -> Result<VerifyReport, StoreError> {
+    /// Checks the audit chain, the signed head (and, with `signer`, that the server signed it: its certificate
+    /// issued by the CA, for server authentication, valid when it signed, naming the server), and every
+    /// round's checkpoint. The first broken audit entry and each bad checkpoint are named.
+    pub fn verify(
+        &self,
+        signer_check: Option<SignerCheck<'_>>,
+    ) -> Result<VerifyReport, StoreError> {
         let meta = self
             .meta()?
             .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
@@ -793,8 +858,14 @@ impl Store {
                             }
                         }
                     }
-                    if let Some(ca) = ca {
-                        match fedslm_certs::issued_by(&s.certificate, ca) {
+                    if let Some(check) = signer_check {
+                        let at = (s.signed_unix_ms / 1000) as i64;
+                        match fedslm_certs::server_signer(
+                            &s.certificate,
+                            check.ca,
+                            check.server_name,
+                            at,
+                        ) {
                             Ok(subject) => signer = Some(subject),
                             Err(e) => problems.push(format!("{}: {e}", head_path.display())),
                         }
@@ -882,9 +953,26 @@ impl Store {
             signer,
             rounds: rounds.len() as u32,
             checkpoints,
+            final_checkpoint: meta.final_checkpoint.clone(),
+            model: meta.fingerprint.get("model").cloned(),
             problems,
         })
     }
+}
+
+/// Copies the folder `from` (files and folders, recursively) to `to`, which must not exist.
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn checkpoint_path(out: &Path, hash: &str) -> PathBuf {
@@ -1033,6 +1121,41 @@ mod tests {
     }
 
     #[test]
+    fn verify_refuses_a_head_signed_by_a_hospitals_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        let pki = fedslm_certs::Pki::init(&out.join("pki"), "t", "localhost", &[]).unwrap();
+        let files = fedslm_certs::ServerTlsFiles::in_pki(&out.join("pki"));
+        let center = fedslm_protocol::CenterId::new("center-a").unwrap();
+        let site = out.join("site");
+        pki.issue(
+            &center,
+            &site,
+            fedslm_certs::IssueOptions::days(30).unwrap(),
+        )
+        .unwrap();
+        // A hospital's key, issued by the same CA, re-signs the head.
+        let signer =
+            Signer::from_files(&site.join("center-a.pem"), &site.join("center-a.key")).unwrap();
+        let mut store = Store::open(&out.join("run"), Some(signer)).unwrap();
+        store.begin("r1", &fingerprint(3), 3, false).unwrap();
+        commit(&store, 1, b"one");
+        let check = SignerCheck {
+            ca: &files.ca,
+            server_name: None,
+        };
+        let report = store.verify(Some(check)).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(
+            report.problems[0].contains("is not the server's"),
+            "{:?}",
+            report.problems
+        );
+        // Without a CA to check against, only the signature itself is checked.
+        assert!(store.verify(None).unwrap().problems.is_empty());
+    }
+
+    #[test]
     fn verify_names_an_altered_checkpoint_a_bad_signature_and_a_missing_round() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path();
@@ -1043,7 +1166,11 @@ mod tests {
         store.begin("r1", &fingerprint(3), 3, false).unwrap();
         commit(&store, 1, b"one");
         let h2 = commit(&store, 2, b"two");
-        let ok = store.verify(Some(&files.ca)).unwrap();
+        let check = SignerCheck {
+            ca: &files.ca,
+            server_name: Some("localhost"),
+        };
+        let ok = store.verify(Some(check)).unwrap();
         assert!(ok.problems.is_empty(), "{:?}", ok.problems);
         assert_eq!(ok.signed_entries, Some(ok.entries));
         assert!(ok.signer.is_some());

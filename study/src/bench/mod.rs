@@ -6,7 +6,10 @@
 //! - [`commit_phases`]: the cost of making a round durable (checkpoint, fsync, sled flush) for a model,
 //!   beside the same file written without fsync or record.
 //! - [`train`]: training and inference speed, phase by phase.
+//! - [`flood`]: what strangers cost the server: its memory and the honest rounds under a flood of half-open
+//!   and refused handshakes.
 
+pub mod flood;
 pub mod stranger;
 pub mod train;
 
@@ -30,8 +33,10 @@ use fedslm_server::RoundRecord;
 use crate::simulate::configs::client_config;
 use crate::StudyError;
 
-/// Answers every task with its own weights, on the patients it declares.
-struct Echo;
+/// Answers every task with its own weights, on the patients it declares, after `pace`.
+struct Echo {
+    pace: Duration,
+}
 
 /// What an echoing node declares in its Hello: the 10 patients of its every update.
 const ECHO_PATIENTS: SampleCounts = SampleCounts {
@@ -44,6 +49,7 @@ impl LocalTrainer for Echo {
     type Error = Declined;
 
     fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+        std::thread::sleep(self.pace);
         Ok(FitResult {
             round: task.round,
             weights: task.weights.clone(),
@@ -91,6 +97,93 @@ fn io_err(what: &str) -> impl Fn(std::io::Error) -> StudyError + '_ {
     move |e| StudyError::Failed(format!("{what}: {e}"))
 }
 
+/// A `fedslm server` process on loopback with a fresh PKI, for echoing nodes in this process.
+pub(crate) struct ServerProcess {
+    pub(crate) process: std::process::Child,
+    /// Its stdout after the "listening on" line.
+    pub(crate) lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) pki: std::path::PathBuf,
+    /// One node configuration per training centre.
+    pub(crate) nodes: Vec<fedslm_client::ClientConfig>,
+}
+
+impl ServerProcess {
+    /// Starts `server_program` (the `fedslm` binary) in the scratch folder `dir` on the model file `init`,
+    /// with `centres` training centres and `configure`'s changes to its configuration.
+    pub(crate) fn start(
+        server_program: &Path,
+        dir: &Path,
+        init: &Path,
+        centres: usize,
+        configure: impl FnOnce(&mut ServerToml),
+    ) -> Result<ServerProcess, StudyError> {
+        let pki_dir = dir.join("pki");
+        let pki = Pki::init(
+            &pki_dir,
+            "bench",
+            "localhost",
+            &[std::net::IpAddr::from([127, 0, 0, 1])],
+        )?;
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map_err(io_err("no free UDP port"))?
+            .port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut server = ServerToml::new(addr, pki_dir.clone(), "bench".into());
+        server.output = dir.join("out");
+        server.initial_model = Some(init.to_path_buf());
+        let mut nodes = Vec::new();
+        for i in 0..centres {
+            let name = format!("c{i:03}");
+            let id = CenterId::new(name.as_str())
+                .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
+            pki.issue(
+                &id,
+                &pki_dir.join("centres").join(&name),
+                IssueOptions::days(1)?,
+            )?;
+            server.center.push(CenterEntry {
+                id: name.clone(),
+                role: Role::Train.name().into(),
+            });
+            nodes.push(client_config(dir, &pki_dir, &name, None, addr)?);
+        }
+        configure(&mut server);
+        let toml_path = dir.join("server.toml");
+        crate::error::write_file(&toml_path, server.to_toml().as_bytes())?;
+        let mut process = Command::new(server_program)
+            .args(["--log", "warn", "server", "--config"])
+            .arg(&toml_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .map_err(io_err("cannot start the server"))?;
+        let stdout = process
+            .stdout
+            .take()
+            .ok_or_else(|| StudyError::Failed("the server has no stdout".into()))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines
+            .next()
+            .transpose()
+            .map_err(io_err("the server's output"))?
+            .unwrap_or_default();
+        if !first.starts_with("listening on") {
+            let _ = process.kill();
+            return Err(StudyError::Failed(format!("the server said {first:?}")));
+        }
+        Ok(ServerProcess {
+            process,
+            lines,
+            addr,
+            pki: pki_dir,
+            nodes,
+        })
+    }
+}
+
 /// Runs `rounds` FedAvg rounds of `network` for `centres` echoing nodes against a server process started
 /// from `server_program` (the `fedslm` binary), in the scratch folder `dir`.
 pub fn round_seconds(
@@ -100,67 +193,22 @@ pub fn round_seconds(
     centres: usize,
     rounds: u32,
 ) -> Result<RoundTiming, StudyError> {
+    let init = dir.join("init.safetensors");
     save(
-        &dir.join("init.safetensors"),
+        &init,
         &network.to_weights()?,
         &network.card(Default::default(), Default::default()),
     )?;
-    let pki_dir = dir.join("pki");
-    let pki = Pki::init(
-        &pki_dir,
-        "bench",
-        "localhost",
-        &[std::net::IpAddr::from([127, 0, 0, 1])],
-    )?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map_err(io_err("no free UDP port"))?
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut server = ServerToml::new(addr, pki_dir.clone(), "bench".into());
-    server.output = dir.join("out");
-    server.initial_model = Some(dir.join("init.safetensors"));
-    server.rounds = rounds;
-    let mut configs = Vec::new();
-    for i in 0..centres {
-        let name = format!("c{i:03}");
-        let id = CenterId::new(name.as_str())
-            .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
-        pki.issue(
-            &id,
-            &pki_dir.join("centres").join(&name),
-            IssueOptions::days(1)?,
-        )?;
-        server.center.push(CenterEntry {
-            id: name.clone(),
-            role: Role::Train.name().into(),
-        });
-        configs.push(client_config(dir, &pki_dir, &name, None, addr)?);
-    }
-    let toml_path = dir.join("server.toml");
-    crate::error::write_file(&toml_path, server.to_toml().as_bytes())?;
-    let mut process = Command::new(server_program)
-        .args(["--log", "warn", "server", "--config"])
-        .arg(&toml_path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env_remove("RUST_LOG")
-        .spawn()
-        .map_err(io_err("cannot start the server"))?;
-    let stdout = process
-        .stdout
-        .take()
-        .ok_or_else(|| StudyError::Failed("the server has no stdout".into()))?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines
-        .next()
-        .transpose()
-        .map_err(io_err("the server's output"))?
-        .unwrap_or_default();
-    if !first.starts_with("listening on") {
-        let _ = process.kill();
-        return Err(StudyError::Failed(format!("the server said {first:?}")));
-    }
+    let ServerProcess {
+        mut process,
+        lines,
+        nodes: configs,
+        ..
+    } = ServerProcess::start(server_program, dir, &init, centres, |server| {
+        server.rounds = rounds;
+        // Fifty centres on one loopback address handshake at once.
+        server.max_handshakes_per_address = Some(centres.max(16));
+    })?;
     let runtime = crate::error::runtime()?;
     let nodes = runtime.block_on(async {
         let mut tasks = Vec::new();
@@ -170,7 +218,10 @@ pub fn round_seconds(
                     attempts: Some(3),
                     ..Backoff::default()
                 };
-                fedslm_client::run(&config, ECHO_PATIENTS, Echo, backoff, |_| {}).await
+                let echo = Echo {
+                    pace: Duration::ZERO,
+                };
+                fedslm_client::run(&config, ECHO_PATIENTS, echo, backoff, |_| {}).await
             }));
         }
         for t in tasks {
@@ -190,21 +241,33 @@ pub fn round_seconds(
     if !status.success() {
         return Err(StudyError::Failed("the server failed".into()));
     }
+    let seconds = round_times(dir)?;
+    Ok(RoundTiming {
+        median_seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN),
+        server_peak_mib: peak,
+    })
+}
+
+/// The server's own time of each round committed so far in `dir`'s run, sorted.
+pub(crate) fn round_times(dir: &Path) -> Result<Vec<f64>, StudyError> {
     let rounds_file = dir.join("out").join(fedslm_server::store::ROUNDS_FILE);
-    let text = std::fs::read_to_string(&rounds_file).map_err(|source| StudyError::Read {
-        path: rounds_file.clone(),
-        source,
-    })?;
+    let text = match std::fs::read_to_string(&rounds_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(StudyError::Read {
+                path: rounds_file.clone(),
+                source,
+            })
+        }
+    };
     let mut seconds: Vec<f64> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<StoredRound>(l).ok())
         .map(|r| r.seconds)
         .collect();
     seconds.sort_by(f64::total_cmp);
-    Ok(RoundTiming {
-        median_seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN),
-        server_peak_mib: peak,
-    })
+    Ok(seconds)
 }
 
 /// Each phase's time, one value per commit.

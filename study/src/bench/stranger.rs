@@ -24,6 +24,8 @@ pub struct Answers {
     pub retry: usize,
     /// With its handshake (Initial or Handshake packets): the server holds a connection.
     pub handshake: usize,
+    /// Whole handshakes the server refused for want of a certificate.
+    pub refused: usize,
 }
 
 /// One UDP socket's worth of stranger: connections started from it, none of them finished.
@@ -50,7 +52,8 @@ impl Stranger {
         } else {
             SocketAddr::from(([127, 0, 0, 1], 0))
         };
-        let socket = UdpSocket::bind(local).map_err(io("cannot bind a UDP socket"))?;
+        // Large buffers, so that a burst of the server's answers is counted, not dropped by the kernel.
+        let socket = fedslm_certs::udp_socket(local).map_err(io("cannot bind a UDP socket"))?;
         Ok(Stranger {
             socket,
             server,
@@ -125,6 +128,7 @@ impl Stranger {
         Ok(Answers {
             retry: retried.len(),
             handshake: handshakes.len(),
+            refused: 0,
         })
     }
 
