@@ -627,3 +627,78 @@ async fn a_moment_of_impersonation_does_not_remove_the_honest_node_and_the_run_c
     }
     assert!(superseded >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_strangers_are_audited_once_per_interval_not_once_per_attempt() {
+    let s = setup("rounds = 1\nnorm_bound = 100.0");
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let (store, writer) = store(&s, "out");
+    let audit = store.clone();
+    let run = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .run_rounds(machine, store, writer, std::future::pending())
+                .await
+        })
+    };
+    // Five handshakes without a certificate, each refused.
+    let ca = s.configs["center-a"].tls.ca.clone();
+    let tls = fedslm_certs::stranger_client_config(&ca).unwrap();
+    let config = fedslm_certs::quic_client_config(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = s.server.listen;
+    for _ in 0..5 {
+        let connecting = endpoint
+            .connect_with(config.clone(), addr, "localhost")
+            .unwrap();
+        if let Ok(c) = connecting.await {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.closed()).await;
+        }
+    }
+    let backoff = Backoff {
+        attempts: Some(2),
+        ..Backoff::default()
+    };
+    let mut clients = Vec::new();
+    for (_, cfg) in s.configs.clone() {
+        let t = Honest {
+            by: 1.0,
+            examples: 10,
+            asked: Arc::default(),
+        };
+        clients.push(tokio::spawn(async move {
+            fedslm_client::run(&cfg, DECLARED, t, backoff, |_| {}).await
+        }));
+    }
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ended")
+        .unwrap();
+    assert!(
+        matches!(outcome, Some(Outcome::Completed { .. })),
+        "{outcome:?}"
+    );
+    let events: Vec<serde_json::Value> = audit
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|(_, bytes)| serde_json::from_slice(bytes).unwrap())
+        .collect();
+    let per_attempt = events
+        .iter()
+        .filter(|e| e["event"] == "handshake_failed")
+        .count();
+    let tallies: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"] == "handshakes_failed")
+        .collect();
+    assert_eq!(per_attempt, 0);
+    assert_eq!(tallies.len(), 1, "{tallies:?}");
+    assert_eq!(tallies[0]["total"], 5);
+    assert_eq!(tallies[0]["by_reason"]["CertificateRequired"], 5);
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+}
