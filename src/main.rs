@@ -34,7 +34,6 @@ fn main() -> std::process::ExitCode {
     }
     keep_freed_memory();
     let args = cli::Cli::parse();
-    cli::init_logging(&args.log);
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

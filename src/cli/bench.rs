@@ -66,13 +66,22 @@ pub struct RoundsArgs {
     rounds: u32,
 }
 
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let args = match cmd {
-        BenchCommand::Rounds(args) => args,
-        BenchCommand::Commit(args) => return commit(args),
-        BenchCommand::Train(args) => return super::bench_train::run(args),
-        BenchCommand::Flood(args) => return flood_bench(args),
-    };
+pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
+    // The servers and nodes of a benchmark log into a file of their own; the terminal gets the figures.
+    let log = || std::env::temp_dir().join(format!("fedslm-bench-{}.log", std::process::id()));
+    match cmd {
+        BenchCommand::Rounds(args) => output.start(Some(&log())).and_then(|()| rounds(args)),
+        BenchCommand::Flood(args) => output.start(Some(&log())).and_then(|()| flood_bench(args)),
+        BenchCommand::Commit(args) => output.start(None).and_then(|()| commit(args)),
+        BenchCommand::Train(args) => {
+            output.start(None)?;
+            super::bench_train::run(args)
+        }
+    }
+}
+
+/// `fedslm bench rounds`.
+fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
     println!(
         "model, parameters, MB, centres, s/round (median of {}), server peak MiB",
         args.rounds
@@ -124,7 +133,7 @@ fn flood_bench(args: FloodArgs) -> anyhow::Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?,
     };
-    let bar = super::progress::phases_bar(6);
+    let bar = super::console::console().add(super::progress::phases_bar(6));
     let phases = flood(&program, &tmp, spec, |name| {
         bar.inc(1);
         bar.set_message(name.to_string())

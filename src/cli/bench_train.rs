@@ -202,9 +202,9 @@ fn measure(
         jobs.push(("PyTorch".into(), cmds));
     }
     let rounds = args.rounds.max(1);
-    let bar = indicatif::ProgressBar::new((rounds * jobs.len() * nets.len()) as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} networks timed, {elapsed}")?,
-    );
+    let bar = super::console::console().add(super::progress::timings_bar(
+        (rounds * jobs.len() * nets.len()) as u64,
+    ));
     let mut runs: Vec<Vec<Timing>> = vec![Vec::new(); jobs.len()];
     for _ in 0..rounds {
         for ((name, cmds), out) in jobs.iter_mut().zip(&mut runs) {

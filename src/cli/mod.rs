@@ -4,6 +4,7 @@ mod bench;
 mod bench_train;
 mod certs;
 mod client;
+pub mod console;
 mod evaluate;
 mod inspect;
 mod model;
@@ -23,9 +24,16 @@ use clap::{Parser, Subcommand};
     about = "Federated learning of liver metastasis prediction from rectal MRI, without sharing images"
 )]
 pub struct Cli {
-    /// Log filter (tracing's EnvFilter syntax); RUST_LOG overrides it.
+    /// Log filter (tracing's EnvFilter syntax) of the log file, of a service's standard error, and with -v of
+    /// the terminal; RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Show every log line on the terminal too, above the progress bars.
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+    /// The final results alone: no progress, no milestones.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,30 +69,56 @@ enum Command {
     Inspect(inspect::InspectArgs),
 }
 
-pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+/// How a command shows its work: the log filter, and how much the terminal gets.
+pub struct Output {
+    filter: String,
+    verbosity: console::Verbosity,
+}
+
+impl Output {
+    /// Logging for a command a person waits for, with its log file (whose place is said at once).
+    fn start(&self, log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+        console::init_interactive(&self.filter, self.verbosity, log_file).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write the log file {}: {e}",
+                log_file.map_or(String::new(), |p| p.display().to_string())
+            )
+        })?;
+        if let Some(path) = log_file {
+            console::console().milestone(&format!("log: {}", path.display()));
+        }
+        Ok(())
+    }
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = Output {
+        filter: cli.log,
+        verbosity: match (cli.quiet, cli.verbose) {
+            (true, _) => console::Verbosity::Quiet,
+            (false, true) => console::Verbosity::Verbose,
+            (false, false) => console::Verbosity::Normal,
+        },
+    };
     match cli.command {
-        Command::Simulate(a) => simulate::run(a),
-        Command::Synth(a) => synth::run(a),
-        Command::Certs(c) => certs::run(c),
-        Command::Server(a) => server::run(a),
-        Command::Client(a) => client::run(a),
-        Command::Evaluate(a) => evaluate::run(a),
-        Command::Inspect(a) => inspect::run(a),
-        Command::Train(a) => train::run(a),
-        Command::Predict(a) => predict::run(a),
-        Command::Model(c) => model::run(c),
-        Command::Bench(c) => bench::run(c),
+        Command::Server(a) => {
+            console::init_service(&output.filter);
+            server::run(a)
+        }
+        Command::Client(a) => {
+            console::init_service(&output.filter);
+            client::run(a)
+        }
+        Command::Simulate(a) => simulate::run(a, &output),
+        Command::Synth(a) => synth::run(a, &output),
+        Command::Train(a) => train::run(a, &output),
+        Command::Bench(c) => bench::run(c, &output),
+        // Short commands: no log file.
+        Command::Certs(c) => output.start(None).and_then(|()| certs::run(c)),
+        Command::Evaluate(a) => output.start(None).and_then(|()| evaluate::run(a)),
+        Command::Inspect(a) => output.start(None).and_then(|()| inspect::run(a)),
+        Command::Predict(a) => output.start(None).and_then(|()| predict::run(a)),
+        Command::Model(c) => output.start(None).and_then(|()| model::run(c)),
     }
 }
 

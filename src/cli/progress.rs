@@ -1,9 +1,11 @@
-//! The progress bars a person watches, in one style.
+//! The progress bars a person watches, in one style. Each is drawn once [`super::console::Console::add`] has
+//! placed it with the others: until then it draws nothing (a line drawn outside the console's set could not be
+//! cleared for a line printed above them).
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 fn bar(len: u64, template: &str) -> ProgressBar {
-    ProgressBar::new(len).with_style(
+    ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden()).with_style(
         ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
@@ -36,4 +38,9 @@ pub fn patients_bar(total: u64) -> ProgressBar {
 /// A benchmark's phases, the current one as its message.
 pub fn phases_bar(phases: u64) -> ProgressBar {
     bar(phases, "phase {pos}/{len} [{bar:20}] {elapsed} {msg}")
+}
+
+/// Timed runs of a benchmark.
+pub fn timings_bar(runs: u64) -> ProgressBar {
+    bar(runs, "[{bar:30}] {pos}/{len} networks timed, {elapsed}")
 }

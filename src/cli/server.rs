@@ -193,12 +193,9 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
         }
         let out = store.out().to_path_buf();
         let mut events = server.subscribe();
-        let bar = indicatif::ProgressBar::new(u64::from(settings.rounds));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("round {pos}/{len} [{bar:30}] {elapsed} {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
+        // The one-line status on a terminal; the log lines go above it.
+        let bar =
+            super::console::console().add(super::progress::rounds_bar("server", settings.rounds));
         bar.set_position(u64::from(committed));
         let progress = bar.clone();
         let writer = tokio::spawn(async move {

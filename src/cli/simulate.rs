@@ -10,6 +10,7 @@ use fedslm_study::centralised::TrainProgress;
 use fedslm_study::simulate::{self, report, Holdout, Settings, StudyEvent};
 use indicatif::ProgressBar;
 
+use super::console::console;
 use super::progress;
 
 #[derive(Debug, Args)]
@@ -72,20 +73,24 @@ impl SimulateArgs {
     }
 }
 
-pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
+    // Settings that cannot work are refused before anything is written.
+    let settings = args.settings();
+    settings.check()?;
+    let out = simulate::prepare_out(&settings.out)?;
+    let log = out.join(simulate::LOG_FILE);
+    output.start(Some(&log))?;
+    let console = console();
     // One bar at a time: the cohort's patients, a federation's rounds, or the centralised baseline's epochs.
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let with_bar = |f: &dyn Fn(&mut Option<ProgressBar>)| {
         f(&mut bar.lock().unwrap_or_else(|p| p.into_inner()))
     };
     let observer = |event: StudyEvent<'_>| match event {
-        StudyEvent::Milestone(line) => with_bar(&|b| match b {
-            Some(b) => b.suspend(|| println!("{line}")),
-            None => println!("{line}"),
-        }),
+        StudyEvent::Milestone(line) => console.milestone(&line),
         StudyEvent::WritingCohort { done, total } => with_bar(&|b| {
             let b = b.get_or_insert_with(|| {
-                let b = progress::patients_bar(total as u64);
+                let b = console.add(progress::patients_bar(total as u64));
                 b.set_message("writing NIfTI");
                 b
             });
@@ -95,7 +100,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             }
         }),
         StudyEvent::FederationStarted { label, rounds } => with_bar(&|b| {
-            if let Some(old) = b.replace(progress::rounds_bar(label, rounds)) {
+            if let Some(old) = b.replace(console.add(progress::rounds_bar(label, rounds))) {
                 old.finish_and_clear();
             }
         }),
@@ -112,7 +117,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         }),
         StudyEvent::Centralised { progress: p, .. } => with_bar(&|b| match &p {
             TrainProgress::Planned { fits, epochs } => {
-                let bar = progress::epochs_bar();
+                let bar = console.add(progress::epochs_bar());
                 bar.set_length((fits * epochs) as u64);
                 if let Some(old) = b.replace(bar) {
                     old.finish_and_clear();
@@ -128,28 +133,30 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                     b.inc(1);
                 }
             }
-            TrainProgress::HeadStartsPlain { what, why } => {
-                let line = format!("{what}: the head starts plain: the clinical model: {why}");
-                match b {
-                    Some(b) => b.suspend(|| println!("{line}")),
-                    None => println!("{line}"),
-                }
-            }
+            TrainProgress::HeadStartsPlain { what, why } => console.milestone(&format!(
+                "{what}: the head starts plain: the clinical model: {why}"
+            )),
         }),
     };
-    let settings = args.settings();
-    let out = settings.out.clone();
+    let settings = Settings {
+        out: out.clone(),
+        ..settings
+    };
     let results = simulate::run(settings, &observer);
     if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
         b.finish_and_clear();
     }
     let results = results?;
-    println!("\n{}", report::table(&results));
-    println!(
+    console.result(&format!("\n{}", report::table(&results)));
+    console.milestone(&format!(
         "wall time {:.0} s, peak memory {:.0} MiB; results.json, report.md and figures/ in {}",
         results.wall_seconds,
         results.peak_memory_mib,
         out.display()
-    );
+    ));
+    console.milestone(&format!(
+        "every line the servers and nodes logged: {}",
+        log.display()
+    ));
     Ok(())
 }

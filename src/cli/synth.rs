@@ -6,7 +6,6 @@ use anyhow::{bail, Context};
 use clap::Args;
 use fedslm_cohort::synth::{write_cohort, Geometry, Plan, Preset};
 use fedslm_cohort::Partitioner;
-use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
@@ -28,13 +27,16 @@ pub struct SynthArgs {
     partition: Option<Partitioner>,
 }
 
-pub fn run(args: SynthArgs) -> anyhow::Result<()> {
+pub fn run(args: SynthArgs, output: &super::Output) -> anyhow::Result<()> {
     if args.out.join("synth.json").exists() {
         bail!(
             "{} already holds a synthetic cohort; choose another --out",
             args.out.display()
         );
     }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot make {}", args.out.display()))?;
+    output.start(Some(&args.out.join(fedslm_study::simulate::LOG_FILE)))?;
     let centers = args.preset.centers();
     let plan = match (&args.partition, &args.centers) {
         (Some(how), count) => {
@@ -71,11 +73,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
         (None, None) => Plan::natural(&centers),
     };
     let total: usize = plan.groups.iter().map(|g| g.1.len()).sum();
-    let bar = ProgressBar::new(total as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} patients, {eta} left")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    let bar = super::console::console().add(super::progress::patients_bar(total as u64));
     bar.set_message("writing NIfTI");
     let report = write_cohort(
         &args.out,

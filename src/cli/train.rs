@@ -131,7 +131,11 @@ pub struct TrainArgs {
     fit: FitArgs,
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+pub fn run(args: TrainArgs, output: &super::Output) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", args.out.display()))?;
+    output.start(Some(&args.out.join(fedslm_study::simulate::LOG_FILE)))?;
+    let console = super::console::console();
     let spec = TrainSpec {
         cohort: args.cohort,
         model: args.model,
@@ -144,14 +148,14 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         net: args.net.spec(),
         train: args.fit.config(args.seed),
     };
-    let bar = super::progress::epochs_bar();
+    let bar = console.add(super::progress::epochs_bar());
     let trained = train(&spec, &mut |p| match p {
         TrainProgress::Planned { fits, epochs } => bar.set_length((fits * epochs) as u64),
         TrainProgress::Fitting { what } => bar.set_message(what.to_string()),
         TrainProgress::Epoch => bar.inc(1),
-        TrainProgress::HeadStartsPlain { what, why } => {
-            bar.suspend(|| println!("{what}: the head starts plain: the clinical model: {why}"))
-        }
+        TrainProgress::HeadStartsPlain { what, why } => console.milestone(&format!(
+            "{what}: the head starts plain: the clinical model: {why}"
+        )),
     })?;
     bar.finish_and_clear();
     println!(

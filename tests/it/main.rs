@@ -10,6 +10,7 @@ mod cli_inspect;
 mod cli_synth;
 mod cli_train;
 mod common;
+mod console;
 mod federation;
 mod handshake;
 mod interop_python;

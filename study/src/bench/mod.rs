@@ -206,6 +206,8 @@ pub fn round_seconds(
         ..
     } = ServerProcess::start(server_program, dir, &init, centres, |server| {
         server.rounds = rounds;
+        // Rounds only: the echoing nodes do not evaluate.
+        server.evaluation_bins = 0;
         // Fifty centres on one loopback address handshake at once.
         server.max_handshakes_per_address = Some(centres.max(16));
     })?;

@@ -334,13 +334,25 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
     Ok(results)
 }
 
-/// The output folder, new or empty, made absolute.
-fn prepare_out(out: &Path) -> Result<PathBuf, StudyError> {
+/// The log file a command writes into the output folder before the study begins (every line of the servers
+/// and nodes the study runs in its process).
+pub const LOG_FILE: &str = "fedslm.log";
+
+/// The output folder, new or empty (but for its [`LOG_FILE`]), made absolute.
+pub fn prepare_out(out: &Path) -> Result<PathBuf, StudyError> {
     let read = |source| StudyError::Read {
         path: out.to_path_buf(),
         source,
     };
-    if out.exists() && std::fs::read_dir(out).map_err(read)?.next().is_some() {
+    let holds_more = |out: &Path| -> Result<bool, StudyError> {
+        for entry in std::fs::read_dir(out).map_err(read)? {
+            if entry.map_err(read)?.file_name() != LOG_FILE {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if out.exists() && holds_more(out)? {
         return Err(StudyError::Refused(format!(
             "{} is not empty; choose a new --out",
             out.display()
@@ -759,6 +771,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("sim");
         assert!(prepare_out(&out).unwrap().is_absolute());
+        std::fs::write(out.join(LOG_FILE), "").unwrap();
+        assert!(prepare_out(&out).is_ok(), "the command's own log file");
         std::fs::write(out.join("x"), "").unwrap();
         let e = prepare_out(&out).unwrap_err().to_string();
         assert!(e.contains("not empty"), "{e}");
