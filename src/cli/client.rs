@@ -95,23 +95,34 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
             attempts: args.max_attempts,
             ..Backoff::default()
         };
-        let finish = fedslm_client::run(&config, counts, node, backoff, |e| match e {
-            NodeEvent::Admitted { run_id } => println!("admitted to run {run_id}"),
-            NodeEvent::Trained {
-                round,
-                examples,
-                loss,
-            } => println!("round {round}: trained on {examples} patients, loss {loss:.4}"),
-            NodeEvent::Refused { round, reason } => {
-                println!("round {round}: the server refused this update: {reason}")
+        // On a terminal, one status line (the log lines go above it); elsewhere, one line per event.
+        let status = super::console::console().add(super::progress::status_line());
+        let on_terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        let finish = fedslm_client::run(&config, counts, node, backoff, |e| {
+            let line = match e {
+                NodeEvent::Admitted { run_id } => format!("admitted to run {run_id}"),
+                NodeEvent::Trained {
+                    round,
+                    examples,
+                    loss,
+                } => format!("round {round}: trained on {examples} patients, loss {loss:.4}"),
+                NodeEvent::Refused { round, reason } => {
+                    format!("round {round}: the server refused this update: {reason}")
+                }
+                NodeEvent::Void { round } => format!("round {round}: closed before this update"),
+                NodeEvent::Reconnecting { after, reason } => {
+                    format!("{reason}; reconnecting in {:.1} s", after.as_secs_f64())
+                }
+                NodeEvent::Accepted { round } => format!("round {round}: update accepted"),
+            };
+            if on_terminal {
+                status.set_message(line);
+            } else {
+                println!("{line}");
             }
-            NodeEvent::Void { round } => println!("round {round}: closed before this update"),
-            NodeEvent::Reconnecting { after, reason } => {
-                println!("{reason}; reconnecting in {:.1} s", after.as_secs_f64())
-            }
-            NodeEvent::Accepted { round } => println!("round {round}: update accepted"),
         })
         .await?;
+        status.finish_and_clear();
         println!(
             "run {} finished after {} rounds: {}",
             finish.run_id, finish.rounds_completed, finish.reason

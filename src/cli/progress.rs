@@ -44,3 +44,10 @@ pub fn phases_bar(phases: u64) -> ProgressBar {
 pub fn timings_bar(runs: u64) -> ProgressBar {
     bar(runs, "[{bar:30}] {pos}/{len} networks timed, {elapsed}")
 }
+
+/// A service's one status line on a terminal: what happened last.
+pub fn status_line() -> ProgressBar {
+    let b = bar(0, "{spinner} {elapsed} {msg}");
+    b.enable_steady_tick(std::time::Duration::from_millis(500));
+    b
+}
