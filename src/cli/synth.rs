@@ -36,7 +36,8 @@ pub fn run(args: SynthArgs, output: &super::Output) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot make {}", args.out.display()))?;
-    output.start(Some(&args.out.join(fedslm_study::simulate::LOG_FILE)))?;
+    let log = args.out.join(fedslm_study::simulate::LOG_FILE);
+    output.start(Some(&log))?;
     let centers = args.preset.centers();
     let plan = match (&args.partition, &args.centers) {
         (Some(how), count) => {
@@ -90,5 +91,6 @@ pub fn run(args: SynthArgs, output: &super::Output) -> anyhow::Result<()> {
         args.out.display()
     );
     print!("{}", report.table());
+    super::console::console().milestone(&format!("log: {}", log.display()));
     Ok(())
 }

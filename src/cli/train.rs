@@ -134,7 +134,8 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs, output: &super::Output) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)
         .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", args.out.display()))?;
-    output.start(Some(&args.out.join(fedslm_study::simulate::LOG_FILE)))?;
+    let log = args.out.join(fedslm_study::simulate::LOG_FILE);
+    output.start(Some(&log))?;
     let console = super::console::console();
     let spec = TrainSpec {
         cohort: args.cohort,
@@ -178,6 +179,7 @@ pub fn run(args: TrainArgs, output: &super::Output) -> anyhow::Result<()> {
         );
     }
     println!("model: {}", trained.model.display());
+    super::console::console().milestone(&format!("log: {}", log.display()));
     Ok(())
 }
 
