@@ -59,6 +59,31 @@ pub enum UpdateRefusal {
     NewtonStatistics(String),
 }
 
+impl UpdateRefusal {
+    /// A short name of the rule broken, for metrics (a fixed set: never a peer's text).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpdateRefusal::Missing(_) | UpdateRefusal::Unexpected(_) => "tensors",
+            UpdateRefusal::Shape { .. } => "shape",
+            UpdateRefusal::DType { .. } => "dtype",
+            UpdateRefusal::Role { .. } => "role",
+            UpdateRefusal::NonFinite { .. } | UpdateRefusal::NonFiniteLoss(_) => "non_finite",
+            UpdateRefusal::Norm { .. } => "norm",
+            UpdateRefusal::NoExamples
+            | UpdateRefusal::MoreExamplesThanDeclared { .. }
+            | UpdateRefusal::ExamplesChanged { .. } => "examples",
+            UpdateRefusal::NotTraining | UpdateRefusal::NoTask | UpdateRefusal::NotYours { .. } => {
+                "not_asked"
+            }
+            UpdateRefusal::Late { .. } => "late",
+            UpdateRefusal::WrongRound { .. } => "wrong_round",
+            UpdateRefusal::Duplicate { .. } => "duplicate",
+            UpdateRefusal::BadReport(_) => "evaluation_report",
+            UpdateRefusal::NewtonStatistics(_) => "newton_statistics",
+        }
+    }
+}
+
 /// Checks `update` against `global`: the same tensors (names, shapes, dtypes, roles), finite values, and, with
 /// `norm_bound`, an L2 distance from the global model within it (batch-norm statistics excluded: their scale is
 /// the data's, not the optimiser's).

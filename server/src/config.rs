@@ -45,6 +45,8 @@ pub struct ServerToml {
     /// Handshakes in flight, in all and from one source address (`HandshakeLimits`' defaults).
     pub max_handshakes: Option<usize>,
     pub max_handshakes_per_address: Option<usize>,
+    /// Where to serve Prometheus metrics over HTTP (a local address); `None`: no metrics.
+    pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     pub center: Vec<CenterEntry>,
     pub initial_model: Option<PathBuf>,
@@ -96,6 +98,7 @@ impl ServerToml {
             connection_budget_bytes: default_budget(),
             max_handshakes: None,
             max_handshakes_per_address: None,
+            metrics_listen: None,
             center: Vec::new(),
             initial_model: None,
             output: default_output(),
@@ -216,6 +219,7 @@ pub struct ServerConfig {
     pub hello_timeout: Duration,
     pub connection_budget: u64,
     pub handshakes: HandshakeLimits,
+    pub metrics_listen: Option<SocketAddr>,
     pub run: RunConfig,
     path: PathBuf,
 }
@@ -407,6 +411,7 @@ impl ServerConfig {
             hello_timeout: Duration::from_secs(file.hello_timeout_secs),
             connection_budget: file.connection_budget_bytes,
             handshakes,
+            metrics_listen: file.metrics_listen,
         })
     }
 

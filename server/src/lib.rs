@@ -12,6 +12,7 @@ pub mod config;
 mod endpoint;
 pub mod evaluation;
 pub mod failpoint;
+pub mod metrics;
 mod opening;
 pub mod round;
 pub mod store;

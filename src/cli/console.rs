@@ -13,9 +13,38 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use indicatif::{MultiProgress, ProgressBar};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// How log lines are written: for people, or one JSON object per line (with tracing's fields) for machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// A layer writing the lines `filter` passes to `writer` in `format` (colour where `ansi`; never in JSON).
+fn layer<W>(format: LogFormat, ansi: bool, writer: W, filter: EnvFilter) -> BoxedLayer
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+    }
+}
 
 /// How much of its work a command shows on the terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,13 +126,10 @@ fn filter_of(filter: &str) -> EnvFilter {
 }
 
 /// Logging for a service: every event that `filter` passes, to standard error, one line each.
-pub fn init_service(filter: &str) {
+pub fn init_service(filter: &str, format: LogFormat) {
     let _ = console();
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_ansi(colour())
-        .with_writer(|| AboveTheBars)
-        .with_filter(filter_of(filter));
-    let _ = tracing_subscriber::registry().with(stderr).try_init();
+    let stderr = layer(format, colour(), || AboveTheBars, filter_of(filter));
+    let _ = tracing_subscriber::registry().with(vec![stderr]).try_init();
 }
 
 /// Logging for a command a person waits for: on standard error, warnings and errors (every line that
@@ -111,6 +137,7 @@ pub fn init_service(filter: &str) {
 /// given (created or truncated).
 pub fn init_interactive(
     filter: &str,
+    format: LogFormat,
     verbosity: Verbosity,
     log_file: Option<&Path>,
 ) -> std::io::Result<()> {
@@ -123,25 +150,11 @@ pub fn init_interactive(
         Verbosity::Normal => EnvFilter::new("warn"),
         Verbosity::Verbose => filter_of(filter),
     };
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_ansi(colour())
-        .with_writer(|| AboveTheBars)
-        .with_filter(shown);
-    let file = match log_file {
-        None => None,
-        Some(path) => {
-            let file = std::fs::File::create(path)?;
-            Some(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(Mutex::new(file))
-                    .with_filter(filter_of(filter)),
-            )
-        }
-    };
-    let _ = tracing_subscriber::registry()
-        .with(stderr)
-        .with(file)
-        .try_init();
+    let mut layers = vec![layer(format, colour(), || AboveTheBars, shown)];
+    if let Some(path) = log_file {
+        let file = Mutex::new(std::fs::File::create(path)?);
+        layers.push(layer(format, false, file, filter_of(filter)));
+    }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
     Ok(())
 }

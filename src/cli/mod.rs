@@ -28,6 +28,9 @@ pub struct Cli {
     /// the terminal; RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     pub log: String,
+    /// Log lines as text for people, or one JSON object per line for machines.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: console::LogFormat,
     /// Show every log line on the terminal too, above the progress bars.
     #[arg(short, long, global = true, conflicts_with = "quiet")]
     pub verbose: bool,
@@ -72,18 +75,21 @@ enum Command {
 /// How a command shows its work: the log filter, and how much the terminal gets.
 pub struct Output {
     filter: String,
+    format: console::LogFormat,
     verbosity: console::Verbosity,
 }
 
 impl Output {
     /// Logging for a command a person waits for, with its log file (whose place is said at once).
     fn start(&self, log_file: Option<&std::path::Path>) -> anyhow::Result<()> {
-        console::init_interactive(&self.filter, self.verbosity, log_file).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot write the log file {}: {e}",
-                log_file.map_or(String::new(), |p| p.display().to_string())
-            )
-        })?;
+        console::init_interactive(&self.filter, self.format, self.verbosity, log_file).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "cannot write the log file {}: {e}",
+                    log_file.map_or(String::new(), |p| p.display().to_string())
+                )
+            },
+        )?;
         if let Some(path) = log_file {
             console::console().milestone(&format!("log: {}", path.display()));
         }
@@ -94,6 +100,7 @@ impl Output {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let output = Output {
         filter: cli.log,
+        format: cli.log_format,
         verbosity: match (cli.quiet, cli.verbose) {
             (true, _) => console::Verbosity::Quiet,
             (false, true) => console::Verbosity::Verbose,
@@ -102,11 +109,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Server(a) => {
-            console::init_service(&output.filter);
+            console::init_service(&output.filter, output.format);
             server::run(a)
         }
         Command::Client(a) => {
-            console::init_service(&output.filter);
+            console::init_service(&output.filter, output.format);
             client::run(a)
         }
         Command::Simulate(a) => simulate::run(a, &output),

@@ -218,3 +218,36 @@ fn with_q_the_table_alone() {
     assert!(!stdout.contains("log: "), "{stdout}");
     assert!(stdout.contains("clinical"), "the table: {stdout}");
 }
+
+#[test]
+fn with_log_format_json_every_log_line_is_a_json_object_with_its_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sim");
+    let mut args = vec!["--log-format".to_string(), "json".to_string()];
+    args.extend(simulate_args(&out));
+    let run = Command::new(env!("CARGO_BIN_EXE_fedslm"))
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let logged = std::fs::read_to_string(out.join("fedslm.log")).unwrap();
+    let mut committed = 0;
+    for line in logged.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        if v["fields"]["message"] == "round committed" {
+            assert!(v["fields"]["round"].as_u64().is_some(), "{line}");
+            committed += 1;
+        }
+    }
+    assert_eq!(committed, rounds_stored(&out));
+}

@@ -702,3 +702,119 @@ async fn refused_strangers_are_audited_once_per_interval_not_once_per_attempt() 
         c.await.unwrap().unwrap();
     }
 }
+
+/// The value of the sample `name` (with its labels, as written) in a metrics text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_metrics_scraped_during_a_run_agree_with_the_stored_rounds() {
+    let s = setup("rounds = 3\nquorum = 2\nnorm_bound = 100.0\nmetrics_listen = \"127.0.0.1:0\"");
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let url = format!("http://{}/metrics", server.metrics_addr().unwrap());
+    let mut events = server.subscribe();
+    let (store, writer) = store(&s, "out");
+    let stored = store.clone();
+    let run = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .run_rounds(machine, store, writer, std::future::pending())
+                .await
+        })
+    };
+    let backoff = Backoff {
+        attempts: Some(2),
+        ..Backoff::default()
+    };
+    let mut clients = Vec::new();
+    for (c, cfg) in s.configs.clone() {
+        // Slow enough that the next round does not commit while the test scrapes.
+        let t = Slow(
+            Honest {
+                by: if c == "center-c" { 1e6 } else { 1.0 },
+                examples: 10,
+                asked: Arc::default(),
+            },
+            0.5,
+        );
+        clients.push(tokio::spawn(async move {
+            fedslm_client::run(&cfg, DECLARED, t, backoff, |_| {}).await
+        }));
+    }
+    let mut scraped = 0;
+    while scraped < 3 {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("a round within 30 s")
+            .unwrap();
+        let fedslm_server::ServerEvent::RoundCommitted(record) = event else {
+            continue;
+        };
+        let text = {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || ureq::get(&url).call().unwrap().into_string())
+                .await
+                .unwrap()
+                .unwrap()
+        };
+        // The rounds the store holds (rounds.jsonl's), their times, and the centre refused each round.
+        let rounds = stored.rounds().unwrap();
+        assert_eq!(rounds.len() as u32, record.round);
+        assert_eq!(
+            sample(&text, "fedslm_rounds_committed_total"),
+            rounds.len() as f64
+        );
+        assert_eq!(
+            sample(&text, "fedslm_round_duration_seconds_count"),
+            rounds.len() as f64
+        );
+        let seconds: f64 = rounds.iter().map(|r| r.seconds).sum();
+        assert!(
+            (sample(&text, "fedslm_round_duration_seconds_sum") - seconds).abs() < 1e-6,
+            "{seconds}\n{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "fedslm_refusals_total{kind=\"update\",reason=\"norm\"}"
+            ),
+            rounds.len() as f64
+        );
+        assert_eq!(
+            sample(&text, "fedslm_centers_connected{transport=\"quic\"}"),
+            4.0
+        );
+        assert!(sample(&text, "fedslm_received_bytes_total") > 0.0);
+        assert!(sample(&text, "fedslm_commit_duration_seconds_count") >= rounds.len() as f64);
+        scraped += 1;
+    }
+    // Anything else than GET /metrics is not found.
+    let missing = {
+        let url = url.replace("/metrics", "/other");
+        tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+            Err(ureq::Error::Status(code, _)) => code,
+            other => panic!("{other:?}"),
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(missing, 404);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ended")
+        .unwrap();
+    assert!(
+        matches!(outcome, Some(Outcome::Completed { .. })),
+        "{outcome:?}"
+    );
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+}

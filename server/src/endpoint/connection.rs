@@ -221,6 +221,10 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         }
     }
     shared.peers_changed();
+    let stats = connection.stats();
+    shared
+        .metrics
+        .connection_closed(stats.udp_rx.bytes, stats.udp_tx.bytes);
     shared.tell(Input::Disconnected {
         center: center.clone(),
         connection: connection_id,

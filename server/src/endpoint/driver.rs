@@ -236,6 +236,7 @@ impl Driver {
 
     fn refuse(&mut self, center: CenterId, task: TaskId, refusal: UpdateRefusal) {
         self.cancels.remove(&task);
+        self.shared.metrics.refused("update", refusal.kind());
         self.shared.audit(AuditEvent::UpdateRefused {
             round: self.round_of(task),
             center: center.to_string(),
@@ -274,6 +275,7 @@ impl Driver {
         };
         let store = durable.store.clone();
         let writer = durable.checkpoint.clone();
+        let started = Instant::now();
         let committed = tokio::task::spawn_blocking(move || {
             let pending = store.pending_checkpoint(record.round);
             (*lock(&writer))(&record, &weights, &pending).map_err(|e| e.to_string())?;
@@ -285,6 +287,7 @@ impl Driver {
         })
         .await
         .unwrap_or_else(|e| Err(format!("the commit stopped: {e}")));
+        self.shared.metrics.commit_took(started.elapsed());
         let input = match committed {
             Ok(()) => Input::RoundStored { round },
             Err(reason) => Input::StoreFailed {

@@ -31,6 +31,7 @@ use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
 use crate::evaluation::Evaluation;
+use crate::metrics::Metrics;
 use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
 use crate::store::Store;
 use driver::{Driver, Durable, Ended};
@@ -158,6 +159,7 @@ struct Shared {
     gate: Arc<Gate>,
     /// Failed handshakes since the last audit entry of them.
     tally: Mutex<Tally>,
+    metrics: Metrics,
 }
 
 impl Shared {
@@ -209,9 +211,34 @@ impl Shared {
         }
     }
 
-    /// Counts a failed or ignored handshake for the interval's audit entry.
+    /// Counts a failed or ignored handshake for the interval's audit entry and the metrics (by a bounded
+    /// class: an alert's name, a timeout, a limit).
     fn count_stranger(&self, reason: &str, remote: SocketAddr) {
         lock(&self.tally).count(reason, remote.ip());
+        let class = if reason.starts_with("no handshake within") {
+            "timeout"
+        } else if reason.starts_with("too many handshakes") {
+            "limit"
+        } else if reason.chars().all(|c| c.is_ascii_alphanumeric()) {
+            reason
+        } else {
+            "other"
+        };
+        self.metrics.handshake_failed(class);
+    }
+
+    /// The metrics' text now, with the connected centres' figures.
+    fn scrape(&self) -> String {
+        let (mut received, mut sent) = (0, 0);
+        let peers = lock(&self.peers);
+        for p in peers.values() {
+            let stats = p.connection.stats();
+            received += stats.udp_rx.bytes;
+            sent += stats.udp_tx.bytes;
+        }
+        let connected = peers.len() as i64;
+        drop(peers);
+        self.metrics.encode(connected, received, sent)
     }
 
     /// Audits (and logs) the failed handshakes counted since the last time.
@@ -254,9 +281,10 @@ impl Shared {
             ServerEvent::Refused {
                 remote,
                 center,
+                code,
                 reason,
-                ..
             } => {
+                self.metrics.refused("admission", &format!("{code:?}"));
                 tracing::warn!(%remote, %center, %reason, "refused")
             }
             ServerEvent::Admitted {
@@ -284,6 +312,7 @@ impl Shared {
                 tracing::warn!(%center, %remote, %serial, "certificate revoked; connection closed")
             }
             ServerEvent::RoundCommitted(r) => {
+                self.metrics.round_committed(r.duration);
                 tracing::info!(
                     round = r.round,
                     centers = r.contributions.len(),
@@ -291,6 +320,12 @@ impl Shared {
                 )
             }
             ServerEvent::Evaluated(e) => {
+                let record = e.record();
+                self.metrics.evaluated(
+                    e.round,
+                    record.internal.and_then(|a| a.auc),
+                    record.external.and_then(|a| a.auc),
+                );
                 tracing::info!(
                     round = e.round,
                     centers = e.centers.len(),
@@ -398,6 +433,8 @@ pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
     inputs: Mutex<Option<mpsc::UnboundedReceiver<Envelope>>>,
+    /// The HTTP listener of the metrics, with `metrics_listen`.
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 impl Server {
@@ -424,6 +461,17 @@ impl Server {
         .map_err(bind_err)?;
         let (events, _) = broadcast::channel(1024);
         let config_handshakes = config.handshakes;
+        let metrics = match config.metrics_listen {
+            None => None,
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+        };
         let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
             endpoint,
@@ -440,13 +488,20 @@ impl Server {
                 changed: watch::channel(()).0,
                 gate: Gate::new(config_handshakes),
                 tally: Mutex::new(Tally::new(Instant::now())),
+                metrics: Metrics::new(),
             }),
             inputs: Mutex::new(Some(received)),
+            metrics,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Where the metrics are served, with `metrics_listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Events from now on.
@@ -577,6 +632,12 @@ impl Server {
                     self.screen(incoming);
                 }
                 _ = tally.tick() => self.shared.audit_strangers(),
+                Some(Ok((stream, _))) = accept_metrics(self.metrics.as_ref()) => {
+                    let shared = self.shared.clone();
+                    tokio::spawn(async move {
+                        crate::metrics::answer(stream, || shared.scrape()).await
+                    });
+                }
                 _ = crl.tick() => {
                     let loaded = self.shared.verifier.refresh();
                     if loaded != checked {
@@ -646,6 +707,16 @@ fn close_revoked(shared: &Shared) {
             remote: connection.remote_address(),
             serial,
         });
+    }
+}
+
+/// The next HTTP connection to the metrics endpoint; never, without one.
+async fn accept_metrics(
+    listener: Option<&tokio::net::TcpListener>,
+) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+    match listener {
+        Some(l) => Some(l.accept().await),
+        None => std::future::pending().await,
     }
 }
 
