@@ -14,6 +14,7 @@ mod console;
 mod federation;
 mod handshake;
 mod interop_python;
+mod packaging;
 mod pydicom_crosscheck;
 mod resume;
 mod rounds;
