@@ -226,6 +226,55 @@ pub async fn connect_with(
     }
 }
 
+/// The run's status and this centre's part in it, asked of the server over the centre's own authenticated
+/// connection (`fedslm client --status`). The server answers and closes; it never admits this connection, so
+/// a node of the centre that is running keeps its place.
+pub async fn status(config: &ClientConfig) -> Result<fedslm_protocol::StatusReport, ClientError> {
+    let server = config.server.clone();
+    let (endpoint, connection) = open(config, client_config(&config.tls)?).await?;
+    let limits = Limits::default();
+    let exchange = async {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| connection_error(&server, e))?;
+        let ask = Message::StatusRequest(fedslm_protocol::StatusRequest {
+            protocol_version: fedslm_protocol::PROTOCOL_VERSION,
+            center: config.center.clone(),
+        });
+        write_message(&mut send, &ask, &limits)
+            .await
+            .map_err(|e| lost(&server, &connection, e))?;
+        read_message(&mut recv, &limits, &ByteBudget::default())
+            .await
+            .map_err(|e| lost(&server, &connection, e))
+    };
+    let reply = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            server: server.clone(),
+            after: WELCOME_TIMEOUT,
+        })??;
+    connection.close(
+        VarInt::from_u32(fedslm_protocol::close::DONE),
+        b"status read",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    match reply {
+        Message::StatusReport(report) => Ok(report),
+        Message::Error(e) => Err(ClientError::Refused {
+            server,
+            code: e.code,
+            message: escape_peer(&e.message),
+        }),
+        other => Err(ClientError::Unexpected {
+            server,
+            expected: "StatusReport",
+            got: other.kind().to_string(),
+        }),
+    }
+}
+
 /// The QUIC connection to `config.server` with `tls`, before any message.
 pub async fn open(
     config: &ClientConfig,

@@ -118,6 +118,8 @@ pub fn encode_into(msg: &Message, limits: &Limits, out: &mut Vec<u8>) -> Result<
         Message::Error(m) => m.encode(&mut enc),
         Message::PlacementTask(m) => m.encode(&mut enc),
         Message::PlacementReport(m) => m.encode(&mut enc),
+        Message::StatusRequest(m) => m.encode(&mut enc),
+        Message::StatusReport(m) => m.encode(&mut enc),
     };
     if let Err(e) = result {
         out.truncate(start);
@@ -196,7 +198,18 @@ fn check_outgoing(msg: &Message, limits: &Limits) -> Result<(), String> {
             }
             check_histogram(&m.pooled_a, limits).and(check_histogram(&m.pooled_b, limits))
         }
-        Message::PlacementReport(_) => Ok(()),
+        Message::PlacementReport(_) | Message::StatusRequest(_) => Ok(()),
+        Message::StatusReport(m) => {
+            if m.rounds.len() > MAX_STATUS_ROUNDS {
+                return Err(format!(
+                    "{} rounds; the limit is {MAX_STATUS_ROUNDS}",
+                    m.rounds.len()
+                ));
+            }
+            text("run_id", &m.run_id)?;
+            text("state", &m.state)?;
+            m.rounds.iter().try_for_each(|r| text("reason", &r.reason))
+        }
     }
 }
 
@@ -282,6 +295,8 @@ pub fn decode_payload(
         MessageKind::Error => decode_as(&payload, ctx, Message::Error),
         MessageKind::PlacementTask => decode_as(&payload, ctx, Message::PlacementTask),
         MessageKind::PlacementReport => decode_as(&payload, ctx, Message::PlacementReport),
+        MessageKind::StatusRequest => decode_as(&payload, ctx, Message::StatusRequest),
+        MessageKind::StatusReport => decode_as(&payload, ctx, Message::StatusReport),
     };
     let (msg, read) = result.map_err(|e| ProtocolError::Payload {
         kind,
@@ -658,6 +673,37 @@ impl Decode<Ctx> for Finish {
             run_id: text(d, "run_id", max_text)?,
             rounds_completed: Decode::decode(d)?,
             reason: text(d, "reason", max_text)?,
+        })
+    }
+}
+
+impl Decode<Ctx> for StatusRequest {
+    fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
+        Ok(StatusRequest {
+            protocol_version: Decode::decode(d)?,
+            center: center(d)?,
+        })
+    }
+}
+
+impl Decode<Ctx> for StatusReport {
+    fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
+        let max_text = d.context().limits.max_text_len;
+        Ok(StatusReport {
+            run_id: text(d, "run_id", max_text)?,
+            state: text(d, "state", max_text)?,
+            rounds_planned: Decode::decode(d)?,
+            rounds_committed: Decode::decode(d)?,
+            rounds: list(d, "rounds", MAX_STATUS_ROUNDS as u64, |d| {
+                Ok(RoundPart {
+                    round: Decode::decode(d)?,
+                    outcome: Decode::decode(d)?,
+                    examples: Decode::decode(d)?,
+                    train_loss: Decode::decode(d)?,
+                    reason: text(d, "reason", max_text)?,
+                })
+            })?,
+            evaluation: Decode::decode(d)?,
         })
     }
 }

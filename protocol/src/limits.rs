@@ -67,7 +67,12 @@ impl Limits {
                     + 2 * crate::MAX_PLACEMENT_RUNS as u64 * (u64::from(self.max_text_len) + 9)
                     + 4 * KIB
             }
-            MessageKind::PlacementReport => self.max_control_frame,
+            MessageKind::PlacementReport | MessageKind::StatusRequest => self.max_control_frame,
+            // Run id, state, the rounds with their reasons, the evaluation.
+            MessageKind::StatusReport => {
+                (crate::MAX_STATUS_ROUNDS as u64 + 2) * (u64::from(self.max_text_len) + 64)
+                    + 4 * KIB
+            }
         }
     }
 }

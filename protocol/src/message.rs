@@ -251,6 +251,66 @@ pub struct Finish {
     pub reason: String,
 }
 
+/// The most rounds a [`StatusReport`] lists (the latest).
+pub const MAX_STATUS_ROUNDS: usize = 200;
+
+/// Client → server, as the first frame instead of a Hello: how far is the run, and what was this centre's
+/// part in it? The connection is answered and closed; it is never admitted as the centre's node, so it
+/// replaces no node's connection.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct StatusRequest {
+    pub protocol_version: u16,
+    /// Must be the certificate's centre.
+    pub center: CenterId,
+}
+
+/// What became of the asking centre in one round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum RoundOutcome {
+    /// Its update was folded in.
+    Contributed,
+    /// Its update was refused (the reason says why) or it could not train.
+    Refused,
+    /// No answer before the round closed, or it was not connected.
+    Silent,
+    /// It was not asked (a validation centre, or not connected when the round began).
+    NotAsked,
+}
+
+/// The asking centre's part in one round.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct RoundPart {
+    pub round: u32,
+    pub outcome: RoundOutcome,
+    /// The examples and training loss of its update, where it contributed (0 otherwise).
+    pub examples: u64,
+    pub train_loss: f64,
+    /// Why it was refused, where it was (empty otherwise).
+    pub reason: String,
+}
+
+/// The last evaluation's pooled AUCs: a side's is given only where it pools two or more centres, or the
+/// asking centre alone (so that no other single centre's figure is ever told).
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct StatusEvaluation {
+    pub round: u32,
+    pub internal_auc: Option<f64>,
+    pub external_auc: Option<f64>,
+}
+
+/// Server → client: the run's progress and the asking centre's own part in it.
+#[derive(Debug, Clone, PartialEq, bincode::Encode)]
+pub struct StatusReport {
+    pub run_id: String,
+    /// `waiting`, `running`, `completed` or `failed`.
+    pub state: String,
+    pub rounds_planned: u32,
+    pub rounds_committed: u32,
+    /// The latest rounds (at most [`MAX_STATUS_ROUNDS`]), oldest first.
+    pub rounds: Vec<RoundPart>,
+    pub evaluation: Option<StatusEvaluation>,
+}
+
 /// Why a peer refuses or aborts; both sides also log the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, bincode::Encode, bincode::Decode)]
 pub enum ErrorCode {
@@ -286,6 +346,8 @@ pub enum Message {
     Error(ErrorMessage),
     PlacementTask(PlacementTask),
     PlacementReport(PlacementReport),
+    StatusRequest(StatusRequest),
+    StatusReport(StatusReport),
 }
 
 /// The kind byte of a frame header.
@@ -301,10 +363,12 @@ pub enum MessageKind {
     Error = 8,
     PlacementTask = 9,
     PlacementReport = 10,
+    StatusRequest = 11,
+    StatusReport = 12,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 10] = [
+    pub const ALL: [MessageKind; 12] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::FitTask,
@@ -315,6 +379,8 @@ impl MessageKind {
         MessageKind::Error,
         MessageKind::PlacementTask,
         MessageKind::PlacementReport,
+        MessageKind::StatusRequest,
+        MessageKind::StatusReport,
     ];
 
     pub fn from_code(code: u8) -> Option<MessageKind> {
@@ -353,6 +419,8 @@ impl Message {
             Message::Error(_) => MessageKind::Error,
             Message::PlacementTask(_) => MessageKind::PlacementTask,
             Message::PlacementReport(_) => MessageKind::PlacementReport,
+            Message::StatusRequest(_) => MessageKind::StatusRequest,
+            Message::StatusReport(_) => MessageKind::StatusReport,
         }
     }
 

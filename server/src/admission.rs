@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use fedslm_protocol::hex::to_hex;
-use fedslm_protocol::{CenterId, ErrorCode, Hello, Role, Welcome, PROTOCOL_VERSION};
+use fedslm_protocol::{CenterId, ErrorCode, Hello, Role, StatusRequest, Welcome, PROTOCOL_VERSION};
 
 /// The run's membership, from the server's configuration only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +113,33 @@ pub fn admit(
     })
 }
 
+/// Whether `certified` may be told the run's status on its `request`: the same version, identity and
+/// enrolment rules as a Hello (the settings do not matter: nothing is trained).
+pub fn admit_status(
+    enrolment: &Enrolment,
+    certified: &CenterId,
+    request: &StatusRequest,
+) -> Result<(), Refusal> {
+    if request.protocol_version != PROTOCOL_VERSION {
+        return Err(Refusal::Version {
+            got: request.protocol_version,
+        });
+    }
+    if !enrolment.centers.contains_key(certified) {
+        return Err(Refusal::NotEnrolled {
+            center: certified.clone(),
+            run_id: enrolment.run_id.clone(),
+        });
+    }
+    if &request.center != certified {
+        return Err(Refusal::IdentityMismatch {
+            claimed: request.center.clone(),
+            certified: certified.clone(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +217,31 @@ mod tests {
             ..e
         };
         assert!(admit(&any, &id("center-a"), &h).is_ok());
+    }
+
+    #[test]
+    fn a_status_request_is_held_to_the_same_rules_as_a_hello() {
+        let e = enrolment();
+        let ask = |center: &str, version| StatusRequest {
+            protocol_version: version,
+            center: id(center),
+        };
+        assert!(admit_status(&e, &id("center-a"), &ask("center-a", PROTOCOL_VERSION)).is_ok());
+        assert_eq!(
+            admit_status(&e, &id("center-a"), &ask("center-a", 9)),
+            Err(Refusal::Version { got: 9 })
+        );
+        assert_eq!(
+            admit_status(&e, &id("center-z"), &ask("center-z", PROTOCOL_VERSION))
+                .unwrap_err()
+                .code(),
+            ErrorCode::NotEnrolled
+        );
+        assert_eq!(
+            admit_status(&e, &id("center-a"), &ask("external", PROTOCOL_VERSION))
+                .unwrap_err()
+                .code(),
+            ErrorCode::IdentityMismatch
+        );
     }
 }

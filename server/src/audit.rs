@@ -60,6 +60,11 @@ pub enum AuditEvent {
         previous_remote: String,
         remote: String,
     },
+    /// A centre asked for the run's status (its own part in it); answered and closed, never admitted.
+    StatusAsked {
+        center: String,
+        remote: String,
+    },
     /// A connected centre whose certificate the CRL now revokes, closed.
     CenterRevoked {
         center: String,

@@ -23,6 +23,10 @@ pub struct ClientArgs {
     /// nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Ask the server how far the run is and what this centre's part in it was (over this centre's own
+    /// connection; a running node of the centre keeps its place); then exit. No cohort is loaded.
+    #[arg(long, conflicts_with_all = ["check", "dry_run"])]
+    status: bool,
     /// Give up after this many failed connection attempts in a row (default: keep trying).
     #[arg(long)]
     max_attempts: Option<u32>,
@@ -33,6 +37,11 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
     if let Some(n) = config.threads {
         // Before any pool exists: candle's kernels and the loaders size theirs from it.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if args.status {
+        let report = super::runtime()?.block_on(fedslm_client::status(&config))?;
+        print_status(&config, &report);
+        return Ok(());
     }
     if args.check {
         let c = check::certificate(&config, &args.config)?;
@@ -129,4 +138,34 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+/// `fedslm client --status`: the run, this centre's part in its latest rounds, the last evaluation.
+fn print_status(config: &ClientConfig, r: &fedslm_protocol::StatusReport) {
+    use fedslm_protocol::RoundOutcome;
+    println!(
+        "run {}: {}, {} of {} rounds committed",
+        r.run_id, r.state, r.rounds_committed, r.rounds_planned
+    );
+    for part in &r.rounds {
+        let what = match part.outcome {
+            RoundOutcome::Contributed => format!(
+                "contributed {} examples, loss {:.4}",
+                part.examples, part.train_loss
+            ),
+            RoundOutcome::Refused => format!("refused: {}", part.reason),
+            RoundOutcome::Silent => "no answer".to_string(),
+            RoundOutcome::NotAsked => "not asked".to_string(),
+        };
+        println!("round {}: {} {what}", part.round, config.center);
+    }
+    if let Some(e) = &r.evaluation {
+        let auc = |a: Option<f64>| a.map_or("not told".to_string(), |a| format!("{a:.3}"));
+        println!(
+            "last evaluation (round {}): internal AUC {}, external AUC {}",
+            e.round,
+            auc(e.internal_auc),
+            auc(e.external_auc)
+        );
+    }
 }

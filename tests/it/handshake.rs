@@ -507,7 +507,10 @@ async fn a_frame_other_than_hello_before_the_hello_is_refused_from_its_header() 
         panic!("{reply:?}")
     };
     assert_eq!(e.code, ErrorCode::Unexpected);
-    assert_eq!(e.message, "FitResult frame where only Hello may come");
+    assert_eq!(
+        e.message,
+        "FitResult frame where only Hello or StatusRequest may come"
+    );
     fed.control("center-a").await;
 }
 

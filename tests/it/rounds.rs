@@ -818,3 +818,103 @@ async fn the_metrics_scraped_during_a_run_agree_with_the_stored_rounds() {
         c.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_center_asks_its_status_over_its_own_connection_and_its_node_keeps_its_place() {
+    let s = setup("rounds = 3\nquorum = 2\nnorm_bound = 100.0");
+    let machine = coordinator(&s.server);
+    let server = Arc::new(Server::bind(s.server.clone()).unwrap());
+    let mut events = server.subscribe();
+    let (store, writer) = store(&s, "out");
+    let run = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .run_rounds(machine, store, writer, std::future::pending())
+                .await
+        })
+    };
+    let backoff = Backoff {
+        attempts: Some(2),
+        ..Backoff::default()
+    };
+    let mut clients = Vec::new();
+    for (c, cfg) in s.configs.clone() {
+        // center-c's updates are beyond the norm bound every round.
+        let t = Slow(
+            Honest {
+                by: if c == "center-c" { 1e6 } else { 1.0 },
+                examples: 10,
+                asked: Arc::default(),
+            },
+            0.5,
+        );
+        clients.push(tokio::spawn(async move {
+            fedslm_client::run(&cfg, DECLARED, t, backoff, |_| {}).await
+        }));
+    }
+    let mut superseded = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("a round within 30 s")
+            .unwrap()
+        {
+            fedslm_server::ServerEvent::RoundCommitted(r) if r.round == 2 => break,
+            fedslm_server::ServerEvent::Superseded { .. } => superseded += 1,
+            _ => {}
+        }
+    }
+    let refused = fedslm_client::status(&s.configs["center-c"]).await.unwrap();
+    assert_eq!(
+        (refused.run_id.as_str(), refused.state.as_str()),
+        ("run", "running")
+    );
+    assert!(refused.rounds_committed >= 2, "{refused:?}");
+    for part in &refused.rounds {
+        assert_eq!(
+            part.outcome,
+            fedslm_protocol::RoundOutcome::Refused,
+            "{refused:?}"
+        );
+        assert!(part.reason.contains("beyond the bound"), "{part:?}");
+    }
+    let honest = fedslm_client::status(&s.configs["center-a"]).await.unwrap();
+    for part in &honest.rounds {
+        assert_eq!(part.outcome, fedslm_protocol::RoundOutcome::Contributed);
+        assert_eq!(part.examples, 10);
+    }
+    // A certificate of the same CA for a centre not enrolled is refused by name.
+    let pki = Pki::open(&s._dir.path().join("pki")).unwrap();
+    let stranger = s._dir.path().join("center-z");
+    pki.issue(&id("center-z"), &stranger, IssueOptions::days(30).unwrap())
+        .unwrap();
+    let mut z = s.configs["center-a"].clone();
+    z.center = id("center-z");
+    z.tls.cert = stranger.join("center-z.pem");
+    z.tls.key = stranger.join("center-z.key");
+    match fedslm_client::status(&z).await {
+        Err(fedslm_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, fedslm_protocol::ErrorCode::NotEnrolled)
+        }
+        other => panic!("{other:?}"),
+    }
+    // The nodes kept their places: the run completes with every round, and no connection was replaced.
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the run ended")
+        .unwrap();
+    assert!(
+        matches!(outcome, Some(Outcome::Completed { rounds: 3, .. })),
+        "{outcome:?}"
+    );
+    while let Ok(e) = events.try_recv() {
+        if matches!(e, fedslm_server::ServerEvent::Superseded { .. }) {
+            superseded += 1;
+        }
+    }
+    assert_eq!(superseded, 0);
+    for c in clients {
+        c.await.unwrap().unwrap();
+    }
+}

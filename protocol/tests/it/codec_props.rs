@@ -212,6 +212,56 @@ fn message() -> impl Strategy<Value = Message> {
                     negative,
                 })
             }),
+        (any::<u16>(), center()).prop_map(|(v, center)| Message::StatusRequest(StatusRequest {
+            protocol_version: v,
+            center,
+        })),
+        (
+            (".{0,40}", ".{0,10}", any::<(u32, u32)>()),
+            prop::collection::vec(
+                (
+                    any::<u32>(),
+                    prop::sample::select(vec![
+                        RoundOutcome::Contributed,
+                        RoundOutcome::Refused,
+                        RoundOutcome::Silent,
+                        RoundOutcome::NotAsked,
+                    ]),
+                    any::<u64>(),
+                    finite(),
+                    ".{0,40}"
+                ),
+                0..20
+            ),
+            proptest::option::of((
+                any::<u32>(),
+                proptest::option::of(finite()),
+                proptest::option::of(finite())
+            ))
+        )
+            .prop_map(|((run_id, state, (planned, committed)), rounds, ev)| {
+                Message::StatusReport(StatusReport {
+                    run_id,
+                    state,
+                    rounds_planned: planned,
+                    rounds_committed: committed,
+                    rounds: rounds
+                        .into_iter()
+                        .map(|(round, outcome, examples, train_loss, reason)| RoundPart {
+                            round,
+                            outcome,
+                            examples,
+                            train_loss,
+                            reason,
+                        })
+                        .collect(),
+                    evaluation: ev.map(|(round, internal_auc, external_auc)| StatusEvaluation {
+                        round,
+                        internal_auc,
+                        external_auc,
+                    }),
+                })
+            }),
     ]
 }
 

@@ -66,8 +66,9 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
     let timeout = shared.config.hello_timeout;
     let hello = tokio::time::timeout(timeout, async {
         let (send, mut recv) = connection.accept_bi().await.map_err(|e| e.to_string())?;
-        // Before its Hello, a peer may send a Hello and nothing else (at most the control frames' 64 KiB).
-        let expect = Expect::only(&[MessageKind::Hello]);
+        // Before its Hello, a peer may send a Hello (or a status request instead) and nothing else (at most
+        // the control frames' 64 KiB).
+        let expect = Expect::only(&[MessageKind::Hello, MessageKind::StatusRequest]);
         let msg = read_expected(&mut recv, &shared.limits, &budget, expect).await;
         Ok::<_, String>((send, recv, msg))
     })
@@ -84,6 +85,12 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
             shared.emit(ServerEvent::Disconnected { center, reason });
             return;
         }
+    };
+    let msg = match msg {
+        Ok(Message::StatusRequest(request)) => {
+            return super::status::answer(&shared, &connection, send, remote, center, request).await
+        }
+        other => other,
     };
     let mut declared = SampleCounts::default();
     let admitted = match msg {

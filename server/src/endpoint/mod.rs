@@ -5,6 +5,7 @@
 mod connection;
 mod driver;
 mod exchange;
+mod status;
 mod strangers;
 
 pub use strangers::HandshakeLimits;

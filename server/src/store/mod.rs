@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 mod status;
 
 use status::run_status;
-pub use status::{AuditStatus, CenterStatus, LastRound, RunStatus};
+pub use status::{center_status, AuditStatus, CenterStatus, LastRound, RunStatus};
 
 use crate::audit::{check_chain, AuditEvent, Head};
 use crate::evaluation::EvaluationRecord;

@@ -115,3 +115,123 @@ pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> 
         server_pid: None,
     }
 }
+
+/// What `fedslm client --status` gets ([`fedslm_protocol::StatusReport`]): the run's progress and `center`'s own
+/// part in its latest rounds; of the last evaluation, a side's pooled AUC only where it pools two or more
+/// centres or `center` alone, so that no other single centre's figure is told.
+pub fn center_status(
+    meta: Option<&RunMeta>,
+    rounds: &[StoredRound],
+    center: &str,
+) -> fedslm_protocol::StatusReport {
+    use fedslm_protocol::{RoundOutcome, RoundPart, StatusEvaluation, MAX_STATUS_ROUNDS};
+    let latest = &rounds[rounds.len().saturating_sub(MAX_STATUS_ROUNDS)..];
+    let parts = latest
+        .iter()
+        .map(|r| {
+            let mut part = RoundPart {
+                round: r.round,
+                outcome: RoundOutcome::NotAsked,
+                examples: 0,
+                train_loss: 0.0,
+                reason: String::new(),
+            };
+            if let Some(c) = r.contributions.iter().find(|c| c.center == center) {
+                part.outcome = RoundOutcome::Contributed;
+                part.examples = c.examples;
+                part.train_loss = c.train_loss;
+            } else if let Some(refusal) = r.refused.iter().find(|f| f.center == center) {
+                part.outcome = RoundOutcome::Refused;
+                part.reason = refusal.reason.clone();
+            } else if r.silent.iter().any(|s| s == center) {
+                part.outcome = RoundOutcome::Silent;
+            }
+            part
+        })
+        .collect();
+    let evaluation = rounds.iter().rev().find_map(|r| {
+        let e = r.evaluation.as_ref()?;
+        // A side's pooled AUC, where it does not stand for one other centre alone.
+        let side = |role: &str, auc: Option<f64>| {
+            let on_side: Vec<&str> = e
+                .centers
+                .iter()
+                .filter(|c| c.role == role)
+                .map(|c| c.center.as_str())
+                .collect();
+            let told = on_side.len() >= 2 || on_side == [center];
+            auc.filter(|_| told)
+        };
+        Some(StatusEvaluation {
+            round: e.round,
+            internal_auc: side("train", e.internal.as_ref().and_then(|a| a.auc)),
+            external_auc: side("validate", e.external.as_ref().and_then(|a| a.auc)),
+        })
+    });
+    fedslm_protocol::StatusReport {
+        run_id: meta.map(|m| m.run_id.clone()).unwrap_or_default(),
+        state: meta.map_or("waiting", |m| m.state.name()).to_string(),
+        rounds_planned: meta.map_or(0, |m| m.rounds_planned),
+        rounds_committed: rounds.last().map_or(0, |r| r.round),
+        rounds: parts,
+        evaluation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedslm_protocol::RoundOutcome;
+    use serde_json::json;
+
+    /// A stored round with a, b training (a contributed, b refused), x silent, and an evaluation with the
+    /// training centres and `validators` validating.
+    fn round(n: u32, validators: &[&str]) -> StoredRound {
+        let auc = |v: f64| json!({"auc": v, "ci95": [v - 0.1, v + 0.1], "n": {"positives": 3, "negatives": 5}});
+        let center = |c: &str, role: &str| {
+            json!({"center": c, "role": role, "examples": 8, "positives": 3, "loss": 0.5, "auc": auc(0.7),
+                   "histogram": {"positive": [1], "negative": [1]}})
+        };
+        let mut centers = vec![center("a", "train"), center("b", "train")];
+        centers.extend(validators.iter().map(|v| center(v, "validate")));
+        serde_json::from_value(json!({
+            "round": n, "checkpoint": "00", "retries": 0,
+            "contributions": [{"center": "a", "examples": 8, "train_loss": 0.25}],
+            "refused": [{"center": "b", "reason": "beyond the bound"}],
+            "silent": ["x"], "seconds": 1.0, "log_likelihood": null, "committed_unix_ms": 0,
+            "evaluation": {"round": n, "fold": null, "bins": 10, "internal": auc(0.8), "external": auc(0.6),
+                           "centers": centers, "missing": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_center_is_told_its_own_part_and_no_other_single_centres_figure() {
+        let rounds = [round(1, &["v"]), round(2, &["v"])];
+        let a = center_status(None, &rounds, "a");
+        assert_eq!(a.rounds_committed, 2);
+        assert_eq!(a.rounds[1].outcome, RoundOutcome::Contributed);
+        assert_eq!((a.rounds[1].examples, a.rounds[1].train_loss), (8, 0.25));
+        let b = center_status(None, &rounds, "b");
+        assert_eq!(b.rounds[0].outcome, RoundOutcome::Refused);
+        assert_eq!(b.rounds[0].reason, "beyond the bound");
+        assert_eq!(
+            center_status(None, &rounds, "x").rounds[0].outcome,
+            RoundOutcome::Silent
+        );
+        // One validation centre: its AUC is its own; a training centre is told the pooled internal AUC of
+        // the two training centres, not the validator's.
+        let e = a.evaluation.unwrap();
+        assert_eq!(
+            (e.round, e.internal_auc, e.external_auc),
+            (2, Some(0.8), None)
+        );
+        let v = center_status(None, &rounds, "v").evaluation.unwrap();
+        assert_eq!((v.internal_auc, v.external_auc), (Some(0.8), Some(0.6)));
+        // Two validation centres pool: told to everyone.
+        let pooled = center_status(None, &[round(1, &["v", "w"])], "a")
+            .evaluation
+            .unwrap();
+        assert_eq!(pooled.external_auc, Some(0.6));
+    }
+}
