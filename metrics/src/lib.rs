@@ -12,6 +12,7 @@ pub mod dca;
 pub mod dist;
 mod error;
 pub mod logistic;
+pub mod rdp;
 pub mod roc;
 
 pub use binned::{PlacementSums, ScoreHistograms, DEFAULT_BINS};

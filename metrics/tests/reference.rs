@@ -383,3 +383,51 @@ fn federated_newton_from_summed_statistics_gives_the_pooled_fit() {
     check_against_statsmodels(&fit, "federated");
     assert!(rounds < 20, "{rounds} rounds of statistics");
 }
+
+/// The accountant against Google's dp-accounting 0.6.0 `RdpAccountant`: each case's per-step RDP at every order
+/// (within 1e-9 relative; an order dp-accounting left infinite is infinite here too) and its epsilon (within
+/// 1e-6 relative) at the order it chose.
+#[test]
+fn the_accountant_equals_dp_accountings() {
+    // The file writes dp-accounting's excluded orders as `Infinity`, which JSON lacks.
+    let text = std::fs::read_to_string(reference_dir().join("privacy/accountant.json"))
+        .unwrap()
+        .replace("Infinity", "null");
+    let cases: Value = serde_json::from_str(&text).unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let (q, sigma) = (num(&case["sampling_rate"]), num(&case["noise_multiplier"]));
+        let steps = case["steps"].as_u64().unwrap();
+        let delta = num(&case["delta"]);
+        let orders = nums(&case["orders"]);
+        let what = format!("q {q}, sigma {sigma}, {steps} steps");
+        let want: Vec<f64> = case["rdp_per_step"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::INFINITY))
+            .collect();
+        for (&a, &w) in orders.iter().zip(&want) {
+            let got = rdp::subsampled_gaussian(q, sigma, a).unwrap();
+            if w.is_infinite() {
+                assert!(
+                    got.is_infinite(),
+                    "{what}, order {a}: got {got}, dp-accounting excluded it"
+                );
+            } else {
+                close(&format!("{what}, order {a}"), got, w, 1e-9 * w.abs());
+            }
+        }
+        let total = rdp::composed(q, sigma, steps, &orders).unwrap();
+        let e = rdp::epsilon(&orders, &total, delta).unwrap();
+        let want_eps = num(&case["epsilon"]);
+        close(
+            &format!("{what}: epsilon"),
+            e.epsilon,
+            want_eps,
+            1e-6 * want_eps,
+        );
+        assert_eq!(e.order, num(&case["optimal_order"]), "{what}");
+    }
+}
