@@ -38,6 +38,8 @@ struct File {
     coding: ClinicalCoding,
     #[serde(default)]
     preprocess: PreprocessSettings,
+    #[serde(default)]
+    privacy: crate::policy::PolicyFile,
 }
 
 /// A checked client configuration.
@@ -65,6 +67,8 @@ pub struct ClientConfig {
     /// A folder where the node keeps each run's per-patient evaluation scores (`<run id>.csv`), so that a later
     /// run's paired comparison can use them after this process has ended. They never leave the site.
     pub scores: Option<PathBuf>,
+    /// What the site lets out (`[privacy]`).
+    pub privacy: crate::policy::Policy,
 }
 
 impl ClientConfig {
@@ -109,6 +113,7 @@ impl ClientConfig {
             },
             coding: file.coding,
             preprocess: file.preprocess,
+            privacy: file.privacy.into(),
         })
     }
 

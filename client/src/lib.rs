@@ -4,6 +4,7 @@
 
 pub mod config;
 mod node;
+pub mod policy;
 
 pub use fedslm_certs::client_config;
 
@@ -21,6 +22,7 @@ use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarIn
 
 pub use config::{ClientConfig, ConfigError};
 pub use node::{run, Backoff, Declined, LocalTrainer, NodeEvent};
+pub use policy::{Policy, PolicyRefusal, TaskKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);

@@ -32,6 +32,12 @@ pub trait LocalTrainer: Send + 'static {
 
     /// The second pass of a paired DeLong test: placement sums of the kept scores of the runs named.
     fn placements(&mut self, task: &PlacementTask) -> Result<PlacementReport, Self::Error>;
+
+    /// The code the server is told with `error`'s text (a site policy's refusal has its own).
+    fn code(error: &Self::Error) -> ErrorCode {
+        let _ = error;
+        ErrorCode::Internal
+    }
 }
 
 /// A task a trainer does not take (a benchmark's echoing centre does not evaluate, say): its text is what the
@@ -229,12 +235,12 @@ async fn answer_once(
     session: &Session,
     mut send: SendStream,
     round: u32,
-    outcome: Result<Message, String>,
+    outcome: Result<Message, (ErrorCode, String)>,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
-    let answer = outcome.unwrap_or_else(|reason| {
+    let answer = outcome.unwrap_or_else(|(code, reason)| {
         tracing::error!(round, %reason, "cannot evaluate");
-        Message::error(ErrorCode::Internal, reason)
+        Message::error(code, reason)
     });
     crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
     if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
@@ -273,7 +279,7 @@ async fn task<T: LocalTrainer>(
             let outcome = on_worker(trainer, "evaluation", move |t| {
                 t.evaluate(&run_id, &eval)
                     .map(Message::EvalReport)
-                    .map_err(|e| error_text(&e))
+                    .map_err(|e| (T::code(&e), error_text(&e)))
             })
             .await;
             return answer_once(session, send, round, outcome, on_event).await;
@@ -282,7 +288,7 @@ async fn task<T: LocalTrainer>(
             let outcome = on_worker(trainer, "placement", move |t| {
                 t.placements(&placement)
                     .map(Message::PlacementReport)
-                    .map_err(|e| error_text(&e))
+                    .map_err(|e| (T::code(&e), error_text(&e)))
             })
             .await;
             return answer_once(session, send, 0, outcome, on_event).await;
@@ -298,7 +304,7 @@ async fn task<T: LocalTrainer>(
     let round = fit.round;
     tracing::info!(round, epochs = fit.local_epochs, "training");
     let outcome = on_worker(trainer, "training", move |t| {
-        t.fit(&fit).map_err(|e| error_text(&e))
+        t.fit(&fit).map_err(|e| (T::code(&e), error_text(&e)))
     })
     .await;
     let answer = match outcome {
@@ -310,9 +316,9 @@ async fn task<T: LocalTrainer>(
             });
             Message::FitResult(result)
         }
-        Err(reason) => {
+        Err((code, reason)) => {
             tracing::error!(round, %reason, "cannot train");
-            Message::error(ErrorCode::Internal, reason)
+            Message::error(code, reason)
         }
     };
     crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
@@ -368,15 +374,15 @@ fn error_text(e: &dyn std::error::Error) -> String {
 async fn on_worker<T: LocalTrainer, R: Send + 'static>(
     trainer: &Arc<Mutex<T>>,
     what: &str,
-    work: impl FnOnce(&mut T) -> Result<R, String> + Send + 'static,
-) -> Result<R, String> {
+    work: impl FnOnce(&mut T) -> Result<R, (ErrorCode, String)> + Send + 'static,
+) -> Result<R, (ErrorCode, String)> {
     let worker = trainer.clone();
     tokio::task::spawn_blocking(move || {
         let mut t = worker.lock().unwrap_or_else(|p| p.into_inner());
         work(&mut t)
     })
     .await
-    .unwrap_or_else(|e| Err(format!("{what} stopped: {e}")))
+    .unwrap_or_else(|e| Err((ErrorCode::Internal, format!("{what} stopped: {e}"))))
 }
 
 /// Writes `msg` as one frame handed to QUIC whole: a model of tens of megabytes is encoded once and not

@@ -40,6 +40,9 @@ pub enum NodeError {
     NoOutcome,
     #[error("{0} patients with images and an outcome: too few to train")]
     TooFewToTrain(usize),
+    /// The site's policy (`[privacy]`) does not let this answer leave.
+    #[error(transparent)]
+    Policy(#[from] fedslm_client::PolicyRefusal),
     #[error("the clinical model is fitted by federated Newton, not trained")]
     ClinicalIsNotTrained,
     #[error("the clinical model is not a network")]

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use fedslm_client::{ClientConfig, LocalTrainer};
+use fedslm_client::{ClientConfig, LocalTrainer, TaskKind};
 use fedslm_model::{clinical, save, ModelCard, NetConfig, Network, TrainConfig};
 use fedslm_protocol::clinical::newton_weights;
 use fedslm_protocol::folds::{center_seed, Selection};
 use fedslm_protocol::{
-    EvalReport, EvaluateTask, FitResult, FitTask, LocalObjective, ModelKind, PlacementReport,
-    PlacementTask, SampleCounts, Weights,
+    ErrorCode, EvalReport, EvaluateTask, FitResult, FitTask, LocalObjective, ModelKind,
+    PlacementReport, PlacementTask, SampleCounts, Weights,
 };
 
 use crate::scores::{read_scores, write_scores, KeptScores, Scored};
@@ -54,10 +54,19 @@ impl Node {
     /// Trains from the task's weights, or computes the clinical model's Newton statistics; with `record` in
     /// client.toml, keeps a copy of what leaves the site.
     pub fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+        // The site's policy first: the kind of task, then (before anything leaves) how many patients are
+        // behind the answer.
+        let policy = &self.config.privacy;
+        let kind = match task.objective {
+            LocalObjective::NewtonStep => TaskKind::Newton,
+            LocalObjective::Plain | LocalObjective::Proximal { .. } => TaskKind::Fit,
+        };
+        policy.accepts(kind)?;
         let result = match task.objective {
             LocalObjective::NewtonStep => self.newton(task)?,
             LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(task)?,
         };
+        self.config.privacy.examples(result.examples)?;
         if let Some(dir) = &self.config.record {
             self.record(dir, task, &result).map_err(NodeError::Record)?;
         }
@@ -67,7 +76,14 @@ impl Node {
     /// Evaluates the task's model on the selected labelled patients and keeps their scores under `run_id`
     /// (in memory, and on disk where client.toml names a `scores` folder).
     pub fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
+        let policy = &self.config.privacy;
+        policy.accepts(TaskKind::Evaluate)?;
+        policy.bins(task.histogram_bins)?;
         let (report, scored) = self.evaluate_all(task)?;
+        self.config.privacy.classes(
+            report.positives,
+            report.examples.saturating_sub(report.positives),
+        )?;
         if let Some(dir) = &self.config.scores {
             write_scores(dir, run_id, &scored).map_err(NodeError::KeepScores)?;
         }
@@ -78,6 +94,7 @@ impl Node {
     /// The placement sums of the kept scores of the task's runs: each patient scored under both models, its
     /// placements among the pooled scores of the other class.
     pub fn placements(&self, task: &PlacementTask) -> Result<PlacementReport, NodeError> {
+        self.config.privacy.accepts(TaskKind::Placement)?;
         let a = self.paired_side(&task.a_runs, "A")?;
         let b = self.paired_side(&task.b_runs, "B")?;
         if !a.keys().eq(b.keys()) {
@@ -97,6 +114,10 @@ impl Node {
             pa.push(*sa);
             pb.push(*sb);
         }
+        let positives = labels.iter().filter(|y| **y).count() as u64;
+        self.config
+            .privacy
+            .classes(positives, labels.len() as u64 - positives)?;
         let sums = fedslm_metrics::PlacementSums::from_patients(
             &(&task.pooled_a).into(),
             &(&task.pooled_b).into(),
@@ -347,8 +368,20 @@ fn mean_log_loss(labels: &[bool], probs: &[f64]) -> f64 {
         / labels.len() as f64
 }
 
+/// The code the server is told: a policy's refusal is the site's decision, not a failure.
+fn code_of(error: &NodeError) -> ErrorCode {
+    match error {
+        NodeError::Policy(_) => ErrorCode::PolicyRefused,
+        _ => ErrorCode::Internal,
+    }
+}
+
 impl LocalTrainer for Node {
     type Error = NodeError;
+
+    fn code(error: &NodeError) -> ErrorCode {
+        code_of(error)
+    }
 
     fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
         Node::fit(self, task)
@@ -384,6 +417,10 @@ impl SharedNode {
 
 impl LocalTrainer for SharedNode {
     type Error = NodeError;
+
+    fn code(error: &NodeError) -> ErrorCode {
+        code_of(error)
+    }
 
     fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
         self.lock().fit(task)

@@ -324,6 +324,8 @@ pub enum ErrorCode {
     Internal,
     /// A fit result failed the server's checks (the message says which); the round goes on without it.
     UpdateRefused,
+    /// The site's disclosure policy does not let it answer the task (the message names the rule).
+    PolicyRefused,
 }
 
 /// Either side: a refusal or an abort, with a message for people.

@@ -67,6 +67,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         counts.with_images
     );
     if args.dry_run {
+        println!("privacy policy: {}", config.privacy);
         for r in release::releases(&config, node.cohort())? {
             println!("{}: {}, {} bytes ({})", r.when, r.message, r.bytes, r.holds);
         }

@@ -488,3 +488,60 @@ fn server_compare_pairs_two_models_from_the_scores_the_centers_kept() {
     assert!(!ok, "{out}");
     assert!(err.contains("not all the same"), "{err}");
 }
+
+#[test]
+fn a_site_whose_policy_refuses_a_task_is_told_by_name_audited_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let centers = ["center-a", "center-b", "center-c"];
+    let run = Run::new(
+        d,
+        &centers.map(|c| (c, "train")),
+        "initial_model = \"init.safetensors\"\nrounds = 30\nevaluation_bins = 100\n",
+    );
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    // center-c releases histograms of at most 10 bins; the server asks for 100.
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|c| {
+            let policy = if *c == "center-c" {
+                "[privacy]\nmax_bins = 10\n"
+            } else {
+                ""
+            };
+            run.client_config(c, &reference().join(c), policy)
+        })
+        .collect();
+    let (server_out, client_outs) = run.go(&clients);
+    assert!(server_out.contains("run completed after"), "{server_out}");
+    assert!(
+        client_outs[2].contains("privacy.max_bins"),
+        "{}",
+        client_outs[2]
+    );
+    // The refusal is in the audit log, by name, and the evaluation went on without center-c.
+    let store = fedslm_server::Store::open_existing(&d.join("out")).unwrap();
+    let refused = store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| serde_json::from_slice::<serde_json::Value>(b).unwrap())
+        .filter(|e| e["event"] == "task_dropped" && e["center"] == "center-c")
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].contains("PolicyRefused") && refused[0].contains("privacy.max_bins"),
+        "{refused:?}"
+    );
+    let last = store.rounds().unwrap().pop().unwrap();
+    let evaluation = last.evaluation.expect("the final model was evaluated");
+    let mut evaluated: Vec<&str> = evaluation
+        .centers
+        .iter()
+        .map(|c| c.center.as_str())
+        .collect();
+    evaluated.sort();
+    assert_eq!(evaluated, ["center-a", "center-b"]);
+    assert_eq!(evaluation.missing.len(), 1);
+}

@@ -23,7 +23,7 @@ KINDS = {1: "Hello", 2: "Welcome", 3: "FitTask", 4: "FitResult", 5: "EvaluateTas
          7: "Finish", 8: "Error"}
 ROLES = ["Train", "Validate"]
 ERROR_CODES = ["UnsupportedVersion", "NotEnrolled", "IdentityMismatch", "SettingsMismatch", "Malformed",
-               "Unexpected", "Superseded", "Internal"]
+               "Unexpected", "Superseded", "Internal", "UpdateRefused", "PolicyRefused"]
 
 
 def varint(v: int) -> bytes:

@@ -64,6 +64,7 @@ pub fn client_config(
         threads: None,
         record: None,
         scores: None,
+        privacy: Default::default(),
     })
 }
 

@@ -1,0 +1,226 @@
+//! The site's disclosure policy, the `[privacy]` table of client.toml: which kinds of task the site answers,
+//! the most histogram bins it releases, and the fewest patients an evaluation may describe per class and an
+//! update may be computed from. The node checks every task against it and refuses, with the rule named, what
+//! would release more; the server records the refusal and goes on. Pure: no IO.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::Deserialize;
+
+/// A kind of task, as the policy names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Local training: an updated model.
+    Fit,
+    /// The clinical model's Newton statistics (gradient, Hessian, log-likelihood).
+    Newton,
+    /// Score histograms of an evaluation.
+    Evaluate,
+    /// Placement sums of a paired comparison.
+    Placement,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 4] = [
+        TaskKind::Fit,
+        TaskKind::Newton,
+        TaskKind::Evaluate,
+        TaskKind::Placement,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Fit => "fit",
+            TaskKind::Newton => "newton",
+            TaskKind::Evaluate => "evaluate",
+            TaskKind::Placement => "placement",
+        }
+    }
+}
+
+/// The `[privacy]` table as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyFile {
+    accept: Option<Vec<TaskKind>>,
+    max_bins: Option<u32>,
+    min_per_class: Option<u64>,
+    min_examples: Option<u64>,
+}
+
+/// What the site lets out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// The kinds of task the site answers (default: all).
+    pub accept: BTreeSet<TaskKind>,
+    /// The most bins of an evaluation's histograms (default: any the protocol allows).
+    pub max_bins: Option<u32>,
+    /// The fewest patients of each class an evaluation or placement sums may describe (default: 1).
+    pub min_per_class: Option<u64>,
+    /// The fewest patients an update or Newton statistics may be computed from (default: 1).
+    pub min_examples: Option<u64>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            accept: TaskKind::ALL.into_iter().collect(),
+            max_bins: None,
+            min_per_class: None,
+            min_examples: None,
+        }
+    }
+}
+
+impl From<PolicyFile> for Policy {
+    fn from(f: PolicyFile) -> Policy {
+        Policy {
+            accept: f.accept.map_or_else(
+                || TaskKind::ALL.into_iter().collect(),
+                |a| a.into_iter().collect(),
+            ),
+            max_bins: f.max_bins,
+            min_per_class: f.min_per_class,
+            min_examples: f.min_examples,
+        }
+    }
+}
+
+/// A task the policy does not let the site answer, with the rule (client.toml's key) that says so.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyRefusal {
+    #[error("this site's policy does not answer {} tasks (privacy.accept)", .0.name())]
+    NotAccepted(TaskKind),
+    #[error("the task asks for {asked} histogram bins; this site's policy releases at most {max} (privacy.max_bins)")]
+    TooManyBins { asked: u32, max: u32 },
+    #[error(
+        "the answer would describe {positives} patients with SLM and {negatives} without; this site's policy \
+         needs at least {min} of each (privacy.min_per_class)"
+    )]
+    TooFewPerClass {
+        positives: u64,
+        negatives: u64,
+        min: u64,
+    },
+    #[error(
+        "the answer would be computed from {examples} patients; this site's policy needs at least {min} \
+         (privacy.min_examples)"
+    )]
+    TooFewExamples { examples: u64, min: u64 },
+}
+
+impl Policy {
+    /// Whether the site answers tasks of `kind`.
+    pub fn accepts(&self, kind: TaskKind) -> Result<(), PolicyRefusal> {
+        if self.accept.contains(&kind) {
+            Ok(())
+        } else {
+            Err(PolicyRefusal::NotAccepted(kind))
+        }
+    }
+
+    /// Whether an evaluation of `bins` bins may be answered.
+    pub fn bins(&self, bins: u32) -> Result<(), PolicyRefusal> {
+        match self.max_bins {
+            Some(max) if bins > max => Err(PolicyRefusal::TooManyBins { asked: bins, max }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether an answer describing `positives` and `negatives` patients may leave.
+    pub fn classes(&self, positives: u64, negatives: u64) -> Result<(), PolicyRefusal> {
+        match self.min_per_class {
+            Some(min) if positives < min || negatives < min => Err(PolicyRefusal::TooFewPerClass {
+                positives,
+                negatives,
+                min,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether an answer computed from `examples` patients may leave.
+    pub fn examples(&self, examples: u64) -> Result<(), PolicyRefusal> {
+        match self.min_examples {
+            Some(min) if examples < min => Err(PolicyRefusal::TooFewExamples { examples, min }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    /// One line: what the site answers and within which limits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds: Vec<&str> = self.accept.iter().map(|k| k.name()).collect();
+        write!(
+            f,
+            "answers {}; at most {} histogram bins; at least {} patients per class in an evaluation; at least \
+             {} patients behind an update",
+            if kinds.is_empty() {
+                "no task".to_string()
+            } else {
+                kinds.join(", ")
+            },
+            self.max_bins.map_or("any number of".to_string(), |b| b.to_string()),
+            self.min_per_class.unwrap_or(1),
+            self.min_examples.unwrap_or(1)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(toml_text: &str) -> Policy {
+        toml::from_str::<PolicyFile>(toml_text).unwrap().into()
+    }
+
+    #[test]
+    fn the_default_answers_everything() {
+        let p = policy("");
+        for k in TaskKind::ALL {
+            assert!(p.accepts(k).is_ok());
+        }
+        assert!(p.bins(1_000_000).is_ok() && p.classes(1, 1).is_ok() && p.examples(1).is_ok());
+    }
+
+    #[test]
+    fn each_rule_refuses_by_its_key() {
+        let p = policy(
+            "accept = [\"fit\", \"evaluate\"]\nmax_bins = 20\nmin_per_class = 5\nmin_examples = 30",
+        );
+        let e = p.accepts(TaskKind::Placement).unwrap_err();
+        assert!(e.to_string().contains("privacy.accept"), "{e}");
+        assert!(p.accepts(TaskKind::Fit).is_ok());
+        let e = p.bins(1000).unwrap_err();
+        assert_eq!(
+            e,
+            PolicyRefusal::TooManyBins {
+                asked: 1000,
+                max: 20
+            }
+        );
+        assert!(e.to_string().contains("privacy.max_bins"));
+        assert!(p.bins(20).is_ok());
+        assert!(p
+            .classes(5, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("privacy.min_per_class"));
+        assert!(p.classes(5, 5).is_ok());
+        assert!(p
+            .examples(29)
+            .unwrap_err()
+            .to_string()
+            .contains("privacy.min_examples"));
+    }
+
+    #[test]
+    fn an_unknown_kind_or_key_is_an_error() {
+        assert!(toml::from_str::<PolicyFile>("accept = [\"everything\"]").is_err());
+        assert!(toml::from_str::<PolicyFile>("max_bin = 3").is_err());
+    }
+}
