@@ -3,6 +3,7 @@
 //! client's side of the handshake has finished.
 
 pub mod config;
+pub mod diagnose;
 mod node;
 pub mod policy;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use fedslm_client::{connect, Backoff, ClientConfig, ClientError, NodeEvent};
+use fedslm_client::{connect, Backoff, ClientConfig, NodeEvent};
 use fedslm_node::{check, release, Node};
 use fedslm_protocol::close;
 
@@ -82,12 +82,11 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         if args.check {
             let session = match connect(&config, counts).await {
                 Ok(s) => s,
-                Err(e @ ClientError::Timeout { .. }) => bail!(
-                    "{e}\nfedslm speaks QUIC, over UDP: check that UDP port {} is open on every firewall \
-                     between this node and the server (TCP being open is not enough)",
-                    config.server.rsplit(':').next().unwrap_or("?")
-                ),
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let f =
+                        fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+                    bail!("{e}\n{}: {}", f.step, f.fix)
+                }
             };
             let w = session.welcome.clone();
             println!(

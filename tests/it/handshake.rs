@@ -603,3 +603,29 @@ async fn strangers_get_a_retry_then_a_handshake_within_the_limits_and_its_timeou
     assert_eq!(reason, "no handshake within 2 s");
     fed.control("center-a").await;
 }
+
+#[tokio::test]
+async fn a_server_whose_certificate_is_not_the_federations_is_named_a_tls_inspecting_proxy() {
+    // A stand-in for a TLS-inspecting middlebox: a server with a certificate from another CA, at the address
+    // a centre of this federation dials.
+    let fed = Federation::start("").await;
+    let interceptor = Federation::start("").await;
+    let mut config = fed.node("center-a");
+    config.server = interceptor.server.local_addr().unwrap().to_string();
+    let e = connect(&config, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    let f = fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+    assert_eq!(f.step, "TLS", "{e}");
+    assert!(f.fix.contains("TLS-inspecting proxy"), "{}", f.fix);
+    // Nothing listens: the UDP path.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    config.server = silent.local_addr().unwrap().to_string();
+    let e = connect(&config, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    let f = fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+    assert_eq!(f.step, "UDP", "{e}");
+}
