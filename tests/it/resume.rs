@@ -123,9 +123,12 @@ fn killed_at_every_failpoint_the_run_resumes_and_ends_as_the_uninterrupted_run()
         before = now;
     }
     let s = run.server(&[], &[]);
-    for n in nodes {
-        let (ok, out, err) = n.wait();
-        assert!(ok, "a client did not see the run through:\n{out}{err}");
+    let ended: Vec<(bool, String, String)> = nodes.into_iter().map(|n| n.wait()).collect();
+    if let Some((_, out, err)) = ended.iter().find(|(ok, _, _)| !ok) {
+        let (server_out, server_err) = s.kill();
+        panic!(
+            "a client did not see the run through:\n{out}{err}\nthe server:\n{server_out}{server_err}"
+        );
     }
     let (ok, out, err) = s.wait();
     assert!(ok, "{out}{err}");

@@ -171,11 +171,8 @@ fn setup_with(round_keys: &str, centers: &[(&str, &str)]) -> Setup {
         &["127.0.0.1".parse().unwrap()],
     )
     .unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A server of these tests may be started again on its port.
+    let port = crate::common::process::free_udp_port();
     let addr = format!("127.0.0.1:{port}");
     let mut toml =
         format!("listen = \"{addr}\"\npki = \"pki\"\nrun_id = \"rounds\"\n{round_keys}\n");

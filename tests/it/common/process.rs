@@ -14,9 +14,27 @@ use super::id;
 /// The longest any process of a test may run.
 pub const RUN_LIMIT: Duration = Duration::from_secs(300);
 
+/// A free UDP port for a test's server process, below the kernel's ephemeral range: a server that is killed
+/// and started again on its port must find it free, and a port the kernel hands out for port 0 (every other
+/// socket of the suite binds port 0) could be taken by another test in between.
 pub fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let base = 10_000;
+    let span = ephemeral.saturating_sub(base).max(1_000);
+    // Apart per process (test binaries may run side by side) and per call.
+    let start = std::process::id().wrapping_mul(7919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = base + (start + n.wrapping_mul(13)) % span;
+        if std::net::UdpSocket::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 pub struct Run {
@@ -234,8 +252,16 @@ impl Proc {
             }
             if self.started.elapsed() > RUN_LIMIT {
                 let _ = self.child.kill();
+                let _ = self.child.wait();
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 let (out, err) = self.output();
-                panic!("a process ran past {RUN_LIMIT:?}:\n{out}\n{err}");
+                return (
+                    false,
+                    out,
+                    format!("{err}\n(ran past {RUN_LIMIT:?} and was killed)"),
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
