@@ -180,27 +180,10 @@ pub async fn connect_with(
     let (endpoint, connection) = open(config, tls).await?;
     let limits = Limits::default();
     let budget = ByteBudget::default();
-    let exchange = async {
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| connection_error(&server, e))?;
-        let hello = Message::Hello(hello(config, counts));
-        keep_copy(config.record.as_deref(), &hello, &limits);
-        write_message(&mut send, &hello, &limits)
-            .await
-            .map_err(|e| lost(&server, &connection, e))?;
-        let reply = read_message(&mut recv, &limits, &budget)
-            .await
-            .map_err(|e| lost(&server, &connection, e))?;
-        Ok::<_, ClientError>((send, recv, reply))
-    };
-    let (send, recv, reply) = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            server: server.clone(),
-            after: WELCOME_TIMEOUT,
-        })??;
+    let hello = Message::Hello(hello(config, counts));
+    keep_copy(config.record.as_deref(), &hello, &limits);
+    let (send, recv, reply) =
+        first_exchange(&connection, &server, &hello, &limits, &budget).await?;
     match reply {
         Message::Welcome(welcome) => {
             tracing::info!(%server, run = %welcome.run_id, role = ?welcome.role, "admitted");
@@ -229,6 +212,36 @@ pub async fn connect_with(
     }
 }
 
+/// The first frame of a connection's control stream, `first`, and the server's answer, within
+/// [`WELCOME_TIMEOUT`]: the stream's halves are returned with it.
+async fn first_exchange(
+    connection: &Connection,
+    server: &str,
+    first: &Message,
+    limits: &Limits,
+    budget: &ByteBudget,
+) -> Result<(SendStream, RecvStream, Message), ClientError> {
+    let exchange = async {
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| connection_error(server, e))?;
+        write_message(&mut send, first, limits)
+            .await
+            .map_err(|e| lost(server, connection, e))?;
+        let reply = read_message(&mut recv, limits, budget)
+            .await
+            .map_err(|e| lost(server, connection, e))?;
+        Ok::<_, ClientError>((send, recv, reply))
+    };
+    tokio::time::timeout(WELCOME_TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout {
+            server: server.to_string(),
+            after: WELCOME_TIMEOUT,
+        })?
+}
+
 /// The run's status and this centre's part in it, asked of the server over the centre's own authenticated
 /// connection (`fedslm client --status`). The server answers and closes; it never admits this connection, so
 /// a node of the centre that is running keeps its place.
@@ -236,28 +249,12 @@ pub async fn status(config: &ClientConfig) -> Result<fedslm_protocol::StatusRepo
     let server = config.server.clone();
     let (endpoint, connection) = open(config, client_config(&config.tls)?).await?;
     let limits = Limits::default();
-    let exchange = async {
-        let (mut send, mut recv) = connection
-            .open_bi()
-            .await
-            .map_err(|e| connection_error(&server, e))?;
-        let ask = Message::StatusRequest(fedslm_protocol::StatusRequest {
-            protocol_version: fedslm_protocol::PROTOCOL_VERSION,
-            center: config.center.clone(),
-        });
-        write_message(&mut send, &ask, &limits)
-            .await
-            .map_err(|e| lost(&server, &connection, e))?;
-        read_message(&mut recv, &limits, &ByteBudget::default())
-            .await
-            .map_err(|e| lost(&server, &connection, e))
-    };
-    let reply = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
-        .await
-        .map_err(|_| ClientError::Timeout {
-            server: server.clone(),
-            after: WELCOME_TIMEOUT,
-        })??;
+    let ask = Message::StatusRequest(fedslm_protocol::StatusRequest {
+        protocol_version: fedslm_protocol::PROTOCOL_VERSION,
+        center: config.center.clone(),
+    });
+    let (_, _, reply) =
+        first_exchange(&connection, &server, &ask, &limits, &ByteBudget::default()).await?;
     connection.close(
         VarInt::from_u32(fedslm_protocol::close::DONE),
         b"status read",
