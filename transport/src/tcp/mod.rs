@@ -1,0 +1,194 @@
+//! TLS 1.3 over TCP, multiplexed by yamux: the transport for networks where QUIC's UDP does not pass.
+//!
+//! Why a multiplexer and not one TCP connection per stream: the server opens a task stream whenever a round
+//! needs one, and a node behind a firewall or a proxy accepts no connections; one outbound connection that
+//! carries streams both ways keeps the protocol exactly as it is over QUIC. yamux gives each stream its own
+//! flow-control window (a waiting answer does not block the others), as QUIC does; it is Parity's
+//! implementation of the protocol libp2p uses, maintained and widely deployed.
+
+mod counted;
+mod mux;
+mod session;
+
+pub use mux::MuxStream;
+pub(crate) use mux::Mux;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use crate::proxy::{Proxy, ProxyError};
+use crate::{alert_of_io, Link};
+use counted::Counted;
+
+/// Keep-alive probes begin after this long without traffic; with their interval and count a vanished peer
+/// is noticed within about a minute, as QUIC's idle timeout does.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 9;
+/// Data unacknowledged this long ends the connection.
+const USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a TCP connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("cannot resolve {server}: {reason}")]
+    Resolve { server: String, reason: String },
+    #[error("cannot connect to {server} over TCP: {source}")]
+    Connect {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("TLS with {server} failed: {reason}")]
+    Tls {
+        server: String,
+        /// The TLS alert received or sent, if the failure was one.
+        alert: Option<u8>,
+        reason: String,
+    },
+    #[error("no TLS connection with {server} within {} s", after.as_secs())]
+    Timeout { server: String, after: Duration },
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
+}
+
+/// Connects to `server` (`host:port`) over TCP, through `proxy` if given, then TLS with `tls` for
+/// `server_name`: all within `within`.
+pub async fn connect(
+    server: &str,
+    proxy: Option<&Proxy>,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    within: Duration,
+) -> Result<Link, TcpError> {
+    let name = ServerName::try_from(server_name.to_string())
+        .map_err(|_| TcpError::ServerName(server_name.to_string()))?;
+    let attempt = async {
+        let stream = match proxy {
+            Some(proxy) => proxy.tunnel(server).await?,
+            None => {
+                let addr = resolve(server).await?;
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(|source| TcpError::Connect {
+                        server: server.to_string(),
+                        source,
+                    })?
+            }
+        };
+        let remote = stream.peer_addr().map_err(|source| TcpError::Connect {
+            server: server.to_string(),
+            source,
+        })?;
+        tune(&stream);
+        let state = mux::State::new();
+        let counted = Counted::new(stream, state.clone());
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, counted)
+            .await
+            .map_err(|e| TcpError::Tls {
+                server: server.to_string(),
+                alert: alert_of_io(&e),
+                reason: e.to_string(),
+            })?;
+        let chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.to_vec())
+            .unwrap_or_default();
+        Ok::<_, TcpError>(Link::tcp(Mux::start(
+            tls.compat(),
+            yamux::Mode::Client,
+            remote,
+            chain,
+            state,
+        )))
+    };
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| TcpError::Timeout {
+            server: server.to_string(),
+            after: within,
+        })?
+}
+
+/// Why an incoming TCP connection did not become a [`Link`]: the TLS alert, if any, and the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptFailure {
+    pub alert: Option<u8>,
+    pub reason: String,
+}
+
+/// The server's side: TLS with `acceptor` on an accepted socket, then yamux. The caller bounds its time.
+pub async fn accept(
+    stream: TcpStream,
+    acceptor: &tokio_rustls::TlsAcceptor,
+) -> Result<Link, AcceptFailure> {
+    let remote = stream.peer_addr().map_err(|e| AcceptFailure {
+        alert: None,
+        reason: e.to_string(),
+    })?;
+    tune(&stream);
+    let state = mux::State::new();
+    let tls = acceptor
+        .accept(Counted::new(stream, state.clone()))
+        .await
+        .map_err(|e| AcceptFailure {
+            alert: alert_of_io(&e),
+            reason: e.to_string(),
+        })?;
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    Ok(Link::tcp(Mux::start(
+        tls.compat(),
+        yamux::Mode::Server,
+        remote,
+        chain,
+        state,
+    )))
+}
+
+/// A TLS acceptor for the federation's server configuration (the same one QUIC uses).
+pub fn acceptor(tls: rustls::ServerConfig) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+}
+
+/// The first address of `server` (`host:port`).
+pub async fn resolve(server: &str) -> Result<SocketAddr, TcpError> {
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| TcpError::Resolve {
+            server: server.to_string(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| TcpError::Resolve {
+            server: server.to_string(),
+            reason: "no address".into(),
+        })
+}
+
+/// No Nagle delay (frames are written whole), keep-alive and a user timeout: a best effort, as the
+/// kernel may refuse an option.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = socket.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
