@@ -26,6 +26,11 @@ struct File {
     center: String,
     server: String,
     server_name: Option<String>,
+    transport: Option<String>,
+    quic_fallback_secs: Option<u64>,
+    tcp_server: Option<String>,
+    proxy: Option<String>,
+    proxy_credentials: Option<PathBuf>,
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
@@ -42,6 +47,42 @@ struct File {
     privacy: crate::policy::PolicyFile,
 }
 
+/// Which transport a node uses (`transport` in client.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// QUIC, and TLS over TCP if QUIC does not connect within `quic_fallback` (the default).
+    Auto,
+    Quic,
+    Tcp,
+}
+
+/// How long QUIC gets, by default, before a node tries TCP.
+pub const QUIC_FALLBACK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The path to the server: the transport, where TCP goes, and the proxy it goes through.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub transport: TransportChoice,
+    /// With `Auto`: how long QUIC gets before TCP is tried.
+    pub quic_fallback: std::time::Duration,
+    /// `host:port` of the server's TCP listener (`tcp_server`; by default `server`).
+    pub tcp_server: String,
+    /// The HTTP proxy TCP goes through (`proxy`, or `HTTPS_PROXY` from the environment).
+    pub proxy: Option<fedslm_transport::Proxy>,
+}
+
+impl Route {
+    /// `transport` to the server, TCP at `tcp_server`, no proxy.
+    pub fn direct(transport: TransportChoice, tcp_server: String) -> Route {
+        Route {
+            transport,
+            quic_fallback: QUIC_FALLBACK,
+            tcp_server,
+            proxy: None,
+        }
+    }
+}
+
 /// A checked client configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -51,6 +92,8 @@ pub struct ClientConfig {
     pub server: String,
     /// The name the server's certificate must carry.
     pub server_name: String,
+    /// How the node reaches the server: QUIC, TLS over TCP (directly or through a proxy), or QUIC first.
+    pub route: Route,
     pub tls: ClientTlsFiles,
     /// How clinical factors are coded; hashed into the Hello with `preprocess`.
     pub coding: ClinicalCoding,
@@ -97,7 +140,42 @@ impl ClientConfig {
             return Err(invalid("threads must be at least 1".into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
+        let transport = match file.transport.as_deref() {
+            None | Some("auto") => TransportChoice::Auto,
+            Some("quic") => TransportChoice::Quic,
+            Some("tcp") => TransportChoice::Tcp,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "transport {other:?}: expected \"auto\", \"quic\" or \"tcp\""
+                )))
+            }
+        };
+        let tcp_server = file.tcp_server.unwrap_or_else(|| file.server.clone());
+        if host_of(&tcp_server).is_none() {
+            return Err(invalid(format!("tcp_server {tcp_server:?} is not host:port")));
+        }
+        let credentials = file.proxy_credentials.map(|p| base.join(p));
+        let proxy = match &file.proxy {
+            Some(url) => Some(fedslm_transport::Proxy::parse(url, credentials.as_deref())),
+            None if credentials.is_some() => {
+                return Err(invalid("proxy_credentials without a proxy".into()))
+            }
+            None => fedslm_transport::Proxy::from_env(&tcp_server),
+        }
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?;
+        let route = Route {
+            transport,
+            quic_fallback: std::time::Duration::from_secs(
+                file.quic_fallback_secs
+                    .unwrap_or(QUIC_FALLBACK.as_secs())
+                    .clamp(1, 60),
+            ),
+            tcp_server,
+            proxy,
+        };
         Ok(ClientConfig {
+            route,
             cohort: file.cohort.map(|p| base.join(p)),
             cache: file.cache.map(|p| base.join(p)),
             threads: file.threads,

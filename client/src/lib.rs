@@ -12,16 +12,17 @@ pub use fedslm_certs::client_config;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedslm_certs::{alert_name, quic_client_config, tls_alert, CertError};
+use fedslm_certs::{alert_name, quic_client_config, CertError};
 use fedslm_protocol::io::{read_message, write_message};
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, ErrorCode, Finish, Hello, Limits, Message, ProtocolError, SampleCounts,
     Welcome, PROTOCOL_VERSION,
 };
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use fedslm_transport::{tcp::TcpError, Closed, Link, ProxyError, RecvHalf, SendHalf, Transport};
+use quinn::Endpoint;
 
-pub use config::{ClientConfig, ConfigError};
+pub use config::{ClientConfig, ConfigError, Route, TransportChoice};
 pub use node::{run, Backoff, Declined, LocalTrainer, NodeEvent};
 pub use policy::{Policy, PolicyRefusal, TaskKind};
 
@@ -59,10 +60,9 @@ pub enum ClientError {
         reason: String,
     },
     #[error("connection to {server} lost: {source}")]
-    Connection {
-        server: String,
-        source: ConnectionError,
-    },
+    Connection { server: String, source: Closed },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     #[error("{server}: {source}")]
     Protocol {
         server: String,
@@ -80,11 +80,10 @@ pub enum ClientError {
 
 /// An admitted connection to the coordinating server.
 pub struct Session {
-    endpoint: Endpoint,
-    connection: Connection,
+    link: Link,
     /// Kept open for the run: dropping the send half would end the control stream.
-    _control_send: SendStream,
-    control_recv: RecvStream,
+    _control_send: SendHalf,
+    control_recv: RecvHalf,
     server: String,
     limits: Limits,
     budget: ByteBudget,
@@ -109,7 +108,7 @@ impl Session {
                 expected: "Finish",
                 got: other.kind().to_string(),
             }),
-            Err(e) => Err(lost(&self.server, &self.connection, e)),
+            Err(e) => Err(lost(&self.server, &self.link, e).await),
         };
         self.close(close::DONE, "done").await;
         result
@@ -117,13 +116,18 @@ impl Session {
 
     /// Closes the connection and waits briefly for the close to reach the server.
     pub async fn close(self, code: u32, reason: &str) {
-        self.connection
-            .close(VarInt::from_u32(code), reason.as_bytes());
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.link
+            .close_and_wait(code, reason.as_bytes(), Duration::from_secs(2))
+            .await;
     }
 
     pub fn remote_address(&self) -> SocketAddr {
-        self.connection.remote_address()
+        self.link.remote_address()
+    }
+
+    /// The transport this session uses.
+    pub fn transport(&self) -> Transport {
+        self.link.transport()
     }
 }
 
@@ -177,19 +181,18 @@ pub async fn connect_with(
     counts: SampleCounts,
 ) -> Result<Session, ClientError> {
     let server = config.server.clone();
-    let (endpoint, connection) = open(config, tls).await?;
+    let link = open(config, tls).await?;
     let limits = Limits::default();
     let budget = ByteBudget::default();
     let hello = Message::Hello(hello(config, counts));
     keep_copy(config.record.as_deref(), &hello, &limits);
-    let (send, recv, reply) =
-        first_exchange(&connection, &server, &hello, &limits, &budget).await?;
+    let (send, recv, reply) = first_exchange(&link, &server, &hello, &limits, &budget).await?;
     match reply {
         Message::Welcome(welcome) => {
-            tracing::info!(%server, run = %welcome.run_id, role = ?welcome.role, "admitted");
+            let transport = link.transport();
+            tracing::info!(%server, %transport, run = %welcome.run_id, role = ?welcome.role, "admitted");
             Ok(Session {
-                endpoint,
-                connection,
+                link,
                 _control_send: send,
                 control_recv: recv,
                 server,
@@ -215,23 +218,24 @@ pub async fn connect_with(
 /// The first frame of a connection's control stream, `first`, and the server's answer, within
 /// [`WELCOME_TIMEOUT`]: the stream's halves are returned with it.
 async fn first_exchange(
-    connection: &Connection,
+    link: &Link,
     server: &str,
     first: &Message,
     limits: &Limits,
     budget: &ByteBudget,
-) -> Result<(SendStream, RecvStream, Message), ClientError> {
+) -> Result<(SendHalf, RecvHalf, Message), ClientError> {
     let exchange = async {
-        let (mut send, mut recv) = connection
+        let (mut send, mut recv) = link
             .open_bi()
             .await
             .map_err(|e| connection_error(server, e))?;
-        write_message(&mut send, first, limits)
-            .await
-            .map_err(|e| lost(server, connection, e))?;
-        let reply = read_message(&mut recv, limits, budget)
-            .await
-            .map_err(|e| lost(server, connection, e))?;
+        if let Err(e) = write_message(&mut send, first, limits).await {
+            return Err(lost(server, link, e).await);
+        }
+        let reply = match read_message(&mut recv, limits, budget).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(lost(server, link, e).await),
+        };
         Ok::<_, ClientError>((send, recv, reply))
     };
     tokio::time::timeout(WELCOME_TIMEOUT, exchange)
@@ -245,23 +249,26 @@ async fn first_exchange(
 /// The run's status and this centre's part in it, asked of the server over the centre's own authenticated
 /// connection (`fedslm client --status`). The server answers and closes; it never admits this connection, so
 /// a node of the centre that is running keeps its place.
-pub async fn status(config: &ClientConfig) -> Result<fedslm_protocol::StatusReport, ClientError> {
+pub async fn status(
+    config: &ClientConfig,
+) -> Result<(fedslm_protocol::StatusReport, Transport), ClientError> {
     let server = config.server.clone();
-    let (endpoint, connection) = open(config, client_config(&config.tls)?).await?;
+    let link = open(config, client_config(&config.tls)?).await?;
     let limits = Limits::default();
     let ask = Message::StatusRequest(fedslm_protocol::StatusRequest {
         protocol_version: fedslm_protocol::PROTOCOL_VERSION,
         center: config.center.clone(),
     });
     let (_, _, reply) =
-        first_exchange(&connection, &server, &ask, &limits, &ByteBudget::default()).await?;
-    connection.close(
-        VarInt::from_u32(fedslm_protocol::close::DONE),
+        first_exchange(&link, &server, &ask, &limits, &ByteBudget::default()).await?;
+    link.close_and_wait(
+        fedslm_protocol::close::DONE,
         b"status read",
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        Duration::from_secs(2),
+    )
+    .await;
     match reply {
-        Message::StatusReport(report) => Ok(report),
+        Message::StatusReport(report) => Ok((report, link.transport())),
         Message::Error(e) => Err(ClientError::Refused {
             server,
             code: e.code,
@@ -275,11 +282,87 @@ pub async fn status(config: &ClientConfig) -> Result<fedslm_protocol::StatusRepo
     }
 }
 
-/// The QUIC connection to `config.server` with `tls`, before any message.
-pub async fn open(
+/// The connection to the server with `tls`, before any message: over the configured transport, or QUIC
+/// first and TLS over TCP if QUIC does not connect within the route's fallback time.
+pub async fn open(config: &ClientConfig, tls: rustls::ClientConfig) -> Result<Link, ClientError> {
+    match config.route.transport {
+        TransportChoice::Quic => open_quic(config, tls, CONNECT_TIMEOUT).await,
+        TransportChoice::Tcp => open_tcp(config, tls).await,
+        TransportChoice::Auto => {
+            match open_quic(config, tls.clone(), config.route.quic_fallback).await {
+                Err(e) if no_answer(&e) => {
+                    tracing::warn!(server = %config.server, error = %e, "QUIC did not connect; trying TLS over TCP");
+                    open_tcp(config, tls).await
+                }
+                other => other,
+            }
+        }
+    }
+}
+
+/// Whether a failed QUIC attempt heard nothing from the server (UDP blocked or lost), as opposed to an
+/// answer (a TLS alert, a close): only the first makes TCP worth trying.
+fn no_answer(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Timeout { .. }
+            | ClientError::Socket(_)
+            | ClientError::Connect { .. }
+            | ClientError::Connection {
+                source: Closed::TimedOut | Closed::Reset | Closed::Lost(_),
+                ..
+            }
+    )
+}
+
+/// TLS over TCP to the route's `tcp_server`, through its proxy if it has one.
+pub async fn open_tcp(config: &ClientConfig, tls: rustls::ClientConfig) -> Result<Link, ClientError> {
+    let route = &config.route;
+    fedslm_transport::tcp::connect(
+        &route.tcp_server,
+        route.proxy.as_ref(),
+        std::sync::Arc::new(tls),
+        &config.server_name,
+        CONNECT_TIMEOUT,
+    )
+    .await
+    .map_err(|e| tcp_error(&route.tcp_server, e))
+}
+
+fn tcp_error(server: &str, e: TcpError) -> ClientError {
+    let server = server.to_string();
+    match e {
+        TcpError::Resolve { reason, .. } => ClientError::Resolve { server, reason },
+        TcpError::Connect { source, .. } => ClientError::Connect {
+            server,
+            reason: source.to_string(),
+        },
+        TcpError::Proxy(p) => ClientError::Proxy(p),
+        TcpError::Tls {
+            alert: Some(alert),
+            reason,
+            ..
+        } => ClientError::TlsAlert {
+            server,
+            alert,
+            name: alert_name(alert),
+            reason,
+        },
+        TcpError::Tls { reason, .. } => ClientError::Connect { server, reason },
+        TcpError::Timeout { after, .. } => ClientError::Timeout { server, after },
+        TcpError::ServerName(name) => ClientError::Connect {
+            server,
+            reason: format!("{name:?} is not a valid TLS server name"),
+        },
+    }
+}
+
+/// The QUIC connection to `config.server` with `tls`, within `within`.
+pub async fn open_quic(
     config: &ClientConfig,
     tls: rustls::ClientConfig,
-) -> Result<(Endpoint, Connection), ClientError> {
+    within: Duration,
+) -> Result<Link, ClientError> {
     let server = config.server.clone();
     let quic = quic_client_config(tls)?;
     let addr = tokio::net::lookup_host(&server)
@@ -312,20 +395,20 @@ pub async fn open(
             server: server.clone(),
             reason: e.to_string(),
         })?;
-    let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+    let connection = tokio::time::timeout(within, connecting)
         .await
         .map_err(|_| ClientError::Timeout {
             server: server.clone(),
-            after: CONNECT_TIMEOUT,
+            after: within,
         })?
-        .map_err(|e| connection_error(&server, e))?;
-    Ok((endpoint, connection))
+        .map_err(|e| connection_error(&server, e.into()))?;
+    Ok(Link::quic(connection, Some(endpoint)))
 }
 
 /// A stream failed: if the connection is gone, its close says why (a TLS alert, a refusal); otherwise it
 /// was the stream's own fault.
-fn lost(server: &str, connection: &Connection, e: ProtocolError) -> ClientError {
-    match connection.close_reason() {
+async fn lost(server: &str, link: &Link, e: ProtocolError) -> ClientError {
+    match link.failure().await {
         Some(reason) => connection_error(server, reason),
         None => ClientError::Protocol {
             server: server.to_string(),
@@ -334,28 +417,19 @@ fn lost(server: &str, connection: &Connection, e: ProtocolError) -> ClientError 
     }
 }
 
-pub(crate) fn connection_error(server: &str, e: ConnectionError) -> ClientError {
+pub(crate) fn connection_error(server: &str, e: Closed) -> ClientError {
     let server = server.to_string();
-    if let Some(alert) = tls_alert(&e) {
-        let reason = match &e {
-            ConnectionError::ConnectionClosed(c) => {
-                escape_peer(&String::from_utf8_lossy(&c.reason))
-            }
-            ConnectionError::TransportError(t) => t.reason.clone(),
-            other => other.to_string(),
-        };
-        return ClientError::TlsAlert {
+    match e {
+        Closed::TlsAlert { alert, reason } => ClientError::TlsAlert {
             server,
             alert,
             name: alert_name(alert),
-            reason,
-        };
-    }
-    match e {
-        ConnectionError::ApplicationClosed(c) => ClientError::Closed {
+            reason: escape_peer(&reason),
+        },
+        Closed::Application { code, reason } => ClientError::Closed {
             server,
-            code: c.error_code.into_inner(),
-            reason: escape_peer(&String::from_utf8_lossy(&c.reason)),
+            code,
+            reason: escape_peer(&reason),
         },
         source => ClientError::Connection { server, source },
     }

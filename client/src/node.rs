@@ -12,7 +12,7 @@ use fedslm_protocol::{
     PlacementReport, PlacementTask, ProtocolError, SampleCounts,
 };
 use fedslm_protocol::{codec, Limits};
-use quinn::{RecvStream, SendStream};
+use fedslm_transport::{RecvHalf, SendHalf};
 
 use crate::{connect, lost, ClientConfig, ClientError, Session};
 
@@ -215,14 +215,14 @@ async fn serve<T: LocalTrainer>(
                         expected: "Finish",
                         got: other.kind().to_string(),
                     }),
-                    Err(e) => Err(lost(&session.server, &session.connection, e)),
+                    Err(e) => Err(lost(&session.server, &session.link, e).await),
                 };
                 if result.is_ok() {
                     session.close(close::DONE, "done").await;
                 }
                 return result;
             }
-            stream = session.connection.accept_bi() => {
+            stream = session.link.accept_bi() => {
                 let (send, recv) = stream.map_err(|e| crate::connection_error(&session.server, e))?;
                 task(&session, send, recv, trainer, on_event).await?;
             }
@@ -233,7 +233,7 @@ async fn serve<T: LocalTrainer>(
 /// An evaluation's or a placement's answer (or why there is none): no verdict follows.
 async fn answer_once(
     session: &Session,
-    mut send: SendStream,
+    mut send: SendHalf,
     round: u32,
     outcome: Result<Message, (ErrorCode, String)>,
     on_event: &mut impl FnMut(NodeEvent),
@@ -244,20 +244,20 @@ async fn answer_once(
     });
     crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
     if let Err(e) = send_frame(&mut send, &answer, &session.limits).await {
-        if session.connection.close_reason().is_some() {
-            return Err(lost(&session.server, &session.connection, e));
+        if session.link.close_reason().is_some() {
+            return Err(lost(&session.server, &session.link, e).await);
         }
         on_event(NodeEvent::Void { round });
     }
-    let _ = send.finish();
+    send.finish().await;
     Ok(())
 }
 
 /// One task stream: the task, the answer, the server's verdict.
 async fn task<T: LocalTrainer>(
     session: &Session,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut send: SendHalf,
+    mut recv: RecvHalf,
     trainer: &Arc<Mutex<T>>,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
@@ -265,11 +265,11 @@ async fn task<T: LocalTrainer>(
     let msg = match read_message(&mut recv, &session.limits, &session.budget).await {
         Ok(m) => m,
         // A task reset before it arrived whole is void; the connection may be fine.
-        Err(ProtocolError::Io(e)) if session.connection.close_reason().is_none() => {
+        Err(ProtocolError::Io(e)) if session.link.close_reason().is_none() => {
             tracing::warn!(%e, "task stream failed");
             return Ok(());
         }
-        Err(e) => return Err(lost(server, &session.connection, e)),
+        Err(e) => return Err(lost(server, &session.link, e).await),
     };
     let fit = match msg {
         Message::FitTask(fit) => fit,
@@ -323,14 +323,14 @@ async fn task<T: LocalTrainer>(
     };
     crate::keep_copy(session.record.as_deref(), &answer, &session.limits);
     if let Err(e) = write_message(&mut send, &answer, &session.limits).await {
-        if session.connection.close_reason().is_some() {
-            return Err(lost(server, &session.connection, e));
+        if session.link.close_reason().is_some() {
+            return Err(lost(server, &session.link, e).await);
         }
         tracing::warn!(round, %e, "the server dropped the task: its round closed first");
         on_event(NodeEvent::Void { round });
         return Ok(());
     }
-    let _ = send.finish();
+    send.finish().await;
     match read_message(&mut recv, &session.limits, &session.budget).await {
         Ok(Message::Error(e)) if e.code == ErrorCode::UpdateRefused => {
             let reason = escape_peer(&e.message);
@@ -346,8 +346,8 @@ async fn task<T: LocalTrainer>(
             tracing::warn!(round, kind = %other.kind(), "unexpected answer to a fit result")
         }
         Err(e) => {
-            if session.connection.close_reason().is_some() {
-                return Err(lost(server, &session.connection, e));
+            if session.link.close_reason().is_some() {
+                return Err(lost(server, &session.link, e).await);
             }
             tracing::warn!(round, %e, "no verdict on the update");
             on_event(NodeEvent::Void { round });
@@ -388,14 +388,14 @@ async fn on_worker<T: LocalTrainer, R: Send + 'static>(
 /// Writes `msg` as one frame handed to QUIC whole: a model of tens of megabytes is encoded once and not
 /// copied again into the stream's buffer.
 async fn send_frame(
-    send: &mut SendStream,
+    send: &mut SendHalf,
     msg: &Message,
     limits: &Limits,
 ) -> Result<(), ProtocolError> {
     let frame = codec::encode(msg, limits)?;
     send.write_chunk(frame.into())
         .await
-        .map_err(|e| ProtocolError::Io(e.into()))
+        .map_err(ProtocolError::Io)
 }
 
 #[cfg(test)]

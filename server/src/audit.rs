@@ -30,6 +30,9 @@ pub enum AuditEvent {
         center: String,
         role: String,
         remote: String,
+        /// `quic` or `tcp`; entries written before TLS over TCP existed were all QUIC.
+        #[serde(default = "quic")]
+        transport: String,
     },
     /// A peer with a valid certificate that was not admitted.
     #[serde(alias = "centre_refused")]
@@ -236,6 +239,10 @@ where
     Ok((head, stored.into_iter().map(|(_, e)| e).collect()))
 }
 
+fn quic() -> String {
+    "quic".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,3 +329,4 @@ mod tests {
         assert_eq!(check_chain(entries).unwrap_err().seq, 1);
     }
 }
+

@@ -33,6 +33,8 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct ServerToml {
     pub listen: SocketAddr,
+    /// Where TLS over TCP is served: `"off"`, or an address; `None`: `listen`'s address on TCP.
+    pub tcp_listen: Option<String>,
     pub pki: PathBuf,
     pub run_id: String,
     #[serde(default = "default_rounds")]
@@ -90,6 +92,7 @@ impl ServerToml {
     pub fn new(listen: SocketAddr, pki: PathBuf, run_id: String) -> ServerToml {
         ServerToml {
             listen,
+            tcp_listen: None,
             pki,
             run_id,
             rounds: default_rounds(),
@@ -212,7 +215,10 @@ pub struct RunConfig {
 /// A checked server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// QUIC's UDP address.
     pub listen: SocketAddr,
+    /// TLS over TCP's address, for networks that block UDP; `None`: QUIC only.
+    pub tcp_listen: Option<SocketAddr>,
     pub tls: ServerTlsFiles,
     pub enrolment: Enrolment,
     /// How long a connected peer has to send its Hello.
@@ -284,6 +290,15 @@ impl ServerConfig {
                         ))
                     })?,
             ),
+        };
+        let tcp_listen = match file.tcp_listen.as_deref().map(str::trim) {
+            None => Some(file.listen),
+            Some("off") => None,
+            Some(addr) => Some(addr.parse::<SocketAddr>().map_err(|e| {
+                invalid(format!(
+                    "tcp_listen {addr:?}: {e} (an address such as \"0.0.0.0:4433\", or \"off\")"
+                ))
+            })?),
         };
         let defaults = HandshakeLimits::default();
         let handshakes = HandshakeLimits {
@@ -401,6 +416,7 @@ impl ServerConfig {
                 fold,
             },
             listen: file.listen,
+            tcp_listen,
             tls: ServerTlsFiles::in_pki(&base.join(&file.pki)),
             enrolment: Enrolment {
                 run_id: file.run_id,

@@ -162,12 +162,19 @@ impl Metrics {
         self.closed_sent.fetch_add(sent, Ordering::Relaxed);
     }
 
-    /// The text a scrape gets, with the live connections' figures (`quic` centres connected, and the bytes
-    /// they have received and sent so far).
-    pub fn encode(&self, connected: i64, live_received: u64, live_sent: u64) -> String {
-        self.centers_connected
-            .get_or_create(&vec![("transport", "quic".to_string())])
-            .set(connected);
+    /// The text a scrape gets, with the live connections' figures (centres connected by transport, and the
+    /// bytes they have received and sent so far).
+    pub fn encode(
+        &self,
+        connected: &[(fedslm_transport::Transport, i64)],
+        live_received: u64,
+        live_sent: u64,
+    ) -> String {
+        for (transport, n) in connected {
+            self.centers_connected
+                .get_or_create(&vec![("transport", transport.name().to_string())])
+                .set(*n);
+        }
         for (counter, closed, live) in [
             (&self.received_bytes, &self.closed_received, live_received),
             (&self.sent_bytes, &self.closed_sent, live_sent),
@@ -231,7 +238,7 @@ mod tests {
         m.handshake_failed("CertificateRequired");
         m.evaluated(2, Some(0.75), None);
         m.connection_closed(100, 10);
-        let text = m.encode(3, 50, 5);
+        let text = m.encode(&[(fedslm_transport::Transport::Quic, 3)], 50, 5);
         for line in [
             "fedslm_rounds_committed_total 2",
             "fedslm_round_duration_seconds_sum 2.0",
@@ -249,7 +256,8 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
         // The live connection closes: its bytes move from live to closed, and the total stays.
         m.connection_closed(50, 5);
-        let text = m.encode(2, 0, 0);
+        let text = m.encode(&[(fedslm_transport::Transport::Tcp, 2)], 0, 0);
         assert!(text.contains("fedslm_received_bytes_total 150"), "{text}");
+        assert!(text.contains("fedslm_centers_connected{transport=\"tcp\"} 2"), "{text}");
     }
 }

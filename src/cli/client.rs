@@ -39,7 +39,8 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     if args.status {
-        let report = super::runtime()?.block_on(fedslm_client::status(&config))?;
+        let (report, transport) = super::runtime()?.block_on(fedslm_client::status(&config))?;
+        println!("asked {} over {transport}", config.server);
         print_status(&config, &report);
         return Ok(());
     }

@@ -304,7 +304,7 @@ async fn a_wrong_alpn_is_refused() {
 
 /// Sends `frame` as the first bytes of the control stream and returns the server's answer.
 async fn raw_exchange(config: &ClientConfig, frame: &[u8]) -> Message {
-    let (_endpoint, conn) = fedslm_client::open(config, client_config(&config.tls).unwrap())
+    let conn = fedslm_client::open(config, client_config(&config.tls).unwrap())
         .await
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -431,7 +431,7 @@ async fn a_misbehaving_peer_does_not_stop_the_server() {
         e.message
     );
     // Silent after the handshake: dropped after the Hello timeout, while others are served meanwhile.
-    let (_endpoint, silent) = fedslm_client::open(&config, client_config(&config.tls).unwrap())
+    let silent = fedslm_client::open(&config, client_config(&config.tls).unwrap())
         .await
         .unwrap();
     fed.control("center-b").await;
@@ -518,7 +518,7 @@ async fn a_frame_other_than_hello_before_the_hello_is_refused_from_its_header() 
 async fn an_admitted_center_may_send_only_an_error_on_its_control_stream() {
     let mut fed = Federation::start("").await;
     let config = fed.node("center-a");
-    let (_endpoint, conn) = fedslm_client::open(&config, client_config(&config.tls).unwrap())
+    let conn = fedslm_client::open(&config, client_config(&config.tls).unwrap())
         .await
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();

@@ -862,7 +862,7 @@ async fn a_center_asks_its_status_over_its_own_connection_and_its_node_keeps_its
             _ => {}
         }
     }
-    let refused = fedslm_client::status(&s.configs["center-c"]).await.unwrap();
+    let (refused, _) = fedslm_client::status(&s.configs["center-c"]).await.unwrap();
     assert_eq!(
         (refused.run_id.as_str(), refused.state.as_str()),
         ("run", "running")
@@ -876,7 +876,7 @@ async fn a_center_asks_its_status_over_its_own_connection_and_its_node_keeps_its
         );
         assert!(part.reason.contains("beyond the bound"), "{part:?}");
     }
-    let honest = fedslm_client::status(&s.configs["center-a"]).await.unwrap();
+    let (honest, _) = fedslm_client::status(&s.configs["center-a"]).await.unwrap();
     for part in &honest.rounds {
         assert_eq!(part.outcome, fedslm_protocol::RoundOutcome::Contributed);
         assert_eq!(part.examples, 10);

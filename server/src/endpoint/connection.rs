@@ -1,14 +1,16 @@
 //! One connection: the handshake's outcome, the centre from its certificate, Hello and admission, then the
 //! control stream until the run's Finish or the connection's end. Tasks travel on streams the server opens.
+//! Both transports end their handshake here and share everything after it ([`serve`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fedslm_certs::{connection_center, tls_alert};
+use fedslm_certs::{peer_center, tls_alert};
 use fedslm_protocol::io::{read_expected, write_message, Expect};
 use fedslm_protocol::{
     close, ByteBudget, ErrorCode, Message, MessageKind, ProtocolError, SampleCounts,
 };
-use quinn::VarInt;
+use fedslm_transport::{tcp, Link};
 use tokio::sync::mpsc;
 
 use super::strangers::Slot;
@@ -23,7 +25,8 @@ use crate::round::Input;
 const AFTER_WELCOME: Expect<'static> =
     Expect::only(&[MessageKind::Error]).within(CONTROL_FRAME_WITHIN);
 
-pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: Slot) {
+/// A QUIC connection attempt that passed the screening: its handshake, then [`serve`].
+pub(super) async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, slot: Slot) {
     let remote = incoming.remote_address();
     // The handshake holds its slot in the limits until it ends; one that does not end in time is dropped
     // (and its connection closed).
@@ -49,11 +52,50 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
             return;
         }
     };
+    serve(shared, Link::quic(connection, None), remote).await
+}
+
+/// A TCP connection that passed the screening: its TLS handshake (the same configuration and verifier as
+/// QUIC's, within the same time), then [`serve`].
+pub(super) async fn serve_tcp(
+    shared: Arc<Shared>,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    acceptor: tcp::TlsAcceptor,
+    slot: Slot,
+) {
+    let within = shared.config.hello_timeout;
+    let handshake = tokio::time::timeout(within, tcp::accept(stream, &acceptor)).await;
+    drop(slot);
+    let link = match handshake {
+        Ok(Ok(link)) => link,
+        Ok(Err(failure)) => {
+            shared.emit(ServerEvent::HandshakeFailed {
+                remote,
+                alert: failure.alert,
+                reason: failure.reason,
+            });
+            return;
+        }
+        Err(_) => {
+            shared.emit(ServerEvent::HandshakeFailed {
+                remote,
+                alert: None,
+                reason: format!("no handshake within {} s", within.as_secs()),
+            });
+            return;
+        }
+    };
+    serve(shared, link, remote).await
+}
+
+/// An established connection, over either transport: identity, Hello, admission, the control stream.
+async fn serve(shared: Arc<Shared>, connection: Link, remote: SocketAddr) {
     // The verifier accepted the chain; the id comes from the certificate, never from a message.
-    let center = match connection_center(&connection) {
+    let center = match peer_center(&connection.peer_chain()) {
         Ok(c) => c,
         Err(e) => {
-            connection.close(VarInt::from_u32(close::REFUSED), e.to_string().as_bytes());
+            connection.close(close::REFUSED, e.to_string().as_bytes());
             shared.emit(ServerEvent::HandshakeFailed {
                 remote,
                 alert: None,
@@ -81,7 +123,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         }
         Err(_) => {
             let reason = format!("no Hello within {} s", timeout.as_secs());
-            connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+            connection.close(close::PROTOCOL, reason.as_bytes());
             shared.emit(ServerEvent::Disconnected { center, reason });
             return;
         }
@@ -122,9 +164,9 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
                 &shared.limits,
             )
             .await;
-            let _ = send.finish();
+            send.finish().await;
             let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
-            connection.close(VarInt::from_u32(close::REFUSED), reason.as_bytes());
+            connection.close(close::REFUSED, reason.as_bytes());
             shared.emit(ServerEvent::Refused {
                 remote,
                 center,
@@ -143,6 +185,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         return;
     }
     let (finish_tx, mut finish_rx) = mpsc::channel(1);
+    let transport = connection.transport();
     let previous = lock(&shared.peers).insert(
         center.clone(),
         Admitted {
@@ -167,7 +210,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         let previous = old.connection.remote_address();
         let why = format!("a newer connection of this centre (from {remote}) took over");
         old.connection
-            .close(VarInt::from_u32(close::SUPERSEDED), why.as_bytes());
+            .close(close::SUPERSEDED, why.as_bytes());
         shared.emit(ServerEvent::Superseded {
             center: center.clone(),
             previous,
@@ -178,8 +221,9 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         remote,
         center: center.clone(),
         role,
+        transport,
     });
-    let connection_id = connection.stable_id() as u64;
+    let connection_id = connection.id();
     shared.tell(Input::Connected {
         center: center.clone(),
         connection: connection_id,
@@ -192,7 +236,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         Some(finish) = finish_rx.recv() => {
             let reason = finish.reason.clone();
             if write_message(&mut send, &Message::Finish(finish), &shared.limits).await.is_ok() {
-                let _ = send.finish();
+                send.finish().await;
                 // The centre closes once it has read Finish.
                 let _ = tokio::time::timeout(FINISH_LINGER, connection.closed()).await;
             }
@@ -202,7 +246,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
             Ok(Message::Error(e)) => format!("centre aborted: {:?}: {}", e.code, e.message),
             Ok(other) => {
                 let reason = format!("unexpected {} on the control stream", other.kind());
-                connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                connection.close(close::PROTOCOL, reason.as_bytes());
                 reason
             }
             // The client finished its side of the control stream; the connection may live on.
@@ -211,7 +255,7 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
                 Some(closed) => closed.to_string(),
                 None => {
                     let reason = e.to_string();
-                    connection.close(VarInt::from_u32(close::PROTOCOL), reason.as_bytes());
+                    connection.close(close::PROTOCOL, reason.as_bytes());
                     reason
                 }
             },
@@ -222,16 +266,16 @@ pub(super) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, slot: 
         let mut peers = lock(&shared.peers);
         if peers
             .get(&center)
-            .is_some_and(|p| p.connection.stable_id() == connection.stable_id())
+            .is_some_and(|p| p.connection.id() == connection.id())
         {
             peers.remove(&center);
         }
     }
     shared.peers_changed();
-    let stats = connection.stats();
+    let (received, sent) = connection.bytes();
     shared
         .metrics
-        .connection_closed(stats.udp_rx.bytes, stats.udp_tx.bytes);
+        .connection_closed(received, sent);
     shared.tell(Input::Disconnected {
         center: center.clone(),
         connection: connection_id,

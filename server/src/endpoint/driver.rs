@@ -119,7 +119,7 @@ impl Driver {
             .iter()
             .map(|(c, p)| Input::Connected {
                 center: c.clone(),
-                connection: p.connection.stable_id() as u64,
+                connection: p.connection.id(),
                 declared: p.declared,
             })
             .collect();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use fedslm_protocol::io::{read_header, read_payload, write_message, Expect};
 use fedslm_protocol::{ByteBudget, CenterId, ErrorCode, Message, MessageKind};
-use quinn::{Connection, VarInt};
+use fedslm_transport::Link;
 use tokio::sync::{oneshot, Semaphore};
 
 use super::{Envelope, Shared, ERROR_LINGER, TASK_CANCELLED};
@@ -59,7 +59,7 @@ impl Answer {
 
 pub(super) struct TaskExchange {
     pub(super) shared: Arc<Shared>,
-    pub(super) connection: Connection,
+    pub(super) connection: Link,
     pub(super) budget: ByteBudget,
     /// The encoded task, one allocation shared by every centre's stream.
     pub(super) frame: bytes::Bytes,
@@ -151,7 +151,7 @@ pub(super) async fn task_exchange(x: TaskExchange) {
             let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
             let _ = write_message(&mut send, &msg, &shared.limits).await;
         }
-        let _ = send.finish();
+        send.finish().await;
         let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
         Ok::<(), String>(())
     };
@@ -168,8 +168,8 @@ pub(super) async fn task_exchange(x: TaskExchange) {
             reason,
         }),
         None => {
-            let _ = send.reset(VarInt::from_u32(TASK_CANCELLED));
-            let _ = recv.stop(VarInt::from_u32(TASK_CANCELLED));
+            send.reset(TASK_CANCELLED);
+            recv.stop(TASK_CANCELLED);
         }
     }
 }

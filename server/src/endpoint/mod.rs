@@ -18,14 +18,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedslm_certs::{
-    alert_name, connection_chain, quic_server_config, serial_of, server_config_with_verifier,
-    CertError, ReloadingClientVerifier,
+    alert_name, quic_server_config, serial_of, server_config_with_verifier, CertError,
+    ReloadingClientVerifier,
 };
+use fedslm_transport::{tcp, Link, Transport};
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
 };
-use quinn::{Connection, Endpoint, VarInt};
+use quinn::{Endpoint, VarInt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::aggregate::UpdateRefusal;
@@ -80,6 +81,7 @@ pub enum ServerEvent {
         remote: SocketAddr,
         center: CenterId,
         role: Role,
+        transport: Transport,
     },
     Disconnected {
         center: CenterId,
@@ -122,7 +124,7 @@ pub enum ServerError {
 }
 
 struct Admitted {
-    connection: Connection,
+    connection: Link,
     /// Shared by every stream of the connection.
     budget: ByteBudget,
     /// The run's end, for the connection's task to send on the control stream.
@@ -161,6 +163,8 @@ struct Shared {
     /// Failed handshakes since the last audit entry of them.
     tally: Mutex<Tally>,
     metrics: Metrics,
+    /// TLS over TCP's acceptor (the QUIC endpoint's TLS configuration), with `tcp_listen`.
+    acceptor: Option<tcp::TlsAcceptor>,
 }
 
 impl Shared {
@@ -231,15 +235,18 @@ impl Shared {
     /// The metrics' text now, with the connected centres' figures.
     fn scrape(&self) -> String {
         let (mut received, mut sent) = (0, 0);
+        let mut connected: Vec<(Transport, i64)> = Transport::ALL.iter().map(|t| (*t, 0)).collect();
         let peers = lock(&self.peers);
         for p in peers.values() {
-            let stats = p.connection.stats();
-            received += stats.udp_rx.bytes;
-            sent += stats.udp_tx.bytes;
+            let (rx, tx) = p.connection.bytes();
+            received += rx;
+            sent += tx;
+            if let Some(c) = connected.iter_mut().find(|(t, _)| *t == p.connection.transport()) {
+                c.1 += 1;
+            }
         }
-        let connected = peers.len() as i64;
         drop(peers);
-        self.metrics.encode(connected, received, sent)
+        self.metrics.encode(&connected, received, sent)
     }
 
     /// Audits (and logs) the failed handshakes counted since the last time.
@@ -292,8 +299,9 @@ impl Shared {
                 remote,
                 center,
                 role,
+                transport,
             } => {
-                tracing::info!(%remote, %center, ?role, "admitted")
+                tracing::info!(%remote, %center, ?role, %transport, "admitted")
             }
             ServerEvent::Disconnected { center, reason } => {
                 tracing::info!(%center, %reason, "disconnected")
@@ -396,10 +404,12 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             remote,
             center,
             role,
+            transport,
         } => AuditEvent::CenterJoined {
             center: center.to_string(),
             role: role.name().into(),
             remote: remote.to_string(),
+            transport: transport.name().into(),
         },
         ServerEvent::Disconnected { center, reason } => AuditEvent::CenterLeft {
             center: center.to_string(),
@@ -432,6 +442,8 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
 /// The coordinating server's endpoint.
 pub struct Server {
     endpoint: Endpoint,
+    /// TLS over TCP's listener, with `tcp_listen`.
+    tcp: Option<tokio::net::TcpListener>,
     shared: Arc<Shared>,
     inputs: Mutex<Option<mpsc::UnboundedReceiver<Envelope>>>,
     /// The HTTP listener of the metrics, with `metrics_listen`.
@@ -442,6 +454,8 @@ impl Server {
     /// Loads the TLS files and binds the UDP socket. Must be called within a tokio runtime.
     pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
         let (tls, verifier) = server_config_with_verifier(&config.tls)?;
+        // One TLS configuration (certificate, ALPN, the verifier with its CRL) for both transports.
+        let acceptor = config.tcp_listen.map(|_| tcp::acceptor(tls.clone()));
         let quic = quic_server_config(tls)?;
         let bind_err = |source| ServerError::Bind {
             addr: config.listen,
@@ -473,9 +487,21 @@ impl Server {
                     .map_err(|source| ServerError::Bind { addr, source })?,
             ),
         };
+        let tcp = match config.tcp_listen {
+            None => None,
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+        };
         let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
             endpoint,
+            tcp,
             shared: Arc::new(Shared {
                 config,
                 verifier,
@@ -490,14 +516,21 @@ impl Server {
                 gate: Gate::new(config_handshakes),
                 tally: Mutex::new(Tally::new(Instant::now())),
                 metrics: Metrics::new(),
+                acceptor,
             }),
             inputs: Mutex::new(Some(received)),
             metrics,
         })
     }
 
+    /// QUIC's UDP address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// TLS over TCP's address, with `tcp_listen`.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where the metrics are served, with `metrics_listen`.
@@ -632,6 +665,11 @@ impl Server {
                     let Some(incoming) = incoming else { break };
                     self.screen(incoming);
                 }
+                Some(accepted) = accept_tcp(self.tcp.as_ref()) => {
+                    if let Ok((stream, remote)) = accepted {
+                        self.screen_tcp(stream, remote);
+                    }
+                }
                 _ = tally.tick() => self.shared.audit_strangers(),
                 Some(Ok((stream, _))) = accept_metrics(self.metrics.as_ref()) => {
                     let shared = self.shared.clone();
@@ -675,8 +713,27 @@ impl Server {
             }
             Screening::Handshake(slot) => {
                 let shared = self.shared.clone();
-                tokio::spawn(async move { connection::serve(shared, incoming, slot).await });
+                tokio::spawn(async move { connection::serve_quic(shared, incoming, slot).await });
             }
+        }
+    }
+
+    /// A TCP connection: its handshake within the same limits as QUIC's (TCP's own handshake has validated
+    /// the address), or it is closed at once.
+    fn screen_tcp(&self, stream: tokio::net::TcpStream, remote: SocketAddr) {
+        let Some(acceptor) = self.shared.acceptor.clone() else {
+            return;
+        };
+        match self.shared.gate.screen(remote.ip(), true) {
+            Screening::Handshake(slot) => {
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    connection::serve_tcp(shared, stream, remote, acceptor, slot).await
+                });
+            }
+            Screening::Ignore(reason) => self.shared.count_stranger(reason, remote),
+            // Not asked for a validated address.
+            Screening::Retry => {}
         }
     }
 }
@@ -684,30 +741,35 @@ impl Server {
 /// Closes the connection of every admitted centre whose certificate the CRL now revokes, within a poll of the
 /// CRL changing (new handshakes are refused by the verifier itself).
 fn close_revoked(shared: &Shared) {
-    let peers: Vec<(CenterId, Connection)> = lock(&shared.peers)
+    let peers: Vec<(CenterId, Link)> = lock(&shared.peers)
         .iter()
         .map(|(c, p)| (c.clone(), p.connection.clone()))
         .collect();
     for (center, connection) in peers {
-        let Ok(chain) = connection_chain(&connection) else {
-            continue;
-        };
-        if !shared.verifier.revoked(&chain) {
+        let chain = connection.peer_chain();
+        if chain.is_empty() || !shared.verifier.revoked(&chain) {
             continue;
         }
         let serial = chain
             .first()
             .and_then(|c| serial_of(c).ok())
             .unwrap_or_default();
-        connection.close(
-            VarInt::from_u32(close::REVOKED),
-            b"this centre's certificate was revoked",
-        );
+        connection.close(close::REVOKED, b"this centre's certificate was revoked");
         shared.emit(ServerEvent::Revoked {
             center,
             remote: connection.remote_address(),
             serial,
         });
+    }
+}
+
+/// The next TCP connection to TLS over TCP's listener; never, without one.
+async fn accept_tcp(
+    listener: Option<&tokio::net::TcpListener>,
+) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
+    match listener {
+        Some(l) => Some(l.accept().await),
+        None => std::future::pending().await,
     }
 }
 

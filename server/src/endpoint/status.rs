@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use fedslm_protocol::io::write_message;
 use fedslm_protocol::{close, CenterId, Message, StatusReport, StatusRequest};
-use quinn::{Connection, SendStream, VarInt};
+use fedslm_transport::{Link, SendHalf};
 
 use super::{ServerEvent, Shared, ERROR_LINGER};
 use crate::admission::admit_status;
@@ -14,8 +14,8 @@ use crate::store::center_status;
 
 pub(super) async fn answer(
     shared: &Shared,
-    connection: &Connection,
-    mut send: SendStream,
+    connection: &Link,
+    mut send: SendHalf,
     remote: SocketAddr,
     center: CenterId,
     request: StatusRequest,
@@ -41,9 +41,9 @@ pub(super) async fn answer(
         }
     };
     let _ = write_message(&mut send, &reply, &shared.limits).await;
-    let _ = send.finish();
+    send.finish().await;
     let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
-    connection.close(VarInt::from_u32(close::DONE), b"status sent");
+    connection.close(close::DONE, b"status sent");
 }
 
 /// The run as the store holds it now, and `center`'s part in it.

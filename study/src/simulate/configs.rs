@@ -51,6 +51,10 @@ pub fn client_config(
     Ok(ClientConfig {
         center,
         server: server.to_string(),
+        route: fedslm_client::Route::direct(
+            fedslm_client::TransportChoice::Quic,
+            server.to_string(),
+        ),
         server_name: "localhost".into(),
         tls: ClientTlsFiles {
             ca: dir.join("ca.pem"),

@@ -11,6 +11,7 @@ mod mux;
 mod session;
 
 pub use mux::MuxStream;
+pub use tokio_rustls::TlsAcceptor;
 pub(crate) use mux::Mux;
 
 use std::net::SocketAddr;
