@@ -152,7 +152,9 @@ impl ClientConfig {
         };
         let tcp_server = file.tcp_server.unwrap_or_else(|| file.server.clone());
         if host_of(&tcp_server).is_none() {
-            return Err(invalid(format!("tcp_server {tcp_server:?} is not host:port")));
+            return Err(invalid(format!(
+                "tcp_server {tcp_server:?} is not host:port"
+            )));
         }
         let credentials = file.proxy_credentials.map(|p| base.join(p));
         let proxy = match &file.proxy {

@@ -316,7 +316,10 @@ fn no_answer(e: &ClientError) -> bool {
 }
 
 /// TLS over TCP to the route's `tcp_server`, through its proxy if it has one.
-pub async fn open_tcp(config: &ClientConfig, tls: rustls::ClientConfig) -> Result<Link, ClientError> {
+pub async fn open_tcp(
+    config: &ClientConfig,
+    tls: rustls::ClientConfig,
+) -> Result<Link, ClientError> {
     let route = &config.route;
     fedslm_transport::tcp::connect(
         &route.tcp_server,

@@ -329,4 +329,3 @@ mod tests {
         assert_eq!(check_chain(entries).unwrap_err().seq, 1);
     }
 }
-

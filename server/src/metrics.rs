@@ -258,6 +258,9 @@ mod tests {
         m.connection_closed(50, 5);
         let text = m.encode(&[(fedslm_transport::Transport::Tcp, 2)], 0, 0);
         assert!(text.contains("fedslm_received_bytes_total 150"), "{text}");
-        assert!(text.contains("fedslm_centers_connected{transport=\"tcp\"} 2"), "{text}");
+        assert!(
+            text.contains("fedslm_centers_connected{transport=\"tcp\"} 2"),
+            "{text}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::{id, Federation};
+use crate::common::{id, Federation, Transport};
 use fedslm_certs::{IssueOptions, Pki, RevokeTarget, Usage, Validity};
 use fedslm_client::{client_config, connect, connect_with, ClientConfig, ClientError};
 use fedslm_protocol::io::read_message;
@@ -12,6 +12,21 @@ use fedslm_protocol::{
     codec, ByteBudget, ErrorCode, Limits, Message, Role, SampleCounts, PROTOCOL_VERSION,
 };
 use fedslm_server::ServerEvent;
+
+/// A test run over each transport: `$quic` over QUIC and `$tcp` over TLS on TCP, both calling `$body`.
+macro_rules! both_transports {
+    ($quic:ident, $tcp:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $quic() {
+            $body(Transport::Quic).await
+        }
+
+        #[tokio::test]
+        async fn $tcp() {
+            $body(Transport::Tcp).await
+        }
+    };
+}
 
 const TLS_UNKNOWN_CA: u8 = 48;
 const TLS_CERTIFICATE_EXPIRED: u8 = 45;
@@ -34,9 +49,14 @@ fn refused(e: &ClientError) -> (ErrorCode, String) {
     }
 }
 
-#[tokio::test]
-async fn a_valid_center_is_admitted_and_identified_by_its_certificate() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_valid_center_is_admitted_and_identified_by_its_certificate,
+    a_valid_center_is_admitted_and_identified_by_its_certificate_over_tcp,
+    a_valid_center_is_admitted_and_identified_by_its_certificate_over
+);
+
+async fn a_valid_center_is_admitted_and_identified_by_its_certificate_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     let session = connect(
         &fed.node("center-a"),
         SampleCounts {
@@ -79,9 +99,14 @@ async fn a_valid_center_is_admitted_and_identified_by_its_certificate() {
     assert_eq!(fed.server.connected(), vec![id("external")]);
 }
 
-#[tokio::test]
-async fn no_client_certificate_is_refused_at_the_handshake() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    no_client_certificate_is_refused_at_the_handshake,
+    no_client_certificate_is_refused_at_the_handshake_over_tcp,
+    no_client_certificate_is_refused_at_the_handshake_over
+);
+
+async fn no_client_certificate_is_refused_at_the_handshake_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let config = fed.node("center-b");
     let mut roots = rustls::RootCertStore::empty();
@@ -104,9 +129,14 @@ async fn no_client_certificate_is_refused_at_the_handshake() {
     fed.control("center-b").await;
 }
 
-#[tokio::test]
-async fn a_certificate_from_another_ca_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_certificate_from_another_ca_is_refused,
+    a_certificate_from_another_ca_is_refused_over_tcp,
+    a_certificate_from_another_ca_is_refused_over
+);
+
+async fn a_certificate_from_another_ca_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let other = Pki::init(&fed.dir.path().join("other-pki"), "rogue", "localhost", &[]).unwrap();
     let out = fed.node_dir("rogue");
@@ -129,9 +159,14 @@ async fn a_certificate_from_another_ca_is_refused() {
     fed.control("center-b").await;
 }
 
-#[tokio::test]
-async fn an_expired_certificate_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    an_expired_certificate_is_refused,
+    an_expired_certificate_is_refused_over_tcp,
+    an_expired_certificate_is_refused_over
+);
+
+async fn an_expired_certificate_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let now = time::OffsetDateTime::now_utc();
     let expired = IssueOptions {
@@ -152,9 +187,16 @@ async fn an_expired_certificate_is_refused() {
     fed.control("center-a").await;
 }
 
-#[tokio::test]
-async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs,
+    a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs_over_tcp,
+    a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs_over
+);
+
+async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_runs_over(
+    transport: Transport,
+) {
+    let mut fed = Federation::start_over(transport, "").await;
     let config_b = fed.node("center-b");
     // Admitted before the revocation: the positive control.
     let first = connect(&config_b, SampleCounts::default()).await.unwrap();
@@ -178,9 +220,16 @@ async fn a_revoked_certificate_is_refused_also_when_revoked_while_the_server_run
     fed.control("center-b").await;
 }
 
-#[tokio::test]
-async fn a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds,
+    a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds_over_tcp,
+    a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds_over
+);
+
+async fn a_connected_center_whose_certificate_is_revoked_is_closed_within_seconds_over(
+    transport: Transport,
+) {
+    let mut fed = Federation::start_over(transport, "").await;
     let a = connect(&fed.node("center-a"), SampleCounts::default())
         .await
         .unwrap();
@@ -214,9 +263,16 @@ async fn a_connected_center_whose_certificate_is_revoked_is_closed_within_second
     drop(a);
 }
 
-#[tokio::test]
-async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation() {
-    let fed = Federation::start("").await;
+both_transports!(
+    a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation,
+    a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation_over_tcp,
+    a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation_over
+);
+
+async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocation_over(
+    transport: Transport,
+) {
+    let fed = Federation::start_over(transport, "").await;
     let config_b = fed.node("center-b");
     let config_a = fed.node("center-a");
     fed.pki
@@ -225,8 +281,10 @@ async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocati
     // A second server, started now from the same PKI folder: it reads the CRL at start, not on a change.
     let mut later = Federation::restart(&fed).await;
     let later_addr = later.addr.to_string();
+    let later_tcp = later.server.tcp_addr().unwrap().to_string();
     let to_later = |mut c: ClientConfig| {
         c.server = later_addr.clone();
+        c.route.tcp_server = later_tcp.clone();
         c
     };
     let e = connect(&to_later(config_b), SampleCounts::default())
@@ -243,9 +301,14 @@ async fn a_revoked_certificate_is_refused_by_a_server_started_after_the_revocati
     ok.close(0, "").await;
 }
 
-#[tokio::test]
-async fn a_certificate_with_the_server_auth_usage_only_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_certificate_with_the_server_auth_usage_only_is_refused,
+    a_certificate_with_the_server_auth_usage_only_is_refused_over_tcp,
+    a_certificate_with_the_server_auth_usage_only_is_refused_over
+);
+
+async fn a_certificate_with_the_server_auth_usage_only_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let server_only = IssueOptions {
         validity: Validity::days(30).unwrap(),
@@ -268,9 +331,14 @@ async fn a_certificate_with_the_server_auth_usage_only_is_refused() {
     fed.control("center-a").await;
 }
 
-#[tokio::test]
-async fn a_valid_certificate_of_a_center_not_enrolled_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_valid_certificate_of_a_center_not_enrolled_is_refused,
+    a_valid_certificate_of_a_center_not_enrolled_is_refused_over_tcp,
+    a_valid_certificate_of_a_center_not_enrolled_is_refused_over
+);
+
+async fn a_valid_certificate_of_a_center_not_enrolled_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let e = connect(&fed.node("center-z"), SampleCounts::default())
         .await
@@ -363,9 +431,14 @@ async fn a_protocol_version_mismatch_is_refused() {
     }
 }
 
-#[tokio::test]
-async fn a_hello_claiming_another_center_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_hello_claiming_another_center_is_refused,
+    a_hello_claiming_another_center_is_refused_over_tcp,
+    a_hello_claiming_another_center_is_refused_over
+);
+
+async fn a_hello_claiming_another_center_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     // center-a's certificate, but the Hello says center-b.
     let config = fed.config_for("center-b", "center-a", &fed.node_dir("center-a"));
@@ -387,12 +460,18 @@ async fn a_hello_claiming_another_center_is_refused() {
     fed.control("center-a").await;
 }
 
-#[tokio::test]
-async fn settings_that_differ_from_the_run_are_refused() {
+both_transports!(
+    settings_that_differ_from_the_run_are_refused,
+    settings_that_differ_from_the_run_are_refused_over_tcp,
+    settings_that_differ_from_the_run_are_refused_over
+);
+
+async fn settings_that_differ_from_the_run_are_refused_over(transport: Transport) {
     let study = fedslm_cohort::ClinicalCoding::default();
     let preprocess = fedslm_cohort::PreprocessSettings::default();
     let run_hash = fedslm_protocol::hex::to_hex(&fedslm_cohort::settings_hash(&study, &preprocess));
-    let mut fed = Federation::start(&format!("settings_hash = \"{run_hash}\"")).await;
+    let mut fed =
+        Federation::start_over(transport, &format!("settings_hash = \"{run_hash}\"")).await;
     let mut node = fed.node("center-a");
     let session = connect(&node, SampleCounts::default()).await.unwrap();
     fed.expect_admitted("center-a").await;
@@ -445,9 +524,14 @@ async fn a_misbehaving_peer_does_not_stop_the_server() {
     fed.control("center-a").await;
 }
 
-#[tokio::test]
-async fn a_second_connection_of_a_center_supersedes_the_first() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_second_connection_of_a_center_supersedes_the_first,
+    a_second_connection_of_a_center_supersedes_the_first_over_tcp,
+    a_second_connection_of_a_center_supersedes_the_first_over
+);
+
+async fn a_second_connection_of_a_center_supersedes_the_first_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     let config = fed.node("center-a");
     let first = connect(&config, SampleCounts::default()).await.unwrap();
     fed.expect_admitted("center-a").await;

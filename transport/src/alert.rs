@@ -18,6 +18,23 @@ pub fn alert_of_rustls(e: &Error) -> Option<u8> {
     Some(u8::from(alert))
 }
 
+/// The alert anywhere in `e`'s chain of causes (yamux wraps the socket's I/O error in its own).
+pub fn alert_in_chain(e: &(dyn std::error::Error + 'static)) -> Option<u8> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<Error>() {
+            return alert_of_rustls(tls);
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(alert) = alert_of_io(io) {
+                return Some(alert);
+            }
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// The rustls error inside an I/O error (tokio-rustls reports TLS failures as I/O errors), as an alert.
 pub fn alert_of_io(e: &std::io::Error) -> Option<u8> {
     let inner = e.get_ref()?;
@@ -25,9 +42,7 @@ pub fn alert_of_io(e: &std::io::Error) -> Option<u8> {
         return alert_of_rustls(tls);
     }
     // yamux wraps the socket's error once more.
-    inner
-        .downcast_ref::<std::io::Error>()
-        .and_then(alert_of_io)
+    inner.downcast_ref::<std::io::Error>().and_then(alert_of_io)
 }
 
 #[cfg(test)]
@@ -38,12 +53,18 @@ mod tests {
     #[test]
     fn certificate_verdicts_map_to_the_alerts_quic_reports() {
         let cases = [
-            (Error::InvalidCertificate(CertificateError::UnknownIssuer), 48),
+            (
+                Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                48,
+            ),
             (Error::InvalidCertificate(CertificateError::Expired), 45),
             (Error::InvalidCertificate(CertificateError::Revoked), 44),
             (Error::NoCertificatesPresented, 116),
             (Error::NoApplicationProtocol, 120),
-            (Error::AlertReceived(AlertDescription::CertificateRevoked), 44),
+            (
+                Error::AlertReceived(AlertDescription::CertificateRevoked),
+                44,
+            ),
         ];
         for (e, alert) in cases {
             assert_eq!(alert_of_rustls(&e), Some(alert), "{e}");

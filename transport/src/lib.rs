@@ -19,7 +19,7 @@ pub mod proxy;
 mod quic;
 pub mod tcp;
 
-pub use alert::{alert_of_io, alert_of_rustls};
+pub use alert::{alert_in_chain, alert_of_io, alert_of_rustls};
 pub use link::{Link, RecvHalf, SendHalf};
 pub use proxy::{Proxy, ProxyError};
 

@@ -123,7 +123,9 @@ impl Link {
         if let Some(reason) = self.close_reason() {
             return Some(reason);
         }
-        tokio::time::timeout(REASON_WITHIN, self.closed()).await.ok()
+        tokio::time::timeout(REASON_WITHIN, self.closed())
+            .await
+            .ok()
     }
 
     pub fn remote_address(&self) -> SocketAddr {

@@ -211,7 +211,11 @@ fn parse_status(line: &str) -> Option<u16> {
     if !version.starts_with("HTTP/1.") {
         return None;
     }
-    parts.next()?.parse().ok().filter(|s| (100..600).contains(s))
+    parts
+        .next()?
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
 }
 
 /// A peer's text made safe for a log line (control characters escaped, at most 200 characters).
@@ -241,8 +245,7 @@ fn exempted(list: &str, host: &str) -> bool {
     list.split(',').map(str::trim).any(|entry| {
         let entry = entry.to_ascii_lowercase();
         let entry = entry.trim_start_matches("*.").trim_start_matches('.');
-        !entry.is_empty()
-            && (entry == "*" || host == entry || host.ends_with(&format!(".{entry}")))
+        !entry.is_empty() && (entry == "*" || host == entry || host.ends_with(&format!(".{entry}")))
     })
 }
 
@@ -254,9 +257,20 @@ mod tests {
     fn urls_are_parsed_and_credentials_in_urls_refused() {
         let p = Proxy::parse("http://proxy.hospital.local:3128", None).unwrap();
         assert_eq!(p.address, "proxy.hospital.local:3128");
-        assert_eq!(Proxy::parse("proxy:8080/", None).unwrap().address, "proxy:8080");
-        assert_eq!(Proxy::parse("http://proxy", None).unwrap().address, "proxy:3128");
-        for bad in ["https://proxy:3128", "socks5://p:1080", "http://u:p@proxy:3128", "http://p:1/x"] {
+        assert_eq!(
+            Proxy::parse("proxy:8080/", None).unwrap().address,
+            "proxy:8080"
+        );
+        assert_eq!(
+            Proxy::parse("http://proxy", None).unwrap().address,
+            "proxy:3128"
+        );
+        for bad in [
+            "https://proxy:3128",
+            "socks5://p:1080",
+            "http://u:p@proxy:3128",
+            "http://p:1/x",
+        ] {
             assert!(Proxy::parse(bad, None).is_err(), "{bad}");
         }
     }
@@ -270,8 +284,12 @@ mod tests {
         let p = Proxy::parse("http://proxy:3128", Some(&file)).unwrap();
         let request = p.connect_request("fl.example.org:4433");
         // base64("node7:s3cret")
-        assert!(request.contains("Proxy-Authorization: Basic bm9kZTc6czNjcmV0\r\n"), "{request}");
-        assert!(request.starts_with("CONNECT fl.example.org:4433 HTTP/1.1\r\nHost: fl.example.org:4433\r\n"));
+        assert!(
+            request.contains("Proxy-Authorization: Basic bm9kZTc6czNjcmV0\r\n"),
+            "{request}"
+        );
+        assert!(request
+            .starts_with("CONNECT fl.example.org:4433 HTTP/1.1\r\nHost: fl.example.org:4433\r\n"));
         assert!(!format!("{p:?}").contains("s3cret"));
         std::fs::write(&file, "no colon\n").unwrap();
         assert!(matches!(
@@ -283,16 +301,28 @@ mod tests {
 
     #[test]
     fn status_lines_and_exemptions() {
-        assert_eq!(parse_status("HTTP/1.1 200 Connection established"), Some(200));
-        assert_eq!(parse_status("HTTP/1.0 407 Proxy Authentication Required"), Some(407));
+        assert_eq!(
+            parse_status("HTTP/1.1 200 Connection established"),
+            Some(200)
+        );
+        assert_eq!(
+            parse_status("HTTP/1.0 407 Proxy Authentication Required"),
+            Some(407)
+        );
         assert_eq!(parse_status("SSH-2.0-OpenSSH"), None);
         assert_eq!(parse_status("HTTP/1.1 999 x"), None);
-        assert!(exempted("localhost,.hospital.local", "fl.hospital.local:4433"));
+        assert!(exempted(
+            "localhost,.hospital.local",
+            "fl.hospital.local:4433"
+        ));
         assert!(exempted("hospital.local", "fl.hospital.local:4433"));
         assert!(!exempted("hospital.local", "fl.example.org:4433"));
         assert!(exempted("*", "anything:1"));
         assert!(is_loopback("127.0.0.1:4433") && is_loopback("[::1]:4433"));
         assert!(!is_loopback("10.0.0.1:4433"));
-        assert_eq!(escape("HTTP/1.1 403 \x1b[31mno\n"), "HTTP/1.1 403 \\u{1b}[31mno\\n");
+        assert_eq!(
+            escape("HTTP/1.1 403 \x1b[31mno\n"),
+            "HTTP/1.1 403 \\u{1b}[31mno\\n"
+        );
     }
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use fedslm_certs::{client_config, server_config, ClientTlsFiles, IssueOptions, Pki, ServerTlsFiles};
+use fedslm_certs::{
+    client_config, server_config, ClientTlsFiles, IssueOptions, Pki, ServerTlsFiles,
+};
 use fedslm_transport::{tcp, Closed, Link, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -18,7 +20,11 @@ async fn pair() -> Pair {
     let pki = Pki::init(&dir.path().join("pki"), "test", "localhost", &[]).unwrap();
     let center: fedslm_protocol::CenterId = "center-a".parse().unwrap();
     let files = pki
-        .issue(&center, &dir.path().join("a"), IssueOptions::days(1).unwrap())
+        .issue(
+            &center,
+            &dir.path().join("a"),
+            IssueOptions::days(1).unwrap(),
+        )
         .unwrap();
     let server_tls = server_config(&ServerTlsFiles::in_pki(&dir.path().join("pki"))).unwrap();
     let client_tls = client_config(&ClientTlsFiles {
@@ -70,13 +76,19 @@ async fn streams_go_both_ways_and_the_peer_is_known_by_its_certificate() {
     let (mut ts, mut tr) = p.server.open_bi().await.unwrap();
     // Written while the client reads: flow control holds the rest back until it does.
     let writing = tokio::spawn(async move {
-        ts.write_chunk(bytes::Bytes::from(vec![7u8; 3 << 20])).await.unwrap();
+        ts.write_chunk(bytes::Bytes::from(vec![7u8; 3 << 20]))
+            .await
+            .unwrap();
         ts.finish().await;
     });
     let (mut ans, mut task) = p.client.accept_bi().await.unwrap();
     let mut all = Vec::new();
     task.read_to_end(&mut all).await.unwrap();
-    assert_eq!(all.len(), 3 << 20, "a 3 MiB frame beyond yamux's first window");
+    assert_eq!(
+        all.len(),
+        3 << 20,
+        "a 3 MiB frame beyond yamux's first window"
+    );
     writing.await.unwrap();
     ans.write_all(b"done").await.unwrap();
     ans.finish().await;
@@ -122,11 +134,21 @@ async fn a_close_carries_its_code_and_reason_after_the_data_sent_before_it() {
 #[tokio::test]
 async fn a_peer_that_vanishes_ends_the_connection_without_a_reason_of_its_own() {
     let p = pair().await;
-    let Pair { client, server, _dir } = p;
+    let Pair {
+        client,
+        server,
+        _dir,
+    } = p;
     drop(server);
     let closed = tokio::time::timeout(Duration::from_secs(5), client.closed())
         .await
         .unwrap();
     // Dropping every handle closes with code 0, as a dropped QUIC connection does.
-    assert_eq!(closed, Closed::Application { code: 0, reason: String::new() });
+    assert_eq!(
+        closed,
+        Closed::Application {
+            code: 0,
+            reason: String::new()
+        }
+    );
 }

@@ -209,8 +209,7 @@ async fn serve(shared: Arc<Shared>, connection: Link, remote: SocketAddr) {
         // connections taking turns, each audited).
         let previous = old.connection.remote_address();
         let why = format!("a newer connection of this centre (from {remote}) took over");
-        old.connection
-            .close(close::SUPERSEDED, why.as_bytes());
+        old.connection.close(close::SUPERSEDED, why.as_bytes());
         shared.emit(ServerEvent::Superseded {
             center: center.clone(),
             previous,
@@ -273,9 +272,7 @@ async fn serve(shared: Arc<Shared>, connection: Link, remote: SocketAddr) {
     }
     shared.peers_changed();
     let (received, sent) = connection.bytes();
-    shared
-        .metrics
-        .connection_closed(received, sent);
+    shared.metrics.connection_closed(received, sent);
     shared.tell(Input::Disconnected {
         center: center.clone(),
         connection: connection_id,

@@ -21,11 +21,11 @@ use fedslm_certs::{
     alert_name, quic_server_config, serial_of, server_config_with_verifier, CertError,
     ReloadingClientVerifier,
 };
-use fedslm_transport::{tcp, Link, Transport};
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
     close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
 };
+use fedslm_transport::{tcp, Link, Transport};
 use quinn::{Endpoint, VarInt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -241,7 +241,10 @@ impl Shared {
             let (rx, tx) = p.connection.bytes();
             received += rx;
             sent += tx;
-            if let Some(c) = connected.iter_mut().find(|(t, _)| *t == p.connection.transport()) {
+            if let Some(c) = connected
+                .iter_mut()
+                .find(|(t, _)| *t == p.connection.transport())
+            {
                 c.1 += 1;
             }
         }

@@ -2,6 +2,8 @@
 
 pub mod process;
 
+pub use fedslm_transport::Transport;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +103,8 @@ pub struct Federation {
     pub server: Arc<Server>,
     pub events: broadcast::Receiver<ServerEvent>,
     pub addr: std::net::SocketAddr,
+    /// The transport its nodes are configured to use.
+    pub transport: Transport,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -110,6 +114,11 @@ pub fn id(s: &str) -> CenterId {
 
 impl Federation {
     pub async fn start(extra: &str) -> Federation {
+        Federation::start_over(Transport::Quic, extra).await
+    }
+
+    /// A federation whose nodes use `transport`.
+    pub async fn start_over(transport: Transport, extra: &str) -> Federation {
         let dir = tempfile::tempdir().unwrap();
         Pki::init(
             &dir.path().join("pki"),
@@ -118,17 +127,17 @@ impl Federation {
             &["127.0.0.1".parse().unwrap()],
         )
         .unwrap();
-        Federation::serve(dir, extra).await
+        Federation::serve(dir, extra, transport).await
     }
 
     /// Another server on the PKI folder of `fed`, in a folder of its own that links to it.
     pub async fn restart(fed: &Federation) -> Federation {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(fed.dir.path().join("pki"), dir.path().join("pki")).unwrap();
-        Federation::serve(dir, "").await
+        Federation::serve(dir, "", fed.transport).await
     }
 
-    async fn serve(dir: tempfile::TempDir, extra: &str) -> Federation {
+    async fn serve(dir: tempfile::TempDir, extra: &str, transport: Transport) -> Federation {
         let pki = Pki::open(&dir.path().join("pki")).unwrap();
         let toml = format!(
             r#"
@@ -167,6 +176,7 @@ impl Federation {
             server,
             events,
             addr,
+            transport,
             _stop: stop,
         }
     }
@@ -196,13 +206,27 @@ impl Federation {
             ca = "{}"
             cert = "{}"
             key = "{}"
+            {}
             "#,
             self.addr,
             dir.join("ca.pem").display(),
             dir.join(format!("{cert_center}.pem")).display(),
             dir.join(format!("{cert_center}.key")).display(),
+            self.route(),
         );
         ClientConfig::parse(&toml, &dir.join("client.toml")).unwrap()
+    }
+
+    /// client.toml's keys for the federation's transport: QUIC alone, or TLS over TCP to the server's
+    /// listener.
+    pub fn route(&self) -> String {
+        match self.transport {
+            Transport::Quic => "transport = \"quic\"".into(),
+            Transport::Tcp => format!(
+                "transport = \"tcp\"\n            tcp_server = \"{}\"",
+                self.server.tcp_addr().expect("the server listens on TCP")
+            ),
+        }
     }
 
     /// The next server event that `want` accepts, skipping others, or a panic after 10 s.

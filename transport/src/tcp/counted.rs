@@ -19,6 +19,10 @@ impl<S> Counted<S> {
     pub(super) fn new(inner: S, state: Arc<State>) -> Counted<S> {
         Counted { inner, state }
     }
+
+    pub(super) fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {

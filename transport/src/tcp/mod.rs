@@ -10,9 +10,9 @@ mod counted;
 mod mux;
 mod session;
 
+pub(crate) use mux::Mux;
 pub use mux::MuxStream;
 pub use tokio_rustls::TlsAcceptor;
-pub(crate) use mux::Mux;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ use counted::Counted;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 9;
+/// How long a refused connection is drained before it is dropped.
+const LINGER: Duration = Duration::from_secs(2);
 /// Data unacknowledged this long ends the connection.
 const USER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -138,13 +140,22 @@ pub async fn accept(
     })?;
     tune(&stream);
     let state = mux::State::new();
-    let tls = acceptor
+    let tls = match acceptor
         .accept(Counted::new(stream, state.clone()))
+        .into_fallible()
         .await
-        .map_err(|e| AcceptFailure {
-            alert: alert_of_io(&e),
-            reason: e.to_string(),
-        })?;
+    {
+        Ok(tls) => tls,
+        Err((e, socket)) => {
+            // The alert is written; the client may still be sending. Closing now, with its bytes unread, would
+            // reset the connection and could discard the alert before the client reads it.
+            tokio::spawn(linger(socket.into_inner()));
+            return Err(AcceptFailure {
+                alert: alert_of_io(&e),
+                reason: e.to_string(),
+            });
+        }
+    };
     let chain = tls
         .get_ref()
         .1
@@ -158,6 +169,18 @@ pub async fn accept(
         chain,
         state,
     )))
+}
+
+/// Closes a socket the polite way: our side ends (FIN after what was written), the peer's bytes are read and
+/// dropped until it closes too or a moment passes.
+async fn linger(mut socket: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = socket.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// A TLS acceptor for the federation's server configuration (the same one QUIC uses).

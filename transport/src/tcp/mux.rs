@@ -190,7 +190,7 @@ enum Phase {
         written: usize,
         linger: Pin<Box<tokio::time::Sleep>>,
     },
-    /// Closing yamux (its pending frames, then the socket).
+    /// Ending: the connection is dropped.
     ShuttingDown,
 }
 
@@ -265,7 +265,11 @@ where
                             self.phase = Phase::ShuttingDown;
                             continue;
                         };
-                        match futures_io::AsyncWrite::poll_write(Pin::new(session), cx, &record[*written..]) {
+                        match futures_io::AsyncWrite::poll_write(
+                            Pin::new(session),
+                            cx,
+                            &record[*written..],
+                        ) {
                             Poll::Ready(Ok(n)) if n > 0 => {
                                 *written += n;
                                 continue;
@@ -282,7 +286,9 @@ where
                         continue;
                     }
                 }
-                Phase::ShuttingDown => return self.connection.poll_close(cx),
+                // Dropped while active (in `run`), yamux closes every stream and wakes its readers, who
+                // still read what had arrived; a graceful yamux close would leave them waiting.
+                Phase::ShuttingDown => return Poll::Ready(Ok(())),
             }
             if let Err(e) = self.serve_opens(cx) {
                 return Poll::Ready(Err(e));
@@ -371,22 +377,22 @@ where
 
 /// Why a yamux connection failed, as QUIC would say it.
 fn reason_of(e: &yamux::ConnectionError) -> Closed {
-    match e {
-        yamux::ConnectionError::Io(io) => {
-            if let Some(alert) = crate::alert_of_io(io) {
-                return Closed::TlsAlert {
-                    alert,
-                    reason: io.to_string(),
-                };
-            }
-            match io.kind() {
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
-                    Closed::Reset
-                }
-                std::io::ErrorKind::TimedOut => Closed::TimedOut,
-                _ => Closed::Lost(io.to_string()),
-            }
+    if let Some(alert) = crate::alert_in_chain(e) {
+        return Closed::TlsAlert {
+            alert,
+            reason: e.to_string(),
+        };
+    }
+    let io = match e {
+        yamux::ConnectionError::Io(io) => Some(io),
+        yamux::ConnectionError::Decode(yamux::FrameDecodeError::Io(io)) => Some(io),
+        _ => None,
+    };
+    match io.map(std::io::Error::kind) {
+        Some(std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted) => {
+            Closed::Reset
         }
-        other => Closed::Lost(other.to_string()),
+        Some(std::io::ErrorKind::TimedOut) => Closed::TimedOut,
+        _ => Closed::Lost(e.to_string()),
     }
 }
