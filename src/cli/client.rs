@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use fedslm_client::{connect, Backoff, ClientConfig, NodeEvent};
+use fedslm_client::{connect, Backoff, ClientConfig, NodeEvent, TransportChoice};
 use fedslm_node::{check, release, Node};
 use fedslm_protocol::close;
+use fedslm_transport::Transport;
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -81,18 +82,34 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
     }
     super::runtime()?.block_on(async {
         if args.check {
+            // Each path on its own, then the configured route with a Hello.
+            for c in fedslm_client::diagnose::probe(&config, config.route.quic_fallback).await {
+                match c.failed {
+                    None => println!("path: {}: ok", c.path),
+                    Some(f) => println!("path: {}: failed at {}: {}", c.path, f.step, f.fix),
+                }
+            }
             let session = match connect(&config, counts).await {
                 Ok(s) => s,
                 Err(e) => {
-                    let f =
-                        fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+                    let (transport, server) = match (&e, config.route.transport) {
+                        (_, TransportChoice::Quic) => (Transport::Quic, &config.server),
+                        _ => (Transport::Tcp, &config.route.tcp_server),
+                    };
+                    let f = fedslm_client::diagnose::explain(
+                        &e,
+                        transport,
+                        server,
+                        &config.server_name,
+                    );
                     bail!("{e}\n{}: {}", f.step, f.fix)
                 }
             };
             let w = session.welcome.clone();
             println!(
-                "server: {} admitted centre {} to run {} as {:?}, {} rounds",
+                "server: {} over {} admitted centre {} to run {} as {:?}, {} rounds",
                 session.remote_address(),
+                session.transport(),
                 w.center,
                 w.run_id,
                 w.role,

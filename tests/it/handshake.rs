@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::common::{id, Federation, Transport};
 use fedslm_certs::{IssueOptions, Pki, RevokeTarget, Usage, Validity};
+use fedslm_client::diagnose::explain;
 use fedslm_client::{client_config, connect, connect_with, ClientConfig, ClientError};
 use fedslm_protocol::io::read_message;
 use fedslm_protocol::{
@@ -700,7 +701,7 @@ async fn a_server_whose_certificate_is_not_the_federations_is_named_a_tls_inspec
         .await
         .err()
         .unwrap();
-    let f = fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+    let f = explain(&e, Transport::Quic, &config.server, &config.server_name);
     assert_eq!(f.step, "TLS", "{e}");
     assert!(f.fix.contains("TLS-inspecting proxy"), "{}", f.fix);
     // Nothing listens: the UDP path.
@@ -710,6 +711,73 @@ async fn a_server_whose_certificate_is_not_the_federations_is_named_a_tls_inspec
         .await
         .err()
         .unwrap();
-    let f = fedslm_client::diagnose::explain(&e, &config.server, &config.server_name);
+    let f = explain(&e, Transport::Quic, &config.server, &config.server_name);
     assert_eq!(f.step, "UDP", "{e}");
+}
+
+/// A stand-in for a TLS-inspecting proxy: it answers HTTP CONNECT with 200, then speaks TLS itself with a
+/// certificate of its own CA (`acceptor`'s), as such proxies do.
+async fn inspecting_proxy(acceptor: fedslm_transport::tcp::TlsAcceptor) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = fedslm_transport::tcp::accept(stream, &acceptor).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tls_inspecting_proxy_on_the_tcp_path_is_named_by_check_and_refused() {
+    let fed = Federation::start_over(Transport::Tcp, "").await;
+    let interceptor = Federation::start("").await;
+    let theirs = fedslm_certs::server_config(&fedslm_certs::ServerTlsFiles::in_pki(
+        &interceptor.dir.path().join("pki"),
+    ))
+    .unwrap();
+    let proxy = inspecting_proxy(fedslm_transport::tcp::acceptor(theirs)).await;
+    let mut config = fed.node("center-a");
+    config.route.proxy =
+        Some(fedslm_transport::Proxy::parse(&format!("http://{proxy}"), None).unwrap());
+    // The node refuses the connection: the certificate it is shown is not the federation's.
+    let e = connect(&config, SampleCounts::default())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(e, ClientError::TlsAlert { .. }), "{e}");
+    // `--check`: QUIC reaches the real server; the TCP path through the proxy meets the inspection.
+    let checks = fedslm_client::diagnose::probe(&config, Duration::from_secs(2)).await;
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert!(checks[0].failed.is_none(), "{checks:?}");
+    let f = checks[1].failed.clone().expect("the TCP path fails");
+    assert_eq!(f.step, "TLS", "{f:?}");
+    assert!(
+        f.fix.contains("a TLS-inspecting proxy is in the way"),
+        "{}",
+        f.fix
+    );
+    assert!(
+        f.fix.contains("ask for an exception for this host"),
+        "{}",
+        f.fix
+    );
+    // Without the proxy, the same node is admitted over TCP.
+    config.route.proxy = None;
+    let session = connect(&config, SampleCounts::default()).await.unwrap();
+    assert_eq!(session.transport(), Transport::Tcp);
+    session.close(0, "").await;
 }

@@ -19,3 +19,4 @@ mod pydicom_crosscheck;
 mod resume;
 mod rounds;
 mod simulate;
+mod transport;

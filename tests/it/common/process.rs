@@ -90,15 +90,26 @@ impl Run {
 
     /// `client.toml` of `centre` with its cohort folder and extra settings.
     pub fn client_config(&self, center: &str, cohort: &Path, extra: &str) -> PathBuf {
+        let server = format!("127.0.0.1:{}", self.port);
+        self.client_config_to(center, cohort, &server, extra)
+    }
+
+    /// [`Run::client_config`] with the server at `server` (`host:port`).
+    pub fn client_config_to(
+        &self,
+        center: &str,
+        cohort: &Path,
+        server: &str,
+        extra: &str,
+    ) -> PathBuf {
         let d = self.dir.join(center);
         let path = d.join("client.toml");
         std::fs::write(
             &path,
             format!(
-                "center = \"{center}\"\nserver = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\n\
+                "center = \"{center}\"\nserver = \"{server}\"\nserver_name = \"localhost\"\n\
                  ca = \"ca.pem\"\ncert = \"{center}.pem\"\nkey = \"{center}.key\"\n\
                  cohort = \"{}\"\nrecord = \"sent\"\nthreads = 1\n{extra}",
-                self.port,
                 cohort.display()
             ),
         )
