@@ -5,6 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The TCP transport's tests go through a real HTTP proxy (Debian's tinyproxy).
+if ! command -v tinyproxy >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq tinyproxy
+  else
+    echo "the proxy tests need tinyproxy: sudo apt-get install tinyproxy" >&2
+    exit 1
+  fi
+fi
+
 venv=target/interop-venv
 if ! "$venv/bin/python" -c "import aioquic, pydicom, numpy, pylibjpeg, safetensors" 2>/dev/null; then
   echo "setting up $venv (aioquic, pydicom and safetensors for the interop tests)" >&2
