@@ -5,6 +5,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use fedslm_study::bench::flood::{flood, FloodSpec};
 use fedslm_study::bench::{bench_network, commit_phases, filesystem_of, round_seconds};
+use fedslm_transport::Transport;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -64,6 +65,9 @@ pub struct RoundsArgs {
     /// Rounds per configuration; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Transports, comma-separated: `quic`, `tcp` (TLS over TCP, multiplexed).
+    #[arg(long, value_delimiter = ',', default_value = "quic")]
+    transport: Vec<String>,
 }
 
 pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
@@ -82,8 +86,19 @@ pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
 
 /// `fedslm bench rounds`.
 fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
+    let transports = args
+        .transport
+        .iter()
+        .map(|t| match t.as_str() {
+            "quic" => Ok(Transport::Quic),
+            "tcp" => Ok(Transport::Tcp),
+            other => Err(anyhow::anyhow!(
+                "--transport {other:?}: expected quic or tcp"
+            )),
+        })
+        .collect::<anyhow::Result<Vec<Transport>>>()?;
     println!(
-        "model, parameters, MB, centres, s/round (median of {}), server peak MiB",
+        "model, parameters, MB, centres, transport, s/round (median of {}), server peak MiB",
         args.rounds
     );
     let program = std::env::current_exe()?;
@@ -91,18 +106,21 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
         let network = bench_network(model)?;
         let weights = network.to_weights()?;
         for &n in &args.centers {
-            let tmp = tempfile_dir()?;
-            let timing = round_seconds(&program, &tmp, &network, n, args.rounds);
-            let _ = std::fs::remove_dir_all(&tmp);
-            let timing = timing?;
-            println!(
-                "{model}, {}, {:.1}, {n}, {:.3}, {:.0}",
-                network.parameter_count(),
-                weights.data_bytes() as f64 / 1e6,
-                timing.median_seconds,
-                timing.server_peak_mib
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            // The transports side by side for each configuration, so that they meet the same machine load.
+            for &transport in &transports {
+                let tmp = tempfile_dir()?;
+                let timing = round_seconds(&program, &tmp, &network, n, args.rounds, transport);
+                let _ = std::fs::remove_dir_all(&tmp);
+                let timing = timing?;
+                println!(
+                    "{model}, {}, {:.1}, {n}, {transport}, {:.3}, {:.0}",
+                    network.parameter_count(),
+                    weights.data_bytes() as f64 / 1e6,
+                    timing.median_seconds,
+                    timing.server_peak_mib
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
     }
     Ok(())

@@ -180,8 +180,11 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 store.meta()?.map(|m| m.run_id).unwrap_or_default()
             );
         }
+        let tcp = server
+            .tcp_addr()
+            .map_or(String::new(), |a| format!(" (UDP) and {a} (TCP)"));
         println!(
-            "listening on {addr}: {} model, strategy {}, {} rounds, quorum {} of {}",
+            "listening on {addr}{tcp}: {} model, strategy {}, {} rounds, quorum {} of {}",
             card.model,
             settings.strategy.name(),
             settings.rounds,

@@ -148,3 +148,31 @@ fn the_pytorch_script_parses() {
         Err(e) => eprintln!("no python3 ({e}): not checked"),
     }
 }
+
+#[test]
+fn rounds_are_timed_over_quic_and_tcp_side_by_side() {
+    let (ok, out, err) = crate::common::fedslm(&[
+        "bench",
+        "rounds",
+        "--models",
+        "small",
+        "--centers",
+        "2",
+        "--rounds",
+        "2",
+        "--transport",
+        "quic,tcp",
+    ]);
+    assert!(ok, "{out}{err}");
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .filter(|l| l.starts_with("small, "))
+        .map(|l| l.split(", ").collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!((rows[0][4], rows[1][4]), ("quic", "tcp"), "{out}");
+    for row in &rows {
+        let seconds: f64 = row[5].parse().unwrap();
+        assert!(seconds > 0.0 && seconds.is_finite(), "{out}");
+    }
+}

@@ -212,7 +212,10 @@ fn a_proxy_that_wants_other_credentials_is_named_by_check_with_its_status_line()
     assert!(!ok, "{out}");
     // The proxy's own status line, and the fix.
     assert!(err.contains("HTTP/1.0 401 Unauthorized"), "{err}");
-    assert!(err.contains("\nproxy: the proxy asks for credentials"), "{err}");
+    assert!(
+        err.contains("\nproxy: the proxy asks for credentials"),
+        "{err}"
+    );
     assert!(err.contains("proxy_credentials"), "{err}");
     assert!(out.contains("through the proxy"), "{out}");
 }

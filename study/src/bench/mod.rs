@@ -192,7 +192,11 @@ pub fn round_seconds(
     network: &Network,
     centres: usize,
     rounds: u32,
+    transport: fedslm_transport::Transport,
 ) -> Result<RoundTiming, StudyError> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io_err("no free TCP port"))?;
     let init = dir.join("init.safetensors");
     save(
         &init,
@@ -210,7 +214,19 @@ pub fn round_seconds(
         server.evaluation_bins = 0;
         // Fifty centres on one loopback address handshake at once.
         server.max_handshakes_per_address = Some(centres.max(16));
+        server.tcp_listen = Some(tcp.to_string());
     })?;
+    let choice = match transport {
+        fedslm_transport::Transport::Quic => fedslm_client::TransportChoice::Quic,
+        fedslm_transport::Transport::Tcp => fedslm_client::TransportChoice::Tcp,
+    };
+    let configs: Vec<_> = configs
+        .into_iter()
+        .map(|mut c| {
+            c.route = fedslm_client::Route::direct(choice, tcp.to_string());
+            c
+        })
+        .collect();
     let runtime = crate::error::runtime()?;
     let nodes = runtime.block_on(async {
         let mut tasks = Vec::new();
