@@ -358,7 +358,8 @@ fn status(out: &Path, as_json: bool) -> anyhow::Result<()> {
             ),
             _ => "no contribution".into(),
         };
-        println!("  {:<16} {:<9} {last}", c.center, c.role);
+        let over = c.transport.as_deref().unwrap_or("-");
+        println!("  {:<16} {:<9} {over:<5} {last}", c.center, c.role);
     }
     if let Some(r) = &s.last_round {
         println!(

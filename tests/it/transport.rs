@@ -171,6 +171,21 @@ fn with_udp_dropped_one_centre_direct_and_one_through_a_real_proxy_end_as_the_qu
     assert!(!joined.is_empty());
     assert!(joined.iter().all(|(_, t)| t == "tcp"), "{joined:?}");
     assert!(joined_over(&quic).iter().all(|(_, t)| t == "quic"));
+    // `server status` says so too.
+    let (ok, status, err) = fedslm(&[
+        "server",
+        "status",
+        "--out",
+        &tcp.out().display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    for c in CENTERS {
+        let line = status
+            .lines()
+            .find(|l| l.trim_start().starts_with(c))
+            .unwrap();
+        assert!(line.contains(" tcp "), "{status}");
+    }
     // Centre b's connections went through the proxy, centre a's did not.
     let log = proxy.log();
     assert!(

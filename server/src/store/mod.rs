@@ -767,7 +767,23 @@ impl Store {
             .meta()?
             .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
         let rounds = self.rounds()?;
-        Ok(run_status(&meta, &rounds, self.head()))
+        Ok(run_status(&meta, &rounds, self.head(), &self.transports()?))
+    }
+
+    /// Each centre's transport at its last admission, from the audit log's `center_joined` entries.
+    fn transports(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        let mut last = BTreeMap::new();
+        for (_, bytes) in self.audit_entries()? {
+            if let Ok(entry) = serde_json::from_slice::<crate::audit::Entry>(&bytes) {
+                if let AuditEvent::CenterJoined {
+                    center, transport, ..
+                } = entry.event
+                {
+                    last.insert(center, transport);
+                }
+            }
+        }
+        Ok(last)
     }
 
     /// The status a running server last wrote to `out/status.json` (its store is locked while it runs).
@@ -798,7 +814,7 @@ impl Store {
         let head = self.head();
         let status = RunStatus {
             server_pid: Some(std::process::id()),
-            ..run_status(&meta, &rounds, head)
+            ..run_status(&meta, &rounds, head, &self.transports()?)
         };
         write_atomic(&self.out.join(STATUS_FILE), &json_pretty(&status))?;
         if let Some(signer) = &self.signer {

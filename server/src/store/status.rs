@@ -35,6 +35,9 @@ pub struct CenterStatus {
     pub last_round: Option<u32>,
     pub last_examples: Option<u64>,
     pub last_train_loss: Option<f64>,
+    /// The transport of its last admission (`quic` or `tcp`), from the audit log.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// The last committed round in [`RunStatus`].
@@ -59,7 +62,13 @@ pub struct AuditStatus {
     pub head: String,
 }
 
-pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> RunStatus {
+/// `transports`: each centre's transport at its last admission.
+pub(super) fn run_status(
+    meta: &RunMeta,
+    rounds: &[StoredRound],
+    head: Head,
+    transports: &std::collections::BTreeMap<String, String>,
+) -> RunStatus {
     let mut centers = Vec::new();
     for (key, role) in &meta.fingerprint {
         let Some(center) = key.strip_prefix("center.") else {
@@ -82,6 +91,7 @@ pub(super) fn run_status(meta: &RunMeta, rounds: &[StoredRound], head: Head) -> 
             last_round: last.map(|(r, _)| *r),
             last_examples: last.map(|(_, c)| c.examples),
             last_train_loss: last.map(|(_, c)| c.train_loss),
+            transport: transports.get(center).cloned(),
         });
     }
     let last = rounds.last();
