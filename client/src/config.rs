@@ -263,4 +263,43 @@ mod tests {
         let e = parse(&GOOD.replace("key =", "kee =")).unwrap_err();
         assert!(e.contains("kee"), "{e}");
     }
+
+    #[test]
+    fn the_route_defaults_to_quic_then_tcp_on_the_same_address() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.route.transport, TransportChoice::Auto);
+        assert_eq!(c.route.quic_fallback, QUIC_FALLBACK);
+        assert_eq!(c.route.tcp_server, "127.0.0.1:7878");
+        // Loopback never goes through a proxy, whatever the environment says.
+        assert!(c.route.proxy.is_none());
+        let tcp = parse(&format!(
+            "{GOOD}\ntransport = \"tcp\"\ntcp_server = \"fl.example.org:443\"\n\
+             proxy = \"http://proxy.hospital.local:3128\"\nquic_fallback_secs = 2"
+        ))
+        .unwrap();
+        assert_eq!(tcp.route.transport, TransportChoice::Tcp);
+        assert_eq!(tcp.route.tcp_server, "fl.example.org:443");
+        assert_eq!(
+            tcp.route.proxy.map(|p| p.address),
+            Some("proxy.hospital.local:3128".to_string())
+        );
+        assert_eq!(tcp.route.quic_fallback, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn route_mistakes_are_named() {
+        let e = parse(&format!("{GOOD}\ntransport = \"udp\"")).unwrap_err();
+        assert!(e.contains("transport \"udp\""), "{e}");
+        let e = parse(&format!("{GOOD}\ntcp_server = \"fl.example.org\"")).unwrap_err();
+        assert!(e.contains("tcp_server"), "{e}");
+        let e = parse(&format!("{GOOD}\nproxy_credentials = \"p.txt\"")).unwrap_err();
+        assert!(e.contains("proxy_credentials without a proxy"), "{e}");
+        let e = parse(&format!("{GOOD}\nproxy = \"https://proxy:3128\"")).unwrap_err();
+        assert!(e.contains("only http:// proxies"), "{e}");
+        let e = parse(&format!(
+            "{GOOD}\nproxy = \"http://proxy:3128\"\nproxy_credentials = \"missing.txt\""
+        ))
+        .unwrap_err();
+        assert!(e.contains("/srv/node/missing.txt"), "{e}");
+    }
 }

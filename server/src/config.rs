@@ -690,4 +690,16 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("no centre is enrolled"), "{e}");
     }
+
+    #[test]
+    fn tcp_listens_beside_quic_unless_turned_off() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.tcp_listen, Some(c.listen));
+        let off = parse(&format!("tcp_listen = \"off\"\n{GOOD}")).unwrap();
+        assert_eq!(off.tcp_listen, None);
+        let other = parse(&format!("tcp_listen = \"0.0.0.0:443\"\n{GOOD}")).unwrap();
+        assert_eq!(other.tcp_listen, Some("0.0.0.0:443".parse().unwrap()));
+        let e = parse(&format!("tcp_listen = \"443\"\n{GOOD}")).unwrap_err();
+        assert!(e.contains("tcp_listen \"443\""), "{e}");
+    }
 }
