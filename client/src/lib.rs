@@ -368,17 +368,9 @@ pub async fn open_quic(
 ) -> Result<Link, ClientError> {
     let server = config.server.clone();
     let quic = quic_client_config(tls)?;
-    let addr = tokio::net::lookup_host(&server)
+    let addr = fedslm_transport::tcp::resolve(&server)
         .await
-        .map_err(|e| ClientError::Resolve {
-            server: server.clone(),
-            reason: e.to_string(),
-        })?
-        .next()
-        .ok_or_else(|| ClientError::Resolve {
-            server: server.clone(),
-            reason: "no address".into(),
-        })?;
+        .map_err(|e| tcp_error(&server, e))?;
     let bind: SocketAddr = if addr.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {

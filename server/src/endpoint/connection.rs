@@ -33,26 +33,10 @@ pub(super) async fn serve_quic(shared: Arc<Shared>, incoming: quinn::Incoming, s
     let within = shared.config.hello_timeout;
     let handshake = tokio::time::timeout(within, incoming).await;
     drop(slot);
-    let connection = match handshake {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            shared.emit(ServerEvent::HandshakeFailed {
-                remote,
-                alert: tls_alert(&e),
-                reason: e.to_string(),
-            });
-            return;
-        }
-        Err(_) => {
-            shared.emit(ServerEvent::HandshakeFailed {
-                remote,
-                alert: None,
-                reason: format!("no handshake within {} s", within.as_secs()),
-            });
-            return;
-        }
-    };
-    serve(shared, Link::quic(connection, None), remote).await
+    let handshake = handshake.map(|h| h.map_err(|e| (tls_alert(&e), e.to_string())));
+    if let Some(connection) = handshake_done(&shared, remote, within, handshake) {
+        serve(shared, Link::quic(connection, None), remote).await
+    }
 }
 
 /// A TCP connection that passed the screening: its TLS handshake (the same configuration and verifier as
@@ -67,26 +51,31 @@ pub(super) async fn serve_tcp(
     let within = shared.config.hello_timeout;
     let handshake = tokio::time::timeout(within, tcp::accept(stream, &acceptor)).await;
     drop(slot);
-    let link = match handshake {
-        Ok(Ok(link)) => link,
-        Ok(Err(failure)) => {
-            shared.emit(ServerEvent::HandshakeFailed {
-                remote,
-                alert: failure.alert,
-                reason: failure.reason,
-            });
-            return;
-        }
-        Err(_) => {
-            shared.emit(ServerEvent::HandshakeFailed {
-                remote,
-                alert: None,
-                reason: format!("no handshake within {} s", within.as_secs()),
-            });
-            return;
-        }
+    let handshake = handshake.map(|h| h.map_err(|f| (f.alert, f.reason)));
+    if let Some(link) = handshake_done(&shared, remote, within, handshake) {
+        serve(shared, link, remote).await
+    }
+}
+
+/// A handshake's outcome within `within`: its connection, or the failure (its alert and why, or the
+/// timeout) emitted.
+fn handshake_done<C>(
+    shared: &Shared,
+    remote: SocketAddr,
+    within: std::time::Duration,
+    handshake: Result<Result<C, (Option<u8>, String)>, tokio::time::error::Elapsed>,
+) -> Option<C> {
+    let (alert, reason) = match handshake {
+        Ok(Ok(connection)) => return Some(connection),
+        Ok(Err(failure)) => failure,
+        Err(_) => (None, format!("no handshake within {} s", within.as_secs())),
     };
-    serve(shared, link, remote).await
+    shared.emit(ServerEvent::HandshakeFailed {
+        remote,
+        alert,
+        reason,
+    });
+    None
 }
 
 /// An established connection, over either transport: identity, Hello, admission, the control stream.

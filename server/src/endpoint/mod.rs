@@ -479,28 +479,8 @@ impl Server {
         .map_err(bind_err)?;
         let (events, _) = broadcast::channel(1024);
         let config_handshakes = config.handshakes;
-        let metrics = match config.metrics_listen {
-            None => None,
-            Some(addr) => Some(
-                std::net::TcpListener::bind(addr)
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        tokio::net::TcpListener::from_std(l)
-                    })
-                    .map_err(|source| ServerError::Bind { addr, source })?,
-            ),
-        };
-        let tcp = match config.tcp_listen {
-            None => None,
-            Some(addr) => Some(
-                std::net::TcpListener::bind(addr)
-                    .and_then(|l| {
-                        l.set_nonblocking(true)?;
-                        tokio::net::TcpListener::from_std(l)
-                    })
-                    .map_err(|source| ServerError::Bind { addr, source })?,
-            ),
-        };
+        let metrics = config.metrics_listen.map(listen_tcp).transpose()?;
+        let tcp = config.tcp_listen.map(listen_tcp).transpose()?;
         let (inputs, received) = mpsc::unbounded_channel();
         Ok(Server {
             endpoint,
@@ -764,6 +744,16 @@ fn close_revoked(shared: &Shared) {
             serial,
         });
     }
+}
+
+/// A TCP listener on `addr` for tokio (TLS over TCP's, or the metrics').
+fn listen_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
 /// The next TCP connection to TLS over TCP's listener; never, without one.
