@@ -339,8 +339,24 @@ async fn each_broken_rule_is_refused_and_told_and_every_round_commits_the_honest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_whose_server_restarts_reconnects_by_itself_and_finishes_the_run() {
+    server_restarts(crate::common::Transport::Quic).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_over_tcp_whose_server_restarts_reconnects_by_itself_and_finishes_the_run() {
+    server_restarts(crate::common::Transport::Tcp).await
+}
+
+async fn server_restarts(transport: crate::common::Transport) {
     let keys = "rounds = 1\nquorum = 1\nround_start_grace_secs = 1";
-    let s = setup(keys);
+    let mut s = setup(keys);
+    if transport == crate::common::Transport::Tcp {
+        // TLS over TCP on the same port number (the server's default), as a node behind a UDP-blocking
+        // firewall is told.
+        for c in s.configs.values_mut() {
+            c.route.transport = fedslm_client::TransportChoice::Tcp;
+        }
+    }
     // First a server that only admits, then stops as a restarted machine would.
     let first = Arc::new(Server::bind(s.server.clone()).unwrap());
     let mut first_events = first.subscribe();

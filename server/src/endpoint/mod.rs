@@ -671,10 +671,24 @@ impl Server {
             }
         }
         self.shared.audit_strangers();
+        // Every connection is closed with the reason, whichever its transport (the endpoint closes QUIC's).
+        let links: Vec<Link> = lock(&self.shared.peers)
+            .values()
+            .map(|p| p.connection.clone())
+            .collect();
+        for link in &links {
+            link.close(close::SHUTDOWN, b"server shutting down");
+        }
         self.endpoint
             .close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
         // Give the close frames a moment to leave; peers time out otherwise.
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            self.endpoint.wait_idle().await;
+            for link in &links {
+                link.closed().await;
+            }
+        })
+        .await;
     }
 }
 
