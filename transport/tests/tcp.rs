@@ -152,3 +152,4 @@ async fn a_peer_that_vanishes_ends_the_connection_without_a_reason_of_its_own() 
         }
     );
 }
+
