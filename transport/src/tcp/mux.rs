@@ -20,12 +20,17 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
-use super::session::{read_close, CloseRecord, OPENED};
+use super::session::{read_close, CloseRecord, KEEPALIVE, OPENED};
 use crate::Closed;
 
 /// A multiplexed stream, with tokio's I/O traits.
 pub type MuxStream = Compat<yamux::Stream>;
 
+/// How often each side says it is still there, as QUIC's keep-alives (a proxy's or a NAT's idle timer would
+/// otherwise end a tunnel during a long round), and how long a connection may hear nothing before it is
+/// over: QUIC's idle timeout.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a closing side waits for the peer to read its close record and close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Streams the peer opened that wait to be accepted; more are reset.
@@ -118,6 +123,12 @@ impl Mux {
             session: None,
             opens: VecDeque::new(),
             phase: Phase::Open,
+            keepalive: {
+                let mut every = tokio::time::interval(KEEPALIVE_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                every
+            },
+            heard: (0, tokio::time::Instant::now()),
             state: state.clone(),
         };
         tokio::spawn(driver.run());
@@ -206,6 +217,9 @@ struct Driver<T> {
     session: Option<yamux::Stream>,
     opens: VecDeque<oneshot::Sender<Result<yamux::Stream, Closed>>>,
     phase: Phase,
+    keepalive: tokio::time::Interval,
+    /// Bytes received when they last grew, and when.
+    heard: (u64, tokio::time::Instant),
     state: Arc<State>,
 }
 
@@ -254,7 +268,16 @@ where
                 self.phase = Phase::ShuttingDown;
             }
             match &mut self.phase {
-                Phase::Open => {}
+                Phase::Open => {
+                    // Until it is pending, so that the next tick wakes this task.
+                    let mut ended = false;
+                    while !ended && self.keepalive.poll_tick(cx).is_ready() {
+                        ended = self.keep_alive(cx);
+                    }
+                    if ended {
+                        continue;
+                    }
+                }
                 Phase::Closing {
                     record,
                     written,
@@ -295,6 +318,25 @@ where
             }
             return self.poll_inbound(cx);
         }
+    }
+
+    /// Every [`KEEPALIVE_EVERY`]: a keep-alive byte to the peer, and the end of a connection that has heard
+    /// nothing for [`IDLE_TIMEOUT`]. Whether the phase changed.
+    fn keep_alive(&mut self, cx: &mut Context<'_>) -> bool {
+        let received = self.state.received.load(Ordering::Relaxed);
+        let now = tokio::time::Instant::now();
+        if received != self.heard.0 {
+            self.heard = (received, now);
+        } else if now.duration_since(self.heard.1) >= IDLE_TIMEOUT {
+            self.state.settle(Closed::TimedOut);
+            self.phase = Phase::ShuttingDown;
+            return true;
+        }
+        if let Some(session) = self.session.as_mut() {
+            // Best effort: a full window means bytes are flowing anyway.
+            let _ = futures_io::AsyncWrite::poll_write(Pin::new(session), cx, &[KEEPALIVE]);
+        }
+        false
     }
 
     fn take_commands(&mut self, cx: &mut Context<'_>) {

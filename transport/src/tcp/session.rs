@@ -1,11 +1,15 @@
-//! The session stream's bytes: [`OPENED`] when a side opens it, then at its close one close record,
-//! `0x02, code (u32, big-endian), reason length (u16, big-endian, at most 1024), reason (UTF-8)`.
+//! The session stream's bytes: [`OPENED`] when a side opens it, [`KEEPALIVE`] every few seconds (so that a
+//! proxy or a NAT on the way does not drop an idle tunnel, and the peer knows the path is alive), then at its
+//! close one close record, `0x02, code (u32, big-endian), reason length (u16, big-endian, at most 1024),
+//! reason (UTF-8)`.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The first byte on each side's session stream (it makes yamux send the stream's opening at once).
 pub(super) const OPENED: u8 = 0x01;
 const CLOSE: u8 = 0x02;
+/// A byte that says only "still here".
+pub(super) const KEEPALIVE: u8 = 0x03;
 /// The longest reason sent or read; QUIC's close reasons are short too.
 const MAX_REASON: usize = 1024;
 
@@ -43,15 +47,23 @@ impl CloseRecord {
 
 /// Reads the peer's session stream to its close record; `None` if it ends first or breaks the format.
 pub(super) async fn read_close<R: AsyncRead + Unpin>(mut r: R) -> Option<CloseRecord> {
-    let mut opened = [0u8; 1];
-    r.read_exact(&mut opened).await.ok()?;
-    let mut head = [0u8; 7];
-    r.read_exact(&mut head).await.ok()?;
-    if opened[0] != OPENED || head[0] != CLOSE {
+    let mut byte = [0u8; 1];
+    r.read_exact(&mut byte).await.ok()?;
+    if byte[0] != OPENED {
         return None;
     }
-    let code = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-    let len = usize::from(u16::from_be_bytes([head[5], head[6]]));
+    loop {
+        r.read_exact(&mut byte).await.ok()?;
+        match byte[0] {
+            KEEPALIVE => continue,
+            CLOSE => break,
+            _ => return None,
+        }
+    }
+    let mut head = [0u8; 6];
+    r.read_exact(&mut head).await.ok()?;
+    let code = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let len = usize::from(u16::from_be_bytes([head[4], head[5]]));
     if len > MAX_REASON {
         return None;
     }
@@ -76,10 +88,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_close_record_reads_back_as_written() {
+    async fn a_close_record_reads_back_as_written_after_keepalives() {
         let record = CloseRecord::new(3, b"a newer connection took over");
         let read = read_close(stream(&[&record.encode()])).await;
+        assert_eq!(read, Some(record.clone()));
+        let read = read_close(stream(&[&[KEEPALIVE, KEEPALIVE], &record.encode()])).await;
         assert_eq!(read, Some(record));
+        assert_eq!(
+            read_close(stream(&[&[0x07]])).await,
+            None,
+            "an unknown byte"
+        );
     }
 
     #[tokio::test]
