@@ -138,6 +138,7 @@ pub fn hello(config: &ClientConfig, counts: SampleCounts) -> Hello {
         software_version: env!("CARGO_PKG_VERSION").to_string(),
         center: config.center.clone(),
         settings_hash: config.settings_hash(),
+        policy_hash: config.privacy.hash(),
         counts,
     }
 }

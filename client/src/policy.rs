@@ -150,6 +150,24 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// SHA-256 of the policy's canonical text (every rule, defaults written out, in a fixed order): equal
+    /// policies, equal hashes, whatever the order or spelling of client.toml. It travels in the Hello, and
+    /// the server records it in the audit log and the model card.
+    pub fn hash(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let kinds: Vec<&str> = self.accept.iter().map(|k| k.name()).collect();
+        let text = format!(
+            "fedslm-policy/1\naccept {}\nmax_bins {}\nmin_per_class {}\nmin_examples {}\n",
+            kinds.join(","),
+            self.max_bins.map_or("any".to_string(), |b| b.to_string()),
+            self.min_per_class.unwrap_or(1),
+            self.min_examples.unwrap_or(1)
+        );
+        Sha256::digest(text.as_bytes()).into()
+    }
+}
+
 impl fmt::Display for Policy {
     /// One line: what the site answers and within which limits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -173,6 +191,26 @@ impl fmt::Display for Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hash_names_the_rules_not_their_spelling() {
+        let default = Policy::default().hash();
+        assert_eq!(policy("").hash(), default);
+        assert_eq!(
+            policy("min_per_class = 1\nmin_examples = 1").hash(),
+            default,
+            "defaults written out"
+        );
+        let a = policy("accept = [\"fit\", \"evaluate\"]\nmax_bins = 100").hash();
+        let b = policy("max_bins = 100\naccept = [\"evaluate\", \"fit\"]").hash();
+        assert_eq!(a, b);
+        assert_ne!(a, default);
+        assert_ne!(
+            policy("max_bins = 101").hash(),
+            policy("max_bins = 100").hash()
+        );
+        assert_ne!(policy("min_examples = 20").hash(), default);
+    }
 
     fn policy(toml_text: &str) -> Policy {
         toml::from_str::<PolicyFile>(toml_text).unwrap().into()

@@ -544,6 +544,7 @@ impl Decode<Ctx> for Hello {
             software_version: text(d, "software_version", max_text)?,
             center: center(d)?,
             settings_hash: Decode::decode(d)?,
+            policy_hash: Decode::decode(d)?,
             counts: Decode::decode(d)?,
         })
     }

@@ -129,6 +129,9 @@ pub struct Hello {
     pub center: CenterId,
     /// SHA-256 of the client's clinical coding and preprocessing settings; must equal the run's.
     pub settings_hash: [u8; 32],
+    /// SHA-256 of the site's disclosure policy (`[privacy]`), recorded by the server in the audit log and the
+    /// model card.
+    pub policy_hash: [u8; 32],
     pub counts: SampleCounts,
 }
 

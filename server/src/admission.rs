@@ -168,6 +168,7 @@ mod tests {
             software_version: "test".into(),
             center: id(center),
             settings_hash: [7; 32],
+            policy_hash: [0; 32],
             counts: SampleCounts::default(),
         }
     }

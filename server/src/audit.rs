@@ -33,6 +33,9 @@ pub enum AuditEvent {
         /// `quic` or `tcp`; entries written before TLS over TCP existed were all QUIC.
         #[serde(default = "quic")]
         transport: String,
+        /// The SHA-256 of the centre's disclosure policy, as its Hello said (hex); empty in older entries.
+        #[serde(default)]
+        policy_hash: String,
     },
     /// A peer with a valid certificate that was not admitted.
     #[serde(alias = "centre_refused")]

@@ -69,7 +69,11 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         counts.with_images
     );
     if args.dry_run {
-        println!("privacy policy: {}", config.privacy);
+        println!(
+            "privacy policy: {} (sha256 {}, sent in the Hello)",
+            config.privacy,
+            fedslm_protocol::hex::to_hex(&config.privacy.hash())
+        );
         for r in release::releases(&config, node.cohort())? {
             println!("{}: {}, {} bytes ({})", r.when, r.message, r.bytes, r.holds);
         }

@@ -58,7 +58,8 @@ pub fn checkpoint_writer(card: ModelCard) -> CheckpointWriter {
 }
 
 /// Writes a completed run's final model to `path`: the initial model's `card` with the run's provenance
-/// (run id, strategy, rounds, seed, the `enrolled` centres, the final checkpoint's hash, the audit head), its
+/// (run id, strategy, rounds, seed, the `enrolled` centres, the final checkpoint's hash, the audit head, each
+/// centre's policy hash), its
 /// last stored evaluation, and for the clinical model its fit's table.
 pub fn write_final_model(
     path: &Path,
@@ -81,6 +82,7 @@ pub fn write_final_model(
             "centers": enrolled,
             "checkpoint_sha256": meta.and_then(|m| m.final_checkpoint).unwrap_or_default(),
             "audit_head": store.head().hex(),
+            "policies": policies(store)?,
         }),
         ..card.clone()
     };
@@ -93,6 +95,15 @@ pub fn write_final_model(
         final_card.training["newton_iterations"] = json!(fit.iterations);
     }
     Ok(save(path, weights, &final_card)?)
+}
+
+/// Each centre's disclosure policy (its SHA-256, as its last Hello said), from the audit log.
+pub fn policies(store: &Store) -> Result<serde_json::Value, StudyError> {
+    let joins = store.joins()?;
+    Ok(json!(joins
+        .into_iter()
+        .map(|(center, join)| (center, join.policy_hash))
+        .collect::<std::collections::BTreeMap<_, _>>()))
 }
 
 /// The final model's evaluation as its card states it (internal: the training centres' held-out fold under

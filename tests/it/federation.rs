@@ -544,4 +544,37 @@ fn a_site_whose_policy_refuses_a_task_is_told_by_name_audited_and_the_run_goes_o
     evaluated.sort();
     assert_eq!(evaluated, ["center-a", "center-b"]);
     assert_eq!(evaluation.missing.len(), 1);
+    // Each site's policy hash, from its Hello, is in the audit log and the final model's card.
+    let hash = |c: &str| {
+        let config = fedslm_client::ClientConfig::load(&d.join(c).join("client.toml")).unwrap();
+        fedslm_protocol::hex::to_hex(&config.privacy.hash())
+    };
+    assert_ne!(hash("center-c"), hash("center-a"));
+    let joined: Vec<(String, String)> = store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| serde_json::from_slice::<serde_json::Value>(b).unwrap())
+        .filter(|e| e["event"] == "center_joined")
+        .map(|e| {
+            (
+                e["center"].as_str().unwrap().to_string(),
+                e["policy_hash"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(!joined.is_empty());
+    for (center, policy) in &joined {
+        assert_eq!(*policy, hash(center), "{center}");
+    }
+    drop(store);
+    let (_, card) = fedslm_model::load(&d.join("out/clinical.safetensors")).unwrap();
+    for c in centers {
+        assert_eq!(
+            card.training["policies"][c],
+            hash(c).as_str(),
+            "{}",
+            card.training
+        );
+    }
 }

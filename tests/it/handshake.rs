@@ -422,7 +422,7 @@ async fn a_protocol_version_mismatch_is_refused() {
         };
         assert_eq!(
             e.message,
-            format!("protocol version {got} is not supported; this server speaks version 1")
+            format!("protocol version {got} is not supported; this server speaks version {PROTOCOL_VERSION}")
         );
         let (center, code, _) = fed.expect_refusal().await;
         assert_eq!(

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::common::{id, Federation};
 use fedslm_certs::RevokeTarget;
-use fedslm_protocol::ErrorCode;
+use fedslm_protocol::{ErrorCode, PROTOCOL_VERSION};
 use fedslm_server::ServerEvent;
 
 fn python() -> String {
@@ -58,7 +58,7 @@ async fn peer(fed: &Federation, claimed: &str, cert_center: &str, version: u16) 
 async fn an_aioquic_peer_is_admitted_and_refused_like_any_other() {
     let mut fed = Federation::start("").await;
     fed.node("center-a");
-    let (code, out) = peer(&fed, "center-a", "center-a", 1).await;
+    let (code, out) = peer(&fed, "center-a", "center-a", PROTOCOL_VERSION).await;
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out,
@@ -66,7 +66,7 @@ async fn an_aioquic_peer_is_admitted_and_refused_like_any_other() {
     );
     fed.expect_admitted("center-a").await;
 
-    let (code, out) = peer(&fed, "center-b", "center-a", 1).await;
+    let (code, out) = peer(&fed, "center-b", "center-a", PROTOCOL_VERSION).await;
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("IdentityMismatch"), "{out}");
     let (center, code, _) = fed.expect_refusal().await;
@@ -75,14 +75,18 @@ async fn an_aioquic_peer_is_admitted_and_refused_like_any_other() {
         (id("center-a"), ErrorCode::IdentityMismatch)
     );
 
-    let (code, out) = peer(&fed, "center-a", "center-a", 2).await;
+    let (code, out) = peer(&fed, "center-a", "center-a", PROTOCOL_VERSION + 1).await;
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("protocol version 2 is not supported"), "{out}");
+    let other = PROTOCOL_VERSION + 1;
+    assert!(
+        out.contains(&format!("protocol version {other} is not supported")),
+        "{out}"
+    );
 
     fed.pki
         .revoke(&RevokeTarget::Center(id("center-a")))
         .unwrap();
-    let (code, _) = peer(&fed, "center-a", "center-a", 1).await;
+    let (code, _) = peer(&fed, "center-a", "center-a", PROTOCOL_VERSION).await;
     assert_eq!(code, 1);
     match fed
         .expect(|e| matches!(e, ServerEvent::HandshakeFailed { .. }))

@@ -18,7 +18,7 @@ from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 MAGIC = b"FSLM"
-VERSION = 1
+VERSION = 2
 KINDS = {1: "Hello", 2: "Welcome", 3: "FitTask", 4: "FitResult", 5: "EvaluateTask", 6: "EvalReport",
          7: "Finish", 8: "Error"}
 ROLES = ["Train", "Validate"]
@@ -70,7 +70,8 @@ def frame(kind: int, payload: bytes, version: int = VERSION) -> bytes:
 
 
 def hello(center: str, settings_hash: bytes, counts, version: int) -> bytes:
-    payload = varint(version) + string("python-peer/1") + string(center) + settings_hash
+    # The policy hash: this peer states no disclosure policy of its own (all zero).
+    payload = varint(version) + string("python-peer/1") + string(center) + settings_hash + bytes(32)
     payload += b"".join(varint(c) for c in counts)
     return frame(1, payload)
 

@@ -71,14 +71,15 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             ".{0,40}",
             center(),
-            any::<[u8; 32]>(),
+            any::<([u8; 32], [u8; 32])>(),
             any::<(u64, u64, u64)>()
         )
-            .prop_map(|(v, sw, c, h, (p, q, r))| Message::Hello(Hello {
+            .prop_map(|(v, sw, c, (h, policy), (p, q, r))| Message::Hello(Hello {
                 protocol_version: v,
                 software_version: sw,
                 center: c,
                 settings_hash: h,
+                policy_hash: policy,
                 counts: SampleCounts {
                     patients: p,
                     positives: q,

@@ -93,10 +93,10 @@ fn header_checks() {
     assert!(err(&f).contains("magic"), "{}", err(&f));
 
     let mut f = good.clone();
-    f[4..6].copy_from_slice(&2u16.to_le_bytes());
+    f[4..6].copy_from_slice(&1u16.to_le_bytes());
     assert_eq!(
         err(&f),
-        "protocol version 2 is not supported; this side speaks version 1"
+        "protocol version 1 is not supported; this side speaks version 2"
     );
 
     let mut f = good.clone();
@@ -297,10 +297,11 @@ fn histogram_classes_must_have_the_same_bins() {
 #[test]
 fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
     let hello = Message::Hello(Hello {
-        protocol_version: 1,
+        protocol_version: 2,
         software_version: "0.1.0".into(),
         center: CenterId::new("center-a").unwrap(),
         settings_hash: [0; 32],
+        policy_hash: [0xab; 32],
         counts: SampleCounts {
             patients: 60,
             positives: 14,
@@ -308,11 +309,12 @@ fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
         },
     });
     let mut want = vec![
-        0x46, 0x53, 0x4c, 0x4d, 0x01, 0x00, 0x01, 0x00, 0x33, 0, 0, 0, 0, 0, 0, 0, 0x01,
+        0x46, 0x53, 0x4c, 0x4d, 0x02, 0x00, 0x01, 0x00, 0x53, 0, 0, 0, 0, 0, 0, 0, 0x02,
     ];
     want.extend([0x05, 0x30, 0x2e, 0x31, 0x2e, 0x30]);
     want.extend([0x08, 0x63, 0x65, 0x6e, 0x74, 0x65, 0x72, 0x2d, 0x61]);
     want.extend([0u8; 32]);
+    want.extend([0xabu8; 32]);
     want.extend([0x3c, 0x0e, 0x3c]);
     assert_eq!(codec::encode(&hello, &Limits::default()).unwrap(), want);
 }

@@ -124,9 +124,11 @@ async fn serve(shared: Arc<Shared>, connection: Link, remote: SocketAddr) {
         other => other,
     };
     let mut declared = SampleCounts::default();
+    let mut policy_hash = [0; 32];
     let admitted = match msg {
         Ok(Message::Hello(hello)) => {
             declared = hello.counts;
+            policy_hash = hello.policy_hash;
             admit(&shared.config.enrolment, &center, &hello).map_err(|r| (r.code(), r.to_string()))
         }
         Ok(other) => Err((
@@ -210,6 +212,7 @@ async fn serve(shared: Arc<Shared>, connection: Link, remote: SocketAddr) {
         center: center.clone(),
         role,
         transport,
+        policy_hash,
     });
     let connection_id = connection.id();
     shared.tell(Input::Connected {

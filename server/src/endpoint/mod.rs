@@ -82,6 +82,8 @@ pub enum ServerEvent {
         center: CenterId,
         role: Role,
         transport: Transport,
+        /// The SHA-256 of the centre's disclosure policy, from its Hello.
+        policy_hash: [u8; 32],
     },
     Disconnected {
         center: CenterId,
@@ -303,8 +305,10 @@ impl Shared {
                 center,
                 role,
                 transport,
+                policy_hash,
             } => {
-                tracing::info!(%remote, %center, ?role, %transport, "admitted")
+                let policy = fedslm_protocol::hex::to_hex(policy_hash);
+                tracing::info!(%remote, %center, ?role, %transport, %policy, "admitted")
             }
             ServerEvent::Disconnected { center, reason } => {
                 tracing::info!(%center, %reason, "disconnected")
@@ -408,11 +412,13 @@ fn audit_event(event: &ServerEvent) -> Option<AuditEvent> {
             center,
             role,
             transport,
+            policy_hash,
         } => AuditEvent::CenterJoined {
             center: center.to_string(),
             role: role.name().into(),
             remote: remote.to_string(),
             transport: transport.name().into(),
+            policy_hash: fedslm_protocol::hex::to_hex(policy_hash),
         },
         ServerEvent::Disconnected { center, reason } => AuditEvent::CenterLeft {
             center: center.to_string(),

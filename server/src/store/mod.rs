@@ -282,6 +282,15 @@ pub fn head_message(run_id: &str, entries: u64, head: &str) -> Vec<u8> {
     format!("fedslm audit head\nrun {run_id}\nentries {entries}\nsha256 {head}\n").into_bytes()
 }
 
+/// A centre's last admission as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastJoin {
+    /// `quic` or `tcp`.
+    pub transport: String,
+    /// Its disclosure policy's SHA-256 (hex), as its Hello said.
+    pub policy_hash: String,
+}
+
 /// The durable record of one run in an output folder.
 pub struct Store {
     out: PathBuf,
@@ -741,19 +750,29 @@ impl Store {
             .meta()?
             .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
         let rounds = self.rounds()?;
-        Ok(run_status(&meta, &rounds, self.head(), &self.transports()?))
+        Ok(run_status(&meta, &rounds, self.head(), &self.joins()?))
     }
 
-    /// Each centre's transport at its last admission, from the audit log's `center_joined` entries.
-    fn transports(&self) -> Result<BTreeMap<String, String>, StoreError> {
+    /// Each centre's last admission (its transport and its policy's hash), from the audit log's
+    /// `center_joined` entries.
+    pub fn joins(&self) -> Result<BTreeMap<String, LastJoin>, StoreError> {
         let mut last = BTreeMap::new();
         for (_, bytes) in self.audit_entries()? {
             if let Ok(entry) = serde_json::from_slice::<crate::audit::Entry>(&bytes) {
                 if let AuditEvent::CenterJoined {
-                    center, transport, ..
+                    center,
+                    transport,
+                    policy_hash,
+                    ..
                 } = entry.event
                 {
-                    last.insert(center, transport);
+                    last.insert(
+                        center,
+                        LastJoin {
+                            transport,
+                            policy_hash,
+                        },
+                    );
                 }
             }
         }
@@ -788,7 +807,7 @@ impl Store {
         let head = self.head();
         let status = RunStatus {
             server_pid: Some(std::process::id()),
-            ..run_status(&meta, &rounds, head, &self.transports()?)
+            ..run_status(&meta, &rounds, head, &self.joins()?)
         };
         write_atomic(&self.out.join(STATUS_FILE), &json_pretty(&status))?;
         if let Some(signer) = &self.signer {

@@ -62,12 +62,12 @@ pub struct AuditStatus {
     pub head: String,
 }
 
-/// `transports`: each centre's transport at its last admission.
+/// `joins`: each centre's last admission.
 pub(super) fn run_status(
     meta: &RunMeta,
     rounds: &[StoredRound],
     head: Head,
-    transports: &std::collections::BTreeMap<String, String>,
+    joins: &std::collections::BTreeMap<String, super::LastJoin>,
 ) -> RunStatus {
     let mut centers = Vec::new();
     for (key, role) in &meta.fingerprint {
@@ -91,7 +91,7 @@ pub(super) fn run_status(
             last_round: last.map(|(r, _)| *r),
             last_examples: last.map(|(_, c)| c.examples),
             last_train_loss: last.map(|(_, c)| c.train_loss),
-            transport: transports.get(center).cloned(),
+            transport: joins.get(center).map(|j| j.transport.clone()),
         });
     }
     let last = rounds.last();

@@ -168,6 +168,7 @@ pub fn federate(
                     "seed": s.seed,
                     "centers": ctx.centers.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
                     "audit_head": store.head().hex(),
+                    "policies": crate::runs::policies(&store)?,
                 }),
                 metrics: record
                     .map(|r| json!({"internal": r.internal, "external": r.external}))
