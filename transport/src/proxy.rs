@@ -114,7 +114,32 @@ impl Proxy {
         if is_loopback(host) || exempted(&exempt, host) {
             return None;
         }
-        Some(Proxy::parse(url.trim(), None))
+        Some(Proxy::parse_env(url.trim()))
+    }
+
+    /// A proxy URL from the environment, where `user:password@` in the URL is the usual way to give
+    /// credentials (client.toml takes them from a file instead).
+    fn parse_env(url: &str) -> Result<Proxy, ProxyError> {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, url),
+        };
+        let Some((userinfo, address)) = rest.rsplit_once('@') else {
+            return Proxy::parse(url, None);
+        };
+        if !userinfo.contains(':') {
+            return Err(ProxyError::Url {
+                url: "HTTPS_PROXY".into(),
+                reason: "credentials in the URL must be user:password".into(),
+            });
+        }
+        let bare = match scheme {
+            Some(scheme) => format!("{scheme}://{address}"),
+            None => address.to_string(),
+        };
+        let mut proxy = Proxy::parse(&bare, None)?;
+        proxy.credentials = Some(userinfo.to_string());
+        Ok(proxy)
     }
 
     /// A TCP connection to `target` (`host:port`) through the proxy.
@@ -297,6 +322,22 @@ mod tests {
             Err(ProxyError::CredentialsFormat { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_environment_may_carry_credentials_in_the_url() {
+        let p = Proxy::parse_env("http://node7:s3cret@proxy:3128").unwrap();
+        assert_eq!(p.address, "proxy:3128");
+        assert!(p
+            .connect_request("s:443")
+            .contains("Proxy-Authorization: Basic bm9kZTc6czNjcmV0\r\n"));
+        assert_eq!(
+            Proxy::parse_env("proxy:8080").unwrap().address,
+            "proxy:8080"
+        );
+        assert!(Proxy::parse_env("http://justuser@proxy:3128").is_err());
+        // Never in a log line.
+        assert!(!format!("{:?}", Proxy::parse_env("http://a:b@p:1").unwrap()).contains("a:b"));
     }
 
     #[test]
