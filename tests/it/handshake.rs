@@ -354,9 +354,14 @@ async fn a_valid_certificate_of_a_center_not_enrolled_is_refused_over(transport:
     fed.control("center-b").await;
 }
 
-#[tokio::test]
-async fn a_wrong_alpn_is_refused() {
-    let mut fed = Federation::start("").await;
+both_transports!(
+    a_wrong_alpn_is_refused,
+    a_wrong_alpn_is_refused_over_tcp,
+    a_wrong_alpn_is_refused_over
+);
+
+async fn a_wrong_alpn_is_refused_over(transport: Transport) {
+    let mut fed = Federation::start_over(transport, "").await;
     fed.control("center-a").await;
     let config = fed.node("center-b");
     let mut tls = client_config(&config.tls).unwrap();
@@ -717,7 +722,7 @@ async fn a_server_whose_certificate_is_not_the_federations_is_named_a_tls_inspec
 
 /// A stand-in for a TLS-inspecting proxy: it answers HTTP CONNECT with 200, then speaks TLS itself with a
 /// certificate of its own CA (`acceptor`'s), as such proxies do.
-async fn inspecting_proxy(acceptor: fedslm_transport::tcp::TlsAcceptor) -> std::net::SocketAddr {
+async fn inspecting_proxy(acceptor: fedslm_transport::tcp::Acceptor) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -16,6 +16,14 @@ struct Pair {
 }
 
 async fn pair() -> Pair {
+    pair_with(|_| {}).await.unwrap()
+}
+
+/// A connected pair, the client's TLS configuration changed by `client` first; the client's and the
+/// server's errors if they do not connect.
+async fn pair_with(
+    client: impl FnOnce(&mut rustls::ClientConfig),
+) -> Result<Pair, (tcp::TcpError, tcp::AcceptFailure)> {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), "test", "localhost", &[]).unwrap();
     let center: fedslm_protocol::CenterId = "center-a".parse().unwrap();
@@ -27,18 +35,19 @@ async fn pair() -> Pair {
         )
         .unwrap();
     let server_tls = server_config(&ServerTlsFiles::in_pki(&dir.path().join("pki"))).unwrap();
-    let client_tls = client_config(&ClientTlsFiles {
+    let mut client_tls = client_config(&ClientTlsFiles {
         ca: files.ca,
         cert: files.cert,
         key: files.key,
     })
     .unwrap();
+    client(&mut client_tls);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let acceptor = tcp::acceptor(server_tls);
     let accepting = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
-        tcp::accept(stream, &acceptor).await.unwrap()
+        tcp::accept(stream, &acceptor).await
     });
     let client = tcp::connect(
         &addr,
@@ -47,13 +56,35 @@ async fn pair() -> Pair {
         "localhost",
         Duration::from_secs(5),
     )
-    .await
-    .unwrap();
-    let server = accepting.await.unwrap();
-    Pair {
-        _dir: dir,
-        client,
-        server,
+    .await;
+    match (client, accepting.await.unwrap()) {
+        (Ok(client), Ok(server)) => Ok(Pair {
+            _dir: dir,
+            client,
+            server,
+        }),
+        (Err(c), Err(s)) => Err((c, s)),
+        (c, s) => panic!("one side connected: {:?} / {:?}", c.err(), s.err()),
+    }
+}
+
+#[tokio::test]
+async fn alpn_is_strict_as_over_quic_and_its_alert_reaches_the_client() {
+    for offered in [vec![b"h2".to_vec()], vec![]] {
+        let Err((client, server)) = pair_with(|c| c.alpn_protocols = offered.clone()).await else {
+            panic!("a client offering {offered:?} connected")
+        };
+        assert!(
+            matches!(
+                client,
+                tcp::TcpError::Tls {
+                    alert: Some(120),
+                    ..
+                }
+            ),
+            "{client}"
+        );
+        assert_eq!(server.alert, Some(120));
     }
 }
 

@@ -45,7 +45,7 @@ pub(super) async fn serve_tcp(
     shared: Arc<Shared>,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
-    acceptor: tcp::TlsAcceptor,
+    acceptor: tcp::Acceptor,
     slot: Slot,
 ) {
     let within = shared.config.hello_timeout;

@@ -166,7 +166,7 @@ struct Shared {
     tally: Mutex<Tally>,
     metrics: Metrics,
     /// TLS over TCP's acceptor (the QUIC endpoint's TLS configuration), with `tcp_listen`.
-    acceptor: Option<tcp::TlsAcceptor>,
+    acceptor: Option<tcp::Acceptor>,
 }
 
 impl Shared {

@@ -12,7 +12,6 @@ mod session;
 
 pub(crate) use mux::Mux;
 pub use mux::MuxStream;
-pub use tokio_rustls::TlsAcceptor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -129,22 +128,55 @@ pub struct AcceptFailure {
     pub reason: String,
 }
 
+/// The server's TLS configuration for TCP (the same one QUIC uses). Cheap to clone.
+#[derive(Clone)]
+pub struct Acceptor(Arc<rustls::ServerConfig>);
+
+/// An [`Acceptor`] for the federation's server configuration.
+pub fn acceptor(tls: rustls::ServerConfig) -> Acceptor {
+    Acceptor(Arc::new(tls))
+}
+
+/// TLS 1.3's `no_application_protocol` alert as a plaintext record (before any ServerHello): type 21, legacy
+/// version 3.3, length 2, level fatal (2), description 120.
+const NO_APPLICATION_PROTOCOL: [u8; 7] = [21, 3, 3, 0, 2, 2, 120];
+
 /// The server's side: TLS with `acceptor` on an accepted socket, then yamux. The caller bounds its time.
-pub async fn accept(
-    stream: TcpStream,
-    acceptor: &tokio_rustls::TlsAcceptor,
-) -> Result<Link, AcceptFailure> {
+/// ALPN is strict, as QUIC's (RFC 9001 §8.1): a client that offers none of the server's protocols gets
+/// `no_application_protocol` before the ServerHello (rustls alone would let a client offering none through,
+/// and would queue that alert behind its ServerHello, where a failed handshake's last write leaves it).
+pub async fn accept(stream: TcpStream, acceptor: &Acceptor) -> Result<Link, AcceptFailure> {
     let remote = stream.peer_addr().map_err(|e| AcceptFailure {
         alert: None,
         reason: e.to_string(),
     })?;
     tune(&stream);
     let state = mux::State::new();
-    let tls = match acceptor
-        .accept(Counted::new(stream, state.clone()))
-        .into_fallible()
-        .await
-    {
+    let hello = tokio_rustls::LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        Counted::new(stream, state.clone()),
+    )
+    .await;
+    let mut start = hello.map_err(|e| AcceptFailure {
+        alert: alert_of_io(&e),
+        reason: e.to_string(),
+    })?;
+    let ours = &acceptor.0.alpn_protocols;
+    let offered: Vec<Vec<u8>> = start
+        .client_hello()
+        .alpn()
+        .map(|protocols| protocols.map(<[u8]>::to_vec).collect())
+        .unwrap_or_default();
+    if !ours.is_empty() && !offered.iter().any(|p| ours.contains(p)) {
+        use tokio::io::AsyncWriteExt;
+        let _ = start.io.write_all(&NO_APPLICATION_PROTOCOL).await;
+        tokio::spawn(linger(start.io.into_inner()));
+        return Err(AcceptFailure {
+            alert: Some(120),
+            reason: rustls::Error::NoApplicationProtocol.to_string(),
+        });
+    }
+    let tls = match start.into_stream(acceptor.0.clone()).into_fallible().await {
         Ok(tls) => tls,
         Err((e, socket)) => {
             // The alert is written; the client may still be sending. Closing now, with its bytes unread, would
@@ -181,11 +213,6 @@ async fn linger(mut socket: TcpStream) {
         while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
-}
-
-/// A TLS acceptor for the federation's server configuration (the same one QUIC uses).
-pub fn acceptor(tls: rustls::ServerConfig) -> tokio_rustls::TlsAcceptor {
-    tokio_rustls::TlsAcceptor::from(Arc::new(tls))
 }
 
 /// The first address of `server` (`host:port`).
