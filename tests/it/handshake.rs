@@ -765,7 +765,7 @@ async fn a_tls_inspecting_proxy_on_the_tcp_path_is_named_by_check_and_refused() 
         .unwrap();
     assert!(matches!(e, ClientError::TlsAlert { .. }), "{e}");
     // `--check`: QUIC reaches the real server; the TCP path through the proxy meets the inspection.
-    let checks = fedslm_client::diagnose::probe(&config, Duration::from_secs(2)).await;
+    let checks = fedslm_client::diagnose::probe(&config, Duration::from_secs(10)).await;
     assert_eq!(checks.len(), 2, "{checks:?}");
     assert!(checks[0].failed.is_none(), "{checks:?}");
     let f = checks[1].failed.clone().expect("the TCP path fails");
