@@ -654,13 +654,13 @@ impl Server {
                     let Some(incoming) = incoming else { break };
                     self.screen(incoming);
                 }
-                Some(accepted) = accept_tcp(self.tcp.as_ref()) => {
+                Some(accepted) = accept_on(self.tcp.as_ref()) => {
                     if let Ok((stream, remote)) = accepted {
                         self.screen_tcp(stream, remote);
                     }
                 }
                 _ = tally.tick() => self.shared.audit_strangers(),
-                Some(Ok((stream, _))) = accept_metrics(self.metrics.as_ref()) => {
+                Some(Ok((stream, _))) = accept_on(self.metrics.as_ref()) => {
                     let shared = self.shared.clone();
                     tokio::spawn(async move {
                         crate::metrics::answer(stream, || shared.scrape()).await
@@ -776,18 +776,8 @@ fn listen_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServerError> 
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
-/// The next TCP connection to TLS over TCP's listener; never, without one.
-async fn accept_tcp(
-    listener: Option<&tokio::net::TcpListener>,
-) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
-    match listener {
-        Some(l) => Some(l.accept().await),
-        None => std::future::pending().await,
-    }
-}
-
-/// The next HTTP connection to the metrics endpoint; never, without one.
-async fn accept_metrics(
+/// The next connection to an optional listener (TLS over TCP's, the metrics'); never, without one.
+async fn accept_on(
     listener: Option<&tokio::net::TcpListener>,
 ) -> Option<std::io::Result<(tokio::net::TcpStream, SocketAddr)>> {
     match listener {
