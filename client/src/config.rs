@@ -112,6 +112,9 @@ pub struct ClientConfig {
     pub scores: Option<PathBuf>,
     /// What the site lets out (`[privacy]`).
     pub privacy: crate::policy::Policy,
+    /// The site's privacy ledger (`privacy.ledger`): every differentially private release, recorded before it
+    /// is sent.
+    pub ledger: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -193,7 +196,8 @@ impl ClientConfig {
             },
             coding: file.coding,
             preprocess: file.preprocess,
-            privacy: file.privacy.into(),
+            ledger: file.privacy.ledger.as_ref().map(|p| base.join(p)),
+            privacy: file.privacy.try_into().map_err(invalid)?,
         })
     }
 

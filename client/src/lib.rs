@@ -24,7 +24,7 @@ use quinn::Endpoint;
 
 pub use config::{ClientConfig, ConfigError, Route, TransportChoice};
 pub use node::{run, Backoff, Declined, LocalTrainer, NodeEvent};
-pub use policy::{Policy, PolicyRefusal, TaskKind};
+pub use policy::{Budget, Policy, PolicyRefusal, TaskKind};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -139,6 +139,7 @@ pub fn hello(config: &ClientConfig, counts: SampleCounts) -> Hello {
         center: config.center.clone(),
         settings_hash: config.settings_hash(),
         policy_hash: config.privacy.hash(),
+        requires_dp: config.privacy.dp_budget.is_some(),
         counts,
     }
 }

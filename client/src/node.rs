@@ -21,9 +21,9 @@ pub trait LocalTrainer: Send + 'static {
     /// Why a task cannot be carried out; its text is told to the server in an `Error` frame.
     type Error: std::error::Error + Send + 'static;
 
-    /// Trains from the task's weights (or computes the clinical model's Newton statistics) and returns only
-    /// weights, a count and a loss.
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Self::Error>;
+    /// Trains from the task's weights (or computes the clinical model's Newton statistics) for run `run_id`
+    /// and returns only weights, a count and a loss.
+    fn fit(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, Self::Error>;
 
     /// Evaluates the task's weights on local patients and returns only counts, a loss and per-class score
     /// histograms. A node that takes part in paired comparisons keeps the scores, by `run_id`, for
@@ -303,8 +303,10 @@ async fn task<T: LocalTrainer>(
     };
     let round = fit.round;
     tracing::info!(round, epochs = fit.local_epochs, "training");
+    let run_id = session.welcome.run_id.clone();
     let outcome = on_worker(trainer, "training", move |t| {
-        t.fit(&fit).map_err(|e| (T::code(&e), error_text(&e)))
+        t.fit(&run_id, &fit)
+            .map_err(|e| (T::code(&e), error_text(&e)))
     })
     .await;
     let answer = match outcome {

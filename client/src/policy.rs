@@ -1,7 +1,9 @@
 //! The site's disclosure policy, the `[privacy]` table of client.toml: which kinds of task the site answers,
-//! the most histogram bins it releases, and the fewest patients an evaluation may describe per class and an
-//! update may be computed from. The node checks every task against it and refuses, with the rule named, what
-//! would release more; the server records the refusal and goes on. Pure: no IO.
+//! the most histogram bins it releases, the fewest patients an evaluation may describe per class and an
+//! update may be computed from, and whether every release must be differentially private within a budget
+//! (ε per run and over the site's lifetime, at one δ). The node checks every task against it and refuses,
+//! with the rule named, what would release more; the server records the refusal and goes on. Pure: no IO
+//! (the spending is the node's ledger's).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -48,10 +50,31 @@ pub(crate) struct PolicyFile {
     max_bins: Option<u32>,
     min_per_class: Option<u64>,
     min_examples: Option<u64>,
+    #[serde(default)]
+    require_dp: bool,
+    epsilon: Option<f64>,
+    delta: Option<f64>,
+    lifetime_epsilon: Option<f64>,
+    /// Where the node records what it spent (read by the configuration, not part of the policy).
+    pub(crate) ledger: Option<std::path::PathBuf>,
+}
+
+/// The δ of a site's (ε, δ) budget where client.toml names none.
+pub const DEFAULT_DELTA: f64 = 1e-5;
+
+/// What a site that requires differential privacy lets each run, and all runs together, spend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// ε of one run (`privacy.epsilon`).
+    pub epsilon: f64,
+    /// ε of every run this site has answered, together (`privacy.lifetime_epsilon`); `None`: no such bound.
+    pub lifetime_epsilon: Option<f64>,
+    /// The δ of both (`privacy.delta`).
+    pub delta: f64,
 }
 
 /// What the site lets out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// The kinds of task the site answers (default: all).
     pub accept: BTreeSet<TaskKind>,
@@ -61,6 +84,9 @@ pub struct Policy {
     pub min_per_class: Option<u64>,
     /// The fewest patients an update or Newton statistics may be computed from (default: 1).
     pub min_examples: Option<u64>,
+    /// Every release differentially private, within this budget (`privacy.require_dp`); `None`: releases in
+    /// the clear are answered (and DP ones, where a task asks, are still recorded in the ledger).
+    pub dp_budget: Option<Budget>,
 }
 
 impl Default for Policy {
@@ -70,13 +96,64 @@ impl Default for Policy {
             max_bins: None,
             min_per_class: None,
             min_examples: None,
+            dp_budget: None,
         }
     }
 }
 
-impl From<PolicyFile> for Policy {
-    fn from(f: PolicyFile) -> Policy {
-        Policy {
+impl TryFrom<PolicyFile> for Policy {
+    type Error = String;
+
+    /// The policy, or why its keys do not make one.
+    fn try_from(f: PolicyFile) -> Result<Policy, String> {
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(v)
+            } else {
+                Err(format!("privacy.{key} = {v}: must be a positive number"))
+            }
+        };
+        let dp_budget = match (f.require_dp, f.epsilon) {
+            (true, Some(epsilon)) => {
+                let delta = f.delta.unwrap_or(DEFAULT_DELTA);
+                if !(delta > 0.0 && delta < 1.0) {
+                    return Err(format!("privacy.delta = {delta}: must be in (0, 1)"));
+                }
+                if f.ledger.is_none() {
+                    return Err("privacy.require_dp needs privacy.ledger: the file where the node records \
+                                what it spends, so that a restart does not forget it"
+                        .into());
+                }
+                let epsilon = positive("epsilon", epsilon)?;
+                let lifetime_epsilon = f
+                    .lifetime_epsilon
+                    .map(|e| positive("lifetime_epsilon", e))
+                    .transpose()?;
+                if lifetime_epsilon.is_some_and(|l| l < epsilon) {
+                    return Err(
+                        "privacy.lifetime_epsilon is below privacy.epsilon: no run could finish".into(),
+                    );
+                }
+                Some(Budget {
+                    epsilon,
+                    lifetime_epsilon,
+                    delta,
+                })
+            }
+            (true, None) => {
+                return Err(
+                    "privacy.require_dp needs privacy.epsilon, the budget of one run (e.g. 8)".into(),
+                )
+            }
+            (false, _) if f.epsilon.is_some() || f.lifetime_epsilon.is_some() || f.delta.is_some() => {
+                return Err(
+                    "privacy.epsilon, lifetime_epsilon and delta are the budget of privacy.require_dp = true"
+                        .into(),
+                )
+            }
+            (false, _) => None,
+        };
+        Ok(Policy {
             accept: f.accept.map_or_else(
                 || TaskKind::ALL.into_iter().collect(),
                 |a| a.into_iter().collect(),
@@ -84,12 +161,13 @@ impl From<PolicyFile> for Policy {
             max_bins: f.max_bins,
             min_per_class: f.min_per_class,
             min_examples: f.min_examples,
-        }
+            dp_budget,
+        })
     }
 }
 
 /// A task the policy does not let the site answer, with the rule (client.toml's key) that says so.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyRefusal {
     #[error("this site's policy does not answer {} tasks (privacy.accept)", .0.name())]
     NotAccepted(TaskKind),
@@ -109,6 +187,22 @@ pub enum PolicyRefusal {
          (privacy.min_examples)"
     )]
     TooFewExamples { examples: u64, min: u64 },
+    #[error(
+        "the {} task asks for a release without differential privacy; this site's policy requires it \
+         (privacy.require_dp)", .0.name()
+    )]
+    NeedsDp(TaskKind),
+    #[error(
+        "the release would bring this site's ε to {would:.4} (δ = {delta:e}), over its budget of {budget} \
+         ({key}); spent so far: {spent:.4}"
+    )]
+    OverBudget {
+        key: &'static str,
+        spent: f64,
+        would: f64,
+        budget: f64,
+        delta: f64,
+    },
 }
 
 impl Policy {
@@ -141,6 +235,14 @@ impl Policy {
         }
     }
 
+    /// Whether a task of `kind` may be answered as it asks: with differential privacy (`dp`) or without.
+    pub fn privacy(&self, kind: TaskKind, dp: bool) -> Result<(), PolicyRefusal> {
+        if self.dp_budget.is_some() && !dp {
+            return Err(PolicyRefusal::NeedsDp(kind));
+        }
+        Ok(())
+    }
+
     /// Whether an answer computed from `examples` patients may leave.
     pub fn examples(&self, examples: u64) -> Result<(), PolicyRefusal> {
         match self.min_examples {
@@ -157,8 +259,18 @@ impl Policy {
     pub fn hash(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let kinds: Vec<&str> = self.accept.iter().map(|k| k.name()).collect();
+        let dp = match &self.dp_budget {
+            None => "require_dp false\n".to_string(),
+            Some(b) => format!(
+                "require_dp true\nepsilon {:?}\nlifetime_epsilon {}\ndelta {:?}\n",
+                b.epsilon,
+                b.lifetime_epsilon
+                    .map_or("none".to_string(), |e| format!("{e:?}")),
+                b.delta
+            ),
+        };
         let text = format!(
-            "fedslm-policy/1\naccept {}\nmax_bins {}\nmin_per_class {}\nmin_examples {}\n",
+            "fedslm-policy/2\naccept {}\nmax_bins {}\nmin_per_class {}\nmin_examples {}\n{dp}",
             kinds.join(","),
             self.max_bins.map_or("any".to_string(), |b| b.to_string()),
             self.min_per_class.unwrap_or(1),
@@ -184,7 +296,18 @@ impl fmt::Display for Policy {
             self.max_bins.map_or("any number of".to_string(), |b| b.to_string()),
             self.min_per_class.unwrap_or(1),
             self.min_examples.unwrap_or(1)
-        )
+        )?;
+        match &self.dp_budget {
+            None => write!(f, "; differential privacy not required"),
+            Some(b) => write!(
+                f,
+                "; every release differentially private, at most ε = {} per run{} (δ = {:e})",
+                b.epsilon,
+                b.lifetime_epsilon
+                    .map_or(String::new(), |l| format!(" and ε = {l} over all runs")),
+                b.delta
+            ),
+        }
     }
 }
 
@@ -213,7 +336,51 @@ mod tests {
     }
 
     fn policy(toml_text: &str) -> Policy {
-        toml::from_str::<PolicyFile>(toml_text).unwrap().into()
+        toml::from_str::<PolicyFile>(toml_text)
+            .unwrap()
+            .try_into()
+            .unwrap()
+    }
+
+    fn refused(toml_text: &str) -> String {
+        Policy::try_from(toml::from_str::<PolicyFile>(toml_text).unwrap()).unwrap_err()
+    }
+
+    #[test]
+    fn a_dp_policy_needs_its_budget_and_its_ledger() {
+        assert!(refused("require_dp = true\nledger = \"l\"").contains("privacy.epsilon"));
+        assert!(refused("require_dp = true\nepsilon = 8.0").contains("privacy.ledger"));
+        assert!(refused("epsilon = 8.0").contains("require_dp"));
+        assert!(
+            refused("require_dp = true\nepsilon = -1.0\nledger = \"l\"").contains("epsilon = -1")
+        );
+        assert!(refused(
+            "require_dp = true\nepsilon = 8.0\nlifetime_epsilon = 4.0\nledger = \"l\""
+        )
+        .contains("below"));
+        let p = policy("require_dp = true\nepsilon = 8.0\nledger = \"l\"");
+        assert_eq!(
+            p.dp_budget,
+            Some(Budget {
+                epsilon: 8.0,
+                lifetime_epsilon: None,
+                delta: DEFAULT_DELTA
+            })
+        );
+        let e = p.privacy(TaskKind::Fit, false).unwrap_err();
+        assert!(e.to_string().contains("privacy.require_dp"), "{e}");
+        assert!(p.privacy(TaskKind::Fit, true).is_ok());
+        assert!(Policy::default().privacy(TaskKind::Fit, false).is_ok());
+        // The budget is part of the policy's identity; the ledger's place is not.
+        assert_ne!(p.hash(), Policy::default().hash());
+        assert_eq!(
+            p.hash(),
+            policy("require_dp = true\nepsilon = 8.0\nledger = \"elsewhere\"").hash()
+        );
+        assert_ne!(
+            p.hash(),
+            policy("require_dp = true\nepsilon = 3.0\nledger = \"l\"").hash()
+        );
     }
 
     #[test]
@@ -260,5 +427,6 @@ mod tests {
     fn an_unknown_kind_or_key_is_an_error() {
         assert!(toml::from_str::<PolicyFile>("accept = [\"everything\"]").is_err());
         assert!(toml::from_str::<PolicyFile>("max_bin = 3").is_err());
+        assert!(toml::from_str::<PolicyFile>("epsilon = \"eight\"").is_err());
     }
 }

@@ -6,6 +6,8 @@
 //! itself survives a power cut. A reader sees the old file or the new one, never half of one; a crash leaves
 //! at most a `.partial` file, which the next write replaces.
 
+pub mod failpoint;
+
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

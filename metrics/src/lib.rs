@@ -10,6 +10,7 @@ pub mod calibration;
 pub mod cutoff;
 pub mod dca;
 pub mod dist;
+pub mod dp;
 mod error;
 pub mod logistic;
 pub mod rdp;

@@ -9,6 +9,7 @@
 
 pub mod augment;
 pub mod clinical;
+pub mod dp;
 mod error;
 pub mod file;
 pub mod kernels;
@@ -17,6 +18,7 @@ pub mod network;
 pub mod train;
 
 pub use augment::Augmentation;
+pub use dp::DpTraining;
 pub use error::ModelError;
 pub use fedslm_protocol::ModelKind;
 pub use file::{load, save, write_model, ClinicalTable, ModelCard};

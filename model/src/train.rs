@@ -34,6 +34,9 @@ pub struct TrainConfig {
     /// FedProx: `mu / 2 * ||w - w_start||^2` added to the loss, `w_start` the weights at the start of `fit`.
     pub proximal_mu: Option<f64>,
     pub seed: u64,
+    /// Patient-level differential privacy: train by DP-SGD (`crate::dp`) instead of shuffled mini-batches.
+    #[serde(default)]
+    pub dp: Option<crate::dp::DpTraining>,
 }
 
 impl Default for TrainConfig {
@@ -47,6 +50,7 @@ impl Default for TrainConfig {
             augmentation: Some(Augmentation::default()),
             proximal_mu: None,
             seed: 42,
+            dp: None,
         }
     }
 }
@@ -77,6 +81,9 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&momentum) {
                 return bad(format!("momentum {momentum}"));
             }
+        }
+        if let Some(dp) = &self.dp {
+            dp.check().map_err(ModelError::Training)?;
         }
         Ok(())
     }
@@ -146,9 +153,9 @@ enum Opt {
 pub struct Trainer<'a> {
     network: &'a Network,
     cfg: &'a TrainConfig,
-    trainable: Vec<Var>,
+    pub(crate) trainable: Vec<Var>,
     /// FedProx: mu and the weights at the start.
-    anchor: Option<(f64, Vec<Tensor>)>,
+    pub(crate) anchor: Option<(f64, Vec<Tensor>)>,
     opt: Opt,
 }
 
@@ -209,6 +216,18 @@ impl<'a> Trainer<'a> {
 
     /// Assembles the batch (augmented from `rng` where the configuration says so) and runs the network on it.
     pub fn forward(&self, batch: &[&Sample], rng: &mut Rng) -> Result<Forward, ModelError> {
+        self.forward_with(batch, rng, true, true)
+    }
+
+    /// [`Trainer::forward`], with batch norm on the batch's statistics (`batch_statistics`) or on the running
+    /// ones, and with or without the proximal term.
+    pub(crate) fn forward_with(
+        &self,
+        batch: &[&Sample],
+        rng: &mut Rng,
+        batch_statistics: bool,
+        proximal: bool,
+    ) -> Result<Forward, ModelError> {
         let groups = 3;
         let (images, clinical) =
             self.network
@@ -224,11 +243,11 @@ impl<'a> Trainer<'a> {
         let logits = self
             .network
             .net
-            .forward_t(&images, clinical.as_ref(), true)?;
+            .forward_t(&images, clinical.as_ref(), batch_statistics)?;
         let bce = bce_with_logits(&logits, &labels, self.cfg.pos_weight.unwrap_or(1.0))?;
         let cross_entropy = f64::from(bce.to_scalar::<f32>()?);
         let mut loss = bce;
-        if let Some((mu, start)) = &self.anchor {
+        if let (true, Some((mu, start))) = (proximal, &self.anchor) {
             let mut distance = Tensor::zeros((), candle_core::DType::F32, images.device())?;
             for (v, w0) in self.trainable.iter().zip(start) {
                 distance = (distance + (v.as_tensor() - w0)?.sqr()?.sum_all()?)?;
@@ -286,6 +305,9 @@ impl Network {
                 "{} labelled patients; training needs at least 2",
                 samples.len()
             )));
+        }
+        if let Some(dp) = &cfg.dp {
+            return self.fit_private(samples, cfg, dp, progress);
         }
         let mut trainer = Trainer::new(self, cfg)?;
         // Batches of at least 2: a last batch of one would give batch norm a variance of zero.

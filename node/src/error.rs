@@ -61,6 +61,10 @@ pub enum NodeError {
     Placement(#[from] PlacementError),
     #[error(transparent)]
     Certificate(#[from] CertificateError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    #[error("differential privacy: {0}")]
+    Privacy(String),
 }
 
 /// Why a node cannot answer the second pass of a paired test.

@@ -14,13 +14,19 @@ use fedslm_protocol::{
     PlacementReport, PlacementTask, SampleCounts, Weights,
 };
 
+use crate::ledger::{CheckError, Ledger, LedgerError, Mechanism};
 use crate::scores::{read_scores, write_scores, KeptScores, Scored};
 use crate::{NodeError, PlacementError, SiteCohort};
+use fedslm_metrics::dp::SecureNoise;
+use fedslm_model::DpTraining;
 
-/// A hospital node: its configuration, its cohort, the network of its last task, and the scores it keeps.
+/// A hospital node: its configuration, its cohort, the network of its last task, the scores it keeps, and its
+/// privacy ledger.
 pub struct Node {
     config: ClientConfig,
     cohort: SiteCohort,
+    /// Every differentially private release, recorded before it is sent (`privacy.ledger`).
+    ledger: Option<Ledger>,
     /// The network of the last task, reused while the architecture stays the same.
     network: Option<Network>,
     /// Each run's last evaluation, patient by patient, for the second pass of paired tests.
@@ -30,16 +36,64 @@ pub struct Node {
 impl Node {
     /// A node over the cohort of `config`, loaded and checked.
     pub fn load(config: &ClientConfig) -> Result<Node, NodeError> {
-        Ok(Node::new(config.clone(), SiteCohort::load(config)?))
+        Node::new(config.clone(), SiteCohort::load(config)?)
     }
 
-    pub fn new(config: ClientConfig, cohort: SiteCohort) -> Node {
-        Node {
+    /// A node over `cohort`, with its privacy ledger read back.
+    pub fn new(config: ClientConfig, cohort: SiteCohort) -> Result<Node, NodeError> {
+        let ledger = config.ledger.as_deref().map(Ledger::open).transpose()?;
+        Ok(Node {
             config,
             cohort,
+            ledger,
             network: None,
             kept: KeptScores::default(),
+        })
+    }
+
+    /// The privacy ledger, where client.toml names one.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.ledger.as_ref()
+    }
+
+    /// Refuses a release of `mechanism` for `run` that the site's budget cannot pay for.
+    fn afford(&self, run: &str, mechanism: &Mechanism) -> Result<(), NodeError> {
+        let (Some(budget), Some(ledger)) = (&self.config.privacy.dp_budget, &self.ledger) else {
+            return Ok(());
+        };
+        let cost = mechanism.rdp().map_err(LedgerError::from)?;
+        ledger.check(budget, run, &cost).map_err(|e| match e {
+            CheckError::Refused(r) => NodeError::Policy(r),
+            CheckError::Ledger(l) => NodeError::Ledger(l),
+        })
+    }
+
+    /// Records a release in the ledger (fsynced) before it is sent.
+    fn spend(
+        &mut self,
+        run: &str,
+        round: u32,
+        kind: TaskKind,
+        mechanism: Mechanism,
+    ) -> Result<(), NodeError> {
+        if let Some(ledger) = &mut self.ledger {
+            ledger.record(run, round, kind.name(), mechanism)?;
+            let spent = self
+                .config
+                .privacy
+                .dp_budget
+                .map(|b| ledger.spent(Some(run), b.delta))
+                .transpose()?;
+            tracing::info!(
+                run = %fedslm_protocol::text::escape_peer(run),
+                round,
+                kind = kind.name(),
+                epsilon = spent.map(|e| e.epsilon),
+                "privacy ledger: release recorded"
+            );
+            fedslm_files::failpoint::hit(fedslm_files::failpoint::LEDGER_WRITTEN, round);
         }
+        Ok(())
     }
 
     pub fn cohort(&self) -> &SiteCohort {
@@ -53,20 +107,39 @@ impl Node {
 
     /// Trains from the task's weights, or computes the clinical model's Newton statistics; with `record` in
     /// client.toml, keeps a copy of what leaves the site.
-    pub fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
-        // The site's policy first: the kind of task, then (before anything leaves) how many patients are
-        // behind the answer.
+    pub fn fit(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, NodeError> {
+        // The site's policy first: the kind of task, whether it is private, whether the budget pays for it,
+        // then (before anything leaves) how many patients are behind the answer; the ledger records the
+        // release before it is sent.
         let policy = &self.config.privacy;
         let kind = match task.objective {
             LocalObjective::NewtonStep => TaskKind::Newton,
             LocalObjective::Plain | LocalObjective::Proximal { .. } => TaskKind::Fit,
         };
         policy.accepts(kind)?;
+        policy.privacy(kind, task.dp.is_some())?;
+        let mechanism = match (&task.dp, kind) {
+            (Some(dp), TaskKind::Newton) if dp.sample_rate != 1.0 => {
+                return Err(NodeError::Privacy(format!(
+                    "Newton statistics are released once, with every patient: sampling rate {} must be 1",
+                    dp.sample_rate
+                )))
+            }
+            (Some(dp), TaskKind::Newton) => Some(Mechanism::of_task(dp, 1)),
+            (Some(dp), _) => Some(Mechanism::of_task(dp, task.local_epochs)),
+            (None, _) => None,
+        };
+        if let Some(m) = &mechanism {
+            self.afford(run_id, m)?;
+        }
         let result = match task.objective {
             LocalObjective::NewtonStep => self.newton(task)?,
             LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(task)?,
         };
         self.config.privacy.examples(result.examples)?;
+        if let Some(m) = mechanism {
+            self.spend(run_id, task.round, kind, m)?;
+        }
         if let Some(dir) = &self.config.record {
             self.record(dir, task, &result).map_err(NodeError::Record)?;
         }
@@ -78,12 +151,23 @@ impl Node {
     pub fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
         let policy = &self.config.privacy;
         policy.accepts(TaskKind::Evaluate)?;
+        policy.privacy(TaskKind::Evaluate, task.histogram_noise.is_some())?;
         policy.bins(task.histogram_bins)?;
-        let (report, scored) = self.evaluate_all(task)?;
+        let mechanism = task.histogram_noise.map(Mechanism::histogram);
+        if let Some(m) = &mechanism {
+            self.afford(run_id, m)?;
+        }
+        let (mut report, scored) = self.evaluate_all(task)?;
         self.config.privacy.classes(
             report.positives,
             report.examples.saturating_sub(report.positives),
         )?;
+        if let Some(sigma) = task.histogram_noise {
+            report = noised(&report, sigma)?;
+        }
+        if let Some(m) = mechanism {
+            self.spend(run_id, task.round, TaskKind::Evaluate, m)?;
+        }
         if let Some(dir) = &self.config.scores {
             write_scores(dir, run_id, &scored).map_err(NodeError::KeepScores)?;
         }
@@ -239,7 +323,23 @@ impl Node {
     fn newton(&self, task: &FitTask) -> Result<FitResult, NodeError> {
         let beta = clinical::coefficients(&task.weights)?;
         let patients = self.cohort.labelled_patients(Selection::fit(task.fold));
-        let s = clinical::local_stats(&self.config.coding, &patients, &beta)?;
+        let s = match &task.dp {
+            None => clinical::local_stats(&self.config.coding, &patients, &beta)?,
+            Some(dp) => {
+                let (x, y) = clinical::design(&self.config.coding, &patients);
+                if y.is_empty() {
+                    return Err(NodeError::NoOutcome);
+                }
+                fedslm_metrics::dp::private_newton_stats(
+                    &x,
+                    &y,
+                    &beta,
+                    dp.clip,
+                    dp.noise_multiplier,
+                    &mut secure_noise()?,
+                )
+            }
+        };
         if s.n == 0 {
             return Err(NodeError::NoOutcome);
         }
@@ -247,7 +347,12 @@ impl Node {
             round: task.round,
             weights: newton_weights(&s)?,
             examples: s.n,
-            train_loss: -s.log_likelihood / s.n as f64,
+            // Under DP the loss is not released.
+            train_loss: if task.dp.is_some() {
+                f64::NAN
+            } else {
+                -s.log_likelihood / s.n as f64
+            },
         })
     }
 
@@ -277,6 +382,11 @@ impl Node {
                 _ => None,
             },
             seed,
+            dp: task.dp.map(|dp| DpTraining {
+                clip: dp.clip,
+                noise_multiplier: dp.noise_multiplier,
+                sample_rate: dp.sample_rate,
+            }),
             ..TrainConfig::default()
         };
         let reports = network.fit(&train, &train_cfg, |r| {
@@ -286,7 +396,11 @@ impl Node {
             round: task.round,
             weights: network.to_weights()?,
             examples: train.len() as u64,
-            train_loss: reports.last().map_or(f64::NAN, |r| r.loss),
+            // Under DP the loss is not released.
+            train_loss: match task.dp {
+                Some(_) => f64::NAN,
+                None => reports.last().map_or(f64::NAN, |r| r.loss),
+            },
         })
     }
 
@@ -351,6 +465,30 @@ fn network_for<'a>(
     Ok(slot.insert(network))
 }
 
+/// The secure generator of a release's noise.
+fn secure_noise() -> Result<SecureNoise, NodeError> {
+    SecureNoise::from_os().map_err(|e| NodeError::Privacy(e.to_string()))
+}
+
+/// An evaluation's report with its histograms' counts noised (`sigma` each), its counts their sums, and its
+/// loss not released.
+fn noised(report: &EvalReport, sigma: f64) -> Result<EvalReport, NodeError> {
+    let exact = fedslm_metrics::ScoreHistograms {
+        positive: report.histogram.positive.clone(),
+        negative: report.histogram.negative.clone(),
+    };
+    let h = exact.noised(sigma, &mut secure_noise()?);
+    let positives: u64 = h.positive.iter().sum();
+    let negatives: u64 = h.negative.iter().sum();
+    Ok(EvalReport {
+        round: report.round,
+        examples: positives + negatives,
+        positives,
+        loss: f64::NAN,
+        histogram: (&h).into(),
+    })
+}
+
 /// The mean log-loss of probabilities against outcomes, each probability kept within [1e-12, 1 - 1e-12].
 fn mean_log_loss(labels: &[bool], probs: &[f64]) -> f64 {
     labels
@@ -383,8 +521,8 @@ impl LocalTrainer for Node {
         code_of(error)
     }
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
-        Node::fit(self, task)
+    fn fit(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, NodeError> {
+        Node::fit(self, run_id, task)
     }
 
     fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {
@@ -422,8 +560,8 @@ impl LocalTrainer for SharedNode {
         code_of(error)
     }
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
-        self.lock().fit(task)
+    fn fit(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, NodeError> {
+        self.lock().fit(run_id, task)
     }
 
     fn evaluate(&mut self, run_id: &str, task: &EvaluateTask) -> Result<EvalReport, NodeError> {

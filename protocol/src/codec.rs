@@ -545,6 +545,7 @@ impl Decode<Ctx> for Hello {
             center: center(d)?,
             settings_hash: Decode::decode(d)?,
             policy_hash: Decode::decode(d)?,
+            requires_dp: Decode::decode(d)?,
             counts: Decode::decode(d)?,
         })
     }
@@ -573,6 +574,15 @@ fn fold<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Option<Fold>, DecodeErro
     }
 }
 
+fn dp<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Option<DpSgd>, DecodeError> {
+    let dp: Option<DpSgd> = Decode::decode(d)?;
+    if let Some(p) = &dp {
+        p.check()
+            .map_err(|e| fail(format!("differential privacy: {e}")))?;
+    }
+    Ok(dp)
+}
+
 impl Decode<Ctx> for FitTask {
     fn decode<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<Self, DecodeError> {
         Ok(FitTask {
@@ -586,6 +596,7 @@ impl Decode<Ctx> for FitTask {
             seed: Decode::decode(d)?,
             objective: Decode::decode(d)?,
             keep_batch_norm_local: Decode::decode(d)?,
+            dp: dp(d)?,
         })
     }
 }
@@ -609,6 +620,12 @@ impl Decode<Ctx> for EvaluateTask {
             weights: weights(d)?,
             fold: fold(d)?,
             histogram_bins: Decode::decode(d)?,
+            histogram_noise: match Option::<f64>::decode(d)? {
+                Some(s) if !(s.is_finite() && s > 0.0) => {
+                    return Err(fail(format!("histogram noise {s}")))
+                }
+                other => other,
+            },
         })
     }
 }

@@ -132,6 +132,8 @@ pub struct Hello {
     /// SHA-256 of the site's disclosure policy (`[privacy]`), recorded by the server in the audit log and the
     /// model card.
     pub policy_hash: [u8; 32],
+    /// Whether that policy requires differential privacy of every release (`privacy.require_dp`).
+    pub requires_dp: bool,
     pub counts: SampleCounts,
 }
 
@@ -181,6 +183,42 @@ pub struct FitTask {
     pub objective: LocalObjective,
     /// FedBN: keep batch-norm parameters and statistics local, use only the rest of `weights`.
     pub keep_batch_norm_local: bool,
+    /// Differential privacy: train by DP-SGD, or noise the Newton statistics, with these parameters.
+    pub dp: Option<DpSgd>,
+}
+
+/// The parameters of a patient-level differentially private release of an update (DESIGN.md §5, README
+/// "Privacy"). Training: each local step samples each patient with probability `sample_rate` (Poisson),
+/// clips each patient's gradient to L2 norm `clip`, and adds Gaussian noise of standard deviation
+/// `noise_multiplier * clip` to their sum; an epoch is `ceil(1 / sample_rate)` steps. Newton statistics: each
+/// patient's (gradient, Hessian, log-likelihood) contribution clipped to `clip`, their sum noised once
+/// (`sample_rate` must be 1).
+#[derive(Debug, Clone, Copy, PartialEq, bincode::Encode, bincode::Decode)]
+pub struct DpSgd {
+    pub noise_multiplier: f64,
+    pub clip: f64,
+    pub sample_rate: f64,
+}
+
+impl DpSgd {
+    /// Why these parameters cannot be used, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
+            return Err(format!("noise multiplier {}", self.noise_multiplier));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err(format!("clipping norm {}", self.clip));
+        }
+        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
+            return Err(format!("sampling rate {}", self.sample_rate));
+        }
+        Ok(())
+    }
+
+    /// Local steps in `epochs` epochs: `ceil(1 / sample_rate)` each.
+    pub fn steps(&self, epochs: u32) -> u64 {
+        u64::from(epochs) * (1.0 / self.sample_rate).ceil() as u64
+    }
 }
 
 /// Training client → server: the local result of a fit task.
@@ -202,6 +240,9 @@ pub struct EvaluateTask {
     pub fold: Option<Fold>,
     /// Number of equal-width bins over [0, 1] for the score histograms.
     pub histogram_bins: u32,
+    /// Differential privacy: Gaussian noise of this standard deviation on each count (a patient changes one
+    /// count by one), rounded and kept non-negative; the loss is then not released (NaN).
+    pub histogram_noise: Option<f64>,
 }
 
 /// Per-class counts of predicted probabilities in equal-width bins over [0, 1].
@@ -329,6 +370,8 @@ pub enum ErrorCode {
     UpdateRefused,
     /// The site's disclosure policy does not let it answer the task (the message names the rule).
     PolicyRefused,
+    /// The run requires every centre's policy to require differential privacy, and this one's does not.
+    PrivacyRequired,
 }
 
 /// Either side: a refusal or an abort, with a message for people.

@@ -14,6 +14,8 @@ pub struct Enrolment {
     pub centers: BTreeMap<CenterId, Role>,
     /// The clinical coding and preprocessing every centre must use; `None` accepts any.
     pub settings_hash: Option<[u8; 32]>,
+    /// Admit only centres whose own policy requires differential privacy (server.toml `privacy.require_dp`).
+    pub require_dp: bool,
 }
 
 /// Why a verified peer is refused.
@@ -34,6 +36,9 @@ pub enum Refusal {
         expected: [u8; 32],
         got: [u8; 32],
     },
+    PrivacyRequired {
+        center: CenterId,
+    },
 }
 
 impl Refusal {
@@ -43,6 +48,7 @@ impl Refusal {
             Refusal::NotEnrolled { .. } => ErrorCode::NotEnrolled,
             Refusal::IdentityMismatch { .. } => ErrorCode::IdentityMismatch,
             Refusal::Settings { .. } => ErrorCode::SettingsMismatch,
+            Refusal::PrivacyRequired { .. } => ErrorCode::PrivacyRequired,
         }
     }
 }
@@ -66,6 +72,11 @@ impl fmt::Display for Refusal {
                 "clinical coding and preprocessing settings differ from the run's: hash {} here, {} expected",
                 to_hex(got),
                 to_hex(expected)
+            ),
+            Refusal::PrivacyRequired { center } => write!(
+                f,
+                "this run requires differential privacy of every release (server.toml privacy.require_dp), and \
+                 centre {center}'s policy does not require it (client.toml privacy.require_dp)"
             ),
         }
     }
@@ -95,6 +106,11 @@ pub fn admit(
         return Err(Refusal::IdentityMismatch {
             claimed: hello.center.clone(),
             certified: certified.clone(),
+        });
+    }
+    if enrolment.require_dp && !hello.requires_dp {
+        return Err(Refusal::PrivacyRequired {
+            center: certified.clone(),
         });
     }
     if let Some(expected) = enrolment.settings_hash {
@@ -159,6 +175,7 @@ mod tests {
             ]
             .into(),
             settings_hash: Some([7; 32]),
+            require_dp: false,
         }
     }
 
@@ -169,6 +186,7 @@ mod tests {
             center: id(center),
             settings_hash: [7; 32],
             policy_hash: [0; 32],
+            requires_dp: false,
             counts: SampleCounts::default(),
         }
     }
@@ -218,6 +236,21 @@ mod tests {
             ..e
         };
         assert!(admit(&any, &id("center-a"), &h).is_ok());
+    }
+
+    #[test]
+    fn a_run_that_requires_dp_admits_only_centres_whose_policy_requires_it() {
+        let e = Enrolment {
+            require_dp: true,
+            ..enrolment()
+        };
+        let r = admit(&e, &id("center-a"), &hello("center-a")).unwrap_err();
+        assert_eq!(r.code(), ErrorCode::PrivacyRequired);
+        assert!(r.to_string().contains("privacy.require_dp"), "{r}");
+        let mut h = hello("center-a");
+        h.requires_dp = true;
+        assert!(admit(&e, &id("center-a"), &h).is_ok());
+        assert!(admit(&enrolment(), &id("center-a"), &hello("center-a")).is_ok());
     }
 
     #[test]

@@ -80,6 +80,23 @@ pub struct ServerToml {
     /// Cross-validation: the fold (0-based) every training centre holds out, of `cv_folds`.
     pub cv_fold: Option<u32>,
     pub cv_folds: Option<u32>,
+    /// Differential privacy of the run's releases.
+    #[serde(default)]
+    pub privacy: PrivacyToml,
+}
+
+/// server.toml's `[privacy]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyToml {
+    /// Admit only centres whose own policy requires differential privacy.
+    #[serde(default)]
+    pub require_dp: bool,
+    /// Noise multiplier of every release (DP-SGD steps, Newton statistics, histogram counts); unset: none.
+    pub noise_multiplier: Option<f64>,
+    pub clip: Option<f64>,
+    pub newton_clip: Option<f64>,
+    pub sample_rate: Option<f64>,
 }
 
 impl ServerToml {
@@ -121,6 +138,7 @@ impl ServerToml {
             evaluate_every: 0,
             cv_fold: None,
             cv_folds: None,
+            privacy: PrivacyToml::default(),
         }
     }
 }
@@ -210,6 +228,7 @@ pub struct RunConfig {
     pub evaluation: crate::round::EvaluationSettings,
     /// Cross-validation: the fold the training centres hold out.
     pub fold: Option<Fold>,
+    pub dp: Option<crate::round::DpSettings>,
 }
 
 /// A checked server configuration.
@@ -392,6 +411,7 @@ impl ServerConfig {
                 )));
             }
         }
+        let dp = dp_settings(&file.privacy).map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Ok(ServerConfig {
             path: path.to_path_buf(),
@@ -414,6 +434,7 @@ impl ServerConfig {
                     every: file.evaluate_every,
                 },
                 fold,
+                dp,
             },
             listen: file.listen,
             tcp_listen,
@@ -423,6 +444,7 @@ impl ServerConfig {
                 rounds: file.rounds,
                 centers,
                 settings_hash,
+                require_dp: file.privacy.require_dp,
             },
             hello_timeout: Duration::from_secs(file.hello_timeout_secs),
             connection_budget: file.connection_budget_bytes,
@@ -481,6 +503,7 @@ impl ServerConfig {
             seed: r.seed,
             fold: r.fold,
             evaluation: r.evaluation,
+            dp: r.dp,
         })
     }
 
@@ -523,6 +546,15 @@ impl ServerConfig {
         put("seed", settings.seed.to_string());
         put("evaluation_bins", settings.evaluation.bins.to_string());
         put("evaluate_every", settings.evaluation.every.to_string());
+        if let Some(dp) = settings.dp {
+            put(
+                "dp",
+                format!(
+                    "noise {} clip {} newton_clip {} sample_rate {}",
+                    dp.noise_multiplier, dp.clip, dp.newton_clip, dp.sample_rate
+                ),
+            );
+        }
         if let Some(fold) = settings.fold {
             put(
                 "fold",
@@ -536,6 +568,47 @@ impl ServerConfig {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The run's noise from `[privacy]`, or why it cannot be used.
+fn dp_settings(p: &PrivacyToml) -> Result<Option<crate::round::DpSettings>, String> {
+    use crate::round::DpSettings;
+    let Some(noise_multiplier) = p.noise_multiplier else {
+        if p.require_dp {
+            return Err(
+                "privacy.require_dp = true needs privacy.noise_multiplier (the noise of every release)"
+                    .into(),
+            );
+        }
+        if p.clip.is_some() || p.newton_clip.is_some() || p.sample_rate.is_some() {
+            return Err(
+                "privacy.clip, newton_clip and sample_rate need privacy.noise_multiplier".into(),
+            );
+        }
+        return Ok(None);
+    };
+    let dp = DpSettings {
+        noise_multiplier,
+        clip: p.clip.unwrap_or(DpSettings::DEFAULT_CLIP),
+        newton_clip: p.newton_clip.unwrap_or(DpSettings::DEFAULT_NEWTON_CLIP),
+        sample_rate: p.sample_rate.unwrap_or(DpSettings::DEFAULT_SAMPLE_RATE),
+    };
+    for (key, v) in [
+        ("noise_multiplier", dp.noise_multiplier),
+        ("clip", dp.clip),
+        ("newton_clip", dp.newton_clip),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(format!("privacy.{key} = {v}: must be a positive number"));
+        }
+    }
+    if !(dp.sample_rate > 0.0 && dp.sample_rate <= 1.0) {
+        return Err(format!(
+            "privacy.sample_rate = {}: must be in (0, 1]",
+            dp.sample_rate
+        ));
+    }
+    Ok(Some(dp))
 }
 
 #[cfg(test)]

@@ -45,11 +45,13 @@ pub enum ReportError {
     Loss(f64),
 }
 
-/// Checks a report against what was asked; its histograms when it holds.
+/// Checks a report against what was asked (`noised`: with histogram noise, under which the loss is not
+/// released and reads NaN); its histograms when it holds.
 pub fn check_report(
     report: &EvalReport,
     round: u32,
     bins: u32,
+    noised: bool,
 ) -> Result<ScoreHistograms, ReportError> {
     if report.round != round {
         return Err(ReportError::Round {
@@ -78,7 +80,8 @@ pub fn check_report(
     if report.examples == 0 {
         return Err(ReportError::Empty);
     }
-    if !report.loss.is_finite() || report.loss < 0.0 {
+    let unreleased = noised && report.loss.is_nan();
+    if !unreleased && (!report.loss.is_finite() || report.loss < 0.0) {
         return Err(ReportError::Loss(report.loss));
     }
     Ok(h.into())
@@ -439,23 +442,33 @@ mod tests {
 
     #[test]
     fn a_report_must_be_the_aggregate_that_was_asked() {
-        assert!(check_report(&report(2, vec![0, 1, 2], vec![3, 1, 0]), 2, 3).is_ok());
-        let e = check_report(&report(1, vec![0, 1, 2], vec![3, 1, 0]), 2, 3).unwrap_err();
+        assert!(check_report(&report(2, vec![0, 1, 2], vec![3, 1, 0]), 2, 3, false).is_ok());
+        let e = check_report(&report(1, vec![0, 1, 2], vec![3, 1, 0]), 2, 3, false).unwrap_err();
         assert_eq!(e, ReportError::Round { got: 1, asked: 2 });
         assert!(e.to_string().contains("round 1"), "{e}");
-        let e = check_report(&report(2, vec![1, 2], vec![3, 0]), 2, 3).unwrap_err();
+        let e = check_report(&report(2, vec![1, 2], vec![3, 0]), 2, 3, false).unwrap_err();
         assert!(e.to_string().contains("3 were asked"), "{e}");
         let mut r = report(2, vec![0, 1, 2], vec![3, 1, 0]);
         r.examples += 1;
-        assert!(check_report(&r, 2, 3)
+        assert!(check_report(&r, 2, 3, false)
             .unwrap_err()
             .to_string()
             .contains("the report says"));
         let mut r = report(2, vec![0, 1, 2], vec![3, 1, 0]);
         r.loss = f64::NAN;
-        assert!(matches!(check_report(&r, 2, 3), Err(ReportError::Loss(_))));
+        assert!(matches!(
+            check_report(&r, 2, 3, false),
+            Err(ReportError::Loss(_))
+        ));
+        // Under histogram noise the loss is not released: NaN, and only NaN, is accepted.
+        assert!(check_report(&r, 2, 3, true).is_ok());
+        r.loss = f64::INFINITY;
+        assert!(matches!(
+            check_report(&r, 2, 3, true),
+            Err(ReportError::Loss(_))
+        ));
         assert_eq!(
-            check_report(&report(2, vec![0; 3], vec![0; 3]), 2, 3),
+            check_report(&report(2, vec![0; 3], vec![0; 3]), 2, 3, false),
             Err(ReportError::Empty)
         );
     }

@@ -11,7 +11,7 @@ pub mod audit;
 pub mod config;
 mod endpoint;
 pub mod evaluation;
-pub mod failpoint;
+pub use fedslm_files::failpoint;
 pub mod metrics;
 mod opening;
 pub mod round;

@@ -94,6 +94,7 @@ impl FitArgs {
             augmentation: (!self.no_augment).then(Augmentation::default),
             proximal_mu: None,
             seed,
+            dp: None,
         }
     }
 }

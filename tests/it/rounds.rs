@@ -58,7 +58,7 @@ struct Honest {
 impl LocalTrainer for Honest {
     type Error = Declined;
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+    fn fit(&mut self, _run_id: &str, task: &FitTask) -> Result<FitResult, Declined> {
         self.asked.lock().unwrap().push(task.round);
         Ok(FitResult {
             round: task.round,
@@ -83,7 +83,7 @@ struct Misbehaving;
 impl LocalTrainer for Misbehaving {
     type Error = Declined;
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+    fn fit(&mut self, _run_id: &str, task: &FitTask) -> Result<FitResult, Declined> {
         let ok = shifted(&task.weights, 1.0);
         let conv = ok.tensors()[0].clone();
         let var = ok.tensors()[1].clone();
@@ -540,9 +540,9 @@ struct Slow(Honest, f32);
 impl LocalTrainer for Slow {
     type Error = Declined;
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+    fn fit(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, Declined> {
         std::thread::sleep(Duration::from_secs_f32(self.1));
-        self.0.fit(task)
+        self.0.fit(run_id, task)
     }
 
     fn evaluate(&mut self, r: &str, t: &EvaluateTask) -> Result<EvalReport, Declined> {

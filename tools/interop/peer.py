@@ -18,12 +18,13 @@ from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 MAGIC = b"FSLM"
-VERSION = 2
+VERSION = 3
 KINDS = {1: "Hello", 2: "Welcome", 3: "FitTask", 4: "FitResult", 5: "EvaluateTask", 6: "EvalReport",
          7: "Finish", 8: "Error"}
 ROLES = ["Train", "Validate"]
 ERROR_CODES = ["UnsupportedVersion", "NotEnrolled", "IdentityMismatch", "SettingsMismatch", "Malformed",
-               "Unexpected", "Superseded", "Internal", "UpdateRefused", "PolicyRefused"]
+               "Unexpected", "Superseded", "Internal", "UpdateRefused", "PolicyRefused",
+               "PrivacyRequired"]
 
 
 def varint(v: int) -> bytes:
@@ -70,8 +71,8 @@ def frame(kind: int, payload: bytes, version: int = VERSION) -> bytes:
 
 
 def hello(center: str, settings_hash: bytes, counts, version: int) -> bytes:
-    # The policy hash: this peer states no disclosure policy of its own (all zero).
-    payload = varint(version) + string("python-peer/1") + string(center) + settings_hash + bytes(32)
+    # The policy hash: this peer states no disclosure policy of its own (all zero), nor requires DP (false).
+    payload = varint(version) + string("python-peer/1") + string(center) + settings_hash + bytes(32) + b"\x00"
     payload += b"".join(varint(c) for c in counts)
     return frame(1, payload)
 

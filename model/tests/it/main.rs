@@ -2,6 +2,7 @@
 //! against candle's ops, networks and their files, learning on synthetic cohorts.
 
 mod clinical;
+mod dp;
 mod kernels;
 mod learning;
 mod network;

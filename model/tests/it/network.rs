@@ -14,7 +14,7 @@ use fedslm_protocol::{TensorRole, Weights};
 
 const SIZE: usize = 16;
 
-fn config(kind: ModelKind) -> NetConfig {
+pub(crate) fn config(kind: ModelKind) -> NetConfig {
     NetConfig {
         width: 4,
         ..NetConfig::compact(3, SIZE, if kind == ModelKind::Mri { 0 } else { 5 })
@@ -22,7 +22,7 @@ fn config(kind: ModelKind) -> NetConfig {
 }
 
 /// Patients whose label shows as a bright centre in the first channel and as the first clinical factor.
-fn samples(n: usize, seed: u64) -> Vec<Sample> {
+pub(crate) fn samples(n: usize, seed: u64) -> Vec<Sample> {
     let mut rng = Rng::new(seed);
     (0..n)
         .map(|i| {

@@ -71,21 +71,24 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u16>(),
             ".{0,40}",
             center(),
-            any::<([u8; 32], [u8; 32])>(),
+            any::<([u8; 32], [u8; 32], bool)>(),
             any::<(u64, u64, u64)>()
         )
-            .prop_map(|(v, sw, c, (h, policy), (p, q, r))| Message::Hello(Hello {
-                protocol_version: v,
-                software_version: sw,
-                center: c,
-                settings_hash: h,
-                policy_hash: policy,
-                counts: SampleCounts {
-                    patients: p,
-                    positives: q,
-                    with_images: r
-                },
-            })),
+            .prop_map(
+                |(v, sw, c, (h, policy, dp), (p, q, r))| Message::Hello(Hello {
+                    protocol_version: v,
+                    software_version: sw,
+                    center: c,
+                    settings_hash: h,
+                    policy_hash: policy,
+                    requires_dp: dp,
+                    counts: SampleCounts {
+                        patients: p,
+                        positives: q,
+                        with_images: r
+                    },
+                })
+            ),
         (".{0,40}", center(), role, any::<u32>()).prop_map(|(run_id, center, role, rounds)| {
             Message::Welcome(Welcome {
                 run_id,
@@ -106,10 +109,19 @@ fn message() -> impl Strategy<Value = Message> {
             ),
             any::<u64>(),
             objective,
-            any::<bool>()
+            (
+                any::<bool>(),
+                proptest::option::of((0.1f64..10.0, 0.01f64..10.0, 0.001f64..=1.0).prop_map(
+                    |(noise_multiplier, clip, sample_rate)| DpSgd {
+                        noise_multiplier,
+                        clip,
+                        sample_rate
+                    }
+                ))
+            )
         )
             .prop_map(
-                |(round, model, weights, e, (lr, batch_size), fold, seed, objective, bn)| {
+                |(round, model, weights, e, (lr, batch_size), fold, seed, objective, (bn, dp))| {
                     Message::FitTask(FitTask {
                         round,
                         model,
@@ -121,6 +133,7 @@ fn message() -> impl Strategy<Value = Message> {
                         seed,
                         objective,
                         keep_batch_norm_local: bn,
+                        dp,
                     })
                 }
             ),
@@ -142,17 +155,20 @@ fn message() -> impl Strategy<Value = Message> {
                 (0u32..10, 10u32..=MAX_FOLDS, any::<u64>())
                     .prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())
             ),
-            any::<u32>()
+            (any::<u32>(), proptest::option::of(0.01f64..100.0))
         )
-            .prop_map(|(round, model, weights, fold, bins)| Message::EvaluateTask(
-                EvaluateTask {
-                    round,
-                    model,
-                    weights,
-                    fold,
-                    histogram_bins: bins,
-                }
-            )),
+            .prop_map(
+                |(round, model, weights, fold, (bins, noise))| Message::EvaluateTask(
+                    EvaluateTask {
+                        round,
+                        model,
+                        weights,
+                        fold,
+                        histogram_bins: bins,
+                        histogram_noise: noise,
+                    }
+                )
+            ),
         (
             any::<u32>(),
             any::<u64>(),

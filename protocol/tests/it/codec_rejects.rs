@@ -96,7 +96,7 @@ fn header_checks() {
     f[4..6].copy_from_slice(&1u16.to_le_bytes());
     assert_eq!(
         err(&f),
-        "protocol version 1 is not supported; this side speaks version 2"
+        "protocol version 1 is not supported; this side speaks version 3"
     );
 
     let mut f = good.clone();
@@ -269,6 +269,7 @@ fn a_fold_outside_its_count_is_refused() {
                 seed: 9,
             }),
             histogram_bins: 100,
+            histogram_noise: None,
         });
         // Encoding does not check; the peer's decoder must.
         let bytes = codec::encode(&task, &Limits::default()).unwrap();
@@ -281,9 +282,76 @@ fn a_fold_outside_its_count_is_refused() {
         weights: sample_weights(1),
         fold: Fold::new(2, 3, 9),
         histogram_bins: 100,
+        histogram_noise: None,
     });
     let bytes = codec::encode(&ok, &Limits::default()).unwrap();
     assert_eq!(codec::decode(&bytes, &Limits::default()).unwrap().0, ok);
+}
+
+#[test]
+fn differential_privacy_parameters_that_cannot_be_used_are_refused() {
+    let fit = |dp: DpSgd| {
+        Message::FitTask(FitTask {
+            round: 1,
+            model: ModelKind::Mri,
+            weights: sample_weights(1),
+            local_epochs: 1,
+            learning_rate: 0.01,
+            batch_size: 8,
+            fold: None,
+            seed: 1,
+            objective: LocalObjective::Plain,
+            keep_batch_norm_local: false,
+            dp: Some(dp),
+        })
+    };
+    let good = DpSgd {
+        noise_multiplier: 1.1,
+        clip: 1.0,
+        sample_rate: 0.25,
+    };
+    for (bad, says) in [
+        (
+            DpSgd {
+                noise_multiplier: 0.0,
+                ..good
+            },
+            "noise multiplier 0",
+        ),
+        (
+            DpSgd {
+                clip: f64::NAN,
+                ..good
+            },
+            "clipping norm NaN",
+        ),
+        (
+            DpSgd {
+                sample_rate: 1.5,
+                ..good
+            },
+            "sampling rate 1.5",
+        ),
+    ] {
+        let bytes = codec::encode(&fit(bad), &Limits::default()).unwrap();
+        let e = err(&bytes);
+        assert!(e.contains(says), "{e}");
+    }
+    let bytes = codec::encode(&fit(good), &Limits::default()).unwrap();
+    assert_eq!(
+        codec::decode(&bytes, &Limits::default()).unwrap().0,
+        fit(good)
+    );
+    let eval = Message::EvaluateTask(EvaluateTask {
+        round: 1,
+        model: ModelKind::Mri,
+        weights: sample_weights(1),
+        fold: None,
+        histogram_bins: 10,
+        histogram_noise: Some(-1.0),
+    });
+    let e = err(&codec::encode(&eval, &Limits::default()).unwrap());
+    assert!(e.contains("histogram noise -1"), "{e}");
 }
 
 #[test]
@@ -297,11 +365,12 @@ fn histogram_classes_must_have_the_same_bins() {
 #[test]
 fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
     let hello = Message::Hello(Hello {
-        protocol_version: 2,
+        protocol_version: 3,
         software_version: "0.1.0".into(),
         center: CenterId::new("center-a").unwrap(),
         settings_hash: [0; 32],
         policy_hash: [0xab; 32],
+        requires_dp: true,
         counts: SampleCounts {
             patients: 60,
             positives: 14,
@@ -309,12 +378,13 @@ fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
         },
     });
     let mut want = vec![
-        0x46, 0x53, 0x4c, 0x4d, 0x02, 0x00, 0x01, 0x00, 0x53, 0, 0, 0, 0, 0, 0, 0, 0x02,
+        0x46, 0x53, 0x4c, 0x4d, 0x03, 0x00, 0x01, 0x00, 0x54, 0, 0, 0, 0, 0, 0, 0, 0x03,
     ];
     want.extend([0x05, 0x30, 0x2e, 0x31, 0x2e, 0x30]);
     want.extend([0x08, 0x63, 0x65, 0x6e, 0x74, 0x65, 0x72, 0x2d, 0x61]);
     want.extend([0u8; 32]);
     want.extend([0xabu8; 32]);
+    want.push(0x01);
     want.extend([0x3c, 0x0e, 0x3c]);
     assert_eq!(codec::encode(&hello, &Limits::default()).unwrap(), want);
 }

@@ -74,6 +74,7 @@ impl Coordinator {
             weights: (*self.global).clone(),
             fold: None,
             histogram_bins: self.settings.evaluation.bins,
+            histogram_noise: self.settings.dp.map(|d| d.noise_multiplier),
         };
         tracing::info!(round, centers = tasks.len(), "evaluation started");
         if !training.is_empty() {
@@ -113,7 +114,12 @@ impl Coordinator {
             return Err(stale);
         };
         Coordinator::owned_and_pending(&e.tasks, center, task, e.round)?;
-        let histogram = check_report(&report, e.round, self.settings.evaluation.bins)?;
+        let histogram = check_report(
+            &report,
+            e.round,
+            self.settings.evaluation.bins,
+            self.settings.dp.is_some(),
+        )?;
         e.tasks.settle(task, center);
         e.centers.push(CenterEvaluation {
             center: center.clone(),

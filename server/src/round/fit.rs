@@ -116,6 +116,7 @@ impl Coordinator {
             seed: round_seed(self.settings.seed, round),
             objective,
             keep_batch_norm_local: false,
+            dp: self.settings.dp.map(|d| d.task(self.settings.strategy)),
         };
         tracing::info!(
             round,
@@ -196,7 +197,9 @@ impl Coordinator {
                 });
             }
         }
-        if !result.train_loss.is_finite() {
+        // Under differential privacy the loss is not released: NaN says so.
+        let unreleased = self.settings.dp.is_some() && result.train_loss.is_nan();
+        if !result.train_loss.is_finite() && !unreleased {
             return Err(UpdateRefusal::NonFiniteLoss(result.train_loss));
         }
         match &mut f.sum {

@@ -37,7 +37,7 @@ use fedslm_protocol::{CenterId, Role, SampleCounts, Weights};
 pub(crate) use io::weighted_loss;
 pub use io::{Action, Committed, Contribution, Input, Outcome, RoundRecord, Unanswered};
 pub use settings::{
-    round_seed, EvaluationSettings, NormBound, RoundSettings, SetupError, Strategy,
+    round_seed, DpSettings, EvaluationSettings, NormBound, RoundSettings, SetupError, Strategy,
 };
 
 use crate::aggregate::UpdateRefusal;

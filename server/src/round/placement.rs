@@ -92,6 +92,7 @@ impl Coordinator {
             seed: 0,
             fold: None,
             evaluation: EvaluationSettings { bins: 0, every: 0 },
+            dp: None,
         };
         let answers = vec![None; tasks.len()];
         let queued = tasks

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use fedslm_protocol::clinical::COEFFICIENTS;
-use fedslm_protocol::{Fold, ModelKind};
+use fedslm_protocol::{DpSgd, Fold, ModelKind};
 
 /// How the next global model is made from the centres' answers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +52,46 @@ pub struct RoundSettings {
     /// Under cross-validation: the fold every training centre holds out of training and evaluates on.
     pub fold: Option<Fold>,
     pub evaluation: EvaluationSettings,
+    /// Differential privacy of every release the run asks for; `None`: releases in the clear.
+    pub dp: Option<DpSettings>,
+}
+
+/// The noise of a run's releases (server.toml `[privacy]`): one noise multiplier for DP-SGD's steps, the
+/// clinical model's Newton statistics and the evaluations' histogram counts, so that a run's cost at each
+/// centre is the composition of one Gaussian mechanism (`fedslm_metrics::rdp`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpSettings {
+    pub noise_multiplier: f64,
+    /// Each patient's gradient clipped to this L2 norm (training).
+    pub clip: f64,
+    /// Each patient's contribution to the Newton statistics clipped to this L2 norm.
+    pub newton_clip: f64,
+    /// DP-SGD's Poisson sampling rate.
+    pub sample_rate: f64,
+}
+
+impl DpSettings {
+    /// Defaults where server.toml names only the noise: clip 1 (DP-SGD's usual), 4 for the Newton statistics
+    /// (a patient's standardised clinical vector has a norm of about 2-3), sampling rate 0.25.
+    pub const DEFAULT_CLIP: f64 = 1.0;
+    pub const DEFAULT_NEWTON_CLIP: f64 = 4.0;
+    pub const DEFAULT_SAMPLE_RATE: f64 = 0.25;
+
+    /// The parameters a fit task carries under `strategy`.
+    pub fn task(&self, strategy: Strategy) -> DpSgd {
+        match strategy {
+            Strategy::Newton => DpSgd {
+                noise_multiplier: self.noise_multiplier,
+                clip: self.newton_clip,
+                sample_rate: 1.0,
+            },
+            Strategy::FedAvg | Strategy::FedProx { .. } => DpSgd {
+                noise_multiplier: self.noise_multiplier,
+                clip: self.clip,
+                sample_rate: self.sample_rate,
+            },
+        }
+    }
 }
 
 /// When and how finely the global model is evaluated.

@@ -48,7 +48,7 @@ const ECHO_PATIENTS: SampleCounts = SampleCounts {
 impl LocalTrainer for Echo {
     type Error = Declined;
 
-    fn fit(&mut self, task: &FitTask) -> Result<FitResult, Declined> {
+    fn fit(&mut self, _run_id: &str, task: &FitTask) -> Result<FitResult, Declined> {
         std::thread::sleep(self.pace);
         Ok(FitResult {
             round: task.round,

@@ -69,6 +69,7 @@ pub fn client_config(
         record: None,
         scores: None,
         privacy: Default::default(),
+        ledger: None,
     })
 }
 

@@ -59,6 +59,7 @@ fn settings(quorum: usize) -> RoundSettings {
         fold: None,
         // The machine's evaluation rounds have their own tests.
         evaluation: EvaluationSettings { bins: 0, every: 0 },
+        dp: None,
     }
 }
 

@@ -1,6 +1,7 @@
-//! Named points where a test stops the server so that it can kill it exactly there (no sleeps, no races).
+//! Named points where a test stops a process (the server, or a node) so that it can kill it exactly there (no
+//! sleeps, no races). Every point of every crate is named here, so that a misspelt name is told.
 //!
-//! For tests only: `FEDSLM_FAILPOINT=NAME` or `NAME@ROUND` makes the server print `failpoint NAME reached at
+//! For tests only: `FEDSLM_FAILPOINT=NAME` or `NAME@ROUND` makes the process print `failpoint NAME reached at
 //! round R` on stderr when it gets there and then stop dead (every other thread goes on, as they would while a
 //! process is being killed). Unset, a point costs one read of a value computed once.
 
@@ -19,7 +20,16 @@ pub const BETWEEN_ROUNDS: &str = "between-rounds";
 /// After an update has been folded into the round's aggregate, before the round closes.
 pub const AGGREGATING: &str = "aggregating";
 
-pub const ALL: [&str; 4] = [CHECKPOINT_WRITTEN, SLED_COMMIT, BETWEEN_ROUNDS, AGGREGATING];
+/// At a node: after a release's entry is in the site's privacy ledger (fsynced), before the release is sent.
+pub const LEDGER_WRITTEN: &str = "ledger-written";
+
+pub const ALL: [&str; 5] = [
+    CHECKPOINT_WRITTEN,
+    SLED_COMMIT,
+    BETWEEN_ROUNDS,
+    AGGREGATING,
+    LEDGER_WRITTEN,
+];
 
 fn armed() -> Option<&'static (String, Option<u32>)> {
     static ARMED: OnceLock<Option<(String, Option<u32>)>> = OnceLock::new();
@@ -31,7 +41,10 @@ fn armed() -> Option<&'static (String, Option<u32>)> {
                 None => (value, None),
             };
             if !ALL.contains(&name.as_str()) {
-                tracing::warn!(%name, "{ENV} names no failpoint; known: {}", ALL.join(", "));
+                eprintln!(
+                    "{ENV} names no failpoint {name:?}; known: {}",
+                    ALL.join(", ")
+                );
             }
             Some((name, round))
         })
