@@ -335,6 +335,32 @@ impl NewtonSolver {
         Ok(NewtonStep::Evaluate(self.candidate.clone()))
     }
 
+    /// Takes noised statistics (differential privacy) at [`NewtonSolver::point`]: every step is taken whole,
+    /// since a noised log-likelihood cannot tell a worse point from a better one, and with `last` the fit is
+    /// stated at that point (its covariance from the noised Hessian) instead of a next point.
+    pub fn observe_noised(
+        &mut self,
+        stats: LogisticStats,
+        last: bool,
+    ) -> Result<NewtonStep, LogisticError> {
+        let p = self.names.len();
+        if stats.dim() != p || stats.hessian.len() != p * p {
+            return Err(LogisticError::Dimension {
+                expected: p,
+                got: stats.dim(),
+            });
+        }
+        if stats.n == 0 {
+            return Err(LogisticError::Empty);
+        }
+        self.beta = self.candidate.clone();
+        self.current = Some(stats);
+        if last {
+            return self.finish().map(NewtonStep::Converged);
+        }
+        self.propose()
+    }
+
     fn at(&self, t: f64) -> Vec<f64> {
         self.beta
             .iter()
@@ -451,6 +477,30 @@ pub fn fit_logistic(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_steps_on_exact_statistics_reach_the_maximum_likelihood_fit() {
+        let x: Vec<f64> = (0..60)
+            .flat_map(|i| [1.0, (i % 2) as f64, ((i * 7) % 5) as f64 / 4.0])
+            .collect();
+        let y: Vec<bool> = (0..60).map(|i| (i * 13) % 7 < 3).collect();
+        let names = ["(intercept)", "a", "b"];
+        let exact = fit_logistic(&names, &x, &y, None).unwrap();
+        let mut solver = NewtonSolver::new(&names, NewtonOptions::default());
+        let mut fit = None;
+        for round in 1..=12 {
+            let stats = logistic_stats(&x, &y, None, solver.point()).unwrap();
+            match solver.observe_noised(stats, round == 12).unwrap() {
+                NewtonStep::Converged(f) => fit = Some(f),
+                NewtonStep::Evaluate(_) => {}
+            }
+        }
+        let fit = fit.unwrap();
+        for (a, b) in fit.coefficients.iter().zip(&exact.coefficients) {
+            assert!((a - b).abs() < 1e-9, "{a} {b}");
+        }
+        assert!((fit.std_errors[1] - exact.std_errors[1]).abs() < 1e-9);
+    }
 
     #[test]
     fn a_single_binary_covariate_gives_the_two_by_two_table() {

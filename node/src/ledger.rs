@@ -326,6 +326,52 @@ impl Ledger {
     }
 }
 
+/// What a site has spent, run by run and over all runs, against its budget: `fedslm privacy`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spending {
+    pub delta: f64,
+    pub runs: Vec<RunSpending>,
+    pub lifetime_epsilon: f64,
+    /// What the lifetime budget has left; `None` where the site sets none.
+    pub lifetime_remaining: Option<f64>,
+}
+
+/// One run's spending.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSpending {
+    pub run: String,
+    pub releases: usize,
+    pub epsilon: f64,
+    /// What the run's budget has left; `None` where the site requires no DP.
+    pub remaining: Option<f64>,
+}
+
+impl Ledger {
+    /// The spending by run and over all, at the budget's δ (or the default δ where there is no budget).
+    pub fn spending(&self, budget: Option<&Budget>) -> Result<Spending, LedgerError> {
+        let delta = budget.map_or(fedslm_client::policy::DEFAULT_DELTA, |b| b.delta);
+        let runs = self
+            .runs(delta)?
+            .into_iter()
+            .map(|(run, e)| RunSpending {
+                releases: self.entries.iter().filter(|x| x.run == run).count(),
+                remaining: budget.map(|b| (b.epsilon - e.epsilon).max(0.0)),
+                epsilon: e.epsilon,
+                run,
+            })
+            .collect();
+        let lifetime = self.spent(None, delta)?.epsilon;
+        Ok(Spending {
+            delta,
+            runs,
+            lifetime_epsilon: lifetime,
+            lifetime_remaining: budget
+                .and_then(|b| b.lifetime_epsilon)
+                .map(|l| (l - lifetime).max(0.0)),
+        })
+    }
+}
+
 /// A budget check's answer other than yes.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {

@@ -179,6 +179,8 @@ impl Node {
     /// placements among the pooled scores of the other class.
     pub fn placements(&self, task: &PlacementTask) -> Result<PlacementReport, NodeError> {
         self.config.privacy.accepts(TaskKind::Placement)?;
+        // Placement sums carry no noise: a site that requires DP does not answer them.
+        self.config.privacy.privacy(TaskKind::Placement, false)?;
         let a = self.paired_side(&task.a_runs, "A")?;
         let b = self.paired_side(&task.b_runs, "B")?;
         if !a.keys().eq(b.keys()) {

@@ -116,6 +116,15 @@ pub enum AuditEvent {
         round: u32,
         checkpoint: String,
     },
+    /// Under differential privacy, at the run's end: what the centre released as the server received it, and
+    /// its ε by the accountant (`crate::privacy`).
+    PrivacySpent {
+        center: String,
+        fits: u64,
+        evaluations: u64,
+        epsilon: f64,
+        delta: f64,
+    },
     RunFinished {
         state: String,
         rounds: u32,

@@ -283,6 +283,8 @@ pub struct CenterRecord {
     pub role: String,
     pub examples: u64,
     pub positives: u64,
+    /// NaN (JSON null) where the centre did not release it (differential privacy).
+    #[serde(deserialize_with = "crate::store::f64_or_nan")]
     pub loss: f64,
     pub auc: AucSummary,
     pub histogram: HistogramRecord,

@@ -14,6 +14,7 @@ pub mod evaluation;
 pub use fedslm_files::failpoint;
 pub mod metrics;
 mod opening;
+pub mod privacy;
 pub mod round;
 pub mod store;
 

@@ -21,6 +21,24 @@ pub enum BenchCommand {
     /// rounds while QUIC Initials that never go on, validated half-open handshakes and refused handshakes
     /// arrive, phase by phase.
     Flood(FloodArgs),
+    /// The cost of differential privacy in training: a DP-SGD step (per-patient gradients clipped, summed
+    /// and noised) against a plain step of the same network on the same patients and threads.
+    Dp(DpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DpArgs {
+    /// Networks, comma-separated: `default`, `small`, `resnet18` (as `fedslm bench train`).
+    #[arg(long, value_delimiter = ',', default_value = "default")]
+    arch: Vec<String>,
+    /// Patients per step.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Timed steps of each kind, after the warm-up.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +95,7 @@ pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
         BenchCommand::Rounds(args) => output.start(Some(&log())).and_then(|()| rounds(args)),
         BenchCommand::Flood(args) => output.start(Some(&log())).and_then(|()| flood_bench(args)),
         BenchCommand::Commit(args) => output.start(None).and_then(|()| commit(args)),
+        BenchCommand::Dp(args) => output.start(None).and_then(|()| dp(args)),
         BenchCommand::Train(args) => {
             output.start(None)?;
             super::bench_train::run(args)
@@ -236,4 +255,43 @@ fn commit(args: CommitArgs) -> anyhow::Result<()> {
         mb / (med(&mut p.total).0 / 1e3)
     );
     Ok(())
+}
+
+fn dp(args: DpArgs) -> anyhow::Result<()> {
+    use fedslm_study::bench::dp::time_dp;
+    use fedslm_study::bench::train::bench_net;
+    println!(
+        "CPU: {}; threads: {}",
+        cpu_model(),
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into())
+    );
+    println!("| network | batch | plain step (ms) | DP-SGD step (ms) | DP / plain |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut rng = fedslm_cohort::Rng::new(1);
+    for a in &args.arch {
+        let net = bench_net(a)?;
+        let t = time_dp(&net, args.batch, args.warmup, args.steps, &mut rng)?;
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} |",
+            net.label,
+            t.batch,
+            t.plain,
+            t.private,
+            t.ratio()
+        );
+    }
+    Ok(())
+}
+
+/// The CPU's model name, from /proc/cpuinfo where there is one.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -9,6 +9,7 @@ mod evaluate;
 mod inspect;
 mod model;
 mod predict;
+mod privacy;
 mod progress;
 mod server;
 mod simulate;
@@ -70,6 +71,8 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Dims, spacing and value statistics of a NIfTI file, DICOM file or series; or a manifest's summary.
     Inspect(inspect::InspectArgs),
+    /// A site's differential-privacy budget, and what its ledger says it has spent and has left.
+    Privacy(privacy::PrivacyArgs),
 }
 
 /// How a command shows its work: the log filter, and how much the terminal gets.
@@ -126,6 +129,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => output.start(None).and_then(|()| inspect::run(a)),
         Command::Predict(a) => output.start(None).and_then(|()| predict::run(a)),
         Command::Model(c) => output.start(None).and_then(|()| model::run(c)),
+        Command::Privacy(a) => output.start(None).and_then(|()| privacy::run(a)),
     }
 }
 

@@ -42,14 +42,19 @@ pub struct SimulateArgs {
     /// The centre held out for external validation, or `none`; default: `external` if there is one.
     #[arg(long)]
     holdout: Option<String>,
-    /// Bins of the score histograms the centres send.
-    #[arg(long, default_value_t = 1000)]
-    bins: u32,
+    /// Bins of the score histograms the centres send [default: 1000; 10 with --dp-epsilon, whose noise is
+    /// per bin].
+    #[arg(long)]
+    bins: Option<u32>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Skip the centralised baseline (`fedslm train` on the training centres pooled, same folds and epochs).
     #[arg(long)]
     no_centralised: bool,
+    /// Every site under patient-level differential privacy with this ε per federation (δ = 1e-5): DP-SGD,
+    /// noised Newton statistics and histograms, each site's ledger enforcing the budget.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
 }
 
 impl SimulateArgs {
@@ -66,9 +71,13 @@ impl SimulateArgs {
                 Some("none") => Holdout::None,
                 Some(c) => Holdout::Center(c.to_string()),
             },
-            bins: self.bins,
+            bins: self.bins.unwrap_or(match self.dp_epsilon {
+                Some(_) => fedslm_study::simulate::privacy::DP_BINS,
+                None => 1000,
+            }),
             seed: self.seed,
             centralised: !self.no_centralised,
+            dp_epsilon: self.dp_epsilon,
         }
     }
 }

@@ -83,6 +83,7 @@ pub fn write_final_model(
             "checkpoint_sha256": meta.and_then(|m| m.final_checkpoint).unwrap_or_default(),
             "audit_head": store.head().hex(),
             "policies": policies(store)?,
+            "privacy": privacy(store, settings)?,
         }),
         ..card.clone()
     };
@@ -95,6 +96,22 @@ pub fn write_final_model(
         final_card.training["newton_iterations"] = json!(fit.iterations);
     }
     Ok(save(path, weights, &final_card)?)
+}
+
+/// Under differential privacy: the run's noise, and what each centre released as the server received it with
+/// its ε by the accountant (`fedslm_server::privacy`); null for a run in the clear.
+pub fn privacy(store: &Store, settings: &RoundSettings) -> Result<serde_json::Value, StudyError> {
+    let Some(dp) = settings.dp else {
+        return Ok(serde_json::Value::Null);
+    };
+    Ok(json!({
+        "noise_multiplier": dp.noise_multiplier,
+        "clip": dp.clip,
+        "newton_clip": dp.newton_clip,
+        "sample_rate": dp.sample_rate,
+        "delta": fedslm_server::privacy::DELTA,
+        "by_center": fedslm_server::privacy::released(settings, &store.rounds()?),
+    }))
 }
 
 /// Each centre's disclosure policy (its SHA-256, as its last Hello said), from the audit log.

@@ -15,6 +15,7 @@ mod federation;
 mod handshake;
 mod interop_python;
 mod packaging;
+mod privacy;
 mod pydicom_crosscheck;
 mod resume;
 mod rounds;

@@ -15,6 +15,7 @@ use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
 use crate::evaluation::Evaluation;
 use crate::failpoint;
+use crate::round::RoundSettings;
 use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId, Unanswered};
 use crate::store::{RunState, Store, StoredRound};
 
@@ -331,7 +332,7 @@ impl Driver {
     /// dropped, the event emitted.
     async fn finish(&mut self, outcome: Outcome) -> Outcome {
         if let Some(durable) = &self.durable {
-            record_end(&durable.store, &outcome).await;
+            record_end(&durable.store, &outcome, self.machine.settings()).await;
         }
         self.tell_finish(match &outcome {
             Outcome::Completed { rounds, .. } => format!("completed {rounds} rounds"),
@@ -372,7 +373,7 @@ fn answered_task(input: &Input) -> Option<TaskId> {
 }
 
 /// Records how the run ended.
-async fn record_end(store: &Arc<Store>, outcome: &Outcome) {
+async fn record_end(store: &Arc<Store>, outcome: &Outcome, settings: &RoundSettings) {
     let (state, reason) = match outcome {
         Outcome::Completed { rounds, .. } => {
             (RunState::Completed, format!("completed {rounds} rounds"))
@@ -380,7 +381,12 @@ async fn record_end(store: &Arc<Store>, outcome: &Outcome) {
         Outcome::Failed { reason, .. } => (RunState::Failed, reason.clone()),
     };
     let store = store.clone();
-    let done = tokio::task::spawn_blocking(move || store.finish(state, &reason)).await;
+    let settings = settings.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let privacy = crate::privacy::released(&settings, &store.rounds()?);
+        store.finish(state, &reason, &privacy)
+    })
+    .await;
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "cannot record the run's end"),

@@ -299,7 +299,7 @@ impl Coordinator {
                     .newton
                     .as_mut()
                     .expect("a Newton sum is made only where the run has a solver");
-                match solver.observe(stats) {
+                match observe(solver, &self.settings, stats, f.round) {
                     Ok(NewtonStep::Evaluate(beta)) => {
                         self.global = Arc::new(clinical_weights(&beta, None));
                     }
@@ -415,6 +415,20 @@ fn plausible(s: &LogisticStats) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// One observation of the Newton solver: in the clear with step-halving until it converges; under
+/// differential privacy (noised statistics) every step taken whole, and the fit stated at the run's last round.
+pub(super) fn observe(
+    solver: &mut fedslm_metrics::NewtonSolver,
+    settings: &super::RoundSettings,
+    stats: LogisticStats,
+    round: u32,
+) -> Result<NewtonStep, fedslm_metrics::LogisticError> {
+    match settings.dp {
+        None => solver.observe(stats),
+        Some(_) => solver.observe_noised(stats, round >= settings.rounds),
+    }
 }
 
 /// The clinical model's weights at `beta`; the covariance is zero until the fit has converged.

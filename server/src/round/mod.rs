@@ -126,6 +126,11 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// The run's round settings.
+    pub fn settings(&self) -> &RoundSettings {
+        &self.settings
+    }
+
     /// The global model now.
     pub fn global(&self) -> &Arc<Weights> {
         &self.global

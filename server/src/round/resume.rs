@@ -114,7 +114,7 @@ impl Coordinator {
                         "federated Newton converged at round {i}, yet rounds were committed after it"
                     )));
                 }
-                match solver.observe(stats.clone()) {
+                match super::fit::observe(solver, &c.settings, stats.clone(), i as u32 + 1) {
                     Ok(NewtonStep::Evaluate(_)) => {}
                     Ok(NewtonStep::Converged(fit)) => converged = Some(fit),
                     Err(e) => return Err(SetupError::Resume(format!("round {}: {e}", i + 1))),

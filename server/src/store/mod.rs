@@ -149,7 +149,14 @@ pub struct RunMeta {
 pub struct StoredContribution {
     pub center: String,
     pub examples: u64,
+    /// NaN (JSON null) where the centre did not release it (differential privacy).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub train_loss: f64,
+}
+
+/// An f64 that JSON may hold as null: serde_json writes a NaN (a loss not released) so.
+pub(crate) fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -703,8 +710,14 @@ impl Store {
         self.write_derived()
     }
 
-    /// Records how the run ended.
-    pub fn finish(&self, state: RunState, reason: &str) -> Result<(), StoreError> {
+    /// Records how the run ended, after what each centre released under differential privacy (`privacy`,
+    /// from [`crate::privacy::released`]; empty for a run in the clear).
+    pub fn finish(
+        &self,
+        state: RunState,
+        reason: &str,
+        privacy: &BTreeMap<String, crate::privacy::Released>,
+    ) -> Result<(), StoreError> {
         let meta = self
             .meta()?
             .ok_or_else(|| StoreError::NoRun(self.out.clone()))?;
@@ -718,6 +731,18 @@ impl Store {
             RunState::Completed => last.map(|r| r.checkpoint.clone()),
             _ => None,
         };
+        for (center, r) in privacy {
+            self.write_with_audit(
+                &[],
+                AuditEvent::PrivacySpent {
+                    center: center.clone(),
+                    fits: r.fits,
+                    evaluations: r.evaluations,
+                    epsilon: r.epsilon,
+                    delta: crate::privacy::DELTA,
+                },
+            )?;
+        }
         let meta = RunMeta {
             state,
             reason: Some(reason.to_string()),
@@ -878,6 +903,19 @@ mod tests {
     use super::*;
     use fedslm_protocol::CenterId;
 
+    #[test]
+    fn a_loss_not_released_is_stored_as_null_and_read_back_as_nan() {
+        let c = StoredContribution {
+            center: "a".into(),
+            examples: 3,
+            train_loss: f64::NAN,
+        };
+        let bytes = json_bytes(&c);
+        assert!(String::from_utf8_lossy(&bytes).contains("\"train_loss\":null"));
+        let back: StoredContribution = serde_json::from_slice(&bytes).unwrap();
+        assert!(back.train_loss.is_nan());
+    }
+
     pub(super) fn fingerprint(rounds: u32) -> BTreeMap<String, String> {
         [
             ("run_id".to_string(), "r1".to_string()),
@@ -954,7 +992,7 @@ mod tests {
             }
             commit(&store, 2, b"model two");
             store
-                .finish(RunState::Completed, "completed 2 rounds")
+                .finish(RunState::Completed, "completed 2 rounds", &BTreeMap::new())
                 .unwrap();
             let report = store.verify(None).unwrap();
             // Unsigned here: the chain and checkpoints hold, the signature is missing.

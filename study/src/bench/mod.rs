@@ -9,6 +9,7 @@
 //! - [`flood`]: what strangers cost the server: its memory and the honest rounds under a flood of half-open
 //!   and refused handshakes.
 
+pub mod dp;
 pub mod flood;
 pub mod stranger;
 pub mod train;

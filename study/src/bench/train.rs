@@ -102,7 +102,7 @@ pub fn kernel_set(name: &str) -> Result<Kernels, StudyError> {
 }
 
 /// Random crops and clinical indicators, alternate labels (the PyTorch script draws the same kind).
-fn samples(n: usize, config: &NetConfig, rng: &mut Rng) -> Vec<Sample> {
+pub(crate) fn samples(n: usize, config: &NetConfig, rng: &mut Rng) -> Vec<Sample> {
     let (c, s) = (config.in_channels, config.input_size);
     (0..n)
         .map(|i| Sample {

@@ -47,8 +47,12 @@ pub fn start_nodes(
 ) -> Result<Vec<JoinHandle<Result<Finish, ClientError>>>, StudyError> {
     let mut clients = Vec::new();
     for (name, node) in &ctx.nodes {
-        // The node holds its cohort; this run's configuration only says where to connect.
-        let config = configs::client_config(&ctx.out, &ctx.pki, name, None, addr)?;
+        // The node holds its cohort and ledger; this run's configuration says where to connect, and its
+        // Hello states the site's policy.
+        let mut config = configs::client_config(&ctx.out, &ctx.pki, name, None, addr)?;
+        if let Some(epsilon) = ctx.settings.dp_epsilon {
+            config.privacy = super::privacy::policy(epsilon);
+        }
         let node = node.clone();
         let counts = node.counts();
         clients.push(tokio::spawn(async move {
@@ -83,11 +87,15 @@ pub fn federate(
     let tag = fold.map_or("all".to_string(), |f| format!("fold-{}", f + 1));
     let dir = ctx.out.join("runs").join(model.name()).join(&tag);
     crate::error::create_dir(&dir)?;
-    let rounds = if model == ModelKind::Clinical {
-        NEWTON_ROUNDS
-    } else {
-        s.rounds
+    let rounds = match (model, s.dp_epsilon) {
+        (ModelKind::Clinical, None) => NEWTON_ROUNDS,
+        (ModelKind::Clinical, Some(_)) => super::privacy::DP_NEWTON_ROUNDS,
+        _ => s.rounds,
     };
+    let noise = s
+        .dp_epsilon
+        .map(|e| super::privacy::noise(model, s, e))
+        .transpose()?;
     let config: ServerConfig =
         configs::server_config(&ctx.pki, &run_id(model, fold), &dir, &ctx.centers, |t| {
             t.initial_model = Some(init.to_path_buf());
@@ -100,7 +108,13 @@ pub fn federate(
                 t.cv_fold = Some(f);
                 t.cv_folds = Some(s.folds);
             }
+            if let Some(sigma) = noise {
+                t.privacy = super::privacy::server_privacy(sigma);
+            }
         })?;
+    let settings = config
+        .round_settings(model)
+        .map_err(|e| StudyError::Failed(format!("{model}: {e}")))?;
     let (run, card) = open_run_from_files(&config, init, false)?;
     let label = format!(
         "{model} {}",
@@ -169,6 +183,7 @@ pub fn federate(
                     "centers": ctx.centers.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
                     "audit_head": store.head().hex(),
                     "policies": crate::runs::policies(&store)?,
+                    "privacy": crate::runs::privacy(&store, &settings)?,
                 }),
                 metrics: record
                     .map(|r| json!({"internal": r.internal, "external": r.external}))

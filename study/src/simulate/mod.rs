@@ -8,6 +8,7 @@
 mod compare;
 pub mod configs;
 mod federation;
+pub mod privacy;
 pub mod report;
 pub mod results;
 
@@ -55,6 +56,8 @@ pub struct Settings {
     pub seed: u64,
     /// The centralised baseline (centralised training on the training centres pooled, same folds and epochs).
     pub centralised: bool,
+    /// Every site under differential privacy with this ε per federation (`privacy`); `None`: in the clear.
+    pub dp_epsilon: Option<f64>,
 }
 
 impl Default for Settings {
@@ -71,6 +74,7 @@ impl Default for Settings {
             bins: 1000,
             seed: 42,
             centralised: true,
+            dp_epsilon: None,
         }
     }
 }
@@ -136,6 +140,13 @@ impl Settings {
         }
         if self.models.is_empty() {
             return Err(StudyError::Refused("--models names no model".into()));
+        }
+        if let Some(e) = self.dp_epsilon {
+            if !(e.is_finite() && e > 0.0) {
+                return Err(StudyError::Refused(format!(
+                    "--dp-epsilon {e}: must be a positive number"
+                )));
+            }
         }
         Ok(())
     }
@@ -244,13 +255,17 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             &pki_dir.join("centres").join(name),
             IssueOptions::days(30)?,
         )?;
-        let config = configs::client_config(
+        let mut config = configs::client_config(
             &out,
             &pki_dir,
             name,
             Some(&cohort.join(name)),
             std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
         )?;
+        if let Some(epsilon) = settings.dp_epsilon {
+            config.privacy = privacy::policy(epsilon);
+            config.ledger = Some(privacy::ledger(&out, name));
+        }
         let node = Node::load(&config)?;
         let counts = node.counts();
         observer(StudyEvent::Milestone(format!(
@@ -301,6 +316,30 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
     }
     let comparisons = compare::compare(&ctx, &runtime, &per_model)?;
     let s = &ctx.settings;
+    let dp = match s.dp_epsilon {
+        None => None,
+        Some(epsilon) => Some(privacy::DpRecord {
+            epsilon_per_federation: epsilon,
+            delta: fedslm_client::policy::DEFAULT_DELTA,
+            noise_multipliers: per_model
+                .iter()
+                .map(|(m, _)| Ok((m.name().to_string(), privacy::noise(*m, s, epsilon)?)))
+                .collect::<Result<_, StudyError>>()?,
+            study_epsilon_by_center: ctx
+                .nodes
+                .iter()
+                .map(|(name, node)| {
+                    let node = node.0.lock().unwrap_or_else(|p| p.into_inner());
+                    let spent = node
+                        .ledger()
+                        .map(|l| l.spent(None, fedslm_client::policy::DEFAULT_DELTA))
+                        .transpose()
+                        .map_err(|e| StudyError::Node(Box::new(e.into())))?;
+                    Ok((name.clone(), spent.map_or(0.0, |e| e.epsilon)))
+                })
+                .collect::<Result<_, StudyError>>()?,
+        }),
+    };
     let results = StudyResults {
         software: concat!("fedslm ", env!("CARGO_PKG_VERSION")).into(),
         cohort: cohort.display().to_string(),
@@ -312,6 +351,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             bins: s.bins,
             seed: s.seed,
             network: "compact (ResNet-10, width 8, 9x64x64)".into(),
+            dp,
         },
         models: per_model
             .iter()

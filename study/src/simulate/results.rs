@@ -33,6 +33,9 @@ pub struct SettingsRecord {
     pub bins: u32,
     pub seed: u64,
     pub network: String,
+    /// Under `--dp-epsilon`: the budget, the noise, and each site's whole-study ε.
+    #[serde(default)]
+    pub dp: Option<super::privacy::DpRecord>,
 }
 
 /// One model's results.
