@@ -24,6 +24,19 @@ pub enum BenchCommand {
     /// The cost of differential privacy in training: a DP-SGD step (per-patient gradients clipped, summed
     /// and noised) against a plain step of the same network on the same patients and threads.
     Dp(DpArgs),
+    /// The privacy-utility trade-off of `fedslm simulate` runs made at several `--dp-epsilon` budgets (and
+    /// without) and seeds: each budget's AUC median and range over seeds, as a Markdown table and a figure.
+    Tradeoff(TradeoffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TradeoffArgs {
+    /// The runs' output folders (each with its results.json).
+    #[arg(long, value_delimiter = ',', num_args = 1.., required = true)]
+    runs: Vec<std::path::PathBuf>,
+    /// Where to write privacy-tradeoff.png and .svg.
+    #[arg(long, default_value = "figures")]
+    figures: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +109,7 @@ pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
         BenchCommand::Flood(args) => output.start(Some(&log())).and_then(|()| flood_bench(args)),
         BenchCommand::Commit(args) => output.start(None).and_then(|()| commit(args)),
         BenchCommand::Dp(args) => output.start(None).and_then(|()| dp(args)),
+        BenchCommand::Tradeoff(args) => output.start(None).and_then(|()| tradeoff(args)),
         BenchCommand::Train(args) => {
             output.start(None)?;
             super::bench_train::run(args)
@@ -294,4 +308,14 @@ fn cpu_model() -> String {
                 .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into())
+}
+
+fn tradeoff(args: TradeoffArgs) -> anyhow::Result<()> {
+    use fedslm_study::simulate::tradeoff::{read_points, spreads, table_md};
+    let points = read_points(&args.runs)?;
+    print!("{}", table_md(&spreads(&points)));
+    for path in fedslm_study::figures::write_tradeoff(&args.figures, &points)? {
+        println!("figure: {}", path.display());
+    }
+    Ok(())
 }

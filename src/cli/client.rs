@@ -74,6 +74,23 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
             config.privacy,
             fedslm_protocol::hex::to_hex(&config.privacy.hash())
         );
+        if let (Some(ledger), Some(budget)) = (node.ledger(), &config.privacy.dp_budget) {
+            let s = ledger.spending(Some(budget))?;
+            println!(
+                "privacy ledger {}: ε {:.4} spent over {} runs (δ = {:e}){}; a run may spend ε {}",
+                ledger.path().display(),
+                s.lifetime_epsilon,
+                s.runs.len(),
+                s.delta,
+                s.lifetime_remaining
+                    .map_or(String::new(), |l| format!(", {l:.4} left over all runs")),
+                budget.epsilon
+            );
+            println!(
+                "under DP each release below is noised as the task asks (DP-SGD, noised Newton statistics, \
+                 noised histogram counts; losses not released), and a task without DP is refused"
+            );
+        }
         for r in release::releases(&config, node.cohort())? {
             println!("{}: {}, {} bytes ({})", r.when, r.message, r.bytes, r.holds);
         }

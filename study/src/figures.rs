@@ -326,6 +326,151 @@ pub fn write_figures(
     Ok(written)
 }
 
+/// One side's panel of the privacy trade-off: a model's AUC per seed (points) and its median (a line) at each
+/// budget, budgets left to right and no DP last.
+fn tradeoff_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    side: &str,
+    budgets: &[Option<f64>],
+    points: &[crate::simulate::tradeoff::Point],
+    spreads: &[crate::simulate::tradeoff::Spread],
+) -> Drawn<()>
+where
+    DB::ErrorType: 'static,
+{
+    use crate::simulate::tradeoff::budget_label;
+    let index = |e: Option<f64>| budgets.iter().position(|b| *b == e).unwrap_or(0) as f64;
+    let k = budgets.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            format!("{side} AUC"),
+            (FONT, 28).into_font().style(FontStyle::Bold),
+        )
+        .margin(20)
+        .x_label_area_size(60)
+        .y_label_area_size(70)
+        .build_cartesian_2d(-0.5..k - 0.5, 0.3..1.0)
+        .map_err(draw_err)?;
+    let labels: Vec<String> = budgets.iter().map(|b| budget_label(*b)).collect();
+    let formatter = |x: &f64| {
+        let i = x.round();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+            labels[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_labels(budgets.len())
+        .x_label_formatter(&formatter)
+        .x_desc("privacy budget per federation (δ = 1e-5)")
+        .y_desc("AUC")
+        .label_style((FONT, 18))
+        .axis_desc_style((FONT, 20))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(draw_err)?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(-0.5, 0.5), (k - 0.5, 0.5)],
+            8,
+            6,
+            BLACK.mix(0.4).stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    let mut models: Vec<&str> = spreads.iter().map(|s| s.model.as_str()).collect();
+    models.sort();
+    models.dedup();
+    for (m, model) in models.iter().enumerate() {
+        let color = PALETTE[m % PALETTE.len()];
+        // Models side by side within a budget, so that their points do not hide each other.
+        let shift = (m as f64 - (models.len() as f64 - 1.0) / 2.0) * 0.08;
+        let line: Vec<(f64, f64)> = spreads
+            .iter()
+            .filter(|s| s.model == *model && s.side == side)
+            .map(|s| (index(s.epsilon) + shift, s.median))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(line, color.stroke_width(3)))
+            .map_err(draw_err)?
+            .label(format!("{model} (median)"))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(3)));
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .filter(|p| p.model == *model && p.side == side)
+                    .map(|p| {
+                        Circle::new(
+                            (index(p.epsilon) + shift, p.auc),
+                            4,
+                            color.mix(0.6).filled(),
+                        )
+                    }),
+            )
+            .map_err(draw_err)?;
+    }
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
+}
+
+/// Both sides' panels of the privacy trade-off.
+fn tradeoff<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    budgets: &[Option<f64>],
+    points: &[crate::simulate::tradeoff::Point],
+    spreads: &[crate::simulate::tradeoff::Spread],
+) -> Drawn<()>
+where
+    DB::ErrorType: 'static,
+{
+    area.fill(&WHITE).map_err(draw_err)?;
+    for (panel, side) in area
+        .split_evenly((1, 2))
+        .iter()
+        .zip(["internal", "external"])
+    {
+        tradeoff_panel(panel, side, budgets, points, spreads)?;
+    }
+    area.present().map_err(draw_err)
+}
+
+/// Writes `privacy-tradeoff.png` and `.svg` to `dir`: internal and external AUC against the privacy budget,
+/// each seed's run a point and the median a line, per model; returns their paths.
+pub fn write_tradeoff(
+    dir: &Path,
+    points: &[crate::simulate::tradeoff::Point],
+) -> Result<Vec<PathBuf>, StudyError> {
+    use crate::simulate::tradeoff::{budget_order, figure_paths, spreads};
+    register_font();
+    crate::error::create_dir(dir)?;
+    let spreads = spreads(points);
+    let mut budgets: Vec<Option<f64>> = points.iter().map(|p| p.epsilon).collect();
+    budgets.sort_by(|a, b| budget_order(*a, *b));
+    budgets.dedup();
+    let size = (1500, 650);
+    let [png, svg] = figure_paths(dir);
+    let failed = |path: &PathBuf| {
+        let path = path.clone();
+        move |reason| StudyError::Figure { path, reason }
+    };
+    tradeoff(
+        &BitMapBackend::new(&png, size).into_drawing_area(),
+        &budgets,
+        points,
+        &spreads,
+    )
+    .map_err(failed(&png))?;
+    tradeoff(
+        &SVGBackend::new(&svg, size).into_drawing_area(),
+        &budgets,
+        points,
+        &spreads,
+    )
+    .map_err(failed(&svg))?;
+    Ok(vec![png, svg])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ mod federation;
 pub mod privacy;
 pub mod report;
 pub mod results;
+pub mod tradeoff;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
