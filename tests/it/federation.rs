@@ -490,6 +490,62 @@ fn server_compare_pairs_two_models_from_the_scores_the_centers_kept() {
 }
 
 #[test]
+fn a_count_floor_and_a_refused_kind_are_refused_by_name_audited_and_the_run_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let centers = ["center-a", "center-b", "center-c"];
+    let run = Run::new(
+        d,
+        &centers.map(|c| (c, "train")),
+        "initial_model = \"init.safetensors\"\nrounds = 30\nevaluation_bins = 10\n",
+    );
+    crate::common::init_model("clinical", &d.join("init.safetensors"), &[]);
+    // center-b describes no class of fewer than 1000 patients; center-c answers Newton statistics only.
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|c| {
+            let policy = match *c {
+                "center-b" => "[privacy]\nmin_per_class = 1000\n",
+                "center-c" => "[privacy]\naccept = [\"newton\"]\n",
+                _ => "",
+            };
+            run.client_config(c, &reference().join(c), policy)
+        })
+        .collect();
+    let (server_out, _) = run.go(&clients);
+    assert!(server_out.contains("run completed after"), "{server_out}");
+    let store = fedslm_server::Store::open_existing(&d.join("out")).unwrap();
+    let dropped = |center: &str| -> Vec<String> {
+        store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap())
+            .filter(|e| e["event"] == "task_dropped" && e["center"] == center)
+            .map(|e| e["reason"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let b = dropped("center-b");
+    assert!(
+        b.len() == 1 && b[0].contains("PolicyRefused") && b[0].contains("privacy.min_per_class"),
+        "{b:?}"
+    );
+    let c = dropped("center-c");
+    assert!(
+        c.len() == 1 && c[0].contains("PolicyRefused") && c[0].contains("privacy.accept"),
+        "{c:?}"
+    );
+    assert!(dropped("center-a").is_empty());
+    let evaluation = store.rounds().unwrap().pop().unwrap().evaluation.unwrap();
+    let evaluated: Vec<&str> = evaluation
+        .centers
+        .iter()
+        .map(|c| c.center.as_str())
+        .collect();
+    assert_eq!(evaluated, ["center-a"]);
+}
+
+#[test]
 fn a_site_whose_policy_refuses_a_task_is_told_by_name_audited_and_the_run_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();

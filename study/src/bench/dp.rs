@@ -8,10 +8,10 @@ use std::time::Instant;
 use fedslm_cohort::{Rng, Sample};
 use fedslm_metrics::dp::SecureNoise;
 use fedslm_model::dp::DpTraining;
-use fedslm_model::{ModelKind, Network, TrainConfig, Trainer};
+use fedslm_model::{ModelKind, Network, Trainer};
 use serde::Serialize;
 
-use super::train::{median, samples, BenchNet};
+use super::train::{bench_config, median, samples, BenchNet};
 use crate::StudyError;
 
 /// One network's medians (milliseconds per step of `batch` patients).
@@ -46,12 +46,7 @@ pub fn time_dp(
         noise_multiplier: 1.0,
         sample_rate: 0.25,
     };
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: batch,
-        augmentation: None,
-        ..TrainConfig::default()
-    };
+    let cfg = bench_config(batch);
     let mut trainer = Trainer::new(&network, &cfg)?;
     let mut noise = SecureNoise::from_os().map_err(|e| StudyError::Failed(e.to_string()))?;
     let (mut plain, mut private) = (Vec::new(), Vec::new());

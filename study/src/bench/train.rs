@@ -119,6 +119,17 @@ pub(crate) fn samples(n: usize, config: &NetConfig, rng: &mut Rng) -> Vec<Sample
         .collect()
 }
 
+/// The training configuration a benchmark times: one epoch of batches of `batch`, augmentation off (PyTorch's
+/// side has none, and it is not what the benchmarks compare).
+pub(crate) fn bench_config(batch: usize) -> TrainConfig {
+    TrainConfig {
+        epochs: 1,
+        batch_size: batch,
+        augmentation: None,
+        ..TrainConfig::default()
+    }
+}
+
 /// The median (the upper one of an even count); NaN for none.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -139,13 +150,7 @@ pub fn time_training(
     network.set_kernels(kernels);
     let data = samples(batch, &net.config, rng);
     let batch_of: Vec<&Sample> = data.iter().collect();
-    // Augmentation off: PyTorch's side has none, and it is not what this compares.
-    let cfg = TrainConfig {
-        epochs: 1,
-        batch_size: batch,
-        augmentation: None,
-        ..TrainConfig::default()
-    };
+    let cfg = bench_config(batch);
     let mut trainer = Trainer::new(&network, &cfg)?;
     let mut phases: [Vec<f64>; 5] = Default::default();
     for i in 0..warmup + steps {
