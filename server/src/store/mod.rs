@@ -307,6 +307,9 @@ pub struct Store {
     signer: Option<Signer>,
     /// A copy of the store made to read it ([`Store::open_copy`]), removed with the store.
     copy: Option<PathBuf>,
+    /// Each centre's last admission, read from the audit log once and then kept up to date as entries are
+    /// appended (the status is rewritten at every commit; the log grows with every task).
+    joins: Mutex<Option<BTreeMap<String, LastJoin>>>,
 }
 
 impl Drop for Store {
@@ -383,6 +386,7 @@ impl Store {
             db,
             signer,
             copy: None,
+            joins: Mutex::new(None),
         };
         *store.lock_head() = store.stored_head()?;
         // Checkpoints half-written by a process that was killed: never named by any record.
@@ -436,6 +440,7 @@ impl Store {
             db,
             signer: None,
             copy: Some(copy),
+            joins: Mutex::new(None),
         };
         *store.lock_head() = store.stored_head()?;
         Ok(store)
@@ -619,6 +624,21 @@ impl Store {
         event: AuditEvent,
     ) -> Result<Head, StoreError> {
         let mut head = self.lock_head();
+        let joined = match &event {
+            AuditEvent::CenterJoined {
+                center,
+                transport,
+                policy_hash,
+                ..
+            } => Some((
+                center.clone(),
+                LastJoin {
+                    transport: transport.clone(),
+                    policy_hash: policy_hash.clone(),
+                },
+            )),
+            _ => None,
+        };
         let (bytes, next) = head.append(event, now_ms());
         let mut batch = sled::Batch::default();
         for (k, v) in records {
@@ -627,6 +647,16 @@ impl Store {
         batch.insert(audit_key(head.entries), bytes);
         self.db.apply_batch(batch).map_err(sled_err(&self.path))?;
         *head = next;
+        if let Some((center, join)) = joined {
+            if let Some(joins) = self
+                .joins
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                joins.insert(center, join);
+            }
+        }
         Ok(next)
     }
 
@@ -781,6 +811,17 @@ impl Store {
     /// Each centre's last admission (its transport and its policy's hash), from the audit log's
     /// `center_joined` entries.
     pub fn joins(&self) -> Result<BTreeMap<String, LastJoin>, StoreError> {
+        let mut cached = self.joins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(joins) = cached.as_ref() {
+            return Ok(joins.clone());
+        }
+        let joins = self.scan_joins()?;
+        *cached = Some(joins.clone());
+        Ok(joins)
+    }
+
+    /// [`Store::joins`] from the audit log itself.
+    fn scan_joins(&self) -> Result<BTreeMap<String, LastJoin>, StoreError> {
         let mut last = BTreeMap::new();
         for (_, bytes) in self.audit_entries()? {
             if let Ok(entry) = serde_json::from_slice::<crate::audit::Entry>(&bytes) {
