@@ -258,3 +258,36 @@ fn quick_combined(cohort: &Path, out: &Path, extra: &[&str]) -> (String, Value) 
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
     (stdout, results)
 }
+
+#[test]
+fn under_a_dp_budget_every_federation_spends_at_most_it_at_every_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
+    let out = tmp.path().join("sim");
+    let (_, results) = quick_combined(&cohort, &out, &["--no-centralised", "--dp-epsilon", "8"]);
+    let dp = &results["settings"]["dp"];
+    assert_eq!(dp["epsilon_per_federation"], 8.0, "{dp}");
+    assert_eq!(results["settings"]["bins"], 10);
+    let mut sites = 0;
+    for entry in std::fs::read_dir(out.join("ledgers")).unwrap() {
+        let path = entry.unwrap().path();
+        let ledger = fedslm_node::ledger::Ledger::open(&path).unwrap();
+        let runs = ledger.runs(1e-5).unwrap();
+        assert!(runs.len() >= 3, "{path:?}: {runs:?}");
+        for (run, e) in &runs {
+            assert!(e.epsilon > 0.0 && e.epsilon <= 8.0, "{path:?} {run}: {e:?}");
+        }
+        // Over the whole study the federations compose: more than one's budget.
+        let center = path.file_stem().unwrap().to_str().unwrap();
+        let study = dp["study_epsilon_by_center"][center].as_f64().unwrap();
+        assert!(study > 8.0, "{center}: {study}");
+        assert!((study - ledger.spent(None, 1e-5).unwrap().epsilon).abs() < 1e-9 * study);
+        sites += 1;
+    }
+    assert!(sites >= 3);
+    // The paired tests' placement sums carry no noise: the sites refused them.
+    for c in results["comparisons"].as_array().unwrap() {
+        let error = c["error"].as_str().unwrap_or_default();
+        assert!(error.contains("privacy.require_dp"), "{c}");
+    }
+}
