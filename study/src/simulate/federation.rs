@@ -66,13 +66,17 @@ pub fn start_nodes(
     Ok(clients)
 }
 
-/// Waits for every node; a node that ended with an error is logged (the server's outcome says what counts).
-pub async fn join_nodes(clients: Vec<JoinHandle<Result<Finish, ClientError>>>) {
+/// Waits for every node; a node that ended with an error is logged (the server's outcome says what counts),
+/// and the errors are returned.
+pub async fn join_nodes(clients: Vec<JoinHandle<Result<Finish, ClientError>>>) -> Vec<String> {
+    let mut errors = Vec::new();
     for c in clients {
         if let Ok(Err(e)) = c.await {
             tracing::warn!(error = %e, "a node ended with an error");
+            errors.push(e.to_string());
         }
     }
+    errors
 }
 
 /// One federation of `model` from the initial model file `init`, on fold `fold` (or all training data).
@@ -136,28 +140,62 @@ pub fn federate(
         let writer = checkpoint_writer(card.clone());
         let s = server.clone();
         let (coordinator, run_store) = (run.coordinator, run.store.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server_task = tokio::spawn(async move {
-            s.run_rounds(coordinator, run_store, writer, std::future::pending())
-                .await
+            s.run_rounds(coordinator, run_store, writer, async {
+                let _ = stopped.await;
+            })
+            .await
         });
-        let clients = start_nodes(ctx, addr)?;
+        // Every node gone before the run ended (each refused, say): nobody is left to finish it.
+        let mut nodes = tokio::spawn(join_nodes(start_nodes(ctx, addr)?));
         let mut evaluation = None;
-        while let Ok(event) = events.recv().await {
-            match event {
-                ServerEvent::RoundCommitted(r) => (ctx.observer)(StudyEvent::RoundCommitted {
-                    label: &label,
-                    round: r.round,
-                    summary: r.summary(),
-                }),
-                ServerEvent::Evaluated(e) => evaluation = Some(e),
-                ServerEvent::Finished(_) => break,
-                _ => {}
+        let mut nodes_gone = None;
+        let mut heard = |event: ServerEvent| match event {
+            ServerEvent::RoundCommitted(r) => (ctx.observer)(StudyEvent::RoundCommitted {
+                label: &label,
+                round: r.round,
+                summary: r.summary(),
+            }),
+            ServerEvent::Evaluated(e) => evaluation = Some(e),
+            _ => {}
+        };
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(ServerEvent::Finished(_)) | Err(_) => break,
+                    Ok(event) => heard(event),
+                },
+                errors = &mut nodes, if nodes_gone.is_none() => {
+                    // The nodes also end after a run's Finish: the server's outcome tells which.
+                    nodes_gone = Some(errors.unwrap_or_default());
+                    let _ = stop.send(());
+                    break;
+                }
             }
         }
         let outcome = server_task
             .await
             .map_err(|e| StudyError::Failed(format!("{label}: the server stopped: {e}")))?;
-        join_nodes(clients).await;
+        while let Ok(event) = events.try_recv() {
+            heard(event);
+        }
+        match (&outcome, nodes_gone) {
+            (None, Some(errors)) => {
+                return Err(StudyError::Failed(format!(
+                    "{label}: every node ended before the run did: {}",
+                    if errors.is_empty() {
+                        "no error".to_string()
+                    } else {
+                        errors.join("; ")
+                    }
+                )))
+            }
+            (_, Some(_)) => {}
+            (_, None) => {
+                let _ = nodes.await;
+            }
+        }
         Ok::<_, StudyError>((outcome, evaluation))
     })?;
     (ctx.observer)(StudyEvent::FederationEnded { label: &label });
