@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::Enrolment;
 use crate::endpoint::HandshakeLimits;
-use crate::round::{NormBound, RoundSettings, Strategy};
+use crate::round::{DpSettings, NormBound, RoundSettings, Strategy};
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +92,13 @@ pub struct PrivacyToml {
     /// Admit only centres whose own policy requires differential privacy.
     #[serde(default)]
     pub require_dp: bool,
-    /// Noise multiplier of every release (DP-SGD steps, Newton statistics, histogram counts); unset: none.
+    /// Noise multiplier of every release (DP-SGD steps, Newton statistics, histogram counts); unset: none,
+    /// or the one calibrated to `epsilon`.
     pub noise_multiplier: Option<f64>,
+    /// The ε (at `delta`) a centre that answers every task of the run may spend: the noise multiplier is
+    /// calibrated to it (instead of `noise_multiplier`).
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
     pub clip: Option<f64>,
     pub newton_clip: Option<f64>,
     pub sample_rate: Option<f64>,
@@ -228,7 +233,24 @@ pub struct RunConfig {
     pub evaluation: crate::round::EvaluationSettings,
     /// Cross-validation: the fold the training centres hold out.
     pub fold: Option<Fold>,
-    pub dp: Option<crate::round::DpSettings>,
+    pub dp: Option<DpPlan>,
+}
+
+/// A run's differential privacy before its strategy is known: the noise given, or the budget to calibrate
+/// it to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DpPlan {
+    pub noise: DpNoise,
+    pub clip: f64,
+    pub newton_clip: f64,
+    pub sample_rate: f64,
+}
+
+/// How a run's noise is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DpNoise {
+    Multiplier(f64),
+    Budget { epsilon: f64, delta: f64 },
 }
 
 /// A checked server configuration.
@@ -411,7 +433,7 @@ impl ServerConfig {
                 )));
             }
         }
-        let dp = dp_settings(&file.privacy).map_err(invalid)?;
+        let dp = dp_plan(&file.privacy).map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Ok(ServerConfig {
             path: path.to_path_buf(),
@@ -503,7 +525,32 @@ impl ServerConfig {
             seed: r.seed,
             fold: r.fold,
             evaluation: r.evaluation,
-            dp: r.dp,
+            dp: match r.dp {
+                None => None,
+                Some(plan) => Some(match plan.noise {
+                    DpNoise::Multiplier(noise_multiplier) => DpSettings {
+                        noise_multiplier,
+                        clip: plan.clip,
+                        newton_clip: plan.newton_clip,
+                        sample_rate: plan.sample_rate,
+                    },
+                    DpNoise::Budget { epsilon, delta } => DpSettings::calibrated(
+                        epsilon,
+                        delta,
+                        plan.clip,
+                        plan.newton_clip,
+                        plan.sample_rate,
+                        strategy,
+                        self.enrolment.rounds,
+                        r.local_epochs,
+                        r.evaluation,
+                    )
+                    .map_err(|message| ConfigError::Invalid {
+                        path: self.path.clone(),
+                        message,
+                    })?,
+                }),
+            },
         })
     }
 
@@ -570,45 +617,69 @@ impl ServerConfig {
     }
 }
 
-/// The run's noise from `[privacy]`, or why it cannot be used.
-fn dp_settings(p: &PrivacyToml) -> Result<Option<crate::round::DpSettings>, String> {
-    use crate::round::DpSettings;
-    let Some(noise_multiplier) = p.noise_multiplier else {
-        if p.require_dp {
-            return Err(
-                "privacy.require_dp = true needs privacy.noise_multiplier (the noise of every release)"
-                    .into(),
-            );
+/// The run's differential privacy from `[privacy]`, or why it cannot be used.
+fn dp_plan(p: &PrivacyToml) -> Result<Option<DpPlan>, String> {
+    let noise = match (p.noise_multiplier, p.epsilon) {
+        (Some(_), Some(_)) => return Err(
+            "privacy.noise_multiplier and privacy.epsilon: set one (the noise, or the budget to \
+                 calibrate it to)"
+                .into(),
+        ),
+        (Some(sigma), None) => DpNoise::Multiplier(sigma),
+        (None, Some(epsilon)) => DpNoise::Budget {
+            epsilon,
+            delta: p.delta.unwrap_or(1e-5),
+        },
+        (None, None) => {
+            if p.require_dp {
+                return Err(
+                    "privacy.require_dp = true needs privacy.epsilon (the run's budget) or \
+                            privacy.noise_multiplier"
+                        .into(),
+                );
+            }
+            if p.clip.is_some()
+                || p.newton_clip.is_some()
+                || p.sample_rate.is_some()
+                || p.delta.is_some()
+            {
+                return Err(
+                    "privacy.clip, newton_clip, sample_rate and delta need privacy.epsilon or \
+                     privacy.noise_multiplier"
+                        .into(),
+                );
+            }
+            return Ok(None);
         }
-        if p.clip.is_some() || p.newton_clip.is_some() || p.sample_rate.is_some() {
-            return Err(
-                "privacy.clip, newton_clip and sample_rate need privacy.noise_multiplier".into(),
-            );
-        }
-        return Ok(None);
     };
-    let dp = DpSettings {
-        noise_multiplier,
+    let plan = DpPlan {
+        noise,
         clip: p.clip.unwrap_or(DpSettings::DEFAULT_CLIP),
         newton_clip: p.newton_clip.unwrap_or(DpSettings::DEFAULT_NEWTON_CLIP),
         sample_rate: p.sample_rate.unwrap_or(DpSettings::DEFAULT_SAMPLE_RATE),
     };
-    for (key, v) in [
-        ("noise_multiplier", dp.noise_multiplier),
-        ("clip", dp.clip),
-        ("newton_clip", dp.newton_clip),
-    ] {
+    let mut positive = vec![("clip", plan.clip), ("newton_clip", plan.newton_clip)];
+    match plan.noise {
+        DpNoise::Multiplier(sigma) => positive.push(("noise_multiplier", sigma)),
+        DpNoise::Budget { epsilon, delta } => {
+            positive.push(("epsilon", epsilon));
+            if !(delta > 0.0 && delta < 1.0) {
+                return Err(format!("privacy.delta = {delta}: must be in (0, 1)"));
+            }
+        }
+    }
+    for (key, v) in positive {
         if !(v.is_finite() && v > 0.0) {
             return Err(format!("privacy.{key} = {v}: must be a positive number"));
         }
     }
-    if !(dp.sample_rate > 0.0 && dp.sample_rate <= 1.0) {
+    if !(plan.sample_rate > 0.0 && plan.sample_rate <= 1.0) {
         return Err(format!(
             "privacy.sample_rate = {}: must be in (0, 1]",
-            dp.sample_rate
+            plan.sample_rate
         ));
     }
-    Ok(Some(dp))
+    Ok(Some(plan))
 }
 
 #[cfg(test)]
@@ -629,6 +700,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<ServerConfig, String> {
         ServerConfig::parse(text, Path::new("/etc/fedslm/server.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_private_run_is_given_its_noise_or_calibrated_to_its_budget() {
+        let e = parse(&format!("{GOOD}\n[privacy]\nrequire_dp = true\n")).unwrap_err();
+        assert!(e.contains("privacy.epsilon"), "{e}");
+        let e = parse(&format!(
+            "{GOOD}\n[privacy]\nepsilon = 8.0\nnoise_multiplier = 1.0\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("set one"), "{e}");
+        let e = parse(&format!("{GOOD}\n[privacy]\nclip = 2.0\n")).unwrap_err();
+        assert!(e.contains("need privacy.epsilon"), "{e}");
+        let given = parse(&format!("{GOOD}\n[privacy]\nnoise_multiplier = 1.3\n")).unwrap();
+        let dp = given.round_settings(ModelKind::Mri).unwrap().dp.unwrap();
+        assert_eq!(
+            (dp.noise_multiplier, dp.clip, dp.sample_rate),
+            (1.3, 1.0, 0.25)
+        );
+        // Calibrated: a centre answering every fit and the evaluation of the run spends just under 8.
+        let config = parse(&format!(
+            "rounds = 4\nlocal_epochs = 2\n{GOOD}\n[privacy]\nepsilon = 8.0\n"
+        ))
+        .unwrap();
+        for model in [ModelKind::Mri, ModelKind::Clinical] {
+            let settings = config.round_settings(model).unwrap();
+            let dp = settings.dp.unwrap();
+            let spent = crate::privacy::epsilon(&dp, &settings, 4, 1);
+            assert!(spent <= 8.0 && spent > 7.95, "{model:?}: {spent}");
+            // One fit more is over the budget.
+            assert!(crate::privacy::epsilon(&dp, &settings, 5, 1) > 8.0);
+        }
     }
 
     #[test]

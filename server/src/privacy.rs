@@ -56,15 +56,14 @@ pub fn released(settings: &RoundSettings, rounds: &[StoredRound]) -> BTreeMap<St
 
 /// The ε of `fits` fit releases and `evaluations` histogram releases under `dp`.
 pub fn epsilon(dp: &DpSettings, settings: &RoundSettings, fits: u64, evaluations: u64) -> f64 {
-    let task = dp.task(settings.strategy);
-    let steps = task.steps(settings.local_epochs).max(1);
-    let of = |q: f64, steps: u64| {
-        rdp::composed(q, task.noise_multiplier, steps, &DEFAULT_ORDERS)
-            .unwrap_or_else(|_| vec![f64::INFINITY; DEFAULT_ORDERS.len()])
-    };
-    let fit = of(task.sample_rate, steps * fits);
-    let histogram = of(1.0, evaluations);
-    let total: Vec<f64> = fit.iter().zip(&histogram).map(|(a, b)| a + b).collect();
+    let mut total = vec![0.0; DEFAULT_ORDERS.len()];
+    for (q, steps) in dp.releases(settings.strategy, settings.local_epochs, fits, evaluations) {
+        let rdp = rdp::composed(q, dp.noise_multiplier, steps, &DEFAULT_ORDERS)
+            .unwrap_or_else(|_| vec![f64::INFINITY; DEFAULT_ORDERS.len()]);
+        for (t, r) in total.iter_mut().zip(rdp) {
+            *t += r;
+        }
+    }
     rdp::epsilon(&DEFAULT_ORDERS, &total, DELTA).map_or(f64::INFINITY, |e| e.epsilon)
 }
 

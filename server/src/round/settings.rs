@@ -77,6 +77,66 @@ impl DpSettings {
     pub const DEFAULT_NEWTON_CLIP: f64 = 4.0;
     pub const DEFAULT_SAMPLE_RATE: f64 = 0.25;
 
+    /// The noise multiplier whose releases at a centre that answers every task of a run spend at most
+    /// `epsilon` (at `delta`): the run's fits (`rounds` of them, each `local_epochs` epochs of DP-SGD or one
+    /// release of Newton statistics) and its evaluations (`evaluation`), by the sites' accountant. A retried
+    /// round spends again: a site's own budget then refuses what it cannot pay for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn calibrated(
+        epsilon: f64,
+        delta: f64,
+        clip: f64,
+        newton_clip: f64,
+        sample_rate: f64,
+        strategy: Strategy,
+        rounds: u32,
+        local_epochs: u32,
+        evaluation: EvaluationSettings,
+    ) -> Result<DpSettings, String> {
+        let mut dp = DpSettings {
+            noise_multiplier: 1.0,
+            clip,
+            newton_clip,
+            sample_rate,
+        };
+        let releases = dp.releases(
+            strategy,
+            local_epochs,
+            u64::from(rounds),
+            evaluation.count(rounds),
+        );
+        let sigma = fedslm_metrics::rdp::noise_for_releases(
+            &releases,
+            delta,
+            epsilon,
+            &fedslm_metrics::rdp::DEFAULT_ORDERS,
+        )
+        .map_err(|e| format!("privacy.epsilon = {epsilon}: {e}"))?;
+        if !sigma.is_finite() {
+            return Err(format!(
+                "privacy.epsilon = {epsilon}: no noise multiplier up to 10^6 meets it"
+            ));
+        }
+        dp.noise_multiplier = sigma;
+        Ok(dp)
+    }
+
+    /// The (sampling rate, steps) of `fits` fit releases and `evaluations` histogram releases under
+    /// `strategy`, all at this noise: what the accountant composes.
+    pub fn releases(
+        &self,
+        strategy: Strategy,
+        local_epochs: u32,
+        fits: u64,
+        evaluations: u64,
+    ) -> [(f64, u64); 2] {
+        let task = self.task(strategy);
+        [
+            (task.sample_rate, task.steps(local_epochs).max(1) * fits),
+            (1.0, evaluations),
+        ]
+    }
+
     /// The parameters a fit task carries under `strategy`.
     pub fn task(&self, strategy: Strategy) -> DpSgd {
         match strategy {
@@ -101,6 +161,19 @@ pub struct EvaluationSettings {
     pub bins: u32,
     /// Also evaluate after every this many rounds; 0: after the last round only.
     pub every: u32,
+}
+
+impl EvaluationSettings {
+    /// Evaluations in a run of `rounds` rounds that ends as planned: after every `every`-th round and after
+    /// the last.
+    pub fn count(&self, rounds: u32) -> u64 {
+        if self.bins == 0 {
+            return 0;
+        }
+        let periodic = rounds.checked_div(self.every).unwrap_or(0);
+        let last = self.every == 0 || rounds % self.every != 0;
+        u64::from(periodic) + u64::from(last)
+    }
 }
 
 impl Default for EvaluationSettings {

@@ -29,6 +29,8 @@ pub struct Federated {
     pub rounds: u32,
     pub fit: Option<LogisticFit>,
     pub audit_head: String,
+    /// Under DP: the noise multiplier the server calibrated.
+    pub noise_multiplier: Option<f64>,
 }
 
 /// The run id of a model's federation on fold `fold` (or on all training data): the key under which every
@@ -96,10 +98,7 @@ pub fn federate(
         (ModelKind::Clinical, Some(_)) => super::privacy::DP_NEWTON_ROUNDS,
         _ => s.rounds,
     };
-    let noise = s
-        .dp_epsilon
-        .map(|e| super::privacy::noise(model, s, e))
-        .transpose()?;
+
     let config: ServerConfig =
         configs::server_config(&ctx.pki, &run_id(model, fold), &dir, &ctx.centers, |t| {
             t.initial_model = Some(init.to_path_buf());
@@ -112,8 +111,8 @@ pub fn federate(
                 t.cv_fold = Some(f);
                 t.cv_folds = Some(s.folds);
             }
-            if let Some(sigma) = noise {
-                t.privacy = super::privacy::server_privacy(sigma);
+            if let Some(epsilon) = s.dp_epsilon {
+                t.privacy = super::privacy::server_privacy(epsilon);
             }
         })?;
     let settings = config
@@ -239,6 +238,7 @@ pub fn federate(
                 rounds,
                 fit,
                 audit_head: store.head().hex(),
+                noise_multiplier: settings.dp.map(|d| d.noise_multiplier),
             })
         }
         Some(Outcome::Failed { rounds, reason }) => Err(StudyError::Failed(format!(

@@ -201,6 +201,8 @@ pub(crate) struct ModelRun {
     /// Each fold's final model, then the final model of the federation on all training data.
     pub(crate) fold_models: Vec<PathBuf>,
     pub(crate) run_model: PathBuf,
+    /// Under DP: the noise multiplier of its federation on all training data.
+    pub(crate) noise_multiplier: Option<f64>,
 }
 
 /// Runs the study as `settings` say; writes results.json, report.md, figures and the final models into
@@ -324,8 +326,8 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             delta: fedslm_client::policy::DEFAULT_DELTA,
             noise_multipliers: per_model
                 .iter()
-                .map(|(m, _)| Ok((m.name().to_string(), privacy::noise(*m, s, epsilon)?)))
-                .collect::<Result<_, StudyError>>()?,
+                .filter_map(|(m, r)| r.noise_multiplier.map(|n| (m.name().to_string(), n)))
+                .collect(),
             study_epsilon_by_center: ctx
                 .nodes
                 .iter()
@@ -589,6 +591,7 @@ fn simulate_model(
         fit: all.fit,
         fold_models,
         run_model: all.model,
+        noise_multiplier: all.noise_multiplier,
     })
 }
 
