@@ -8,6 +8,10 @@
 //! at which the mechanism is unbounded. A last line without its newline is a write that a crash cut short:
 //! its release was never sent (the write comes first), so it is dropped, with a warning, and the file cut
 //! back to its last whole line. Any other line that does not read is an error that names the file and line.
+//!
+//! One node writes a site's ledger: [`Ledger::open`] takes an exclusive lock on the file (`flock`), so that a
+//! second node of the site, which would spend the same budget unaware of the first, is refused at its start.
+//! [`Ledger::read`] reads it without the lock, while the node runs (`fedslm privacy`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -100,14 +104,49 @@ pub enum LedgerError {
     Orders { path: PathBuf },
     #[error("the accountant: {0}")]
     Accountant(#[from] rdp::RdpError),
+    #[error(
+        "privacy ledger {}: another fedslm node of this site holds it; one node keeps a site's ledger, so that \
+         no release goes uncounted", path.display()
+    )]
+    InUse { path: PathBuf },
+    #[error("privacy ledger {}: read without its lock; only the node that holds it records", path.display())]
+    ReadOnly { path: PathBuf },
 }
 
-/// The ledger, read back and open for appending.
+/// The ledger, read back; open for appending (and locked) where the node holds it.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
-    file: File,
+    /// `None`: read only ([`Ledger::read`]).
+    file: Option<File>,
     entries: Vec<Entry>,
+}
+
+/// Locks `file` for this process alone, or says another holds it.
+#[cfg(unix)]
+fn lock(file: &File, path: &Path) -> Result<(), LedgerError> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a descriptor this `File` owns and keeps open; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(LedgerError::InUse {
+            path: path.to_path_buf(),
+        })
+    } else {
+        Err(LedgerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+}
+
+#[cfg(not(unix))]
+fn lock(_: &File, _: &Path) -> Result<(), LedgerError> {
+    Ok(())
 }
 
 /// RDP values with `+inf` where an entry says `null`.
@@ -116,7 +155,23 @@ fn finite_or_inf(rdp: &[Option<f64>]) -> Vec<f64> {
 }
 
 impl Ledger {
-    /// Opens the ledger at `path`, creating it (and its folder) if there is none, and reads every entry.
+    /// Reads the ledger at `path` without holding it (a last line cut short, by a crash or by a write under
+    /// way, is left out); it cannot record.
+    pub fn read(path: &Path) -> Result<Ledger, LedgerError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LedgerError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        Ok(Ledger {
+            path: path.to_path_buf(),
+            file: None,
+            entries: parse(path, &text[..whole])?,
+        })
+    }
+
+    /// Opens the ledger at `path` for this node alone (locked), creating it (and its folder) if there is
+    /// none, and reads every entry.
     pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
         let io = |source| LedgerError::Io {
             path: path.to_path_buf(),
@@ -131,11 +186,12 @@ impl Ledger {
             .create(true)
             .open(path)
             .map_err(io)?;
+        lock(&file, path)?;
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(io)?;
         let mut ledger = Ledger {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
             entries: Vec::new(),
         };
         if text.is_empty() {
@@ -161,44 +217,13 @@ impl Ledger {
                 ledger = %path.display(),
                 "the last entry was cut short by a crash before its release was sent; dropping it"
             );
-            ledger.file.set_len(whole as u64).map_err(io)?;
-            ledger.file.sync_data().map_err(io)?;
-            ledger.file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
-        }
-        let bad = |line: usize, message: String| LedgerError::Line {
-            path: path.to_path_buf(),
-            line,
-            message,
-        };
-        let mut lines = text[..whole].lines().enumerate();
-        match lines.next() {
-            Some((_, first)) => {
-                let header: Header = serde_json::from_str(first)
-                    .map_err(|e| bad(1, format!("not a ledger's header: {e}")))?;
-                if header.orders != DEFAULT_ORDERS {
-                    return Err(LedgerError::Orders {
-                        path: path.to_path_buf(),
-                    });
-                }
-            }
-            None => {
-                return Err(bad(1, "no header".into()));
+            if let Some(file) = &mut ledger.file {
+                file.set_len(whole as u64).map_err(io)?;
+                file.sync_data().map_err(io)?;
+                file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
             }
         }
-        for (i, line) in lines {
-            let entry: Entry = serde_json::from_str(line).map_err(|e| bad(i + 1, e.to_string()))?;
-            if entry.rdp.len() != DEFAULT_ORDERS.len() {
-                return Err(bad(
-                    i + 1,
-                    format!(
-                        "{} RDP values for {} orders",
-                        entry.rdp.len(),
-                        DEFAULT_ORDERS.len()
-                    ),
-                ));
-            }
-            ledger.entries.push(entry);
-        }
+        ledger.entries = parse(path, &text[..whole])?;
         Ok(ledger)
     }
 
@@ -318,11 +343,16 @@ impl Ledger {
             path: self.path.clone(),
             source,
         };
+        let Some(file) = &mut self.file else {
+            return Err(LedgerError::ReadOnly {
+                path: self.path.clone(),
+            });
+        };
         let mut bytes = Vec::with_capacity(line.len() + 1);
         bytes.extend_from_slice(line.as_bytes());
         bytes.push(b'\n');
-        self.file.write_all(&bytes).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_data().map_err(io)
     }
 }
 
@@ -370,6 +400,42 @@ impl Ledger {
                 .map(|l| (l - lifetime).max(0.0)),
         })
     }
+}
+
+/// The entries of a ledger's whole lines `text` (its header first), or the first line that does not read.
+fn parse(path: &Path, text: &str) -> Result<Vec<Entry>, LedgerError> {
+    let bad = |line: usize, message: String| LedgerError::Line {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let mut lines = text.lines().enumerate();
+    let Some((_, first)) = lines.next() else {
+        return Err(bad(1, "no header".into()));
+    };
+    let header: Header =
+        serde_json::from_str(first).map_err(|e| bad(1, format!("not a ledger's header: {e}")))?;
+    if header.orders != DEFAULT_ORDERS {
+        return Err(LedgerError::Orders {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut entries = Vec::new();
+    for (i, line) in lines {
+        let entry: Entry = serde_json::from_str(line).map_err(|e| bad(i + 1, e.to_string()))?;
+        if entry.rdp.len() != DEFAULT_ORDERS.len() {
+            return Err(bad(
+                i + 1,
+                format!(
+                    "{} RDP values for {} orders",
+                    entry.rdp.len(),
+                    DEFAULT_ORDERS.len()
+                ),
+            ));
+        }
+        entries.push(entry);
+    }
+    Ok(entries)
 }
 
 /// A budget check's answer other than yes.
@@ -468,6 +534,24 @@ mod tests {
     }
 
     #[test]
+    fn one_node_holds_the_ledger_and_a_reader_sees_it_while_it_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.jsonl");
+        let mut held = Ledger::open(&path).unwrap();
+        held.record("r", 1, "fit", sgd()).unwrap();
+        let e = Ledger::open(&path).unwrap_err();
+        assert!(matches!(e, LedgerError::InUse { .. }), "{e}");
+        let mut read = Ledger::read(&path).unwrap();
+        assert_eq!(read.entries().len(), 1);
+        assert!(matches!(
+            read.record("r", 2, "fit", sgd()),
+            Err(LedgerError::ReadOnly { .. })
+        ));
+        drop(held);
+        assert_eq!(Ledger::open(&path).unwrap().entries().len(), 1);
+    }
+
+    #[test]
     fn a_cut_short_last_line_is_dropped_and_a_bad_line_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.jsonl");
@@ -480,6 +564,7 @@ mod tests {
         assert_eq!(l.entries().len(), 1);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
         l.record("r", 2, "fit", sgd()).unwrap();
+        drop(l);
         assert_eq!(Ledger::open(&path).unwrap().entries().len(), 2);
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.replacen("\"round\":1", "\"round\":\"one\"", 1)).unwrap();

@@ -39,9 +39,29 @@ impl Node {
         Node::new(config.clone(), SiteCohort::load(config)?)
     }
 
-    /// A node over `cohort`, with its privacy ledger read back.
+    /// A node over `cohort`, with its privacy ledger read back and held (see [`Ledger::open`]).
     pub fn new(config: ClientConfig, cohort: SiteCohort) -> Result<Node, NodeError> {
         let ledger = config.ledger.as_deref().map(Ledger::open).transpose()?;
+        Node::with_ledger(config, cohort, ledger)
+    }
+
+    /// A node to look at, not to run (`--dry-run`, `--check`): its ledger, where there is one, read without
+    /// holding it, so that it can be looked at while the site's node runs.
+    pub fn inspect(config: &ClientConfig) -> Result<Node, NodeError> {
+        let ledger = config
+            .ledger
+            .as_deref()
+            .filter(|p| p.exists())
+            .map(Ledger::read)
+            .transpose()?;
+        Node::with_ledger(config.clone(), SiteCohort::load(config)?, ledger)
+    }
+
+    fn with_ledger(
+        config: ClientConfig,
+        cohort: SiteCohort,
+        ledger: Option<Ledger>,
+    ) -> Result<Node, NodeError> {
         Ok(Node {
             config,
             cohort,

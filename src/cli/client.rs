@@ -59,7 +59,12 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         );
     }
-    let node = Node::load(&config)?;
+    // Looking (--dry-run, --check) does not hold the privacy ledger: the site's running node may.
+    let node = if args.dry_run || args.check {
+        Node::inspect(&config)?
+    } else {
+        Node::load(&config)?
+    };
     let counts = node.counts();
     println!(
         "cohort: centre {}, {} patients ({} with SLM), {} with images",

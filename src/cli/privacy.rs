@@ -25,7 +25,7 @@ pub fn run(args: PrivacyArgs) -> anyhow::Result<()> {
         println!("ledger {}: none yet, nothing spent", path.display());
         return Ok(());
     }
-    let ledger = Ledger::open(path)?;
+    let ledger = Ledger::read(path)?;
     let budget = config.privacy.dp_budget;
     let s = ledger.spending(budget.as_ref())?;
     println!(

@@ -126,6 +126,16 @@ fn a_node_killed_after_its_ledger_entry_and_before_its_release_has_already_count
         |_, err| err.contains("failpoint ledger-written reached at round 1"),
         Duration::from_secs(60),
     );
+    // While that node holds the site's ledger, a second node of the site is refused at its start, and
+    // `fedslm privacy` reads the ledger as it is.
+    let (ok, out, err) = run.client(&clients[0], 1).wait();
+    assert!(
+        !ok && err.contains("another fedslm node of this site holds it"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = fedslm(&["privacy", "--config", clients[0].to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 releases"), "{out}");
     stopped.kill();
     // The release is in the site's ledger, durably...
     let config = ClientConfig::load(&clients[0]).unwrap();
