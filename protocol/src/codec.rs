@@ -621,8 +621,8 @@ impl Decode<Ctx> for EvaluateTask {
             fold: fold(d)?,
             histogram_bins: Decode::decode(d)?,
             histogram_noise: match Option::<f64>::decode(d)? {
-                Some(s) if !(s.is_finite() && s > 0.0) => {
-                    return Err(fail(format!("histogram noise {s}")))
+                Some(s) if !(s > 0.0 && s <= MAX_NOISE) => {
+                    return Err(fail(format!("histogram noise {s:?} (0 to {MAX_NOISE:e})")))
                 }
                 other => other,
             },

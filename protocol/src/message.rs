@@ -200,17 +200,30 @@ pub struct DpSgd {
     pub sample_rate: f64,
 }
 
+/// The largest noise multiplier (and histogram noise) a task may ask for: far beyond any useful one, and
+/// small enough that noised counts stay far inside u64.
+pub const MAX_NOISE: f64 = 1e6;
+
+/// The smallest sampling rate a task may ask for: at most 10 000 steps an epoch.
+pub const MIN_SAMPLE_RATE: f64 = 1e-4;
+
 impl DpSgd {
     /// Why these parameters cannot be used, if they cannot.
     pub fn check(&self) -> Result<(), String> {
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
-            return Err(format!("noise multiplier {}", self.noise_multiplier));
+        if !(self.noise_multiplier > 0.0 && self.noise_multiplier <= MAX_NOISE) {
+            return Err(format!(
+                "noise multiplier {:?} (0 to {MAX_NOISE:e})",
+                self.noise_multiplier
+            ));
         }
         if !(self.clip.is_finite() && self.clip > 0.0) {
-            return Err(format!("clipping norm {}", self.clip));
+            return Err(format!("clipping norm {:?}", self.clip));
         }
-        if !(self.sample_rate > 0.0 && self.sample_rate <= 1.0) {
-            return Err(format!("sampling rate {}", self.sample_rate));
+        if !(self.sample_rate >= MIN_SAMPLE_RATE && self.sample_rate <= 1.0) {
+            return Err(format!(
+                "sampling rate {:?} ({MIN_SAMPLE_RATE:e} to 1)",
+                self.sample_rate
+            ));
         }
         Ok(())
     }

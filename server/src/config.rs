@@ -673,11 +673,20 @@ fn dp_plan(p: &PrivacyToml) -> Result<Option<DpPlan>, String> {
             return Err(format!("privacy.{key} = {v}: must be a positive number"));
         }
     }
-    if !(plan.sample_rate > 0.0 && plan.sample_rate <= 1.0) {
+    if !(plan.sample_rate >= fedslm_protocol::MIN_SAMPLE_RATE && plan.sample_rate <= 1.0) {
         return Err(format!(
-            "privacy.sample_rate = {}: must be in (0, 1]",
-            plan.sample_rate
+            "privacy.sample_rate = {}: must be in [{:e}, 1]",
+            plan.sample_rate,
+            fedslm_protocol::MIN_SAMPLE_RATE
         ));
+    }
+    if let DpNoise::Multiplier(sigma) = plan.noise {
+        if sigma > fedslm_protocol::MAX_NOISE {
+            return Err(format!(
+                "privacy.noise_multiplier = {sigma}: at most {:e}",
+                fedslm_protocol::MAX_NOISE
+            ));
+        }
     }
     Ok(Some(plan))
 }

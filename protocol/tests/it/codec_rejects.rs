@@ -332,6 +332,21 @@ fn differential_privacy_parameters_that_cannot_be_used_are_refused() {
             },
             "sampling rate 1.5",
         ),
+        // An epoch of 10^300 steps, or noise that would overflow a count: refused before any work.
+        (
+            DpSgd {
+                sample_rate: 1e-300,
+                ..good
+            },
+            "sampling rate 1e-300",
+        ),
+        (
+            DpSgd {
+                noise_multiplier: 1e300,
+                ..good
+            },
+            "noise multiplier 1e300",
+        ),
     ] {
         let bytes = codec::encode(&fit(bad), &Limits::default()).unwrap();
         let e = err(&bytes);
