@@ -341,6 +341,9 @@ where
     use crate::simulate::tradeoff::budget_label;
     let index = |e: Option<f64>| budgets.iter().position(|b| *b == e).unwrap_or(0) as f64;
     let k = budgets.len().max(1) as f64;
+    // From 0.3, or lower where a point is: every run shows.
+    let lowest = points.iter().map(|p| p.auc).fold(0.3, f64::min);
+    let bottom = ((lowest - 0.05) * 10.0).floor() / 10.0;
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!("{side} AUC"),
@@ -349,7 +352,7 @@ where
         .margin(20)
         .x_label_area_size(60)
         .y_label_area_size(70)
-        .build_cartesian_2d(-0.5..k - 0.5, 0.3..1.0)
+        .build_cartesian_2d(-0.5..k - 0.5, bottom.max(0.0)..1.0)
         .map_err(draw_err)?;
     let labels: Vec<String> = budgets.iter().map(|b| budget_label(*b)).collect();
     let formatter = |x: &f64| {
