@@ -90,6 +90,45 @@ pub fn table(results: &StudyResults) -> String {
     t
 }
 
+/// The internal Youden cut-off applied unchanged externally, beside each side's calibration (intercept:
+/// calibration-in-the-large, 0 when the average risk is right; slope: 1 when the spread is right), so that a
+/// reader sees why a cut-off travels or fails: an external intercept far from 0 moves every probability
+/// across it alike. Nothing here is chosen on external labels.
+pub fn cutoff_md(results: &StudyResults) -> String {
+    let mut md = String::from(
+        "## The internal cut-off at the external centre, and calibration\n\n\
+         | model | Youden cut-off (internal) | sens/spec internal | sens/spec external | calibration intercept \
+         int / ext | calibration slope int / ext |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    let ss = |side: &Option<SideResult>| match side
+        .as_ref()
+        .and_then(|s| s.at_internal_youden)
+        .and_then(|a| a.sensitivity.zip(a.specificity))
+    {
+        Some((s, p)) => format!("{s:.2}/{p:.2}"),
+        None => "-".into(),
+    };
+    let cal = |r: &Option<ScoreReport>, f: fn(&crate::score::CalibrationReport) -> f64| {
+        r.as_ref()
+            .and_then(|r| r.calibration.as_ref())
+            .map_or("-".into(), |c| format!("{:.2}", f(c)))
+    };
+    for (model, r) in models(results) {
+        md.push_str(&format!(
+            "| {model} | {} | {} | {} | {} / {} | {} / {} |\n",
+            r.youden_cutoff.map_or("-".into(), |c| format!("{c:.3}")),
+            ss(&r.internal),
+            ss(&r.external),
+            cal(&r.internal_report, |c| c.intercept),
+            cal(&r.external_report, |c| c.intercept),
+            cal(&r.internal_report, |c| c.slope),
+            cal(&r.external_report, |c| c.slope),
+        ));
+    }
+    md.push('\n');
+    md
+}
+
 /// report.md: the table, the clinical model's odds ratios, per-centre AUCs, the paired tests, audit heads.
 /// The paragraph of a study run under differential privacy.
 pub fn privacy_md(dp: &super::privacy::DpRecord) -> String {
@@ -161,6 +200,7 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
         }
         md.push('\n');
     }
+    md.push_str(&cutoff_md(results));
     md.push_str("## Per-centre internal AUC (out of fold)\n\n| model | centre | AUC | 95% CI | positives/negatives |\n| --- | --- | --- | --- | --- |\n");
     for (model, r) in models(results) {
         for (c, a) in &r.per_center_internal {
@@ -295,6 +335,35 @@ mod tests {
             wall_seconds: 1.0,
             peak_memory_mib: 2.0,
         };
+        let mut results = results;
+        let calibrated = |intercept: f64, slope: f64| crate::score::ScoreReport {
+            auc: 0.8,
+            ci95: [0.7, 0.9],
+            delong_var: 0.001,
+            youden: crate::score::YoudenReport {
+                threshold: 0.4,
+                sensitivity: None,
+                specificity: None,
+                accuracy: None,
+                ppv: None,
+                npv: None,
+                true_positive: 0,
+                false_positive: 0,
+                true_negative: 0,
+                false_negative: 0,
+            },
+            brier: None,
+            calibration: Some(crate::score::CalibrationReport {
+                intercept,
+                slope,
+                hosmer_lemeshow_p: None,
+            }),
+            dca: None,
+        };
+        if let Some(c) = results.models.get_mut("clinical") {
+            c.internal_report = Some(calibrated(0.01, 1.02));
+            c.external_report = Some(calibrated(-1.5, 0.8));
+        }
         let t = table(&results);
         let rows: Vec<&str> = t.lines().skip(1).collect();
         assert!(
@@ -312,6 +381,14 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("not computed: center-x: no answer"), "{md}");
+        assert!(
+            md.contains("| mri | 0.400 | 0.80/0.60 | - | - / - | - / - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| clinical | 0.400 | 0.80/0.60 | - | 0.01 / -1.50 | 1.02 / 0.80 |"),
+            "{md}"
+        );
         // results.json keeps each test's outcome under its own keys.
         let json = serde_json::to_value(&results).unwrap();
         assert_eq!(json["comparisons"][0]["p"], 0.0004);
