@@ -150,6 +150,22 @@ pub fn composed(q: f64, sigma: f64, steps: u64, orders: &[f64]) -> Result<Vec<f6
         .collect()
 }
 
+/// The RDP at each of `orders` of every release of `releases`, each `(sampling rate, steps)` and all with
+/// noise multiplier `sigma`, composed.
+pub fn composed_releases(
+    releases: &[(f64, u64)],
+    sigma: f64,
+    orders: &[f64],
+) -> Result<Vec<f64>, RdpError> {
+    let mut total = vec![0.0; orders.len()];
+    for &(q, steps) in releases {
+        for (t, r) in total.iter_mut().zip(composed(q, sigma, steps, orders)?) {
+            *t += r;
+        }
+    }
+    Ok(total)
+}
+
 /// An (ε, δ) guarantee and the order that gave it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Epsilon {
@@ -224,13 +240,7 @@ pub fn noise_for_releases(
     orders: &[f64],
 ) -> Result<f64, RdpError> {
     let spent = |sigma: f64| -> Result<f64, RdpError> {
-        let mut total = vec![0.0; orders.len()];
-        for &(q, steps) in releases {
-            for (t, r) in total.iter_mut().zip(composed(q, sigma, steps, orders)?) {
-                *t += r;
-            }
-        }
-        Ok(epsilon(orders, &total, delta)?.epsilon)
+        Ok(epsilon(orders, &composed_releases(releases, sigma, orders)?, delta)?.epsilon)
     };
     let mut hi = 1.0;
     while spent(hi)? > target {

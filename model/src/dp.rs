@@ -22,6 +22,7 @@
 use candle_core::Tensor;
 use fedslm_cohort::{Rng, Sample};
 use fedslm_metrics::dp::{clip_factor, SecureNoise};
+use fedslm_protocol::DpSgd;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
@@ -39,20 +40,36 @@ pub struct DpTraining {
     pub sample_rate: f64,
 }
 
+impl From<DpSgd> for DpTraining {
+    fn from(dp: DpSgd) -> DpTraining {
+        DpTraining {
+            clip: dp.clip,
+            noise_multiplier: dp.noise_multiplier,
+            sample_rate: dp.sample_rate,
+        }
+    }
+}
+
 impl DpTraining {
-    pub fn check(&self) -> Result<(), String> {
-        fedslm_protocol::DpSgd {
+    /// The same parameters as a task carries them: their checks and their steps are the wire contract's,
+    /// which the site's accountant counts.
+    fn task(&self) -> DpSgd {
+        DpSgd {
             noise_multiplier: self.noise_multiplier,
             clip: self.clip,
             sample_rate: self.sample_rate,
         }
-        .check()
-        .map_err(|e| format!("differential privacy: {e}"))
     }
 
-    /// Steps per epoch: `ceil(1 / sample_rate)`.
+    pub fn check(&self) -> Result<(), String> {
+        self.task()
+            .check()
+            .map_err(|e| format!("differential privacy: {e}"))
+    }
+
+    /// Steps per epoch: `ceil(1 / sample_rate)`, as the accountant counts them.
     pub fn steps_per_epoch(&self) -> usize {
-        (1.0 / self.sample_rate).ceil() as usize
+        self.task().steps(1) as usize
     }
 }
 

@@ -404,11 +404,7 @@ impl Node {
                 _ => None,
             },
             seed,
-            dp: task.dp.map(|dp| DpTraining {
-                clip: dp.clip,
-                noise_multiplier: dp.noise_multiplier,
-                sample_rate: dp.sample_rate,
-            }),
+            dp: task.dp.map(DpTraining::from),
             ..TrainConfig::default()
         };
         let reports = network.fit(&train, &train_cfg, |r| {
@@ -495,17 +491,12 @@ fn secure_noise() -> Result<SecureNoise, NodeError> {
 /// An evaluation's report with its histograms' counts noised (`sigma` each), its counts their sums, and its
 /// loss not released.
 fn noised(report: &EvalReport, sigma: f64) -> Result<EvalReport, NodeError> {
-    let exact = fedslm_metrics::ScoreHistograms {
-        positive: report.histogram.positive.clone(),
-        negative: report.histogram.negative.clone(),
-    };
+    let exact: fedslm_metrics::ScoreHistograms = (&report.histogram).into();
     let h = exact.noised(sigma, &mut secure_noise()?);
-    let positives: u64 = h.positive.iter().sum();
-    let negatives: u64 = h.negative.iter().sum();
     Ok(EvalReport {
         round: report.round,
-        examples: positives + negatives,
-        positives,
+        examples: h.n_positive() + h.n_negative(),
+        positives: h.n_positive(),
         loss: f64::NAN,
         histogram: (&h).into(),
     })

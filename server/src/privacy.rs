@@ -56,15 +56,10 @@ pub fn released(settings: &RoundSettings, rounds: &[StoredRound]) -> BTreeMap<St
 
 /// The ε of `fits` fit releases and `evaluations` histogram releases under `dp`.
 pub fn epsilon(dp: &DpSettings, settings: &RoundSettings, fits: u64, evaluations: u64) -> f64 {
-    let mut total = vec![0.0; DEFAULT_ORDERS.len()];
-    for (q, steps) in dp.releases(settings.strategy, settings.local_epochs, fits, evaluations) {
-        let rdp = rdp::composed(q, dp.noise_multiplier, steps, &DEFAULT_ORDERS)
-            .unwrap_or_else(|_| vec![f64::INFINITY; DEFAULT_ORDERS.len()]);
-        for (t, r) in total.iter_mut().zip(rdp) {
-            *t += r;
-        }
-    }
-    rdp::epsilon(&DEFAULT_ORDERS, &total, DELTA).map_or(f64::INFINITY, |e| e.epsilon)
+    let releases = dp.releases(settings.strategy, settings.local_epochs, fits, evaluations);
+    rdp::composed_releases(&releases, dp.noise_multiplier, &DEFAULT_ORDERS)
+        .and_then(|total| rdp::epsilon(&DEFAULT_ORDERS, &total, DELTA))
+        .map_or(f64::INFINITY, |e| e.epsilon)
 }
 
 #[cfg(test)]

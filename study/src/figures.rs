@@ -54,8 +54,22 @@ type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoor
 fn frame<'a, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     title: &str,
+    x: (&str, std::ops::Range<f64>),
+    y: (&str, std::ops::Range<f64>),
+) -> Drawn<Chart<'a, DB>>
+where
+    DB::ErrorType: 'static,
+{
+    frame_labelled(area, title, x, y, None)
+}
+
+/// [`frame`], with the x axis's ticks at 0, 1, ... named by `x_labels` (categories) where given.
+fn frame_labelled<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
     (x_desc, x_range): (&str, std::ops::Range<f64>),
     (y_desc, y_range): (&str, std::ops::Range<f64>),
+    x_labels: Option<&[String]>,
 ) -> Drawn<Chart<'a, DB>>
 where
     DB::ErrorType: 'static,
@@ -67,9 +81,21 @@ where
         .y_label_area_size(80)
         .build_cartesian_2d(x_range, y_range)
         .map_err(draw_err)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
+    // A category's name at its integer position, nothing between.
+    let category = |x: &f64| {
+        let i = x.round();
+        let labels = x_labels.unwrap_or_default();
+        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+            labels[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    let mut mesh = chart.configure_mesh();
+    if let Some(labels) = x_labels {
+        mesh.x_labels(labels.len()).x_label_formatter(&category);
+    }
+    mesh.x_desc(x_desc)
         .y_desc(y_desc)
         .label_style((FONT, 18))
         .axis_desc_style((FONT, 22))
@@ -344,36 +370,14 @@ where
     // From 0.3, or lower where a point is: every run shows.
     let lowest = points.iter().map(|p| p.auc).fold(0.3, f64::min);
     let bottom = ((lowest - 0.05) * 10.0).floor() / 10.0;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("{side} AUC"),
-            (FONT, 28).into_font().style(FontStyle::Bold),
-        )
-        .margin(20)
-        .x_label_area_size(60)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.5..k - 0.5, bottom.max(0.0)..1.0)
-        .map_err(draw_err)?;
     let labels: Vec<String> = budgets.iter().map(|b| budget_label(*b)).collect();
-    let formatter = |x: &f64| {
-        let i = x.round();
-        if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-            labels[i as usize].clone()
-        } else {
-            String::new()
-        }
-    };
-    chart
-        .configure_mesh()
-        .x_labels(budgets.len())
-        .x_label_formatter(&formatter)
-        .x_desc("privacy budget per federation (δ = 1e-5)")
-        .y_desc("AUC")
-        .label_style((FONT, 18))
-        .axis_desc_style((FONT, 20))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(draw_err)?;
+    let mut chart = frame_labelled(
+        area,
+        &format!("{side} AUC"),
+        ("privacy budget per federation (δ = 1e-5)", -0.5..k - 0.5),
+        ("AUC", bottom.max(0.0)..1.0),
+        Some(&labels),
+    )?;
     chart
         .draw_series(DashedLineSeries::new(
             [(-0.5, 0.5), (k - 0.5, 0.5)],
