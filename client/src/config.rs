@@ -45,6 +45,8 @@ struct File {
     preprocess: PreprocessSettings,
     #[serde(default)]
     privacy: crate::policy::PolicyFile,
+    #[serde(default)]
+    augmentation: fedslm_cohort::Augmentation,
 }
 
 /// Which transport a node uses (`transport` in client.toml).
@@ -115,6 +117,9 @@ pub struct ClientConfig {
     /// The site's privacy ledger (`privacy.ledger`): every differentially private release, recorded before it
     /// is sent.
     pub ledger: Option<PathBuf>,
+    /// How the node augments its crops in local training (`[augmentation]`; its scanner style is the
+    /// `[augmentation.scanner]` table).
+    pub augmentation: fedslm_cohort::Augmentation,
 }
 
 impl ClientConfig {
@@ -197,6 +202,14 @@ impl ClientConfig {
             coding: file.coding,
             preprocess: file.preprocess,
             ledger: file.privacy.ledger.as_ref().map(|p| base.join(p)),
+            augmentation: {
+                if let Some(style) = &file.augmentation.scanner {
+                    style
+                        .check()
+                        .map_err(|e| invalid(format!("augmentation.scanner: {e}")))?;
+                }
+                file.augmentation
+            },
             privacy: file.privacy.try_into().map_err(invalid)?,
         })
     }

@@ -1,8 +1,10 @@
 //! A centre's data as it lies on disk: the manifest, clinical coding, NIfTI and DICOM reading, ROI
-//! preprocessing, synthetic multi-centre cohorts, partitions and cross-validation folds.
+//! preprocessing, training-side augmentation of crops, synthetic multi-centre cohorts, partitions and
+//! cross-validation folds.
 //!
 //! Knows nothing of candle: the `model` crate turns cohort samples into tensors.
 
+pub mod augment;
 mod cache;
 pub mod coding;
 mod dicom_file;
@@ -15,6 +17,7 @@ pub mod summary;
 pub mod synth;
 mod volume;
 
+pub use augment::{Augmentation, ScannerStyle};
 pub use cache::{load_center, LoadError, Source};
 pub use coding::{ClinicalCoding, MissingPolicy};
 pub use dicom_file::{read_dicom_file, read_dicom_series};

@@ -4,10 +4,9 @@
 //! - `clinical`: logistic regression on the coded clinical factors, in f64 through the metrics crate (locally,
 //!   or federated from centres' gradients and Hessians).
 //! - `net` + `network`: the candle ResNets (`mri`, `combined`), seeded initialisation, the bridge to
-//!   `protocol::Weights`; `train`: local training; `augment`: training-side augmentation.
+//!   `protocol::Weights`; `train`: local training (augmentation: `cohort::augment`).
 //! - `file`: safetensors plus a JSON model card.
 
-pub mod augment;
 pub mod clinical;
 pub mod dp;
 mod error;
@@ -17,9 +16,9 @@ pub mod net;
 pub mod network;
 pub mod train;
 
-pub use augment::Augmentation;
 pub use dp::DpTraining;
 pub use error::ModelError;
+pub use fedslm_cohort::augment::{self, Augmentation, ScannerStyle};
 pub use fedslm_protocol::ModelKind;
 pub use file::{load, save, write_model, ClinicalTable, ModelCard};
 pub use kernels::Kernels;

@@ -176,6 +176,9 @@ pub struct BatchNorm2d {
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
+    /// The share of a training batch's statistics in the running ones (the bits of an f64): `BN_MOMENTUM`,
+    /// but for AdaBN's passes ([`ResNet::set_batch_norm_momentum`]).
+    momentum: std::sync::atomic::AtomicU64,
 }
 
 const BN_MOMENTUM: f64 = 0.1;
@@ -197,7 +200,12 @@ impl BatchNorm2d {
                 "running_var",
                 Init::Const(1.0),
             )?)?,
+            momentum: std::sync::atomic::AtomicU64::new(BN_MOMENTUM.to_bits()),
         })
+    }
+
+    fn momentum(&self) -> f64 {
+        f64::from_bits(self.momentum.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The normalised `x`, then `then` (the shortcut added, a ReLU); in training, the batch's statistics also
@@ -241,14 +249,11 @@ impl BatchNorm2d {
     }
 
     fn update_running(&self, mean: &Tensor, unbiased_var: &Tensor) -> Result<()> {
-        self.running_mean.set(
-            &((self.running_mean.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
-                + (mean * BN_MOMENTUM)?)?,
-        )?;
-        self.running_var.set(
-            &((self.running_var.as_tensor().detach() * (1.0 - BN_MOMENTUM))?
-                + (unbiased_var * BN_MOMENTUM)?)?,
-        )
+        let m = self.momentum();
+        self.running_mean
+            .set(&((self.running_mean.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?)?;
+        self.running_var
+            .set(&((self.running_var.as_tensor().detach() * (1.0 - m))? + (unbiased_var * m)?)?)
     }
 
     /// The same from candle's own tensor ops (the reference the kernel is tested against).
@@ -435,6 +440,25 @@ impl ResNet {
             fc,
             kernels: Kernels::default(),
         })
+    }
+
+    /// Every batch-norm layer, in order.
+    fn batch_norms(&self) -> impl Iterator<Item = &BatchNorm2d> {
+        std::iter::once(&self.bn1).chain(self.blocks.iter().flat_map(|b| {
+            [&b.bn1, &b.bn2]
+                .into_iter()
+                .chain(b.downsample.as_ref().map(|(_, bn)| bn))
+        }))
+    }
+
+    /// The share of each training batch's statistics in every layer's running ones: `None` restores the
+    /// training momentum (0.1, PyTorch's).
+    pub fn set_batch_norm_momentum(&self, momentum: Option<f64>) {
+        let bits = momentum.unwrap_or(BN_MOMENTUM).to_bits();
+        for bn in self.batch_norms() {
+            bn.momentum
+                .store(bits, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Logits, shape `[batch]`, of crops `[batch, channels, size, size]` and, for the combined network,

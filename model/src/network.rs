@@ -81,6 +81,9 @@ pub struct Network {
     pub(crate) net: ResNet,
 }
 
+/// The largest chunk of images AdaBN passes through the network at once.
+pub const ADAPT_BATCH: usize = 64;
+
 /// The federation role of a variable, from its torchvision-style name.
 pub fn role_of(name: &str) -> TensorRole {
     let (module, leaf) = name.rsplit_once('.').unwrap_or(("", name));
@@ -419,6 +422,34 @@ impl Network {
     /// Chooses our kernels (the default) or candle's own ops, the reference they are tested against.
     pub fn set_kernels(&mut self, kernels: crate::kernels::Kernels) {
         self.net.kernels = kernels;
+    }
+
+    /// AdaBN (Li et al., "Revisiting Batch Normalization For Practical Domain Adaptation", 2016): every
+    /// batch-norm layer's running statistics recomputed from `samples` (a centre's own images; their labels
+    /// are not read), so that a validating centre normalises with its scanner's statistics. The samples pass
+    /// through the network in training mode in at most [`ADAPT_BATCH`]-sized, near-equal chunks, each chunk's
+    /// statistics weighted by its share of the patients seen (a cumulative average). The learnt weights are
+    /// untouched. Returns the patients used.
+    pub fn adapt_batch_norm(&self, samples: &[&Sample]) -> Result<usize, ModelError> {
+        if samples.len() < 2 {
+            return Err(ModelError::Training(format!(
+                "batch-norm statistics need at least 2 images; there are {}",
+                samples.len()
+            )));
+        }
+        let chunks = samples.len().div_ceil(ADAPT_BATCH);
+        let size = samples.len().div_ceil(chunks);
+        let mut seen = 0usize;
+        let result = samples.chunks(size).try_for_each(|chunk| {
+            seen += chunk.len();
+            self.net
+                .set_batch_norm_momentum(Some(chunk.len() as f64 / seen as f64));
+            let (images, clinical) = self.batch(chunk, |s, buf| buf.extend_from_slice(&s.image))?;
+            self.net.forward_t(&images, clinical.as_ref(), true)?;
+            Ok::<(), ModelError>(())
+        });
+        self.net.set_batch_norm_momentum(None);
+        result.map(|()| samples.len())
     }
 
     /// Per-patient probabilities, batch-norm statistics frozen.

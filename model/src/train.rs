@@ -8,10 +8,10 @@ use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
 use serde::{Deserialize, Serialize};
 
-use crate::augment::{augment, Augmentation};
 use crate::error::ModelError;
 use crate::kernels::{FusedAdamW, Kernels};
 use crate::network::Network;
+use fedslm_cohort::augment::{augment, Augmentation};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]

@@ -79,6 +79,15 @@ impl SiteCohort {
             .collect()
     }
 
+    /// Patients with images in the selection, labelled or not: those AdaBN takes its statistics from.
+    pub fn samples_in(&self, selection: Selection) -> Vec<&Sample> {
+        let folds = self.folds(selection);
+        self.samples
+            .iter()
+            .filter(|s| folds.keeps(&s.patient_id))
+            .collect()
+    }
+
     /// Patients with a known outcome in the selection: those the clinical model is fitted and evaluated on.
     pub fn labelled_patients(&self, selection: Selection) -> Vec<&Patient> {
         let folds = self.folds(selection);

@@ -13,6 +13,7 @@
 pub mod check;
 mod cohort;
 mod error;
+pub mod fedbn;
 pub mod ledger;
 pub mod release;
 pub mod scores;

@@ -20,6 +20,8 @@ use crate::{NodeError, PlacementError, SiteCohort};
 use fedslm_metrics::dp::SecureNoise;
 use fedslm_model::DpTraining;
 
+use crate::fedbn::{with_batch_norm_of, LocalBatchNorm};
+
 /// A hospital node: its configuration, its cohort, the network of its last task, the scores it keeps, and its
 /// privacy ledger.
 pub struct Node {
@@ -31,6 +33,8 @@ pub struct Node {
     network: Option<Network>,
     /// Each run's last evaluation, patient by patient, for the second pass of paired tests.
     kept: KeptScores,
+    /// FedBN: each run's batch-norm layers as this centre trained them; they never leave it.
+    local_batch_norm: LocalBatchNorm,
 }
 
 impl Node {
@@ -68,7 +72,13 @@ impl Node {
             ledger,
             network: None,
             kept: KeptScores::default(),
+            local_batch_norm: LocalBatchNorm::default(),
         })
+    }
+
+    /// FedBN: the batch-norm layers this centre keeps for `run` (they never leave it).
+    pub fn local_batch_norm(&self, run: &str) -> Option<&fedslm_protocol::Weights> {
+        self.local_batch_norm.get(run)
     }
 
     /// The privacy ledger, where client.toml names one.
@@ -154,7 +164,7 @@ impl Node {
         }
         let result = match task.objective {
             LocalObjective::NewtonStep => self.newton(task)?,
-            LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(task)?,
+            LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(run_id, task)?,
         };
         self.config.privacy.examples(result.examples)?;
         if let Some(m) = mechanism {
@@ -177,7 +187,7 @@ impl Node {
         if let Some(m) = &mechanism {
             self.afford(run_id, m)?;
         }
-        let (mut report, scored) = self.evaluate_all(task)?;
+        let (mut report, scored) = self.evaluate_all(run_id, task)?;
         self.config.privacy.classes(
             report.positives,
             report.examples.saturating_sub(report.positives),
@@ -280,6 +290,7 @@ impl Node {
     /// and the patients' scores for the node to keep.
     fn evaluate_all(
         &mut self,
+        run_id: &str,
         task: &EvaluateTask,
     ) -> Result<(EvalReport, Vec<Scored>), NodeError> {
         let selection = Selection::evaluate(task.fold);
@@ -298,14 +309,30 @@ impl Node {
                 (ids, labels, probs)
             }
             ModelKind::Mri | ModelKind::Combined => {
+                // FedBN: a centre that trained in the run scores with its own layers.
+                let own = self
+                    .local_batch_norm
+                    .get(run_id)
+                    .map(|layers| with_batch_norm_of(&task.weights, layers))
+                    .transpose()?;
                 let network = network_for(
                     &mut self.network,
                     &self.config,
                     &self.cohort,
                     task.model,
-                    &task.weights,
+                    own.as_ref().unwrap_or(&task.weights),
                     0,
                 )?;
+                if task.adapt_batch_norm {
+                    // AdaBN: the statistics of this centre's images; no label is read.
+                    let images = self.cohort.samples_in(selection);
+                    let n = network.adapt_batch_norm(&images)?;
+                    tracing::info!(
+                        round = task.round,
+                        images = n,
+                        "batch-norm statistics recomputed from this centre's images (AdaBN)"
+                    );
+                }
                 let labelled = self.cohort.labelled_samples(selection);
                 let probs = network.predict(&labelled)?;
                 (
@@ -378,17 +405,24 @@ impl Node {
         })
     }
 
-    fn train(&mut self, task: &FitTask) -> Result<FitResult, NodeError> {
+    fn train(&mut self, run_id: &str, task: &FitTask) -> Result<FitResult, NodeError> {
         if task.model == ModelKind::Clinical {
             return Err(NodeError::ClinicalIsNotTrained);
         }
         let seed = center_seed(task.seed, &self.cohort.center);
+        // FedBN: this centre's own layers of the run, where it has trained in it before.
+        let own = match self.local_batch_norm.get(run_id) {
+            Some(layers) if task.keep_batch_norm_local => {
+                Some(with_batch_norm_of(&task.weights, layers)?)
+            }
+            _ => None,
+        };
         let network = network_for(
             &mut self.network,
             &self.config,
             &self.cohort,
             task.model,
-            &task.weights,
+            own.as_ref().unwrap_or(&task.weights),
             task.seed,
         )?;
         let train = self.cohort.labelled_samples(Selection::fit(task.fold));
@@ -405,14 +439,21 @@ impl Node {
             },
             seed,
             dp: task.dp.map(DpTraining::from),
+            augmentation: Some(self.config.augmentation),
             ..TrainConfig::default()
         };
         let reports = network.fit(&train, &train_cfg, |r| {
             tracing::debug!(round = task.round, epoch = r.epoch, loss = r.loss, "epoch");
         })?;
+        let mut weights = network.to_weights()?;
+        if task.keep_batch_norm_local {
+            // The trained layers stay here; the global model's go back in their place.
+            self.local_batch_norm.keep(run_id, &weights)?;
+            weights = with_batch_norm_of(&weights, &task.weights)?;
+        }
         Ok(FitResult {
             round: task.round,
-            weights: network.to_weights()?,
+            weights,
             examples: train.len() as u64,
             // Under DP the loss is not released.
             train_loss: match task.dp {

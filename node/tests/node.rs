@@ -46,6 +46,7 @@ fn evaluation(weights: &Weights, fold: Option<Fold>) -> EvaluateTask {
         fold,
         histogram_bins: 100,
         histogram_noise: None,
+        adapt_batch_norm: false,
     }
 }
 
@@ -207,6 +208,7 @@ fn a_site_that_requires_dp_refuses_a_release_in_the_clear_and_answers_a_private_
     assert_ne!(private.weights, exact.weights, "noised");
     let noisy = EvaluateTask {
         histogram_noise: Some(2.0),
+        adapt_batch_norm: false,
         ..evaluation(&zero, None)
     };
     let report = node.evaluate("r", &noisy).unwrap();
@@ -277,4 +279,184 @@ fn the_budget_refuses_the_release_that_would_exceed_it_also_after_a_restart() {
     node.fit("run-2", &task).unwrap();
     let e = refusal(node.fit("run-2", &task).unwrap_err());
     assert!(e.contains("privacy.lifetime_epsilon"), "{e}");
+}
+
+/// The tiny synthetic cohort (images at every centre), written into `dir`.
+fn tiny_cohort(dir: &Path) -> PathBuf {
+    use fedslm_cohort::synth::{write_cohort, Geometry, Plan, Preset};
+    let centers = Preset::Tiny.centers();
+    write_cohort(
+        dir,
+        5,
+        &centers,
+        &Plan::natural(&centers),
+        &Geometry::standard(),
+        &|_| {},
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// A node of `center` of the cohort in `cohort`, keeping its scores in `scores`.
+fn image_node(cohort: &Path, center: &str, scores: &Path) -> Node {
+    let text = format!(
+        "center = {center:?}\nserver = \"127.0.0.1:9\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\
+         cohort = {:?}\nscores = {:?}\n",
+        cohort.join(center).display().to_string(),
+        scores.display().to_string()
+    );
+    let config = ClientConfig::parse(&text, Path::new("/nowhere/client.toml")).unwrap();
+    Node::load(&config).unwrap()
+}
+
+fn mri_model() -> Weights {
+    let pre = fedslm_cohort::PreprocessSettings::default();
+    let config = fedslm_model::NetConfig::compact(pre.channels(), pre.size, 0);
+    fedslm_model::Network::new(ModelKind::Mri, config, 1)
+        .unwrap()
+        .to_weights()
+        .unwrap()
+}
+
+fn mri_fit(weights: &Weights, round: u32, fedbn: bool) -> FitTask {
+    FitTask {
+        round,
+        model: ModelKind::Mri,
+        weights: weights.clone(),
+        local_epochs: 1,
+        learning_rate: 0.01,
+        batch_size: 4,
+        fold: None,
+        seed: 3,
+        objective: LocalObjective::Plain,
+        keep_batch_norm_local: fedbn,
+        dp: None,
+    }
+}
+
+fn mri_evaluation(weights: &Weights, adapt: bool) -> EvaluateTask {
+    EvaluateTask {
+        model: ModelKind::Mri,
+        adapt_batch_norm: adapt,
+        ..evaluation(weights, None)
+    }
+}
+
+fn is_batch_norm(t: &fedslm_protocol::Tensor) -> bool {
+    t.role() != fedslm_protocol::TensorRole::Parameter
+}
+
+#[test]
+fn under_fedbn_each_centre_keeps_its_own_batch_norm_and_sends_the_global_one_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = tiny_cohort(&tmp.path().join("cohort"));
+    let global = mri_model();
+    let mut kept = Vec::new();
+    for center in ["center-a", "center-b"] {
+        let mut node = image_node(&cohort, center, &tmp.path().join(center));
+        let sent = node
+            .fit("fedbn", &mri_fit(&global, 1, true))
+            .unwrap()
+            .weights;
+        for (g, s) in global.tensors().iter().zip(sent.tensors()) {
+            if is_batch_norm(g) {
+                assert_eq!(
+                    g.bytes(),
+                    s.bytes(),
+                    "{}: {} left the centre",
+                    center,
+                    g.name()
+                );
+            }
+        }
+        assert!(
+            global
+                .tensors()
+                .iter()
+                .zip(sent.tensors())
+                .any(|(g, s)| !is_batch_norm(g) && g.bytes() != s.bytes()),
+            "{center} trained"
+        );
+        let own = node.local_batch_norm("fedbn").unwrap().clone();
+        assert!(own.tensors().iter().all(is_batch_norm));
+        // The centre scores the run's model with its own layers: not as the global model's would.
+        let with_own = node
+            .evaluate("fedbn", &mri_evaluation(&global, false))
+            .unwrap();
+        let with_global = node
+            .evaluate("other", &mri_evaluation(&global, false))
+            .unwrap();
+        assert_ne!(with_own.histogram, with_global.histogram, "{center}");
+        // Without FedBN nothing is kept and the trained layers are sent.
+        let plain = node
+            .fit("plain", &mri_fit(&global, 1, false))
+            .unwrap()
+            .weights;
+        assert!(node.local_batch_norm("plain").is_none());
+        assert!(global
+            .tensors()
+            .iter()
+            .zip(plain.tensors())
+            .any(|(g, s)| is_batch_norm(g) && g.bytes() != s.bytes()));
+        kept.push(own);
+    }
+    let differ = kept[0]
+        .tensors()
+        .iter()
+        .zip(kept[1].tensors())
+        .any(|(a, b)| a.bytes() != b.bytes());
+    assert!(differ, "the centres' layers differ");
+}
+
+#[test]
+fn adabn_rescores_with_the_validators_own_statistics_and_reads_no_label() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = tiny_cohort(&tmp.path().join("cohort"));
+    // A model trained at one centre, validated at another.
+    let mut trainer = image_node(&cohort, "center-a", &tmp.path().join("a"));
+    let model = trainer
+        .fit("run", &mri_fit(&mri_model(), 1, false))
+        .unwrap()
+        .weights;
+    let scores = |dir: &Path, run: &str| -> Vec<(String, f64)> {
+        let mut s: Vec<(String, f64)> = fedslm_node::scores::read_scores(dir, run)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.patient, s.probability))
+            .collect();
+        s.sort_by(|a, b| a.0.cmp(&b.0));
+        s
+    };
+    let dir = tmp.path().join("external");
+    let mut validator = image_node(&cohort, "external", &dir);
+    validator
+        .evaluate("plain", &mri_evaluation(&model, false))
+        .unwrap();
+    validator
+        .evaluate("adapted", &mri_evaluation(&model, true))
+        .unwrap();
+    let plain = scores(&dir, "plain");
+    let adapted = scores(&dir, "adapted");
+    assert_ne!(plain, adapted, "the statistics were recomputed");
+    // The same patients with every label flipped: the adapted scores do not move.
+    let flipped_dir = tmp.path().join("flipped");
+    let config = ClientConfig::parse(
+        &format!(
+            "center = \"external\"\nserver = \"127.0.0.1:9\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
+             cohort = {:?}\nscores = {:?}\n",
+            cohort.join("external").display().to_string(),
+            flipped_dir.display().to_string()
+        ),
+        Path::new("/nowhere/client.toml"),
+    )
+    .unwrap();
+    let mut site = fedslm_node::SiteCohort::load(&config).unwrap();
+    for s in &mut site.samples {
+        s.label = s.label.map(|y| !y);
+    }
+    let mut flipped = Node::new(config, site).unwrap();
+    flipped
+        .evaluate("adapted", &mri_evaluation(&model, true))
+        .unwrap();
+    assert_eq!(scores(&flipped_dir, "adapted"), adapted);
 }

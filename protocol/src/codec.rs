@@ -626,6 +626,7 @@ impl Decode<Ctx> for EvaluateTask {
                 }
                 other => other,
             },
+            adapt_batch_norm: Decode::decode(d)?,
         })
     }
 }

@@ -28,7 +28,7 @@ pub use message::*;
 pub use weights::{DType, Tensor, TensorRole, Weights, WeightsError};
 
 /// Version of the frame format and message set; both sides must speak the same.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// TLS application protocol (ALPN) of fedslm over QUIC.
 pub const ALPN: &[u8] = b"fedslm/1";

@@ -256,6 +256,9 @@ pub struct EvaluateTask {
     /// Differential privacy: Gaussian noise of this standard deviation on each count (a patient changes one
     /// count by one), rounded and kept non-negative; the loss is then not released (NaN).
     pub histogram_noise: Option<f64>,
+    /// AdaBN: before scoring, recompute the network's batch-norm statistics from the centre's own images in
+    /// the selection (no label is read); the learnt weights are used as sent.
+    pub adapt_batch_norm: bool,
 }
 
 /// Per-class counts of predicted probabilities in equal-width bins over [0, 1].

@@ -174,6 +174,9 @@ pub struct FedAvg {
     /// Names, shapes, dtypes and roles of the result, in the global model's order.
     template: Vec<(String, Vec<usize>, DType, TensorRole)>,
     sums: Vec<Vec<f64>>,
+    /// Under FedBN, the global model's batch-norm tensors, which the result keeps as they are (the centres'
+    /// own stay at the centres); `None` for a tensor that is averaged.
+    kept: Vec<Option<Tensor>>,
     examples: f64,
     updates: usize,
 }
@@ -181,7 +184,19 @@ pub struct FedAvg {
 impl FedAvg {
     /// An empty aggregate shaped like `global`.
     pub fn new(global: &Weights) -> FedAvg {
+        FedAvg::keeping(global, false)
+    }
+
+    /// An empty aggregate shaped like `global`; with `batch_norm_local` (FedBN, Li et al., ICLR 2021), its
+    /// batch-norm parameters and statistics are not averaged but kept from `global`.
+    pub fn keeping(global: &Weights, batch_norm_local: bool) -> FedAvg {
+        let local = |t: &Tensor| batch_norm_local && t.role() != TensorRole::Parameter;
         FedAvg {
+            kept: global
+                .tensors()
+                .iter()
+                .map(|t| local(t).then(|| t.clone()))
+                .collect(),
             template: global
                 .tensors()
                 .iter()
@@ -197,7 +212,13 @@ impl FedAvg {
             sums: global
                 .tensors()
                 .iter()
-                .map(|t| vec![0.0; t.element_count()])
+                .map(|t| {
+                    if local(t) {
+                        Vec::new()
+                    } else {
+                        vec![0.0; t.element_count()]
+                    }
+                })
                 .collect(),
             examples: 0.0,
             updates: 0,
@@ -223,7 +244,12 @@ impl FedAvg {
             }
         }
         let w = examples as f64;
-        for ((name, _, _, _), sum) in self.template.iter().zip(&mut self.sums) {
+        for (((name, _, _, _), sum), kept) in
+            self.template.iter().zip(&mut self.sums).zip(&self.kept)
+        {
+            if kept.is_some() {
+                continue;
+            }
             if let Some(t) = update.get(name) {
                 let mut i = 0;
                 t.for_each_f64(|v| {
@@ -253,7 +279,13 @@ impl FedAvg {
             return Ok(None);
         }
         let mut tensors = Vec::with_capacity(self.template.len());
-        for ((name, shape, dtype, role), sum) in self.template.into_iter().zip(self.sums) {
+        for (((name, shape, dtype, role), sum), kept) in
+            self.template.into_iter().zip(self.sums).zip(self.kept)
+        {
+            if let Some(t) = kept {
+                tensors.push(t);
+                continue;
+            }
             let mean: Vec<f64> = sum.iter().map(|s| s / self.examples).collect();
             tensors.push(match dtype {
                 DType::F64 => Tensor::from_f64(name, shape, role, &mean)?,
@@ -320,6 +352,27 @@ mod tests {
             ["conv.weight", "clinical.coefficients", "bn.running_var"]
         );
         assert!(FedAvg::new(&global).finish().unwrap().is_none());
+    }
+
+    #[test]
+    fn fedbn_averages_the_parameters_and_keeps_the_global_batch_norm() {
+        let global = weights(&[0.0; 4], &[0.0; 2], &[1.0]);
+        let a = weights(&[1.0, 2.0, 3.0, 4.0], &[0.1, 0.2], &[2.0]);
+        let b = weights(&[5.0, 6.0, 7.0, 8.0], &[0.3, 0.4], &[4.0]);
+        let mut agg = FedAvg::keeping(&global, true);
+        for u in [&a, &b] {
+            agg.fold(u, 10).unwrap();
+        }
+        let out = agg.finish().unwrap().unwrap();
+        assert_eq!(
+            out.require("conv.weight").unwrap().to_f32_vec(),
+            vec![3.0, 4.0, 5.0, 6.0]
+        );
+        assert_eq!(
+            out.require("bn.running_var").unwrap().to_f32_vec(),
+            vec![1.0],
+            "the global model's, not the centres' mean"
+        );
     }
 
     #[test]

@@ -111,6 +111,9 @@ pub enum AuditEvent {
         internal_auc: Option<f64>,
         external_auc: Option<f64>,
         centers: usize,
+        /// The validating centres that scored with batch-norm statistics of their own images (AdaBN).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        adapted_batch_norm: Vec<String>,
     },
     RoundCommitted {
         round: u32,

@@ -77,6 +77,14 @@ pub struct ServerToml {
     pub evaluation_bins: u32,
     #[serde(default)]
     pub evaluate_every: u32,
+    /// AdaBN: validating centres recompute a network's batch-norm statistics from their own images (no label
+    /// is read) before scoring.
+    #[serde(default)]
+    pub adapt_batch_norm: bool,
+    /// FedBN: training centres keep their batch-norm layers (parameters and statistics); only the rest is
+    /// averaged.
+    #[serde(default)]
+    pub fedbn: bool,
     /// Cross-validation: the fold (0-based) every training centre holds out, of `cv_folds`.
     pub cv_fold: Option<u32>,
     pub cv_folds: Option<u32>,
@@ -141,6 +149,8 @@ impl ServerToml {
             seed: default_seed(),
             evaluation_bins: default_evaluation_bins(),
             evaluate_every: 0,
+            adapt_batch_norm: false,
+            fedbn: false,
             cv_fold: None,
             cv_folds: None,
             privacy: PrivacyToml::default(),
@@ -231,6 +241,8 @@ pub struct RunConfig {
     pub norm_bound: NormBound,
     pub seed: u64,
     pub evaluation: crate::round::EvaluationSettings,
+    /// FedBN: training centres keep their batch-norm layers.
+    pub batch_norm_local: bool,
     /// Cross-validation: the fold the training centres hold out.
     pub fold: Option<Fold>,
     pub dp: Option<DpPlan>,
@@ -454,9 +466,11 @@ impl ServerConfig {
                 evaluation: crate::round::EvaluationSettings {
                     bins: file.evaluation_bins,
                     every: file.evaluate_every,
+                    adapt_batch_norm: file.adapt_batch_norm,
                 },
                 fold,
                 dp,
+                batch_norm_local: file.fedbn,
             },
             listen: file.listen,
             tcp_listen,
@@ -525,6 +539,7 @@ impl ServerConfig {
             seed: r.seed,
             fold: r.fold,
             evaluation: r.evaluation,
+            batch_norm_local: r.batch_norm_local,
             dp: match r.dp {
                 None => None,
                 Some(plan) => Some(match plan.noise {
@@ -593,6 +608,12 @@ impl ServerConfig {
         put("seed", settings.seed.to_string());
         put("evaluation_bins", settings.evaluation.bins.to_string());
         put("evaluate_every", settings.evaluation.every.to_string());
+        if settings.evaluation.adapt_batch_norm {
+            put("adapt_batch_norm", "true".into());
+        }
+        if settings.batch_norm_local {
+            put("fedbn", "true".into());
+        }
         if let Some(dp) = settings.dp {
             put(
                 "dp",

@@ -17,6 +17,8 @@ pub struct CenterEvaluation {
     /// Mean log-loss.
     pub loss: f64,
     pub histogram: ScoreHistograms,
+    /// The centre was asked to score with batch-norm statistics recomputed from its own images (AdaBN).
+    pub adapted_batch_norm: bool,
 }
 
 /// Why an evaluation report is refused: it must be the aggregate of what was asked.
@@ -142,6 +144,7 @@ impl Evaluation {
                         positive: c.histogram.positive.clone(),
                         negative: c.histogram.negative.clone(),
                     },
+                    adapted_batch_norm: c.adapted_batch_norm,
                 })
                 .collect(),
             missing: self
@@ -288,6 +291,9 @@ pub struct CenterRecord {
     pub loss: f64,
     pub auc: AucSummary,
     pub histogram: HistogramRecord,
+    /// Scored with batch-norm statistics recomputed from the centre's own images (AdaBN).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adapted_batch_norm: bool,
 }
 
 /// Per-class counts of binned scores, as stored.
@@ -508,6 +514,7 @@ mod tests {
                 positives: labels.iter().filter(|&&y| y).count() as u64,
                 loss: 0.5,
                 histogram: h,
+                adapted_batch_norm: false,
             });
         }
         let e = Evaluation {

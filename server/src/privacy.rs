@@ -87,6 +87,7 @@ mod tests {
             fold: None,
             evaluation: EvaluationSettings::default(),
             dp,
+            batch_norm_local: false,
         }
     }
 

@@ -276,7 +276,7 @@ fn dp(args: DpArgs) -> anyhow::Result<()> {
     use fedslm_study::bench::train::bench_net;
     println!(
         "CPU: {}; threads: {}",
-        cpu_model(),
+        fedslm_study::simulate::spread::cpu_model(),
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into())
     );
     println!("| network | batch | plain step (ms) | DP-SGD step (ms) | DP / plain |");
@@ -295,19 +295,6 @@ fn dp(args: DpArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The CPU's model name, from /proc/cpuinfo where there is one.
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn tradeoff(args: TradeoffArgs) -> anyhow::Result<()> {

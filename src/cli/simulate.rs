@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use clap::Args;
 use fedslm_model::ModelKind;
 use fedslm_study::centralised::TrainProgress;
-use fedslm_study::simulate::{self, report, Holdout, Settings, StudyEvent};
+use fedslm_study::simulate::spread::Repeats;
+use fedslm_study::simulate::{self, report, Holdout, Settings, ShiftMethods, StudyEvent};
 use indicatif::ProgressBar;
 
 use super::console::console;
@@ -46,8 +47,19 @@ pub struct SimulateArgs {
     /// per bin].
     #[arg(long)]
     bins: Option<u32>,
+    /// The synthetic cohort's seed, and the training seed (initial weights, folds, batches, augmentation).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Run the whole study this many times, with training seeds --seed, --seed + 1, ..., on the same cohort,
+    /// and report each figure's median and range (each repeat kept in its own folder).
+    #[arg(long, conflicts_with = "seeds")]
+    repeats: Option<usize>,
+    /// Repeats with these training seeds (on the cohort of --seed, or of each of --cohort-seeds).
+    #[arg(long, value_delimiter = ',')]
+    seeds: Option<Vec<u64>>,
+    /// Repeats on these synthetic cohorts too (each with every training seed).
+    #[arg(long, value_delimiter = ',')]
+    cohort_seeds: Option<Vec<u64>>,
     /// Skip the centralised baseline (`fedslm train` on the training centres pooled, same folds and epochs).
     #[arg(long)]
     no_centralised: bool,
@@ -55,11 +67,36 @@ pub struct SimulateArgs {
     /// noised Newton statistics and histograms, each site's ledger enforcing the budget.
     #[arg(long)]
     dp_epsilon: Option<f64>,
+    /// Methods against scanner shift: `none`, or any of augment (scanner-style augmentation in training),
+    /// adabn (batch-norm statistics recomputed at each validating centre from its own images), fedbn (batch
+    /// norm kept at each training centre) [default: the methods chosen on development cohorts].
+    #[arg(long, value_delimiter = ',')]
+    shift: Option<Vec<String>>,
 }
 
 impl SimulateArgs {
-    fn settings(self) -> Settings {
-        Settings {
+    /// The repeats asked for, if any.
+    fn repeats(&self) -> Option<Repeats> {
+        if self.repeats.is_none() && self.seeds.is_none() && self.cohort_seeds.is_none() {
+            return None;
+        }
+        let training_seeds = match (&self.seeds, self.repeats) {
+            (Some(s), _) => s.clone(),
+            (None, Some(n)) => Repeats::consecutive(self.seed, n).training_seeds,
+            (None, None) => vec![self.seed],
+        };
+        Some(Repeats {
+            cohort_seeds: self.cohort_seeds.clone().unwrap_or(vec![self.seed]),
+            training_seeds,
+        })
+    }
+
+    fn settings(self) -> anyhow::Result<Settings> {
+        let shift = match &self.shift {
+            Some(names) => ShiftMethods::parse(names)?,
+            None => ShiftMethods::DEFAULT,
+        };
+        Ok(Settings {
             cohort: self.cohort,
             out: self.out,
             models: self.models,
@@ -76,16 +113,22 @@ impl SimulateArgs {
                 None => 1000,
             }),
             seed: self.seed,
+            training_seed: None,
             centralised: !self.no_centralised,
             dp_epsilon: self.dp_epsilon,
-        }
+            shift,
+        })
     }
 }
 
 pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
     // Settings that cannot work are refused before anything is written.
-    let settings = args.settings();
+    let repeats = args.repeats();
+    let settings = args.settings()?;
     settings.check()?;
+    if let Some(r) = &repeats {
+        r.check(&settings)?;
+    }
     let out = simulate::prepare_out(&settings.out)?;
     let log = out.join(simulate::LOG_FILE);
     output.start(Some(&log))?;
@@ -151,18 +194,35 @@ pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
         out: out.clone(),
         ..settings
     };
-    let results = simulate::run(settings, &observer);
-    if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        b.finish_and_clear();
+    let finish_bar = || {
+        if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    };
+    if let Some(repeats) = repeats {
+        let results = simulate::spread::run_repeats(settings, &repeats, &observer);
+        finish_bar();
+        let results = results?;
+        console.result(&format!("\n{}", report::spread_table(&results)));
+        console.milestone(&format!(
+            "wall time {:.0} s ({:.0} s a repeat); results.json, report.md and figures/spread.png in {}, each \
+             repeat in its own folder",
+            results.wall_seconds,
+            results.wall_seconds / results.repeats.len().max(1) as f64,
+            out.display()
+        ));
+    } else {
+        let results = simulate::run(settings, &observer);
+        finish_bar();
+        let results = results?;
+        console.result(&format!("\n{}", report::table(&results)));
+        console.milestone(&format!(
+            "wall time {:.0} s, peak memory {:.0} MiB; results.json, report.md and figures/ in {}",
+            results.wall_seconds,
+            results.peak_memory_mib,
+            out.display()
+        ));
     }
-    let results = results?;
-    console.result(&format!("\n{}", report::table(&results)));
-    console.milestone(&format!(
-        "wall time {:.0} s, peak memory {:.0} MiB; results.json, report.md and figures/ in {}",
-        results.wall_seconds,
-        results.peak_memory_mib,
-        out.display()
-    ));
     console.milestone(&format!(
         "every line the servers and nodes logged: {}",
         log.display()

@@ -478,6 +478,147 @@ pub fn write_tradeoff(
     Ok(vec![png, svg])
 }
 
+/// One side's panel of the spread over repeats: each repeat's AUC a point, the median a bar, the study's
+/// figure a black diamond, per model.
+fn spread_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    side: &str,
+    results: &crate::simulate::spread::SpreadResults,
+) -> Drawn<()>
+where
+    DB::ErrorType: 'static,
+{
+    use crate::simulate::report::PAPER;
+    let models: Vec<fedslm_model::ModelKind> = fedslm_model::ModelKind::ALL
+        .into_iter()
+        .filter(|m| results.models.contains_key(m.name()))
+        .collect();
+    let auc = |f: &crate::simulate::spread::RepeatFigures| match side {
+        "internal" => f.internal_auc,
+        _ => f.external_auc,
+    };
+    let lowest = results
+        .repeats
+        .iter()
+        .flat_map(|r| r.models.values().filter_map(auc))
+        .fold(0.4, f64::min);
+    let bottom = ((lowest - 0.05) * 10.0).floor() / 10.0;
+    let labels: Vec<String> = models.iter().map(|m| m.name().to_string()).collect();
+    let k = models.len().max(1) as f64;
+    let mut chart = frame_labelled(
+        area,
+        &format!("{side} AUC over {} repeats", results.repeats.len()),
+        ("model", -0.5..k - 0.5),
+        ("AUC", bottom.max(0.0)..1.0),
+        Some(&labels),
+    )?;
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(-0.5, 0.5), (k - 0.5, 0.5)],
+            8,
+            6,
+            BLACK.mix(0.4).stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    let n = results.repeats.len().max(1) as f64;
+    for (i, m) in models.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let x = i as f64;
+        // Repeats spread across the category in their order, so that equal AUCs stay visible.
+        let points: Vec<(f64, f64)> = results
+            .repeats
+            .iter()
+            .enumerate()
+            .filter_map(|(j, r)| {
+                let a = r.models.get(m.name()).and_then(auc)?;
+                Some((x - 0.2 + 0.4 * (j as f64 + 0.5) / n, a))
+            })
+            .collect();
+        let label = if i == 0 { "a repeat" } else { "" };
+        let series = chart
+            .draw_series(
+                points
+                    .iter()
+                    .map(|&p| Circle::new(p, 5, color.mix(0.7).filled())),
+            )
+            .map_err(draw_err)?;
+        if !label.is_empty() {
+            series
+                .label(label)
+                .legend(move |(x, y)| Circle::new((x + 12, y), 5, color.mix(0.7).filled()));
+        }
+        let spread = results.models.get(m.name()).and_then(|s| match side {
+            "internal" => s.internal_auc,
+            _ => s.external_auc,
+        });
+        if let Some(s) = spread {
+            let bar = chart
+                .draw_series(LineSeries::new(
+                    [(x - 0.3, s.median), (x + 0.3, s.median)],
+                    color.stroke_width(4),
+                ))
+                .map_err(draw_err)?;
+            if i == 0 {
+                bar.label("median").legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 24, y)], color.stroke_width(4))
+                });
+            }
+        }
+        if let Some(p) = PAPER.iter().find(|p| p.0 == *m) {
+            let v = if side == "internal" { p.1 } else { p.2 };
+            let d = chart
+                .draw_series(std::iter::once(Cross::new(
+                    (x + 0.33, v),
+                    8,
+                    BLACK.stroke_width(3),
+                )))
+                .map_err(draw_err)?;
+            if i == 0 {
+                d.label("the study (BMC Med Imaging 2025)")
+                    .legend(|(x, y)| Cross::new((x + 12, y), 6, BLACK.stroke_width(3)));
+            }
+        }
+    }
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
+}
+
+/// Writes `spread.png` and `.svg` to `dir`: internal and external AUC of each model over the repeats, beside
+/// the study's figures; returns their paths.
+pub fn write_spread(
+    dir: &Path,
+    results: &crate::simulate::spread::SpreadResults,
+) -> Result<Vec<PathBuf>, StudyError> {
+    register_font();
+    crate::error::create_dir(dir)?;
+    let size = (1500, 650);
+    let png = dir.join("spread.png");
+    let svg = dir.join("spread.svg");
+    fn both<DB: DrawingBackend>(
+        area: &DrawingArea<DB, Shift>,
+        results: &crate::simulate::spread::SpreadResults,
+    ) -> Drawn<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        area.fill(&WHITE).map_err(draw_err)?;
+        for (panel, side) in area
+            .split_evenly((1, 2))
+            .iter()
+            .zip(["internal", "external"])
+        {
+            spread_panel(panel, side, results)?;
+        }
+        area.present().map_err(draw_err)
+    }
+    let failed = |path: &PathBuf| {
+        let path = path.clone();
+        move |reason| StudyError::Figure { path, reason }
+    };
+    both(&BitMapBackend::new(&png, size).into_drawing_area(), results).map_err(failed(&png))?;
+    both(&SVGBackend::new(&svg, size).into_drawing_area(), results).map_err(failed(&svg))?;
+    Ok(vec![png, svg])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -507,3 +507,51 @@ fn a_head_started_from_the_clinical_model_adds_its_linear_predictor() {
         .start_head_from_clinical(&[0.0, f64::NAN, 0.0, 0.0, 0.0, 0.0])
         .is_err());
 }
+
+#[test]
+fn adabn_recomputes_only_the_batch_norm_statistics_from_unlabelled_images() {
+    let net = Network::new(ModelKind::Mri, config(ModelKind::Mri), 3).unwrap();
+    // A trained network, then images from another "scanner": scaled, shifted and without labels.
+    let data = samples(16, 1);
+    let refs: Vec<&Sample> = data.iter().collect();
+    net.fit(&refs, &quick(2), |_| {}).unwrap();
+    let before = net.to_weights().unwrap();
+    let mut shifted = samples(20, 2);
+    for s in &mut shifted {
+        s.label = None;
+        for v in &mut s.image {
+            *v = 2.5 * *v + 1.0;
+        }
+    }
+    let shifted_refs: Vec<&Sample> = shifted.iter().collect();
+    assert_eq!(net.adapt_batch_norm(&shifted_refs).unwrap(), 20);
+    let after = net.to_weights().unwrap();
+    let mut recomputed = 0;
+    for (a, b) in before.tensors().iter().zip(after.tensors()) {
+        assert_eq!(a.name(), b.name());
+        match role_of(a.name()) {
+            TensorRole::BatchNormStatistic => recomputed += usize::from(a.bytes() != b.bytes()),
+            _ => assert_eq!(a.bytes(), b.bytes(), "{} untouched", a.name()),
+        }
+    }
+    assert!(recomputed >= 2, "the statistics were recomputed");
+    // They are the images' own: scoring with them gives the loss of a training-mode pass (normalised by the
+    // batch's own statistics) over the same images, up to the unbiased variance's n / (n - 1).
+    let probs = net.predict(&shifted_refs).unwrap();
+    let with_running: f64 = probs.iter().map(|p| -(1.0 - p).ln()).sum::<f64>() / probs.len() as f64;
+    let cfg = quick(1);
+    let trainer = fedslm_model::Trainer::new(&net, &cfg).unwrap();
+    let with_batch = trainer
+        .forward(&shifted_refs, &mut Rng::new(0))
+        .unwrap()
+        .cross_entropy;
+    assert!(
+        (with_running - with_batch).abs() < 2e-3 * with_batch.max(1.0),
+        "{with_running} vs {with_batch}"
+    );
+    let e = net
+        .adapt_batch_norm(&shifted_refs[..1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 2"), "{e}");
+}

@@ -155,20 +155,23 @@ fn message() -> impl Strategy<Value = Message> {
                 (0u32..10, 10u32..=MAX_FOLDS, any::<u64>())
                     .prop_map(|(i, n, seed)| Fold::new(i, n, seed).unwrap())
             ),
-            (any::<u32>(), proptest::option::of(0.01f64..100.0))
+            (
+                any::<u32>(),
+                proptest::option::of(0.01f64..100.0),
+                any::<bool>()
+            )
         )
-            .prop_map(
-                |(round, model, weights, fold, (bins, noise))| Message::EvaluateTask(
-                    EvaluateTask {
-                        round,
-                        model,
-                        weights,
-                        fold,
-                        histogram_bins: bins,
-                        histogram_noise: noise,
-                    }
-                )
-            ),
+            .prop_map(|(round, model, weights, fold, (bins, noise, adapt))| {
+                Message::EvaluateTask(EvaluateTask {
+                    round,
+                    model,
+                    weights,
+                    fold,
+                    histogram_bins: bins,
+                    histogram_noise: noise,
+                    adapt_batch_norm: adapt,
+                })
+            }),
         (
             any::<u32>(),
             any::<u64>(),

@@ -75,6 +75,7 @@ impl Coordinator {
             fold: None,
             histogram_bins: self.settings.evaluation.bins,
             histogram_noise: self.settings.dp.map(|d| d.noise_multiplier),
+            adapt_batch_norm: false,
         };
         tracing::info!(round, centers = tasks.len(), "evaluation started");
         if !training.is_empty() {
@@ -88,7 +89,10 @@ impl Coordinator {
         }
         if !validating.is_empty() {
             self.actions.push_back(Action::SendEvaluate {
-                task: Arc::new(task),
+                task: Arc::new(EvaluateTask {
+                    adapt_batch_norm: self.settings.adapts_batch_norm(),
+                    ..task
+                }),
                 to: validating,
             });
         }
@@ -110,6 +114,7 @@ impl Coordinator {
         report: EvalReport,
     ) -> Result<(), UpdateRefusal> {
         let stale = self.stale(task);
+        let adapted_batch_norm = self.adapts_batch_norm(center);
         let Phase::Evaluating(e) = &mut self.phase else {
             return Err(stale);
         };
@@ -128,8 +133,15 @@ impl Coordinator {
             positives: report.positives,
             loss: report.loss,
             histogram,
+            adapted_batch_norm,
         });
         Ok(())
+    }
+
+    /// Whether `center` is asked to recompute batch-norm statistics before scoring: a validating centre, where
+    /// the run says so (AdaBN).
+    fn adapts_batch_norm(&self, center: &CenterId) -> bool {
+        self.settings.adapts_batch_norm() && self.roles.get(center) != Some(&Role::Train)
     }
 
     /// Closes the evaluation: its aggregates go to the store.

@@ -102,7 +102,10 @@ impl Coordinator {
                     by_centre: BTreeMap::new(),
                 }
             }
-            None => Sum::Mean(FedAvg::new(&self.global)),
+            None => Sum::Mean(FedAvg::keeping(
+                &self.global,
+                self.settings.keeps_batch_norm_local(),
+            )),
         };
         let task = FitTask {
             round,
@@ -115,7 +118,7 @@ impl Coordinator {
             // Each client mixes in its centre id, so one task (one encoding) serves every centre.
             seed: round_seed(self.settings.seed, round),
             objective,
-            keep_batch_norm_local: false,
+            keep_batch_norm_local: self.settings.keeps_batch_norm_local(),
             dp: self.settings.dp.map(|d| d.task(self.settings.strategy)),
         };
         tracing::info!(

@@ -91,8 +91,13 @@ impl Coordinator {
             norm_bound: NormBound::DEFAULT,
             seed: 0,
             fold: None,
-            evaluation: EvaluationSettings { bins: 0, every: 0 },
+            evaluation: EvaluationSettings {
+                bins: 0,
+                every: 0,
+                adapt_batch_norm: false,
+            },
             dp: None,
+            batch_norm_local: false,
         };
         let answers = vec![None; tasks.len()];
         let queued = tasks

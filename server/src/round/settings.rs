@@ -54,6 +54,20 @@ pub struct RoundSettings {
     pub evaluation: EvaluationSettings,
     /// Differential privacy of every release the run asks for; `None`: releases in the clear.
     pub dp: Option<DpSettings>,
+    /// FedBN (Li et al., ICLR 2021): each training centre keeps its batch-norm layers; the rest is averaged.
+    pub batch_norm_local: bool,
+}
+
+impl RoundSettings {
+    /// Whether validating centres recompute batch-norm statistics before scoring: asked, for a network.
+    pub fn adapts_batch_norm(&self) -> bool {
+        self.evaluation.adapt_batch_norm && self.model.is_network()
+    }
+
+    /// Whether training centres keep their batch-norm layers (FedBN): asked, for a network.
+    pub fn keeps_batch_norm_local(&self) -> bool {
+        self.batch_norm_local && self.model.is_network()
+    }
 }
 
 /// The noise of a run's releases (server.toml `[privacy]`): one noise multiplier for DP-SGD's steps, the
@@ -161,6 +175,9 @@ pub struct EvaluationSettings {
     pub bins: u32,
     /// Also evaluate after every this many rounds; 0: after the last round only.
     pub every: u32,
+    /// AdaBN: validating centres recompute a network's batch-norm statistics from their own images before
+    /// scoring (`adapt_batch_norm` in server.toml).
+    pub adapt_batch_norm: bool,
 }
 
 impl EvaluationSettings {
@@ -181,6 +198,7 @@ impl Default for EvaluationSettings {
         EvaluationSettings {
             bins: 1000,
             every: 0,
+            adapt_batch_norm: false,
         }
     }
 }

@@ -733,6 +733,12 @@ impl Store {
             internal_auc: evaluation.internal.and_then(|a| a.auc),
             external_auc: evaluation.external.and_then(|a| a.auc),
             centers: evaluation.centers.len(),
+            adapted_batch_norm: evaluation
+                .centers
+                .iter()
+                .filter(|c| c.adapted_batch_norm)
+                .map(|c| c.center.clone())
+                .collect(),
         };
         stored.evaluation = Some(evaluation);
         self.write_with_audit(&[(key, json_bytes(&stored))], event)?;

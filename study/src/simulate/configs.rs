@@ -70,6 +70,7 @@ pub fn client_config(
         scores: None,
         privacy: Default::default(),
         ledger: None,
+        augmentation: Default::default(),
     })
 }
 

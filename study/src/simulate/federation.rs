@@ -106,7 +106,9 @@ pub fn federate(
             t.local_epochs = s.local_epochs;
             t.round_start_grace_secs = 30;
             t.evaluation_bins = s.bins;
-            t.seed = s.seed;
+            t.seed = s.training_seed();
+            t.adapt_batch_norm = s.shift.adapt_batch_norm;
+            t.fedbn = s.shift.fedbn;
             if let Some(f) = fold {
                 t.cv_fold = Some(f);
                 t.cv_folds = Some(s.folds);
@@ -216,7 +218,7 @@ pub fn federate(
                     "rounds": rounds,
                     "fold": fold,
                     "folds": s.folds,
-                    "seed": s.seed,
+                    "seed": s.training_seed(),
                     "centers": ctx.centers.iter().map(|(c, r)| format!("{c} ({r})")).collect::<Vec<_>>(),
                     "audit_head": store.head().hex(),
                     "policies": crate::runs::policies(&store)?,

@@ -11,6 +11,7 @@ mod federation;
 pub mod privacy;
 pub mod report;
 pub mod results;
+pub mod spread;
 pub mod tradeoff;
 
 use std::collections::BTreeMap;
@@ -54,11 +55,92 @@ pub struct Settings {
     pub holdout: Holdout,
     /// Bins of the score histograms the centres send.
     pub bins: u32,
+    /// The synthetic cohort's seed, and the training seed where `training_seed` is unset.
     pub seed: u64,
+    /// The seed of the initial weights, folds, batches and augmentation; `None`: `seed`.
+    pub training_seed: Option<u64>,
     /// The centralised baseline (centralised training on the training centres pooled, same folds and epochs).
     pub centralised: bool,
     /// Every site under differential privacy with this ε per federation (`privacy`); `None`: in the clear.
     pub dp_epsilon: Option<f64>,
+    /// The methods against scanner shift the study uses.
+    pub shift: ShiftMethods,
+}
+
+/// Methods against a change of scanner between the training centres and a validating one (README "Scanner
+/// shift"). None of them sends more than a plain run: augmentation and AdaBN act inside a site, FedBN sends
+/// less.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ShiftMethods {
+    /// Scanner-style augmentation in every site's local training (and the centralised baseline's).
+    pub scanner_augmentation: bool,
+    /// AdaBN at each validating centre: batch-norm statistics recomputed from its own images before scoring.
+    pub adapt_batch_norm: bool,
+    /// FedBN: batch-norm layers kept at each training centre, the rest averaged.
+    pub fedbn: bool,
+}
+
+impl ShiftMethods {
+    /// The defaults, chosen on development cohorts (BENCHMARKS.md, "Scanner shift").
+    pub const DEFAULT: ShiftMethods = ShiftMethods {
+        scanner_augmentation: false,
+        adapt_batch_norm: false,
+        fedbn: false,
+    };
+    pub const NONE: ShiftMethods = ShiftMethods {
+        scanner_augmentation: false,
+        adapt_batch_norm: false,
+        fedbn: false,
+    };
+
+    /// The names `--shift` takes, in order.
+    pub const NAMES: [&'static str; 3] = ["augment", "adabn", "fedbn"];
+
+    /// From `--shift`'s names (`none` alone: none).
+    pub fn parse(names: &[String]) -> Result<ShiftMethods, StudyError> {
+        let mut m = ShiftMethods::NONE;
+        for n in names {
+            match n.as_str() {
+                "none" if names.len() == 1 => {}
+                "augment" => m.scanner_augmentation = true,
+                "adabn" => m.adapt_batch_norm = true,
+                "fedbn" => m.fedbn = true,
+                other => {
+                    return Err(StudyError::Refused(format!(
+                        "--shift {other:?}: use none, or any of {}",
+                        ShiftMethods::NAMES.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The names of the methods on, or `["none"]`.
+    pub fn names(&self) -> Vec<&'static str> {
+        let on = [self.scanner_augmentation, self.adapt_batch_norm, self.fedbn];
+        let names: Vec<&'static str> = ShiftMethods::NAMES
+            .iter()
+            .zip(on)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect();
+        if names.is_empty() {
+            vec!["none"]
+        } else {
+            names
+        }
+    }
+
+    /// The augmentation each site trains with.
+    pub fn augmentation(&self) -> fedslm_model::Augmentation {
+        fedslm_model::Augmentation {
+            scanner: self
+                .scanner_augmentation
+                .then(fedslm_model::ScannerStyle::default),
+            ..fedslm_model::Augmentation::default()
+        }
+    }
 }
 
 impl Default for Settings {
@@ -74,8 +156,10 @@ impl Default for Settings {
             holdout: Holdout::Default,
             bins: 1000,
             seed: 42,
+            training_seed: None,
             centralised: true,
             dp_epsilon: None,
+            shift: ShiftMethods::DEFAULT,
         }
     }
 }
@@ -105,6 +189,11 @@ impl Holdout {
 }
 
 impl Settings {
+    /// The seed of everything trained: initial weights, folds, batches, augmentation.
+    pub fn training_seed(&self) -> u64 {
+        self.training_seed.unwrap_or(self.seed)
+    }
+
     /// The models to run in the study's order: combined brings clinical (its head starts at the clinical
     /// fit), which runs first. The second value says whether clinical was asked for itself.
     fn ordered_models(&self) -> (Vec<ModelKind>, bool) {
@@ -269,6 +358,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             config.privacy = privacy::policy(epsilon);
             config.ledger = Some(privacy::ledger(&out, name));
         }
+        config.augmentation = settings.shift.augmentation();
         let node = Node::load(&config)?;
         let counts = node.counts();
         observer(StudyEvent::Milestone(format!(
@@ -353,6 +443,8 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             local_epochs: s.local_epochs,
             bins: s.bins,
             seed: s.seed,
+            training_seed: s.training_seed(),
+            shift: s.shift.names().iter().map(|n| n.to_string()).collect(),
             network: "compact (ResNet-10, width 8, 9x64x64)".into(),
             dp,
         },
@@ -484,7 +576,13 @@ fn simulate_model(
             Some(_) => dir.join(format!("init-{tag}.safetensors")),
             None => dir.join("init.safetensors"),
         };
-        crate::init::initial_model(model, s.seed, &NetSpec::default(), clinical, &path)?;
+        crate::init::initial_model(
+            model,
+            s.training_seed(),
+            &NetSpec::default(),
+            clinical,
+            &path,
+        )?;
         Ok(path)
     };
     let clinical_for = |fold: Option<u32>| -> Option<&Path> {
@@ -611,13 +709,14 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
             .map(|(c, _)| c.clone())
             .collect(),
         folds: s.folds as usize,
-        seed: s.seed,
+        seed: s.training_seed(),
         out: ctx.out.join("centralised").join(model.name()),
         cache: Some(ctx.out.join("cache")),
         head_from_clinical: model == ModelKind::Combined,
         net: NetSpec::default(),
         train: fedslm_model::TrainConfig {
             epochs: (s.rounds * s.local_epochs) as usize,
+            augmentation: Some(s.shift.augmentation()),
             ..fedslm_model::TrainConfig::default()
         },
     };

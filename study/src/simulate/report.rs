@@ -162,7 +162,7 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
         "Cohort `{}`; external validation at `{}`. Federated {}-fold cross-validation (internal: each patient scored \
          once, by the federation that held its fold out); then one federation on all training data, validated \
          externally. Networks: {} rounds of {} local epochs, {}; the clinical model: federated Newton to \
-         convergence. Histograms of {} bins; seed {}. Wall time {:.0} s, peak memory {:.0} MiB.\n\n",
+         convergence. Histograms of {} bins; cohort seed {}, training seed {}; methods against scanner shift: {}. Wall time {:.0} s, peak memory {:.0} MiB.\n\n",
         results.cohort,
         results.holdout.as_deref().unwrap_or("none"),
         s.folds,
@@ -171,6 +171,8 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
         s.network,
         s.bins,
         s.seed,
+        s.training_seed,
+        s.shift.join(", "),
         results.wall_seconds,
         results.peak_memory_mib,
     ));
@@ -239,6 +241,111 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
     md
 }
 
+/// The table of a command with repeats: each model's median (range) over them beside the study's figures.
+pub fn spread_table(results: &super::spread::SpreadResults) -> String {
+    use super::spread::Spread;
+    let s = |x: Option<Spread>| x.map_or("-".into(), |x| x.text());
+    let pair = |a: Option<Spread>, b: Option<Spread>| match (a, b) {
+        (Some(a), Some(b)) => format!("{:.2}/{:.2}", a.median, b.median),
+        _ => "-".into(),
+    };
+    let mut t = format!(
+        "{:<10} {:>22} {:>22} {:>11} {:>11} {:>15} {:>15}\n",
+        "model",
+        "internal AUC",
+        "external AUC",
+        "paper int.",
+        "paper ext.",
+        "sens/spec int.",
+        "sens/spec ext."
+    );
+    for m in ModelKind::ALL {
+        let Some(r) = results.models.get(m.name()) else {
+            continue;
+        };
+        let paper = PAPER.iter().find(|p| p.0 == m);
+        t.push_str(&format!(
+            "{:<10} {:>22} {:>22} {:>11} {:>11} {:>15} {:>15}\n",
+            m.name(),
+            s(r.internal_auc),
+            s(r.external_auc),
+            paper.map_or("-".into(), |p| format!("{:.3}", p.1)),
+            paper.map_or("-".into(), |p| format!("{:.3}", p.2)),
+            pair(r.internal_sensitivity, r.internal_specificity),
+            pair(r.external_sensitivity, r.external_specificity),
+        ));
+    }
+    let n = results.repeats.len();
+    t.push_str(&format!(
+        "\nmedian (range) over {n} repeat{}; sensitivity/specificity: medians at each repeat's internal Youden \
+         cut-off; {} ({} threads); methods against scanner shift: {}\n",
+        if n == 1 { "" } else { "s" },
+        results.cpu,
+        results.threads,
+        results.shift.join(", ")
+    ));
+    t
+}
+
+/// report.md of a command with repeats: the spread table, the external calibration's spread, and every
+/// repeat's figures and paired tests.
+pub fn spread_md(results: &super::spread::SpreadResults) -> String {
+    let mut md = String::from("# fedslm simulate: the study over repeats\n\n");
+    md.push_str(&format!(
+        "{} repeats, {} on {} ({} threads), wall time {:.0} s. Each repeat is a complete run in its own folder \
+         (its results.json, report.md, figures and models). Methods against scanner shift: {}.\n\n",
+        results.repeats.len(),
+        results.software,
+        results.cpu,
+        results.threads,
+        results.wall_seconds,
+        results.shift.join(", ")
+    ));
+    md.push_str("## AUC over the repeats, beside the study's\n\n```\n");
+    md.push_str(&spread_table(results));
+    md.push_str("```\n\n![spread](figures/spread.png)\n\n");
+    md.push_str(
+        "## External calibration at the internal cut-off\n\nIntercept (calibration-in-the-large, 0 when the \
+         average risk is right) and slope (1 when the spread is right), median (range):\n\n| model | \
+         intercept | slope |\n| --- | --- | --- |\n",
+    );
+    let s = |x: Option<super::spread::Spread>| x.map_or("-".into(), |x| x.text());
+    for (m, r) in &results.models {
+        md.push_str(&format!(
+            "| {m} | {} | {} |\n",
+            s(r.external_calibration_intercept),
+            s(r.external_calibration_slope)
+        ));
+    }
+    md.push_str("\n## Each repeat\n\n| cohort seed | training seed | model | internal AUC | external AUC | sens/spec ext. | p vs combined (int./ext.) |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+    let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
+    for r in &results.repeats {
+        for (m, x) in &r.models {
+            let p = |side: &str| {
+                r.comparisons
+                    .iter()
+                    .find(|c| &c.a == m && c.side == side)
+                    .and_then(|c| c.p())
+                    .map_or("-".into(), fmt_p)
+            };
+            let ss = match (x.external_sensitivity, x.external_specificity) {
+                (Some(a), Some(b)) => format!("{a:.2}/{b:.2}"),
+                _ => "-".into(),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {m} | {} | {} | {ss} | {}/{} |\n",
+                r.cohort_seed,
+                r.training_seed,
+                f(x.internal_auc),
+                f(x.external_auc),
+                p("internal"),
+                p("external"),
+            ));
+        }
+    }
+    md
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -304,6 +411,8 @@ mod tests {
                 local_epochs: 3,
                 bins: 1000,
                 seed: 42,
+                training_seed: 42,
+                shift: vec!["none".into()],
                 network: "compact".into(),
                 dp: None,
             },

@@ -31,7 +31,14 @@ pub struct SettingsRecord {
     pub rounds: u32,
     pub local_epochs: u32,
     pub bins: u32,
+    /// The synthetic cohort's seed (where the run wrote one).
     pub seed: u64,
+    /// The seed of initial weights, folds, batches and augmentation.
+    #[serde(default)]
+    pub training_seed: u64,
+    /// The methods against scanner shift (`augment`, `adabn`, `fedbn`), or `none`.
+    #[serde(default)]
+    pub shift: Vec<String>,
     pub network: String,
     /// Under `--dp-epsilon`: the budget, the noise, and each site's whole-study ε.
     #[serde(default)]

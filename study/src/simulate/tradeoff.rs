@@ -59,7 +59,7 @@ fn points_of(r: &StudyResults) -> Vec<Point> {
             if let Some(auc) = result.as_ref().and_then(|s| s.auc.auc) {
                 out.push(Point {
                     epsilon,
-                    seed: r.settings.seed,
+                    seed: r.settings.training_seed,
                     model: model.clone(),
                     side,
                     auc,
@@ -68,18 +68,6 @@ fn points_of(r: &StudyResults) -> Vec<Point> {
         }
     }
     out
-}
-
-/// The median (the mean of the middle two of an even count), minimum and maximum.
-fn spread_of(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    };
-    (median, v[0], v[n - 1])
 }
 
 /// Budgets in order, no DP last.
@@ -109,7 +97,14 @@ pub fn spreads(points: &[Point]) -> Vec<Spread> {
         .into_iter()
         .map(|((model, side, _), (epsilon, aucs))| {
             let seeds = aucs.len();
-            let (median, min, max) = spread_of(aucs);
+            let super::spread::Spread {
+                median, min, max, ..
+            } = super::spread::Spread::of(aucs).unwrap_or(super::spread::Spread {
+                median: f64::NAN,
+                min: f64::NAN,
+                max: f64::NAN,
+                n: 0,
+            });
             Spread {
                 epsilon,
                 model,

@@ -97,7 +97,11 @@ fn evaluation_closed(t0: Instant) -> Coordinator {
     let mut m = round_closed(
         RoundSettings {
             rounds: 1,
-            evaluation: EvaluationSettings { bins: 4, every: 0 },
+            evaluation: EvaluationSettings {
+                bins: 4,
+                every: 0,
+                adapt_batch_norm: false,
+            },
             ..settings(3)
         },
         t0,

@@ -34,7 +34,11 @@ fn evaluating(every: u32, rounds: u32) -> RoundSettings {
     RoundSettings {
         rounds,
         fold: Fold::new(1, 5, 3),
-        evaluation: EvaluationSettings { bins: 4, every },
+        evaluation: EvaluationSettings {
+            bins: 4,
+            every,
+            adapt_batch_norm: false,
+        },
         ..settings(3)
     }
 }

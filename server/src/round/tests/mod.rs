@@ -58,8 +58,13 @@ fn settings(quorum: usize) -> RoundSettings {
         seed: 7,
         fold: None,
         // The machine's evaluation rounds have their own tests.
-        evaluation: EvaluationSettings { bins: 0, every: 0 },
+        evaluation: EvaluationSettings {
+            bins: 0,
+            every: 0,
+            adapt_batch_norm: false,
+        },
         dp: None,
+        batch_norm_local: false,
     }
 }
 
