@@ -139,17 +139,19 @@ impl DrawnScanner {
                     (l.min(v), h.max(v))
                 });
             let range = f64::from(hi - lo).max(1e-6);
-            let (dx, dy) = (direction.cos(), direction.sin());
             let c = (size as f64 - 1.0) / 2.0;
+            // The ramp runs from -1/2 to 1/2 across the crop's diagonal extent.
+            let scale = bias / (2.0 * c.max(1.0) * std::f64::consts::SQRT_2);
+            let (dx, dy) = ((direction.cos() * scale) as f32, (direction.sin() * scale) as f32);
+            let (lo, inv_range) = (lo, (1.0 / range) as f32);
+            let (gamma, noise, c) = (gamma as f32, noise as f32, c as f32);
             for p in seq.chunks_mut(plane) {
                 grained_noise(&mut grain, size, self.grain_px, rng, &mut scratch);
                 for (i, v) in p.iter_mut().enumerate() {
-                    let (x, y) = ((i % size) as f64 - c, (i / size) as f64 - c);
-                    // The ramp runs from -1/2 to 1/2 across the crop's diagonal extent.
-                    let ramp = (x * dx + y * dy) / (2.0 * c.max(1.0) * std::f64::consts::SQRT_2);
-                    let unit = (f64::from(*v - lo) / range).clamp(0.0, 1.0);
-                    let biased = (unit * (1.0 + bias * ramp)).max(0.0);
-                    *v = (biased.powf(gamma) + noise * f64::from(grain[i])) as f32;
+                    let (x, y) = ((i % size) as f32 - c, (i / size) as f32 - c);
+                    let unit = ((*v - lo) * inv_range).clamp(0.0, 1.0);
+                    let biased = (unit * (1.0 + x * dx + y * dy)).max(0.0);
+                    *v = biased.powf(gamma) + noise * grain[i];
                 }
             }
             z_score(seq);
@@ -160,8 +162,17 @@ impl DrawnScanner {
 /// Standard normal noise over a plane, smoothed to a correlation length of `grain` pixels and brought back to
 /// a standard deviation of 1.
 fn grained_noise(out: &mut [f32], size: usize, grain: f64, rng: &mut Rng, scratch: &mut [f32]) {
-    for v in out.iter_mut() {
-        *v = rng.normal() as f32;
+    // Box-Muller in f32, both values of each pair used: a crop needs tens of thousands.
+    for pair in out.chunks_mut(2) {
+        let bits = rng.next_u64();
+        let u1 = 1.0 - ((bits >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
+        let u2 = ((bits & 0xff_ffff) as f32) / (1u64 << 24) as f32;
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
+        pair[0] = r * c;
+        if let Some(second) = pair.get_mut(1) {
+            *second = r * s;
+        }
     }
     if grain >= 0.5 {
         gaussian_blur(out, size, grain, scratch);
@@ -528,5 +539,25 @@ mod tests {
         augment(&image, 4, size, 2, &styled, &mut Rng::new(9), &mut with);
         assert_eq!(with.len(), without.len());
         assert_ne!(with, without);
+    }
+
+    #[test]
+    fn grained_noise_is_standard_and_correlated_over_its_grain() {
+        let size = 64;
+        let neighbour_correlation = |grain: f64| {
+            let (mut out, mut scratch) = (vec![0f32; size * size], vec![0f32; size * size]);
+            grained_noise(&mut out, size, grain, &mut Rng::new(5), &mut scratch);
+            let n = out.len() as f64;
+            let mean = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            let var = out.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+            assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "{mean} {var}");
+            (0..out.len() - 1)
+                .filter(|i| (i + 1) % size != 0)
+                .map(|i| f64::from(out[i]) * f64::from(out[i + 1]))
+                .sum::<f64>()
+                / (n - size as f64)
+        };
+        assert!(neighbour_correlation(0.0).abs() < 0.05);
+        assert!(neighbour_correlation(3.0) > 0.7);
     }
 }

@@ -18,6 +18,13 @@ pub struct PreprocessSettings {
     pub neighbours: usize,
     /// Added on each side of the ROI's bounding box, as a fraction of its longer side.
     pub margin: f64,
+    /// Resolution harmonisation: each sequence smoothed in-plane by a Gaussian of this standard deviation
+    /// (mm) before cropping, so that scanners' noise and resolution differ less; 0: none.
+    pub smooth_mm: f64,
+    /// A crop of this fixed side (mm) around the ROI's centre, or the ROI's box with its margin where that is
+    /// larger; 0: the ROI's box with its margin. A fixed field of view keeps the tumour's size and its
+    /// surroundings in the image, where a box around the ROI scales every tumour to the same size.
+    pub fov_mm: f64,
 }
 
 impl Default for PreprocessSettings {
@@ -26,6 +33,8 @@ impl Default for PreprocessSettings {
             size: 64,
             neighbours: 1,
             margin: 0.25,
+            smooth_mm: 0.0,
+            fov_mm: 0.0,
         }
     }
 }
@@ -42,10 +51,18 @@ impl PreprocessSettings {
 
     /// A fixed text form, hashed with the clinical coding into the settings hash centres must share.
     pub fn canonical(&self) -> String {
-        format!(
+        let mut text = format!(
             "fedslm-preprocess/1\nsize={}\nneighbours={}\nmargin={:?}\n",
             self.size, self.neighbours, self.margin
-        )
+        );
+        // Written only when set, so that the hash of settings without it is what it always was.
+        if self.smooth_mm > 0.0 {
+            text += &format!("smooth_mm={:?}\n", self.smooth_mm);
+        }
+        if self.fov_mm > 0.0 {
+            text += &format!("fov_mm={:?}\n", self.fov_mm);
+        }
+        text
     }
 }
 
@@ -229,6 +246,17 @@ pub fn crop_volumes(
             ),
         });
     }
+    let smoothed: Option<[Volume; 3]> = (settings.smooth_mm > 0.0).then(|| {
+        [t2w, dwi, adc].map(|v| {
+            let mut v = v.clone();
+            v.blur_in_plane(settings.smooth_mm);
+            v
+        })
+    });
+    let [t2w, dwi, adc] = match &smoothed {
+        Some([a, b, c]) => [a, b, c],
+        None => [t2w, dwi, adc],
+    };
     let (nx, ny, nz) = (t2w.dims[0], t2w.dims[1], t2w.dims[2]);
     let in_roi = |x: usize, y: usize, z: usize| roi.data[x + nx * (y + ny * z)] > 0.5;
     let per_slice: Vec<usize> = (0..nz)
@@ -267,8 +295,9 @@ pub fn crop_volumes(
         t2w.spacing[0].abs().max(1e-6),
         t2w.spacing[1].abs().max(1e-6),
     );
-    let side_mm =
-        ((x1 - x0 + 1) as f64 * sx).max((y1 - y0 + 1) as f64 * sy) * (1.0 + 2.0 * settings.margin);
+    let side_mm = (((x1 - x0 + 1) as f64 * sx).max((y1 - y0 + 1) as f64 * sy)
+        * (1.0 + 2.0 * settings.margin))
+        .max(settings.fov_mm);
     let (cx, cy) = ((x0 + x1) as f64 / 2.0, (y0 + y1) as f64 / 2.0);
     let size = settings.size;
     let grid = |u: usize| ((u as f64 + 0.5) / size as f64 - 0.5) * side_mm;

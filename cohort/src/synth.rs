@@ -399,39 +399,9 @@ impl Anatomy {
     }
 }
 
-/// Separable in-plane Gaussian blur of sigma `sigma_mm`.
-fn blur(v: &mut Volume, sigma_mm: f64) {
-    let (nx, ny, nz) = (v.dims[0], v.dims[1], v.dims[2]);
-    for (axis, n, stride) in [(0usize, nx, 1usize), (1, ny, nx)] {
-        let sigma = sigma_mm / v.spacing[axis];
-        if sigma < 0.2 {
-            continue;
-        }
-        let half = (3.0 * sigma).ceil() as isize;
-        let kernel: Vec<f64> = (-half..=half)
-            .map(|i| (-(i * i) as f64 / (2.0 * sigma * sigma)).exp())
-            .collect();
-        let total: f64 = kernel.iter().sum();
-        let src = v.data.clone();
-        for z in 0..nz {
-            for line in 0..(if axis == 0 { ny } else { nx }) {
-                let base = z * nx * ny + if axis == 0 { line * nx } else { line };
-                for i in 0..n {
-                    let mut acc = 0.0;
-                    for (k, w) in kernel.iter().enumerate() {
-                        let j = (i as isize + k as isize - half).clamp(0, n as isize - 1) as usize;
-                        acc += w * src[base + j * stride];
-                    }
-                    v.data[base + i * stride] = acc / total;
-                }
-            }
-        }
-    }
-}
-
 /// A scanner's view of an ideal image: blur, bias field, contrast curve, then magnitude noise.
 fn acquire(v: &mut Volume, s: &Scanner, reference: f64, rng: &mut Rng, direction: f64) {
-    blur(v, s.blur_mm);
+    v.blur_in_plane(s.blur_mm);
     let (nx, ny) = (v.dims[0], v.dims[1]);
     let max = v.data.iter().copied().fold(1e-9, f64::max);
     for (i, x) in v.data.iter_mut().enumerate() {

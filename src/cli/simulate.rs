@@ -72,6 +72,17 @@ pub struct SimulateArgs {
     /// norm kept at each training centre) [default: the methods chosen on development cohorts].
     #[arg(long, value_delimiter = ',')]
     shift: Option<Vec<String>>,
+    /// With augment: the scanner-style ranges from this TOML file (the keys of client.toml's
+    /// `[augmentation.scanner]`: max_blur, max_bias, max_gamma, max_noise, max_noise_grain).
+    #[arg(long)]
+    scanner_style: Option<PathBuf>,
+    /// Resolution harmonisation: every sequence smoothed in-plane by a Gaussian of this standard deviation
+    /// (mm) before cropping, at every centre.
+    #[arg(long)]
+    smooth_mm: Option<f64>,
+    /// Crops of this fixed side (mm) around each ROI instead of the ROI's box, at every centre.
+    #[arg(long)]
+    fov_mm: Option<f64>,
 }
 
 impl SimulateArgs {
@@ -92,10 +103,27 @@ impl SimulateArgs {
     }
 
     fn settings(self) -> anyhow::Result<Settings> {
-        let shift = match &self.shift {
+        let mut shift = match &self.shift {
             Some(names) => ShiftMethods::parse(names)?,
             None => ShiftMethods::DEFAULT,
         };
+        if let Some(path) = &self.scanner_style {
+            shift = shift.with_scanner_style(path)?;
+        }
+        if let Some(mm) = self.smooth_mm {
+            anyhow::ensure!(
+                mm.is_finite() && (0.0..=10.0).contains(&mm),
+                "--smooth-mm {mm}: 0 to 10"
+            );
+            shift.smooth_mm = mm;
+        }
+        if let Some(mm) = self.fov_mm {
+            anyhow::ensure!(
+                mm.is_finite() && (0.0..=500.0).contains(&mm),
+                "--fov-mm {mm}: 0 to 500"
+            );
+            shift.fov_mm = mm;
+        }
         Ok(Settings {
             cohort: self.cohort,
             out: self.out,

@@ -40,6 +40,8 @@ impl NetArgs {
             width: self.width,
             study_scale: self.study_scale,
             settings_from: self.config.clone(),
+            smooth_mm: None,
+            fov_mm: None,
         }
     }
 }

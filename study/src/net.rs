@@ -62,6 +62,11 @@ pub struct NetSpec {
     pub study_scale: bool,
     /// A centre's client.toml, for its clinical coding and preprocessing (default: the study's).
     pub settings_from: Option<PathBuf>,
+    /// Resolution harmonisation (`PreprocessSettings::smooth_mm`) over whatever the settings say; `None`:
+    /// theirs.
+    pub smooth_mm: Option<f64>,
+    /// A fixed field of view (`PreprocessSettings::fov_mm`) over whatever the settings say; `None`: theirs.
+    pub fov_mm: Option<f64>,
 }
 
 impl Default for NetSpec {
@@ -72,6 +77,8 @@ impl Default for NetSpec {
             width: None,
             study_scale: false,
             settings_from: None,
+            smooth_mm: None,
+            fov_mm: None,
         }
     }
 }
@@ -89,6 +96,12 @@ impl NetSpec {
         if self.study_scale {
             preprocess.size = 224;
             preprocess.neighbours = 0;
+        }
+        if let Some(mm) = self.smooth_mm {
+            preprocess.smooth_mm = mm;
+        }
+        if let Some(mm) = self.fov_mm {
+            preprocess.fov_mm = mm;
         }
         Ok((coding, preprocess))
     }

@@ -101,6 +101,7 @@ fn dwi_and_adc_on_another_grid_are_resampled_through_the_affines() {
         size: 16,
         neighbours: 1,
         margin: 0.5,
+        ..PreprocessSettings::default()
     };
     let s = preprocess_patient(
         &m.patients[0],
@@ -190,6 +191,7 @@ fn a_dicom_t2w_series_pairs_with_a_nifti_roi_through_ras() {
         size: 8,
         neighbours: 0,
         margin: 0.0,
+        ..PreprocessSettings::default()
     };
     let s = preprocess_patient(
         &manifest.patients[0],
@@ -343,4 +345,63 @@ fn empty_or_flat_volumes_are_refused_not_a_panic() {
         &PreprocessSettings::default()
     )
     .is_ok());
+}
+
+#[test]
+fn a_fixed_field_of_view_keeps_the_tumour_size_and_smoothing_calms_the_noise() {
+    let a = affine([1.0, 1.0, 3.0], [0.0; 3]);
+    // A bright disc of radius r (mm) in every slice, on a checkerboard of noise-like texture.
+    let disc = |r: f64| {
+        move |w: [f64; 3]| {
+            let (x, y) = (w[0] - 31.5, w[1] - 31.5);
+            let checker = if (w[0] as i64 + w[1] as i64) % 2 == 0 { 5.0 } else { -5.0 };
+            if x * x + y * y <= r * r {
+                200.0 + checker
+            } else {
+                100.0 + checker
+            }
+        }
+    };
+    let mask = |r: f64| move |w: [f64; 3]| f64::from((w[0] - 31.5).powi(2) + (w[1] - 31.5).powi(2) <= r * r);
+    let crop = |r: f64, s: &PreprocessSettings| {
+        let v = volume([64, 64, 4], a, disc(r));
+        let roi = volume([64, 64, 4], a, mask(r));
+        crop_volumes("P1", "roi", [&v, &v, &v], &roi, s).unwrap()
+    };
+    // Bright pixels of the T2W slice: the tumour's share of the crop.
+    let share = |img: &[f32], size: usize| {
+        img[..size * size].iter().filter(|&&v| v > 0.0).count() as f64 / (size * size) as f64
+    };
+    let boxed = PreprocessSettings {
+        size: 32,
+        neighbours: 0,
+        ..PreprocessSettings::default()
+    };
+    let fixed = PreprocessSettings {
+        fov_mm: 40.0,
+        ..boxed
+    };
+    // Around the ROI's box every tumour fills the crop alike; in a fixed field of view a larger one fills
+    // more of it.
+    let (small, large) = (share(&crop(5.0, &boxed), 32), share(&crop(10.0, &boxed), 32));
+    assert!((small - large).abs() < 0.08, "{small} vs {large}");
+    let (small, large) = (share(&crop(5.0, &fixed), 32), share(&crop(10.0, &fixed), 32));
+    assert!(large > 2.5 * small, "{small} vs {large}");
+    // Smoothing takes the pixel-to-pixel checkerboard away.
+    let roughness = |img: &[f32]| -> f64 {
+        (0..31).map(|i| f64::from((img[i] - img[i + 1]).abs())).sum::<f64>() / 31.0
+    };
+    let smooth = PreprocessSettings {
+        smooth_mm: 1.5,
+        ..fixed
+    };
+    let (raw, calm) = (roughness(&crop(10.0, &fixed)), roughness(&crop(10.0, &smooth)));
+    assert!(calm < 0.3 * raw, "{calm} vs {raw}");
+    // Each setting changes the settings the centres must share; unset, the canonical text is as before.
+    assert_eq!(
+        PreprocessSettings::default().canonical(),
+        "fedslm-preprocess/1\nsize=64\nneighbours=1\nmargin=0.25\n"
+    );
+    assert!(fixed.canonical().ends_with("fov_mm=40.0\n"));
+    assert!(smooth.canonical().contains("smooth_mm=1.5\n"));
 }

@@ -130,6 +130,7 @@ fn the_large_preset_is_calibrated_like_the_study() {
         size: 32,
         neighbours: 0,
         margin: 0.25,
+        ..PreprocessSettings::default()
     };
     let geometry = Geometry::standard();
     let mut summary = Vec::new();

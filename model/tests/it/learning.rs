@@ -12,6 +12,7 @@ fn settings() -> PreprocessSettings {
         size: env_or("FEDSLM_SIZE", 32),
         neighbours: env_or("FEDSLM_NEIGHBOURS", 0),
         margin: 0.25,
+        ..PreprocessSettings::default()
     }
 }
 

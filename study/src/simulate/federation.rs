@@ -55,6 +55,8 @@ pub fn start_nodes(
         if let Some(epsilon) = ctx.settings.dp_epsilon {
             config.privacy = super::privacy::policy(epsilon);
         }
+        // The Hello states the preprocessing the node uses.
+        config.preprocess = ctx.settings.shift.net().settings()?.1;
         let node = node.clone();
         let counts = node.counts();
         clients.push(tokio::spawn(async move {

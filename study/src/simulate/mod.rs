@@ -70,27 +70,38 @@ pub struct Settings {
 /// Methods against a change of scanner between the training centres and a validating one (README "Scanner
 /// shift"). None of them sends more than a plain run: augmentation and AdaBN act inside a site, FedBN sends
 /// less.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct ShiftMethods {
-    /// Scanner-style augmentation in every site's local training (and the centralised baseline's).
-    pub scanner_augmentation: bool,
+    /// Scanner-style augmentation in every site's local training (and the centralised baseline's), with
+    /// these ranges.
+    pub scanner_augmentation: Option<fedslm_model::ScannerStyle>,
     /// AdaBN at each validating centre: batch-norm statistics recomputed from its own images before scoring.
     pub adapt_batch_norm: bool,
     /// FedBN: batch-norm layers kept at each training centre, the rest averaged.
     pub fedbn: bool,
+    /// Resolution harmonisation: every sequence smoothed in-plane by this Gaussian (mm) before cropping, at
+    /// every centre alike (it is part of the preprocessing settings the centres must share); 0: none.
+    pub smooth_mm: f64,
+    /// A fixed field of view of this side (mm) around each ROI instead of the ROI's box (the tumour's size
+    /// and surroundings stay visible); 0: the ROI's box.
+    pub fov_mm: f64,
 }
 
 impl ShiftMethods {
     /// The defaults, chosen on development cohorts (BENCHMARKS.md, "Scanner shift").
     pub const DEFAULT: ShiftMethods = ShiftMethods {
-        scanner_augmentation: false,
+        scanner_augmentation: None,
         adapt_batch_norm: false,
         fedbn: false,
+        smooth_mm: 0.0,
+        fov_mm: 0.0,
     };
     pub const NONE: ShiftMethods = ShiftMethods {
-        scanner_augmentation: false,
+        scanner_augmentation: None,
         adapt_batch_norm: false,
         fedbn: false,
+        smooth_mm: 0.0,
+        fov_mm: 0.0,
     };
 
     /// The names `--shift` takes, in order.
@@ -102,7 +113,7 @@ impl ShiftMethods {
         for n in names {
             match n.as_str() {
                 "none" if names.len() == 1 => {}
-                "augment" => m.scanner_augmentation = true,
+                "augment" => m.scanner_augmentation = Some(fedslm_model::ScannerStyle::default()),
                 "adabn" => m.adapt_batch_norm = true,
                 "fedbn" => m.fedbn = true,
                 other => {
@@ -117,27 +128,67 @@ impl ShiftMethods {
     }
 
     /// The names of the methods on, or `["none"]`.
-    pub fn names(&self) -> Vec<&'static str> {
-        let on = [self.scanner_augmentation, self.adapt_batch_norm, self.fedbn];
-        let names: Vec<&'static str> = ShiftMethods::NAMES
+    pub fn names(&self) -> Vec<String> {
+        let on = [
+            self.scanner_augmentation.is_some(),
+            self.adapt_batch_norm,
+            self.fedbn,
+        ];
+        let mut names: Vec<String> = ShiftMethods::NAMES
             .iter()
             .zip(on)
             .filter(|(_, on)| *on)
-            .map(|(n, _)| *n)
+            .map(|(n, _)| n.to_string())
             .collect();
+        if self.smooth_mm > 0.0 {
+            names.push(format!("smoothing {} mm", self.smooth_mm));
+        }
+        if self.fov_mm > 0.0 {
+            names.push(format!("field of view {} mm", self.fov_mm));
+        }
         if names.is_empty() {
-            vec!["none"]
+            vec!["none".to_string()]
         } else {
             names
+        }
+    }
+
+    /// The scanner-style ranges read from a TOML file (the keys of client.toml's `[augmentation.scanner]`),
+    /// refused by name unless augmentation is on.
+    pub fn with_scanner_style(self, path: &Path) -> Result<ShiftMethods, StudyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| StudyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let style: fedslm_model::ScannerStyle = toml::from_str(&text)
+            .map_err(|e| StudyError::Refused(format!("{}: {e}", path.display())))?;
+        style
+            .check()
+            .map_err(|e| StudyError::Refused(format!("{}: {e}", path.display())))?;
+        if self.scanner_augmentation.is_none() {
+            return Err(StudyError::Refused(
+                "--scanner-style needs augment among the --shift methods".into(),
+            ));
+        }
+        Ok(ShiftMethods {
+            scanner_augmentation: Some(style),
+            ..self
+        })
+    }
+
+    /// The network settings every centre and the centralised baseline share.
+    pub fn net(&self) -> NetSpec {
+        NetSpec {
+            smooth_mm: (self.smooth_mm > 0.0).then_some(self.smooth_mm),
+            fov_mm: (self.fov_mm > 0.0).then_some(self.fov_mm),
+            ..NetSpec::default()
         }
     }
 
     /// The augmentation each site trains with.
     pub fn augmentation(&self) -> fedslm_model::Augmentation {
         fedslm_model::Augmentation {
-            scanner: self
-                .scanner_augmentation
-                .then(fedslm_model::ScannerStyle::default),
+            scanner: self.scanner_augmentation,
             ..fedslm_model::Augmentation::default()
         }
     }
@@ -359,6 +410,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             config.ledger = Some(privacy::ledger(&out, name));
         }
         config.augmentation = settings.shift.augmentation();
+        config.preprocess = settings.shift.net().settings()?.1;
         let node = Node::load(&config)?;
         let counts = node.counts();
         observer(StudyEvent::Milestone(format!(
@@ -444,7 +496,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             bins: s.bins,
             seed: s.seed,
             training_seed: s.training_seed(),
-            shift: s.shift.names().iter().map(|n| n.to_string()).collect(),
+            shift: s.shift.names(),
             network: "compact (ResNet-10, width 8, 9x64x64)".into(),
             dp,
         },
@@ -576,13 +628,7 @@ fn simulate_model(
             Some(_) => dir.join(format!("init-{tag}.safetensors")),
             None => dir.join("init.safetensors"),
         };
-        crate::init::initial_model(
-            model,
-            s.training_seed(),
-            &NetSpec::default(),
-            clinical,
-            &path,
-        )?;
+        crate::init::initial_model(model, s.training_seed(), &s.shift.net(), clinical, &path)?;
         Ok(path)
     };
     let clinical_for = |fold: Option<u32>| -> Option<&Path> {
@@ -713,7 +759,7 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
         out: ctx.out.join("centralised").join(model.name()),
         cache: Some(ctx.out.join("cache")),
         head_from_clinical: model == ModelKind::Combined,
-        net: NetSpec::default(),
+        net: s.shift.net(),
         train: fedslm_model::TrainConfig {
             epochs: (s.rounds * s.local_epochs) as usize,
             augmentation: Some(s.shift.augmentation()),
@@ -736,7 +782,7 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
         .map(|(_, _, labels, scores)| AucSummary::of_scores(labels, scores));
     let external = match ctx.centers.iter().find(|(_, r)| *r == Role::Validate) {
         Some((center, _)) => {
-            let (coding, preprocess) = NetSpec::default().settings()?;
+            let (coding, preprocess) = s.shift.net().settings()?;
             let (manifest, probs) = crate::predict::probabilities(
                 &trained.model,
                 &ctx.cohort.join(center).join("manifest.csv"),

@@ -270,12 +270,7 @@ pub fn run_repeats(
     }
     let results = SpreadResults::of(
         done,
-        settings
-            .shift
-            .names()
-            .iter()
-            .map(|n| n.to_string())
-            .collect(),
+        settings.shift.names(),
         started.elapsed().as_secs_f64(),
     );
     write(&out, &results)?;
