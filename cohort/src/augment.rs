@@ -142,7 +142,10 @@ impl DrawnScanner {
             let c = (size as f64 - 1.0) / 2.0;
             // The ramp runs from -1/2 to 1/2 across the crop's diagonal extent.
             let scale = bias / (2.0 * c.max(1.0) * std::f64::consts::SQRT_2);
-            let (dx, dy) = ((direction.cos() * scale) as f32, (direction.sin() * scale) as f32);
+            let (dx, dy) = (
+                (direction.cos() * scale) as f32,
+                (direction.sin() * scale) as f32,
+            );
             let (lo, inv_range) = (lo, (1.0 / range) as f32);
             let (gamma, noise, c) = (gamma as f32, noise as f32, c as f32);
             for p in seq.chunks_mut(plane) {
@@ -164,9 +167,10 @@ impl DrawnScanner {
 fn grained_noise(out: &mut [f32], size: usize, grain: f64, rng: &mut Rng, scratch: &mut [f32]) {
     // Box-Muller in f32, both values of each pair used: a crop needs tens of thousands.
     for pair in out.chunks_mut(2) {
+        // 23-bit draws: `k + 0.5` is exact in f32, so `u1` lies strictly inside (0, 1) and its log is finite.
         let bits = rng.next_u64();
-        let u1 = 1.0 - ((bits >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
-        let u2 = ((bits & 0xff_ffff) as f32) / (1u64 << 24) as f32;
+        let u1 = ((bits >> 41) as f32 + 0.5) / (1u64 << 23) as f32;
+        let u2 = ((bits & 0x7f_ffff) as f32) / (1u64 << 23) as f32;
         let r = (-2.0 * u1.ln()).sqrt();
         let (s, c) = (std::f32::consts::TAU * u2).sin_cos();
         pair[0] = r * c;
@@ -254,62 +258,111 @@ pub fn augment(
     rng: &mut Rng,
     out: &mut Vec<f32>,
 ) {
-    let flip_x = a.flips && rng.bernoulli(0.5);
-    let flip_y = a.flips && rng.bernoulli(0.5);
-    let theta = (2.0 * rng.uniform() - 1.0) * a.max_rotation_deg.to_radians();
-    let shift = |rng: &mut Rng| (2.0 * rng.uniform() - 1.0) * a.max_shift * size as f64;
-    let (tx, ty) = (shift(rng), shift(rng));
-    let per_group = channels / groups.max(1);
-    let jitter: Vec<(f32, f32)> = (0..groups.max(1))
-        .map(|_| {
-            (
-                (a.intensity * rng.normal()).exp() as f32,
-                (a.intensity * rng.normal()) as f32,
-            )
-        })
-        .collect();
-    // Drawn after the geometric and jitter draws, so that crops without it see the draws they always saw.
-    let scanner = a.scanner.map(|s| s.draw(size, groups.max(1), rng));
-    let start = out.len();
-    let c = (size as f64 - 1.0) / 2.0;
-    let (sin, cos) = theta.sin_cos();
-    let last = size as f64 - 1.0;
-    // Source coordinates and bilinear weights of each output pixel, shared by the channels.
-    let taps: Vec<(usize, usize, usize, usize, f32, f32)> = (0..size * size)
-        .map(|i| {
-            let (u, v) = ((i % size) as f64 - c - tx, (i / size) as f64 - c - ty);
-            let (mut su, mut sv) = (cos * u + sin * v, -sin * u + cos * v);
-            if flip_x {
-                su = -su;
-            }
-            if flip_y {
-                sv = -sv;
-            }
-            let (sx, sy) = ((su + c).clamp(0.0, last), (sv + c).clamp(0.0, last));
-            let (x0, y0) = (sx.floor() as usize, sy.floor() as usize);
-            let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
-            (
-                x0,
-                x1,
-                y0,
-                y1,
-                (sx - x0 as f64) as f32,
-                (sy - y0 as f64) as f32,
-            )
-        })
-        .collect();
-    let plane = size * size;
-    for ch in 0..channels {
-        let src = &image[ch * plane..(ch + 1) * plane];
-        let (gain, offset) = jitter[(ch / per_group.max(1)).min(jitter.len() - 1)];
-        out.extend(taps.iter().map(|&(x0, x1, y0, y1, fx, fy)| {
-            let top = src[y0 * size + x0] * (1.0 - fx) + src[y0 * size + x1] * fx;
-            let bottom = src[y1 * size + x0] * (1.0 - fx) + src[y1 * size + x1] * fx;
-            (top * (1.0 - fy) + bottom * fy) * gain + offset
-        }));
+    a.draw(size, groups, rng).apply(image, channels, size, out);
+}
+
+/// One crop's drawn augmentation: every random choice made, so that applying it needs no generator (and
+/// crops of a batch can be augmented in parallel, their draws made in order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drawn {
+    flip_x: bool,
+    flip_y: bool,
+    theta: f64,
+    tx: f64,
+    ty: f64,
+    /// Per sequence: gain and offset.
+    jitter: Vec<(f32, f32)>,
+    /// The scanner, and the seed of its noise.
+    scanner: Option<(DrawnScanner, u64)>,
+}
+
+impl Augmentation {
+    /// Draws a crop's augmentation for crops of `size` pixels and `groups` sequences.
+    pub fn draw(&self, size: usize, groups: usize, rng: &mut Rng) -> Drawn {
+        let a = self;
+        let flip_x = a.flips && rng.bernoulli(0.5);
+        let flip_y = a.flips && rng.bernoulli(0.5);
+        let theta = (2.0 * rng.uniform() - 1.0) * a.max_rotation_deg.to_radians();
+        let shift = |rng: &mut Rng| (2.0 * rng.uniform() - 1.0) * a.max_shift * size as f64;
+        let (tx, ty) = (shift(rng), shift(rng));
+        let jitter: Vec<(f32, f32)> = (0..groups.max(1))
+            .map(|_| {
+                (
+                    (a.intensity * rng.normal()).exp() as f32,
+                    (a.intensity * rng.normal()) as f32,
+                )
+            })
+            .collect();
+        // Drawn after the geometric and jitter draws, so that crops without it see the draws they always saw.
+        let scanner = a
+            .scanner
+            .map(|s| (s.draw(size, groups.max(1), rng), rng.next_u64()));
+        Drawn {
+            flip_x,
+            flip_y,
+            theta,
+            tx,
+            ty,
+            jitter,
+            scanner,
+        }
     }
-    if let Some(scanner) = scanner {
-        scanner.apply(&mut out[start..], size, rng);
+}
+
+impl Drawn {
+    /// Appends to `out` the augmented copy of `image` (`channels` x `size` x `size`, channel-major).
+    pub fn apply(&self, image: &[f32], channels: usize, size: usize, out: &mut Vec<f32>) {
+        let Drawn {
+            flip_x,
+            flip_y,
+            theta,
+            tx,
+            ty,
+            ref jitter,
+            ref scanner,
+        } = *self;
+        let per_group = channels / jitter.len().max(1);
+        let start = out.len();
+        let c = (size as f64 - 1.0) / 2.0;
+        let (sin, cos) = theta.sin_cos();
+        let last = size as f64 - 1.0;
+        // Source coordinates and bilinear weights of each output pixel, shared by the channels.
+        let taps: Vec<(usize, usize, usize, usize, f32, f32)> = (0..size * size)
+            .map(|i| {
+                let (u, v) = ((i % size) as f64 - c - tx, (i / size) as f64 - c - ty);
+                let (mut su, mut sv) = (cos * u + sin * v, -sin * u + cos * v);
+                if flip_x {
+                    su = -su;
+                }
+                if flip_y {
+                    sv = -sv;
+                }
+                let (sx, sy) = ((su + c).clamp(0.0, last), (sv + c).clamp(0.0, last));
+                let (x0, y0) = (sx.floor() as usize, sy.floor() as usize);
+                let (x1, y1) = ((x0 + 1).min(size - 1), (y0 + 1).min(size - 1));
+                (
+                    x0,
+                    x1,
+                    y0,
+                    y1,
+                    (sx - x0 as f64) as f32,
+                    (sy - y0 as f64) as f32,
+                )
+            })
+            .collect();
+        let plane = size * size;
+        for ch in 0..channels {
+            let src = &image[ch * plane..(ch + 1) * plane];
+            let (gain, offset) = jitter[(ch / per_group.max(1)).min(jitter.len() - 1)];
+            out.extend(taps.iter().map(|&(x0, x1, y0, y1, fx, fy)| {
+                let top = src[y0 * size + x0] * (1.0 - fx) + src[y0 * size + x1] * fx;
+                let bottom = src[y1 * size + x0] * (1.0 - fx) + src[y1 * size + x1] * fx;
+                (top * (1.0 - fy) + bottom * fy) * gain + offset
+            }));
+        }
+        if let Some((scanner, seed)) = scanner {
+            scanner.apply(&mut out[start..], size, &mut Rng::new(*seed));
+        }
     }
 }
 
@@ -549,7 +602,11 @@ mod tests {
             grained_noise(&mut out, size, grain, &mut Rng::new(5), &mut scratch);
             let n = out.len() as f64;
             let mean = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-            let var = out.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+            let var = out
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n;
             assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "{mean} {var}");
             (0..out.len() - 1)
                 .filter(|i| (i + 1) % size != 0)
@@ -559,5 +616,12 @@ mod tests {
         };
         assert!(neighbour_correlation(0.0).abs() < 0.05);
         assert!(neighbour_correlation(3.0) > 0.7);
+        // Every draw finite, over many planes.
+        let mut rng = Rng::new(11);
+        let (mut out, mut scratch) = (vec![0f32; size * size], vec![0f32; size * size]);
+        for _ in 0..2000 {
+            grained_noise(&mut out, size, 0.0, &mut rng, &mut scratch);
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
     }
 }

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::ModelError;
 use crate::kernels::{FusedAdamW, Kernels};
 use crate::network::Network;
-use fedslm_cohort::augment::{augment, Augmentation};
+use fedslm_cohort::augment::Augmentation;
+use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -229,12 +230,24 @@ impl<'a> Trainer<'a> {
         proximal: bool,
     ) -> Result<Forward, ModelError> {
         let groups = 3;
-        let (images, clinical) =
-            self.network
-                .batch(batch, |s, buf| match &self.cfg.augmentation {
-                    Some(a) => augment(&s.image, s.channels, s.size, groups, a, rng, buf),
-                    None => buf.extend_from_slice(&s.image),
-                })?;
+        // Each crop's augmentation drawn in order from the run's generator, then applied in parallel.
+        let augmented: Option<Vec<Vec<f32>>> = self.cfg.augmentation.as_ref().map(|a| {
+            let drawn: Vec<_> = batch.iter().map(|s| a.draw(s.size, groups, rng)).collect();
+            batch
+                .par_iter()
+                .zip(&drawn)
+                .map(|(s, d)| {
+                    let mut out = Vec::with_capacity(s.image.len());
+                    d.apply(&s.image, s.channels, s.size, &mut out);
+                    out
+                })
+                .collect()
+        });
+        let mut next = augmented.iter().flatten();
+        let (images, clinical) = self.network.batch(batch, |s, buf| match next.next() {
+            Some(image) => buf.extend_from_slice(image),
+            None => buf.extend_from_slice(&s.image),
+        })?;
         let labels: Vec<f32> = batch
             .iter()
             .map(|s| if s.label == Some(true) { 1.0 } else { 0.0 })

@@ -354,7 +354,11 @@ fn a_fixed_field_of_view_keeps_the_tumour_size_and_smoothing_calms_the_noise() {
     let disc = |r: f64| {
         move |w: [f64; 3]| {
             let (x, y) = (w[0] - 31.5, w[1] - 31.5);
-            let checker = if (w[0] as i64 + w[1] as i64) % 2 == 0 { 5.0 } else { -5.0 };
+            let checker = if (w[0] as i64 + w[1] as i64) % 2 == 0 {
+                5.0
+            } else {
+                -5.0
+            };
             if x * x + y * y <= r * r {
                 200.0 + checker
             } else {
@@ -362,7 +366,9 @@ fn a_fixed_field_of_view_keeps_the_tumour_size_and_smoothing_calms_the_noise() {
             }
         }
     };
-    let mask = |r: f64| move |w: [f64; 3]| f64::from((w[0] - 31.5).powi(2) + (w[1] - 31.5).powi(2) <= r * r);
+    let mask = |r: f64| {
+        move |w: [f64; 3]| f64::from((w[0] - 31.5).powi(2) + (w[1] - 31.5).powi(2) <= r * r)
+    };
     let crop = |r: f64, s: &PreprocessSettings| {
         let v = volume([64, 64, 4], a, disc(r));
         let roi = volume([64, 64, 4], a, mask(r));
@@ -383,19 +389,31 @@ fn a_fixed_field_of_view_keeps_the_tumour_size_and_smoothing_calms_the_noise() {
     };
     // Around the ROI's box every tumour fills the crop alike; in a fixed field of view a larger one fills
     // more of it.
-    let (small, large) = (share(&crop(5.0, &boxed), 32), share(&crop(10.0, &boxed), 32));
+    let (small, large) = (
+        share(&crop(5.0, &boxed), 32),
+        share(&crop(10.0, &boxed), 32),
+    );
     assert!((small - large).abs() < 0.08, "{small} vs {large}");
-    let (small, large) = (share(&crop(5.0, &fixed), 32), share(&crop(10.0, &fixed), 32));
+    let (small, large) = (
+        share(&crop(5.0, &fixed), 32),
+        share(&crop(10.0, &fixed), 32),
+    );
     assert!(large > 2.5 * small, "{small} vs {large}");
     // Smoothing takes the pixel-to-pixel checkerboard away.
     let roughness = |img: &[f32]| -> f64 {
-        (0..31).map(|i| f64::from((img[i] - img[i + 1]).abs())).sum::<f64>() / 31.0
+        (0..31)
+            .map(|i| f64::from((img[i] - img[i + 1]).abs()))
+            .sum::<f64>()
+            / 31.0
     };
     let smooth = PreprocessSettings {
         smooth_mm: 1.5,
         ..fixed
     };
-    let (raw, calm) = (roughness(&crop(10.0, &fixed)), roughness(&crop(10.0, &smooth)));
+    let (raw, calm) = (
+        roughness(&crop(10.0, &fixed)),
+        roughness(&crop(10.0, &smooth)),
+    );
     assert!(calm < 0.3 * raw, "{calm} vs {raw}");
     // Each setting changes the settings the centres must share; unset, the canonical text is as before.
     assert_eq!(
