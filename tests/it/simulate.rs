@@ -291,3 +291,89 @@ fn under_a_dp_budget_every_federation_spends_at_most_it_at_every_site() {
         assert!(error.contains("privacy.require_dp"), "{c}");
     }
 }
+
+#[test]
+fn repeats_report_the_spread_and_each_method_against_scanner_shift_is_on_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
+    let out = tmp.path().join("spread");
+    let (ok, stdout, err) = fedslm(&[
+        "--log",
+        "warn",
+        "simulate",
+        "--cohort",
+        &cohort.display().to_string(),
+        "--models",
+        "mri",
+        "--folds",
+        "0",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--no-centralised",
+        "--seeds",
+        "5,6",
+        "--shift",
+        "augment,adabn,fedbn",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert!(ok, "{stdout}\n{err}");
+    assert!(stdout.contains("over 2 repeats"), "{stdout}");
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let repeats = results["repeats"].as_array().unwrap();
+    assert_eq!(repeats.len(), 2);
+    let spread = &results["models"]["mri"]["external_auc"];
+    assert_eq!(spread["n"], 2, "{results}");
+    let aucs: Vec<f64> = repeats
+        .iter()
+        .map(|r| r["models"]["mri"]["external_auc"].as_f64().unwrap())
+        .collect();
+    let (lo, hi) = (aucs[0].min(aucs[1]), aucs[0].max(aucs[1]));
+    assert_eq!(spread["min"].as_f64().unwrap(), lo);
+    assert_eq!(spread["max"].as_f64().unwrap(), hi);
+    assert!((spread["median"].as_f64().unwrap() - (lo + hi) / 2.0).abs() < 1e-12);
+    assert_eq!(
+        results["shift"],
+        serde_json::json!(["augment", "adabn", "fedbn"])
+    );
+    assert!(out.join("figures/spread.png").is_file());
+    assert!(std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("## Each repeat"));
+    for (r, seed) in repeats.iter().zip([5, 6]) {
+        let dir = out.join(r["folder"].as_str().unwrap());
+        let one: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+                .unwrap();
+        assert_eq!(one["settings"]["training_seed"], seed);
+        // AdaBN is named in the final federation's audit log, for the validating centre only.
+        let store = fedslm_server::Store::open_existing(&dir.join("runs/mri/all")).unwrap();
+        let evaluated: Vec<Value> = store
+            .audit_entries()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap())
+            .filter(|e| e["event"] == "round_evaluated")
+            .collect();
+        assert!(!evaluated.is_empty());
+        for e in evaluated {
+            assert_eq!(
+                e["adapted_batch_norm"],
+                serde_json::json!(["external"]),
+                "{e}"
+            );
+        }
+    }
+    // The two training seeds trained different models on the same cohort.
+    let model = |r: &Value| {
+        std::fs::read(
+            out.join(r["folder"].as_str().unwrap())
+                .join("models/mri.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_ne!(model(&repeats[0]), model(&repeats[1]));
+}

@@ -90,7 +90,7 @@ pub struct ShiftMethods {
 impl ShiftMethods {
     /// The defaults, chosen on development cohorts (BENCHMARKS.md, "Scanner shift").
     pub const DEFAULT: ShiftMethods = ShiftMethods {
-        scanner_augmentation: None,
+        scanner_augmentation: Some(fedslm_model::ScannerStyle::CHOSEN),
         adapt_batch_norm: false,
         fedbn: false,
         smooth_mm: 0.0,
