@@ -50,7 +50,8 @@ pub struct ScannerStyle {
 
 impl ScannerStyle {
     /// The ranges chosen on development cohorts (BENCHMARKS.md, "Scanner shift"): of three sets tried, the one
-    /// whose external AUC was best over the development runs.
+    /// whose external AUC was best over the development runs. It costs internal AUC, so it is off unless a
+    /// site or `--shift augment` turns it on.
     pub const CHOSEN: ScannerStyle = ScannerStyle {
         max_blur: 0.25,
         max_bias: 0.4,

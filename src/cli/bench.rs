@@ -27,6 +27,19 @@ pub enum BenchCommand {
     /// The privacy-utility trade-off of `fedslm simulate` runs made at several `--dp-epsilon` budgets (and
     /// without) and seeds: each budget's AUC median and range over seeds, as a Markdown table and a figure.
     Tradeoff(TradeoffArgs),
+    /// The spread of a `fedslm simulate --repeats` run, from its results.json: the table, and the figure
+    /// (spread.png and .svg) drawn again.
+    Spread(SpreadArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpreadArgs {
+    /// The run's output folder (with its results.json).
+    #[arg(long)]
+    run: std::path::PathBuf,
+    /// Where to write spread.png and .svg.
+    #[arg(long, default_value = "figures")]
+    figures: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +123,7 @@ pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
         BenchCommand::Commit(args) => output.start(None).and_then(|()| commit(args)),
         BenchCommand::Dp(args) => output.start(None).and_then(|()| dp(args)),
         BenchCommand::Tradeoff(args) => output.start(None).and_then(|()| tradeoff(args)),
+        BenchCommand::Spread(args) => output.start(None).and_then(|()| spread(args)),
         BenchCommand::Train(args) => {
             output.start(None)?;
             super::bench_train::run(args)
@@ -293,6 +307,15 @@ fn dp(args: DpArgs) -> anyhow::Result<()> {
             t.private,
             t.ratio()
         );
+    }
+    Ok(())
+}
+
+fn spread(args: SpreadArgs) -> anyhow::Result<()> {
+    let results = fedslm_study::simulate::spread::read(&args.run)?;
+    print!("{}", fedslm_study::simulate::report::spread_table(&results));
+    for path in fedslm_study::figures::write_spread(&args.figures, &results)? {
+        println!("figure: {}", path.display());
     }
     Ok(())
 }

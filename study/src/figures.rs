@@ -352,6 +352,22 @@ pub fn write_figures(
     Ok(written)
 }
 
+/// The dashed line of AUC 0.5 across `k` categories.
+fn chance_line<DB: DrawingBackend>(chart: &mut Chart<'_, DB>, k: f64) -> Drawn<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(-0.5, 0.5), (k - 0.5, 0.5)],
+            8,
+            6,
+            BLACK.mix(0.4).stroke_width(1),
+        ))
+        .map_err(draw_err)?;
+    Ok(())
+}
+
 /// One side's panel of the privacy trade-off: a model's AUC per seed (points) and its median (a line) at each
 /// budget, budgets left to right and no DP last.
 fn tradeoff_panel<DB: DrawingBackend>(
@@ -378,14 +394,7 @@ where
         ("AUC", bottom.max(0.0)..1.0),
         Some(&labels),
     )?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(-0.5, 0.5), (k - 0.5, 0.5)],
-            8,
-            6,
-            BLACK.mix(0.4).stroke_width(1),
-        ))
-        .map_err(draw_err)?;
+    chance_line(&mut chart, k)?;
     let mut models: Vec<&str> = spreads.iter().map(|s| s.model.as_str()).collect();
     models.sort();
     models.dedup();
@@ -502,7 +511,8 @@ where
         .iter()
         .flat_map(|r| r.models.values().filter_map(auc))
         .fold(0.4, f64::min);
-    let bottom = ((lowest - 0.05) * 10.0).floor() / 10.0;
+    // Room below the lowest point for the legend, so that it hides none.
+    let bottom = ((lowest - 0.25) * 10.0).floor() / 10.0;
     let labels: Vec<String> = models.iter().map(|m| m.name().to_string()).collect();
     let k = models.len().max(1) as f64;
     let mut chart = frame_labelled(
@@ -512,14 +522,7 @@ where
         ("AUC", bottom.max(0.0)..1.0),
         Some(&labels),
     )?;
-    chart
-        .draw_series(DashedLineSeries::new(
-            [(-0.5, 0.5), (k - 0.5, 0.5)],
-            8,
-            6,
-            BLACK.mix(0.4).stroke_width(1),
-        ))
-        .map_err(draw_err)?;
+    chance_line(&mut chart, k)?;
     let n = results.repeats.len().max(1) as f64;
     for (i, m) in models.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];

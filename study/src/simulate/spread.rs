@@ -292,6 +292,17 @@ fn repeat_of(r: &StudyResults, cohort_seed: u64, training_seed: u64, folder: &st
     }
 }
 
+/// The spread results of a run with repeats, from `<dir>/results.json`.
+pub fn read(dir: &Path) -> Result<SpreadResults, StudyError> {
+    let path = dir.join("results.json");
+    let bytes = std::fs::read(&path).map_err(|source| StudyError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| StudyError::Failed(format!("{}: {e}", path.display())))
+}
+
 /// results.json, report.md and the spread figure.
 fn write(out: &Path, results: &SpreadResults) -> Result<(), StudyError> {
     let json = serde_json::to_vec_pretty(results)
