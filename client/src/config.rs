@@ -272,6 +272,27 @@ mod tests {
     }
 
     #[test]
+    fn augmentation_is_the_site_s_and_bad_ranges_are_refused_by_key() {
+        let plain = parse(GOOD).unwrap();
+        assert_eq!(plain.augmentation, fedslm_cohort::Augmentation::default());
+        assert!(plain.augmentation.scanner.is_none(), "off unless asked for");
+        let chosen = parse(&format!("{GOOD}\n[augmentation.scanner]\n")).unwrap();
+        assert_eq!(
+            chosen.augmentation.scanner,
+            Some(fedslm_cohort::ScannerStyle::CHOSEN)
+        );
+        // Augmentation acts only on training: the inputs every centre must share are unchanged.
+        assert_eq!(chosen.settings_hash(), plain.settings_hash());
+        let e = parse(&format!(
+            "{GOOD}\n[augmentation.scanner]\nmax_noise = 5.0\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("augmentation.scanner: max_noise 5"), "{e}");
+        let e = parse(&format!("{GOOD}\n[augmentation]\nflip = true\n")).unwrap_err();
+        assert!(e.contains("flip"), "{e}");
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let e = parse(&GOOD.replace("center-a\"", "Center A\"")).unwrap_err();
         assert!(e.contains("client.toml") && e.contains("center:"), "{e}");
