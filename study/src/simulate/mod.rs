@@ -68,8 +68,8 @@ pub struct Settings {
 }
 
 /// Methods against a change of scanner between the training centres and a validating one (README "Scanner
-/// shift"). None of them sends more than a plain run: augmentation and AdaBN act inside a site, FedBN sends
-/// less.
+/// shift"). None of them sends more than a plain run: augmentation, AdaBN and the preprocessing act inside a
+/// site, and under FedBN a centre sends the global model's batch-norm tensors back, never its own.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct ShiftMethods {
     /// Scanner-style augmentation in every site's local training (and the centralised baseline's), with
@@ -922,6 +922,37 @@ mod tests {
         }
         .check()
         .is_ok());
+    }
+
+    #[test]
+    fn shift_methods_are_named_and_an_unknown_one_is_refused() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            ShiftMethods::parse(&names(&["none"])).unwrap(),
+            ShiftMethods::NONE
+        );
+        let m = ShiftMethods::parse(&names(&["fedbn", "augment"])).unwrap();
+        assert_eq!(
+            m.scanner_augmentation,
+            Some(fedslm_model::ScannerStyle::CHOSEN)
+        );
+        assert!(m.fedbn && !m.adapt_batch_norm);
+        assert_eq!(m.names(), ["augment", "fedbn"]);
+        assert_eq!(ShiftMethods::DEFAULT.names(), ["none"]);
+        let e = ShiftMethods::parse(&names(&["adabn", "nyul"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"nyul\"") && e.contains("augment, adabn, fedbn"),
+            "{e}"
+        );
+        assert!(ShiftMethods::parse(&names(&["none", "adabn"])).is_err());
+        let smoothed = ShiftMethods {
+            smooth_mm: 1.5,
+            ..ShiftMethods::NONE
+        };
+        assert_eq!(smoothed.names(), ["smoothing 1.5 mm"]);
+        assert_eq!(smoothed.net().settings().unwrap().1.smooth_mm, 1.5);
     }
 
     #[test]
