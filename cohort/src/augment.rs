@@ -4,6 +4,7 @@
 //! read a scanner's noise or resolution as a property of the tumour). Draws come from the caller's seeded
 //! generator.
 
+use crate::preprocess::z_score;
 use crate::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -188,21 +189,6 @@ fn grained_noise(out: &mut [f32], size: usize, grain: f64, rng: &mut Rng, scratc
     if grain >= 0.5 {
         gaussian_blur(out, size, grain, scratch);
         z_score(out);
-    }
-}
-
-/// Mean 0 and standard deviation 1 over `values`, as preprocessing leaves each sequence.
-fn z_score(values: &mut [f32]) {
-    let n = values.len().max(1) as f64;
-    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let var = values
-        .iter()
-        .map(|&v| (f64::from(v) - mean).powi(2))
-        .sum::<f64>()
-        / n;
-    let sd = var.sqrt().max(1e-6);
-    for v in values.iter_mut() {
-        *v = ((f64::from(*v) - mean) / sd) as f32;
     }
 }
 

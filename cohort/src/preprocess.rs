@@ -327,17 +327,23 @@ pub fn crop_volumes(
                 }
             }
         }
-        let part = &mut image[start..];
-        let mean = part.iter().map(|&v| f64::from(v)).sum::<f64>() / part.len() as f64;
-        let var = part
-            .iter()
-            .map(|&v| (f64::from(v) - mean).powi(2))
-            .sum::<f64>()
-            / part.len() as f64;
-        let sd = var.sqrt().max(1e-6);
-        for v in part.iter_mut() {
-            *v = ((f64::from(*v) - mean) / sd) as f32;
-        }
+        z_score(&mut image[start..]);
     }
     Ok(image)
+}
+
+/// Mean 0 and standard deviation 1 over `values` (a sequence's crop; augmentation leaves it so again), in
+/// f64.
+pub(crate) fn z_score(values: &mut [f32]) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let sd = var.sqrt().max(1e-6);
+    for v in values.iter_mut() {
+        *v = ((f64::from(*v) - mean) / sd) as f32;
+    }
 }

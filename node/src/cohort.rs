@@ -72,11 +72,9 @@ impl SiteCohort {
 
     /// Patients with images and a known outcome in the selection: those a network trains and is evaluated on.
     pub fn labelled_samples(&self, selection: Selection) -> Vec<&Sample> {
-        let folds = self.folds(selection);
-        self.samples
-            .iter()
-            .filter(|s| s.label.is_some() && folds.keeps(&s.patient_id))
-            .collect()
+        let mut samples = self.samples_in(selection);
+        samples.retain(|s| s.label.is_some());
+        samples
     }
 
     /// Patients with images in the selection, labelled or not: those AdaBN takes its statistics from.

@@ -297,16 +297,19 @@ fn tiny_cohort(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// A node of `center` of the cohort in `cohort`, keeping its scores in `scores`.
-fn image_node(cohort: &Path, center: &str, scores: &Path) -> Node {
+/// The configuration of a node of `center` of the cohort in `cohort`, keeping its scores in `scores`.
+fn image_config(cohort: &Path, center: &str, scores: &Path) -> ClientConfig {
     let text = format!(
         "center = {center:?}\nserver = \"127.0.0.1:9\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\
          cohort = {:?}\nscores = {:?}\n",
         cohort.join(center).display().to_string(),
         scores.display().to_string()
     );
-    let config = ClientConfig::parse(&text, Path::new("/nowhere/client.toml")).unwrap();
-    Node::load(&config).unwrap()
+    ClientConfig::parse(&text, Path::new("/nowhere/client.toml")).unwrap()
+}
+
+fn image_node(cohort: &Path, center: &str, scores: &Path) -> Node {
+    Node::load(&image_config(cohort, center, scores)).unwrap()
 }
 
 fn mri_model() -> Weights {
@@ -440,16 +443,7 @@ fn adabn_rescores_with_the_validators_own_statistics_and_reads_no_label() {
     assert_ne!(plain, adapted, "the statistics were recomputed");
     // The same patients with every label flipped: the adapted scores do not move.
     let flipped_dir = tmp.path().join("flipped");
-    let config = ClientConfig::parse(
-        &format!(
-            "center = \"external\"\nserver = \"127.0.0.1:9\"\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n\
-             cohort = {:?}\nscores = {:?}\n",
-            cohort.join("external").display().to_string(),
-            flipped_dir.display().to_string()
-        ),
-        Path::new("/nowhere/client.toml"),
-    )
-    .unwrap();
+    let config = image_config(&cohort, "external", &flipped_dir);
     let mut site = fedslm_node::SiteCohort::load(&config).unwrap();
     for s in &mut site.samples {
         s.label = s.label.map(|y| !y);

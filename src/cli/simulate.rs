@@ -110,20 +110,9 @@ impl SimulateArgs {
         if let Some(path) = &self.scanner_style {
             shift = shift.with_scanner_style(path)?;
         }
-        if let Some(mm) = self.smooth_mm {
-            anyhow::ensure!(
-                mm.is_finite() && (0.0..=10.0).contains(&mm),
-                "--smooth-mm {mm}: 0 to 10"
-            );
-            shift.smooth_mm = mm;
-        }
-        if let Some(mm) = self.fov_mm {
-            anyhow::ensure!(
-                mm.is_finite() && (0.0..=500.0).contains(&mm),
-                "--fov-mm {mm}: 0 to 500"
-            );
-            shift.fov_mm = mm;
-        }
+        // Their ranges are checked with the other settings (`Settings::check`).
+        shift.smooth_mm = self.smooth_mm.unwrap_or(shift.smooth_mm);
+        shift.fov_mm = self.fov_mm.unwrap_or(shift.fov_mm);
         Ok(Settings {
             cohort: self.cohort,
             out: self.out,

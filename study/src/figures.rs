@@ -430,12 +430,16 @@ where
     legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
-/// Both sides' panels of the privacy trade-off.
-fn tradeoff<DB: DrawingBackend>(
+/// A figure of two panels side by side, internal and external, drawable on any backend.
+trait TwoSides {
+    fn panel<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, side: &str) -> Drawn<()>
+    where
+        DB::ErrorType: 'static;
+}
+
+fn draw_two_sides<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    budgets: &[Option<f64>],
-    points: &[crate::simulate::tradeoff::Point],
-    spreads: &[crate::simulate::tradeoff::Spread],
+    figure: &impl TwoSides,
 ) -> Drawn<()>
 where
     DB::ErrorType: 'static,
@@ -446,9 +450,44 @@ where
         .iter()
         .zip(["internal", "external"])
     {
-        tradeoff_panel(panel, side, budgets, points, spreads)?;
+        figure.panel(panel, side)?;
     }
     area.present().map_err(draw_err)
+}
+
+/// Writes a two-sided figure as `png` and `svg` (1500 x 650); returns their paths.
+fn write_two_sides(
+    png: PathBuf,
+    svg: PathBuf,
+    figure: &impl TwoSides,
+) -> Result<Vec<PathBuf>, StudyError> {
+    register_font();
+    let size = (1500, 650);
+    let failed = |path: &PathBuf| {
+        let path = path.clone();
+        move |reason| StudyError::Figure { path, reason }
+    };
+    draw_two_sides(&BitMapBackend::new(&png, size).into_drawing_area(), figure)
+        .map_err(failed(&png))?;
+    draw_two_sides(&SVGBackend::new(&svg, size).into_drawing_area(), figure)
+        .map_err(failed(&svg))?;
+    Ok(vec![png, svg])
+}
+
+/// The privacy trade-off's figure: budgets in order, every run's points and each budget's spread.
+struct Tradeoff<'a> {
+    budgets: Vec<Option<f64>>,
+    points: &'a [crate::simulate::tradeoff::Point],
+    spreads: Vec<crate::simulate::tradeoff::Spread>,
+}
+
+impl TwoSides for Tradeoff<'_> {
+    fn panel<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, side: &str) -> Drawn<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        tradeoff_panel(area, side, &self.budgets, self.points, &self.spreads)
+    }
 }
 
 /// Writes `privacy-tradeoff.png` and `.svg` to `dir`: internal and external AUC against the privacy budget,
@@ -458,33 +497,26 @@ pub fn write_tradeoff(
     points: &[crate::simulate::tradeoff::Point],
 ) -> Result<Vec<PathBuf>, StudyError> {
     use crate::simulate::tradeoff::{budget_order, figure_paths, spreads};
-    register_font();
     crate::error::create_dir(dir)?;
-    let spreads = spreads(points);
     let mut budgets: Vec<Option<f64>> = points.iter().map(|p| p.epsilon).collect();
     budgets.sort_by(|a, b| budget_order(*a, *b));
     budgets.dedup();
-    let size = (1500, 650);
     let [png, svg] = figure_paths(dir);
-    let failed = |path: &PathBuf| {
-        let path = path.clone();
-        move |reason| StudyError::Figure { path, reason }
+    let figure = Tradeoff {
+        budgets,
+        points,
+        spreads: spreads(points),
     };
-    tradeoff(
-        &BitMapBackend::new(&png, size).into_drawing_area(),
-        &budgets,
-        points,
-        &spreads,
-    )
-    .map_err(failed(&png))?;
-    tradeoff(
-        &SVGBackend::new(&svg, size).into_drawing_area(),
-        &budgets,
-        points,
-        &spreads,
-    )
-    .map_err(failed(&svg))?;
-    Ok(vec![png, svg])
+    write_two_sides(png, svg, &figure)
+}
+
+impl TwoSides for crate::simulate::spread::SpreadResults {
+    fn panel<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, side: &str) -> Drawn<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        spread_panel(area, side, self)
+    }
 }
 
 /// One side's panel of the spread over repeats: each repeat's AUC a point, the median a bar, the study's
@@ -591,35 +623,8 @@ pub fn write_spread(
     dir: &Path,
     results: &crate::simulate::spread::SpreadResults,
 ) -> Result<Vec<PathBuf>, StudyError> {
-    register_font();
     crate::error::create_dir(dir)?;
-    let size = (1500, 650);
-    let png = dir.join("spread.png");
-    let svg = dir.join("spread.svg");
-    fn both<DB: DrawingBackend>(
-        area: &DrawingArea<DB, Shift>,
-        results: &crate::simulate::spread::SpreadResults,
-    ) -> Drawn<()>
-    where
-        DB::ErrorType: 'static,
-    {
-        area.fill(&WHITE).map_err(draw_err)?;
-        for (panel, side) in area
-            .split_evenly((1, 2))
-            .iter()
-            .zip(["internal", "external"])
-        {
-            spread_panel(panel, side, results)?;
-        }
-        area.present().map_err(draw_err)
-    }
-    let failed = |path: &PathBuf| {
-        let path = path.clone();
-        move |reason| StudyError::Figure { path, reason }
-    };
-    both(&BitMapBackend::new(&png, size).into_drawing_area(), results).map_err(failed(&png))?;
-    both(&SVGBackend::new(&svg, size).into_drawing_area(), results).map_err(failed(&svg))?;
-    Ok(vec![png, svg])
+    write_two_sides(dir.join("spread.png"), dir.join("spread.svg"), results)
 }
 
 #[cfg(test)]

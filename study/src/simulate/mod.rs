@@ -90,13 +90,7 @@ pub struct ShiftMethods {
 impl ShiftMethods {
     /// The defaults, chosen on development cohorts (BENCHMARKS.md, "Scanner shift"): none, since no method
     /// raised the external AUC there without costing more internally.
-    pub const DEFAULT: ShiftMethods = ShiftMethods {
-        scanner_augmentation: None,
-        adapt_batch_norm: false,
-        fedbn: false,
-        smooth_mm: 0.0,
-        fov_mm: 0.0,
-    };
+    pub const DEFAULT: ShiftMethods = ShiftMethods::NONE;
     pub const NONE: ShiftMethods = ShiftMethods {
         scanner_augmentation: None,
         adapt_batch_norm: false,
@@ -282,6 +276,18 @@ impl Settings {
         }
         if self.models.is_empty() {
             return Err(StudyError::Refused("--models names no model".into()));
+        }
+        if !(self.shift.smooth_mm.is_finite() && (0.0..=10.0).contains(&self.shift.smooth_mm)) {
+            return Err(StudyError::Refused(format!(
+                "--smooth-mm {}: 0 to 10",
+                self.shift.smooth_mm
+            )));
+        }
+        if !(self.shift.fov_mm.is_finite() && (0.0..=500.0).contains(&self.shift.fov_mm)) {
+            return Err(StudyError::Refused(format!(
+                "--fov-mm {}: 0 to 500",
+                self.shift.fov_mm
+            )));
         }
         if let Some(e) = self.dp_epsilon {
             if !(e.is_finite() && e > 0.0) {
@@ -910,6 +916,26 @@ mod tests {
                     ..Settings::default()
                 },
                 "--models",
+            ),
+            (
+                Settings {
+                    shift: ShiftMethods {
+                        smooth_mm: -1.0,
+                        ..ShiftMethods::NONE
+                    },
+                    ..Settings::default()
+                },
+                "--smooth-mm -1",
+            ),
+            (
+                Settings {
+                    shift: ShiftMethods {
+                        fov_mm: f64::NAN,
+                        ..ShiftMethods::NONE
+                    },
+                    ..Settings::default()
+                },
+                "--fov-mm NaN",
             ),
         ] {
             let e = bad.check().unwrap_err().to_string();
