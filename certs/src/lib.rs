@@ -24,7 +24,8 @@ pub use quic::{
     server_endpoint_config, tls_alert, udp_socket,
 };
 pub use sign::{
-    issued_by, server_signer, verify as verify_signature, SignatureError, Signer, SIGNATURE_SCHEME,
+    center_issued_by, issued_by, server_signer, verify as verify_signature, SignatureError, Signer,
+    SIGNATURE_SCHEME,
 };
 pub use tls::{
     client_config, provider, server_config, server_config_with_verifier, stranger_client_config,

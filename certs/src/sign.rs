@@ -125,7 +125,31 @@ pub fn issued_by(certificate_pem: &str, ca: &Path) -> Result<String, SignatureEr
         path: ca_name.clone(),
         reason: e.to_string(),
     })?;
-    let ca_der = parse_pem(&ca_pem, &ca_name)?;
+    issued_by_pem(certificate_pem, &ca_pem, &ca_name)
+}
+
+/// Checks that `certificate_pem` is a centre's certificate issued by the CA certificate `ca_pem` (named
+/// `ca_name` in errors), and says which centre: the identity behind a centre's signed statement.
+pub fn center_issued_by(
+    certificate_pem: &str,
+    ca_pem: &str,
+    ca_name: &str,
+) -> Result<fedslm_protocol::CenterId, SignatureError> {
+    let subject = issued_by_pem(certificate_pem, ca_pem, ca_name)?;
+    let der = parse_pem(certificate_pem, "the signer")?;
+    crate::identity::center_of(&der).map_err(|e| SignatureError::BadCertificate {
+        what: subject,
+        reason: e.to_string(),
+    })
+}
+
+fn issued_by_pem(
+    certificate_pem: &str,
+    ca_pem: &str,
+    ca_name: &str,
+) -> Result<String, SignatureError> {
+    let ca_name = ca_name.to_string();
+    let ca_der = parse_pem(ca_pem, &ca_name)?;
     let ca_cert = parse_der(&ca_der, &ca_name)?;
     let der = parse_pem(certificate_pem, "the signer")?;
     let cert = parse_der(&der, "the signer")?;

@@ -18,6 +18,7 @@ pub mod io;
 mod limits;
 mod message;
 pub mod rng;
+pub mod secure;
 pub mod text;
 mod weights;
 
@@ -28,7 +29,7 @@ pub use message::*;
 pub use weights::{DType, Tensor, TensorRole, Weights, WeightsError};
 
 /// Version of the frame format and message set; both sides must speak the same.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// TLS application protocol (ALPN) of fedslm over QUIC.
 pub const ALPN: &[u8] = b"fedslm/1";

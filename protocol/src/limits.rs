@@ -68,6 +68,12 @@ impl Limits {
                     + 4 * KIB
             }
             MessageKind::PlacementReport | MessageKind::StatusRequest => self.max_control_frame,
+            // A masked input: 8 bytes per element, as many elements as tensor data has bytes (f32 and wider
+            // tensors, and the few counts beside them); or a roster of certificates.
+            MessageKind::Secure => (2 * self.max_weights_bytes).max(
+                crate::secure::MAX_PARTICIPANTS as u64
+                    * (crate::secure::MAX_CERTIFICATE_LEN as u64 + 512),
+            ),
             // Run id, state, the rounds with their reasons, the evaluation.
             MessageKind::StatusReport => {
                 (crate::MAX_STATUS_ROUNDS as u64 + 2) * (u64::from(self.max_text_len) + 64)

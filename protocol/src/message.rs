@@ -412,6 +412,8 @@ pub enum Message {
     PlacementReport(PlacementReport),
     StatusRequest(StatusRequest),
     StatusReport(StatusReport),
+    /// A step of secure aggregation's conversation on a task's stream.
+    Secure(crate::secure::Secure),
 }
 
 /// The kind byte of a frame header.
@@ -429,10 +431,11 @@ pub enum MessageKind {
     PlacementReport = 10,
     StatusRequest = 11,
     StatusReport = 12,
+    Secure = 13,
 }
 
 impl MessageKind {
-    pub const ALL: [MessageKind; 12] = [
+    pub const ALL: [MessageKind; 13] = [
         MessageKind::Hello,
         MessageKind::Welcome,
         MessageKind::FitTask,
@@ -445,6 +448,7 @@ impl MessageKind {
         MessageKind::PlacementReport,
         MessageKind::StatusRequest,
         MessageKind::StatusReport,
+        MessageKind::Secure,
     ];
 
     pub fn from_code(code: u8) -> Option<MessageKind> {
@@ -485,6 +489,7 @@ impl Message {
             Message::PlacementReport(_) => MessageKind::PlacementReport,
             Message::StatusRequest(_) => MessageKind::StatusRequest,
             Message::StatusReport(_) => MessageKind::StatusReport,
+            Message::Secure(_) => MessageKind::Secure,
         }
     }
 

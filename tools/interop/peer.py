@@ -18,7 +18,7 @@ from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
 
 MAGIC = b"FSLM"
-VERSION = 4
+VERSION = 5
 KINDS = {1: "Hello", 2: "Welcome", 3: "FitTask", 4: "FitResult", 5: "EvaluateTask", 6: "EvalReport",
          7: "Finish", 8: "Error"}
 ROLES = ["Train", "Validate"]

@@ -96,7 +96,7 @@ fn header_checks() {
     f[4..6].copy_from_slice(&1u16.to_le_bytes());
     assert_eq!(
         err(&f),
-        "protocol version 1 is not supported; this side speaks version 4"
+        "protocol version 1 is not supported; this side speaks version 5"
     );
 
     let mut f = good.clone();
@@ -383,7 +383,7 @@ fn histogram_classes_must_have_the_same_bins() {
 #[test]
 fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
     let hello = Message::Hello(Hello {
-        protocol_version: 4,
+        protocol_version: 5,
         software_version: "0.1.0".into(),
         center: CenterId::new("center-a").unwrap(),
         settings_hash: [0; 32],
@@ -396,7 +396,7 @@ fn the_hello_example_in_protocol_md_is_what_goes_on_the_wire() {
         },
     });
     let mut want = vec![
-        0x46, 0x53, 0x4c, 0x4d, 0x04, 0x00, 0x01, 0x00, 0x54, 0, 0, 0, 0, 0, 0, 0, 0x04,
+        0x46, 0x53, 0x4c, 0x4d, 0x05, 0x00, 0x01, 0x00, 0x54, 0, 0, 0, 0, 0, 0, 0, 0x05,
     ];
     want.extend([0x05, 0x30, 0x2e, 0x31, 0x2e, 0x30]);
     want.extend([0x08, 0x63, 0x65, 0x6e, 0x74, 0x65, 0x72, 0x2d, 0x61]);
