@@ -6,6 +6,7 @@ pub mod config;
 pub mod diagnose;
 mod node;
 pub mod policy;
+pub mod secure;
 
 pub use fedslm_certs::client_config;
 

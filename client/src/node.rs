@@ -130,6 +130,15 @@ pub async fn run<T: LocalTrainer>(
     mut on_event: impl FnMut(NodeEvent),
 ) -> Result<Finish, ClientError> {
     let trainer = Arc::new(Mutex::new(trainer));
+    // Loaded once: the key that signs this node's part in secure sums, and the CA it checks the others' with.
+    let identity = match crate::secure::Identity::load(config) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!(error = %e, "secure aggregation unavailable: this node will refuse secure sums");
+            None
+        }
+    };
+    let secure_only = config.privacy.require_secure_aggregation;
     let mut failures = 0u32;
     // Consecutive sessions ended by another connection with this certificate: the node comes back, never
     // faster than its backoff, so that a moment's impersonation does not remove it and two nodes sharing a
@@ -142,7 +151,15 @@ pub async fn run<T: LocalTrainer>(
                 on_event(NodeEvent::Admitted {
                     run_id: session.welcome.run_id.clone(),
                 });
-                match serve(session, &trainer, &mut on_event).await {
+                match serve(
+                    session,
+                    &trainer,
+                    identity.as_ref(),
+                    secure_only,
+                    &mut on_event,
+                )
+                .await
+                {
                     Ok(finish) => return Ok(finish),
                     Err(e) => e,
                 }
@@ -198,6 +215,8 @@ fn jitter() -> f64 {
 async fn serve<T: LocalTrainer>(
     mut session: Session,
     trainer: &Arc<Mutex<T>>,
+    identity: Option<&crate::secure::Identity>,
+    secure_only: bool,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<Finish, ClientError> {
     loop {
@@ -224,7 +243,7 @@ async fn serve<T: LocalTrainer>(
             }
             stream = session.link.accept_bi() => {
                 let (send, recv) = stream.map_err(|e| crate::connection_error(&session.server, e))?;
-                task(&session, send, recv, trainer, on_event).await?;
+                task(&session, send, recv, trainer, identity, secure_only, on_event).await?;
             }
         }
     }
@@ -259,6 +278,8 @@ async fn task<T: LocalTrainer>(
     mut send: SendHalf,
     mut recv: RecvHalf,
     trainer: &Arc<Mutex<T>>,
+    identity: Option<&crate::secure::Identity>,
+    secure_only: bool,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
     let server = &session.server;
@@ -271,6 +292,17 @@ async fn task<T: LocalTrainer>(
         }
         Err(e) => return Err(lost(server, &session.link, e).await),
     };
+    if let Message::Secure(fedslm_protocol::secure::Secure::Begin(begin)) = msg {
+        return crate::secure::task(session, send, recv, begin, identity, trainer, on_event).await;
+    }
+    if secure_only {
+        let refusal = crate::policy::PolicyRefusal::NeedsSecureAggregation;
+        tracing::warn!(%refusal, "task refused");
+        let answer = Message::error(ErrorCode::PolicyRefused, refusal.to_string());
+        let _ = send_frame(&mut send, &answer, &session.limits).await;
+        send.finish().await;
+        return Ok(());
+    }
     let fit = match msg {
         Message::FitTask(fit) => fit,
         Message::EvaluateTask(eval) => {
@@ -359,7 +391,7 @@ async fn task<T: LocalTrainer>(
 }
 
 /// An error and its causes, as one line for the server: "outer: inner: innermost".
-fn error_text(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -373,7 +405,7 @@ fn error_text(e: &dyn std::error::Error) -> String {
 }
 
 /// Runs `work` on the trainer on a blocking thread: training takes seconds to hours of CPU.
-async fn on_worker<T: LocalTrainer, R: Send + 'static>(
+pub(crate) async fn on_worker<T: LocalTrainer, R: Send + 'static>(
     trainer: &Arc<Mutex<T>>,
     what: &str,
     work: impl FnOnce(&mut T) -> Result<R, (ErrorCode, String)> + Send + 'static,

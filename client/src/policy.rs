@@ -55,6 +55,8 @@ pub(crate) struct PolicyFile {
     epsilon: Option<f64>,
     delta: Option<f64>,
     lifetime_epsilon: Option<f64>,
+    #[serde(default)]
+    require_secure_aggregation: bool,
     /// Where the node records what it spent (read by the configuration, not part of the policy).
     pub(crate) ledger: Option<std::path::PathBuf>,
 }
@@ -87,6 +89,9 @@ pub struct Policy {
     /// Every release differentially private, within this budget (`privacy.require_dp`); `None`: releases in
     /// the clear are answered (and DP ones, where a task asks, are still recorded in the ledger).
     pub dp_budget: Option<Budget>,
+    /// Answer only tasks whose answer goes into a secure sum (`privacy.require_secure_aggregation`): the
+    /// server then learns only totals of three or more centres, never this site's own.
+    pub require_secure_aggregation: bool,
 }
 
 impl Default for Policy {
@@ -97,6 +102,7 @@ impl Default for Policy {
             min_per_class: None,
             min_examples: None,
             dp_budget: None,
+            require_secure_aggregation: false,
         }
     }
 }
@@ -162,6 +168,7 @@ impl TryFrom<PolicyFile> for Policy {
             min_per_class: f.min_per_class,
             min_examples: f.min_examples,
             dp_budget,
+            require_secure_aggregation: f.require_secure_aggregation,
         })
     }
 }
@@ -171,6 +178,11 @@ impl TryFrom<PolicyFile> for Policy {
 pub enum PolicyRefusal {
     #[error("this site's policy does not answer {} tasks (privacy.accept)", .0.name())]
     NotAccepted(TaskKind),
+    #[error(
+        "this site's policy answers only into a secure sum (privacy.require_secure_aggregation); the server \
+         asked for an answer in the clear"
+    )]
+    NeedsSecureAggregation,
     #[error("the task asks for {asked} histogram bins; this site's policy releases at most {max} (privacy.max_bins)")]
     TooManyBins { asked: u32, max: u32 },
     #[error(
@@ -269,13 +281,17 @@ impl Policy {
                 b.delta
             ),
         };
-        let text = format!(
+        let mut text = format!(
             "fedslm-policy/2\naccept {}\nmax_bins {}\nmin_per_class {}\nmin_examples {}\n{dp}",
             kinds.join(","),
             self.max_bins.map_or("any".to_string(), |b| b.to_string()),
             self.min_per_class.unwrap_or(1),
             self.min_examples.unwrap_or(1)
         );
+        // Written only when set, so that every earlier policy keeps its hash.
+        if self.require_secure_aggregation {
+            text.push_str("require_secure_aggregation true\n");
+        }
         Sha256::digest(text.as_bytes()).into()
     }
 }

@@ -388,6 +388,8 @@ pub enum ErrorCode {
     PolicyRefused,
     /// The run requires every centre's policy to require differential privacy, and this one's does not.
     PrivacyRequired,
+    /// A step of secure aggregation failed its checks (the message says which): the centre leaves the sum.
+    SecureAggregation,
 }
 
 /// Either side: a refusal or an abort, with a message for people.

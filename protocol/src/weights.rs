@@ -241,6 +241,23 @@ impl Tensor {
         out
     }
 
+    /// The squared L2 distance between this tensor's values and `other`'s, element by element (over the
+    /// shorter of the two): the measure of a norm bound, which the server checks in the clear and a centre
+    /// checks itself before masking.
+    pub fn squared_distance(&self, other: &Tensor) -> f64 {
+        let theirs = other.to_f64_vec();
+        let mut squared = 0.0;
+        let mut i = 0;
+        self.for_each_f64(|a| {
+            if let Some(b) = theirs.get(i) {
+                let d = a - b;
+                squared += d * d;
+            }
+            i += 1;
+        });
+        squared
+    }
+
     /// Calls `f` with each value as `f64`, in order, without allocating: the server folds updates of
     /// tens of megabytes this way.
     pub fn for_each_f64(&self, mut f: impl FnMut(f64)) {

@@ -21,6 +21,7 @@
 pub mod collector;
 pub mod crypto;
 pub mod fixed;
+pub mod layout;
 pub mod participant;
 pub mod shamir;
 

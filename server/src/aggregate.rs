@@ -57,6 +57,10 @@ pub enum UpdateRefusal {
     BadReport(#[from] crate::evaluation::ReportError),
     #[error("the Newton statistics cannot be summed: {0}")]
     NewtonStatistics(String),
+    #[error("secure aggregation: {0}")]
+    Secure(String),
+    #[error("this run aggregates securely: an answer in the clear is refused")]
+    NotMasked,
 }
 
 impl UpdateRefusal {
@@ -80,6 +84,7 @@ impl UpdateRefusal {
             UpdateRefusal::Duplicate { .. } => "duplicate",
             UpdateRefusal::BadReport(_) => "evaluation_report",
             UpdateRefusal::NewtonStatistics(_) => "newton_statistics",
+            UpdateRefusal::Secure(_) | UpdateRefusal::NotMasked => "secure_aggregation",
         }
     }
 }
@@ -139,13 +144,7 @@ pub fn check_update(
             return Err(UpdateRefusal::NonFinite { name, index });
         }
         if norm_bound.is_some() && g.role() != TensorRole::BatchNormStatistic {
-            let global = g.to_f64_vec();
-            let mut i = 0;
-            u.for_each_f64(|a| {
-                let d = a - global[i];
-                squared += d * d;
-                i += 1;
-            });
+            squared += u.squared_distance(g);
         }
     }
     if let Some(bound) = norm_bound {
@@ -259,6 +258,49 @@ impl FedAvg {
             }
         }
         self.examples += w;
+        self.updates += 1;
+        Ok(())
+    }
+
+    /// Folds in a secure sum: `sums` holds, for each averaged tensor, the sum over the centres of their
+    /// examples times their weights, and `examples` the centres' examples; the sum counts as one update.
+    pub fn fold_sum(&mut self, sums: &Weights, examples: u64) -> Result<(), UpdateRefusal> {
+        if examples == 0 {
+            return Err(UpdateRefusal::NoExamples);
+        }
+        for (((name, shape, _, _), sum), kept) in
+            self.template.iter().zip(&mut self.sums).zip(&self.kept)
+        {
+            if kept.is_some() {
+                continue;
+            }
+            let t = sums
+                .get(name)
+                .ok_or_else(|| UpdateRefusal::Missing(name.clone()))?;
+            if t.shape() != shape.as_slice() {
+                return Err(UpdateRefusal::Shape {
+                    name: name.clone(),
+                    got: t.shape().to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+            let mut i = 0;
+            let mut bad = None;
+            t.for_each_f64(|v| {
+                if !v.is_finite() && bad.is_none() {
+                    bad = Some(i);
+                }
+                sum[i] += v;
+                i += 1;
+            });
+            if let Some(index) = bad {
+                return Err(UpdateRefusal::NonFinite {
+                    name: name.clone(),
+                    index,
+                });
+            }
+        }
+        self.examples += examples as f64;
         self.updates += 1;
         Ok(())
     }

@@ -85,6 +85,12 @@ pub struct ServerToml {
     /// averaged.
     #[serde(default)]
     pub fedbn: bool,
+    /// Secure aggregation: the server learns only the sums of the centres' answers (updates, Newton
+    /// statistics, histograms, placement sums), never one centre's.
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// Shares needed to unmask a sum: more than half of the training centres; unset: the fewest such.
+    pub secure_threshold: Option<usize>,
     /// Cross-validation: the fold (0-based) every training centre holds out, of `cv_folds`.
     pub cv_fold: Option<u32>,
     pub cv_folds: Option<u32>,
@@ -151,6 +157,8 @@ impl ServerToml {
             evaluate_every: 0,
             adapt_batch_norm: false,
             fedbn: false,
+            secure_aggregation: false,
+            secure_threshold: None,
             cv_fold: None,
             cv_folds: None,
             privacy: PrivacyToml::default(),
@@ -243,6 +251,8 @@ pub struct RunConfig {
     pub evaluation: crate::round::EvaluationSettings,
     /// FedBN: training centres keep their batch-norm layers.
     pub batch_norm_local: bool,
+    /// Secure aggregation's threshold, where it is on.
+    pub secure_threshold: Option<usize>,
     /// Cross-validation: the fold the training centres hold out.
     pub fold: Option<Fold>,
     pub dp: Option<DpPlan>,
@@ -446,6 +456,8 @@ impl ServerConfig {
             }
         }
         let dp = dp_plan(&file.privacy).map_err(invalid)?;
+        let validating = centers.len() - training;
+        let secure_threshold = secure_threshold(&file, training, validating).map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
         Ok(ServerConfig {
             path: path.to_path_buf(),
@@ -471,6 +483,7 @@ impl ServerConfig {
                 fold,
                 dp,
                 batch_norm_local: file.fedbn,
+                secure_threshold,
             },
             listen: file.listen,
             tcp_listen,
@@ -540,6 +553,7 @@ impl ServerConfig {
             fold: r.fold,
             evaluation: r.evaluation,
             batch_norm_local: r.batch_norm_local,
+            secure_threshold: r.secure_threshold,
             dp: match r.dp {
                 None => None,
                 Some(plan) => Some(match plan.noise {
@@ -613,6 +627,9 @@ impl ServerConfig {
         }
         if settings.batch_norm_local {
             put("fedbn", "true".into());
+        }
+        if let Some(t) = settings.secure_threshold {
+            put("secure_aggregation", format!("threshold {t}"));
         }
         if let Some(dp) = settings.dp {
             put(
@@ -710,6 +727,51 @@ fn dp_plan(p: &PrivacyToml) -> Result<Option<DpPlan>, String> {
         }
     }
     Ok(Some(plan))
+}
+
+/// Secure aggregation's threshold, where server.toml turns it on: every sum needs three or more centres (with
+/// two, each learns the other's answer by subtracting its own from the total), so there must be at least three
+/// training centres and never exactly two validating ones; the threshold must be more than half the training
+/// centres (the consistency check's premise) and no more than the quorum.
+fn secure_threshold(
+    file: &ServerToml,
+    training: usize,
+    validating: usize,
+) -> Result<Option<usize>, String> {
+    if !file.secure_aggregation {
+        return match file.secure_threshold {
+            Some(_) => Err("secure_threshold is set but secure_aggregation is not".into()),
+            None => Ok(None),
+        };
+    }
+    let min = fedslm_protocol::secure::MIN_PARTICIPANTS;
+    if training < min {
+        return Err(format!(
+            "secure_aggregation needs at least {min} training centres, this run has {training}: with two, \
+             each would learn the other's update by subtracting its own from the sum"
+        ));
+    }
+    if validating == 2 {
+        return Err(
+            "secure_aggregation with two validating centres: each would learn the other's evaluation by \
+             subtracting its own from the sum; enrol one, or three or more"
+                .into(),
+        );
+    }
+    let t = file.secure_threshold.unwrap_or(training / 2 + 1);
+    if t <= training / 2 || t > training {
+        return Err(format!(
+            "secure_threshold = {t}: more than half of the {training} training centres, and at most all"
+        ));
+    }
+    if let Some(q) = file.quorum {
+        if q < t {
+            return Err(format!(
+                "quorum = {q} is below secure_threshold = {t}: a round of {q} centres could not be unmasked"
+            ));
+        }
+    }
+    Ok(Some(t))
 }
 
 #[cfg(test)]

@@ -97,18 +97,37 @@ pub struct Evaluation {
     pub fold: Option<Fold>,
     pub bins: u32,
     pub centers: Vec<CenterEvaluation>,
+    /// Sums of three or more centres' reports, under secure aggregation.
+    pub secure: Vec<SecureEvaluation>,
     /// Centres asked that did not report, and why.
     pub missing: Vec<(CenterId, String)>,
+}
+
+/// The securely aggregated reports of one side: the server saw only their sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureEvaluation {
+    pub role: Role,
+    /// The centres whose reports are in the sum.
+    pub centers: Vec<CenterId>,
+    pub examples: u64,
+    pub positives: u64,
+    /// Mean log-loss; NaN unless every centre released its loss.
+    pub loss: f64,
+    pub histogram: ScoreHistograms,
 }
 
 impl Evaluation {
     /// The merged histograms of the centres with `role`; `None` if none reported.
     pub fn pooled(&self, role: Role) -> Option<ScoreHistograms> {
-        let mut it = self.centers.iter().filter(|c| c.role == role);
-        let mut pooled = it.next()?.histogram.clone();
-        for c in it {
+        let clear = self.centers.iter().filter(|c| c.role == role);
+        let secure = self.secure.iter().filter(|s| s.role == role);
+        let mut it = clear
+            .map(|c| &c.histogram)
+            .chain(secure.map(|s| &s.histogram));
+        let mut pooled = it.next()?.clone();
+        for h in it {
             // Every report was checked to have `bins` bins.
-            pooled.merge(&c.histogram).ok()?;
+            pooled.merge(h).ok()?;
         }
         Some(pooled)
     }
@@ -145,6 +164,22 @@ impl Evaluation {
                         negative: c.histogram.negative.clone(),
                     },
                     adapted_batch_norm: c.adapted_batch_norm,
+                })
+                .collect(),
+            secure: self
+                .secure
+                .iter()
+                .map(|s| SecureRecord {
+                    role: s.role.name().to_string(),
+                    centers: s.centers.iter().map(|c| c.to_string()).collect(),
+                    examples: s.examples,
+                    positives: s.positives,
+                    loss: s.loss,
+                    auc: AucSummary::of_histograms(&s.histogram),
+                    histogram: HistogramRecord {
+                        positive: s.histogram.positive.clone(),
+                        negative: s.histogram.negative.clone(),
+                    },
                 })
                 .collect(),
             missing: self
@@ -268,7 +303,23 @@ pub struct EvaluationRecord {
     /// The validation centres pooled.
     pub external: Option<AucSummary>,
     pub centers: Vec<CenterRecord>,
+    /// Sums of centres' reports under secure aggregation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secure: Vec<SecureRecord>,
     pub missing: Vec<MissingRecord>,
+}
+
+/// A securely aggregated side of a stored evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureRecord {
+    pub role: String,
+    pub centers: Vec<String>,
+    pub examples: u64,
+    pub positives: u64,
+    #[serde(deserialize_with = "crate::store::f64_or_nan")]
+    pub loss: f64,
+    pub auc: AucSummary,
+    pub histogram: HistogramRecord,
 }
 
 /// A cross-validation fold in a stored record.
@@ -522,6 +573,7 @@ mod tests {
             fold: None,
             bins: bins as u32,
             centers,
+            secure: Vec::new(),
             missing: vec![],
         };
         let pooled = e.pooled(Role::Train).unwrap().delong().unwrap();

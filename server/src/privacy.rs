@@ -88,6 +88,7 @@ mod tests {
             evaluation: EvaluationSettings::default(),
             dp,
             batch_norm_local: false,
+            secure_threshold: None,
         }
     }
 
@@ -109,6 +110,7 @@ mod tests {
             seconds: 0.0,
             log_likelihood: None,
             newton: None,
+            secure: None,
             evaluation: None,
             committed_unix_ms: 0,
         }

@@ -146,7 +146,10 @@ pub fn compare_stored(
     let mut reports = Vec::new();
     for (c, answer) in centers.iter().zip(answers) {
         let r = answer.map_err(|e| StudyError::Failed(format!("no paired comparison: {e}")))?;
-        reports.push((c.clone(), r));
+        // Under secure aggregation one centre's answer is the sum of all of theirs; the others' are `None`.
+        if let Some(r) = r {
+            reports.push((c.clone(), r));
+        }
     }
     let c = paired_comparison(&sa.pooled, &sb.pooled, &reports)
         .map_err(|e| StudyError::Failed(format!("no paired comparison: {e}")))?;

@@ -19,5 +19,6 @@ mod privacy;
 mod pydicom_crosscheck;
 mod resume;
 mod rounds;
+mod secure;
 mod simulate;
 mod transport;

@@ -24,7 +24,7 @@ KINDS = {1: "Hello", 2: "Welcome", 3: "FitTask", 4: "FitResult", 5: "EvaluateTas
 ROLES = ["Train", "Validate"]
 ERROR_CODES = ["UnsupportedVersion", "NotEnrolled", "IdentityMismatch", "SettingsMismatch", "Malformed",
                "Unexpected", "Superseded", "Internal", "UpdateRefused", "PolicyRefused",
-               "PrivacyRequired"]
+               "PrivacyRequired", "SecureAggregation"]
 
 
 def varint(v: int) -> bytes:

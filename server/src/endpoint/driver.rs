@@ -6,17 +6,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use fedslm_protocol::{codec, CenterId, Finish, Message, PlacementReport, Weights};
+use fedslm_protocol::secure::{Secure, SecureBegin};
+use fedslm_protocol::{codec, CenterId, Finish, Message, Weights};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use super::exchange::{bytes_of, task_exchange, Answer, TaskExchange};
+use super::exchange::{bytes_of, secure_exchange, task_exchange, Answer, TaskExchange};
 use super::{lock, tell_finish, CheckpointWriter, Envelope, ServerEvent, Shared, Verdict};
 use crate::aggregate::UpdateRefusal;
 use crate::audit::AuditEvent;
 use crate::evaluation::Evaluation;
 use crate::failpoint;
 use crate::round::RoundSettings;
-use crate::round::{Action, Coordinator, Input, Outcome, RoundRecord, TaskId, Unanswered};
+use crate::round::{Action, Coordinator, Input, Outcome, PlacementAnswer, RoundRecord, TaskId};
 use crate::store::{RunState, Store, StoredRound};
 
 /// Answers read and held at once, once they have begun to come: the rest wait in QUIC's flow control, so the
@@ -43,6 +44,10 @@ pub(super) struct Driver {
     verdicts: HashMap<TaskId, oneshot::Sender<Verdict>>,
     /// Each task's round, for the audit log.
     rounds_of: HashMap<TaskId, u32>,
+    /// Tasks of a secure sum not yet sent: the sum's encoded Begin, and its length.
+    secure_begins: HashMap<TaskId, (bytes::Bytes, u64)>,
+    /// Where each secure task's next messages go.
+    outboxes: HashMap<TaskId, mpsc::UnboundedSender<bytes::Bytes>>,
 }
 
 impl Driver {
@@ -61,6 +66,8 @@ impl Driver {
             cancels: HashMap::new(),
             verdicts: HashMap::new(),
             rounds_of: HashMap::new(),
+            secure_begins: HashMap::new(),
+            outboxes: HashMap::new(),
         }
     }
 
@@ -90,6 +97,8 @@ impl Driver {
             Action::SendPlacement { task, to } => {
                 self.send(0, &Message::PlacementTask((*task).clone()), to)
             }
+            Action::BeginSecure { begin, tasks } => self.begin_secure(&begin, tasks),
+            Action::SendSecure(messages) => self.send_secure(messages),
             Action::Accept { center, task } => self.accept(center, task),
             Action::Refuse {
                 center,
@@ -203,7 +212,7 @@ impl Driver {
                 center: center.to_string(),
                 task,
             });
-            tokio::spawn(task_exchange(TaskExchange {
+            let exchange = TaskExchange {
                 shared: shared.clone(),
                 connection,
                 budget,
@@ -213,7 +222,56 @@ impl Driver {
                 answer,
                 results: self.results.clone(),
                 cancelled,
-            }));
+            };
+            match self.secure_begins.remove(&task) {
+                Some((begin, length)) => {
+                    let (outbox, inbox) = mpsc::unbounded_channel();
+                    let (verdict, decided) = oneshot::channel();
+                    self.outboxes.insert(task, outbox);
+                    self.verdicts.insert(task, verdict);
+                    tokio::spawn(secure_exchange(exchange, begin, length, inbox, decided));
+                }
+                None => {
+                    tokio::spawn(task_exchange(exchange));
+                }
+            }
+        }
+    }
+
+    /// Notes that `tasks` are a secure sum's: each is sent after the sum's Begin.
+    fn begin_secure(&mut self, begin: &SecureBegin, tasks: Vec<TaskId>) {
+        let msg = Message::Secure(Secure::Begin(begin.clone()));
+        match codec::encode(&msg, &self.shared.limits) {
+            Ok(frame) => {
+                let frame = bytes_of(frame);
+                for t in tasks {
+                    self.secure_begins.insert(t, (frame.clone(), begin.length));
+                }
+            }
+            // The tasks then go without it and the centres refuse them: the sum fails by name.
+            Err(e) => tracing::error!(error = %e, "cannot encode a secure sum's Begin"),
+        }
+    }
+
+    /// Each message to its task's stream.
+    fn send_secure(&mut self, messages: Vec<(CenterId, TaskId, Secure)>) {
+        for (center, task, msg) in messages {
+            let step = msg.name();
+            let frame = codec::encode(&Message::Secure(msg), &self.shared.limits);
+            let sent = match (frame, self.outboxes.get(&task)) {
+                (Ok(frame), Some(outbox)) => outbox
+                    .send(bytes_of(frame))
+                    .map_err(|_| "its stream is closed".to_string()),
+                (Err(e), _) => Err(format!("cannot encode {step}: {e}")),
+                (_, None) => Err("its stream is closed".to_string()),
+            };
+            if let Err(reason) = sent {
+                self.shared.tell(Input::TaskFailed {
+                    center,
+                    task,
+                    reason: format!("secure sum, {step}: {reason}"),
+                });
+            }
         }
     }
 
@@ -223,6 +281,7 @@ impl Driver {
 
     fn accept(&mut self, center: CenterId, task: TaskId) {
         self.cancels.remove(&task);
+        self.outboxes.remove(&task);
         let round = self.round_of(task);
         self.shared.audit(AuditEvent::UpdateAccepted {
             round,
@@ -237,6 +296,7 @@ impl Driver {
 
     fn refuse(&mut self, center: CenterId, task: TaskId, refusal: UpdateRefusal) {
         self.cancels.remove(&task);
+        self.outboxes.remove(&task);
         self.shared.metrics.refused("update", refusal.kind());
         self.shared.audit(AuditEvent::UpdateRefused {
             round: self.round_of(task),
@@ -257,6 +317,7 @@ impl Driver {
             reason: "no answer before the round closed".into(),
         });
         self.verdicts.remove(&task);
+        self.outboxes.remove(&task);
         if let Some(c) = self.cancels.remove(&task) {
             let _ = c.send(());
         }
@@ -359,7 +420,7 @@ impl Driver {
 /// How the machine ended: a run's outcome, or the paired tests' answers.
 pub(super) enum Ended {
     Run(Outcome),
-    Placed(Vec<Result<PlacementReport, Unanswered>>),
+    Placed(Vec<PlacementAnswer>),
 }
 
 /// The task an answer is about.

@@ -7,7 +7,7 @@ use fedslm_protocol::{ByteBudget, CenterId, ErrorCode, Message, MessageKind};
 use fedslm_transport::Link;
 use tokio::sync::{oneshot, Semaphore};
 
-use super::{Envelope, Shared, ERROR_LINGER, TASK_CANCELLED};
+use super::{Envelope, Shared, Verdict, ERROR_LINGER, TASK_CANCELLED};
 use crate::round::{Input, TaskId};
 
 pub(super) fn bytes_of(frame: Vec<u8>) -> bytes::Bytes {
@@ -171,5 +171,155 @@ pub(super) async fn task_exchange(x: TaskExchange) {
             send.reset(TASK_CANCELLED);
             recv.stop(TASK_CANCELLED);
         }
+    }
+}
+
+/// The frames a centre may send in a secure sum of `length` elements: each step's message, or an Error.
+fn secure_answer(length: u64) -> Answer {
+    const SLACK: u64 = 64 * 1024;
+    Answer {
+        kinds: &[MessageKind::Secure, MessageKind::Error],
+        // A masked input is the largest: 8 bytes an element; a roster of certificates is not sent by centres.
+        max_payload: (8 * length + SLACK).max(512 * 1024),
+    }
+}
+
+/// A task of a secure sum on its own stream: the Begin, the task, then the conversation: each frame from the
+/// centre goes to the coordinator as [`Input::Secure`], each message of the coordinator's for this task is
+/// written as it comes, until the verdict (the sum is over) or the task is cancelled.
+pub(super) async fn secure_exchange(
+    x: TaskExchange,
+    begin: bytes::Bytes,
+    length: u64,
+    mut outbox: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    verdict: oneshot::Receiver<Verdict>,
+) {
+    let TaskExchange {
+        shared,
+        connection,
+        budget,
+        frame,
+        center,
+        task,
+        answer: _,
+        results,
+        mut cancelled,
+    } = x;
+    let (mut send, recv) = match connection.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            shared.tell(Input::TaskFailed {
+                center,
+                task,
+                reason: format!("cannot open a task stream: {e}"),
+            });
+            return;
+        }
+    };
+    // The centre's frames are read on their own task, so that a frame half read is never dropped for a write.
+    let reader = tokio::spawn(read_secure(
+        shared.clone(),
+        recv,
+        budget,
+        center.clone(),
+        task,
+        secure_answer(length),
+        results,
+    ));
+    let work = async {
+        send.write_chunk(begin)
+            .await
+            .map_err(|e| format!("cannot send the sum's Begin: {e}"))?;
+        send.write_chunk(frame)
+            .await
+            .map_err(|e| format!("cannot send the task: {e}"))?;
+        let mut verdict = verdict;
+        loop {
+            tokio::select! {
+                next = outbox.recv() => match next {
+                    Some(frame) => send
+                        .write_chunk(frame)
+                        .await
+                        .map_err(|e| format!("cannot send a step of the sum: {e}"))?,
+                    None => return Ok(()),
+                },
+                decided = &mut verdict => {
+                    if let Ok(Err(refusal)) = decided {
+                        let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
+                        let _ = write_message(&mut send, &msg, &shared.limits).await;
+                    }
+                    send.finish().await;
+                    let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+                    return Ok::<(), String>(());
+                }
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = work => Some(outcome),
+        Ok(()) = &mut cancelled => None,
+    };
+    reader.abort();
+    match outcome {
+        Some(Ok(())) => {}
+        Some(Err(reason)) => shared.tell(Input::TaskFailed {
+            center,
+            task,
+            reason,
+        }),
+        None => send.reset(TASK_CANCELLED),
+    }
+}
+
+/// Reads a secure task's frames until the stream ends: each step to the coordinator, an Error as the task's
+/// failure.
+async fn read_secure(
+    shared: Arc<Shared>,
+    mut recv: fedslm_transport::RecvHalf,
+    budget: ByteBudget,
+    center: CenterId,
+    task: TaskId,
+    answer: Answer,
+    results: Arc<Semaphore>,
+) {
+    let expect = answer.expect();
+    loop {
+        let read = async {
+            let header = read_header(&mut recv, &shared.limits, expect).await?;
+            // A permit per frame read and handed over: memory stays a few masked inputs.
+            let permit = results.acquire().await.ok();
+            let msg = read_payload(&mut recv, header, &shared.limits, &budget, expect).await;
+            Ok::<_, fedslm_protocol::ProtocolError>((msg?, permit))
+        };
+        let reason = match read.await {
+            Ok((Message::Secure(message), permit)) => {
+                let (handled, done) = oneshot::channel();
+                let _ = shared.inputs.send(Envelope {
+                    input: Input::Secure {
+                        center: center.clone(),
+                        task,
+                        message,
+                    },
+                    verdict: Some(handled),
+                });
+                // The driver drops the sender once it has taken the input.
+                let _ = done.await;
+                drop(permit);
+                continue;
+            }
+            Ok((Message::Error(e), _)) => format!(
+                "the centre could not take part ({:?}): {}",
+                e.code, e.message
+            ),
+            Ok((other, _)) => format!("expected a step of the secure sum, got {}", other.kind()),
+            Err(fedslm_protocol::ProtocolError::Closed) => return,
+            Err(e) => format!("the secure sum's stream failed: {e}"),
+        };
+        shared.tell(Input::TaskFailed {
+            center,
+            task,
+            reason,
+        });
+        return;
     }
 }

@@ -23,7 +23,7 @@ use fedslm_certs::{
 };
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::{
-    close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementReport, PlacementTask, Role,
+    close, ByteBudget, CenterId, ErrorCode, Finish, Limits, PlacementTask, Role,
 };
 use fedslm_transport::{tcp, Link, Transport};
 use quinn::{Endpoint, VarInt};
@@ -34,7 +34,7 @@ use crate::audit::AuditEvent;
 use crate::config::ServerConfig;
 use crate::evaluation::Evaluation;
 use crate::metrics::Metrics;
-use crate::round::{Coordinator, Input, Outcome, RoundRecord, Unanswered};
+use crate::round::{Coordinator, Input, Outcome, PlacementAnswer, RoundRecord};
 use crate::store::Store;
 use driver::{Driver, Durable, Ended};
 use strangers::{Gate, Screening, Tally, TALLY_INTERVAL};
@@ -580,10 +580,11 @@ impl Server {
         &self,
         tasks: Vec<(CenterId, PlacementTask)>,
         deadline: Duration,
-    ) -> Result<Vec<Result<PlacementReport, Unanswered>>, ServerError> {
+    ) -> Result<Vec<PlacementAnswer>, ServerError> {
         let inputs = lock(&self.inputs).take().ok_or(ServerError::RanAlready)?;
         let roles = self.shared.config.enrolment.centers.clone();
-        let machine = Coordinator::placements(roles, tasks, deadline, Instant::now());
+        let secure = self.shared.config.run.secure_threshold;
+        let machine = Coordinator::placements(roles, tasks, deadline, secure, Instant::now());
         let driver = Driver::new(self.shared.clone(), machine, inputs, None);
         match self.drive(driver, false, std::future::pending()).await {
             Some(Ended::Placed(answers)) => Ok(answers),

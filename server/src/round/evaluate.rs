@@ -5,23 +5,52 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use fedslm_protocol::secure::MIN_PARTICIPANTS;
 use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, Role};
+use fedslm_secagg::fixed::FixedPoint;
+use fedslm_secagg::layout::EvalLayout;
 
 use super::fit::After;
+use super::secure::{phase_deadline, SecureSum};
 use super::{Action, Coordinator, Gone, Outcome, Phase, TaskId, TaskSet};
 use crate::aggregate::UpdateRefusal;
-use crate::evaluation::{check_report, CenterEvaluation, Evaluation};
+use crate::evaluation::{check_report, CenterEvaluation, Evaluation, SecureEvaluation};
 
 /// An evaluation whose tasks are out.
 pub(super) struct Evaluating {
     round: u32,
     pub(super) tasks: TaskSet,
     centers: Vec<CenterEvaluation>,
+    /// Under secure aggregation: each side of three or more centres, summed.
+    secure: Vec<SecureSide>,
     missing: Vec<(CenterId, String)>,
     after: After,
 }
 
+/// One side's secure sum.
+struct SecureSide {
+    role: Role,
+    sum: SecureSum,
+    layout: EvalLayout,
+    survivors: Vec<CenterId>,
+}
+
 impl Evaluating {
+    pub(super) fn secure_sums(&mut self) -> Vec<&mut SecureSum> {
+        self.secure.iter_mut().map(|s| &mut s.sum).collect()
+    }
+
+    pub(super) fn accept_secure(&mut self, task: TaskId, center: &CenterId) {
+        if let Some(side) = self.secure.iter_mut().find(|s| s.sum.has(task)) {
+            side.survivors.push(center.clone());
+        }
+    }
+
+    /// Whether `task` is in a secure sum.
+    fn is_secure(&self, task: TaskId) -> bool {
+        self.secure.iter().any(|s| s.sum.has(task))
+    }
+
     pub(super) fn note(&mut self, center: &CenterId, gone: Gone) {
         let why = match gone {
             Gone::Silent => "no report before the deadline".to_string(),
@@ -62,12 +91,71 @@ impl Coordinator {
                 _ => validating.push((center, id)),
             }
         }
-        let missing = self
+        let mut missing: Vec<(CenterId, String)> = self
             .roles
             .keys()
             .filter(|c| !self.connected.contains_key(*c))
             .map(|c| (c.clone(), "not connected".to_string()))
             .collect();
+        let mut secure = Vec::new();
+        if let Some(threshold) = self.settings.secure_threshold {
+            let layout = EvalLayout {
+                bins: self.settings.evaluation.bins,
+            };
+            for (role, side) in [
+                (Role::Train, &mut training),
+                (Role::Validate, &mut validating),
+            ] {
+                // One centre's own evaluation is the figure reported for it: it goes in the clear.
+                if side.len() < 2 {
+                    continue;
+                }
+                let t = match role {
+                    Role::Train => threshold,
+                    Role::Validate => side.len() / 2 + 1,
+                };
+                let ids = side.iter().map(|(c, t)| (*t, c.clone())).collect();
+                let made = if side.len() < MIN_PARTICIPANTS {
+                    Err(format!(
+                        "{} {} centres connected; a secure sum needs {MIN_PARTICIPANTS}",
+                        side.len(),
+                        role
+                    ))
+                } else {
+                    SecureSum::new(
+                        ids,
+                        t,
+                        layout.length(),
+                        FixedPoint::UPDATES,
+                        None,
+                        self.settings.deadline,
+                        now,
+                    )
+                };
+                match made {
+                    Ok((sum, begin)) => {
+                        self.actions.push_back(Action::BeginSecure {
+                            begin: Arc::new(begin),
+                            tasks: side.iter().map(|(_, t)| *t).collect(),
+                        });
+                        tasks.deadline = phase_deadline(now, self.settings.deadline);
+                        secure.push(SecureSide {
+                            role,
+                            sum,
+                            layout,
+                            survivors: Vec::new(),
+                        });
+                    }
+                    Err(why) => {
+                        // Never in the clear: these centres are not asked.
+                        for (c, t) in side.drain(..) {
+                            tasks.settle(t, &c);
+                            missing.push((c, format!("secure aggregation: {why}")));
+                        }
+                    }
+                }
+            }
+        }
         let task = EvaluateTask {
             round,
             model: self.settings.model,
@@ -100,6 +188,7 @@ impl Coordinator {
             round,
             tasks,
             centers: Vec::new(),
+            secure,
             missing,
             after,
         }));
@@ -119,6 +208,9 @@ impl Coordinator {
             return Err(stale);
         };
         Coordinator::owned_and_pending(&e.tasks, center, task, e.round)?;
+        if e.is_secure(task) {
+            return Err(UpdateRefusal::NotMasked);
+        }
         let histogram = check_report(
             &report,
             e.round,
@@ -150,12 +242,53 @@ impl Coordinator {
             return;
         };
         let e = *e;
+        let mut missing = e.missing;
+        let mut secure = Vec::new();
+        for side in e.secure {
+            let summed = match side.sum.result() {
+                Some(Ok(v)) => side
+                    .layout
+                    .totals(e.round, v)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| {
+                        check_report(
+                            &r,
+                            e.round,
+                            self.settings.evaluation.bins,
+                            self.settings.dp.is_some(),
+                        )
+                        .map(|h| (r, h))
+                        .map_err(|e| e.to_string())
+                    }),
+                Some(Err(why)) => Err(why.clone()),
+                None => Err("no sum before the deadline".into()),
+            };
+            match summed {
+                Ok((report, histogram)) => secure.push(SecureEvaluation {
+                    role: side.role,
+                    centers: side.survivors,
+                    examples: report.examples,
+                    positives: report.positives,
+                    loss: report.loss,
+                    histogram,
+                }),
+                Err(why) => {
+                    tracing::warn!(round = e.round, side = %side.role, %why, "secure evaluation sum failed");
+                    for c in side.sum.tasks().values() {
+                        if !missing.iter().any(|(m, _)| m == c) {
+                            missing.push((c.clone(), format!("secure sum: {why}")));
+                        }
+                    }
+                }
+            }
+        }
         let evaluation = Evaluation {
             round: e.round,
             fold: self.settings.fold,
             bins: self.settings.evaluation.bins,
             centers: e.centers,
-            missing: e.missing,
+            secure,
+            missing,
         };
         self.actions
             .push_back(Action::StoreEvaluation(evaluation.clone()));

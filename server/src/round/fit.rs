@@ -11,11 +11,14 @@ use fedslm_protocol::{
     CenterId, FitResult, FitTask, LocalObjective, Role, Tensor, TensorRole, Weights,
 };
 
+use super::secure::{phase_deadline, SecureSum};
+use super::SecureTotals;
 use super::{
     round_seed, Action, Contribution, Coordinator, Gone, Outcome, Phase, RoundRecord, Strategy,
     TaskId, TaskSet,
 };
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+use fedslm_secagg::layout::FitLayout;
 
 /// What a round's accepted answers are folded into.
 pub(super) enum Sum {
@@ -39,9 +42,24 @@ pub(super) struct Fitting {
     contributions: Vec<Contribution>,
     refused: Vec<(CenterId, String)>,
     silent: Vec<CenterId>,
+    /// Under secure aggregation: the round's one sum, and what its vector means.
+    secure: Option<(SecureSum, FitLayout)>,
 }
 
 impl Fitting {
+    pub(super) fn secure_sum(&mut self) -> Option<&mut SecureSum> {
+        self.secure.as_mut().map(|(s, _)| s)
+    }
+
+    /// A centre whose masked update is in the sum: its own examples and loss are not known.
+    pub(super) fn accept_secure(&mut self, center: &CenterId) {
+        self.contributions.push(Contribution {
+            center: center.clone(),
+            examples: 0,
+            train_loss: f64::NAN,
+        });
+    }
+
     pub(super) fn note(&mut self, center: &CenterId, gone: Gone) {
         match gone {
             Gone::Silent | Gone::Disconnected => self.silent.push(center.clone()),
@@ -127,15 +145,41 @@ impl Coordinator {
             retry = self.retries,
             "round started"
         );
+        let norm_limit = self.settings.norm_bound.limit(&self.global);
+        let mut secure = None;
+        if let Some(threshold) = self.settings.secure_threshold {
+            let layout = match FitLayout::of(&task) {
+                Ok(l) => l,
+                Err(e) => return self.finish_failed(format!("round {round}: {e}")),
+            };
+            let norm = (self.newton.is_none() && norm_limit.is_finite()).then_some(norm_limit);
+            let ids = to.iter().map(|(c, t)| (*t, c.clone())).collect();
+            let deadline = self.settings.deadline;
+            let fixed = layout.fixed_point();
+            match SecureSum::new(ids, threshold, layout.length(), fixed, norm, deadline, now) {
+                Ok((sum, begin)) => {
+                    self.actions.push_back(Action::BeginSecure {
+                        begin: Arc::new(begin),
+                        tasks: to.iter().map(|(_, t)| *t).collect(),
+                    });
+                    tasks.deadline = phase_deadline(now, deadline);
+                    secure = Some((sum, layout));
+                }
+                Err(e) => {
+                    return self.finish_failed(format!("round {round}: secure aggregation: {e}"))
+                }
+            }
+        }
         self.phase = Phase::Fitting(Box::new(Fitting {
             round,
             started: now,
             tasks,
             sum,
-            norm_limit: self.settings.norm_bound.limit(&self.global),
+            norm_limit,
             contributions: Vec::new(),
             refused: Vec::new(),
             silent: Vec::new(),
+            secure,
         }));
         self.actions.push_back(Action::SendFit {
             task: Arc::new(task),
@@ -152,6 +196,9 @@ impl Coordinator {
     ) -> Result<(), UpdateRefusal> {
         if self.roles.get(center) != Some(&Role::Train) {
             return Err(UpdateRefusal::NotTraining);
+        }
+        if self.settings.secure_threshold.is_some() {
+            return Err(UpdateRefusal::NotMasked);
         }
         let stale = self.stale(task);
         let first_of_round = self.first_task_of_round;
@@ -279,7 +326,26 @@ impl Coordinator {
         let mut log_likelihood = None;
         let mut newton = None;
         let mut converged = None;
-        match f.sum {
+        let mut secure_totals = None;
+        let mut sum = f.sum;
+        if let Some((secure, layout)) = &f.secure {
+            let totals = match secure.result() {
+                Some(Ok(v)) => layout.totals(v).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("the round's deadline passed".into()),
+            };
+            let folded = totals.and_then(|t| {
+                secure_totals = Some(SecureTotals {
+                    examples: t.examples,
+                    train_loss: t.train_loss,
+                });
+                fold_secure(&mut sum, &t.sums, t.examples).map_err(|e| e.to_string())
+            });
+            if let Err(e) = folded {
+                return self.finish_failed(format!("round {}: secure aggregation: {e}", f.round));
+            }
+        }
+        match sum {
             Sum::Mean(avg) => match avg.finish() {
                 Ok(Some(w)) => self.global = Arc::new(w),
                 Ok(None) => {
@@ -327,6 +393,7 @@ impl Coordinator {
             duration: now.saturating_duration_since(f.started),
             log_likelihood,
             newton,
+            secure: secure_totals,
         };
         self.actions.push_back(Action::CommitRound {
             record: record.clone(),
@@ -385,6 +452,28 @@ impl Coordinator {
             }
         } else {
             After::NextRound
+        }
+    }
+}
+
+/// Folds a secure sum's totals into the round's sum: FedAvg's weighted sums, or the Newton statistics, which
+/// the server checks as it would one centre's (it cannot check each centre's).
+fn fold_secure(sum: &mut Sum, sums: &Weights, examples: u64) -> Result<(), UpdateRefusal> {
+    match sum {
+        Sum::Mean(avg) => avg.fold_sum(sums, examples),
+        Sum::Newton {
+            template,
+            by_centre,
+        } => {
+            check_update(template, sums, None)?;
+            let stats = newton_stats(sums, examples)
+                .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
+            plausible(&stats).map_err(UpdateRefusal::NewtonStatistics)?;
+            // One entry stands for the sum: the centres' own statistics were never seen.
+            by_centre.clear();
+            let key = CenterId::new("secure-sum").expect("a valid centre id");
+            by_centre.insert(key, stats);
+            Ok(())
         }
     }
 }

@@ -10,6 +10,8 @@ use fedslm_protocol::{
     SampleCounts, Weights,
 };
 
+use fedslm_protocol::secure::{Secure, SecureBegin};
+
 use super::TaskId;
 use crate::aggregate::UpdateRefusal;
 use crate::evaluation::Evaluation;
@@ -46,6 +48,12 @@ pub enum Input {
         center: CenterId,
         task: TaskId,
         report: PlacementReport,
+    },
+    /// A step of secure aggregation on task `task`'s stream.
+    Secure {
+        center: CenterId,
+        task: TaskId,
+        message: Secure,
     },
     /// A task ended without a result: the centre said it cannot do it, or its stream failed.
     TaskFailed {
@@ -85,6 +93,13 @@ pub enum Action {
         task: Arc<PlacementTask>,
         to: Vec<(CenterId, TaskId)>,
     },
+    /// The tasks named are steps of one secure sum: send `begin` on each task's stream before the task.
+    BeginSecure {
+        begin: Arc<SecureBegin>,
+        tasks: Vec<TaskId>,
+    },
+    /// Send each secure-aggregation message on its task's stream.
+    SendSecure(Vec<(CenterId, TaskId, Secure)>),
     /// Tell the centre its answer to `task` was taken.
     Accept { center: CenterId, task: TaskId },
     /// Tell the centre why its answer to `task` was refused.
@@ -112,7 +127,7 @@ pub enum Action {
     Finish(Outcome),
     /// The paired tests' pass is over: each placement task's answer, in the order the tasks were given, or
     /// why there is none; tell every centre.
-    FinishPlacements(Vec<Result<PlacementReport, Unanswered>>),
+    FinishPlacements(Vec<PlacementAnswer>),
 }
 
 /// A centre's accepted part of a round.
@@ -139,11 +154,26 @@ pub struct RoundRecord {
     pub log_likelihood: Option<f64>,
     /// Federated Newton: the round's summed statistics (a resumed run replays its solver from them).
     pub newton: Option<LogisticStats>,
+    /// Under secure aggregation, the totals behind the round (the contributions then name the centres
+    /// only: their own counts and losses were never seen).
+    pub secure: Option<SecureTotals>,
+}
+
+/// A securely aggregated round's totals.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SecureTotals {
+    pub examples: u64,
+    /// NaN (JSON null) where not every centre released its loss.
+    #[serde(deserialize_with = "crate::store::f64_or_nan")]
+    pub train_loss: f64,
 }
 
 impl RoundRecord {
     /// The example-weighted mean training loss of the accepted updates.
     pub fn train_loss(&self) -> f64 {
+        if let Some(s) = self.secure {
+            return s.train_loss;
+        }
         weighted_loss(
             self.contributions
                 .iter()
@@ -153,7 +183,10 @@ impl RoundRecord {
 
     /// `3 centres, 120 patients, loss 0.5123` (and who was silent or refused).
     pub fn summary(&self) -> String {
-        let examples: u64 = self.contributions.iter().map(|c| c.examples).sum();
+        let examples: u64 = match self.secure {
+            Some(s) => s.examples,
+            None => self.contributions.iter().map(|c| c.examples).sum(),
+        };
         format!(
             "{} centres, {examples} patients, loss {:.4}{}",
             self.contributions.len(),
@@ -206,6 +239,10 @@ pub enum Outcome {
         reason: String,
     },
 }
+
+/// A placement task's answer: the centre's own sums, or, under secure aggregation, `None` for every centre of
+/// a group but one, whose answer is the group's sum; or why there is none.
+pub type PlacementAnswer = Result<Option<PlacementReport>, Unanswered>;
 
 /// A task that ended without an answer: whose, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

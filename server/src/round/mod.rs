@@ -22,6 +22,7 @@ mod fit;
 pub mod io;
 mod placement;
 mod resume;
+mod secure;
 pub mod settings;
 mod tasks;
 #[cfg(test)]
@@ -35,7 +36,10 @@ use fedslm_metrics::NewtonSolver;
 use fedslm_protocol::{CenterId, Role, SampleCounts, Weights};
 
 pub(crate) use io::weighted_loss;
-pub use io::{Action, Committed, Contribution, Input, Outcome, RoundRecord, Unanswered};
+pub use io::{
+    Action, Committed, Contribution, Input, Outcome, PlacementAnswer, RoundRecord, SecureTotals,
+    Unanswered,
+};
 pub use settings::{
     round_seed, DpSettings, EvaluationSettings, NormBound, RoundSettings, SetupError, Strategy,
 };
@@ -93,6 +97,16 @@ impl Phase {
             Phase::Fitting(f) => f.note(center, gone),
             Phase::Evaluating(e) => e.note(center, gone),
             Phase::Placing(p) => p.note(task, center, gone),
+            _ => {}
+        }
+    }
+
+    /// Records that `center`'s input is in its task's secure sum.
+    fn accept_secure(&mut self, task: TaskId, center: &CenterId) {
+        match self {
+            Phase::Fitting(f) => f.accept_secure(center),
+            Phase::Evaluating(e) => e.accept_secure(task, center),
+            Phase::Placing(p) => p.accept_secure(task, center),
             _ => {}
         }
     }
@@ -174,8 +188,9 @@ impl Coordinator {
     }
 
     /// When the machine next needs [`Coordinator::handle_timeout`].
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        match &self.phase {
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let step = self.secure_deadline();
+        let phase = match &self.phase {
             Phase::Fitting(f) => Some(f.tasks.deadline),
             Phase::Evaluating(e) => Some(e.tasks.deadline),
             Phase::Placing(p) => Some(p.tasks.deadline),
@@ -185,14 +200,16 @@ impl Coordinator {
                 grace.into_iter().chain(short).min()
             }
             _ => None,
-        }
+        };
+        phase.into_iter().chain(step).min()
     }
 
     pub fn handle(&mut self, input: Input, now: Instant) {
         if matches!(self.phase, Phase::Done) {
             if let Input::FitAnswered { center, task, .. }
             | Input::EvalAnswered { center, task, .. }
-            | Input::PlacementAnswered { center, task, .. } = input
+            | Input::PlacementAnswered { center, task, .. }
+            | Input::Secure { center, task, .. } = input
             {
                 let round = self.committed;
                 self.refuse(center, task, UpdateRefusal::Late { round });
@@ -219,6 +236,7 @@ impl Coordinator {
                         self.phase.note(task, &center, Gone::Disconnected);
                     }
                 }
+                self.secure_gone(&center, now);
                 self.maybe_close(now);
                 self.maybe_start(now);
             }
@@ -234,6 +252,7 @@ impl Coordinator {
                 {
                     tracing::warn!(%center, task, %reason, "centre could not do its task");
                     self.phase.note(task, &center, Gone::Failed(reason));
+                    self.secure_gone(&center, now);
                 }
                 self.maybe_close(now);
             }
@@ -264,6 +283,14 @@ impl Coordinator {
                 self.verdict(center, task, taken);
                 self.maybe_close(now);
             }
+            Input::Secure {
+                center,
+                task,
+                message,
+            } => {
+                self.take_secure(center, task, message, now);
+                self.maybe_close(now);
+            }
             Input::RoundStored { round } => self.round_stored(round, now),
             Input::EvaluationStored { round } => self.evaluation_stored(round, now),
             Input::StoreFailed { reason } => self.finish_failed(reason),
@@ -283,6 +310,8 @@ impl Coordinator {
             }
             return;
         }
+        self.secure_timeout(now);
+        self.maybe_close(now);
         if let Phase::Placing(p) = &mut self.phase {
             if now >= p.tasks.deadline {
                 p.expire_unsent(&self.connected);
@@ -377,7 +406,7 @@ impl Coordinator {
                     self.phase = Phase::Waiting(None);
                 }
             }
-            Phase::Placing(_) => self.maybe_send_placements(),
+            Phase::Placing(_) => self.maybe_send_placements(now),
             _ => {}
         }
     }

@@ -2,6 +2,10 @@
 //! deadline has passed), each gets its placement task on a fresh stream; the answers come back in the tasks'
 //! order, or why there is none, and the pass finishes with them ([`Action::FinishPlacements`]). No rounds, nothing
 //! stored: the comparisons are computed from the answers by [`crate::evaluation::paired_comparison`].
+//!
+//! Under secure aggregation, consecutive tasks that ask the same question (one side of one comparison) form a
+//! group: a group of three or more centres is one secure sum, answered by its first survivor's task (the others
+//! answer `None`); a centre alone answers in the clear; two are never asked.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -9,12 +13,31 @@ use std::time::{Duration, Instant};
 
 use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role, Weights};
 
-use super::io::Unanswered;
+use fedslm_protocol::secure::MIN_PARTICIPANTS;
+use fedslm_secagg::fixed::FixedPoint;
+use fedslm_secagg::layout::{placement_totals, PLACEMENT_LENGTH};
+
+use super::io::{PlacementAnswer, Unanswered};
+use super::secure::{phase_deadline, SecureSum};
 use super::{
     Action, Coordinator, EvaluationSettings, Gone, NormBound, Phase, RoundSettings, Strategy,
     TaskId, TaskSet,
 };
 use crate::aggregate::UpdateRefusal;
+
+/// Consecutive tasks with the same question, in order.
+fn groups(
+    queued: Vec<(usize, CenterId, PlacementTask)>,
+) -> Vec<Vec<(usize, CenterId, PlacementTask)>> {
+    let mut out: Vec<Vec<(usize, CenterId, PlacementTask)>> = Vec::new();
+    for q in queued {
+        match out.last_mut() {
+            Some(g) if g[0].2 == q.2 => g.push(q),
+            _ => out.push(vec![q]),
+        }
+    }
+    out
+}
 
 /// The second pass: tasks waiting for their centres, tasks out, and the answers so far.
 pub(super) struct Placing {
@@ -22,10 +45,23 @@ pub(super) struct Placing {
     queued: Vec<(usize, CenterId, PlacementTask)>,
     pub(super) tasks: TaskSet,
     place: BTreeMap<TaskId, usize>,
-    answers: Vec<Option<Result<PlacementReport, Unanswered>>>,
+    answers: Vec<Option<PlacementAnswer>>,
+    /// Under secure aggregation, each group's sum.
+    secure: Vec<SecureSum>,
 }
 
 impl Placing {
+    pub(super) fn secure_sums(&mut self) -> Vec<&mut SecureSum> {
+        self.secure.iter_mut().collect()
+    }
+
+    /// A centre whose sums are in its group's secure sum: its own answer is `None` until the sum is read.
+    pub(super) fn accept_secure(&mut self, task: TaskId, _center: &CenterId) {
+        if let Some(&i) = self.place.get(&task) {
+            self.answers[i] = Some(Ok(None));
+        }
+    }
+
     pub(super) fn note(&mut self, task: TaskId, center: &CenterId, gone: Gone) {
         let why = match gone {
             Gone::Silent => "no answer before the deadline".to_string(),
@@ -74,6 +110,7 @@ impl Coordinator {
         roles: BTreeMap<CenterId, Role>,
         tasks: Vec<(CenterId, PlacementTask)>,
         deadline: Duration,
+        secure_threshold: Option<usize>,
         now: Instant,
     ) -> Coordinator {
         // Only the deadline applies to this pass: it has no rounds, no model and no quorum.
@@ -98,6 +135,7 @@ impl Coordinator {
             },
             dp: None,
             batch_norm_local: false,
+            secure_threshold,
         };
         let answers = vec![None; tasks.len()];
         let queued = tasks
@@ -119,6 +157,7 @@ impl Coordinator {
                 tasks: TaskSet::new(now + deadline),
                 place: BTreeMap::new(),
                 answers,
+                secure: Vec::new(),
             })),
             next_task: 1,
             first_task_of_round: 1,
@@ -132,7 +171,7 @@ impl Coordinator {
     }
 
     /// Sends every queued task once all their centres are connected.
-    pub(super) fn maybe_send_placements(&mut self) {
+    pub(super) fn maybe_send_placements(&mut self, now: Instant) {
         let Phase::Placing(p) = &self.phase else {
             return;
         };
@@ -147,14 +186,71 @@ impl Coordinator {
         let Phase::Placing(mut p) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
             return;
         };
-        for (i, center, task) in std::mem::take(&mut p.queued) {
-            let id = self.new_task();
-            p.tasks.add(id, center.clone());
-            p.place.insert(id, i);
-            self.actions.push_back(Action::SendPlacement {
-                task: Arc::new(task),
-                to: vec![(center, id)],
-            });
+        for group in groups(std::mem::take(&mut p.queued)) {
+            let mut sent = Vec::new();
+            for (i, center, _) in &group {
+                let id = self.new_task();
+                p.tasks.add(id, center.clone());
+                p.place.insert(id, *i);
+                sent.push((center.clone(), id));
+            }
+            let task = Arc::new(group[0].2.clone());
+            if let Some(threshold) = self.settings.secure_threshold.filter(|_| sent.len() > 1) {
+                // The group's majority, at least what the run asks of its training centres where it can.
+                let t = threshold.min(sent.len()).max(sent.len() / 2 + 1);
+                let ids = sent.iter().map(|(c, t)| (*t, c.clone())).collect();
+                let made = if sent.len() < MIN_PARTICIPANTS {
+                    Err(format!(
+                        "{} centres on one side; a secure sum needs {MIN_PARTICIPANTS}",
+                        sent.len()
+                    ))
+                } else {
+                    SecureSum::new(
+                        ids,
+                        t,
+                        PLACEMENT_LENGTH,
+                        FixedPoint::PLACEMENTS,
+                        None,
+                        self.settings.deadline,
+                        now,
+                    )
+                };
+                match made {
+                    Ok((sum, begin)) => {
+                        self.actions.push_back(Action::BeginSecure {
+                            begin: Arc::new(begin),
+                            tasks: sent.iter().map(|(_, t)| *t).collect(),
+                        });
+                        p.tasks.deadline = p
+                            .tasks
+                            .deadline
+                            .max(phase_deadline(now, self.settings.deadline));
+                        p.secure.push(sum);
+                    }
+                    Err(why) => {
+                        for (center, id) in sent {
+                            p.tasks.settle(id, &center);
+                            let i = p.place[&id];
+                            p.answers[i] = Some(Err(Unanswered {
+                                center,
+                                reason: format!("not asked: secure aggregation: {why}"),
+                            }));
+                        }
+                        continue;
+                    }
+                }
+            }
+            if self.settings.secure_threshold.is_some() {
+                self.actions
+                    .push_back(Action::SendPlacement { task, to: sent });
+            } else {
+                for to in sent {
+                    self.actions.push_back(Action::SendPlacement {
+                        task: task.clone(),
+                        to: vec![to],
+                    });
+                }
+            }
         }
         self.phase = Phase::Placing(p);
     }
@@ -171,18 +267,35 @@ impl Coordinator {
             return Err(stale);
         };
         Coordinator::owned_and_pending(&p.tasks, center, task, 0)?;
+        if p.secure.iter().any(|s| s.has(task)) {
+            return Err(UpdateRefusal::NotMasked);
+        }
         p.tasks.settle(task, center);
         if let Some(&i) = p.place.get(&task) {
-            p.answers[i] = Some(Ok(report));
+            p.answers[i] = Some(Ok(Some(report)));
         }
         Ok(())
     }
 
     /// Every task answered or failed: the run finishes with the answers.
     pub(super) fn close_placements(&mut self) {
-        let Phase::Placing(p) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
+        let Phase::Placing(mut p) = std::mem::replace(&mut self.phase, Phase::Waiting(None)) else {
             return;
         };
+        for sum in &p.secure {
+            let Some(Ok(v)) = sum.result() else { continue };
+            // The group's sum is the answer of its first task whose centre is in it.
+            let first = sum
+                .tasks()
+                .keys()
+                .filter_map(|t| p.place.get(t))
+                .copied()
+                .filter(|i| matches!(p.answers[*i], Some(Ok(None))))
+                .min();
+            if let (Some(i), Ok(total)) = (first, placement_totals(v)) {
+                p.answers[i] = Some(Ok(Some(total)));
+            }
+        }
         let answers = p
             .answers
             .into_iter()

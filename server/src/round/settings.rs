@@ -56,6 +56,9 @@ pub struct RoundSettings {
     pub dp: Option<DpSettings>,
     /// FedBN (Li et al., ICLR 2021): each training centre keeps its batch-norm layers; the rest is averaged.
     pub batch_norm_local: bool,
+    /// Secure aggregation (Bonawitz et al. 2017): every sum of three or more centres is masked, and this many
+    /// of a sum's participants must stay to the end; `None`: sums in the clear.
+    pub secure_threshold: Option<usize>,
 }
 
 impl RoundSettings {

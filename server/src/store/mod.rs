@@ -189,6 +189,9 @@ pub struct StoredRound {
     pub log_likelihood: Option<f64>,
     #[serde(default)]
     pub newton: Option<NewtonSums>,
+    /// Under secure aggregation, the round's totals (its contributions name the centres only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<crate::round::SecureTotals>,
     /// Evaluation aggregates of the round's model; null until then.
     #[serde(default)]
     pub evaluation: Option<EvaluationRecord>,
@@ -228,6 +231,7 @@ impl StoredRound {
                 n: s.n,
                 fitted_exactly: s.fitted_exactly,
             }),
+            secure: r.secure,
             evaluation: None,
             committed_unix_ms: now_ms(),
         }
@@ -245,6 +249,9 @@ impl StoredRound {
 
     /// The example-weighted mean training loss.
     pub fn train_loss(&self) -> f64 {
+        if let Some(s) = self.secure {
+            return s.train_loss;
+        }
         weighted_loss(
             self.contributions
                 .iter()
@@ -986,6 +993,7 @@ mod tests {
             duration: std::time::Duration::from_millis(10),
             log_likelihood: None,
             newton: None,
+            secure: None,
         }
     }
 

@@ -341,6 +341,7 @@ pub fn commit_phases(
             duration: Duration::ZERO,
             log_likelihood: None,
             newton: None,
+            secure: None,
         };
         store.commit_round(&StoredRound::new(&r, checkpoint))?;
         let t3 = Instant::now();

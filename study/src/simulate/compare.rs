@@ -129,7 +129,9 @@ pub fn compare(
         let mut failed = Vec::new();
         for c in &p.centers {
             match answers.next() {
-                Some(Ok(r)) => reports.push((c.clone(), r)),
+                // Under secure aggregation one centre's answer is the side's sum, the others' `None`.
+                Some(Ok(Some(r))) => reports.push((c.clone(), r)),
+                Some(Ok(None)) => {}
                 Some(Err(e)) => failed.push(e.to_string()),
                 None => failed.push(format!("{c}: no answer")),
             }

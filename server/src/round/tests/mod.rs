@@ -65,6 +65,7 @@ fn settings(quorum: usize) -> RoundSettings {
         },
         dp: None,
         batch_norm_local: false,
+        secure_threshold: None,
     }
 }
 

@@ -45,7 +45,7 @@ fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_
         (id("a"), task("r1")),
         (id("x"), task("r2")),
     ];
-    let mut m = Coordinator::placements(roles(), tasks, MINUTE, t0);
+    let mut m = Coordinator::placements(roles(), tasks, MINUTE, None, t0);
     for (n, c) in ["a", "b"].into_iter().enumerate() {
         m.handle(
             Input::Connected {
@@ -116,18 +116,18 @@ fn the_tasks_wait_for_every_center_named_and_the_answers_come_back_in_the_tasks_
     let Some(Action::FinishPlacements(answers)) = acts.last() else {
         panic!("{acts:?}")
     };
-    assert_eq!(answers[0], Ok(report(1)));
+    assert_eq!(answers[0], Ok(Some(report(1))));
     assert!(
         matches!(&answers[1], Err(e) if e.center == id("a") && e.to_string().contains("no scores kept"))
     );
-    assert_eq!(answers[2], Ok(report(3)));
+    assert_eq!(answers[2], Ok(Some(report(3))));
 }
 
 #[test]
 fn at_the_deadline_unanswered_and_unsent_tasks_fail_by_name() {
     let t0 = Instant::now();
     let tasks = vec![(id("a"), task("r1")), (id("c"), task("r1"))];
-    let mut m = Coordinator::placements(roles(), tasks, MINUTE, t0);
+    let mut m = Coordinator::placements(roles(), tasks, MINUTE, None, t0);
     m.handle(
         Input::Connected {
             center: id("a"),
