@@ -112,6 +112,10 @@ pub struct RoundsArgs {
     /// Transports, comma-separated: `quic`, `tcp` (TLS over TCP, multiplexed).
     #[arg(long, value_delimiter = ',', default_value = "quic")]
     transport: Vec<String>,
+    /// Each configuration also with secure aggregation (three or more centres), beside the plain round: the
+    /// overhead as secure / plain.
+    #[arg(long)]
+    secure_aggregation: bool,
 }
 
 pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
@@ -145,7 +149,8 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<Transport>>>()?;
     println!(
-        "model, parameters, MB, centres, transport, s/round (median of {}), server peak MiB",
+        "model, parameters, MB, centres, transport, aggregation, s/round (median of {}), server peak \
+         MiB, secure / plain",
         args.rounds
     );
     let program = std::env::current_exe()?;
@@ -155,18 +160,35 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
         for &n in &args.centers {
             // The transports side by side for each configuration, so that they meet the same machine load.
             for &transport in &transports {
-                let tmp = tempfile_dir()?;
-                let timing = round_seconds(&program, &tmp, &network, n, args.rounds, transport);
-                let _ = std::fs::remove_dir_all(&tmp);
-                let timing = timing?;
-                println!(
-                    "{model}, {}, {:.1}, {n}, {transport}, {:.3}, {:.0}",
-                    network.parameter_count(),
-                    weights.data_bytes() as f64 / 1e6,
-                    timing.median_seconds,
-                    timing.server_peak_mib
-                );
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                // Secure aggregation needs three centres in a sum.
+                let secure_too = args.secure_aggregation && n >= 3;
+                let mut plain = f64::NAN;
+                for secure in [false, true] {
+                    if secure && !secure_too {
+                        continue;
+                    }
+                    let tmp = tempfile_dir()?;
+                    let timing =
+                        round_seconds(&program, &tmp, &network, n, args.rounds, transport, secure);
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    let timing = timing?;
+                    let ratio = if secure {
+                        plain = timing.median_seconds / plain;
+                        format!("{plain:.2}")
+                    } else {
+                        plain = timing.median_seconds;
+                        "-".to_string()
+                    };
+                    println!(
+                        "{model}, {}, {:.1}, {n}, {transport}, {}, {:.3}, {:.0}, {ratio}",
+                        network.parameter_count(),
+                        weights.data_bytes() as f64 / 1e6,
+                        if secure { "secure" } else { "plain" },
+                        timing.median_seconds,
+                        timing.server_peak_mib
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
             }
         }
     }

@@ -67,6 +67,10 @@ pub struct SimulateArgs {
     /// noised Newton statistics and histograms, each site's ledger enforcing the budget.
     #[arg(long)]
     dp_epsilon: Option<f64>,
+    /// Secure aggregation (Bonawitz et al. 2017) in every federation: the server learns only sums of three
+    /// or more centres, never one training centre's update, statistics or evaluation.
+    #[arg(long)]
+    secure_aggregation: bool,
     /// Methods against scanner shift: `none`, or any of augment (scanner-style augmentation in training),
     /// adabn (batch-norm statistics recomputed at each validating centre from its own images), fedbn (batch
     /// norm kept at each training centre) [default: the methods chosen on development cohorts].
@@ -133,6 +137,7 @@ impl SimulateArgs {
             training_seed: None,
             centralised: !self.no_centralised,
             dp_epsilon: self.dp_epsilon,
+            secure_aggregation: self.secure_aggregation,
             shift,
         })
     }

@@ -150,18 +150,19 @@ fn the_pytorch_script_parses() {
 }
 
 #[test]
-fn rounds_are_timed_over_quic_and_tcp_side_by_side() {
+fn rounds_are_timed_over_quic_and_tcp_and_with_secure_aggregation_side_by_side() {
     let (ok, out, err) = crate::common::fedslm(&[
         "bench",
         "rounds",
         "--models",
         "small",
         "--centers",
-        "2",
+        "3",
         "--rounds",
         "2",
         "--transport",
         "quic,tcp",
+        "--secure-aggregation",
     ]);
     assert!(ok, "{out}{err}");
     let rows: Vec<Vec<&str>> = out
@@ -169,10 +170,26 @@ fn rounds_are_timed_over_quic_and_tcp_side_by_side() {
         .filter(|l| l.starts_with("small, "))
         .map(|l| l.split(", ").collect())
         .collect();
-    assert_eq!(rows.len(), 2, "{out}");
-    assert_eq!((rows[0][4], rows[1][4]), ("quic", "tcp"), "{out}");
+    assert_eq!(rows.len(), 4, "{out}");
+    let kinds: Vec<(&str, &str)> = rows.iter().map(|r| (r[4], r[5])).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("quic", "plain"),
+            ("quic", "secure"),
+            ("tcp", "plain"),
+            ("tcp", "secure")
+        ],
+        "{out}"
+    );
     for row in &rows {
-        let seconds: f64 = row[5].parse().unwrap();
+        let seconds: f64 = row[6].parse().unwrap();
         assert!(seconds > 0.0 && seconds.is_finite(), "{out}");
     }
+    let ratio: f64 = rows[1][8].parse().unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite(), "{out}");
+    assert!(
+        !err.contains("ERROR"),
+        "no error of the benchmark's own making: {err}"
+    );
 }

@@ -186,7 +186,8 @@ impl ServerProcess {
 }
 
 /// Runs `rounds` FedAvg rounds of `network` for `centres` echoing nodes against a server process started
-/// from `server_program` (the `fedslm` binary), in the scratch folder `dir`.
+/// from `server_program` (the `fedslm` binary), in the scratch folder `dir`; with `secure`, every round's
+/// sum is a secure one (the nodes mask their updates, the server unmasks the total).
 pub fn round_seconds(
     server_program: &Path,
     dir: &Path,
@@ -194,6 +195,7 @@ pub fn round_seconds(
     centres: usize,
     rounds: u32,
     transport: fedslm_transport::Transport,
+    secure: bool,
 ) -> Result<RoundTiming, StudyError> {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -216,6 +218,7 @@ pub fn round_seconds(
         // Fifty centres on one loopback address handshake at once.
         server.max_handshakes_per_address = Some(centres.max(16));
         server.tcp_listen = Some(tcp.to_string());
+        server.secure_aggregation = secure;
     })?;
     let choice = match transport {
         fedslm_transport::Transport::Quic => fedslm_client::TransportChoice::Quic,

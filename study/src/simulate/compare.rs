@@ -113,6 +113,7 @@ pub fn compare(
     let config =
         configs::server_config(&ctx.pki, "simulate-comparisons", &dir, &ctx.centers, |t| {
             t.rounds = 1;
+            t.secure_aggregation = ctx.settings.secure_aggregation;
         })?;
     let mut answers = runtime
         .block_on(async {

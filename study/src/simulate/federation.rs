@@ -55,6 +55,13 @@ pub fn start_nodes(
         if let Some(epsilon) = ctx.settings.dp_epsilon {
             config.privacy = super::privacy::policy(epsilon);
         }
+        // A training site asks that nothing of its own leaves it in the clear; the validating centre's
+        // evaluation, alone on its side, is its own figure.
+        let training = ctx
+            .centers
+            .iter()
+            .any(|(c, r)| c == name && *r == fedslm_protocol::Role::Train);
+        config.privacy.require_secure_aggregation = ctx.settings.secure_aggregation && training;
         // The Hello states the preprocessing the node uses.
         config.preprocess = ctx.settings.shift.net().settings()?.1;
         let node = node.clone();
@@ -111,6 +118,7 @@ pub fn federate(
             t.seed = s.training_seed();
             t.adapt_batch_norm = s.shift.adapt_batch_norm;
             t.fedbn = s.shift.fedbn;
+            t.secure_aggregation = s.secure_aggregation;
             if let Some(f) = fold {
                 t.cv_fold = Some(f);
                 t.cv_folds = Some(s.folds);

@@ -63,6 +63,10 @@ pub struct Settings {
     pub centralised: bool,
     /// Every site under differential privacy with this ε per federation (`privacy`); `None`: in the clear.
     pub dp_epsilon: Option<f64>,
+    /// Secure aggregation in every federation: the server sees only sums of three or more centres (the
+    /// training centres' updates, Newton statistics, evaluations and placement sums); each training site's
+    /// policy requires it.
+    pub secure_aggregation: bool,
     /// The methods against scanner shift the study uses.
     pub shift: ShiftMethods,
 }
@@ -205,6 +209,7 @@ impl Default for Settings {
             training_seed: None,
             centralised: true,
             dp_epsilon: None,
+            secure_aggregation: false,
             shift: ShiftMethods::DEFAULT,
         }
     }
@@ -506,6 +511,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             shift: s.shift.names(),
             network: "compact (ResNet-10, width 8, 9x64x64)".into(),
             dp,
+            secure_aggregation: s.secure_aggregation,
         },
         models: per_model
             .iter()

@@ -415,6 +415,7 @@ mod tests {
                 shift: vec!["none".into()],
                 network: "compact".into(),
                 dp: None,
+                secure_aggregation: false,
             },
             models: BTreeMap::from([
                 ("mri".to_string(), model(0.75)),

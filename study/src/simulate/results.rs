@@ -43,6 +43,9 @@ pub struct SettingsRecord {
     /// Under `--dp-epsilon`: the budget, the noise, and each site's whole-study ε.
     #[serde(default)]
     pub dp: Option<super::privacy::DpRecord>,
+    /// Whether every federation aggregated securely.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_aggregation: bool,
 }
 
 /// One model's results.

@@ -195,3 +195,4 @@ mod evaluation;
 mod newton;
 mod placement;
 mod rounds;
+mod secure;
