@@ -223,7 +223,7 @@ impl Harness {
 
     /// The plain FedAvg of the updates of `who`.
     fn mean_of(&self, who: &[&str]) -> Vec<f64> {
-        let mut sum = vec![0.0; 4];
+        let mut sum = [0.0; 4];
         let mut n = 0.0;
         for c in who {
             let (w, k) = &self.updates[&id(c)];
