@@ -138,7 +138,7 @@ pub async fn run<T: LocalTrainer>(
             None
         }
     };
-    let secure_only = config.privacy.require_secure_aggregation;
+    let policy = config.privacy.clone();
     let mut failures = 0u32;
     // Consecutive sessions ended by another connection with this certificate: the node comes back, never
     // faster than its backoff, so that a moment's impersonation does not remove it and two nodes sharing a
@@ -151,15 +151,7 @@ pub async fn run<T: LocalTrainer>(
                 on_event(NodeEvent::Admitted {
                     run_id: session.welcome.run_id.clone(),
                 });
-                match serve(
-                    session,
-                    &trainer,
-                    identity.as_ref(),
-                    secure_only,
-                    &mut on_event,
-                )
-                .await
-                {
+                match serve(session, &trainer, identity.as_ref(), &policy, &mut on_event).await {
                     Ok(finish) => return Ok(finish),
                     Err(e) => e,
                 }
@@ -216,7 +208,7 @@ async fn serve<T: LocalTrainer>(
     mut session: Session,
     trainer: &Arc<Mutex<T>>,
     identity: Option<&crate::secure::Identity>,
-    secure_only: bool,
+    policy: &crate::policy::Policy,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<Finish, ClientError> {
     loop {
@@ -243,7 +235,7 @@ async fn serve<T: LocalTrainer>(
             }
             stream = session.link.accept_bi() => {
                 let (send, recv) = stream.map_err(|e| crate::connection_error(&session.server, e))?;
-                task(&session, send, recv, trainer, identity, secure_only, on_event).await?;
+                task(&session, send, recv, trainer, identity, policy, on_event).await?;
             }
         }
     }
@@ -279,7 +271,7 @@ async fn task<T: LocalTrainer>(
     mut recv: RecvHalf,
     trainer: &Arc<Mutex<T>>,
     identity: Option<&crate::secure::Identity>,
-    secure_only: bool,
+    policy: &crate::policy::Policy,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
     let server = &session.server;
@@ -293,9 +285,12 @@ async fn task<T: LocalTrainer>(
         Err(e) => return Err(lost(server, &session.link, e).await),
     };
     if let Message::Secure(fedslm_protocol::secure::Secure::Begin(begin)) = msg {
-        return crate::secure::task(session, send, recv, begin, identity, trainer, on_event).await;
+        return crate::secure::task(
+            session, send, recv, begin, identity, policy, trainer, on_event,
+        )
+        .await;
     }
-    if secure_only {
+    if policy.require_secure_aggregation {
         let refusal = crate::policy::PolicyRefusal::NeedsSecureAggregation;
         tracing::warn!(%refusal, "task refused");
         let answer = Message::error(ErrorCode::PolicyRefused, refusal.to_string());

@@ -57,6 +57,7 @@ pub(crate) struct PolicyFile {
     lifetime_epsilon: Option<f64>,
     #[serde(default)]
     require_secure_aggregation: bool,
+    release_own_auc: Option<bool>,
     /// Where the node records what it spent (read by the configuration, not part of the policy).
     pub(crate) ledger: Option<std::path::PathBuf>,
 }
@@ -92,6 +93,9 @@ pub struct Policy {
     /// Answer only tasks whose answer goes into a secure sum (`privacy.require_secure_aggregation`): the
     /// server then learns only totals of three or more centres, never this site's own.
     pub require_secure_aggregation: bool,
+    /// Under secure aggregation, release the site's own AUC of an evaluation beside its masked histograms
+    /// (`privacy.release_own_auc`, default true): the one per-centre figure the server is then told.
+    pub release_own_auc: bool,
 }
 
 impl Default for Policy {
@@ -103,6 +107,7 @@ impl Default for Policy {
             min_examples: None,
             dp_budget: None,
             require_secure_aggregation: false,
+            release_own_auc: true,
         }
     }
 }
@@ -169,6 +174,7 @@ impl TryFrom<PolicyFile> for Policy {
             min_examples: f.min_examples,
             dp_budget,
             require_secure_aggregation: f.require_secure_aggregation,
+            release_own_auc: f.release_own_auc.unwrap_or(true),
         })
     }
 }
@@ -291,6 +297,9 @@ impl Policy {
         // Written only when set, so that every earlier policy keeps its hash.
         if self.require_secure_aggregation {
             text.push_str("require_secure_aggregation true\n");
+        }
+        if !self.release_own_auc {
+            text.push_str("release_own_auc false\n");
         }
         Sha256::digest(text.as_bytes()).into()
     }

@@ -47,9 +47,16 @@ impl From<SecureError> for Stop {
     }
 }
 
-/// The vector a task's answer adds to the sum, computed on the trainer's thread.
-type Work =
-    tokio::task::JoinHandle<Result<(Vec<f64>, Option<(u32, u64, f64)>), (ErrorCode, String)>>;
+/// What a task's work gives the sum: its vector, what it trained (round, examples, loss) where it did, and the
+/// figure the site releases in the clear (an evaluation's own AUC), where its policy lets it.
+struct Answer {
+    vector: Vec<f64>,
+    trained: Option<(u32, u64, f64)>,
+    own_auc: Option<f64>,
+}
+
+/// The work, on the trainer's thread.
+type Work = tokio::task::JoinHandle<Result<Answer, (ErrorCode, String)>>;
 
 /// One secure task's stream, after its Begin: the task, then the sum's steps.
 pub(crate) async fn task<T: LocalTrainer>(
@@ -58,6 +65,7 @@ pub(crate) async fn task<T: LocalTrainer>(
     mut recv: RecvHalf,
     begin: SecureBegin,
     identity: Option<&Identity>,
+    policy: &crate::policy::Policy,
     trainer: &Arc<Mutex<T>>,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
@@ -65,7 +73,7 @@ pub(crate) async fn task<T: LocalTrainer>(
         Ok(m) => m,
         Err(e) => return stream_failed(session, e, 0, on_event).await,
     };
-    let (round, work) = start(session, task, &begin, trainer);
+    let (round, work) = start(session, task, &begin, policy, trainer);
     let outcome = match identity {
         None => Err(Stop::Refuse(
             ErrorCode::SecureAggregation,
@@ -91,8 +99,10 @@ fn start<T: LocalTrainer>(
     session: &Session,
     task: Message,
     begin: &SecureBegin,
+    policy: &crate::policy::Policy,
     trainer: &Arc<Mutex<T>>,
 ) -> (u32, Work) {
+    let release_own_auc = policy.release_own_auc;
     let run_id = session.welcome.run_id.clone();
     let norm_bound = begin.norm_bound;
     let trainer = trainer.clone();
@@ -109,10 +119,14 @@ fn start<T: LocalTrainer>(
                     let result = t
                         .fit(&run_id, &fit)
                         .map_err(|e| (T::code(&e), error_text(&e)))?;
-                    let v = layout
+                    let vector = layout
                         .vector(&result, &fit.weights, norm_bound)
                         .map_err(secure_refusal)?;
-                    Ok((v, Some((fit.round, result.examples, result.train_loss))))
+                    Ok(Answer {
+                        vector,
+                        trained: Some((fit.round, result.examples, result.train_loss)),
+                        own_auc: None,
+                    })
                 })
                 .await
             }
@@ -124,7 +138,14 @@ fn start<T: LocalTrainer>(
                     let report = t
                         .evaluate(&run_id, &eval)
                         .map_err(|e| (T::code(&e), error_text(&e)))?;
-                    Ok((layout.vector(&report).map_err(secure_refusal)?, None))
+                    let own: fedslm_metrics::ScoreHistograms = (&report.histogram).into();
+                    Ok(Answer {
+                        vector: layout.vector(&report).map_err(secure_refusal)?,
+                        trained: None,
+                        own_auc: release_own_auc
+                            .then(|| own.delong().ok().map(|e| e.auc))
+                            .flatten(),
+                    })
                 })
                 .await
             }
@@ -133,7 +154,11 @@ fn start<T: LocalTrainer>(
                     let report = t
                         .placements(&p)
                         .map_err(|e| (T::code(&e), error_text(&e)))?;
-                    Ok((placement_vector(&report), None))
+                    Ok(Answer {
+                        vector: placement_vector(&report),
+                        trained: None,
+                        own_auc: None,
+                    })
                 })
                 .await
             }
@@ -176,7 +201,11 @@ async fn converse(
         unreachable!("next returns the step asked for")
     };
     p.delivered(delivered)?;
-    let (vector, trained) = work
+    let Answer {
+        vector,
+        trained,
+        own_auc,
+    } = work
         .await
         .map_err(|e| Stop::Refuse(ErrorCode::Internal, format!("the work stopped: {e}")))?
         .map_err(|(code, reason)| Stop::Refuse(code, reason))?;
@@ -187,7 +216,7 @@ async fn converse(
             loss,
         });
     }
-    let masked = p.mask(&vector)?;
+    let masked = p.mask(&vector, own_auc)?;
     drop(vector);
     step(session, send, masked).await?;
     let Secure::Survivors(survivors) = next(session, recv, "Survivors").await? else {

@@ -150,7 +150,7 @@ fn payload_size_hint(msg: &Message) -> usize {
         Message::FitTask(m) => Some(&m.weights),
         Message::FitResult(m) => Some(&m.weights),
         Message::EvaluateTask(m) => Some(&m.weights),
-        Message::Secure(crate::secure::Secure::Masked(m)) => return 16 + 8 * m.values.len(),
+        Message::Secure(crate::secure::Secure::Masked(m)) => return 16 + 16 * m.values.len(),
         _ => None,
     };
     weights.map_or(256, |w| {
@@ -742,7 +742,7 @@ impl Decode<Ctx> for ErrorMessage {
 }
 
 // Secure aggregation (kind 13): a tag byte, then the step's fields. Every count is checked against its limit
-// and the bytes there before anything is allocated; the masked input's elements are raw little-endian u64s.
+// and the bytes there before anything is allocated; the masked input's elements are raw little-endian u128s.
 
 use crate::secure::{
     MaskedInput, RevealedShare, SealedShare, Secure, SecureBegin, SignedKeys, SurvivorSignature,
@@ -752,14 +752,14 @@ use crate::secure::{
 impl Encode for MaskedInput {
     fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
         (self.values.len() as u64).encode(e)?;
-        let mut chunk = [0u8; 8 * 1024];
+        let mut chunk = [0u8; 16 * 1024];
         for part in self.values.chunks(1024) {
-            for (v, out) in part.iter().zip(chunk.chunks_exact_mut(8)) {
+            for (v, out) in part.iter().zip(chunk.chunks_exact_mut(16)) {
                 out.copy_from_slice(&v.to_le_bytes());
             }
-            e.writer().write(&chunk[..8 * part.len()])?;
+            e.writer().write(&chunk[..16 * part.len()])?;
         }
-        Ok(())
+        self.own_auc.encode(e)
     }
 }
 
@@ -895,18 +895,24 @@ fn masked<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<MaskedInput, DecodeErr
     let max = max_masked(&d.context().limits);
     let len = length(d, "masked input", max)?;
     let bytes = len
-        .checked_mul(8)
+        .checked_mul(16)
         .ok_or_else(|| fail(format!("masked input claims {len} elements")))?;
     let data = frame_bytes(d, "masked input", bytes)?;
     let values = data
-        .chunks_exact(8)
+        .chunks_exact(16)
         .map(|c| {
-            let mut b = [0u8; 8];
+            let mut b = [0u8; 16];
             b.copy_from_slice(c);
-            u64::from_le_bytes(b)
+            u128::from_le_bytes(b)
         })
         .collect();
-    Ok(MaskedInput { values })
+    let own_auc: Option<f64> = Decode::decode(d)?;
+    if let Some(a) = own_auc {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(fail(format!("an AUC of {a}")));
+        }
+    }
+    Ok(MaskedInput { values, own_auc })
 }
 
 impl Decode<Ctx> for Secure {
@@ -927,7 +933,7 @@ impl Decode<Ctx> for Secure {
                 let scale_bits: u8 = Decode::decode(d)?;
                 let bound: f64 = Decode::decode(d)?;
                 let norm_bound: Option<f64> = Decode::decode(d)?;
-                if scale_bits > 62 || !(bound.is_finite() && bound > 0.0) {
+                if scale_bits > 100 || !(bound.is_finite() && bound > 0.0) {
                     return Err(fail(format!(
                         "fixed point of {scale_bits} bits with a bound of {bound}"
                     )));
@@ -992,7 +998,7 @@ mod secure_tests {
             participants: vec![id("a"), id("b"), id("c")],
             threshold: 2,
             length: 12,
-            scale_bits: 24,
+            scale_bits: 64,
             bound: 1e9,
             norm_bound: Some(3.5),
         }));
@@ -1013,7 +1019,8 @@ mod secure_tests {
         round_trip(Secure::Shares(vec![sealed.clone()]));
         round_trip(Secure::Delivered(vec![sealed]));
         round_trip(Secure::Masked(MaskedInput {
-            values: vec![0, 1, u64::MAX, 1 << 63],
+            values: vec![0, 1, u128::MAX, 1 << 127],
+            own_auc: Some(0.75),
         }));
         round_trip(Secure::Survivors(vec![id("a"), id("c")]));
         round_trip(Secure::Consistency(vec![4; 71]));
@@ -1049,6 +1056,7 @@ mod secure_tests {
         let limits = Limits::default();
         let m = Message::Secure(Secure::Masked(MaskedInput {
             values: vec![1, 2, 3],
+            own_auc: None,
         }));
         let mut frame = encode(&m, &limits).unwrap();
         // The element count is the varint after the tag: claim 100 with 3 elements' bytes.

@@ -68,9 +68,9 @@ impl Limits {
                     + 4 * KIB
             }
             MessageKind::PlacementReport | MessageKind::StatusRequest => self.max_control_frame,
-            // A masked input: 8 bytes per element, as many elements as tensor data has bytes (f32 and wider
-            // tensors, and the few counts beside them); or a roster of certificates.
-            MessageKind::Secure => (2 * self.max_weights_bytes).max(
+            // A masked input: 16 bytes per element, as many elements as a quarter of the tensor data's bytes
+            // (f32 and wider tensors) and the few counts beside them; or a roster of certificates.
+            MessageKind::Secure => (4 * self.max_weights_bytes + 16 * MIB + 4 * KIB).max(
                 crate::secure::MAX_PARTICIPANTS as u64
                     * (crate::secure::MAX_CERTIFICATE_LEN as u64 + 512),
             ),

@@ -9,7 +9,7 @@
 //! server → centre   Roster       every participant's signed keys (U1)
 //! centre → server   Shares       Shamir shares of its two secrets, sealed for each participant
 //! server → centre   Delivered    the shares sealed for it, one from each participant that sent (U2)
-//! centre → server   Masked       its input in fixed point plus its masks (mod 2^64)
+//! centre → server   Masked       its input in fixed point plus its masks (mod 2^128)
 //! server → centre   Survivors    who sent a masked input (U3)
 //! centre → server   Consistency  its signature over the survivors
 //! server → centre   Unmask       the signatures of at least t participants over the same survivors
@@ -75,10 +75,13 @@ pub struct SealedShare {
     pub sealed: Vec<u8>,
 }
 
-/// A centre's masked input.
+/// A centre's masked input: elements of the ring of 2^128.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedInput {
-    pub values: Vec<u64>,
+    pub values: Vec<u128>,
+    /// An evaluation's one per-centre figure, released in the clear where the centre's policy lets it
+    /// (`privacy.release_own_auc`): its own AUC of the task's patients. `None` for other sums.
+    pub own_auc: Option<f64>,
 }
 
 /// Which of a participant's secrets a share rebuilds.

@@ -63,11 +63,13 @@ pub struct Collector {
     mail: BTreeMap<CenterId, Vec<SealedShare>>,
     /// U2: who sent its shares.
     sharers: BTreeSet<CenterId>,
-    sum: Vec<u64>,
+    sum: Vec<u128>,
     /// U3: who sent its masked input.
     survivors: BTreeSet<CenterId>,
     signatures: Vec<SurvivorSignature>,
     reveals: BTreeMap<CenterId, Vec<RevealedShare>>,
+    /// Each survivor's own AUC, where it released one.
+    own_auc: BTreeMap<CenterId, f64>,
 }
 
 impl Collector {
@@ -87,6 +89,7 @@ impl Collector {
             survivors: BTreeSet::new(),
             signatures: Vec::new(),
             reveals: BTreeMap::new(),
+            own_auc: BTreeMap::new(),
         })
     }
 
@@ -101,6 +104,11 @@ impl Collector {
     /// The survivors (U3), once known: the centres whose inputs are in the sum.
     pub fn survivors(&self) -> &BTreeSet<CenterId> {
         &self.survivors
+    }
+
+    /// The AUCs survivors released of their own patients (evaluations only).
+    pub fn own_auc(&self) -> &BTreeMap<CenterId, f64> {
+        &self.own_auc
     }
 
     /// The live participants the current stage still waits for.
@@ -177,6 +185,9 @@ impl Collector {
                         got: m.values.len(),
                         expected: self.begin.length,
                     });
+                }
+                if let Some(a) = m.own_auc {
+                    self.own_auc.insert(center.clone(), a);
                 }
                 if self.sum.is_empty() {
                     self.sum = m.values;

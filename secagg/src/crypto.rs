@@ -80,17 +80,17 @@ pub fn self_seed(seed: &[u8; 32], sum: &[u8; SUM_ID_LEN]) -> [u8; 32] {
     derive(seed, sum, &[b"fedslm secagg self mask"])
 }
 
-/// Adds (or subtracts) the ChaCha20 keystream of `seed`, read as little-endian u64s, to `values`, mod 2^64.
-pub fn apply_mask(seed: &[u8; 32], values: &mut [u64], add: bool) {
+/// Adds (or subtracts) the ChaCha20 keystream of `seed`, read as little-endian u128s, to `values`, mod 2^128.
+pub fn apply_mask(seed: &[u8; 32], values: &mut [u128], add: bool) {
     let mut rng = ChaCha20Rng::from_seed(*seed);
-    let mut block = [0u8; 8 * 512];
+    let mut block = [0u8; 16 * 512];
     for part in values.chunks_mut(512) {
-        let bytes = &mut block[..8 * part.len()];
+        let bytes = &mut block[..16 * part.len()];
         rng.fill_bytes(bytes);
-        for (v, b) in part.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut w = [0u8; 8];
+        for (v, b) in part.iter_mut().zip(bytes.chunks_exact(16)) {
+            let mut w = [0u8; 16];
             w.copy_from_slice(b);
-            let m = u64::from_le_bytes(w);
+            let m = u128::from_le_bytes(w);
             *v = if add {
                 v.wrapping_add(m)
             } else {
@@ -238,7 +238,7 @@ mod tests {
             ab,
             pair_seed(&a, &public_key(&b), &[4u8; SUM_ID_LEN]).unwrap()
         );
-        let mut v = vec![5u64, 6, 7];
+        let mut v = vec![5u128, 6, 7];
         apply_mask(&ab, &mut v, true);
         assert_ne!(v, vec![5, 6, 7]);
         apply_mask(&ab, &mut v, false);

@@ -82,15 +82,6 @@ impl FitLayout {
         })
     }
 
-    /// The sum's fixed point: Newton's statistics need far finer steps than model updates.
-    pub fn fixed_point(&self) -> crate::fixed::FixedPoint {
-        if self.weighted {
-            crate::fixed::FixedPoint::UPDATES
-        } else {
-            crate::fixed::FixedPoint::STATISTICS
-        }
-    }
-
     /// Elements of the vector.
     pub fn length(&self) -> u64 {
         self.tensors

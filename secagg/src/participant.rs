@@ -307,9 +307,10 @@ impl Participant {
         self.held.keys()
     }
 
-    /// This centre's input, encoded and masked: the Masked message. The input must have the sum's length and
-    /// each element must lie within its bound.
-    pub fn mask(&mut self, input: &[f64]) -> Result<Secure, SecureError> {
+    /// This centre's input, encoded and masked: the Masked message, with the figure it releases in the clear
+    /// (an evaluation's own AUC), if any. The input must have the sum's length and each element must lie within
+    /// its bound.
+    pub fn mask(&mut self, input: &[f64], own_auc: Option<f64>) -> Result<Secure, SecureError> {
         self.expect(Step::Input, "the input")?;
         if input.len() as u64 != self.begin.length {
             return Err(SecureError::Length {
@@ -326,7 +327,7 @@ impl Participant {
             apply_mask(&seed, &mut values, self.me < *other);
         }
         self.step = Step::Masked;
-        Ok(Secure::Masked(MaskedInput { values }))
+        Ok(Secure::Masked(MaskedInput { values, own_auc }))
     }
 
     /// The survivors (U3): those of U2 whose masked input the server says it has, this centre among them;

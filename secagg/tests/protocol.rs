@@ -87,7 +87,7 @@ impl Net {
                 Secure::Roster(r) => Some(p.roster(r).unwrap()),
                 Secure::Delivered(d) => {
                     p.delivered(d).unwrap();
-                    Some(p.mask(&centre.input).unwrap())
+                    Some(p.mask(&centre.input, None).unwrap())
                 }
                 Secure::Survivors(s) => Some(p.survivors(s, &centre.signer).unwrap()),
                 Secure::Unmask(s) => Some(p.unmask(s).unwrap()),

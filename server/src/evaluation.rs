@@ -3,6 +3,8 @@
 //! (validation centres, whole cohorts), with AUC and DeLong's CI exactly for the binned scores. Nothing here is
 //! per patient.
 
+use std::collections::BTreeMap;
+
 use fedslm_metrics::{Comparison, PlacementSums, ScoreHistograms};
 use fedslm_protocol::{CenterId, EvalReport, Fold, PlacementReport, Role};
 use serde::{Deserialize, Serialize};
@@ -114,6 +116,8 @@ pub struct SecureEvaluation {
     /// Mean log-loss; NaN unless every centre released its loss.
     pub loss: f64,
     pub histogram: ScoreHistograms,
+    /// The AUCs centres released of their own patients, where their policies let them.
+    pub own_auc: Vec<(CenterId, f64)>,
 }
 
 impl Evaluation {
@@ -180,6 +184,7 @@ impl Evaluation {
                         positive: s.histogram.positive.clone(),
                         negative: s.histogram.negative.clone(),
                     },
+                    own_auc: s.own_auc.iter().map(|(c, a)| (c.to_string(), *a)).collect(),
                 })
                 .collect(),
             missing: self
@@ -320,6 +325,9 @@ pub struct SecureRecord {
     pub loss: f64,
     pub auc: AucSummary,
     pub histogram: HistogramRecord,
+    /// Each centre's own AUC, as it released it (its policy may withhold it).
+    #[serde(default)]
+    pub own_auc: BTreeMap<String, f64>,
 }
 
 /// A cross-validation fold in a stored record.
@@ -375,6 +383,42 @@ pub enum RecordError {
 }
 
 impl EvaluationRecord {
+    /// The secure sums of the centres with `role`: their centres and summed histograms, checked.
+    pub fn secure_sums(
+        &self,
+        role: Role,
+    ) -> Result<Vec<(Vec<CenterId>, ScoreHistograms)>, RecordError> {
+        let mut out = Vec::new();
+        for s in self.secure.iter().filter(|s| s.role == role.name()) {
+            let centers = s
+                .centers
+                .iter()
+                .map(|c| {
+                    CenterId::new(c.as_str()).map_err(|e| RecordError::Center {
+                        name: c.clone(),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let h = &s.histogram;
+            if h.positive.len() != h.negative.len() || h.positive.is_empty() {
+                return Err(RecordError::Bins {
+                    center: s.centers.join("+"),
+                    positive: h.positive.len(),
+                    negative: h.negative.len(),
+                });
+            }
+            out.push((
+                centers,
+                ScoreHistograms {
+                    positive: h.positive.clone(),
+                    negative: h.negative.clone(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// The histograms of the centres with `role`, by centre, checked.
     pub fn histograms(&self, role: Role) -> Result<Vec<(CenterId, ScoreHistograms)>, RecordError> {
         let mut out = Vec::new();

@@ -48,9 +48,18 @@ pub fn stored_side(dirs: &[PathBuf], role: Role, model: &str) -> Result<StoredSi
                     meta.run_id
                 ))
             })?;
-        let hs = record
+        let mut hs: Vec<(Vec<CenterId>, ScoreHistograms)> = record
             .histograms(role)
-            .map_err(|e| StudyError::Refused(format!("{}: {e}", at())))?;
+            .map_err(|e| StudyError::Refused(format!("{}: {e}", at())))?
+            .into_iter()
+            .map(|(c, h)| (vec![c], h))
+            .collect();
+        // Under secure aggregation: the side's sum, and the centres in it.
+        hs.extend(
+            record
+                .secure_sums(role)
+                .map_err(|e| StudyError::Refused(format!("{}: {e}", at())))?,
+        );
         if hs.is_empty() {
             return Err(StudyError::Refused(format!(
                 "{}: no {role} centre evaluated run {}",
@@ -58,8 +67,8 @@ pub fn stored_side(dirs: &[PathBuf], role: Role, model: &str) -> Result<StoredSi
                 meta.run_id
             )));
         }
-        for (c, h) in hs {
-            centers.insert(c);
+        for (cs, h) in hs {
+            centers.extend(cs);
             match &mut pooled {
                 Some(p) => p.merge(&h).context(at)?,
                 None => pooled = Some(h),

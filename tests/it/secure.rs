@@ -111,3 +111,89 @@ fn a_run_without_secure_aggregation_is_refused_by_a_site_that_requires_it() {
         "the refusal names the site and the rule: {out}{err}"
     );
 }
+
+/// The same FedProx run of the MRI network twice on the tiny cohort, in the clear and through secure sums.
+fn tiny_run(d: &std::path::Path, cohort: &std::path::Path, secure: bool) -> Vec<Value> {
+    std::fs::create_dir_all(d).unwrap();
+    let centers = crate::common::TINY_CENTRES;
+    let run = Run::new(
+        d,
+        &centers,
+        &format!(
+            "initial_model = \"init.safetensors\"\nrounds = 2\nlocal_epochs = 1\nbatch_size = 4\n\
+             strategy = \"fedprox\"\nproximal_mu = 0.01\nsecure_aggregation = {secure}\n"
+        ),
+    );
+    let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
+        .collect();
+    crate::common::init_model(
+        "mri",
+        &d.join("init.safetensors"),
+        &["--config", &clients[0].display().to_string(), "--seed", "5"],
+    );
+    let (server_out, _) = run.go(&clients);
+    assert!(
+        server_out.contains("run completed after 2 rounds"),
+        "{server_out}"
+    );
+    std::fs::read_to_string(d.join("out/rounds.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_secure_fedprox_run_trains_the_plain_runs_model_to_the_bit_and_pools_the_same_histograms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
+    let plain = tiny_run(&tmp.path().join("plain"), &cohort, false);
+    let secure = tiny_run(&tmp.path().join("secure"), &cohort, true);
+    for round in 0..2 {
+        assert_eq!(
+            plain[round]["checkpoint"],
+            secure[round]["checkpoint"],
+            "round {}: the same model file, byte for byte",
+            round + 1
+        );
+    }
+    let (p, s) = (&plain[1]["evaluation"], &secure[1]["evaluation"]);
+    assert_eq!(
+        p["internal"], s["internal"],
+        "the training centres' pooled figure"
+    );
+    assert_eq!(
+        p["external"], s["external"],
+        "the validating centre's own, in the clear"
+    );
+    // Under secure aggregation the server holds the training centres' sum, and each one's own AUC as it
+    // released it; only the validating centre (alone on its side) reported in the clear.
+    let sums = s["secure"].as_array().unwrap();
+    assert_eq!(sums.len(), 1, "{s}");
+    assert_eq!(sums[0]["centers"].as_array().unwrap().len(), 3);
+    assert_eq!(sums[0]["own_auc"].as_object().unwrap().len(), 3, "{s}");
+    let clear: Vec<&str> = s["centers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["center"].as_str().unwrap())
+        .collect();
+    assert_eq!(clear, ["external"]);
+    // Each centre's own AUC as released equals its figure in the plain run.
+    for c in p["centers"].as_array().unwrap() {
+        let name = c["center"].as_str().unwrap();
+        if name == "external" {
+            continue;
+        }
+        let released = sums[0]["own_auc"][name].as_f64().unwrap();
+        assert_eq!(Some(released), c["auc"]["auc"].as_f64(), "{name}");
+    }
+    let kinds = sent_kinds(&tmp.path().join("secure/center-a/sent/frames"));
+    assert!(
+        !kinds.iter().any(|k| k == "FitResult" || k == "EvalReport"),
+        "{kinds:?}"
+    );
+}

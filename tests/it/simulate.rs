@@ -377,3 +377,47 @@ fn repeats_report_the_spread_and_each_method_against_scanner_shift_is_on_record(
     };
     assert_ne!(model(&repeats[0]), model(&repeats[1]));
 }
+
+#[test]
+fn the_study_through_secure_sums_gives_the_plain_studys_figures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, secure: bool| -> Value {
+        let out = tmp.path().join(name);
+        let mut args = vec![
+            "--log".to_string(),
+            "warn".into(),
+            "simulate".into(),
+            "--cohort".into(),
+            reference().display().to_string(),
+            "--models".into(),
+            "clinical".into(),
+            "--holdout".into(),
+            "none".into(),
+            "--no-centralised".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        if secure {
+            args.push("--secure-aggregation".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, err) = fedslm(&args);
+        assert!(ok, "{stdout}\n{err}");
+        crate::common::assert_pooled_statsmodels_fit(&out.join("models/clinical.safetensors"));
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap()
+    };
+    let plain = run("plain", false);
+    let secure = run("secure", true);
+    assert_eq!(secure["settings"]["secure_aggregation"], true);
+    let (p, s) = (&plain["models"]["clinical"], &secure["models"]["clinical"]);
+    assert_eq!(
+        p["internal"], s["internal"],
+        "the same pooled out-of-fold figure"
+    );
+    assert_eq!(p["youden_cutoff"], s["youden_cutoff"]);
+    // No centre's own histograms reach the server: the per-centre table is empty.
+    assert_eq!(s["per_center_internal"], serde_json::json!({}));
+    // The study's sites required secure sums: a plain answer was never given.
+    let log = std::fs::read_to_string(tmp.path().join("secure/fedslm.log")).unwrap();
+    assert!(!log.contains("PolicyRefused"), "{log}");
+}

@@ -179,8 +179,8 @@ fn secure_answer(length: u64) -> Answer {
     const SLACK: u64 = 64 * 1024;
     Answer {
         kinds: &[MessageKind::Secure, MessageKind::Error],
-        // A masked input is the largest: 8 bytes an element; a roster of certificates is not sent by centres.
-        max_payload: (8 * length + SLACK).max(512 * 1024),
+        // A masked input is the largest: 16 bytes an element; a roster of certificates is not sent by centres.
+        max_payload: (16 * length + SLACK).max(512 * 1024),
     }
 }
 

@@ -126,7 +126,7 @@ impl Coordinator {
                         ids,
                         t,
                         layout.length(),
-                        FixedPoint::UPDATES,
+                        FixedPoint::DEFAULT,
                         None,
                         self.settings.deadline,
                         now,
@@ -266,6 +266,7 @@ impl Coordinator {
             match summed {
                 Ok((report, histogram)) => secure.push(SecureEvaluation {
                     role: side.role,
+                    own_auc: side.sum.own_auc(),
                     centers: side.survivors,
                     examples: report.examples,
                     positives: report.positives,

@@ -18,6 +18,7 @@ use super::{
     TaskId, TaskSet,
 };
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::FitLayout;
 
 /// What a round's accepted answers are folded into.
@@ -155,7 +156,7 @@ impl Coordinator {
             let norm = (self.newton.is_none() && norm_limit.is_finite()).then_some(norm_limit);
             let ids = to.iter().map(|(c, t)| (*t, c.clone())).collect();
             let deadline = self.settings.deadline;
-            let fixed = layout.fixed_point();
+            let fixed = FixedPoint::DEFAULT;
             match SecureSum::new(ids, threshold, layout.length(), fixed, norm, deadline, now) {
                 Ok((sum, begin)) => {
                     self.actions.push_back(Action::BeginSecure {

@@ -209,7 +209,7 @@ impl Coordinator {
                         ids,
                         t,
                         PLACEMENT_LENGTH,
-                        FixedPoint::PLACEMENTS,
+                        FixedPoint::DEFAULT,
                         None,
                         self.settings.deadline,
                         now,

@@ -102,6 +102,16 @@ impl SecureSum {
         self.result.as_ref()
     }
 
+    /// The AUCs the survivors released of their own patients (evaluations), by centre.
+    pub(crate) fn own_auc(&self) -> Vec<(CenterId, f64)> {
+        self.collector
+            .own_auc()
+            .iter()
+            .filter(|(c, _)| self.collector.survivors().contains(*c))
+            .map(|(c, a)| (c.clone(), *a))
+            .collect()
+    }
+
     /// Whether `center`'s input is in the sum (it sent its masked input).
     pub(crate) fn survived(&self, center: &CenterId) -> bool {
         self.collector.survivors().contains(center)

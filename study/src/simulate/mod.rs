@@ -661,8 +661,12 @@ fn simulate_model(
         let e = f.evaluation.ok_or_else(|| {
             StudyError::Failed(format!("{model} fold {}: no evaluation", fold + 1))
         })?;
+        // Every training centre's held-out patients: each centre's histograms, or under secure aggregation
+        // their sum (no centre's own is then seen, and the per-centre table stays empty).
+        if let Some(h) = e.pooled(Role::Train) {
+            merge(&mut internal, &h)?;
+        }
         for c in e.centers.iter().filter(|c| c.role == Role::Train) {
-            merge(&mut internal, &c.histogram)?;
             merge(
                 per_center.entry(c.center.to_string()).or_default(),
                 &c.histogram,

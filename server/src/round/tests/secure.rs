@@ -206,7 +206,7 @@ impl Harness {
                             .unwrap()
                             .vector(&result, &task.weights, begin.as_ref().unwrap().norm_bound)
                             .unwrap();
-                        p.mask(&v).unwrap()
+                        p.mask(&v, None).unwrap()
                     }
                     Secure::Survivors(s) => p.survivors(s, &site.signer).unwrap(),
                     Secure::Unmask(s) => p.unmask(s).unwrap(),
@@ -260,6 +260,13 @@ fn the_securely_aggregated_round_is_the_plain_fedavg_and_the_server_sees_no_upda
     let mut h = harness(3, 0);
     let acts = h.run(&[], &[]);
     assert_mean(&acts, &h.mean_of(&CENTRES));
+    // To the bit: the plain FedAvg of the same updates.
+    let mut plain = crate::aggregate::FedAvg::new(&model(&[0.0; 4], 1.0));
+    for (w, n) in h.updates.values() {
+        plain.fold(w, *n).unwrap();
+    }
+    let plain = plain.finish().unwrap().unwrap();
+    assert_eq!(*committed(&acts).unwrap().weights, plain);
     let round = committed(&acts).unwrap();
     let secure = round.secure.expect("the round's totals");
     assert_eq!(secure.examples, 10 + 15 + 20 + 25);
