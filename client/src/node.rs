@@ -130,15 +130,9 @@ pub async fn run<T: LocalTrainer>(
     mut on_event: impl FnMut(NodeEvent),
 ) -> Result<Finish, ClientError> {
     let trainer = Arc::new(Mutex::new(trainer));
-    // Loaded once: the key that signs this node's part in secure sums, and the CA it checks the others' with.
-    let identity = match crate::secure::Identity::load(config) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            tracing::warn!(error = %e, "secure aggregation unavailable: this node will refuse secure sums");
-            None
-        }
-    };
-    let policy = config.privacy.clone();
+    // Loaded once: the key that signs this node's part in secure sums, the CA it checks the others' with,
+    // and the site's policy.
+    let site = crate::secure::Site::load(config);
     let mut failures = 0u32;
     // Consecutive sessions ended by another connection with this certificate: the node comes back, never
     // faster than its backoff, so that a moment's impersonation does not remove it and two nodes sharing a
@@ -151,7 +145,7 @@ pub async fn run<T: LocalTrainer>(
                 on_event(NodeEvent::Admitted {
                     run_id: session.welcome.run_id.clone(),
                 });
-                match serve(session, &trainer, identity.as_ref(), &policy, &mut on_event).await {
+                match serve(session, &trainer, &site, &mut on_event).await {
                     Ok(finish) => return Ok(finish),
                     Err(e) => e,
                 }
@@ -207,8 +201,7 @@ fn jitter() -> f64 {
 async fn serve<T: LocalTrainer>(
     mut session: Session,
     trainer: &Arc<Mutex<T>>,
-    identity: Option<&crate::secure::Identity>,
-    policy: &crate::policy::Policy,
+    site: &crate::secure::Site,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<Finish, ClientError> {
     loop {
@@ -235,7 +228,7 @@ async fn serve<T: LocalTrainer>(
             }
             stream = session.link.accept_bi() => {
                 let (send, recv) = stream.map_err(|e| crate::connection_error(&session.server, e))?;
-                task(&session, send, recv, trainer, identity, policy, on_event).await?;
+                task(&session, send, recv, trainer, site, on_event).await?;
             }
         }
     }
@@ -270,8 +263,7 @@ async fn task<T: LocalTrainer>(
     mut send: SendHalf,
     mut recv: RecvHalf,
     trainer: &Arc<Mutex<T>>,
-    identity: Option<&crate::secure::Identity>,
-    policy: &crate::policy::Policy,
+    site: &crate::secure::Site,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
     let server = &session.server;
@@ -285,12 +277,9 @@ async fn task<T: LocalTrainer>(
         Err(e) => return Err(lost(server, &session.link, e).await),
     };
     if let Message::Secure(fedslm_protocol::secure::Secure::Begin(begin)) = msg {
-        return crate::secure::task(
-            session, send, recv, begin, identity, policy, trainer, on_event,
-        )
-        .await;
+        return crate::secure::task(session, send, recv, begin, site, trainer, on_event).await;
     }
-    if policy.require_secure_aggregation {
+    if site.policy.require_secure_aggregation {
         let refusal = crate::policy::PolicyRefusal::NeedsSecureAggregation;
         tracing::warn!(%refusal, "task refused");
         let answer = Message::error(ErrorCode::PolicyRefused, refusal.to_string());

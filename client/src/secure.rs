@@ -33,6 +33,30 @@ impl Identity {
     }
 }
 
+/// What a node needs for its part in secure sums: its identity (where it loaded) and its site's policy.
+pub struct Site {
+    pub(crate) identity: Option<Identity>,
+    pub(crate) policy: crate::policy::Policy,
+}
+
+impl Site {
+    /// The node's identity and policy from its configuration; an identity that does not load leaves the node
+    /// refusing secure sums, saying why.
+    pub fn load(config: &ClientConfig) -> Site {
+        let identity = match Identity::load(config) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(error = %e, "secure aggregation unavailable: this node will refuse secure sums");
+                None
+            }
+        };
+        Site {
+            identity,
+            policy: config.privacy.clone(),
+        }
+    }
+}
+
 /// Why a step failed: the server is told, and the node leaves the sum.
 enum Stop {
     /// Tell the server this, with this code.
@@ -64,8 +88,7 @@ pub(crate) async fn task<T: LocalTrainer>(
     mut send: SendHalf,
     mut recv: RecvHalf,
     begin: SecureBegin,
-    identity: Option<&Identity>,
-    policy: &crate::policy::Policy,
+    site: &Site,
     trainer: &Arc<Mutex<T>>,
     on_event: &mut impl FnMut(NodeEvent),
 ) -> Result<(), ClientError> {
@@ -73,8 +96,8 @@ pub(crate) async fn task<T: LocalTrainer>(
         Ok(m) => m,
         Err(e) => return stream_failed(session, e, 0, on_event).await,
     };
-    let (round, work) = start(session, task, &begin, policy, trainer);
-    let outcome = match identity {
+    let (round, work) = start(session, task, &begin, &site.policy, trainer);
+    let outcome = match &site.identity {
         None => Err(Stop::Refuse(
             ErrorCode::SecureAggregation,
             "this node cannot sign for secure aggregation (its key or CA did not load)".into(),
