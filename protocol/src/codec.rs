@@ -752,13 +752,7 @@ use crate::secure::{
 impl Encode for MaskedInput {
     fn encode<E: Encoder>(&self, e: &mut E) -> Result<(), EncodeError> {
         (self.values.len() as u64).encode(e)?;
-        let mut chunk = [0u8; 16 * 1024];
-        for part in self.values.chunks(1024) {
-            for (v, out) in part.iter().zip(chunk.chunks_exact_mut(16)) {
-                out.copy_from_slice(&v.to_le_bytes());
-            }
-            e.writer().write(&chunk[..16 * part.len()])?;
-        }
+        e.writer().write(self.values.as_bytes())?;
         self.own_auc.encode(e)
     }
 }
@@ -897,15 +891,7 @@ fn masked<D: Decoder<Context = Ctx>>(d: &mut D) -> Result<MaskedInput, DecodeErr
     let bytes = len
         .checked_mul(16)
         .ok_or_else(|| fail(format!("masked input claims {len} elements")))?;
-    let data = frame_bytes(d, "masked input", bytes)?;
-    let values = data
-        .chunks_exact(16)
-        .map(|c| {
-            let mut b = [0u8; 16];
-            b.copy_from_slice(c);
-            u128::from_le_bytes(b)
-        })
-        .collect();
+    let values = crate::secure::MaskedValues::from_bytes(frame_bytes(d, "masked input", bytes)?);
     let own_auc: Option<f64> = Decode::decode(d)?;
     if let Some(a) = own_auc {
         if !(0.0..=1.0).contains(&a) {
@@ -1019,7 +1005,7 @@ mod secure_tests {
         round_trip(Secure::Shares(vec![sealed.clone()]));
         round_trip(Secure::Delivered(vec![sealed]));
         round_trip(Secure::Masked(MaskedInput {
-            values: vec![0, 1, u128::MAX, 1 << 127],
+            values: crate::secure::MaskedValues::from_words(&[0, 1, u128::MAX, 1 << 127]),
             own_auc: Some(0.75),
         }));
         round_trip(Secure::Survivors(vec![id("a"), id("c")]));
@@ -1055,7 +1041,7 @@ mod secure_tests {
     fn a_masked_input_claiming_more_elements_than_its_bytes_is_refused() {
         let limits = Limits::default();
         let m = Message::Secure(Secure::Masked(MaskedInput {
-            values: vec![1, 2, 3],
+            values: crate::secure::MaskedValues::from_words(&[1, 2, 3]),
             own_auc: None,
         }));
         let mut frame = encode(&m, &limits).unwrap();

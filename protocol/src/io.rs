@@ -138,6 +138,28 @@ pub async fn read_header<R: AsyncRead + Unpin>(
     Ok(header)
 }
 
+/// Reads up to `len` bytes into `payload`, growing it by doubling as they arrive but never beyond `len`: a
+/// frame of tens of megabytes costs its size, not the next power of two.
+async fn read_exactly<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    payload: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    while payload.len() < len {
+        let remaining = len - payload.len();
+        if payload.len() == payload.capacity() {
+            let grow = payload.len().max(INITIAL_PAYLOAD_CAPACITY).min(remaining);
+            payload.reserve_exact(grow);
+        }
+        let room = (payload.capacity() - payload.len()).min(remaining);
+        let n = (&mut *r).take(room as u64).read_buf(payload).await?;
+        if n == 0 {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 /// Reads the payload of the frame whose header [`read_header`] read, after charging it to `budget`, within
 /// `expect`'s time, and decodes it.
 pub async fn read_payload<R: AsyncRead + Unpin>(
@@ -150,8 +172,7 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
     header.charge(budget)?;
     let len = header.payload_len;
     let mut payload = Vec::with_capacity((len as usize).min(INITIAL_PAYLOAD_CAPACITY));
-    let mut body = r.take(len);
-    let reading = body.read_to_end(&mut payload);
+    let reading = read_exactly(r, len as usize, &mut payload);
     match expect.payload_within {
         None => reading.await?,
         Some(d) => {

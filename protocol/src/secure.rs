@@ -78,10 +78,53 @@ pub struct SealedShare {
 /// A centre's masked input: elements of the ring of 2^128.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MaskedInput {
-    pub values: Vec<u128>,
+    pub values: MaskedValues,
     /// An evaluation's one per-centre figure, released in the clear where the centre's policy lets it
     /// (`privacy.release_own_auc`): its own AUC of the task's patients. `None` for other sums.
     pub own_auc: Option<f64>,
+}
+
+/// The elements of a masked input as 16-byte little-endian words: made by a centre, or, where the server read
+/// them, a view into the frame they came in (a masked model is not copied on arrival).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedValues(bytes::Bytes);
+
+impl MaskedValues {
+    pub fn from_words(words: &[u128]) -> MaskedValues {
+        let mut out = Vec::with_capacity(16 * words.len());
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        MaskedValues(out.into())
+    }
+
+    /// `bytes`, a whole number of 16-byte words.
+    pub(crate) fn from_bytes(bytes: bytes::Bytes) -> MaskedValues {
+        MaskedValues(bytes)
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.0.len() / 16
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The elements in order.
+    pub fn words(&self) -> impl Iterator<Item = u128> + '_ {
+        self.0.chunks_exact(16).map(|c| {
+            let mut w = [0u8; 16];
+            w.copy_from_slice(c);
+            u128::from_le_bytes(w)
+        })
+    }
+
+    /// The encoded words.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Which of a participant's secrets a share rebuilds.

@@ -190,10 +190,10 @@ impl Collector {
                     self.own_auc.insert(center.clone(), a);
                 }
                 if self.sum.is_empty() {
-                    self.sum = m.values;
+                    self.sum = m.values.words().collect();
                 } else {
-                    for (s, v) in self.sum.iter_mut().zip(&m.values) {
-                        *s = s.wrapping_add(*v);
+                    for (s, v) in self.sum.iter_mut().zip(m.values.words()) {
+                        *s = s.wrapping_add(v);
                     }
                 }
                 self.survivors.insert(center.clone());

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedslm_protocol::secure::{
-    MaskedInput, RevealedShare, SealedShare, SecretKind, Secure, SecureBegin, SignedKeys,
-    SurvivorSignature, MAX_PARTICIPANTS, MIN_PARTICIPANTS, SHARE_LEN,
+    MaskedInput, MaskedValues, RevealedShare, SealedShare, SecretKind, Secure, SecureBegin,
+    SignedKeys, SurvivorSignature, MAX_PARTICIPANTS, MIN_PARTICIPANTS, SHARE_LEN,
 };
 use fedslm_protocol::text::escape_peer;
 use fedslm_protocol::CenterId;
@@ -52,7 +52,7 @@ pub fn check_begin(begin: &SecureBegin) -> Result<(), SecureError> {
     }
     if !fixed::fits(begin.scale_bits, begin.bound, n) {
         return setup(format!(
-            "{n} values within ±{:e} at {} fractional bits can wrap around 2^64",
+            "{n} values within ±{:e} at {} fractional bits can wrap around 2^128",
             begin.bound, begin.scale_bits
         ));
     }
@@ -327,7 +327,10 @@ impl Participant {
             apply_mask(&seed, &mut values, self.me < *other);
         }
         self.step = Step::Masked;
-        Ok(Secure::Masked(MaskedInput { values, own_auc }))
+        Ok(Secure::Masked(MaskedInput {
+            values: MaskedValues::from_words(&values),
+            own_auc,
+        }))
     }
 
     /// The survivors (U3): those of U2 whose masked input the server says it has, this centre among them;

@@ -208,17 +208,8 @@ impl FedAvg {
                     )
                 })
                 .collect(),
-            sums: global
-                .tensors()
-                .iter()
-                .map(|t| {
-                    if local(t) {
-                        Vec::new()
-                    } else {
-                        vec![0.0; t.element_count()]
-                    }
-                })
-                .collect(),
+            // Allocated at the first fold: a round whose sum is secure holds only the masked one until it closes.
+            sums: vec![Vec::new(); global.tensors().len()],
             examples: 0.0,
             updates: 0,
         }
@@ -242,6 +233,7 @@ impl FedAvg {
                 });
             }
         }
+        self.allocate();
         let w = examples as f64;
         for (((name, _, _, _), sum), kept) in
             self.template.iter().zip(&mut self.sums).zip(&self.kept)
@@ -268,6 +260,7 @@ impl FedAvg {
         if examples == 0 {
             return Err(UpdateRefusal::NoExamples);
         }
+        self.allocate();
         for (((name, shape, _, _), sum), kept) in
             self.template.iter().zip(&mut self.sums).zip(&self.kept)
         {
@@ -303,6 +296,17 @@ impl FedAvg {
         self.examples += examples as f64;
         self.updates += 1;
         Ok(())
+    }
+
+    /// The f64 accumulators of the averaged tensors, zero, where they are not yet.
+    fn allocate(&mut self) {
+        for (((_, shape, _, _), sum), kept) in
+            self.template.iter().zip(&mut self.sums).zip(&self.kept)
+        {
+            if kept.is_none() && sum.is_empty() {
+                *sum = vec![0.0; shape.iter().product()];
+            }
+        }
     }
 
     /// Updates folded in so far.

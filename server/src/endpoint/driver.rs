@@ -159,10 +159,18 @@ impl Driver {
                         });
                     }
                 }
-                if let (Some(verdict), Some(task)) = (verdict, answered_task(&input)) {
-                    self.verdicts.insert(task, verdict);
+                // A step of a secure sum has no verdict of its own: its sender is dropped once the step is
+                // taken (a masked input folded in), which lets its reader go on to the next frame.
+                let mut taken = None;
+                match (verdict, answered_task(&input)) {
+                    (Some(verdict), Some(task)) => {
+                        self.verdicts.insert(task, verdict);
+                    }
+                    (verdict, None) => taken = verdict,
+                    _ => {}
                 }
                 self.machine.handle(input, Instant::now());
+                drop(taken);
             }
             () = sleep_until(timeout) => self.machine.handle_timeout(Instant::now()),
         }

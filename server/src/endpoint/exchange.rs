@@ -302,7 +302,8 @@ async fn read_secure(
                     },
                     verdict: Some(handled),
                 });
-                // The driver drops the sender once it has taken the input.
+                // The driver drops the sender once the machine has taken the step: a permit then covers a
+                // masked input until it is folded in.
                 let _ = done.await;
                 drop(permit);
                 continue;
