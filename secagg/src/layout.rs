@@ -140,7 +140,21 @@ impl FitLayout {
         Ok(out)
     }
 
-    /// The sum read back.
+    /// The sum split: the summed tensors' elements, flat, in order; the examples; the mean loss (NaN unless
+    /// every centre released one).
+    pub fn split<'a>(&self, sum: &'a [f64]) -> Result<(&'a [f64], u64, f64), SecureError> {
+        if sum.len() as u64 != self.length() {
+            return Err(SecureError::Length {
+                got: sum.len(),
+                expected: self.length(),
+            });
+        }
+        let at = sum.len() - TRAILER;
+        let (examples, loss) = totals(&sum[at..]);
+        Ok((&sum[..at], examples, loss))
+    }
+
+    /// The sum read back as tensors (f64).
     pub fn totals(&self, sum: &[f64]) -> Result<FitTotals, SecureError> {
         if sum.len() as u64 != self.length() {
             return Err(SecureError::Length {

@@ -254,44 +254,45 @@ impl FedAvg {
         Ok(())
     }
 
-    /// Folds in a secure sum: `sums` holds, for each averaged tensor, the sum over the centres of their
-    /// examples times their weights, and `examples` the centres' examples; the sum counts as one update.
-    pub fn fold_sum(&mut self, sums: &Weights, examples: u64) -> Result<(), UpdateRefusal> {
+    /// Folds in a secure sum: `flat` holds, for each averaged tensor in the global model's order, the sum over
+    /// the centres of their examples times their weights, and `examples` the centres' examples; the sum counts
+    /// as one update.
+    pub fn fold_sum(&mut self, flat: &[f64], examples: u64) -> Result<(), UpdateRefusal> {
         if examples == 0 {
             return Err(UpdateRefusal::NoExamples);
         }
+        let averaged: usize = self
+            .template
+            .iter()
+            .zip(&self.kept)
+            .filter(|(_, k)| k.is_none())
+            .map(|((_, shape, _, _), _)| shape.iter().product::<usize>())
+            .sum();
+        if flat.len() != averaged {
+            return Err(UpdateRefusal::Secure(format!(
+                "a sum of {} elements for {averaged} averaged ones",
+                flat.len()
+            )));
+        }
         self.allocate();
-        for (((name, shape, _, _), sum), kept) in
+        let mut at = 0;
+        for (((name, _, _, _), sum), kept) in
             self.template.iter().zip(&mut self.sums).zip(&self.kept)
         {
             if kept.is_some() {
                 continue;
             }
-            let t = sums
-                .get(name)
-                .ok_or_else(|| UpdateRefusal::Missing(name.clone()))?;
-            if t.shape() != shape.as_slice() {
-                return Err(UpdateRefusal::Shape {
-                    name: name.clone(),
-                    got: t.shape().to_vec(),
-                    expected: shape.clone(),
-                });
-            }
-            let mut i = 0;
-            let mut bad = None;
-            t.for_each_f64(|v| {
-                if !v.is_finite() && bad.is_none() {
-                    bad = Some(i);
-                }
-                sum[i] += v;
-                i += 1;
-            });
-            if let Some(index) = bad {
+            let part = &flat[at..at + sum.len()];
+            if let Some(index) = part.iter().position(|v| !v.is_finite()) {
                 return Err(UpdateRefusal::NonFinite {
                     name: name.clone(),
                     index,
                 });
             }
+            for (s, v) in sum.iter_mut().zip(part) {
+                *s += v;
+            }
+            at += sum.len();
         }
         self.examples += examples as f64;
         self.updates += 1;

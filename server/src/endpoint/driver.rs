@@ -23,7 +23,7 @@ use crate::store::{RunState, Store, StoredRound};
 /// Answers read and held at once, once they have begun to come: the rest wait in QUIC's flow control, so the
 /// server's memory stays about the global model, its f64 accumulators and this many updates, however many
 /// centres answer. A centre that has not begun its answer holds no permit.
-const RESULTS_IN_FLIGHT: usize = 2;
+pub(super) const RESULTS_IN_FLIGHT: usize = 2;
 
 /// Where a run is made durable: the store, and the writer of each round's model file.
 pub(super) struct Durable {

@@ -271,6 +271,9 @@ pub(super) async fn secure_exchange(
     }
 }
 
+/// A step this large is a masked input.
+const LARGE_STEP: u64 = 1024 * 1024;
+
 /// Reads a secure task's frames until the stream ends: each step to the coordinator, an Error as the task's
 /// failure.
 async fn read_secure(
@@ -286,8 +289,14 @@ async fn read_secure(
     loop {
         let read = async {
             let header = read_header(&mut recv, &shared.limits, expect).await?;
-            // A permit per frame read and handed over: memory stays a few masked inputs.
-            let permit = results.acquire().await.ok();
+            // A permit per frame read and handed over, and every permit for a masked input (four times the
+            // f32 model, in the ring of 2^128): one at a time is read and folded into the sum.
+            let permits = if header.payload_len > LARGE_STEP {
+                super::driver::RESULTS_IN_FLIGHT as u32
+            } else {
+                1
+            };
+            let permit = results.acquire_many(permits).await.ok();
             let msg = read_payload(&mut recv, header, &shared.limits, &budget, expect).await;
             Ok::<_, fedslm_protocol::ProtocolError>((msg?, permit))
         };

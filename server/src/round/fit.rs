@@ -329,19 +329,17 @@ impl Coordinator {
         let mut converged = None;
         let mut secure_totals = None;
         let mut sum = f.sum;
-        if let Some((secure, layout)) = &f.secure {
-            let totals = match secure.result() {
-                Some(Ok(v)) => layout.totals(v).map_err(|e| e.to_string()),
-                Some(Err(e)) => Err(e.clone()),
+        if let Some((mut secure, layout)) = f.secure {
+            let folded = match secure.take_result() {
+                Some(Ok(v)) => fold_secure(&mut sum, &layout, &v).map(|(examples, train_loss)| {
+                    secure_totals = Some(SecureTotals {
+                        examples,
+                        train_loss,
+                    })
+                }),
+                Some(Err(e)) => Err(e),
                 None => Err("the round's deadline passed".into()),
             };
-            let folded = totals.and_then(|t| {
-                secure_totals = Some(SecureTotals {
-                    examples: t.examples,
-                    train_loss: t.train_loss,
-                });
-                fold_secure(&mut sum, &t.sums, t.examples).map_err(|e| e.to_string())
-            });
             if let Err(e) = folded {
                 return self.finish_failed(format!("round {}: secure aggregation: {e}", f.round));
             }
@@ -457,26 +455,28 @@ impl Coordinator {
     }
 }
 
-/// Folds a secure sum's totals into the round's sum: FedAvg's weighted sums, or the Newton statistics, which
-/// the server checks as it would one centre's (it cannot check each centre's).
-fn fold_secure(sum: &mut Sum, sums: &Weights, examples: u64) -> Result<(), UpdateRefusal> {
+/// Folds an unmasked secure sum into the round's sum: FedAvg's weighted sums, or the Newton statistics, which
+/// the server checks as it would one centre's (it cannot check each centre's); the examples and mean loss.
+fn fold_secure(sum: &mut Sum, layout: &FitLayout, v: &[f64]) -> Result<(u64, f64), String> {
+    let (flat, examples, loss) = layout.split(v).map_err(|e| e.to_string())?;
     match sum {
-        Sum::Mean(avg) => avg.fold_sum(sums, examples),
+        Sum::Mean(avg) => avg.fold_sum(flat, examples).map_err(|e| e.to_string())?,
         Sum::Newton {
             template,
             by_centre,
         } => {
-            check_update(template, sums, None)?;
-            let stats = newton_stats(sums, examples)
-                .map_err(|e| UpdateRefusal::NewtonStatistics(e.to_string()))?;
-            plausible(&stats).map_err(UpdateRefusal::NewtonStatistics)?;
+            let sums = layout.totals(v).map_err(|e| e.to_string())?.sums;
+            check_update(template, &sums, None).map_err(|e| e.to_string())?;
+            let stats = newton_stats(&sums, examples).map_err(|e| e.to_string())?;
+            plausible(&stats)
+                .map_err(|e| format!("the Newton statistics cannot be summed: {e}"))?;
             // One entry stands for the sum: the centres' own statistics were never seen.
             by_centre.clear();
             let key = CenterId::new("secure-sum").expect("a valid centre id");
             by_centre.insert(key, stats);
-            Ok(())
         }
     }
+    Ok((examples, loss))
 }
 
 /// Whether a centre's Newton statistics are ones `n` patients can have made. The clinical model's covariates

@@ -112,6 +112,11 @@ impl SecureSum {
             .collect()
     }
 
+    /// Takes the unmasked sum out (the phase closing): its memory goes with it.
+    pub(crate) fn take_result(&mut self) -> Option<Result<Vec<f64>, String>> {
+        self.result.take()
+    }
+
     /// Whether `center`'s input is in the sum (it sent its masked input).
     pub(crate) fn survived(&self, center: &CenterId) -> bool {
         self.collector.survivors().contains(center)
