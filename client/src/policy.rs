@@ -358,6 +358,15 @@ mod tests {
             policy("max_bins = 100").hash()
         );
         assert_ne!(policy("min_examples = 20").hash(), default);
+        // Secure aggregation's keys: their defaults keep every earlier policy's hash; set, they change it.
+        assert_eq!(
+            policy("require_secure_aggregation = false\nrelease_own_auc = true").hash(),
+            default
+        );
+        let secure = policy("require_secure_aggregation = true");
+        assert!(secure.require_secure_aggregation && secure.release_own_auc);
+        assert_ne!(secure.hash(), default);
+        assert_ne!(policy("release_own_auc = false").hash(), default);
     }
 
     fn policy(toml_text: &str) -> Policy {

@@ -970,4 +970,55 @@ mod tests {
         let e = parse(&format!("tcp_listen = \"443\"\n{GOOD}")).unwrap_err();
         assert!(e.contains("tcp_listen \"443\""), "{e}");
     }
+
+    /// `GOOD` with `train` more training centres, `validate` more validating ones and `extra` keys.
+    fn federation(train: usize, validate: usize, extra: &str) -> String {
+        let mut text =
+            format!("listen = \"127.0.0.1:7878\"\npki = \"pki\"\nrun_id = \"r\"\n{extra}\n");
+        for i in 0..train {
+            text.push_str(&format!("[[center]]\nid = \"t{i}\"\nrole = \"train\"\n"));
+        }
+        for i in 0..validate {
+            text.push_str(&format!("[[center]]\nid = \"v{i}\"\nrole = \"validate\"\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn secure_aggregation_is_refused_at_start_where_a_sum_could_have_two_centres_or_a_minority_threshold(
+    ) {
+        let on = "secure_aggregation = true";
+        let err = parse(&federation(2, 1, on)).unwrap_err();
+        assert!(
+            err.contains("at least 3 training centres, this run has 2"),
+            "{err}"
+        );
+        assert!(err.contains("subtracting its own"), "{err}");
+        let err = parse(&federation(3, 2, on)).unwrap_err();
+        assert!(err.contains("two validating centres"), "{err}");
+        let err = parse(&federation(4, 1, &format!("{on}\nsecure_threshold = 2"))).unwrap_err();
+        assert!(
+            err.contains("more than half of the 4 training centres"),
+            "{err}"
+        );
+        let err = parse(&federation(
+            4,
+            1,
+            &format!("{on}\nsecure_threshold = 4\nquorum = 3"),
+        ))
+        .unwrap_err();
+        assert!(err.contains("below secure_threshold"), "{err}");
+        let err = parse(&federation(4, 1, "secure_threshold = 3")).unwrap_err();
+        assert!(err.contains("secure_aggregation is not"), "{err}");
+        // The fewest more than half, by default; the setting in the round settings and the fingerprint.
+        let c = parse(&federation(4, 1, on)).unwrap();
+        let settings = c.round_settings(ModelKind::Mri).unwrap();
+        assert_eq!(settings.secure_threshold, Some(3));
+        assert_eq!(
+            c.fingerprint(&settings, "x")["secure_aggregation"],
+            "threshold 3"
+        );
+        assert!(parse(&federation(3, 1, on)).is_ok());
+        assert!(parse(&federation(3, 3, on)).is_ok());
+    }
 }

@@ -247,6 +247,14 @@ impl StoredRound {
         })
     }
 
+    /// The patients behind the round's model: the contributions', or under secure aggregation the total.
+    pub fn examples(&self) -> u64 {
+        match self.secure {
+            Some(s) => s.examples,
+            None => self.contributions.iter().map(|c| c.examples).sum(),
+        }
+    }
+
     /// The example-weighted mean training loss.
     pub fn train_loss(&self) -> f64 {
         if let Some(s) = self.secure {

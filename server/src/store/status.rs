@@ -110,7 +110,7 @@ pub(super) fn run_status(
             round: r.round,
             checkpoint: r.checkpoint.clone(),
             train_loss: Some(r.train_loss()).filter(|l| l.is_finite()),
-            examples: r.contributions.iter().map(|c| c.examples).sum(),
+            examples: r.examples(),
             centers: r.contributions.len(),
             silent: r.silent.clone(),
             refused: r.refused.len(),
