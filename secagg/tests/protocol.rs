@@ -225,10 +225,8 @@ fn a_threshold_of_half_or_fewer_than_three_centres_is_refused() {
     assert!(Collector::new(begin(4, 3)).is_ok());
 }
 
-/// The server has centre-4's masked input, then says centre-4 dropped: the others reveal centre-4's mask key
-/// and not its self-mask seed, and refuse a second request, so the server cannot unmask centre-4's input.
-#[test]
-fn a_server_claiming_a_dropout_after_the_input_cannot_obtain_that_input() {
+/// Five centres, threshold three, every one's keys, shares and masked input in: the survivors are next.
+fn every_input_in() -> (Net, Vec<CenterId>) {
     let mut net = net(5, 3);
     let begin = net.collector.begin().clone();
     let fed = net.federation();
@@ -240,10 +238,18 @@ fn a_server_claiming_a_dropout_after_the_input_cannot_obtain_that_input() {
         centre.participant = Some(p);
         net.collector.take(c, keys).unwrap();
     }
-    let out = net.collector.advance().unwrap();
-    net.answer(out, &[]);
-    let out = net.collector.advance().unwrap();
-    net.answer(out, &[]); // every masked input, centre-4's too, is in
+    for _ in 0..2 {
+        let out = net.collector.advance().unwrap();
+        net.answer(out, &[]);
+    }
+    (net, names)
+}
+
+/// The server has centre-4's masked input, then says centre-4 dropped: the others reveal centre-4's mask key
+/// and not its self-mask seed, and refuse a second request, so the server cannot unmask centre-4's input.
+#[test]
+fn a_server_claiming_a_dropout_after_the_input_cannot_obtain_that_input() {
+    let (mut net, names) = every_input_in();
     let lie: Vec<CenterId> = names[..4].to_vec();
     let mut signatures = Vec::new();
     for c in &lie {
@@ -283,21 +289,7 @@ fn a_server_claiming_a_dropout_after_the_input_cannot_obtain_that_input() {
 
 #[test]
 fn survivors_signed_over_a_different_list_fail_the_consistency_check() {
-    let mut net = net(5, 3);
-    let begin = net.collector.begin().clone();
-    let fed = net.federation();
-    let names: Vec<CenterId> = net.centres.keys().cloned().collect();
-    for c in &names {
-        let centre = net.centres.get_mut(c).unwrap();
-        let (p, keys) =
-            Participant::begin(RUN, c.clone(), begin.clone(), fed.clone(), &centre.signer).unwrap();
-        centre.participant = Some(p);
-        net.collector.take(c, keys).unwrap();
-    }
-    let out = net.collector.advance().unwrap();
-    net.answer(out, &[]);
-    let out = net.collector.advance().unwrap();
-    net.answer(out, &[]);
+    let (mut net, names) = every_input_in();
     // The server tells centres 0-2 that 4 dropped and centres 3-4 that all survived.
     let short: Vec<CenterId> = names[..4].to_vec();
     let mut sigs = Vec::new();

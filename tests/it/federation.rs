@@ -66,27 +66,7 @@ fn three_centers_train_one_validates_and_each_global_model_is_the_weighted_mean_
     let d = tmp.path();
     let cohort = crate::common::tiny_synth_cohort(d);
     let centers = crate::common::TINY_CENTRES;
-    let run = Run::new(
-        d,
-        &centers,
-        "initial_model = \"init.safetensors\"\nrounds = 2\nlocal_epochs = 1\nbatch_size = 4\n\
-         strategy = \"fedprox\"\nproximal_mu = 0.01\n",
-    );
-    let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
-    let clients: Vec<PathBuf> = centers
-        .iter()
-        .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
-        .collect();
-    crate::common::init_model(
-        "mri",
-        &d.join("init.safetensors"),
-        &["--config", &clients[0].display().to_string(), "--seed", "5"],
-    );
-    let (server_out, outs) = run.go(&clients);
-    assert!(
-        server_out.contains("run completed after 2 rounds"),
-        "{server_out}"
-    );
+    let (_, outs) = crate::common::process::tiny_fedprox_run(d, &cohort, "");
     assert!(
         !outs[3].contains("trained"),
         "the validation centre never trains: {}",

@@ -115,29 +115,10 @@ fn a_run_without_secure_aggregation_is_refused_by_a_site_that_requires_it() {
 /// The same FedProx run of the MRI network twice on the tiny cohort, in the clear and through secure sums.
 fn tiny_run(d: &std::path::Path, cohort: &std::path::Path, secure: bool) -> Vec<Value> {
     std::fs::create_dir_all(d).unwrap();
-    let centers = crate::common::TINY_CENTRES;
-    let run = Run::new(
+    crate::common::process::tiny_fedprox_run(
         d,
-        &centers,
-        &format!(
-            "initial_model = \"init.safetensors\"\nrounds = 2\nlocal_epochs = 1\nbatch_size = 4\n\
-             strategy = \"fedprox\"\nproximal_mu = 0.01\nsecure_aggregation = {secure}\n"
-        ),
-    );
-    let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
-    let clients: Vec<PathBuf> = centers
-        .iter()
-        .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
-        .collect();
-    crate::common::init_model(
-        "mri",
-        &d.join("init.safetensors"),
-        &["--config", &clients[0].display().to_string(), "--seed", "5"],
-    );
-    let (server_out, _) = run.go(&clients);
-    assert!(
-        server_out.contains("run completed after 2 rounds"),
-        "{server_out}"
+        cohort,
+        &format!("secure_aggregation = {secure}\n"),
     );
     std::fs::read_to_string(d.join("out/rounds.jsonl"))
         .unwrap()

@@ -57,6 +57,26 @@ impl Answer {
     }
 }
 
+/// A fresh stream for `task`, or its failure told to the coordinator.
+async fn open_stream(
+    shared: &Shared,
+    connection: &Link,
+    center: &CenterId,
+    task: TaskId,
+) -> Option<(fedslm_transport::SendHalf, fedslm_transport::RecvHalf)> {
+    match connection.open_bi().await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            shared.tell(Input::TaskFailed {
+                center: center.clone(),
+                task,
+                reason: format!("cannot open a task stream: {e}"),
+            });
+            None
+        }
+    }
+}
+
 pub(super) struct TaskExchange {
     pub(super) shared: Arc<Shared>,
     pub(super) connection: Link,
@@ -84,16 +104,8 @@ pub(super) async fn task_exchange(x: TaskExchange) {
         results,
         mut cancelled,
     } = x;
-    let (mut send, mut recv) = match connection.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            shared.tell(Input::TaskFailed {
-                center,
-                task,
-                reason: format!("cannot open a task stream: {e}"),
-            });
-            return;
-        }
+    let Some((mut send, mut recv)) = open_stream(&shared, &connection, &center, task).await else {
+        return;
     };
     let work = async {
         // The shared frame itself, not a copy, waits in each stream's send buffer.
@@ -205,16 +217,8 @@ pub(super) async fn secure_exchange(
         results,
         mut cancelled,
     } = x;
-    let (mut send, recv) = match connection.open_bi().await {
-        Ok(s) => s,
-        Err(e) => {
-            shared.tell(Input::TaskFailed {
-                center,
-                task,
-                reason: format!("cannot open a task stream: {e}"),
-            });
-            return;
-        }
+    let Some((mut send, recv)) = open_stream(&shared, &connection, &center, task).await else {
+        return;
     };
     // The centre's frames are read on their own task, so that a frame half read is never dropped for a write.
     let reader = tokio::spawn(read_secure(

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedslm_protocol::secure::MIN_PARTICIPANTS;
 use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, Role};
 use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::EvalLayout;
@@ -115,23 +114,16 @@ impl Coordinator {
                     Role::Validate => side.len() / 2 + 1,
                 };
                 let ids = side.iter().map(|(c, t)| (*t, c.clone())).collect();
-                let made = if side.len() < MIN_PARTICIPANTS {
-                    Err(format!(
-                        "{} {} centres connected; a secure sum needs {MIN_PARTICIPANTS}",
-                        side.len(),
-                        role
-                    ))
-                } else {
-                    SecureSum::new(
-                        ids,
-                        t,
-                        layout.length(),
-                        FixedPoint::DEFAULT,
-                        None,
-                        self.settings.deadline,
-                        now,
-                    )
-                };
+                // Fewer than three are refused by the sum itself, saying so.
+                let made = SecureSum::new(
+                    ids,
+                    t,
+                    layout.length(),
+                    FixedPoint::DEFAULT,
+                    None,
+                    self.settings.deadline,
+                    now,
+                );
                 match made {
                     Ok((sum, begin)) => {
                         self.actions.push_back(Action::BeginSecure {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role, Weights};
 
-use fedslm_protocol::secure::MIN_PARTICIPANTS;
 use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::{placement_totals, PLACEMENT_LENGTH};
 
@@ -199,22 +198,16 @@ impl Coordinator {
                 // The group's majority, at least what the run asks of its training centres where it can.
                 let t = threshold.min(sent.len()).max(sent.len() / 2 + 1);
                 let ids = sent.iter().map(|(c, t)| (*t, c.clone())).collect();
-                let made = if sent.len() < MIN_PARTICIPANTS {
-                    Err(format!(
-                        "{} centres on one side; a secure sum needs {MIN_PARTICIPANTS}",
-                        sent.len()
-                    ))
-                } else {
-                    SecureSum::new(
-                        ids,
-                        t,
-                        PLACEMENT_LENGTH,
-                        FixedPoint::DEFAULT,
-                        None,
-                        self.settings.deadline,
-                        now,
-                    )
-                };
+                // Fewer than three are refused by the sum itself, saying so.
+                let made = SecureSum::new(
+                    ids,
+                    t,
+                    PLACEMENT_LENGTH,
+                    FixedPoint::DEFAULT,
+                    None,
+                    self.settings.deadline,
+                    now,
+                );
                 match made {
                     Ok((sum, begin)) => {
                         self.actions.push_back(Action::BeginSecure {

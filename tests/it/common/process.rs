@@ -283,3 +283,33 @@ impl Proc {
         (ok, out, err)
     }
 }
+
+/// Two FedProx rounds of the MRI network (seed 5) on the tiny cohort at `cohort`, in `d`, with `extra` keys in
+/// server.toml: the finished run's server output and each client's.
+pub fn tiny_fedprox_run(d: &Path, cohort: &Path, extra: &str) -> (String, Vec<String>) {
+    let centers = super::TINY_CENTRES;
+    let run = Run::new(
+        d,
+        &centers,
+        &format!(
+            "initial_model = \"init.safetensors\"\nrounds = 2\nlocal_epochs = 1\nbatch_size = 4\n\
+             strategy = \"fedprox\"\nproximal_mu = 0.01\n{extra}"
+        ),
+    );
+    let preprocess = "[preprocess]\nsize = 32\nneighbours = 0\n";
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|(c, _)| run.client_config(c, &cohort.join(c), preprocess))
+        .collect();
+    super::init_model(
+        "mri",
+        &d.join("init.safetensors"),
+        &["--config", &clients[0].display().to_string(), "--seed", "5"],
+    );
+    let (server_out, outs) = run.go(&clients);
+    assert!(
+        server_out.contains("run completed after 2 rounds"),
+        "{server_out}"
+    );
+    (server_out, outs)
+}
