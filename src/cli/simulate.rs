@@ -155,10 +155,15 @@ pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
     let log = out.join(simulate::LOG_FILE);
     output.start(Some(&log))?;
     let console = console();
-    // One bar at a time: the cohort's patients, a federation's rounds, or the centralised baseline's epochs.
+    // One bar for the cohort's patients or a federation's rounds, and one for the centralised baselines'
+    // epochs, which train alongside the federations.
     let bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
     let with_bar = |f: &dyn Fn(&mut Option<ProgressBar>)| {
         f(&mut bar.lock().unwrap_or_else(|p| p.into_inner()))
+    };
+    let central_bar: Mutex<Option<ProgressBar>> = Mutex::new(None);
+    let with_central_bar = |f: &dyn Fn(&mut Option<ProgressBar>)| {
+        f(&mut central_bar.lock().unwrap_or_else(|p| p.into_inner()))
     };
     let observer = |event: StudyEvent<'_>| match event {
         StudyEvent::Milestone(line) => console.milestone(&line),
@@ -189,7 +194,7 @@ pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
                 old.finish_and_clear();
             }
         }),
-        StudyEvent::Centralised { progress: p, .. } => with_bar(&|b| match &p {
+        StudyEvent::Centralised { progress: p, .. } => with_central_bar(&|b| match &p {
             TrainProgress::Planned { fits, epochs } => {
                 let bar = console.add(progress::epochs_bar());
                 bar.set_length((fits * epochs) as u64);
@@ -217,8 +222,10 @@ pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
         ..settings
     };
     let finish_bar = || {
-        if let Some(b) = bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            b.finish_and_clear();
+        for slot in [&bar, &central_bar] {
+            if let Some(b) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                b.finish_and_clear();
+            }
         }
     };
     if let Some(repeats) = repeats {
@@ -244,6 +251,7 @@ pub fn run(args: SimulateArgs, output: &super::Output) -> anyhow::Result<()> {
             results.peak_memory_mib,
             out.display()
         ));
+        console.milestone(&format!("time by phase: {}", results.phases_line()));
     }
     console.milestone(&format!(
         "every line the servers and nodes logged: {}",

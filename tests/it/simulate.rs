@@ -54,6 +54,19 @@ fn the_clinical_model_simulated_over_the_reference_centers_is_the_pooled_statsmo
         3
     );
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
+    // Where the time went, phase by phase; the centralised baseline trained alongside the federations.
+    let phases: Vec<&str> = results["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"clinical federations"), "{phases:?}");
+    assert!(
+        phases.iter().any(|p| p.starts_with("centralised baselines")),
+        "{phases:?}"
+    );
+    assert!(stdout.contains("time by phase: "), "{stdout}");
     // The centralised baseline's model is the same pooled fit, and it too scores everyone out of fold.
     let central = &clinical["centralised"];
     crate::common::assert_pooled_statsmodels_fit(Path::new(central["model"].as_str().unwrap()));

@@ -357,10 +357,82 @@ pub(crate) struct ModelRun {
     pub(crate) noise_multiplier: Option<f64>,
 }
 
+/// Every model's federations, in order: the clinical model first where the combined network's head starts
+/// from it, which is then skipped (with a milestone) if it cannot be fitted and was not asked for.
+fn federate_models(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    models: &[ModelKind],
+    clinical_requested: bool,
+    phases: &mut Phases,
+) -> Result<Vec<(ModelKind, ModelRun)>, StudyError> {
+    let mut per_model: Vec<(ModelKind, ModelRun)> = Vec::new();
+    for &model in models {
+        let clinical = match model {
+            ModelKind::Combined => per_model
+                .iter()
+                .find(|(m, _)| *m == ModelKind::Clinical)
+                .map(|(_, r)| r),
+            _ => None,
+        };
+        let r = match simulate_model(ctx, runtime, model, clinical) {
+            Ok(r) => r,
+            // Brought in only to start the combined network's head: without it the head starts plain.
+            Err(e) if model == ModelKind::Clinical && !clinical_requested => {
+                (ctx.observer)(StudyEvent::Milestone(format!(
+                    "the clinical model cannot be fitted here ({e}); the combined network's head starts \
+                     without it"
+                )));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        phases.done(&format!("{model} federations"));
+        per_model.push((model, r));
+    }
+    Ok(per_model)
+}
+
+/// The wall time of a run's phases, each from the end of the last.
+struct Phases {
+    last: Instant,
+    phases: Vec<results::Phase>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            last: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    /// `name` ended now.
+    fn done(&mut self, name: &str) {
+        self.split(name);
+    }
+
+    /// The time since the last phase is `name`'s.
+    fn split(&mut self, name: &str) {
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.push(name, seconds);
+    }
+
+    fn push(&mut self, name: &str, seconds: f64) {
+        self.phases.push(results::Phase {
+            name: name.to_string(),
+            seconds,
+        });
+    }
+}
+
 /// Runs the study as `settings` say; writes results.json, report.md, figures and the final models into
 /// `settings.out`, and returns the results.
 pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, StudyError> {
     let started = Instant::now();
+    let mut phases = Phases::new();
     settings.check()?;
     let (models, clinical_requested) = settings.ordered_models();
     let out = prepare_out(&settings.out)?;
@@ -375,6 +447,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             dir
         }
     };
+    phases.done("cohort");
     let names = center_names(&cohort)?;
     let holdout = settings.holdout.resolve(&names)?;
     let centers: Vec<(String, Role)> = names
@@ -438,6 +511,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         )));
         nodes.push((name.clone(), SharedNode::new(node)));
     }
+    phases.done("sites (PKI, cohorts loaded and preprocessed)");
     let ctx = Simulation {
         settings,
         out: out.clone(),
@@ -448,30 +522,58 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         observer,
     };
     let runtime = crate::error::runtime()?;
-    let mut per_model: Vec<(ModelKind, ModelRun)> = Vec::new();
-    for model in models {
-        let clinical = match model {
-            ModelKind::Combined => per_model
+    let federations_started = Instant::now();
+    // The centralised baselines depend on nothing federated: they train on their own thread alongside the
+    // federations, filling the cores that the rounds' waits leave idle. Each training is deterministic for
+    // its seed and the process's thread count, so the figures are those of running them one after another.
+    let mut federated_seconds = 0.0;
+    let (per_model, baselines) = std::thread::scope(|scope| {
+        // One thread a model: the two networks' baselines keep the cores busy once the federations end.
+        let baselines: Vec<_> = if ctx.settings.centralised {
+            models
                 .iter()
-                .find(|(m, _)| *m == ModelKind::Clinical)
-                .map(|(_, r)| r),
-            _ => None,
+                .map(|&m| {
+                    let ctx = &ctx;
+                    scope.spawn(move || (m, centralised(ctx, m)))
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
-        let r = match simulate_model(&ctx, &runtime, model, clinical) {
-            Ok(r) => r,
-            // Brought in only to start the combined network's head: without it the head starts plain.
-            Err(e) if model == ModelKind::Clinical && !clinical_requested => {
-                observer(StudyEvent::Milestone(format!(
-                    "the clinical model cannot be fitted here ({e}); the combined network's head starts \
-                     without it"
-                )));
-                continue;
+        let federated = federate_models(&ctx, &runtime, &models, clinical_requested, &mut phases);
+        federated_seconds = federations_started.elapsed().as_secs_f64();
+        let baselines: Result<Vec<_>, StudyError> = baselines
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| StudyError::Failed("a centralised baseline stopped".into()))
+            })
+            .collect();
+        (federated, baselines)
+    });
+    let mut per_model = per_model?;
+    if ctx.settings.centralised {
+        for (model, result) in baselines? {
+            // A baseline of a model that was left out (the clinical model brought in only for the combined
+            // network's head, where it cannot be fitted) is not reported, nor is its failure.
+            if let Some((_, r)) = per_model.iter_mut().find(|(m, _)| *m == model) {
+                r.results.centralised = Some(result?);
             }
-            Err(e) => return Err(e),
-        };
-        per_model.push((model, r));
+        }
+        phases.done("centralised baselines, after the last federation");
+        let longest = per_model
+            .iter()
+            .filter_map(|(_, r)| r.results.centralised.as_ref().map(|c| c.seconds))
+            .fold(0.0, f64::max);
+        phases.push(
+            &format!(
+                "(the longest centralised baseline, beside {federated_seconds:.1} s of federations)"
+            ),
+            longest,
+        );
     }
     let comparisons = compare::compare(&ctx, &runtime, &per_model)?;
+    phases.done("paired tests");
     let s = &ctx.settings;
     let dp = match s.dp_epsilon {
         None => None,
@@ -520,6 +622,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         comparisons,
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_memory_mib: crate::runs::peak_rss_mib(),
+        phases: phases.phases,
     };
     let json = serde_json::to_vec_pretty(&results)
         .map_err(|e| StudyError::Failed(format!("results.json: {e}")))?;
@@ -711,11 +814,8 @@ fn simulate_model(
             at_internal_youden: cutoff.and_then(|t| at_cutoff(h, t)),
         })
     };
-    let centralised = if s.centralised {
-        Some(centralised(ctx, model)?)
-    } else {
-        None
-    };
+    // Filled in by the centralised baseline, which trains alongside.
+    let centralised = None;
     let head_start = match (model, clinical) {
         (ModelKind::Combined, Some(_)) => {
             Some("the clinical model federated on the same patients".to_string())

@@ -443,6 +443,7 @@ mod tests {
                 },
             ],
             wall_seconds: 1.0,
+            phases: Vec::new(),
             peak_memory_mib: 2.0,
         };
         let mut results = results;

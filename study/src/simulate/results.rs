@@ -22,6 +22,28 @@ pub struct StudyResults {
     pub comparisons: Vec<ComparisonResult>,
     pub wall_seconds: f64,
     pub peak_memory_mib: f64,
+    /// Where the wall time went, phase by phase, in order (figures and report.md, written after
+    /// results.json, are not among them).
+    #[serde(default)]
+    pub phases: Vec<Phase>,
+}
+
+/// One phase of a run and its wall time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub seconds: f64,
+}
+
+impl StudyResults {
+    /// `cohort 9 s, sites 6 s, clinical federations 3 s, ...`.
+    pub fn phases_line(&self) -> String {
+        self.phases
+            .iter()
+            .map(|p| format!("{} {:.1} s", p.name, p.seconds))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The settings a run was made with.
