@@ -46,6 +46,8 @@ fn federated_newton_through_secure_sums_equals_the_pooled_statsmodels_fit() {
     assert!(server_out.contains("run completed after"), "{server_out}");
     for out in &client_outs {
         assert!(out.contains("finished after"), "{out}");
+        // Each centre hears that its part of each sum was taken: the stream ends after the last step.
+        assert!(out.contains("round 1: update accepted"), "{out}");
     }
     crate::common::assert_pooled_statsmodels_fit(&d.join("out/clinical.safetensors"));
     // No centre sent a FitResult or an EvalReport: only the sums' steps.

@@ -63,7 +63,9 @@ fn the_clinical_model_simulated_over_the_reference_centers_is_the_pooled_statsmo
         .collect();
     assert!(phases.contains(&"clinical federations"), "{phases:?}");
     assert!(
-        phases.iter().any(|p| p.starts_with("centralised baselines")),
+        phases
+            .iter()
+            .any(|p| p.starts_with("centralised baselines")),
         "{phases:?}"
     );
     assert!(stdout.contains("time by phase: "), "{stdout}");

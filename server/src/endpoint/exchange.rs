@@ -237,27 +237,28 @@ pub(super) async fn secure_exchange(
         send.write_chunk(frame)
             .await
             .map_err(|e| format!("cannot send the task: {e}"))?;
-        let mut verdict = verdict;
-        loop {
-            tokio::select! {
-                next = outbox.recv() => match next {
-                    Some(frame) => send
-                        .write_chunk(frame)
-                        .await
-                        .map_err(|e| format!("cannot send a step of the sum: {e}"))?,
-                    None => return Ok(()),
-                },
-                decided = &mut verdict => {
-                    if let Ok(Err(refusal)) = decided {
-                        let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
-                        let _ = write_message(&mut send, &msg, &shared.limits).await;
-                    }
-                    send.finish().await;
-                    let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
-                    return Ok::<(), String>(());
-                }
+        // Every step the coordinator queued for this task is written before its verdict: the outbox closes
+        // when the task is settled, and only then is the verdict read.
+        while let Some(frame) = outbox.recv().await {
+            send.write_chunk(frame)
+                .await
+                .map_err(|e| format!("cannot send a step of the sum: {e}"))?;
+        }
+        match verdict.await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => {
+                let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
+                let _ = write_message(&mut send, &msg, &shared.limits).await;
+            }
+            // No verdict: the task was dropped (its sum closed without it) or the run ended.
+            Err(_) => {
+                send.reset(TASK_CANCELLED);
+                return Ok(());
             }
         }
+        send.finish().await;
+        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+        Ok::<(), String>(())
     };
     let outcome = tokio::select! {
         outcome = work => Some(outcome),
