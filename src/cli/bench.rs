@@ -4,7 +4,9 @@
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use fedslm_study::bench::flood::{flood, FloodSpec};
-use fedslm_study::bench::{bench_network, commit_phases, filesystem_of, round_seconds};
+use fedslm_study::bench::{
+    bench_network, commit_phases, filesystem_of, round_seconds, round_target, verdict,
+};
 use fedslm_transport::Transport;
 
 #[derive(Debug, Subcommand)]
@@ -150,7 +152,7 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<Transport>>>()?;
     println!(
         "model, parameters, MB, centres, transport, aggregation, s/round (median of {}), server peak \
-         MiB, secure / plain",
+         MiB, secure / plain, target s/round, target MiB, targets",
         args.rounds
     );
     let program = std::env::current_exe()?;
@@ -179,8 +181,23 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
                         plain = timing.median_seconds;
                         "-".to_string()
                     };
+                    // The targets are a plain round's.
+                    let target = round_target(model, n).filter(|_| !secure);
+                    let targets = match target {
+                        Some((s, mib)) => format!(
+                            "{}, {mib:.0}, {} / {}",
+                            if s.is_finite() {
+                                format!("{s:.1}")
+                            } else {
+                                "-".into()
+                            },
+                            verdict(timing.median_seconds, s),
+                            verdict(timing.server_peak_mib, mib)
+                        ),
+                        None => "-, -, -".into(),
+                    };
                     println!(
-                        "{model}, {}, {:.1}, {n}, {transport}, {}, {:.3}, {:.0}, {ratio}",
+                        "{model}, {}, {:.1}, {n}, {transport}, {}, {:.3}, {:.0}, {ratio}, {targets}",
                         network.parameter_count(),
                         weights.data_bytes() as f64 / 1e6,
                         if secure { "secure" } else { "plain" },

@@ -312,4 +312,40 @@ fn print_table(
             println!("| {} |", row.join(" | "));
         }
     }
+    if has_torch {
+        print_targets(nets, &ours, columns, &find);
+    }
+}
+
+/// A column of the table: a kernel set (or PyTorch) and its timings.
+type Column = (String, Vec<Timing>);
+
+/// Each network's training step and inference against issue 24's target: at most PyTorch's time.
+fn print_targets(
+    nets: &[BenchNet],
+    ours: &[&Column],
+    columns: &[Column],
+    find: &dyn Fn(&Column, &str) -> Option<Timing>,
+) {
+    let target = fedslm_study::bench::TORCH_RATIO_TARGET;
+    println!("\n| network | phase | kernels | ours / PyTorch | target | |\n| --- | --- | --- | --- | --- | --- |");
+    let torch = columns.iter().find(|(n, _)| n == "PyTorch");
+    for net in nets {
+        let Some(t) = torch.and_then(|c| find(c, net.name)) else {
+            continue;
+        };
+        for (i, phase) in PHASES.iter().enumerate().filter(|(i, _)| *i >= 3) {
+            for col in ours {
+                if let Some(a) = find(col, net.name) {
+                    let ratio = a.phase(i) / t.phase(i);
+                    println!(
+                        "| {} | {phase} | {} | {ratio:.2} | <= {target:.2} | {} |",
+                        net.label,
+                        col.0,
+                        fedslm_study::bench::verdict(ratio, target)
+                    );
+                }
+            }
+        }
+    }
 }

@@ -116,6 +116,18 @@ fn ratios_against_the_pytorch_side() {
     let ratio: f64 = step[2].parse().unwrap();
     // Both printed figures are rounded: ours to 0.05 ms (0.0125 in the ratio), the ratio to 0.005.
     assert!((ratio - ours / 4.0).abs() <= 0.0126 + 0.0051, "{out}");
+    // Each target beside its measurement: at most PyTorch's time.
+    let target = out
+        .lines()
+        .find(|l| l.starts_with("| default, 3 x 32 x 32") && l.contains("| train step | fedslm |"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(target.contains("| <= 1.00 |"), "{target}");
+    let verdict = if ours / 4.0 <= 1.0 {
+        "| met |"
+    } else {
+        "| not met |"
+    };
+    assert!(target.ends_with(verdict), "{target}");
 }
 
 #[test]
@@ -186,6 +198,12 @@ fn rounds_are_timed_over_quic_and_tcp_and_with_secure_aggregation_side_by_side()
         let seconds: f64 = row[6].parse().unwrap();
         assert!(seconds > 0.0 && seconds.is_finite(), "{out}");
     }
+    // No target for the small network; the targets are the 45 MB model's (`fedslm_study::bench::round_target`).
+    assert!(
+        rows.iter()
+            .all(|r| r.len() == 12 && r[9..] == ["-", "-", "-"]),
+        "{out}"
+    );
     let ratio: f64 = rows[1][8].parse().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{out}");
     assert!(

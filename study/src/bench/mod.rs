@@ -185,6 +185,44 @@ impl ServerProcess {
     }
 }
 
+/// Issue 24's targets for a plain round of `model` among `centres` (seconds a round, the server's peak MiB),
+/// where there is one: the 45 MB ResNet-18 among 10 centres in 2 s and among 50 in 10 s, in 250 MiB whatever
+/// the number of centres.
+pub fn round_target(model: &str, centres: usize) -> Option<(f64, f64)> {
+    match (model, centres) {
+        ("resnet18", 10) => Some((2.0, 250.0)),
+        ("resnet18", 50) => Some((10.0, 250.0)),
+        ("resnet18", _) => Some((f64::INFINITY, 250.0)),
+        _ => None,
+    }
+}
+
+/// Issue 24's target for the image networks' training step and inference: at most PyTorch's time.
+pub const TORCH_RATIO_TARGET: f64 = 1.0;
+
+/// `met` or `not met` for a measurement against an upper bound.
+pub fn verdict(value: f64, target: f64) -> &'static str {
+    if value <= target {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn the_targets_are_the_large_models_and_a_bound_is_met_at_equality() {
+        assert_eq!(round_target("resnet18", 10), Some((2.0, 250.0)));
+        assert_eq!(round_target("resnet18", 50), Some((10.0, 250.0)));
+        assert_eq!(round_target("small", 10), None);
+        assert_eq!(verdict(2.0, 2.0), "met");
+        assert_eq!(verdict(2.01, 2.0), "not met");
+    }
+}
+
 /// Runs `rounds` FedAvg rounds of `network` for `centres` echoing nodes against a server process started
 /// from `server_program` (the `fedslm` binary), in the scratch folder `dir`; with `secure`, every round's
 /// sum is a secure one (the nodes mask their updates, the server unmasks the total).
