@@ -647,7 +647,10 @@ impl Server {
         let mut crl = tokio::time::interval(REVOCATION_POLL);
         crl.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut checked = self.shared.verifier.refresh();
-        let mut tally = tokio::time::interval(TALLY_INTERVAL);
+        // The first tally after one whole interval: an interval's first tick is at once, which would audit
+        // the first stranger alone if it came before the loop first looked at the clock.
+        let mut tally =
+            tokio::time::interval_at(tokio::time::Instant::now() + TALLY_INTERVAL, TALLY_INTERVAL);
         tally.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
