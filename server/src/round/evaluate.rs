@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fedslm_protocol::{CenterId, EvalReport, EvaluateTask, Role};
-use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::EvalLayout;
 
 use super::fit::After;
-use super::secure::{phase_deadline, SecureSum};
+use super::secure::SecureSum;
 use super::{Action, Coordinator, Gone, Outcome, Phase, TaskId, TaskSet};
 use crate::aggregate::UpdateRefusal;
 use crate::evaluation::{check_report, CenterEvaluation, Evaluation, SecureEvaluation};
@@ -113,24 +112,9 @@ impl Coordinator {
                     Role::Train => threshold,
                     Role::Validate => side.len() / 2 + 1,
                 };
-                let ids = side.iter().map(|(c, t)| (*t, c.clone())).collect();
                 // Fewer than three are refused by the sum itself, saying so.
-                let made = SecureSum::new(
-                    ids,
-                    t,
-                    layout.length(),
-                    FixedPoint::DEFAULT,
-                    None,
-                    self.settings.deadline,
-                    now,
-                );
-                match made {
-                    Ok((sum, begin)) => {
-                        self.actions.push_back(Action::BeginSecure {
-                            begin: Arc::new(begin),
-                            tasks: side.iter().map(|(_, t)| *t).collect(),
-                        });
-                        tasks.deadline = phase_deadline(now, self.settings.deadline);
+                match self.start_secure_sum(&mut tasks, side, t, layout.length(), None, now) {
+                    Ok(sum) => {
                         secure.push(SecureSide {
                             role,
                             sum,

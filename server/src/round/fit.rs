@@ -11,14 +11,13 @@ use fedslm_protocol::{
     CenterId, FitResult, FitTask, LocalObjective, Role, Tensor, TensorRole, Weights,
 };
 
-use super::secure::{phase_deadline, SecureSum};
+use super::secure::SecureSum;
 use super::SecureTotals;
 use super::{
     round_seed, Action, Contribution, Coordinator, Gone, Outcome, Phase, RoundRecord, Strategy,
     TaskId, TaskSet,
 };
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
-use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::FitLayout;
 
 /// What a round's accepted answers are folded into.
@@ -154,18 +153,8 @@ impl Coordinator {
                 Err(e) => return self.finish_failed(format!("round {round}: {e}")),
             };
             let norm = (self.newton.is_none() && norm_limit.is_finite()).then_some(norm_limit);
-            let ids = to.iter().map(|(c, t)| (*t, c.clone())).collect();
-            let deadline = self.settings.deadline;
-            let fixed = FixedPoint::DEFAULT;
-            match SecureSum::new(ids, threshold, layout.length(), fixed, norm, deadline, now) {
-                Ok((sum, begin)) => {
-                    self.actions.push_back(Action::BeginSecure {
-                        begin: Arc::new(begin),
-                        tasks: to.iter().map(|(_, t)| *t).collect(),
-                    });
-                    tasks.deadline = phase_deadline(now, deadline);
-                    secure = Some((sum, layout));
-                }
+            match self.start_secure_sum(&mut tasks, &to, threshold, layout.length(), norm, now) {
+                Ok(sum) => secure = Some((sum, layout)),
                 Err(e) => {
                     return self.finish_failed(format!("round {round}: secure aggregation: {e}"))
                 }
@@ -328,14 +317,14 @@ impl Coordinator {
         let mut newton = None;
         let mut converged = None;
         let mut secure_totals = None;
+        // Federated Newton through a secure sum: the total statistics (no centre's own were seen).
+        let mut secure_stats = None;
         let mut sum = f.sum;
         if let Some((mut secure, layout)) = f.secure {
             let folded = match secure.take_result() {
-                Some(Ok(v)) => fold_secure(&mut sum, &layout, &v).map(|(examples, train_loss)| {
-                    secure_totals = Some(SecureTotals {
-                        examples,
-                        train_loss,
-                    })
+                Some(Ok(v)) => fold_secure(&mut sum, &layout, &v).map(|(totals, stats)| {
+                    secure_totals = Some(totals);
+                    secure_stats = stats;
                 }),
                 Some(Err(e)) => Err(e),
                 None => Err("the round's deadline passed".into()),
@@ -355,7 +344,8 @@ impl Coordinator {
             Sum::Newton { by_centre, .. } => {
                 let p = self.newton.as_ref().map_or(0, |s| s.point().len());
                 let mut stats = LogisticStats::zeros(p);
-                for local in by_centre.values() {
+                let parts = secure_stats.iter().chain(by_centre.values());
+                for local in parts {
                     if let Err(e) = stats.add(local) {
                         return self
                             .finish_failed(format!("federated Newton at round {}: {e}", f.round));
@@ -455,28 +445,32 @@ impl Coordinator {
     }
 }
 
-/// Folds an unmasked secure sum into the round's sum: FedAvg's weighted sums, or the Newton statistics, which
-/// the server checks as it would one centre's (it cannot check each centre's); the examples and mean loss.
-fn fold_secure(sum: &mut Sum, layout: &FitLayout, v: &[f64]) -> Result<(u64, f64), String> {
-    let (flat, examples, loss) = layout.split(v).map_err(|e| e.to_string())?;
+/// Folds an unmasked secure sum into the round's FedAvg sum, or reads the Newton statistics out of it, which
+/// the server checks as it would one centre's (it cannot check each centre's); with the examples and mean loss.
+fn fold_secure(
+    sum: &mut Sum,
+    layout: &FitLayout,
+    v: &[f64],
+) -> Result<(SecureTotals, Option<LogisticStats>), String> {
+    let (flat, examples, train_loss) = layout.split(v).map_err(|e| e.to_string())?;
+    let totals = SecureTotals {
+        examples,
+        train_loss,
+    };
     match sum {
-        Sum::Mean(avg) => avg.fold_sum(flat, examples).map_err(|e| e.to_string())?,
-        Sum::Newton {
-            template,
-            by_centre,
-        } => {
+        Sum::Mean(avg) => {
+            avg.fold_sum(flat, examples).map_err(|e| e.to_string())?;
+            Ok((totals, None))
+        }
+        Sum::Newton { template, .. } => {
             let sums = layout.totals(v).map_err(|e| e.to_string())?.sums;
             check_update(template, &sums, None).map_err(|e| e.to_string())?;
             let stats = newton_stats(&sums, examples).map_err(|e| e.to_string())?;
             plausible(&stats)
                 .map_err(|e| format!("the Newton statistics cannot be summed: {e}"))?;
-            // One entry stands for the sum: the centres' own statistics were never seen.
-            by_centre.clear();
-            let key = CenterId::new("secure-sum").expect("a valid centre id");
-            by_centre.insert(key, stats);
+            Ok((totals, Some(stats)))
         }
     }
-    Ok((examples, loss))
 }
 
 /// Whether a centre's Newton statistics are ones `n` patients can have made. The clinical model's covariates

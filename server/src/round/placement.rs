@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use fedslm_protocol::{CenterId, ModelKind, PlacementReport, PlacementTask, Role, Weights};
 
-use fedslm_secagg::fixed::FixedPoint;
 use fedslm_secagg::layout::{placement_totals, PLACEMENT_LENGTH};
 
 use super::io::{PlacementAnswer, Unanswered};
-use super::secure::{phase_deadline, SecureSum};
+use super::secure::SecureSum;
 use super::{
     Action, Coordinator, EvaluationSettings, Gone, NormBound, Phase, RoundSettings, Strategy,
     TaskId, TaskSet,
@@ -197,29 +196,9 @@ impl Coordinator {
             if let Some(threshold) = self.settings.secure_threshold.filter(|_| sent.len() > 1) {
                 // The group's majority, at least what the run asks of its training centres where it can.
                 let t = threshold.min(sent.len()).max(sent.len() / 2 + 1);
-                let ids = sent.iter().map(|(c, t)| (*t, c.clone())).collect();
                 // Fewer than three are refused by the sum itself, saying so.
-                let made = SecureSum::new(
-                    ids,
-                    t,
-                    PLACEMENT_LENGTH,
-                    FixedPoint::DEFAULT,
-                    None,
-                    self.settings.deadline,
-                    now,
-                );
-                match made {
-                    Ok((sum, begin)) => {
-                        self.actions.push_back(Action::BeginSecure {
-                            begin: Arc::new(begin),
-                            tasks: sent.iter().map(|(_, t)| *t).collect(),
-                        });
-                        p.tasks.deadline = p
-                            .tasks
-                            .deadline
-                            .max(phase_deadline(now, self.settings.deadline));
-                        p.secure.push(sum);
-                    }
+                match self.start_secure_sum(&mut p.tasks, &sent, t, PLACEMENT_LENGTH, None, now) {
+                    Ok(sum) => p.secure.push(sum),
                     Err(why) => {
                         for (center, id) in sent {
                             p.tasks.settle(id, &center);

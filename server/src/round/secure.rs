@@ -28,7 +28,7 @@ pub(crate) struct SecureSum {
 }
 
 /// The longest a phase with secure sums may take: a step's deadline for each of its steps.
-pub(crate) fn phase_deadline(now: Instant, step: Duration) -> Instant {
+fn phase_deadline(now: Instant, step: Duration) -> Instant {
     now + step * (LATER_STEPS + 1)
 }
 
@@ -42,16 +42,17 @@ fn sum_id() -> Result<[u8; SUM_ID_LEN], String> {
 
 impl SecureSum {
     /// A sum over the centres of `tasks` (three or more), `threshold` of which must stay, of `length`
-    /// elements; returns it with the Begin message its tasks are sent after.
-    pub(crate) fn new(
+    /// elements, in the one fixed point every kind of sum uses; returns it with the Begin message its tasks
+    /// are sent after.
+    fn new(
         tasks: BTreeMap<TaskId, CenterId>,
         threshold: usize,
         length: u64,
-        fixed: FixedPoint,
         norm_bound: Option<f64>,
         step: Duration,
         now: Instant,
     ) -> Result<(SecureSum, SecureBegin), String> {
+        let fixed = FixedPoint::DEFAULT;
         let mut participants: Vec<CenterId> = tasks.values().cloned().collect();
         participants.sort();
         let begin = SecureBegin {
@@ -102,12 +103,12 @@ impl SecureSum {
         self.result.as_ref()
     }
 
-    /// The AUCs the survivors released of their own patients (evaluations), by centre.
+    /// The AUCs the survivors released of their own patients (evaluations), by centre: each came with a
+    /// masked input.
     pub(crate) fn own_auc(&self) -> Vec<(CenterId, f64)> {
         self.collector
             .own_auc()
             .iter()
-            .filter(|(c, _)| self.collector.survivors().contains(*c))
             .map(|(c, a)| (c.clone(), *a))
             .collect()
     }
@@ -122,18 +123,15 @@ impl SecureSum {
         self.collector.survivors().contains(center)
     }
 
-    /// `center`'s message on its task; what to send next, if the step closed. A refused message is the error,
-    /// and the centre is out of the sum.
+    /// `center`'s message on its task; what to send next, if the step closed. A refused message is the error:
+    /// the caller then takes the centre out of the sum ([`SecureSum::gone`]).
     pub(crate) fn take(
         &mut self,
         center: &CenterId,
         msg: Secure,
         now: Instant,
     ) -> Result<Vec<(CenterId, TaskId, Secure)>, SecureError> {
-        if let Err(e) = self.collector.take(center, msg) {
-            self.collector.gone(center);
-            return Err(e);
-        }
+        self.collector.take(center, msg)?;
         Ok(self.close_if_answered(now))
     }
 
@@ -152,11 +150,9 @@ impl SecureSum {
         if self.result.is_some() || now < self.deadline {
             return Vec::new();
         }
-        let out = self.close(now);
-        let mut more = self.close_if_answered(now);
-        let mut all = out;
-        all.append(&mut more);
-        all
+        let mut out = self.close(now);
+        out.extend(self.close_if_answered(now));
+        out
     }
 
     fn close_if_answered(&mut self, now: Instant) -> Vec<(CenterId, TaskId, Secure)> {
@@ -188,7 +184,7 @@ impl SecureSum {
     }
 }
 
-use super::{Action, Coordinator, Gone, Phase};
+use super::{Action, Coordinator, Gone, Phase, TaskSet};
 use crate::aggregate::UpdateRefusal;
 
 impl Phase {
@@ -204,6 +200,29 @@ impl Phase {
 }
 
 impl Coordinator {
+    /// A secure sum over the tasks `to` of a phase (each centre with its task), `threshold` of which must
+    /// stay, of `length` elements: the tasks are sent after its Begin, and the phase's `tasks` wait for every
+    /// step of the sum.
+    pub(super) fn start_secure_sum(
+        &mut self,
+        tasks: &mut TaskSet,
+        to: &[(CenterId, TaskId)],
+        threshold: usize,
+        length: u64,
+        norm_bound: Option<f64>,
+        now: Instant,
+    ) -> Result<SecureSum, String> {
+        let step = self.settings.deadline;
+        let ids = to.iter().map(|(c, t)| (*t, c.clone())).collect();
+        let (sum, begin) = SecureSum::new(ids, threshold, length, norm_bound, step, now)?;
+        self.actions.push_back(Action::BeginSecure {
+            begin: std::sync::Arc::new(begin),
+            tasks: to.iter().map(|(_, t)| *t).collect(),
+        });
+        tasks.deadline = tasks.deadline.max(phase_deadline(now, step));
+        Ok(sum)
+    }
+
     /// A step of secure aggregation from `center` on `task`.
     pub(super) fn take_secure(
         &mut self,
@@ -232,7 +251,7 @@ impl Coordinator {
                 return self.secure_gone(&center, now);
             }
         }
-        self.settle_secure(now);
+        self.settle_secure();
     }
 
     /// `center` left every secure sum of the phase.
@@ -242,7 +261,7 @@ impl Coordinator {
             out.extend(sum.gone(center, now));
         }
         self.send_secure(out);
-        self.settle_secure(now);
+        self.settle_secure();
     }
 
     /// Closes the steps whose deadline has passed.
@@ -252,7 +271,7 @@ impl Coordinator {
             out.extend(sum.timeout(now));
         }
         self.send_secure(out);
-        self.settle_secure(now);
+        self.settle_secure();
     }
 
     /// The earliest step deadline of the phase's sums.
@@ -272,7 +291,7 @@ impl Coordinator {
 
     /// Ends the tasks of every sum that is over: a survivor's is accepted (its input is in the sum), any other
     /// is dropped as silent.
-    fn settle_secure(&mut self, _now: Instant) {
+    fn settle_secure(&mut self) {
         let mut ended = Vec::new();
         for sum in self.phase.secure_sums() {
             let Some(result) = sum.result() else { continue };
