@@ -349,23 +349,36 @@ async fn task<T: LocalTrainer>(
         return Ok(());
     }
     send.finish().await;
-    match read_message(&mut recv, &session.limits, &session.budget).await {
+    let answered = matches!(answer, Message::FitResult(_));
+    read_verdict(session, &mut recv, round, answered, on_event).await
+}
+
+/// The server's verdict on the answer to a task of `round`: its stream ends (taken: `Accepted` where
+/// `answered`), or an `UpdateRefused` error says why not; a stream reset means the task was dropped.
+pub(crate) async fn read_verdict(
+    session: &Session,
+    recv: &mut RecvHalf,
+    round: u32,
+    answered: bool,
+    on_event: &mut impl FnMut(NodeEvent),
+) -> Result<(), ClientError> {
+    match read_message(recv, &session.limits, &session.budget).await {
         Ok(Message::Error(e)) if e.code == ErrorCode::UpdateRefused => {
             let reason = escape_peer(&e.message);
             tracing::warn!(round, %reason, "the server refused this centre's update");
             on_event(NodeEvent::Refused { round, reason });
         }
         Err(ProtocolError::Closed) => {
-            if matches!(answer, Message::FitResult(_)) {
+            if answered {
                 on_event(NodeEvent::Accepted { round });
             }
         }
         Ok(other) => {
-            tracing::warn!(round, kind = %other.kind(), "unexpected answer to a fit result")
+            tracing::warn!(round, kind = %other.kind(), "unexpected message after the answer")
         }
         Err(e) => {
             if session.link.close_reason().is_some() {
-                return Err(lost(server, &session.link, e).await);
+                return Err(lost(&session.server, &session.link, e).await);
             }
             tracing::warn!(round, %e, "no verdict on the update");
             on_event(NodeEvent::Void { round });

@@ -14,7 +14,7 @@ use fedslm_secagg::layout::{placement_vector, EvalLayout, FitLayout};
 use fedslm_secagg::{Federation, Participant, SecureError};
 use fedslm_transport::{RecvHalf, SendHalf};
 
-use crate::node::{error_text, on_worker, LocalTrainer, NodeEvent};
+use crate::node::{error_text, on_worker, read_verdict, LocalTrainer, NodeEvent};
 use crate::{lost, ClientConfig, ClientError, Session};
 
 /// What a node signs with and checks against: its certificate's key and the federation's CA.
@@ -105,7 +105,7 @@ pub(crate) async fn task<T: LocalTrainer>(
         Some(id) => converse(session, &mut send, &mut recv, begin, id, work, on_event).await,
     };
     match outcome {
-        Ok(()) => verdict(session, &mut recv, round, on_event).await,
+        Ok(()) => read_verdict(session, &mut recv, round, true, on_event).await,
         Err(Stop::Refuse(code, reason)) => {
             tracing::error!(round, %reason, "leaving the secure sum");
             let msg = Message::error(code, reason);
@@ -215,14 +215,18 @@ async fn converse(
     let run = session.welcome.run_id.clone();
     let (mut p, keys) = Participant::begin(&run, me, begin, id.federation.clone(), &id.signer)?;
     step(session, send, keys).await?;
-    let Secure::Roster(roster) = next(session, recv, "Roster").await? else {
-        unreachable!("next returns the step asked for")
-    };
+    let roster = next(session, recv, "Roster", |m| match m {
+        Secure::Roster(x) => Some(x),
+        _ => None,
+    })
+    .await?;
     let shares = p.roster(roster)?;
     step(session, send, shares).await?;
-    let Secure::Delivered(delivered) = next(session, recv, "Delivered").await? else {
-        unreachable!("next returns the step asked for")
-    };
+    let delivered = next(session, recv, "Delivered", |m| match m {
+        Secure::Delivered(x) => Some(x),
+        _ => None,
+    })
+    .await?;
     p.delivered(delivered)?;
     let Answer {
         vector,
@@ -242,14 +246,18 @@ async fn converse(
     let masked = p.mask(&vector, own_auc)?;
     drop(vector);
     step(session, send, masked).await?;
-    let Secure::Survivors(survivors) = next(session, recv, "Survivors").await? else {
-        unreachable!("next returns the step asked for")
-    };
+    let survivors = next(session, recv, "Survivors", |m| match m {
+        Secure::Survivors(x) => Some(x),
+        _ => None,
+    })
+    .await?;
     let signed = p.survivors(survivors, &id.signer)?;
     step(session, send, signed).await?;
-    let Secure::Unmask(signatures) = next(session, recv, "Unmask").await? else {
-        unreachable!("next returns the step asked for")
-    };
+    let signatures = next(session, recv, "Unmask", |m| match m {
+        Secure::Unmask(x) => Some(x),
+        _ => None,
+    })
+    .await?;
     let reveal = p.unmask(signatures)?;
     step(session, send, reveal).await?;
     send.finish().await;
@@ -264,19 +272,18 @@ async fn step(session: &Session, send: &mut SendHalf, msg: Secure) -> Result<(),
         .map_err(Stop::Stream)
 }
 
-/// The server's next step, which must be `expected`.
-async fn next(
+/// The server's next step, which must be `expected`: `pick` takes its content out, if it is that step.
+async fn next<T>(
     session: &Session,
     recv: &mut RecvHalf,
     expected: &'static str,
-) -> Result<Secure, Stop> {
+    pick: fn(Secure) -> Option<T>,
+) -> Result<T, Stop> {
     match read_message(recv, &session.limits, &session.budget).await {
-        Ok(Message::Secure(m)) if m.name() == expected => Ok(m),
-        Ok(Message::Secure(m)) => Err(SecureError::Step {
-            expected,
-            got: m.name(),
+        Ok(Message::Secure(m)) => {
+            let got = m.name();
+            pick(m).ok_or_else(|| SecureError::Step { expected, got }.into())
         }
-        .into()),
         Ok(Message::Error(e)) => Err(Stop::Refuse(
             ErrorCode::Unexpected,
             format!("the server ended the sum: {}", escape_peer(&e.message)),
@@ -286,32 +293,6 @@ async fn next(
             format!("expected {expected}, got {}", other.kind()),
         )),
         Err(e) => Err(Stop::Stream(e)),
-    }
-}
-
-/// After the last step: the server's verdict (the stream's end: the sum was taken).
-async fn verdict(
-    session: &Session,
-    recv: &mut RecvHalf,
-    round: u32,
-    on_event: &mut impl FnMut(NodeEvent),
-) -> Result<(), ClientError> {
-    match read_message(recv, &session.limits, &session.budget).await {
-        Ok(Message::Error(e)) => {
-            let reason = escape_peer(&e.message);
-            tracing::warn!(round, %reason, "the server refused this centre's part of the sum");
-            on_event(NodeEvent::Refused { round, reason });
-            Ok(())
-        }
-        Err(ProtocolError::Closed) => {
-            on_event(NodeEvent::Accepted { round });
-            Ok(())
-        }
-        Ok(other) => {
-            tracing::warn!(round, kind = %other.kind(), "unexpected message after the sum");
-            Ok(())
-        }
-        Err(e) => stream_failed(session, e, round, on_event).await,
     }
 }
 

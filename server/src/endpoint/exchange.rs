@@ -159,12 +159,7 @@ pub(super) async fn task_exchange(x: TaskExchange) {
         });
         let verdict = decided.await.map_err(|_| "the run ended".to_string())?;
         drop(permit);
-        if let Err(refusal) = verdict {
-            let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
-            let _ = write_message(&mut send, &msg, &shared.limits).await;
-        }
-        send.finish().await;
-        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
+        tell_verdict(&mut send, verdict, &shared).await;
         Ok::<(), String>(())
     };
     let outcome = tokio::select! {
@@ -184,6 +179,17 @@ pub(super) async fn task_exchange(x: TaskExchange) {
             recv.stop(TASK_CANCELLED);
         }
     }
+}
+
+/// Tells the centre the verdict on its answer (nothing more if taken, why if refused), ends the stream and
+/// waits a moment for the centre to read it.
+async fn tell_verdict(send: &mut fedslm_transport::SendHalf, verdict: Verdict, shared: &Shared) {
+    if let Err(refusal) = verdict {
+        let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
+        let _ = write_message(send, &msg, &shared.limits).await;
+    }
+    send.finish().await;
+    let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
 }
 
 /// The frames a centre may send in a secure sum of `length` elements: each step's message, or an Error.
@@ -245,19 +251,10 @@ pub(super) async fn secure_exchange(
                 .map_err(|e| format!("cannot send a step of the sum: {e}"))?;
         }
         match verdict.await {
-            Ok(Ok(())) => {}
-            Ok(Err(refusal)) => {
-                let msg = Message::error(ErrorCode::UpdateRefused, refusal.to_string());
-                let _ = write_message(&mut send, &msg, &shared.limits).await;
-            }
+            Ok(verdict) => tell_verdict(&mut send, verdict, &shared).await,
             // No verdict: the task was dropped (its sum closed without it) or the run ended.
-            Err(_) => {
-                send.reset(TASK_CANCELLED);
-                return Ok(());
-            }
+            Err(_) => send.reset(TASK_CANCELLED),
         }
-        send.finish().await;
-        let _ = tokio::time::timeout(ERROR_LINGER, send.stopped()).await;
         Ok::<(), String>(())
     };
     let outcome = tokio::select! {
