@@ -75,8 +75,6 @@ pub struct Participant {
     held: BTreeMap<CenterId, ([u8; SHARE_LEN], [u8; SHARE_LEN])>,
     /// The survivors this centre signed.
     survivors: Vec<CenterId>,
-    /// What it has revealed of whom: never both kinds for one centre.
-    revealed: BTreeMap<CenterId, SecretKind>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -125,7 +123,6 @@ impl Participant {
             roster: BTreeMap::new(),
             held: BTreeMap::new(),
             survivors: Vec::new(),
-            revealed: BTreeMap::new(),
         };
         Ok((p, Secure::Keys(keys)))
     }
@@ -403,6 +400,8 @@ impl Participant {
                 threshold: self.threshold(),
             });
         }
+        // One share of each centre held, of one kind, chosen by the one survivor list signed; and never again
+        // (the step), so that no centre's two secrets are both revealed.
         let mut out = Vec::new();
         for (owner, (seed, mask)) in &self.held {
             let (kind, share) = if self.survivors.contains(owner) {
@@ -410,13 +409,6 @@ impl Participant {
             } else {
                 (SecretKind::MaskKey, mask)
             };
-            if self.revealed.get(owner).is_some_and(|k| *k != kind) {
-                return Err(SecureError::Refused(format!(
-                    "both secrets of {} asked for",
-                    escape_peer(owner.as_str())
-                )));
-            }
-            self.revealed.insert(owner.clone(), kind);
             out.push(RevealedShare {
                 owner: owner.clone(),
                 kind,

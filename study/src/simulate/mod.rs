@@ -407,19 +407,15 @@ impl Phases {
         }
     }
 
-    /// `name` ended now.
+    /// `name` ended now: the time since the last phase is its.
     fn done(&mut self, name: &str) {
-        self.split(name);
-    }
-
-    /// The time since the last phase is `name`'s.
-    fn split(&mut self, name: &str) {
         let now = Instant::now();
         let seconds = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.push(name, seconds);
     }
 
+    /// A phase timed apart (one that ran beside the others).
     fn push(&mut self, name: &str, seconds: f64) {
         self.phases.push(results::Phase {
             name: name.to_string(),
