@@ -132,15 +132,7 @@ pub fn check_update(
                 expected: g.role(),
             });
         }
-        let mut index = 0;
-        let mut first_bad = None;
-        u.for_each_f64(|v| {
-            if first_bad.is_none() && !v.is_finite() {
-                first_bad = Some(index);
-            }
-            index += 1;
-        });
-        if let Some(index) = first_bad {
+        if let Some(index) = u.first_non_finite() {
             return Err(UpdateRefusal::NonFinite { name, index });
         }
         if norm_bound.is_some() && g.role() != TensorRole::BatchNormStatistic {
@@ -242,11 +234,7 @@ impl FedAvg {
                 continue;
             }
             if let Some(t) = update.get(name) {
-                let mut i = 0;
-                t.for_each_f64(|v| {
-                    sum[i] += w * v;
-                    i += 1;
-                });
+                t.add_scaled_to(w, sum);
             }
         }
         self.examples += w;
