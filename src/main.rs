@@ -5,17 +5,31 @@ mod cli;
 
 use clap::Parser;
 
+/// glibc's allocator, set for what this process does, before any other thread starts.
+///
 /// Training allocates and frees the same large activation buffers at every step. glibc hands blocks above
 /// its mmap threshold back to the kernel on free and trims the heap's top, so each step faults them in again
 /// and the kernel zeroes every page (ResNet-18: 2.7 -> 2.2 s per step, BENCHMARKS.md). Keep them: blocks up
 /// to glibc's largest threshold come from the heap, and the heap is not trimmed below 1 GiB of free top.
-fn keep_freed_memory() {
+///
+/// The server is the opposite: a round's buffers (an update being read, the accumulators, the next model)
+/// are freed when the round ends, and kept ones pile up in one heap per thread that touched them (ResNet-18,
+/// 2 centres: 290-380 MiB at peak with the training settings, 196-205 with these, BENCHMARKS.md). One heap
+/// for all threads, and every block of 1 MiB or more mapped on its own and unmapped when freed.
+fn tune_allocator(serving: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets the allocator's parameters; called before any other thread starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        if serving {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        } else {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = serving;
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,8 +46,8 @@ fn main() -> std::process::ExitCode {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
-    keep_freed_memory();
     let args = cli::Cli::parse();
+    tune_allocator(args.serves());
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -416,15 +416,15 @@ pub(crate) async fn on_worker<T: LocalTrainer, R: Send + 'static>(
     .unwrap_or_else(|e| Err((ErrorCode::Internal, format!("{what} stopped: {e}"))))
 }
 
-/// Writes `msg` as one frame handed to QUIC whole: a model of tens of megabytes is encoded once and not
-/// copied again into the stream's buffer.
+/// Writes `msg` as one frame handed to QUIC in chunks: a model's tensors are sent from their own buffers, not
+/// copied into a frame or into the stream's buffer.
 async fn send_frame(
     send: &mut SendHalf,
     msg: &Message,
     limits: &Limits,
 ) -> Result<(), ProtocolError> {
-    let frame = codec::encode(msg, limits)?;
-    send.write_chunk(frame.into())
+    let frame = codec::encode_frame(msg, limits)?;
+    send.write_chunks(frame.chunks())
         .await
         .map_err(ProtocolError::Io)
 }

@@ -106,8 +106,23 @@ pub fn encode_into(msg: &Message, limits: &Limits, out: &mut Vec<u8>) -> Result<
     let start = out.len();
     out.reserve(HEADER_LEN + payload_size_hint(msg));
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let mut enc = bincode::enc::EncoderImpl::new(VecWriter(out), config());
-    let result = match msg {
+    if let Err(e) = encode_payload(msg, VecWriter(out)) {
+        out.truncate(start);
+        return Err(encode_err(e.to_string()));
+    }
+    let payload_len = (out.len() - start - HEADER_LEN) as u64;
+    if let Err(e) = within_limit(kind, payload_len, limits) {
+        out.truncate(start);
+        return Err(e);
+    }
+    FrameHeader::write(kind, payload_len, &mut out[start..start + HEADER_LEN]);
+    Ok(())
+}
+
+/// The payload of `msg`, written to `w`.
+fn encode_payload<W: Writer>(msg: &Message, w: W) -> Result<W, EncodeError> {
+    let mut enc = bincode::enc::EncoderImpl::new(w, config());
+    match msg {
         Message::Hello(m) => m.encode(&mut enc),
         Message::Welcome(m) => m.encode(&mut enc),
         Message::FitTask(m) => m.encode(&mut enc),
@@ -121,21 +136,126 @@ pub fn encode_into(msg: &Message, limits: &Limits, out: &mut Vec<u8>) -> Result<
         Message::StatusRequest(m) => m.encode(&mut enc),
         Message::StatusReport(m) => m.encode(&mut enc),
         Message::Secure(m) => m.encode(&mut enc),
-    };
-    if let Err(e) = result {
-        out.truncate(start);
-        return Err(encode_err(e.to_string()));
-    }
-    let payload_len = (out.len() - start - HEADER_LEN) as u64;
+    }?;
+    Ok(enc.into_writer())
+}
+
+fn within_limit(kind: MessageKind, payload_len: u64, limits: &Limits) -> Result<(), ProtocolError> {
     let limit = limits.frame_limit(kind);
     if payload_len > limit {
-        out.truncate(start);
-        return Err(encode_err(format!(
-            "payload of {payload_len} bytes exceeds the limit of {limit}"
-        )));
+        return Err(ProtocolError::Encode {
+            kind,
+            reason: format!("payload of {payload_len} bytes exceeds the limit of {limit}"),
+        });
     }
-    FrameHeader::write(kind, payload_len, &mut out[start..start + HEADER_LEN]);
     Ok(())
+}
+
+/// One frame as consecutive chunks: the header, then the payload, whose tensor data are the message's own
+/// buffers ([`Bytes`] views), not copies. A 45 MB model is sent to every centre, and a centre's update back,
+/// without being copied into a frame first.
+#[derive(Debug, Clone, Default)]
+pub struct Frame {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Frame {
+    /// The frame's length in bytes, header included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunks, in order.
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// The frame in one buffer (a copy).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len);
+        for c in &self.chunks {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+}
+
+/// `msg` as one [`Frame`], its tensors' data shared, not copied; refused as [`encode`] refuses.
+pub fn encode_frame(msg: &Message, limits: &Limits) -> Result<Frame, ProtocolError> {
+    let kind = msg.kind();
+    check_outgoing(msg, limits).map_err(|reason| ProtocolError::Encode { kind, reason })?;
+    let weights = match msg {
+        Message::FitTask(m) => Some(&m.weights),
+        Message::FitResult(m) => Some(&m.weights),
+        Message::EvaluateTask(m) => Some(&m.weights),
+        _ => None,
+    };
+    let sources: Vec<&Bytes> = weights
+        .map(|w| w.tensors().iter().map(|t| t.bytes()).collect())
+        .unwrap_or_default();
+    let writer = ChunkWriter {
+        sources: &sources,
+        chunks: Vec::new(),
+        current: Vec::new(),
+        len: 0,
+    };
+    let writer = encode_payload(msg, writer).map_err(|e| ProtocolError::Encode {
+        kind,
+        reason: e.to_string(),
+    })?;
+    let payload_len = writer.len as u64;
+    within_limit(kind, payload_len, limits)?;
+    let mut header = [0u8; HEADER_LEN];
+    FrameHeader::write(kind, payload_len, &mut header);
+    let mut chunks = Vec::with_capacity(writer.chunks.len() + 2);
+    chunks.push(Bytes::copy_from_slice(&header));
+    chunks.extend(writer.chunks);
+    if !writer.current.is_empty() {
+        chunks.push(Bytes::from(writer.current));
+    }
+    Ok(Frame {
+        chunks,
+        len: HEADER_LEN + writer.len,
+    })
+}
+
+/// Writes no smaller than this are looked for among the message's tensor buffers, to be shared.
+const SHARED_MIN: usize = 4096;
+
+/// A writer that copies small writes into the current chunk and shares a write that lies inside one of
+/// `sources` as a view into it.
+struct ChunkWriter<'a> {
+    sources: &'a [&'a Bytes],
+    chunks: Vec<Bytes>,
+    current: Vec<u8>,
+    len: usize,
+}
+
+impl Writer for ChunkWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
+        self.len += bytes.len();
+        if bytes.len() >= SHARED_MIN {
+            let inside = |s: &&&Bytes| {
+                let (start, at) = (s.as_ptr() as usize, bytes.as_ptr() as usize);
+                at >= start && at + bytes.len() <= start + s.len()
+            };
+            if let Some(source) = self.sources.iter().find(inside) {
+                if !self.current.is_empty() {
+                    self.chunks
+                        .push(Bytes::from(std::mem::take(&mut self.current)));
+                }
+                self.chunks.push(source.slice_ref(bytes));
+                return Ok(());
+            }
+        }
+        self.current.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// `msg` as one frame.

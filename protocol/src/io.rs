@@ -32,6 +32,10 @@ pub struct Expect<'a> {
     pub kinds: &'a [MessageKind],
     pub max_payload: u64,
     pub payload_within: Option<Duration>,
+    /// The reader holds memory for this frame (a permit of a few frames at once): its payload is one buffer
+    /// of the declared length, allocated at once (its pages are touched only as bytes arrive), instead of a
+    /// buffer that grows as they come, whose steps the allocator keeps.
+    pub reserved: bool,
 }
 
 impl Expect<'static> {
@@ -40,6 +44,7 @@ impl Expect<'static> {
         kinds: &MessageKind::ALL,
         max_payload: u64::MAX,
         payload_within: None,
+        reserved: false,
     };
 }
 
@@ -50,6 +55,7 @@ impl<'a> Expect<'a> {
             kinds,
             max_payload: u64::MAX,
             payload_within: None,
+            reserved: false,
         }
     }
 
@@ -65,6 +71,15 @@ impl<'a> Expect<'a> {
     pub const fn within(self, d: Duration) -> Expect<'a> {
         Expect {
             payload_within: Some(d),
+            ..self
+        }
+    }
+
+    /// The payload in one buffer of its declared length, allocated at once: for a reader that holds memory
+    /// for the frame.
+    pub const fn reserved(self) -> Expect<'a> {
+        Expect {
+            reserved: true,
             ..self
         }
     }
@@ -171,7 +186,12 @@ pub async fn read_payload<R: AsyncRead + Unpin>(
 ) -> Result<Message, ProtocolError> {
     header.charge(budget)?;
     let len = header.payload_len;
-    let mut payload = Vec::with_capacity((len as usize).min(INITIAL_PAYLOAD_CAPACITY));
+    let first = if expect.reserved {
+        len as usize
+    } else {
+        (len as usize).min(INITIAL_PAYLOAD_CAPACITY)
+    };
+    let mut payload = Vec::with_capacity(first);
     let reading = read_exactly(r, len as usize, &mut payload);
     match expect.payload_within {
         None => reading.await?,

@@ -4,7 +4,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use fedslm_protocol::codec::{self, FrameDecoder};
-use fedslm_protocol::io::read_message;
+use fedslm_protocol::io::{self, read_message};
 use fedslm_protocol::*;
 
 struct Counting;
@@ -90,6 +90,20 @@ fn a_huge_claimed_length_allocates_nothing_near_it() {
         measure(|| rt.block_on(read_message(&mut &h[..], &limits, &ByteBudget::default())));
     assert!(matches!(r, Err(ProtocolError::Truncated { .. })), "{r:?}");
     assert!(largest < MIB, "largest allocation {largest} bytes");
+
+    // A reader that reserved memory for the frame (it holds a permit) allocates its length at once, and a
+    // frame cut short is still refused.
+    let reserved = io::Expect::ANY.reserved();
+    let claimed = header(MessageKind::FitResult, 4 * MIB as u64);
+    let (r, largest, _) = measure(|| {
+        rt.block_on(async {
+            let mut r = &claimed[..];
+            let header = io::read_header(&mut r, &limits, reserved).await?;
+            io::read_payload(&mut r, header, &limits, &ByteBudget::default(), reserved).await
+        })
+    });
+    assert!(matches!(r, Err(ProtocolError::Truncated { .. })), "{r:?}");
+    assert!(largest >= 4 * MIB, "largest allocation {largest} bytes");
 
     // The same through the buffer decoder.
     let (r, largest, _) = measure(|| {

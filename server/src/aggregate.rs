@@ -321,11 +321,23 @@ impl FedAvg {
                 tensors.push(t);
                 continue;
             }
-            let mean: Vec<f64> = sum.iter().map(|s| s / self.examples).collect();
+            // Each tensor's sums are dropped as soon as its mean is made; an f32 mean is written straight
+            // into its bytes, without a vector of f64 means or f32 values between.
+            let mean = |s: &f64| s / self.examples;
             tensors.push(match dtype {
-                DType::F64 => Tensor::from_f64(name, shape, role, &mean)?,
+                DType::F32 => {
+                    let mut bytes = Vec::with_capacity(4 * sum.len());
+                    for s in &sum {
+                        bytes.extend_from_slice(&(mean(s) as f32).to_le_bytes());
+                    }
+                    Tensor::from_raw(name, shape, dtype, role, bytes.into())?
+                }
+                DType::F64 => {
+                    let means: Vec<f64> = sum.iter().map(mean).collect();
+                    Tensor::from_f64(name, shape, role, &means)?
+                }
                 other => {
-                    let narrow: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+                    let narrow: Vec<f32> = sum.iter().map(|s| mean(s) as f32).collect();
                     Tensor::from_f32_as(name, shape, role, &narrow, other)?
                 }
             });

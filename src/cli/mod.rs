@@ -100,6 +100,14 @@ impl Output {
     }
 }
 
+impl Cli {
+    /// Whether this command is the coordinating server, which holds a model's worth of buffers for every
+    /// round and must give them back, where the other commands train.
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Server(_))
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let output = Output {
         filter: cli.log,

@@ -191,6 +191,24 @@ impl SendHalf {
         }
     }
 
+    /// Writes `chunks` whole, in order; over QUIC without copying them into the stream's buffer.
+    pub async fn write_chunks(&mut self, chunks: &[bytes::Bytes]) -> io::Result<()> {
+        match self {
+            SendHalf::Quic(s) => {
+                let mut chunks = chunks.to_vec();
+                s.write_all_chunks(&mut chunks)
+                    .await
+                    .map_err(io::Error::from)
+            }
+            SendHalf::Tcp(s) => {
+                for c in chunks {
+                    s.write_all(c).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Ends this side of the stream: the peer reads to its end.
     pub async fn finish(&mut self) {
         match self {

@@ -294,7 +294,11 @@ proptest! {
         let frame = codec::encode(&msg, &limits).unwrap();
         let (back, used) = codec::decode(&frame, &limits).unwrap();
         prop_assert_eq!(used, frame.len());
-        prop_assert_eq!(back, msg);
+        prop_assert_eq!(&back, &msg);
+        // The frame in chunks is the same bytes.
+        let chunks = codec::encode_frame(&msg, &limits).unwrap();
+        prop_assert_eq!(chunks.len(), frame.len());
+        prop_assert_eq!(chunks.to_vec(), frame);
     }
 
     #[test]
@@ -360,4 +364,54 @@ proptest! {
             let _ = codec::decode(&fixed, &limits);
         }
     }
+}
+
+#[test]
+fn a_frame_in_chunks_shares_the_large_tensors_and_is_the_frame_byte_for_byte() {
+    let limits = Limits::default();
+    let big: Vec<f32> = (0..300_000).map(|i| i as f32 * 0.25).collect();
+    let weights = Weights::from_tensors(vec![
+        Tensor::from_f32("conv.weight", vec![300_000], TensorRole::Parameter, &big).unwrap(),
+        Tensor::from_f32(
+            "bn.bias",
+            vec![3],
+            TensorRole::BatchNormParameter,
+            &[1.0, 2.0, 3.0],
+        )
+        .unwrap(),
+        Tensor::from_f32("fc.weight", vec![2000], TensorRole::Parameter, &big[..2000]).unwrap(),
+    ])
+    .unwrap();
+    let msg = Message::FitResult(FitResult {
+        round: 3,
+        weights: weights.clone(),
+        examples: 10,
+        train_loss: 0.5,
+    });
+    let frame = codec::encode_frame(&msg, &limits).unwrap();
+    assert_eq!(frame.to_vec(), codec::encode(&msg, &limits).unwrap());
+    // The two large tensors' data are the chunks themselves, not copies; the small one is copied.
+    let shared: Vec<&Bytes> = frame
+        .chunks()
+        .iter()
+        .filter(|c| {
+            weights
+                .tensors()
+                .iter()
+                .any(|t| t.bytes().as_ptr() == c.as_ptr() && t.bytes().len() == c.len())
+        })
+        .collect();
+    assert_eq!(
+        shared.len(),
+        2,
+        "{:?}",
+        frame.chunks().iter().map(|c| c.len()).collect::<Vec<_>>()
+    );
+    // A frame over its kind's limit is refused as the one-buffer encoder refuses it.
+    let small = Limits {
+        max_weights_bytes: 1000,
+        max_tensors: 4,
+        ..Limits::default()
+    };
+    assert!(codec::encode_frame(&msg, &small).is_err());
 }

@@ -22,8 +22,10 @@ use crate::store::{RunState, Store, StoredRound};
 
 /// Answers read and held at once, once they have begun to come: the rest wait in QUIC's flow control, so the
 /// server's memory stays about the global model, its f64 accumulators and this many updates, however many
-/// centres answer. A centre that has not begun its answer holds no permit.
-pub(super) const RESULTS_IN_FLIGHT: usize = 2;
+/// centres answer. A centre that has not begun its answer holds no permit. One: a second answer read while
+/// the first is folded in saved 0.13 s of a 10-centre ResNet-18 round (1.58 against 1.71 s) for 43 MiB more
+/// at the peak (259 against 216 MiB; BENCHMARKS.md).
+pub(super) const RESULTS_IN_FLIGHT: usize = 1;
 
 /// Where a run is made durable: the store, and the writer of each round's model file.
 pub(super) struct Durable {
@@ -180,7 +182,8 @@ impl Driver {
     /// Sends one encoded task to each centre on a fresh stream; a centre that is gone fails its task at once.
     fn send(&mut self, round: u32, message: &Message, to: Vec<(CenterId, TaskId)>) {
         let shared = &self.shared;
-        let frame = match codec::encode(message, &shared.limits) {
+        // The model's tensors are the frame's chunks: the global model is not copied for its tasks.
+        let frame = match codec::encode_frame(message, &shared.limits) {
             Ok(f) => f,
             Err(e) => {
                 let reason = format!("cannot encode round {round}'s {}: {e}", message.kind());
@@ -199,7 +202,6 @@ impl Driver {
             _ => 0,
         };
         let answer = Answer::to(message.kind(), frame.len() as u64, bins);
-        let frame = bytes_of(frame);
         for (center, task) in to {
             self.rounds_of.insert(task, round);
             let (cancel, cancelled) = oneshot::channel();

@@ -81,8 +81,8 @@ pub(super) struct TaskExchange {
     pub(super) shared: Arc<Shared>,
     pub(super) connection: Link,
     pub(super) budget: ByteBudget,
-    /// The encoded task, one allocation shared by every centre's stream.
-    pub(super) frame: bytes::Bytes,
+    /// The encoded task, its chunks shared by every centre's stream (and its tensors with the global model).
+    pub(super) frame: fedslm_protocol::codec::Frame,
     pub(super) center: CenterId,
     pub(super) task: TaskId,
     pub(super) answer: Answer,
@@ -109,7 +109,7 @@ pub(super) async fn task_exchange(x: TaskExchange) {
     };
     let work = async {
         // The shared frame itself, not a copy, waits in each stream's send buffer.
-        send.write_chunk(frame)
+        send.write_chunks(frame.chunks())
             .await
             .map_err(|e| format!("cannot send the task: {e}"))?;
         // Every centre's answer is awaited at once; one that has begun to come (its header is in, its kind and
@@ -121,7 +121,14 @@ pub(super) async fn task_exchange(x: TaskExchange) {
             .await
             .map_err(|e| format!("no answer: {e}"))?;
         let permit = results.acquire().await.map_err(|e| e.to_string())?;
-        let reply = read_payload(&mut recv, header, &shared.limits, &budget, expect).await;
+        let reply = read_payload(
+            &mut recv,
+            header,
+            &shared.limits,
+            &budget,
+            expect.reserved(),
+        )
+        .await;
         let input = match reply {
             Ok(Message::FitResult(result)) => Input::FitAnswered {
                 center: center.clone(),
@@ -240,7 +247,7 @@ pub(super) async fn secure_exchange(
         send.write_chunk(begin)
             .await
             .map_err(|e| format!("cannot send the sum's Begin: {e}"))?;
-        send.write_chunk(frame)
+        send.write_chunks(frame.chunks())
             .await
             .map_err(|e| format!("cannot send the task: {e}"))?;
         // Every step the coordinator queued for this task is written before its verdict: the outbox closes
@@ -299,7 +306,12 @@ async fn read_secure(
                 1
             };
             let permit = results.acquire_many(permits).await.ok();
-            let msg = read_payload(&mut recv, header, &shared.limits, &budget, expect).await;
+            let held = if permit.is_some() {
+                expect.reserved()
+            } else {
+                expect
+            };
+            let msg = read_payload(&mut recv, header, &shared.limits, &budget, held).await;
             Ok::<_, fedslm_protocol::ProtocolError>((msg?, permit))
         };
         let reason = match read.await {
