@@ -5,7 +5,8 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use fedslm_study::bench::flood::{flood, FloodSpec};
 use fedslm_study::bench::{
-    bench_network, commit_phases, filesystem_of, round_seconds, round_target, verdict,
+    bench_network, commit_phases, filesystem_of, round_seconds, round_target,
+    transport::echo_seconds, verdict,
 };
 use fedslm_transport::Transport;
 
@@ -152,8 +153,9 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<Transport>>>()?;
     println!(
         "model, parameters, MB, centres, transport, aggregation, s/round (median of {}), server peak \
-         MiB, secure / plain, target s/round, target MiB, targets",
-        args.rounds
+         MiB, secure / plain, target s/round, target MiB, targets, QUIC alone s (median of {}), round / \
+         QUIC alone",
+        args.rounds, args.rounds
     );
     let program = std::env::current_exe()?;
     for model in &args.models {
@@ -196,8 +198,25 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
                         ),
                         None => "-, -, -".into(),
                     };
+                    // The limit: the same bytes over the same QUIC and TLS, with no protocol at all, measured
+                    // here, beside the round, so that both meet the same machine.
+                    let alone = if transport == Transport::Quic && !secure {
+                        let mut seconds = Vec::new();
+                        for _ in 0..args.rounds.max(1) {
+                            let tmp = tempfile_dir()?;
+                            let s = echo_seconds(&tmp, n, weights.data_bytes());
+                            let _ = std::fs::remove_dir_all(&tmp);
+                            seconds.push(s?);
+                        }
+                        seconds.sort_by(f64::total_cmp);
+                        let median = seconds[seconds.len() / 2];
+                        format!("{median:.3}, {:.2}", timing.median_seconds / median)
+                    } else {
+                        "-, -".into()
+                    };
                     println!(
-                        "{model}, {}, {:.1}, {n}, {transport}, {}, {:.3}, {:.0}, {ratio}, {targets}",
+                        "{model}, {}, {:.1}, {n}, {transport}, {}, {:.3}, {:.0}, {ratio}, {targets}, \
+                         {alone}",
                         network.parameter_count(),
                         weights.data_bytes() as f64 / 1e6,
                         if secure { "secure" } else { "plain" },

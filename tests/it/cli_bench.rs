@@ -201,9 +201,14 @@ fn rounds_are_timed_over_quic_and_tcp_and_with_secure_aggregation_side_by_side()
     // No target for the small network; the targets are the 45 MB model's (`fedslm_study::bench::round_target`).
     assert!(
         rows.iter()
-            .all(|r| r.len() == 12 && r[9..] == ["-", "-", "-"]),
+            .all(|r| r.len() == 14 && r[9..12] == ["-", "-", "-"]),
         "{out}"
     );
+    // The transport's own time for the same bytes, beside the plain QUIC round only.
+    let alone: f64 = rows[0][12].parse().unwrap();
+    let over: f64 = rows[0][13].parse().unwrap();
+    assert!(alone > 0.0 && over > 0.0 && over.is_finite(), "{out}");
+    assert!(rows[1..].iter().all(|r| r[12..] == ["-", "-"]), "{out}");
     let ratio: f64 = rows[1][8].parse().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{out}");
     assert!(

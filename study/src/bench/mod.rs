@@ -13,6 +13,7 @@ pub mod dp;
 pub mod flood;
 pub mod stranger;
 pub mod train;
+pub mod transport;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -1,0 +1,139 @@
+//! What loopback QUIC with TLS itself costs (`fedslm bench rounds` prints it beside each round): a round's
+//! bytes moved over the same transport and certificates with no protocol, no checks and no aggregation.
+//!
+//! A server endpoint (the server's own QUIC and TLS settings, on a runtime of its own, as the server process
+//! has) sends `bytes` on a fresh stream to each of `centres` connected clients, which read them whole and send
+//! them back, as echoing nodes do with a task; the time runs from the first byte sent to the last echo read.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use bytes::Bytes;
+use fedslm_certs::{ClientTlsFiles, IssueOptions, Pki, ServerTlsFiles};
+use fedslm_protocol::CenterId;
+
+use crate::StudyError;
+
+fn failed(what: &str) -> impl Fn(String) -> StudyError + '_ {
+    move |e| StudyError::Failed(format!("{what}: {e}"))
+}
+
+/// Seconds to send `bytes` to each of `centres` clients and read them back, over loopback QUIC with the
+/// federation's mutual TLS; certificates are made in `dir`.
+pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, StudyError> {
+    let pki_dir = dir.join("pki");
+    let pki = Pki::init(
+        &pki_dir,
+        "bench",
+        "localhost",
+        &[std::net::IpAddr::from([127, 0, 0, 1])],
+    )?;
+    let mut clients = Vec::new();
+    for i in 0..centres {
+        let name = format!("c{i:03}");
+        let id = CenterId::new(name.as_str()).map_err(|e| failed("centre")(e.to_string()))?;
+        let at = pki_dir.join("centres").join(&name);
+        pki.issue(&id, &at, IssueOptions::days(1)?)?;
+        let tls = ClientTlsFiles {
+            ca: at.join("ca.pem"),
+            cert: at.join(format!("{name}.pem")),
+            key: at.join(format!("{name}.key")),
+        };
+        let tls = fedslm_certs::client_config(&tls)?;
+        clients.push(fedslm_certs::quic_client_config(tls)?);
+    }
+    let files = ServerTlsFiles::in_pki(&pki_dir);
+    let server_quic = fedslm_certs::quic_server_config(fedslm_certs::server_config(&files)?)?;
+    let endpoint_config = fedslm_certs::server_endpoint_config(&files)?;
+    // Two runtimes, as the server process and the benchmark's nodes have.
+    let server_rt = crate::error::runtime()?;
+    let client_rt = crate::error::runtime()?;
+    let socket = fedslm_certs::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .map_err(|e| failed("no UDP socket")(e.to_string()))?;
+    let endpoint = server_rt.block_on(async {
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| StudyError::Failed("no runtime for QUIC".into()))?;
+        quinn::Endpoint::new(endpoint_config, Some(server_quic), socket, runtime)
+            .map_err(|e| failed("cannot bind")(e.to_string()))
+    })?;
+    let addr = endpoint
+        .local_addr()
+        .map_err(|e| failed("no address")(e.to_string()))?;
+    // The clients: connect, then echo one stream.
+    let echoes = clients
+        .into_iter()
+        .map(|config| {
+            client_rt.spawn(async move {
+                let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+                let socket = fedslm_certs::udp_socket(bind).map_err(|e| e.to_string())?;
+                let runtime = quinn::default_runtime().ok_or("no runtime")?;
+                let client = quinn::Endpoint::new(Default::default(), None, socket, runtime)
+                    .map_err(|e| e.to_string())?;
+                let connection = client
+                    .connect_with(config, addr, "localhost")
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (mut send, mut recv) =
+                    connection.accept_bi().await.map_err(|e| e.to_string())?;
+                let data = recv.read_to_end(bytes).await.map_err(|e| e.to_string())?;
+                send.write_chunk(Bytes::from(data))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+                connection.close(0u32.into(), b"done");
+                client.wait_idle().await;
+                Ok::<(), String>(())
+            })
+        })
+        .collect::<Vec<_>>();
+    let payload = Bytes::from(vec![7u8; bytes]);
+    let seconds = server_rt.block_on(async {
+        let mut connections = Vec::new();
+        for _ in 0..centres {
+            let incoming = endpoint
+                .accept()
+                .await
+                .ok_or_else(|| StudyError::Failed("the endpoint closed".into()))?;
+            connections.push(
+                incoming
+                    .await
+                    .map_err(|e| failed("handshake")(e.to_string()))?,
+            );
+        }
+        let start = Instant::now();
+        let mut rounds = Vec::new();
+        for connection in connections {
+            let payload = payload.clone();
+            rounds.push(tokio::spawn(async move {
+                let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_chunk(payload).await.map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                let back = recv.read_to_end(bytes).await.map_err(|e| e.to_string())?;
+                Ok::<usize, String>(back.len())
+            }));
+        }
+        for r in rounds {
+            let got = r
+                .await
+                .map_err(|e| failed("a stream")(e.to_string()))?
+                .map_err(failed("a stream"))?;
+            if got != bytes {
+                return Err(StudyError::Failed(format!(
+                    "{got} bytes came back of {bytes}"
+                )));
+            }
+        }
+        Ok::<f64, StudyError>(start.elapsed().as_secs_f64())
+    })?;
+    for echo in echoes {
+        client_rt
+            .block_on(echo)
+            .map_err(|e| failed("a client")(e.to_string()))?
+            .map_err(failed("a client"))?;
+    }
+    endpoint.close(0u32.into(), b"done");
+    Ok(seconds)
+}
