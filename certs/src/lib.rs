@@ -21,7 +21,7 @@ pub use pki::{
 };
 pub use quic::{
     alert_name, connection_center, connection_chain, quic_client_config, quic_server_config,
-    server_endpoint_config, tls_alert, udp_socket,
+    server_endpoint_config, tls_alert, udp_socket, SERVER_IDLE_WINDOW, SERVER_READING_WINDOW,
 };
 pub use sign::{
     center_issued_by, issued_by, server_signer, verify as verify_signature, SignatureError, Signer,

@@ -153,6 +153,15 @@ impl Link {
         }
     }
 
+    /// How much the peer may send that this side has not read yet, on the whole connection (QUIC's
+    /// connection-level flow control; a smaller window takes effect as the data already allowed is read).
+    /// Over TCP the multiplexer's own windows apply and this does nothing.
+    pub fn set_receive_window(&self, bytes: u32) {
+        if let Inner::Quic { connection, .. } = &self.0 {
+            connection.set_receive_window(VarInt::from_u32(bytes));
+        }
+    }
+
     /// Bytes received and sent on the wire so far (UDP datagrams, or the TCP stream's TLS records).
     pub fn bytes(&self) -> (u64, u64) {
         match &self.0 {
