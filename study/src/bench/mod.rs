@@ -120,13 +120,7 @@ impl ServerProcess {
         centres: usize,
         configure: impl FnOnce(&mut ServerToml),
     ) -> Result<ServerProcess, StudyError> {
-        let pki_dir = dir.join("pki");
-        let pki = Pki::init(
-            &pki_dir,
-            "bench",
-            "localhost",
-            &[std::net::IpAddr::from([127, 0, 0, 1])],
-        )?;
+        let (pki_dir, names) = bench_pki(dir, centres)?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .map_err(io_err("no free UDP port"))?
@@ -136,15 +130,7 @@ impl ServerProcess {
         server.output = dir.join("out");
         server.initial_model = Some(init.to_path_buf());
         let mut nodes = Vec::new();
-        for i in 0..centres {
-            let name = format!("c{i:03}");
-            let id = CenterId::new(name.as_str())
-                .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
-            pki.issue(
-                &id,
-                &pki_dir.join("centres").join(&name),
-                IssueOptions::days(1)?,
-            )?;
+        for name in names {
             server.center.push(CenterEntry {
                 id: name.clone(),
                 role: Role::Train.name().into(),
@@ -184,6 +170,34 @@ impl ServerProcess {
             nodes,
         })
     }
+}
+
+/// A fresh PKI in `dir`/pki for a loopback server and `centres` training centres named c000, c001, ...: the
+/// PKI's folder and the centres' names.
+pub(crate) fn bench_pki(
+    dir: &Path,
+    centres: usize,
+) -> Result<(std::path::PathBuf, Vec<String>), StudyError> {
+    let pki_dir = dir.join("pki");
+    let pki = Pki::init(
+        &pki_dir,
+        "bench",
+        "localhost",
+        &[std::net::IpAddr::from([127, 0, 0, 1])],
+    )?;
+    let mut names = Vec::new();
+    for i in 0..centres {
+        let name = format!("c{i:03}");
+        let id = CenterId::new(name.as_str())
+            .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
+        pki.issue(
+            &id,
+            &pki_dir.join("centres").join(&name),
+            IssueOptions::days(1)?,
+        )?;
+        names.push(name);
+    }
+    Ok((pki_dir, names))
 }
 
 /// Issue 24's targets for a plain round of `model` among `centres` (seconds a round, the server's peak MiB),

@@ -10,8 +10,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use bytes::Bytes;
-use fedslm_certs::{ClientTlsFiles, IssueOptions, Pki, ServerTlsFiles};
-use fedslm_protocol::CenterId;
+use fedslm_certs::ServerTlsFiles;
+
+use crate::simulate::configs::client_config;
 
 use crate::StudyError;
 
@@ -22,27 +23,7 @@ fn failed(what: &str) -> impl Fn(String) -> StudyError + '_ {
 /// Seconds to send `bytes` to each of `centres` clients and read them back, over loopback QUIC with the
 /// federation's mutual TLS; certificates are made in `dir`.
 pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, StudyError> {
-    let pki_dir = dir.join("pki");
-    let pki = Pki::init(
-        &pki_dir,
-        "bench",
-        "localhost",
-        &[std::net::IpAddr::from([127, 0, 0, 1])],
-    )?;
-    let mut clients = Vec::new();
-    for i in 0..centres {
-        let name = format!("c{i:03}");
-        let id = CenterId::new(name.as_str()).map_err(|e| failed("centre")(e.to_string()))?;
-        let at = pki_dir.join("centres").join(&name);
-        pki.issue(&id, &at, IssueOptions::days(1)?)?;
-        let tls = ClientTlsFiles {
-            ca: at.join("ca.pem"),
-            cert: at.join(format!("{name}.pem")),
-            key: at.join(format!("{name}.key")),
-        };
-        let tls = fedslm_certs::client_config(&tls)?;
-        clients.push(fedslm_certs::quic_client_config(tls)?);
-    }
+    let (pki_dir, names) = super::bench_pki(dir, centres)?;
     let files = ServerTlsFiles::in_pki(&pki_dir);
     let server_quic = fedslm_certs::quic_server_config(fedslm_certs::server_config(&files)?)?;
     let endpoint_config = fedslm_certs::server_endpoint_config(&files)?;
@@ -60,6 +41,13 @@ pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, Stu
     let addr = endpoint
         .local_addr()
         .map_err(|e| failed("no address")(e.to_string()))?;
+    let mut clients = Vec::new();
+    for name in &names {
+        // The nodes' own TLS files and settings.
+        let node = client_config(dir, &pki_dir, name, None, addr)?;
+        let tls = fedslm_certs::client_config(&node.tls)?;
+        clients.push(fedslm_certs::quic_client_config(tls)?);
+    }
     // The clients: connect, then echo one stream.
     let echoes = clients
         .into_iter()
