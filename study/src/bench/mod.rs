@@ -21,11 +21,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fedslm_certs::{IssueOptions, Pki};
+use fedslm_certs::Pki;
 use fedslm_client::{Backoff, Declined, LocalTrainer};
 use fedslm_model::{save, ModelCard, ModelKind, NetConfig, Network};
 use fedslm_protocol::{
-    CenterId, EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask, Role,
+    EvalReport, EvaluateTask, FitResult, FitTask, PlacementReport, PlacementTask, Role,
     SampleCounts, Weights,
 };
 use fedslm_server::config::{CenterEntry, ServerToml};
@@ -95,7 +95,8 @@ pub struct RoundTiming {
     pub server_peak_mib: f64,
 }
 
-fn io_err(what: &str) -> impl Fn(std::io::Error) -> StudyError + '_ {
+/// A failure of `what`, with its cause.
+fn failed<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> StudyError + '_ {
     move |e| StudyError::Failed(format!("{what}: {e}"))
 }
 
@@ -123,7 +124,7 @@ impl ServerProcess {
         let (pki_dir, names) = bench_pki(dir, centres)?;
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
-            .map_err(io_err("no free UDP port"))?
+            .map_err(failed("no free UDP port"))?
             .port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let mut server = ServerToml::new(addr, pki_dir.clone(), "bench".into());
@@ -147,7 +148,7 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .env_remove("RUST_LOG")
             .spawn()
-            .map_err(io_err("cannot start the server"))?;
+            .map_err(failed("cannot start the server"))?;
         let stdout = process
             .stdout
             .take()
@@ -156,7 +157,7 @@ impl ServerProcess {
         let first = lines
             .next()
             .transpose()
-            .map_err(io_err("the server's output"))?
+            .map_err(failed("the server's output"))?
             .unwrap_or_default();
         if !first.starts_with("listening on") {
             let _ = process.kill();
@@ -179,24 +180,8 @@ pub(crate) fn bench_pki(
     centres: usize,
 ) -> Result<(std::path::PathBuf, Vec<String>), StudyError> {
     let pki_dir = dir.join("pki");
-    let pki = Pki::init(
-        &pki_dir,
-        "bench",
-        "localhost",
-        &[std::net::IpAddr::from([127, 0, 0, 1])],
-    )?;
-    let mut names = Vec::new();
-    for i in 0..centres {
-        let name = format!("c{i:03}");
-        let id = CenterId::new(name.as_str())
-            .map_err(|e| StudyError::Refused(format!("centre {name}: {e}")))?;
-        pki.issue(
-            &id,
-            &pki_dir.join("centres").join(&name),
-            IssueOptions::days(1)?,
-        )?;
-        names.push(name);
-    }
+    let names: Vec<String> = (0..centres).map(|i| format!("c{i:03}")).collect();
+    crate::simulate::configs::loopback_pki(&pki_dir, "bench", names.iter().map(String::as_str), 1)?;
     Ok((pki_dir, names))
 }
 
@@ -252,7 +237,7 @@ pub fn round_seconds(
 ) -> Result<RoundTiming, StudyError> {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(io_err("no free TCP port"))?;
+        .map_err(failed("no free TCP port"))?;
     let init = dir.join("init.safetensors");
     save(
         &init,
@@ -311,14 +296,14 @@ pub fn round_seconds(
             peak = rest.trim_end_matches(" MiB").parse().unwrap_or(f64::NAN);
         }
     }
-    let status = process.wait().map_err(io_err("the server"))?;
+    let status = process.wait().map_err(failed("the server"))?;
     nodes?;
     if !status.success() {
         return Err(StudyError::Failed("the server failed".into()));
     }
     let seconds = round_times(dir)?;
     Ok(RoundTiming {
-        median_seconds: seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN),
+        median_seconds: train::median(seconds),
         server_peak_mib: peak,
     })
 }

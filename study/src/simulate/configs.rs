@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use fedslm_certs::ClientTlsFiles;
+use fedslm_certs::{ClientTlsFiles, IssueOptions, Pki};
 use fedslm_client::ClientConfig;
 use fedslm_protocol::{CenterId, Role};
 use fedslm_server::config::{CenterEntry, ServerToml};
@@ -34,6 +34,33 @@ pub fn server_config(
         .collect();
     adjust(&mut toml);
     Ok(ServerConfig::from_toml(toml, &output.join("server.toml"))?)
+}
+
+/// A fresh PKI in `pki` for a server on loopback (its certificate names localhost and 127.0.0.1), and a
+/// certificate valid `days` for each centre of `names`, in `pki`/centres/`name`, where [`client_config`]
+/// looks for it.
+pub fn loopback_pki<'a>(
+    pki: &Path,
+    federation: &str,
+    names: impl IntoIterator<Item = &'a str>,
+    days: u32,
+) -> Result<(), StudyError> {
+    let authority = Pki::init(
+        pki,
+        federation,
+        "localhost",
+        &[std::net::IpAddr::from([127, 0, 0, 1])],
+    )?;
+    for name in names {
+        let id = CenterId::new(name)
+            .map_err(|e| StudyError::Refused(format!("centre folder {name:?}: {e}")))?;
+        authority.issue(
+            &id,
+            &pki.join("centres").join(name),
+            IssueOptions::days(days)?,
+        )?;
+    }
+    Ok(())
 }
 
 /// A node of centre `name` with its certificate from the simulation's PKI, the study's coding and

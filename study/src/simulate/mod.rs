@@ -18,12 +18,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fedslm_certs::{IssueOptions, Pki};
 use fedslm_cohort::synth::{write_cohort, Geometry, Plan, Preset};
 use fedslm_metrics::{self as m, LogisticFit, ScoreHistograms};
 use fedslm_model::ModelKind;
 use fedslm_node::{Node, SharedNode};
-use fedslm_protocol::{CenterId, Role};
+use fedslm_protocol::Role;
 use fedslm_server::evaluation::AucSummary;
 
 pub use federation::run_id;
@@ -464,21 +463,14 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         )));
     }
     let pki_dir = out.join("pki");
-    let pki = Pki::init(
+    configs::loopback_pki(
         &pki_dir,
         "simulation",
-        "localhost",
-        &[std::net::IpAddr::from([127, 0, 0, 1])],
+        centers.iter().map(|(n, _)| n.as_str()),
+        30,
     )?;
     let mut nodes = Vec::new();
     for (name, role) in &centers {
-        let id = CenterId::new(name.as_str())
-            .map_err(|e| StudyError::Refused(format!("centre folder {name:?}: {e}")))?;
-        pki.issue(
-            &id,
-            &pki_dir.join("centres").join(name),
-            IssueOptions::days(30)?,
-        )?;
         let mut config = configs::client_config(
             &out,
             &pki_dir,
