@@ -5,7 +5,7 @@ use anyhow::bail;
 use clap::{Args, Subcommand};
 use fedslm_study::bench::flood::{flood, FloodSpec};
 use fedslm_study::bench::{
-    bench_network, commit_phases, filesystem_of, round_seconds, round_target,
+    bench_network, commit_phases, filesystem_of, round_seconds, round_target, train::median,
     transport::echo_seconds, verdict,
 };
 use fedslm_transport::Transport;
@@ -208,8 +208,7 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
                             let _ = std::fs::remove_dir_all(&tmp);
                             seconds.push(s?);
                         }
-                        seconds.sort_by(f64::total_cmp);
-                        let median = seconds[seconds.len() / 2];
+                        let median = median(seconds);
                         format!("{median:.3}, {:.2}", timing.median_seconds / median)
                     } else {
                         "-, -".into()

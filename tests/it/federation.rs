@@ -123,12 +123,7 @@ fn three_centers_train_one_validates_and_each_global_model_is_the_weighted_mean_
         assert_ne!(global, previous, "round {round} changed the model");
         previous = global;
     }
-    let contributors: Vec<&str> = rounds[0]["contributions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["center"].as_str().unwrap())
-        .collect();
+    let contributors = crate::common::field_strs(&rounds[0]["contributions"], "center");
     assert!(
         !contributors.contains(&"external") && contributors.len() == 3,
         "{contributors:?}"

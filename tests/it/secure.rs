@@ -158,12 +158,7 @@ fn a_secure_fedprox_run_trains_the_plain_runs_model_to_the_bit_and_pools_the_sam
     assert_eq!(sums.len(), 1, "{s}");
     assert_eq!(sums[0]["centers"].as_array().unwrap().len(), 3);
     assert_eq!(sums[0]["own_auc"].as_object().unwrap().len(), 3, "{s}");
-    let clear: Vec<&str> = s["centers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["center"].as_str().unwrap())
-        .collect();
+    let clear = crate::common::field_strs(&s["centers"], "center");
     assert_eq!(clear, ["external"]);
     // Each centre's own AUC as released equals its figure in the plain run.
     for c in p["centers"].as_array().unwrap() {

@@ -55,12 +55,7 @@ fn the_clinical_model_simulated_over_the_reference_centers_is_the_pooled_statsmo
     );
     assert!(results["wall_seconds"].as_f64().unwrap() > 0.0);
     // Where the time went, phase by phase; the centralised baseline trained alongside the federations.
-    let phases: Vec<&str> = results["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
+    let phases = crate::common::field_strs(&results["phases"], "name");
     assert!(phases.contains(&"clinical federations"), "{phases:?}");
     assert!(
         phases

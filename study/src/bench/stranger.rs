@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use quinn_proto::{ClientConfig, Connection, ConnectionHandle, DatagramEvent, Endpoint};
 
+use super::failed;
 use crate::StudyError;
 
 /// QUIC v1 long-header packet types (RFC 9000 §17.2).
@@ -38,10 +39,6 @@ pub struct Stranger {
     pending: HashMap<ConnectionHandle, Connection>,
 }
 
-fn io(what: &'static str) -> impl Fn(std::io::Error) -> StudyError {
-    move |e| StudyError::Failed(format!("{what}: {e}"))
-}
-
 impl Stranger {
     /// A stranger to the server at `server` that trusts the federation CA at `ca` and has no certificate.
     pub fn new(server: SocketAddr, ca: &Path) -> Result<Stranger, StudyError> {
@@ -53,7 +50,7 @@ impl Stranger {
             SocketAddr::from(([127, 0, 0, 1], 0))
         };
         // Large buffers, so that a burst of the server's answers is counted, not dropped by the kernel.
-        let socket = fedslm_certs::udp_socket(local).map_err(io("cannot bind a UDP socket"))?;
+        let socket = fedslm_certs::udp_socket(local).map_err(failed("cannot bind a UDP socket"))?;
         Ok(Stranger {
             socket,
             server,
@@ -102,7 +99,7 @@ impl Stranger {
             }
             self.socket
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .map_err(io("cannot set a read timeout"))?;
+                .map_err(failed("cannot set a read timeout"))?;
             let (len, from) = match self.socket.recv_from(&mut buf) {
                 Ok(x) => x,
                 Err(e)
@@ -113,7 +110,7 @@ impl Stranger {
                 {
                     continue
                 }
-                Err(e) => return Err(io("cannot receive")(e)),
+                Err(e) => return Err(failed("cannot receive")(e)),
             };
             let Some((kind, dcid)) = long_header(&buf[..len]) else {
                 continue;
@@ -154,7 +151,7 @@ impl Stranger {
         while let Some(t) = connection.poll_transmit(Instant::now(), 1, &mut out) {
             self.socket
                 .send_to(&out[..t.size], t.destination)
-                .map_err(io("cannot send"))?;
+                .map_err(failed("cannot send"))?;
             out.clear();
         }
         Ok(())

@@ -12,13 +12,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use fedslm_certs::ServerTlsFiles;
 
+use super::failed;
 use crate::simulate::configs::client_config;
-
 use crate::StudyError;
-
-fn failed(what: &str) -> impl Fn(String) -> StudyError + '_ {
-    move |e| StudyError::Failed(format!("{what}: {e}"))
-}
 
 /// Seconds to send `bytes` to each of `centres` clients and read them back, over loopback QUIC with the
 /// federation's mutual TLS; certificates are made in `dir`.
@@ -31,16 +27,14 @@ pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, Stu
     let server_rt = crate::error::runtime()?;
     let client_rt = crate::error::runtime()?;
     let socket = fedslm_certs::udp_socket(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .map_err(|e| failed("no UDP socket")(e.to_string()))?;
+        .map_err(failed("no UDP socket"))?;
     let endpoint = server_rt.block_on(async {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| StudyError::Failed("no runtime for QUIC".into()))?;
         quinn::Endpoint::new(endpoint_config, Some(server_quic), socket, runtime)
-            .map_err(|e| failed("cannot bind")(e.to_string()))
+            .map_err(failed("cannot bind"))
     })?;
-    let addr = endpoint
-        .local_addr()
-        .map_err(|e| failed("no address")(e.to_string()))?;
+    let addr = endpoint.local_addr().map_err(failed("no address"))?;
     let mut clients = Vec::new();
     for name in &names {
         // The nodes' own TLS files and settings.
@@ -85,11 +79,7 @@ pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, Stu
                 .accept()
                 .await
                 .ok_or_else(|| StudyError::Failed("the endpoint closed".into()))?;
-            connections.push(
-                incoming
-                    .await
-                    .map_err(|e| failed("handshake")(e.to_string()))?,
-            );
+            connections.push(incoming.await.map_err(failed("handshake"))?);
         }
         let start = Instant::now();
         let mut rounds = Vec::new();
@@ -106,7 +96,7 @@ pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, Stu
         for r in rounds {
             let got = r
                 .await
-                .map_err(|e| failed("a stream")(e.to_string()))?
+                .map_err(failed("a stream"))?
                 .map_err(failed("a stream"))?;
             if got != bytes {
                 return Err(StudyError::Failed(format!(
@@ -119,7 +109,7 @@ pub fn echo_seconds(dir: &Path, centres: usize, bytes: usize) -> Result<f64, Stu
     for echo in echoes {
         client_rt
             .block_on(echo)
-            .map_err(|e| failed("a client")(e.to_string()))?
+            .map_err(failed("a client"))?
             .map_err(failed("a client"))?;
     }
     endpoint.close(0u32.into(), b"done");

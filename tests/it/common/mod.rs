@@ -108,6 +108,15 @@ pub struct Federation {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+/// The text field `key` of each object in the JSON array `list` (the centres of a list of records, say).
+pub fn field_strs<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[key].as_str().unwrap())
+        .collect()
+}
+
 pub fn id(s: &str) -> CenterId {
     CenterId::new(s).unwrap()
 }
