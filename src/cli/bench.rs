@@ -348,7 +348,7 @@ fn dp(args: DpArgs) -> anyhow::Result<()> {
     println!(
         "CPU: {}; threads: {}",
         fedslm_study::simulate::spread::cpu_model(),
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all cores".into())
+        fedslm_model::kernels::threads()
     );
     println!("| network | batch | plain step (ms) | DP-SGD step (ms) | DP / plain |");
     println!("| --- | --- | --- | --- | --- |");

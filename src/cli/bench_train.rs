@@ -173,6 +173,10 @@ fn measure(
         if let Some(s) = args.steps {
             cmd.args(["--steps", &s.to_string()]);
         }
+        if k == "candle" {
+            // candle's ops on its own pool of the same size, as they ran before our kernels.
+            cmd.env("CANDLE_NUM_THREADS", threads.to_string());
+        }
         jobs.push((k.clone(), vec![cmd]));
     }
     if torch {

@@ -35,9 +35,41 @@ pub enum Kernels {
     Candle,
 }
 
-/// Threads the kernels split work over: candle's own setting (`RAYON_NUM_THREADS`, else the physical cores).
+/// Threads the kernels split work over: candle's own setting (`RAYON_NUM_THREADS`, else the physical cores),
+/// read at the first call. candle derives it anew at every call, from `/proc/cpuinfo` when the variable is
+/// unset: that was 5 % of a simulation's CPU, every kernel asking (see `settle_threads`).
 pub fn threads() -> usize {
-    candle_core::utils::get_num_threads().max(1)
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
+/// Fixes the process's thread settings for training before any thread starts, where the environment leaves
+/// them open:
+/// - `RAYON_NUM_THREADS` to candle's default (the physical cores), which candle's matrix product otherwise
+///   derives from `/proc/cpuinfo` at every call;
+/// - `CANDLE_NUM_THREADS` to 1: the candle ops our kernels leave (autograd's gradient sums, the loss) run in
+///   the calling thread. Spread over candle's own pool, the caller spins until the pool's threads finish, and
+///   where several trainings share the cores (a simulation's federations beside its baselines) a pool thread
+///   waits for a core while the caller spins: 12 % of a default simulation's CPU (BENCHMARKS.md);
+/// - `CANDLE_BARRIER_POOL_SPIN_LIMIT` to 1,000 rounds (candle's pool spins 25,000 after each op before it
+///   sleeps), for a pool a user asks for with `CANDLE_NUM_THREADS`.
+///
+/// # Safety
+/// Sets environment variables: call it before any other thread starts.
+pub unsafe fn settle_threads() {
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    if unset("RAYON_NUM_THREADS") {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            candle_core::utils::get_num_threads().max(1).to_string(),
+        );
+    }
+    if unset("CANDLE_NUM_THREADS") {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if unset("CANDLE_BARRIER_POOL_SPIN_LIMIT") {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
 }
 
 /// Whether work over `len` values is worth handing to the thread pool: waking its threads costs more than a
