@@ -9,8 +9,10 @@ use clap::Parser;
 ///
 /// Training allocates and frees the same large activation buffers at every step. glibc hands blocks above
 /// its mmap threshold back to the kernel on free and trims the heap's top, so each step faults them in again
-/// and the kernel zeroes every page (ResNet-18: 2.7 -> 2.2 s per step, BENCHMARKS.md). Keep them: blocks up
-/// to glibc's largest threshold come from the heap, and the heap is not trimmed below 1 GiB of free top.
+/// and the kernel zeroes every page (ResNet-18: 2.7 -> 2.2 s per step, BENCHMARKS.md). Keep them: every block
+/// comes from the heap (glibc's mmap threshold stops at 32 MiB, below ResNet-18's 51 MB activations, so
+/// mapping is switched off rather than raised: 720-730 thousand page faults to 250-260 thousand in four
+/// steps), and the heap is not trimmed below 1 GiB of free top.
 ///
 /// The server is the opposite: a round's buffers (an update being read, the accumulators, the next model)
 /// are freed when the round ends, and kept ones pile up in one heap per thread that touched them (ResNet-18,
@@ -25,6 +27,7 @@ fn tune_allocator(serving: bool) {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         } else {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         }
     }
