@@ -26,7 +26,6 @@ fn tune_allocator(serving: bool) {
             libc::mallopt(libc::M_ARENA_MAX, 1);
             libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
         } else {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::mallopt(libc::M_MMAP_MAX, 0);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         }
@@ -43,8 +42,8 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // The thread settings training reads (kernels::settle_threads: 89 s instead of 118 s for the default
-    // simulation on 2 cores). SAFETY: no other thread has started.
+    // The thread settings training reads (kernels::settle_threads: the default simulation in 84-101 s instead
+    // of 124-135 s on 2 cores, BENCHMARKS.md). SAFETY: no other thread has started.
     unsafe { fedslm_model::kernels::settle_threads() };
     let args = cli::Cli::parse();
     tune_allocator(args.serves());
