@@ -2,7 +2,7 @@
 //! backward rebuilds the routing from an upsampled copy, an equality mask and an average pool, seven passes over
 //! the stem's activation (the largest in ResNet-18); this one routes each output's gradient to its window's
 //! first maximum (PyTorch's choice on ties) in one pass. 2 x 2 windows, the networks' own, go through passes
-//! over whole rows (`MaxPool::row_max2`, `route2`) that pick bit for bit what the general scan picks:
+//! over whole rows (`max_row2`, `route_row2`) that pick bit for bit what the general scan picks:
 //! ResNet-18's pooling from 3.5 % to 1.3 % of its training step's CPU.
 
 use super::{per_plane, values, with_values};
@@ -36,20 +36,6 @@ impl MaxPool {
         Ok((n * c, h, w, h / self.size, w / self.size))
     }
 
-    /// Output row `oy` of a plane of width `w` with 2 x 2 windows: each window's first maximum, in one pass over
-    /// the two input rows that the compiler vectorises (`arg_max`'s choice, for the common window).
-    fn row_max2(plane: &[f32], w: usize, oy: usize, out: &mut [f32]) {
-        let top = &plane[2 * oy * w..][..w];
-        let bottom = &plane[(2 * oy + 1) * w..][..w];
-        for ((o, t), b) in out
-            .iter_mut()
-            .zip(top.chunks_exact(2))
-            .zip(bottom.chunks_exact(2))
-        {
-            *o = later(later(later(t[0], t[1]), b[0]), b[1]);
-        }
-    }
-
     /// The index in its plane of the first maximum of output `(oy, ox)`'s window.
     fn arg_max(&self, plane: &[f32], w: usize, oy: usize, ox: usize) -> usize {
         let s = self.size;
@@ -80,7 +66,7 @@ impl CustomOp1 for MaxPool {
             let plane = &x[p * h * w..][..h * w];
             if self.size == 2 {
                 for (oy, row) in o.chunks_exact_mut(wo).enumerate() {
-                    Self::row_max2(plane, w, oy, row);
+                    max_row2(plane, w, oy, row);
                 }
                 return;
             }
@@ -104,7 +90,7 @@ impl CustomOp1 for MaxPool {
                     let g = &gv[p * ho * wo..][..ho * wo];
                     if self.size == 2 {
                         for (oy, grow) in g.chunks_exact(wo).enumerate() {
-                            route2(plane, w, oy, grow, d);
+                            route_row2(plane, w, oy, grow, d);
                         }
                         return;
                     }
@@ -138,15 +124,27 @@ fn later(best: f32, x: f32) -> f32 {
     }
 }
 
-/// Routes output row `oy`'s gradients `g` to the first maximum of each 2 x 2 window of a plane of width `w`,
-/// writing the window's four places in `dx` (the windows do not overlap: the three others get 0).
-fn route2(plane: &[f32], w: usize, oy: usize, g: &[f32], dx: &mut [f32]) {
+/// The 2 x 2 windows of output row `oy` in a plane of width `w`: each window's top and bottom pair.
+fn windows2(plane: &[f32], w: usize, oy: usize) -> impl Iterator<Item = (&[f32], &[f32])> {
     let top = &plane[2 * oy * w..][..w];
     let bottom = &plane[(2 * oy + 1) * w..][..w];
+    top.chunks_exact(2).zip(bottom.chunks_exact(2))
+}
+
+/// Output row `oy` of a plane of width `w` with 2 x 2 windows: each window's first maximum, in one pass over
+/// the two input rows that the compiler vectorises (`arg_max`'s choice, for the common window).
+fn max_row2(plane: &[f32], w: usize, oy: usize, out: &mut [f32]) {
+    for (o, (t, b)) in out.iter_mut().zip(windows2(plane, w, oy)) {
+        *o = later(later(later(t[0], t[1]), b[0]), b[1]);
+    }
+}
+
+/// Routes output row `oy`'s gradients `g` to the first maximum of each 2 x 2 window of a plane of width `w`,
+/// writing the window's four places in `dx` (the windows do not overlap: the three others get 0).
+fn route_row2(plane: &[f32], w: usize, oy: usize, g: &[f32], dx: &mut [f32]) {
     let (upper, lower) = dx[2 * oy * w..][..2 * w].split_at_mut(w);
-    let inputs = top.chunks_exact(2).zip(bottom.chunks_exact(2));
     let outputs = upper.chunks_exact_mut(2).zip(lower.chunks_exact_mut(2));
-    for ((grad, (t, b)), (du, dl)) in g.iter().zip(inputs).zip(outputs) {
+    for ((grad, (t, b)), (du, dl)) in g.iter().zip(windows2(plane, w, oy)).zip(outputs) {
         // The winner's place among the four, in arg_max's scan order.
         let (mut best, mut at) = (t[0], 0);
         for (i, v) in [t[1], b[0], b[1]].into_iter().enumerate() {
@@ -197,8 +195,8 @@ mod tests {
                 let mut fast = vec![0f32; h * w];
                 for oy in 0..ho {
                     let mut row = vec![0f32; wo];
-                    MaxPool::row_max2(&plane, w, oy, &mut row);
-                    route2(&plane, w, oy, &grads[oy * wo..][..wo], &mut fast);
+                    max_row2(&plane, w, oy, &mut row);
+                    route_row2(&plane, w, oy, &grads[oy * wo..][..wo], &mut fast);
                     for (ox, got) in row.iter().enumerate() {
                         let at = pool.arg_max(&plane, w, oy, ox);
                         assert_eq!(
