@@ -73,7 +73,8 @@ pub struct SimulateArgs {
     secure_aggregation: bool,
     /// Methods against scanner shift: `none`, or any of augment (scanner-style augmentation in training),
     /// adabn (batch-norm statistics recomputed at each validating centre from its own images), fedbn (batch
-    /// norm kept at each training centre) [default: the methods chosen on development cohorts].
+    /// norm kept at each training centre) [default: the methods chosen on development cohorts, smoothing at
+    /// 3 mm; naming methods here replaces them, smoothing included].
     #[arg(long, value_delimiter = ',')]
     shift: Option<Vec<String>>,
     /// With augment: the scanner-style ranges from this TOML file (the keys of client.toml's
@@ -81,7 +82,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     scanner_style: Option<PathBuf>,
     /// Resolution harmonisation: every sequence smoothed in-plane by a Gaussian of this standard deviation
-    /// (mm) before cropping, at every centre.
+    /// (mm) before cropping, at every centre; 0: none [default: 3 without --shift, 0 with it].
     #[arg(long)]
     smooth_mm: Option<f64>,
     /// Crops of this fixed side (mm) around each ROI instead of the ROI's box, at every centre.
