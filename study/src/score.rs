@@ -46,10 +46,19 @@ pub fn binned_rows(h: &m::ScoreHistograms) -> (Vec<bool>, Vec<f64>) {
     (labels, scores)
 }
 
-/// The score report of binned scores (their rows, [`binned_rows`]).
-pub fn histogram_report(name: &str, h: &m::ScoreHistograms) -> Result<ScoreReport, StudyError> {
+/// The score report of binned scores (their rows, [`binned_rows`]), or `None` where their AUC is not defined
+/// (a class with fewer than 2 patients). Histograms released under differential privacy carry noisy counts,
+/// kept non-negative: a small centre's few positives can come back as none, and the study then reports that
+/// side as `no AUC (0+/8-)`, as its round summaries do, rather than failing.
+pub fn histogram_report(
+    name: &str,
+    h: &m::ScoreHistograms,
+) -> Result<Option<ScoreReport>, StudyError> {
+    if h.delong().is_err() {
+        return Ok(None);
+    }
     let (labels, scores) = binned_rows(h);
-    score_report(name, &labels, &scores, &THRESHOLDS)
+    score_report(name, &labels, &scores, &THRESHOLDS).map(Some)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -213,4 +222,30 @@ pub fn evaluate(
         },
         per_score,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binned_scores_with_an_empty_class_have_no_report_and_no_error() {
+        // What DP noise can leave of a small centre's two positives: none.
+        let empty = m::ScoreHistograms {
+            positive: vec![0; 10],
+            negative: vec![1, 0, 2, 0, 3, 0, 1, 0, 1, 0],
+        };
+        assert_eq!(histogram_report("combined", &empty).unwrap(), None);
+        let one = m::ScoreHistograms {
+            positive: vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            ..empty.clone()
+        };
+        assert_eq!(histogram_report("combined", &one).unwrap(), None);
+        let two = m::ScoreHistograms {
+            positive: vec![0, 0, 0, 0, 0, 0, 1, 0, 1, 0],
+            ..empty
+        };
+        let r = histogram_report("combined", &two).unwrap().unwrap();
+        assert!(r.auc > 0.5 && r.auc <= 1.0, "{r:?}");
+    }
 }

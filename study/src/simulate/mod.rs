@@ -790,14 +790,12 @@ fn simulate_model(
         path: final_model.clone(),
         source,
     })?;
-    let internal_report = internal
-        .as_ref()
-        .map(|h| histogram_report(model.name(), h))
-        .transpose()?;
-    let external_report = external
-        .as_ref()
-        .map(|h| histogram_report(model.name(), h))
-        .transpose()?;
+    let report = |h: &Option<ScoreHistograms>| match h {
+        Some(h) => histogram_report(model.name(), h),
+        None => Ok(None),
+    };
+    let internal_report = report(&internal)?;
+    let external_report = report(&external)?;
     // The cut-off is chosen internally and applied unchanged at the external centre.
     let cutoff = internal_report.as_ref().map(|r| r.youden.threshold);
     let side = |h: &Option<ScoreHistograms>| {
@@ -936,6 +934,14 @@ fn figures(
         let Some(&(first_name, first)) = hists.first() else {
             continue;
         };
+        if first.delong().is_err() {
+            observer(StudyEvent::Milestone(format!(
+                "{side} figures: none drawn: {first_name}'s {}+/{}- patients give no AUC",
+                first.n_positive(),
+                first.n_negative(),
+            )));
+            continue;
+        }
         // One figure's curves share their patients (one prevalence, one treat-all line).
         let (np, nn) = (first.n_positive(), first.n_negative());
         let mut scores = Vec::new();
@@ -949,8 +955,11 @@ fn figures(
                 )));
                 continue;
             }
+            let Some(report) = histogram_report(name, h)? else {
+                continue;
+            };
             scores.push((name.to_string(), binned_rows(h).1));
-            reports.push((name.to_string(), histogram_report(name, h)?));
+            reports.push((name.to_string(), report));
         }
         let p = Predictions {
             labels: binned_rows(first).0,
