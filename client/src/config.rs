@@ -200,7 +200,10 @@ impl ClientConfig {
                 key: base.join(file.key),
             },
             coding: file.coding,
-            preprocess: file.preprocess,
+            preprocess: {
+                file.preprocess.check().map_err(invalid)?;
+                file.preprocess
+            },
             ledger: file.privacy.ledger.as_ref().map(|p| base.join(p)),
             augmentation: {
                 if let Some(style) = &file.augmentation.scanner {
@@ -269,6 +272,32 @@ mod tests {
         assert_ne!(a.settings_hash(), d.settings_hash());
         let e = parse(&format!("{GOOD}\n[coding]\ncea_cutof = 5.0")).unwrap_err();
         assert!(e.contains("cea_cutof"), "{e}");
+    }
+
+    #[test]
+    fn an_intensity_scale_is_part_of_the_shared_settings_and_a_bad_one_is_refused_by_sequence() {
+        let plain = parse(GOOD).unwrap();
+        let scale = "[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]";
+        let with = |dwi: &str| {
+            format!(
+                "{GOOD}\n[preprocess.intensity_scale]\nt2w = {scale}\ndwi = {dwi}\nadc = {scale}\n"
+            )
+        };
+        let scaled = parse(&with(scale)).unwrap();
+        assert!(scaled.preprocess.intensity_scale.is_some());
+        assert_ne!(scaled.settings_hash(), plain.settings_hash());
+        let e = parse(&with(
+            "[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 0.8, 1.0]",
+        ))
+        .unwrap_err();
+        assert!(e.contains("intensity_scale.dwi"), "{e}");
+        let e = parse(&with(
+            "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]",
+        ))
+        .unwrap_err();
+        assert!(e.contains("from 0 to 1"), "{e}");
+        let e = parse(&format!("{GOOD}\n[preprocess]\nsize = 0")).unwrap_err();
+        assert!(e.contains("preprocess.size"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! From a patient's files to network input (DESIGN.md §5): DWI and ADC brought onto the T2W grid through the
 //! affines, the ROI's largest slice and its neighbours, a square crop around the ROI with a margin, resized,
-//! z-scored per sequence within the crop.
+//! optionally mapped onto a standard intensity scale (Nyúl-Udupa), z-scored per sequence within the crop.
 
 use crate::coding::ClinicalCoding;
 use crate::error::ImageError;
@@ -25,6 +25,10 @@ pub struct PreprocessSettings {
     /// larger; 0: the ROI's box with its margin. A fixed field of view keeps the tumour's size and its
     /// surroundings in the image, where a box around the ROI scales every tumour to the same size.
     pub fov_mm: f64,
+    /// Intensity standardisation (Nyúl-Udupa): each sequence's crop mapped piecewise-linearly from its own
+    /// landmarks onto these, before its z-score; `None`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub intensity_scale: Option<IntensityScale>,
 }
 
 impl Default for PreprocessSettings {
@@ -35,6 +39,7 @@ impl Default for PreprocessSettings {
             margin: 0.25,
             smooth_mm: 0.0,
             fov_mm: 0.0,
+            intensity_scale: None,
         }
     }
 }
@@ -62,7 +67,121 @@ impl PreprocessSettings {
         if self.fov_mm > 0.0 {
             text += &format!("fov_mm={:?}\n", self.fov_mm);
         }
+        if let Some(scale) = &self.intensity_scale {
+            for (name, l) in IntensityScale::SEQUENCES.iter().zip(scale.sequences()) {
+                text += &format!("intensity_scale.{name}={l:?}\n");
+            }
+        }
         text
+    }
+
+    /// Why these settings cannot make crops, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if self.size == 0 {
+            return Err("preprocess.size must be at least 1".into());
+        }
+        if !(self.margin.is_finite() && self.margin >= 0.0) {
+            return Err(format!(
+                "preprocess.margin {} must be 0 or more",
+                self.margin
+            ));
+        }
+        for (name, v) in [("smooth_mm", self.smooth_mm), ("fov_mm", self.fov_mm)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("preprocess.{name} {v} must be 0 or more"));
+            }
+        }
+        match &self.intensity_scale {
+            Some(scale) => scale.check(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The percentiles that are an image's landmarks in intensity standardisation: Nyúl, Udupa and Zhang (IEEE
+/// TMI 2000), with the deciles as landmarks and the 1st and 99th percentiles as the ends of the range.
+pub const LANDMARK_PERCENTILES: [f64; 11] = [
+    1.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0,
+];
+
+/// A standard intensity scale: for each sequence, where its landmarks ([`LANDMARK_PERCENTILES`]) go, from 0
+/// (the 1st percentile) to 1 (the 99th), strictly increasing. The mean of images' [`landmarks`] is one (the
+/// scale learned from training images, in Nyúl-Udupa's method).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntensityScale {
+    pub t2w: [f64; 11],
+    pub dwi: [f64; 11],
+    pub adc: [f64; 11],
+}
+
+impl IntensityScale {
+    /// The sequences in crop order.
+    pub const SEQUENCES: [&'static str; 3] = ["t2w", "dwi", "adc"];
+
+    pub fn sequences(&self) -> [&[f64; 11]; 3] {
+        [&self.t2w, &self.dwi, &self.adc]
+    }
+
+    /// Each sequence's scale runs from 0 to 1 and strictly increases.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, l) in Self::SEQUENCES.iter().zip(self.sequences()) {
+            let ends = l[0] == 0.0 && l[10] == 1.0;
+            let increasing = l.windows(2).all(|w| w[0] < w[1]);
+            if !ends || !increasing || l.iter().any(|v| !v.is_finite()) {
+                return Err(format!(
+                    "preprocess.intensity_scale.{name} {l:?} must run from 0 to 1, strictly increasing"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An image's landmarks ([`LANDMARK_PERCENTILES`], linear interpolation between order statistics, as
+/// numpy's default), in raw intensities.
+pub fn raw_landmarks(values: &[f32]) -> [f64; 11] {
+    let mut v: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+    v.sort_by(f64::total_cmp);
+    let last = v.len().saturating_sub(1);
+    LANDMARK_PERCENTILES.map(|q| {
+        if v.is_empty() {
+            return 0.0;
+        }
+        let pos = q / 100.0 * last as f64;
+        let i = (pos.floor() as usize).min(last);
+        let j = (i + 1).min(last);
+        v[i] + (v[j] - v[i]) * (pos - i as f64)
+    })
+}
+
+/// An image's landmarks on its own 0-1 range: the 1st percentile at 0, the 99th at 1 (all 0 where they are
+/// equal). Unchanged by any increasing linear map of the values, so a crop's z-scored values give the
+/// landmarks of its raw ones.
+pub fn landmarks(values: &[f32]) -> [f64; 11] {
+    let l = raw_landmarks(values);
+    let span = l[10] - l[0];
+    if span <= 0.0 {
+        return [0.0; 11];
+    }
+    l.map(|x| (x - l[0]) / span)
+}
+
+/// Maps `values` piecewise-linearly from their own landmarks onto `standard`, the end segments extended
+/// beyond the 1st and 99th percentiles. A segment of equal landmarks (a flat histogram part) maps to its
+/// lower standard landmark.
+pub fn standardise(values: &mut [f32], standard: &[f64; 11]) {
+    let l = raw_landmarks(values);
+    for v in values.iter_mut() {
+        let x = f64::from(*v);
+        let k = (0..9).find(|&k| x <= l[k + 1]).unwrap_or(9);
+        let (a, b) = (l[k], l[k + 1]);
+        let y = if b > a {
+            standard[k] + (x - a) / (b - a) * (standard[k + 1] - standard[k])
+        } else {
+            standard[k]
+        };
+        *v = y as f32;
     }
 }
 
@@ -303,7 +422,7 @@ pub fn crop_volumes(
     let grid = |u: usize| ((u as f64 + 0.5) / size as f64 - 0.5) * side_mm;
     let to_world = t2w.affine;
     let mut image = Vec::with_capacity(settings.channels() * size * size);
-    for seq in [t2w, dwi, adc] {
+    for (sequence, seq) in [t2w, dwi, adc].into_iter().enumerate() {
         let to_voxel = if same_geometry(seq, t2w) {
             None
         } else {
@@ -327,6 +446,9 @@ pub fn crop_volumes(
                 }
             }
         }
+        if let Some(scale) = &settings.intensity_scale {
+            standardise(&mut image[start..], scale.sequences()[sequence]);
+        }
         z_score(&mut image[start..]);
     }
     Ok(image)
@@ -345,5 +467,55 @@ pub(crate) fn z_score(values: &mut [f32]) {
     let sd = var.sqrt().max(1e-6);
     for v in values.iter_mut() {
         *v = ((f64::from(*v) - mean) / sd) as f32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn landmarks_are_numpy_s_linear_percentiles_and_ignore_a_linear_rescaling() {
+        // 0..=100 shuffled: each percentile is its own value.
+        let values: Vec<f32> = (0..=100).map(|i| ((i * 37) % 101) as f32).collect();
+        assert_eq!(raw_landmarks(&values), LANDMARK_PERCENTILES);
+        // Between two values the percentiles interpolate (numpy.percentile's default).
+        let two = raw_landmarks(&[10.0, 0.0]);
+        for (got, q) in two.iter().zip(LANDMARK_PERCENTILES) {
+            assert!((got - q / 10.0).abs() < 1e-12, "{two:?}");
+        }
+        let rescaled: Vec<f32> = values.iter().map(|v| 3.0 * v - 40.0).collect();
+        let (a, b) = (landmarks(&values), landmarks(&rescaled));
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-6, "{a:?} {b:?}");
+        }
+        assert_eq!((a[0], a[10]), (0.0, 1.0));
+        // A flat image has no range: every landmark 0, nothing divided by zero.
+        assert_eq!(landmarks(&[4.0; 9]), [0.0; 11]);
+    }
+
+    #[test]
+    fn standardising_puts_the_image_s_landmarks_on_the_scale_and_keeps_the_order() {
+        let mut values: Vec<f32> = (0..1000).map(|i| (i as f32 / 100.0).exp()).collect();
+        let scale = [0.0, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.7, 0.8, 0.9, 1.0];
+        standardise(&mut values, &scale);
+        let l = raw_landmarks(&values);
+        for (got, want) in l.iter().zip(scale) {
+            // f32 values, and percentiles that fall between two of them on either side of a landmark.
+            assert!((got - want).abs() < 1e-3, "{l:?}");
+        }
+        assert!(values.windows(2).all(|w| w[0] <= w[1]), "order kept");
+        // Beyond the 1st and 99th percentiles the end segments go on.
+        assert!(values[0] < 0.0 && values[999] > 1.0);
+        // A flat image maps to the scale's first landmark.
+        let mut flat = [7.0f32; 5];
+        standardise(&mut flat, &scale);
+        assert_eq!(flat, [0.0; 5]);
+        let bad = IntensityScale {
+            t2w: scale,
+            dwi: [0.0, 0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+            adc: scale,
+        };
+        assert!(bad.check().unwrap_err().contains("intensity_scale.dwi"));
     }
 }

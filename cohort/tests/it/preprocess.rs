@@ -423,3 +423,50 @@ fn a_fixed_field_of_view_keeps_the_tumour_size_and_smoothing_calms_the_noise() {
     assert!(fixed.canonical().ends_with("fov_mm=40.0\n"));
     assert!(smooth.canonical().contains("smooth_mm=1.5\n"));
 }
+
+#[test]
+fn intensity_standardisation_undoes_a_scanner_s_monotone_contrast_curve() {
+    let a = affine([1.0, 1.0, 3.0], [0.0; 3]);
+    // The same anatomy (a smooth ramp) through two scanners: one linear, one with a contrast curve.
+    let ramp = |w: [f64; 3]| 50.0 + w[0] + 2.0 * w[1];
+    let curved = move |w: [f64; 3]| ramp(w).powi(2) / 100.0 + 3.0;
+    let roi = volume([64, 64, 4], a, |w: [f64; 3]| {
+        f64::from((w[0] - 31.5).powi(2) + (w[1] - 31.5).powi(2) <= 100.0)
+    });
+    let (linear, curve) = (volume([64, 64, 4], a, ramp), volume([64, 64, 4], a, curved));
+    let plain = PreprocessSettings {
+        size: 32,
+        neighbours: 0,
+        ..PreprocessSettings::default()
+    };
+    let even = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+    let scaled = PreprocessSettings {
+        intensity_scale: Some(IntensityScale {
+            t2w: even,
+            dwi: even,
+            adc: even,
+        }),
+        ..plain
+    };
+    let crop =
+        |v: &Volume, s: &PreprocessSettings| crop_volumes("P1", "roi", [v, v, v], &roi, s).unwrap();
+    let gap = |s: &PreprocessSettings| {
+        crop(&linear, s)
+            .iter()
+            .zip(crop(&curve, s))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let (without, with) = (gap(&plain), gap(&scaled));
+    assert!(with < 0.25 * without, "{with} vs {without}");
+    // On the standard scale the crop's own landmarks are the scale's (before the z-score, which keeps them).
+    let l = landmarks(&crop(&curve, &scaled)[..32 * 32]);
+    for (got, want) in l.iter().zip(even) {
+        assert!((got - want).abs() < 1e-3, "{l:?}");
+    }
+    // The scale is part of the settings the centres share.
+    assert_ne!(scaled.canonical(), plain.canonical());
+    assert!(scaled
+        .canonical()
+        .contains("intensity_scale.adc=[0.0, 0.1, 0.2,"));
+}
