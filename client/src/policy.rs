@@ -22,14 +22,17 @@ pub enum TaskKind {
     Evaluate,
     /// Placement sums of a paired comparison.
     Placement,
+    /// The mean intensity landmarks of the site's images (intensity standardisation's shared scale).
+    Landmarks,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 4] = [
+    pub const ALL: [TaskKind; 5] = [
         TaskKind::Fit,
         TaskKind::Newton,
         TaskKind::Evaluate,
         TaskKind::Placement,
+        TaskKind::Landmarks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +41,7 @@ impl TaskKind {
             TaskKind::Newton => "newton",
             TaskKind::Evaluate => "evaluate",
             TaskKind::Placement => "placement",
+            TaskKind::Landmarks => "landmarks",
         }
     }
 }

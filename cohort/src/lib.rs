@@ -28,8 +28,8 @@ pub use manifest::{open_cohort, ImagePaths, Manifest, ManifestError, Patient, Se
 pub use nifti_file::{read_nifti, write_nifti, StoreAs};
 pub use partition::{partition, Partitioner};
 pub use preprocess::{
-    crop_volumes, landmarks, preprocess_patient, standardise, IntensityScale, PreprocessError,
-    PreprocessSettings, Sample, LANDMARK_PERCENTILES,
+    crop_volumes, landmarks, mean_landmarks, preprocess_patient, standardise, IntensityScale,
+    PreprocessError, PreprocessSettings, Sample, LANDMARK_PERCENTILES,
 };
 pub use summary::CohortSummary;
 pub use volume::{Format, Stats, Volume};

@@ -167,6 +167,36 @@ pub fn landmarks(values: &[f32]) -> [f64; 11] {
     l.map(|x| (x - l[0]) / span)
 }
 
+/// The mean [`landmarks`] of T2W, DWI and ADC over `samples` (their crops' channels in that order, as
+/// [`crop_volumes`] makes them), and how many images that mean is over: a sample with a flat sequence (no
+/// landmarks) is left out. What a centre contributes to the consortium's standard scale.
+pub fn mean_landmarks(samples: &[Sample]) -> ([[f64; 11]; 3], u64) {
+    let mut sum = [[0.0; 11]; 3];
+    let mut images = 0u64;
+    for s in samples {
+        let per = s.image.len() / 3;
+        if per == 0 || s.channels % 3 != 0 {
+            continue;
+        }
+        let l: Vec<[f64; 11]> = s.image.chunks_exact(per).map(landmarks).collect();
+        if l.iter().any(|l| l[10] != 1.0) {
+            continue;
+        }
+        for (acc, l) in sum.iter_mut().zip(&l) {
+            for (a, v) in acc.iter_mut().zip(l) {
+                *a += v;
+            }
+        }
+        images += 1;
+    }
+    if images > 0 {
+        for v in sum.iter_mut().flatten() {
+            *v /= images as f64;
+        }
+    }
+    (sum, images)
+}
+
 /// Maps `values` piecewise-linearly from their own landmarks onto `standard`, the end segments extended
 /// beyond the 1st and 99th percentiles. A segment of equal landmarks (a flat histogram part) maps to its
 /// lower standard landmark.

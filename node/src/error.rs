@@ -49,6 +49,8 @@ pub enum NodeError {
     NotANetwork,
     #[error("this centre's manifest names no images: it can take part in the clinical model only")]
     NoImages,
+    #[error("this node's images are already standardised (preprocess.intensity_scale): their landmarks are the scale's, not the scanner's")]
+    AlreadyStandardised,
     #[error("the task's network: {0}")]
     TaskNetwork(#[from] fedslm_model::ArchitectureError),
     #[error("the task's network takes {task} channels; this node's preprocessing makes {node}")]

@@ -144,6 +144,7 @@ impl Node {
         let policy = &self.config.privacy;
         let kind = match task.objective {
             LocalObjective::NewtonStep => TaskKind::Newton,
+            LocalObjective::Landmarks => TaskKind::Landmarks,
             LocalObjective::Plain | LocalObjective::Proximal { .. } => TaskKind::Fit,
         };
         policy.accepts(kind)?;
@@ -164,6 +165,7 @@ impl Node {
         }
         let result = match task.objective {
             LocalObjective::NewtonStep => self.newton(task)?,
+            LocalObjective::Landmarks => self.landmarks(task)?,
             LocalObjective::Plain | LocalObjective::Proximal { .. } => self.train(run_id, task)?,
         };
         self.config.privacy.examples(result.examples)?;
@@ -463,6 +465,24 @@ impl Node {
         })
     }
 
+    /// The mean intensity landmarks of this centre's images (each sequence's crop before standardisation), the
+    /// images counted as examples: no label is used, no voxel leaves.
+    fn landmarks(&self, task: &FitTask) -> Result<FitResult, NodeError> {
+        if self.config.preprocess.intensity_scale.is_some() {
+            return Err(NodeError::AlreadyStandardised);
+        }
+        let (mean, images) = fedslm_cohort::mean_landmarks(&self.cohort.samples);
+        if images == 0 {
+            return Err(NodeError::NoImages);
+        }
+        Ok(FitResult {
+            round: task.round,
+            weights: fedslm_protocol::landmarks::landmark_weights(&mean)?,
+            examples: images,
+            train_loss: 0.0,
+        })
+    }
+
     /// A copy of what leaves the site: `round-NNNN.safetensors`, the count and loss in its card.
     fn record(
         &self,
@@ -472,6 +492,7 @@ impl Node {
     ) -> Result<(), fedslm_model::ModelError> {
         let model = match task.objective {
             LocalObjective::NewtonStep => "newton-statistics",
+            LocalObjective::Landmarks => "intensity-landmarks",
             _ => task.model.name(),
         };
         let card = ModelCard {

@@ -454,3 +454,81 @@ fn adabn_rescores_with_the_validators_own_statistics_and_reads_no_label() {
         .unwrap();
     assert_eq!(scores(&flipped_dir, "adapted"), adapted);
 }
+
+fn landmarks_task() -> FitTask {
+    let zeros = fedslm_protocol::landmarks::landmark_weights(&[[0.0; 11]; 3]).unwrap();
+    FitTask {
+        objective: LocalObjective::Landmarks,
+        model: ModelKind::Mri,
+        ..mri_fit(&zeros, 1, false)
+    }
+}
+
+#[test]
+fn a_landmarks_task_is_answered_with_the_mean_landmarks_of_the_centres_images_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = tiny_cohort(&tmp.path().join("cohort"));
+    let mut node = image_node(&cohort, "center-a", &tmp.path().join("scores"));
+    let result = node.fit("landmarks", &landmarks_task()).unwrap();
+    assert_eq!(result.weights.len(), 1);
+    let sent = fedslm_protocol::landmarks::landmarks_of(&result.weights).unwrap();
+    // Worked out here from each crop's sequences, one by one.
+    let samples = &node.cohort().samples;
+    assert_eq!(result.examples, samples.len() as u64);
+    for (s, sequence) in sent.iter().enumerate() {
+        for (i, v) in sequence.iter().enumerate() {
+            let mean = samples
+                .iter()
+                .map(|x| {
+                    let per = x.image.len() / 3;
+                    fedslm_cohort::landmarks(&x.image[s * per..(s + 1) * per])[i]
+                })
+                .sum::<f64>()
+                / samples.len() as f64;
+            assert!((v - mean).abs() < 1e-12, "sequence {s}, landmark {i}");
+        }
+        assert_eq!((sequence[0], sequence[10]), (0.0, 1.0));
+    }
+    // The scale made of them is one client.toml accepts; a node already on it refuses to measure again.
+    let scale = fedslm_cohort::IntensityScale {
+        t2w: sent[0],
+        dwi: sent[1],
+        adc: sent[2],
+    };
+    scale.check().unwrap();
+    let mut config = image_config(&cohort, "center-a", &tmp.path().join("scores"));
+    config.preprocess.intensity_scale = Some(scale);
+    let mut standardised = Node::load(&config).unwrap();
+    let e = standardised.fit("again", &landmarks_task()).unwrap_err();
+    assert!(matches!(e, NodeError::AlreadyStandardised), "{e}");
+}
+
+#[test]
+fn a_site_that_does_not_accept_landmarks_or_requires_dp_does_not_send_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = tiny_cohort(&tmp.path().join("cohort"));
+    for (extra, why) in [
+        (
+            "[privacy]\naccept = [\"fit\", \"evaluate\"]\n",
+            "privacy.accept",
+        ),
+        (
+            "[privacy]\nrequire_dp = true\nepsilon = 4.0\nledger = \"/nowhere/ledger\"\n",
+            "landmarks",
+        ),
+    ] {
+        let mut config = image_config(&cohort, "center-a", &tmp.path().join("scores"));
+        let text = format!(
+            "center = \"center-a\"\nserver = \"127.0.0.1:9\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n\
+             cohort = {:?}\n{extra}",
+            cohort.join("center-a").display().to_string()
+        );
+        config.privacy = ClientConfig::parse(&text, Path::new("/nowhere/client.toml"))
+            .unwrap()
+            .privacy;
+        let mut node = Node::load(&config).unwrap();
+        let e = node.fit("landmarks", &landmarks_task()).unwrap_err();
+        assert!(matches!(e, NodeError::Policy(_)), "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}

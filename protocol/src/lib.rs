@@ -15,6 +15,7 @@ mod error;
 pub mod folds;
 pub mod hex;
 pub mod io;
+pub mod landmarks;
 mod limits;
 mod message;
 pub mod rng;

@@ -110,6 +110,10 @@ pub enum LocalObjective {
     /// No training: return the logistic model's gradient, Hessian and log-likelihood at the global
     /// coefficients, for the server's Newton step.
     NewtonStep,
+    /// No training: return the mean intensity landmarks of the centre's images (`crate::landmarks`), with the
+    /// images counted as `examples`, so that the server's example-weighted mean is the consortium's standard
+    /// intensity scale (Nyúl-Udupa).
+    Landmarks,
 }
 
 /// A centre's data, as counts only.

@@ -91,6 +91,12 @@ pub enum WeightsError {
     DuplicateName { name: String },
     #[error("no tensor named {name:?}")]
     Missing { name: String },
+    #[error("tensor {name:?}: shape {shape:?}, where {expected:?} was expected")]
+    Shape {
+        name: String,
+        shape: Vec<usize>,
+        expected: Vec<usize>,
+    },
 }
 
 /// One named tensor.

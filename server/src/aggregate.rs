@@ -61,6 +61,8 @@ pub enum UpdateRefusal {
     Secure(String),
     #[error("this run aggregates securely: an answer in the clear is refused")]
     NotMasked,
+    #[error("the landmarks are refused: {0}")]
+    Landmarks(String),
 }
 
 impl UpdateRefusal {
@@ -73,6 +75,7 @@ impl UpdateRefusal {
             UpdateRefusal::Role { .. } => "role",
             UpdateRefusal::NonFinite { .. } | UpdateRefusal::NonFiniteLoss(_) => "non_finite",
             UpdateRefusal::Norm { .. } => "norm",
+            UpdateRefusal::Landmarks(_) => "landmarks",
             UpdateRefusal::NoExamples
             | UpdateRefusal::MoreExamplesThanDeclared { .. }
             | UpdateRefusal::ExamplesChanged { .. } => "examples",

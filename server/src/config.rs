@@ -177,6 +177,7 @@ pub enum StrategyName {
     Fedavg,
     Fedprox,
     Newton,
+    Landmarks,
 }
 
 /// A `[[center]]` entry: a centre enrolled in the run, with its role (`train` or `validate`).
@@ -513,6 +514,7 @@ impl ServerConfig {
             (Some(StrategyName::Fedprox), _) => Strategy::FedProx {
                 mu: r.proximal_mu.unwrap_or(0.0),
             },
+            (Some(StrategyName::Landmarks), _) => Strategy::Landmarks,
             (Some(StrategyName::Newton), other) => {
                 return Err(ConfigError::Invalid {
                     path: self.path.clone(),

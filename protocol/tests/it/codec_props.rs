@@ -48,6 +48,7 @@ fn message() -> impl Strategy<Value = Message> {
         Just(LocalObjective::Plain),
         finite().prop_map(|mu| LocalObjective::Proximal { mu }),
         Just(LocalObjective::NewtonStep),
+        Just(LocalObjective::Landmarks),
     ];
     let model = prop::sample::select(vec![
         ModelKind::Clinical,

@@ -10,6 +10,7 @@ use fedslm_secagg::layout::EvalLayout;
 
 use super::fit::After;
 use super::secure::SecureSum;
+use super::settings::Strategy;
 use super::{Action, Coordinator, Gone, Outcome, Phase, TaskId, TaskSet};
 use crate::aggregate::UpdateRefusal;
 use crate::evaluation::{check_report, CenterEvaluation, Evaluation, SecureEvaluation};
@@ -69,7 +70,9 @@ impl Coordinator {
     /// Whether the model committed at this round is evaluated before `after`.
     pub(super) fn evaluation_due(&self, after: &After) -> bool {
         let ev = self.settings.evaluation;
-        ev.bins > 0
+        // Landmarks are no model to score.
+        self.settings.strategy != Strategy::Landmarks
+            && ev.bins > 0
             && (matches!(after, After::Finish(Outcome::Completed { .. }))
                 || ev.every > 0 && self.committed % ev.every == 0)
     }

@@ -18,6 +18,7 @@ use super::{
     TaskId, TaskSet,
 };
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
+use fedslm_protocol::landmarks::landmarks_of;
 use fedslm_secagg::layout::FitLayout;
 
 /// What a round's accepted answers are folded into.
@@ -110,6 +111,7 @@ impl Coordinator {
             Strategy::FedAvg => LocalObjective::Plain,
             Strategy::FedProx { mu } => LocalObjective::Proximal { mu },
             Strategy::Newton => LocalObjective::NewtonStep,
+            Strategy::Landmarks => LocalObjective::Landmarks,
         };
         let sum = match &self.newton {
             Some(solver) => {
@@ -243,6 +245,12 @@ impl Coordinator {
             return Err(UpdateRefusal::NonFiniteLoss(result.train_loss));
         }
         match &mut f.sum {
+            Sum::Mean(avg) if self.settings.strategy == Strategy::Landmarks => {
+                // Landmarks are no step from the global model: each sequence's own scale instead.
+                check_update(&self.global, &result.weights, None)?;
+                plausible_landmarks(&result.weights).map_err(UpdateRefusal::Landmarks)?;
+                avg.fold(&result.weights, result.examples)?;
+            }
             Sum::Mean(avg) => {
                 check_update(&self.global, &result.weights, Some(f.norm_limit))?;
                 avg.fold(&result.weights, result.examples)?;
@@ -542,4 +550,17 @@ fn join(centers: &[CenterId]) -> String {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// A centre's landmarks as `fedslm_cohort::landmarks` makes them: each sequence from 0 (its 1st percentile) to
+/// 1 (its 99th), never decreasing.
+fn plausible_landmarks(w: &Weights) -> Result<(), String> {
+    let landmarks = landmarks_of(w).map_err(|e| e.to_string())?;
+    for (name, l) in ["t2w", "dwi", "adc"].iter().zip(&landmarks) {
+        let ends = l[0] == 0.0 && l[10] == 1.0;
+        if !ends || l.windows(2).any(|p| p[0] > p[1]) {
+            return Err(format!("{name} {l:?} does not rise from 0 to 1"));
+        }
+    }
+    Ok(())
 }

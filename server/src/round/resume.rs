@@ -1,5 +1,6 @@
 //! A run's machine: new, or going on after its last committed round (a restarted server).
 
+use fedslm_protocol::landmarks::landmarks_of;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -52,6 +53,19 @@ impl Coordinator {
                 return Err(SetupError::ClinicalNeedsNewton(other.name()))
             }
             (kind, Strategy::Newton) => return Err(SetupError::NewtonNeedsClinical(kind)),
+            (_, Strategy::Landmarks) => {
+                if settings.dp.is_some() {
+                    return Err(SetupError::LandmarksUnderDp);
+                }
+                match landmarks_of(&initial) {
+                    Ok(_) if initial.len() == 1 => {}
+                    Ok(_) => {
+                        return Err(SetupError::Landmarks(format!("{} tensors", initial.len())))
+                    }
+                    Err(e) => return Err(SetupError::Landmarks(e.to_string())),
+                }
+                None
+            }
             _ => None,
         };
         let global = match &newton {

@@ -1,5 +1,6 @@
 //! The run's round settings and why a run cannot be set up with them.
 
+use fedslm_protocol::landmarks::LANDMARKS;
 use std::time::Duration;
 
 use fedslm_protocol::clinical::COEFFICIENTS;
@@ -15,6 +16,9 @@ pub enum Strategy {
     /// The clinical logistic model: centres send gradient, Hessian and log-likelihood at the global
     /// coefficients; the server sums them and takes a Newton step, until convergence.
     Newton,
+    /// No training: centres send their images' mean intensity landmarks (`fedslm_protocol::landmarks`), and
+    /// their example-weighted mean is the consortium's standard intensity scale. No evaluation follows.
+    Landmarks,
 }
 
 impl Strategy {
@@ -23,6 +27,7 @@ impl Strategy {
             Strategy::FedAvg => "fedavg",
             Strategy::FedProx { .. } => "fedprox",
             Strategy::Newton => "newton",
+            Strategy::Landmarks => "landmarks",
         }
     }
 }
@@ -162,7 +167,7 @@ impl DpSettings {
                 clip: self.newton_clip,
                 sample_rate: 1.0,
             },
-            Strategy::FedAvg | Strategy::FedProx { .. } => DpSgd {
+            Strategy::FedAvg | Strategy::FedProx { .. } | Strategy::Landmarks => DpSgd {
                 noise_multiplier: self.noise_multiplier,
                 clip: self.clip,
                 sample_rate: self.sample_rate,
@@ -225,6 +230,10 @@ pub enum SetupError {
     Coefficients(usize),
     #[error("the initial model has no tensors")]
     EmptyModel,
+    #[error("strategy landmarks starts from the {LANDMARKS} tensor of 3 x 11 alone: {0}")]
+    Landmarks(String),
+    #[error("strategy landmarks releases its landmarks without noise; it cannot run under differential privacy")]
+    LandmarksUnderDp,
     #[error("cannot resume the stored run: {0}")]
     Resume(String),
 }

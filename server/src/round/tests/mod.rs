@@ -192,6 +192,7 @@ fn conv(w: &Weights) -> Vec<f32> {
 mod checks;
 mod durability;
 mod evaluation;
+mod landmarks;
 mod newton;
 mod placement;
 mod rounds;
