@@ -117,7 +117,7 @@ pub struct IntensityScale {
 
 impl IntensityScale {
     /// The sequences in crop order.
-    pub const SEQUENCES: [&'static str; 3] = ["t2w", "dwi", "adc"];
+    pub const SEQUENCES: [&'static str; 3] = fedslm_protocol::landmarks::SEQUENCES;
 
     pub fn sequences(&self) -> [&[f64; 11]; 3] {
         [&self.t2w, &self.dwi, &self.adc]
@@ -170,7 +170,7 @@ pub fn landmarks(values: &[f32]) -> [f64; 11] {
 /// The mean [`landmarks`] of T2W, DWI and ADC over `samples` (their crops' channels in that order, as
 /// [`crop_volumes`] makes them), and how many images that mean is over: a sample with a flat sequence (no
 /// landmarks) is left out. What a centre contributes to the consortium's standard scale.
-pub fn mean_landmarks(samples: &[Sample]) -> ([[f64; 11]; 3], u64) {
+pub fn mean_landmarks(samples: &[Sample]) -> (fedslm_protocol::landmarks::SequenceLandmarks, u64) {
     let mut sum = [[0.0; 11]; 3];
     let mut images = 0u64;
     for s in samples {

@@ -7,7 +7,10 @@ use crate::weights::{Tensor, TensorRole, Weights, WeightsError};
 /// The landmarks, `[3, 11]`: T2W, DWI and ADC, each at the 1st, 10th, 20th, ..., 90th and 99th percentiles.
 pub const LANDMARKS: &str = "intensity.landmarks";
 
-/// Landmarks per sequence (T2W, DWI, ADC).
+/// The sequences, in crop order and in the tensor's rows.
+pub const SEQUENCES: [&str; 3] = ["t2w", "dwi", "adc"];
+
+/// Landmarks per sequence ([`SEQUENCES`]).
 pub type SequenceLandmarks = [[f64; 11]; 3];
 
 /// `landmarks` as the one tensor a centre sends (and the zeros a run of landmarks starts from).

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use fedslm_metrics::{LogisticFit, LogisticStats, NewtonStep};
 use fedslm_protocol::clinical::{newton_stats, newton_weights, COEFFICIENTS, COVARIANCE};
+use fedslm_protocol::landmarks::{landmarks_of, SEQUENCES};
 use fedslm_protocol::{
     CenterId, FitResult, FitTask, LocalObjective, Role, Tensor, TensorRole, Weights,
 };
@@ -18,7 +19,6 @@ use super::{
     TaskId, TaskSet,
 };
 use crate::aggregate::{check_update, FedAvg, UpdateRefusal};
-use fedslm_protocol::landmarks::landmarks_of;
 use fedslm_secagg::layout::FitLayout;
 
 /// What a round's accepted answers are folded into.
@@ -556,7 +556,7 @@ fn join(centers: &[CenterId]) -> String {
 /// 1 (its 99th), never decreasing.
 fn plausible_landmarks(w: &Weights) -> Result<(), String> {
     let landmarks = landmarks_of(w).map_err(|e| e.to_string())?;
-    for (name, l) in ["t2w", "dwi", "adc"].iter().zip(&landmarks) {
+    for (name, l) in SEQUENCES.iter().zip(&landmarks) {
         let ends = l[0] == 0.0 && l[10] == 1.0;
         if !ends || l.windows(2).any(|p| p[0] > p[1]) {
             return Err(format!("{name} {l:?} does not rise from 0 to 1"));

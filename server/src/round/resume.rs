@@ -1,11 +1,11 @@
 //! A run's machine: new, or going on after its last committed round (a restarted server).
 
-use fedslm_protocol::landmarks::landmarks_of;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use fedslm_metrics::{NewtonOptions, NewtonSolver, NewtonStep};
 use fedslm_protocol::clinical::COEFFICIENTS;
+use fedslm_protocol::landmarks::landmarks_of;
 use fedslm_protocol::{CenterId, ModelKind, Role, Weights};
 
 use super::fit::{clinical_weights, After};

@@ -1,9 +1,9 @@
 //! The run's round settings and why a run cannot be set up with them.
 
-use fedslm_protocol::landmarks::LANDMARKS;
 use std::time::Duration;
 
 use fedslm_protocol::clinical::COEFFICIENTS;
+use fedslm_protocol::landmarks::LANDMARKS;
 use fedslm_protocol::{DpSgd, Fold, ModelKind};
 
 /// How the next global model is made from the centres' answers.

@@ -29,12 +29,18 @@ fn bent(bend: f64) -> SequenceLandmarks {
     l
 }
 
-#[test]
-fn a_landmark_round_averages_the_centres_landmarks_by_their_images_and_nothing_is_evaluated() {
+/// A landmark run from its zeros, every centre connected.
+fn connected_landmark_machine() -> (Coordinator, Instant) {
     let zeros = landmark_weights(&[[0.0; 11]; 3]).unwrap();
     let mut m = Coordinator::new(landmarks_settings(), roles(), zeros, &[]).unwrap();
     let t0 = Instant::now();
     connect_all(&mut m, t0);
+    (m, t0)
+}
+
+#[test]
+fn a_landmark_round_averages_the_centres_landmarks_by_their_images_and_nothing_is_evaluated() {
+    let (mut m, t0) = connected_landmark_machine();
     let acts = actions(&mut m, t0);
     let Some(Action::SendFit { task, .. }) =
         acts.iter().find(|a| matches!(a, Action::SendFit { .. }))
@@ -100,10 +106,7 @@ fn a_landmark_run_starts_from_the_landmarks_alone_and_never_under_dp() {
 
 #[test]
 fn landmarks_that_do_not_rise_from_0_to_1_are_refused_naming_the_sequence() {
-    let zeros = landmark_weights(&[[0.0; 11]; 3]).unwrap();
-    let mut m = Coordinator::new(landmarks_settings(), roles(), zeros, &[]).unwrap();
-    let t0 = Instant::now();
-    connect_all(&mut m, t0);
+    let (mut m, t0) = connected_landmark_machine();
     let tasks = sent(&actions(&mut m, t0));
     let mut falling = bent(1.0);
     falling[1].swap(3, 4);
