@@ -73,8 +73,9 @@ pub struct SimulateArgs {
     secure_aggregation: bool,
     /// Methods against scanner shift: `none`, or any of augment (scanner-style augmentation in training),
     /// adabn (batch-norm statistics recomputed at each validating centre from its own images), fedbn (batch
-    /// norm kept at each training centre) [default: the methods chosen on development cohorts, smoothing at
-    /// 3 mm; naming methods here replaces them, smoothing included].
+    /// norm kept at each training centre), standardise (Nyúl-Udupa intensity standardisation onto a scale
+    /// the training centres agree in a landmarks round first) [default: the methods chosen on development
+    /// cohorts, smoothing at 3 mm; naming methods here replaces them, smoothing included].
     #[arg(long, value_delimiter = ',')]
     shift: Option<Vec<String>>,
     /// With augment: the scanner-style ranges from this TOML file (the keys of client.toml's

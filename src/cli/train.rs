@@ -40,8 +40,7 @@ impl NetArgs {
             width: self.width,
             study_scale: self.study_scale,
             settings_from: self.config.clone(),
-            smooth_mm: None,
-            fov_mm: None,
+            ..NetSpec::default()
         }
     }
 }

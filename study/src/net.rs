@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use fedslm_client::ClientConfig;
-use fedslm_cohort::{ClinicalCoding, PreprocessSettings};
+use fedslm_cohort::{ClinicalCoding, IntensityScale, PreprocessSettings};
 use fedslm_model::{ModelKind, NetConfig};
 
 use crate::StudyError;
@@ -67,6 +67,9 @@ pub struct NetSpec {
     pub smooth_mm: Option<f64>,
     /// A fixed field of view (`PreprocessSettings::fov_mm`) over whatever the settings say; `None`: theirs.
     pub fov_mm: Option<f64>,
+    /// Intensity standardisation onto this scale (`PreprocessSettings::intensity_scale`) over whatever the
+    /// settings say; `None`: theirs.
+    pub intensity_scale: Option<IntensityScale>,
 }
 
 impl Default for NetSpec {
@@ -79,6 +82,7 @@ impl Default for NetSpec {
             settings_from: None,
             smooth_mm: None,
             fov_mm: None,
+            intensity_scale: None,
         }
     }
 }
@@ -102,6 +106,9 @@ impl NetSpec {
         }
         if let Some(mm) = self.fov_mm {
             preprocess.fov_mm = mm;
+        }
+        if let Some(scale) = self.intensity_scale {
+            preprocess.intensity_scale = Some(scale);
         }
         Ok((coding, preprocess))
     }

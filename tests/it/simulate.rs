@@ -489,3 +489,123 @@ fn the_paired_tests_second_pass_through_secure_sums_gives_the_plain_tests() {
         assert!((za - zb).abs() < 1e-9, "{a} vs {b}");
     }
 }
+
+/// Each training centre's mean landmarks and image count, worked out here from its crops sequence by
+/// sequence (the validating centre's are no part of the scale).
+fn training_landmarks(cohort: &Path, holdout: &str) -> Vec<([[f64; 11]; 3], u64)> {
+    let coding = fedslm_cohort::ClinicalCoding::default();
+    let settings = fedslm_cohort::PreprocessSettings::default();
+    let centers = fedslm_cohort::open_cohort(cohort, &coding, &[]).unwrap();
+    let mut out = Vec::new();
+    for (center, manifest) in centers.iter().filter(|(c, _)| c != holdout) {
+        let (samples, _) =
+            fedslm_cohort::load_center(manifest, center, &coding, &settings, None).unwrap();
+        let (mut sum, mut images) = ([[0.0; 11]; 3], 0u64);
+        for s in &samples {
+            let per = s.image.len() / 3;
+            let l: Vec<[f64; 11]> = s
+                .image
+                .chunks_exact(per)
+                .map(fedslm_cohort::landmarks)
+                .collect();
+            if l.iter().any(|l| l[10] != 1.0) {
+                continue;
+            }
+            for (acc, l) in sum.iter_mut().zip(&l) {
+                for (a, v) in acc.iter_mut().zip(l) {
+                    *a += v;
+                }
+            }
+            images += 1;
+        }
+        out.push((sum, images));
+    }
+    out
+}
+
+#[test]
+fn standardisation_agrees_the_scale_in_a_landmarks_round_and_every_centre_then_uses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cohort = crate::common::tiny_synth_cohort(tmp.path());
+    let run = |name: &str, secure: bool| -> Value {
+        let out = tmp.path().join(name);
+        let (cohort, out_arg) = (cohort.display().to_string(), out.display().to_string());
+        let mut args = vec![
+            "--log",
+            "warn",
+            "simulate",
+            "--cohort",
+            &cohort,
+            "--models",
+            "mri",
+            "--folds",
+            "0",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--no-centralised",
+            "--shift",
+            "standardise",
+            "--out",
+            &out_arg,
+        ];
+        if secure {
+            args.push("--secure-aggregation");
+        }
+        let (ok, stdout, err) = fedslm(&args);
+        assert!(ok, "{stdout}\n{err}");
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap()
+    };
+    let plain = run("plain", false);
+    let scale: fedslm_cohort::IntensityScale =
+        serde_json::from_value(plain["settings"]["intensity_scale"].clone()).unwrap();
+    scale.check().unwrap();
+    // The image-weighted mean of the training centres' landmarks.
+    let per_center = training_landmarks(&cohort, "external");
+    assert!(per_center.len() >= 3);
+    let images: u64 = per_center.iter().map(|(_, n)| n).sum();
+    for (s, agreed) in scale.sequences().into_iter().enumerate() {
+        for (i, v) in agreed.iter().enumerate() {
+            let mean = per_center.iter().map(|(sum, _)| sum[s][i]).sum::<f64>() / images as f64;
+            assert!(
+                (v - mean).abs() < 1e-12,
+                "sequence {s} landmark {i}: {v} {mean}"
+            );
+        }
+    }
+    // The network was made, trained and validated on crops mapped onto that scale: its card says so (a site
+    // that uses the model must preprocess alike), and the report gives it as client.toml takes it.
+    let out = tmp.path().join("plain");
+    let (_, card) = fedslm_model::load(&out.join("models/mri.safetensors")).unwrap();
+    assert_eq!(card.preprocess.intensity_scale, Some(scale));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("[preprocess.intensity_scale]"), "{report}");
+    assert_eq!(
+        plain["settings"]["shift"],
+        serde_json::json!(["standardise"])
+    );
+    assert!(
+        plain["models"]["mri"]["external"]["auc"].is_f64(),
+        "{plain}"
+    );
+    // The landmarks round committed once in its own store, its audit chain intact.
+    let store = fedslm_server::Store::open_existing(&out.join("runs/landmarks")).unwrap();
+    let committed = store
+        .audit_entries()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap())
+        .filter(|e| e["event"] == "round_committed")
+        .count();
+    assert_eq!(committed, 1);
+    // Through secure sums (the server sees only the sum of the centres' landmarks) the same scale.
+    let secure = run("secure", true);
+    let through_sums: fedslm_cohort::IntensityScale =
+        serde_json::from_value(secure["settings"]["intensity_scale"].clone()).unwrap();
+    for (a, b) in scale.sequences().into_iter().zip(through_sums.sequences()) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-9, "{x} {y}");
+        }
+    }
+}

@@ -154,7 +154,9 @@ impl Coordinator {
                 Ok(l) => l,
                 Err(e) => return self.finish_failed(format!("round {round}: {e}")),
             };
-            let norm = (self.newton.is_none() && norm_limit.is_finite()).then_some(norm_limit);
+            // Landmarks are no step from the global model: no norm bounds them (their sum is checked instead).
+            let bounded = self.newton.is_none() && self.settings.strategy != Strategy::Landmarks;
+            let norm = (bounded && norm_limit.is_finite()).then_some(norm_limit);
             match self.start_secure_sum(&mut tasks, &to, threshold, layout.length(), norm, now) {
                 Ok(sum) => secure = Some((sum, layout)),
                 Err(e) => {
@@ -343,6 +345,16 @@ impl Coordinator {
         }
         match sum {
             Sum::Mean(avg) => match avg.finish() {
+                Ok(Some(w)) if self.settings.strategy == Strategy::Landmarks => {
+                    // Through secure sums no centre's landmarks were seen: their mean must still be a scale.
+                    if let Err(e) = plausible_landmarks(&w) {
+                        return self.finish_failed(format!(
+                            "round {}: the centres' mean landmarks are no intensity scale: {e}",
+                            f.round
+                        ));
+                    }
+                    self.global = Arc::new(w);
+                }
                 Ok(Some(w)) => self.global = Arc::new(w),
                 Ok(None) => {
                     return self.finish_failed(format!("round {}: nothing to average", f.round))

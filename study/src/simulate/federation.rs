@@ -63,7 +63,7 @@ pub fn start_nodes(
             .any(|(c, r)| c == name && *r == fedslm_protocol::Role::Train);
         config.privacy.require_secure_aggregation = ctx.settings.secure_aggregation && training;
         // The Hello states the preprocessing the node uses.
-        config.preprocess = ctx.settings.shift.net().settings()?.1;
+        config.preprocess = ctx.net().settings()?.1;
         let node = node.clone();
         let counts = node.counts();
         clients.push(tokio::spawn(async move {
@@ -130,7 +130,6 @@ pub fn federate(
     let settings = config
         .round_settings(model)
         .map_err(|e| StudyError::Failed(format!("{model}: {e}")))?;
-    let (run, card) = open_run_from_files(&config, init, false)?;
     let label = format!(
         "{model} {}",
         fold.map_or("all data".to_string(), |f| format!(
@@ -139,77 +138,12 @@ pub fn federate(
             s.folds
         ))
     );
-    (ctx.observer)(StudyEvent::FederationStarted {
-        label: &label,
-        rounds,
-    });
-    let store = run.store.clone();
-    let (outcome, evaluation) = runtime.block_on(async {
-        let server = Arc::new(Server::bind(config)?);
-        let addr = server.local_addr()?;
-        let mut events = server.subscribe();
-        let writer = checkpoint_writer(card.clone());
-        let s = server.clone();
-        let (coordinator, run_store) = (run.coordinator, run.store.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server_task = tokio::spawn(async move {
-            s.run_rounds(coordinator, run_store, writer, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        // Every node gone before the run ended (each refused, say): nobody is left to finish it.
-        let mut nodes = tokio::spawn(join_nodes(start_nodes(ctx, addr)?));
-        let mut evaluation = None;
-        let mut nodes_gone = None;
-        let mut heard = |event: ServerEvent| match event {
-            ServerEvent::RoundCommitted(r) => (ctx.observer)(StudyEvent::RoundCommitted {
-                label: &label,
-                round: r.round,
-                summary: r.summary(),
-            }),
-            ServerEvent::Evaluated(e) => evaluation = Some(e),
-            _ => {}
-        };
-        loop {
-            tokio::select! {
-                event = events.recv() => match event {
-                    Ok(ServerEvent::Finished(_)) | Err(_) => break,
-                    Ok(event) => heard(event),
-                },
-                errors = &mut nodes, if nodes_gone.is_none() => {
-                    // The nodes also end after a run's Finish: the server's outcome tells which.
-                    nodes_gone = Some(errors.unwrap_or_default());
-                    let _ = stop.send(());
-                    break;
-                }
-            }
-        }
-        let outcome = server_task
-            .await
-            .map_err(|e| StudyError::Failed(format!("{label}: the server stopped: {e}")))?;
-        while let Ok(event) = events.try_recv() {
-            heard(event);
-        }
-        match (&outcome, nodes_gone) {
-            (None, Some(errors)) => {
-                return Err(StudyError::Failed(format!(
-                    "{label}: every node ended before the run did: {}",
-                    if errors.is_empty() {
-                        "no error".to_string()
-                    } else {
-                        errors.join("; ")
-                    }
-                )))
-            }
-            (_, Some(_)) => {}
-            (_, None) => {
-                let _ = nodes.await;
-            }
-        }
-        Ok::<_, StudyError>((outcome, evaluation))
-    })?;
-    (ctx.observer)(StudyEvent::FederationEnded { label: &label });
+    let Driven {
+        outcome,
+        evaluation,
+        store,
+        card,
+    } = drive(ctx, runtime, config, init, &label, rounds)?;
     if let Some(e) = &evaluation {
         (ctx.observer)(StudyEvent::Milestone(format!("{label}: {}", e.summary())));
     }
@@ -260,4 +194,100 @@ pub fn federate(
             "{label}: the federation stopped"
         ))),
     }
+}
+
+/// What driving one federation gave: the server's outcome, its evaluation, its store and the initial
+/// model's card.
+pub struct Driven {
+    pub outcome: Option<Outcome>,
+    pub evaluation: Option<Evaluation>,
+    pub store: Arc<fedslm_server::store::Store>,
+    pub card: ModelCard,
+}
+
+/// One federation from `init` with `config`, named `label` to whoever watches: a server on loopback and every
+/// centre's node, to the run's end (or until every node is gone).
+pub fn drive(
+    ctx: &Simulation,
+    runtime: &tokio::runtime::Runtime,
+    config: ServerConfig,
+    init: &Path,
+    label: &str,
+    rounds: u32,
+) -> Result<Driven, StudyError> {
+    let (run, card) = open_run_from_files(&config, init, false)?;
+    (ctx.observer)(StudyEvent::FederationStarted { label, rounds });
+    let store = run.store.clone();
+    let (outcome, evaluation) = runtime.block_on(async {
+        let server = Arc::new(Server::bind(config)?);
+        let addr = server.local_addr()?;
+        let mut events = server.subscribe();
+        let writer = checkpoint_writer(card.clone());
+        let s = server.clone();
+        let (coordinator, run_store) = (run.coordinator, run.store.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server_task = tokio::spawn(async move {
+            s.run_rounds(coordinator, run_store, writer, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        // Every node gone before the run ended (each refused, say): nobody is left to finish it.
+        let mut nodes = tokio::spawn(join_nodes(start_nodes(ctx, addr)?));
+        let mut evaluation = None;
+        let mut nodes_gone = None;
+        let mut heard = |event: ServerEvent| match event {
+            ServerEvent::RoundCommitted(r) => (ctx.observer)(StudyEvent::RoundCommitted {
+                label,
+                round: r.round,
+                summary: r.summary(),
+            }),
+            ServerEvent::Evaluated(e) => evaluation = Some(e),
+            _ => {}
+        };
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Ok(ServerEvent::Finished(_)) | Err(_) => break,
+                    Ok(event) => heard(event),
+                },
+                errors = &mut nodes, if nodes_gone.is_none() => {
+                    // The nodes also end after a run's Finish: the server's outcome tells which.
+                    nodes_gone = Some(errors.unwrap_or_default());
+                    let _ = stop.send(());
+                    break;
+                }
+            }
+        }
+        let outcome = server_task
+            .await
+            .map_err(|e| StudyError::Failed(format!("{label}: the server stopped: {e}")))?;
+        while let Ok(event) = events.try_recv() {
+            heard(event);
+        }
+        match (&outcome, nodes_gone) {
+            (None, Some(errors)) => {
+                return Err(StudyError::Failed(format!(
+                    "{label}: every node ended before the run did: {}",
+                    if errors.is_empty() {
+                        "no error".to_string()
+                    } else {
+                        errors.join("; ")
+                    }
+                )))
+            }
+            (_, Some(_)) => {}
+            (_, None) => {
+                let _ = nodes.await;
+            }
+        }
+        Ok::<_, StudyError>((outcome, evaluation))
+    })?;
+    (ctx.observer)(StudyEvent::FederationEnded { label });
+    Ok(Driven {
+        outcome,
+        evaluation,
+        store,
+        card,
+    })
 }

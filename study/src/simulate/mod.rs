@@ -12,6 +12,7 @@ pub mod privacy;
 pub mod report;
 pub mod results;
 pub mod spread;
+mod standardise;
 pub mod tradeoff;
 
 use std::collections::BTreeMap;
@@ -88,6 +89,10 @@ pub struct ShiftMethods {
     /// A fixed field of view of this side (mm) around each ROI instead of the ROI's box (the tumour's size
     /// and surroundings stay visible); 0: the ROI's box.
     pub fov_mm: f64,
+    /// Intensity standardisation (Nyúl-Udupa): a landmarks round first agrees the consortium's scale as the
+    /// mean of the training centres' image landmarks (no voxel leaves a site); every centre then maps its
+    /// crops onto it.
+    pub standardise: bool,
 }
 
 impl ShiftMethods {
@@ -104,10 +109,11 @@ impl ShiftMethods {
         fedbn: false,
         smooth_mm: 0.0,
         fov_mm: 0.0,
+        standardise: false,
     };
 
     /// The names `--shift` takes, in order.
-    pub const NAMES: [&'static str; 3] = ["augment", "adabn", "fedbn"];
+    pub const NAMES: [&'static str; 4] = ["augment", "adabn", "fedbn", "standardise"];
 
     /// From `--shift`'s names (`none` alone: none).
     pub fn parse(names: &[String]) -> Result<ShiftMethods, StudyError> {
@@ -118,6 +124,7 @@ impl ShiftMethods {
                 "augment" => m.scanner_augmentation = Some(fedslm_model::ScannerStyle::default()),
                 "adabn" => m.adapt_batch_norm = true,
                 "fedbn" => m.fedbn = true,
+                "standardise" => m.standardise = true,
                 other => {
                     return Err(StudyError::Refused(format!(
                         "--shift {other:?}: use none, or any of {}",
@@ -135,6 +142,7 @@ impl ShiftMethods {
             self.scanner_augmentation.is_some(),
             self.adapt_batch_norm,
             self.fedbn,
+            self.standardise,
         ];
         let mut names: Vec<String> = ShiftMethods::NAMES
             .iter()
@@ -303,6 +311,13 @@ impl Settings {
                     "--dp-epsilon {e}: must be a positive number"
                 )));
             }
+            if self.shift.standardise {
+                return Err(StudyError::Refused(
+                    "--shift standardise with --dp-epsilon: the landmarks round sends each centre's image \
+                     landmarks without noise, which a site under differential privacy refuses"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -342,9 +357,23 @@ pub(crate) struct Simulation<'a> {
     pub(crate) cohort: PathBuf,
     pub(crate) pki: PathBuf,
     pub(crate) centers: Vec<(String, Role)>,
-    /// Each centre's node, its cohort loaded once for every federation.
+    /// Each centre's node, its cohort loaded once for every federation (again once the intensity scale is
+    /// agreed).
     pub(crate) nodes: Vec<(String, SharedNode)>,
+    /// The intensity scale the landmarks round agreed, under `--shift standardise`.
+    pub(crate) scale: Option<fedslm_cohort::IntensityScale>,
     pub(crate) observer: Observer<'a>,
+}
+
+impl Simulation<'_> {
+    /// The network settings every centre and the centralised baseline share: the shift methods', on the
+    /// agreed intensity scale if there is one.
+    pub(crate) fn net(&self) -> NetSpec {
+        NetSpec {
+            intensity_scale: self.scale,
+            ..self.settings.shift.net()
+        }
+    }
 }
 
 /// One model's federations: what the results record, and the histograms and files behind them.
@@ -473,47 +502,34 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
         centers.iter().map(|(n, _)| n.as_str()),
         30,
     )?;
-    let mut nodes = Vec::new();
-    for (name, role) in &centers {
-        let mut config = configs::client_config(
-            &out,
-            &pki_dir,
-            name,
-            Some(&cohort.join(name)),
-            std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
-        )?;
-        if let Some(epsilon) = settings.dp_epsilon {
-            config.privacy = privacy::policy(epsilon);
-            config.ledger = Some(privacy::ledger(&out, name));
-        }
-        config.augmentation = settings.shift.augmentation();
-        config.preprocess = settings.shift.net().settings()?.1;
-        let node = Node::load(&config)?;
-        let counts = node.counts();
-        observer(StudyEvent::Milestone(format!(
-            "{name}: {} patients ({} with SLM), {} with images{}",
-            counts.patients,
-            counts.positives,
-            counts.with_images,
-            if *role == Role::Validate {
-                ", held out for external validation"
-            } else {
-                ""
-            }
-        )));
-        nodes.push((name.clone(), SharedNode::new(node)));
-    }
+    let nodes = load_nodes(&settings, &out, &pki_dir, &cohort, &centers, None, observer)?;
     phases.done("sites (PKI, cohorts loaded and preprocessed)");
-    let ctx = Simulation {
+    let mut ctx = Simulation {
         settings,
         out: out.clone(),
         cohort: cohort.clone(),
         pki: pki_dir,
         centers,
         nodes,
+        scale: None,
         observer,
     };
     let runtime = crate::error::runtime()?;
+    if ctx.settings.shift.standardise {
+        let scale = standardise::agree_scale(&ctx, &runtime)?;
+        ctx.nodes = load_nodes(
+            &ctx.settings,
+            &out,
+            &ctx.pki,
+            &cohort,
+            &ctx.centers,
+            Some(scale),
+            observer,
+        )?;
+        ctx.scale = Some(scale);
+        phases.done("intensity scale agreed (landmarks round), sites standardised");
+    }
+    let ctx = ctx;
     let federations_started = Instant::now();
     // The centralised baselines depend on nothing federated: they train on their own thread alongside the
     // federations, filling the cores that the rounds' waits leave idle. Each training is deterministic for
@@ -603,6 +619,7 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
             seed: s.seed,
             training_seed: s.training_seed(),
             shift: s.shift.names(),
+            intensity_scale: ctx.scale,
             network: "compact (ResNet-10, width 8, 9x64x64)".into(),
             dp,
             secure_aggregation: s.secure_aggregation,
@@ -627,6 +644,60 @@ pub fn run(settings: Settings, observer: Observer<'_>) -> Result<StudyResults, S
     let md = report::report_md(&results, &fits);
     crate::error::write_file(&out.join("report.md"), md.as_bytes())?;
     Ok(results)
+}
+
+/// Each centre's node, its cohort loaded and preprocessed as the settings say (on `scale`, if given), its
+/// policy and ledger as the run's privacy says.
+fn load_nodes(
+    settings: &Settings,
+    out: &Path,
+    pki: &Path,
+    cohort: &Path,
+    centers: &[(String, Role)],
+    scale: Option<fedslm_cohort::IntensityScale>,
+    observer: Observer<'_>,
+) -> Result<Vec<(String, SharedNode)>, StudyError> {
+    let mut nodes = Vec::new();
+    for (name, role) in centers {
+        let mut config = configs::client_config(
+            out,
+            pki,
+            name,
+            Some(&cohort.join(name)),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+        )?;
+        if let Some(epsilon) = settings.dp_epsilon {
+            config.privacy = privacy::policy(epsilon);
+            config.ledger = Some(privacy::ledger(out, name));
+        }
+        config.augmentation = settings.shift.augmentation();
+        config.preprocess = NetSpec {
+            intensity_scale: scale,
+            ..settings.shift.net()
+        }
+        .settings()?
+        .1;
+        let node = Node::load(&config)?;
+        let counts = node.counts();
+        observer(StudyEvent::Milestone(format!(
+            "{name}: {} patients ({} with SLM), {} with images{}{}",
+            counts.patients,
+            counts.positives,
+            counts.with_images,
+            if *role == Role::Validate {
+                ", held out for external validation"
+            } else {
+                ""
+            },
+            if scale.is_some() {
+                ", standardised on the agreed scale"
+            } else {
+                ""
+            }
+        )));
+        nodes.push((name.clone(), SharedNode::new(node)));
+    }
+    Ok(nodes)
 }
 
 /// The log file a command writes into the output folder before the study begins (every line of the servers
@@ -736,7 +807,7 @@ fn simulate_model(
             Some(_) => dir.join(format!("init-{tag}.safetensors")),
             None => dir.join("init.safetensors"),
         };
-        crate::init::initial_model(model, s.training_seed(), &s.shift.net(), clinical, &path)?;
+        crate::init::initial_model(model, s.training_seed(), &ctx.net(), clinical, &path)?;
         Ok(path)
     };
     let clinical_for = |fold: Option<u32>| -> Option<&Path> {
@@ -866,7 +937,7 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
         out: ctx.out.join("centralised").join(model.name()),
         cache: Some(ctx.out.join("cache")),
         head_from_clinical: model == ModelKind::Combined,
-        net: s.shift.net(),
+        net: ctx.net(),
         train: fedslm_model::TrainConfig {
             epochs: (s.rounds * s.local_epochs) as usize,
             augmentation: Some(s.shift.augmentation()),
@@ -889,7 +960,7 @@ fn centralised(ctx: &Simulation, model: ModelKind) -> Result<CentralisedResult, 
         .map(|(_, _, labels, scores)| AucSummary::of_scores(labels, scores));
     let external = match ctx.centers.iter().find(|(_, r)| *r == Role::Validate) {
         Some((center, _)) => {
-            let (coding, preprocess) = s.shift.net().settings()?;
+            let (coding, preprocess) = ctx.net().settings()?;
             let (manifest, probs) = crate::predict::probabilities(
                 &trained.model,
                 &ctx.cohort.join(center).join("manifest.csv"),
@@ -1048,6 +1119,17 @@ mod tests {
                 },
                 "--fov-mm NaN",
             ),
+            (
+                Settings {
+                    shift: ShiftMethods {
+                        standardise: true,
+                        ..ShiftMethods::NONE
+                    },
+                    dp_epsilon: Some(5.0),
+                    ..Settings::default()
+                },
+                "--shift standardise with --dp-epsilon",
+            ),
         ] {
             let e = bad.check().unwrap_err().to_string();
             assert!(e.contains(flag), "{flag}: {e}");
@@ -1080,7 +1162,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("\"nyul\"") && e.contains("augment, adabn, fedbn"),
+            e.contains("\"nyul\"") && e.contains("augment, adabn, fedbn, standardise"),
             "{e}"
         );
         assert!(ShiftMethods::parse(&names(&["none", "adabn"])).is_err());
@@ -1090,6 +1172,14 @@ mod tests {
         };
         assert_eq!(smoothed.names(), ["smoothing 1.5 mm"]);
         assert_eq!(smoothed.net().settings().unwrap().1.smooth_mm, 1.5);
+        let standardised = ShiftMethods::parse(&names(&["standardise"])).unwrap();
+        assert!(standardised.standardise);
+        assert_eq!(standardised.names(), ["standardise"]);
+        // The scale is agreed in the run: the settings alone carry none.
+        assert_eq!(
+            standardised.net().settings().unwrap().1.intensity_scale,
+            None
+        );
     }
 
     #[test]

@@ -155,6 +155,25 @@ pub fn privacy_md(dp: &super::privacy::DpRecord) -> String {
     )
 }
 
+/// The intensity scale the landmarks round agreed, as client.toml takes it.
+fn scale_md(scale: &fedslm_cohort::IntensityScale) -> String {
+    let mut md = String::from(
+        "## Intensity standardisation\n\nThe training centres agreed this scale in a landmarks round (each sent \
+         its images' mean Nyúl-Udupa landmarks; the server averaged them by images) before any model was trained; \
+         every centre, the held-out one included, mapped its crops onto it. A site joins the consortium's models \
+         with it in client.toml:\n\n```toml\n[preprocess.intensity_scale]\n",
+    );
+    for (name, l) in fedslm_cohort::IntensityScale::SEQUENCES
+        .iter()
+        .zip(scale.sequences())
+    {
+        let values: Vec<String> = l.iter().map(|v| format!("{v:?}")).collect();
+        md.push_str(&format!("{name} = [{}]\n", values.join(", ")));
+    }
+    md.push_str("```\n\n");
+    md
+}
+
 pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> String {
     let s = &results.settings;
     let mut md = String::from("# fedslm simulate: the study, federated\n\n");
@@ -176,6 +195,9 @@ pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> 
         results.wall_seconds,
         results.peak_memory_mib,
     ));
+    if let Some(scale) = &s.intensity_scale {
+        md.push_str(&scale_md(scale));
+    }
     if let Some(dp) = &s.dp {
         md.push_str(&privacy_md(dp));
     }
@@ -413,6 +435,7 @@ mod tests {
                 seed: 42,
                 training_seed: 42,
                 shift: vec!["none".into()],
+                intensity_scale: None,
                 network: "compact".into(),
                 dp: None,
                 secure_aggregation: false,

@@ -58,9 +58,14 @@ pub struct SettingsRecord {
     /// The seed of initial weights, folds, batches and augmentation.
     #[serde(default)]
     pub training_seed: u64,
-    /// The methods against scanner shift (`augment`, `adabn`, `fedbn`), or `none`.
+    /// The methods against scanner shift (`augment`, `adabn`, `fedbn`, `standardise`, smoothing, field of
+    /// view), or `none`.
     #[serde(default)]
     pub shift: Vec<String>,
+    /// Under `standardise`: the intensity scale the landmarks round agreed (client.toml's
+    /// `[preprocess.intensity_scale]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intensity_scale: Option<fedslm_cohort::IntensityScale>,
     pub network: String,
     /// Under `--dp-epsilon`: the budget, the noise, and each site's whole-study ε.
     #[serde(default)]

@@ -3,6 +3,7 @@
 //! may drop at any step while `t` remain, and with fewer the round fails saying why.
 
 use fedslm_certs::{IssueOptions, Pki, Signer};
+use fedslm_protocol::landmarks::{landmark_weights, landmarks_of};
 use fedslm_protocol::secure::{Secure, SecureBegin};
 use fedslm_protocol::FitTask;
 use fedslm_secagg::collector::Stage;
@@ -38,14 +39,30 @@ fn update(i: usize) -> (Weights, u64) {
 }
 
 fn harness(threshold: usize, retries: u32) -> Harness {
+    harness_of(
+        settings(threshold),
+        model(&[0.0; 4], 1.0),
+        update,
+        threshold,
+        retries,
+    )
+}
+
+/// A secure run of one round from `initial` with `settings`, in which centre `i` answers `update(i)`.
+fn harness_of(
+    mut s: RoundSettings,
+    initial: Weights,
+    update: fn(usize) -> (Weights, u64),
+    threshold: usize,
+    retries: u32,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::init(&dir.path().join("pki"), "test", "localhost", &[]).unwrap();
     let roles: BTreeMap<CenterId, Role> = CENTRES.iter().map(|c| (id(c), Role::Train)).collect();
-    let mut s = settings(threshold);
     s.secure_threshold = Some(threshold);
     s.retries = retries;
     s.rounds = 1;
-    let mut m = Coordinator::new(s, roles, model(&[0.0; 4], 1.0), &[]).unwrap();
+    let mut m = Coordinator::new(s, roles, initial, &[]).unwrap();
     let now = Instant::now();
     let mut sites = BTreeMap::new();
     let mut updates = BTreeMap::new();
@@ -328,4 +345,76 @@ fn a_centre_that_sends_a_plain_update_in_a_secure_round_is_refused() {
             ..
         }
     )));
+}
+
+/// Centre `i`'s landmarks: each sequence's 0 to 1 scale bent by the centre and the sequence.
+fn landmarks_update(i: usize) -> (Weights, u64) {
+    let mut l = [[0.0; 11]; 3];
+    for (s, row) in l.iter_mut().enumerate() {
+        for (k, v) in row.iter_mut().enumerate() {
+            *v = (k as f64 / 10.0).powf(0.6 + 0.3 * i as f64 + 0.1 * s as f64);
+        }
+    }
+    (landmark_weights(&l).unwrap(), 10 + 5 * i as u64)
+}
+
+/// The same, but centre 3's DWI zigzags between -50 and 50.
+fn lying_landmarks_update(i: usize) -> (Weights, u64) {
+    if i < 3 {
+        return landmarks_update(i);
+    }
+    let mut l = landmarks_of(&landmarks_update(i).0).unwrap();
+    for (k, v) in l[1].iter_mut().enumerate().take(10).skip(1) {
+        *v = if k % 2 == 0 { -50.0 } else { 50.0 };
+    }
+    (landmark_weights(&l).unwrap(), 25)
+}
+
+fn landmarks_settings(threshold: usize) -> RoundSettings {
+    RoundSettings {
+        strategy: Strategy::Landmarks,
+        ..settings(threshold)
+    }
+}
+
+#[test]
+fn a_landmarks_round_through_secure_sums_is_the_image_weighted_mean_and_no_norm_bounds_it() {
+    let zeros = landmark_weights(&[[0.0; 11]; 3]).unwrap();
+    let mut h = harness_of(landmarks_settings(3), zeros.clone(), landmarks_update, 3, 0);
+    let acts = h.run(&[], &[]);
+    // A model step's bound (10 here) is not the landmarks': they are no step from the zeros.
+    let begin = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::BeginSecure { begin, .. } => Some(begin),
+            _ => None,
+        })
+        .expect("a secure sum begins");
+    assert_eq!(begin.norm_bound, None);
+    let round = committed(&acts).expect("the round commits");
+    let mean = landmarks_of(&round.weights).unwrap();
+    let updates: Vec<(Weights, u64)> = (0..4).map(landmarks_update).collect();
+    let images: u64 = updates.iter().map(|(_, n)| n).sum();
+    for (s, sequence) in mean.iter().enumerate() {
+        for (k, got) in sequence.iter().enumerate() {
+            let want = updates
+                .iter()
+                .map(|(w, n)| landmarks_of(w).unwrap()[s][k] * *n as f64)
+                .sum::<f64>()
+                / images as f64;
+            assert!((got - want).abs() < 1e-12, "{s} {k}");
+        }
+        assert_eq!((sequence[0], sequence[10]), (0.0, 1.0));
+    }
+    // A centre's zigzag, unseen inside the sum, still breaks the mean: the round fails naming the sequence.
+    let mut h = harness_of(landmarks_settings(3), zeros, lying_landmarks_update, 3, 0);
+    let acts = h.run(&[], &[]);
+    assert!(committed(&acts).is_none());
+    let Some(Action::Finish(Outcome::Failed { reason, .. })) = acts.last() else {
+        panic!("{acts:?}")
+    };
+    assert!(
+        reason.contains("no intensity scale") && reason.contains("dwi"),
+        "{reason}"
+    );
 }
