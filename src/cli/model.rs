@@ -1,4 +1,5 @@
-//! `fedslm model init`: the initial global model of a deployment, named in the server's configuration.
+//! `fedslm model init` and `fedslm model landmarks`: the initial global model of a deployment, named in the
+//! server's configuration.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,18 @@ use super::train::NetArgs;
 pub enum ModelCommand {
     /// Write a fresh model file.
     Init(InitArgs),
+    /// Write the initial model of a landmarks run (server.toml `strategy = "landmarks"`, which agrees the
+    /// intensity scale of every client.toml): a 3 x 11 tensor of zeros.
+    Landmarks(LandmarksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LandmarksArgs {
+    #[arg(long)]
+    out: PathBuf,
+    /// The client.toml whose coding and preprocessing the card records (default: the study's).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -31,7 +44,21 @@ pub struct InitArgs {
 }
 
 pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
-    let ModelCommand::Init(args) = cmd;
+    let args = match cmd {
+        ModelCommand::Init(args) => args,
+        ModelCommand::Landmarks(args) => {
+            let net = fedslm_study::NetSpec {
+                settings_from: args.config,
+                ..Default::default()
+            };
+            fedslm_study::scale::initial_landmarks(&net, &args.out)?;
+            println!(
+                "initial landmarks (3 x 11 zeros) of a strategy = \"landmarks\" run: {}",
+                args.out.display()
+            );
+            return Ok(());
+        }
+    };
     let what = fedslm_study::init::initial_model(
         args.model,
         args.seed,

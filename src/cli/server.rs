@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fedslm_protocol::Role;
-use fedslm_server::{OpenedRun, Outcome, Server, ServerConfig, ServerEvent, Store, StoreError};
+use fedslm_server::{
+    OpenedRun, Outcome, Server, ServerConfig, ServerEvent, Store, StoreError, Strategy,
+};
 use fedslm_study::compare::compare_stored;
 use fedslm_study::runs::{
     checkpoint_writer, open_run_from_files, peak_rss_mib, verify_run, write_final_model,
@@ -251,6 +253,18 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                     "run completed after {rounds} rounds; model: {}",
                     path.display()
                 );
+                if settings.strategy == Strategy::Landmarks {
+                    // The consortium's intensity scale, for every centre's client.toml.
+                    let scale = fedslm_study::scale::agreed_scale(&weights)?;
+                    let toml = fedslm_study::scale::client_toml(&scale);
+                    let file = out.join("intensity_scale.toml");
+                    std::fs::write(&file, &toml)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    println!(
+                        "the agreed intensity scale, for every client.toml ({}):\n{toml}",
+                        file.display()
+                    );
+                }
                 println!(
                     "audit head: {} ({} entries)",
                     store.head().hex(),

@@ -24,6 +24,7 @@ pub mod init;
 pub mod net;
 pub mod predict;
 pub mod runs;
+pub mod scale;
 pub mod score;
 pub mod simulate;
 

@@ -609,3 +609,65 @@ fn a_site_whose_policy_refuses_a_task_is_told_by_name_audited_and_the_run_goes_o
         );
     }
 }
+
+#[test]
+fn a_landmarks_run_agrees_the_intensity_scale_that_every_client_toml_then_takes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let cohort = crate::common::tiny_synth_cohort(d);
+    let centers = ["center-a", "center-b", "center-c"];
+    let run = Run::new(
+        d,
+        &centers.map(|c| (c, "train")),
+        "initial_model = \"init.safetensors\"\nstrategy = \"landmarks\"\nrounds = 1\n",
+    );
+    let init = d.join("init.safetensors").display().to_string();
+    let (ok, out, err) = fedslm(&["model", "landmarks", "--out", &init]);
+    assert!(ok && out.contains("3 x 11 zeros"), "{out}{err}");
+    let clients: Vec<PathBuf> = centers
+        .iter()
+        .map(|c| run.client_config(c, &cohort.join(c), ""))
+        .collect();
+    let (server_out, _) = run.go(&clients);
+    assert!(
+        server_out.contains("run completed after 1 rounds"),
+        "{server_out}"
+    );
+    assert!(
+        server_out.contains("the agreed intensity scale, for every client.toml"),
+        "{server_out}"
+    );
+    // What each centre sent: its mean landmarks alone, counted by its images.
+    let mut sum = [[0.0; 11]; 3];
+    let mut images = 0.0;
+    for c in centers {
+        let (sent, card) =
+            fedslm_model::load(&d.join(c).join("sent/round-0001.safetensors")).unwrap();
+        let names: Vec<&str> = sent.tensors().iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["intensity.landmarks"]);
+        let n = card.training["examples"].as_f64().unwrap();
+        let l = fedslm_protocol::landmarks::landmarks_of(&sent).unwrap();
+        for (acc, row) in sum.iter_mut().zip(&l) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += n * v;
+            }
+        }
+        images += n;
+    }
+    // The scale is their image-weighted mean, written as client.toml takes it: a centre that appends it
+    // loads it exactly, and its settings hash (which the server can require) changes.
+    let toml = std::fs::read_to_string(run.out().join("intensity_scale.toml")).unwrap();
+    assert!(server_out.contains(&toml), "{server_out}");
+    let config = &clients[0];
+    let before = fedslm_client::ClientConfig::load(config).unwrap();
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(config, format!("{text}\n{toml}")).unwrap();
+    let after = fedslm_client::ClientConfig::load(config).unwrap();
+    let scale = after.preprocess.intensity_scale.expect("the scale is read");
+    for (agreed, want) in scale.sequences().into_iter().zip(&sum) {
+        for (a, w) in agreed.iter().zip(want) {
+            assert!((a - w / images).abs() < 1e-12, "{a} {}", w / images);
+        }
+    }
+    assert_ne!(before.settings_hash(), after.settings_hash());
+}

@@ -157,21 +157,13 @@ pub fn privacy_md(dp: &super::privacy::DpRecord) -> String {
 
 /// The intensity scale the landmarks round agreed, as client.toml takes it.
 fn scale_md(scale: &fedslm_cohort::IntensityScale) -> String {
-    let mut md = String::from(
+    format!(
         "## Intensity standardisation\n\nThe training centres agreed this scale in a landmarks round (each sent \
          its images' mean Nyúl-Udupa landmarks; the server averaged them by images) before any model was trained; \
          every centre, the held-out one included, mapped its crops onto it. A site joins the consortium's models \
-         with it in client.toml:\n\n```toml\n[preprocess.intensity_scale]\n",
-    );
-    for (name, l) in fedslm_cohort::IntensityScale::SEQUENCES
-        .iter()
-        .zip(scale.sequences())
-    {
-        let values: Vec<String> = l.iter().map(|v| format!("{v:?}")).collect();
-        md.push_str(&format!("{name} = [{}]\n", values.join(", ")));
-    }
-    md.push_str("```\n\n");
-    md
+         with it in client.toml:\n\n```toml\n{}```\n\n",
+        crate::scale::client_toml(scale)
+    )
 }
 
 pub fn report_md(results: &StudyResults, fits: &[(ModelKind, &LogisticFit)]) -> String {

@@ -3,15 +3,12 @@
 //! (3 x 11 numbers), the server averages them by images; no voxel and no label leaves a site.
 
 use fedslm_cohort::IntensityScale;
-use fedslm_model::{save, ModelCard};
-use fedslm_protocol::landmarks::{landmark_weights, landmarks_of};
 use fedslm_server::config::StrategyName;
 use fedslm_server::Outcome;
-use serde_json::json;
 
 use super::federation::{drive, Driven};
 use super::{configs, Simulation, StudyEvent};
-use crate::{Context, StudyError};
+use crate::StudyError;
 
 /// The run id of the landmarks round (its audit log and store).
 pub const RUN_ID: &str = "simulate-landmarks";
@@ -26,20 +23,9 @@ pub fn agree_scale(
     let s = &ctx.settings;
     let dir = ctx.out.join("runs").join("landmarks");
     crate::error::create_dir(&dir)?;
-    // The round starts from zeros of the landmarks' shape; the card's model says which crops they are of.
+    // The round starts from zeros of the landmarks' shape.
     let init = dir.join("init.safetensors");
-    let (coding, preprocess) = ctx.net().settings()?;
-    let card = ModelCard {
-        training: json!({
-            "software": concat!("fedslm ", env!("CARGO_PKG_VERSION")),
-            "mode": "init",
-            "objective": "intensity landmarks",
-        }),
-        ..ModelCard::new("mri", coding, preprocess)
-    };
-    let zeros = landmark_weights(&[[0.0; 11]; 3])
-        .map_err(|e| StudyError::Failed(format!("the landmarks' initial tensor: {e}")))?;
-    save(&init, &zeros, &card).context(|| init.display().to_string())?;
+    crate::scale::initial_landmarks(&ctx.net(), &init)?;
     let config = configs::server_config(&ctx.pki, RUN_ID, &dir, &ctx.centers, |t| {
         t.initial_model = Some(init.clone());
         t.strategy = Some(StrategyName::Landmarks);
@@ -59,12 +45,8 @@ pub fn agree_scale(
         }
         None => return Err(StudyError::Failed(format!("{label}: the round stopped"))),
     };
-    let [t2w, dwi, adc] = landmarks_of(&weights)
-        .map_err(|e| StudyError::Failed(format!("{label}: the agreed landmarks: {e}")))?;
-    let scale = IntensityScale { t2w, dwi, adc };
-    scale
-        .check()
-        .map_err(|e| StudyError::Failed(format!("{label}: the agreed scale: {e}")))?;
+    let scale = crate::scale::agreed_scale(&weights)
+        .map_err(|e| StudyError::Failed(format!("{label}: {e}")))?;
     (ctx.observer)(StudyEvent::Milestone(format!(
         "{label}: the scale agreed (the median at {:.3} of the range in T2W, {:.3} in DWI, {:.3} in ADC)",
         scale.t2w[5], scale.dwi[5], scale.adc[5]
