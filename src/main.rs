@@ -17,17 +17,30 @@ use clap::Parser;
 /// The server is the opposite: a round's buffers (an update being read, the accumulators, the next model)
 /// are freed when the round ends, and kept ones pile up in one heap per thread that touched them (ResNet-18,
 /// 2 centres: 290-380 MiB at peak with the training settings, 196-205 with these, BENCHMARKS.md). One heap
-/// for all threads, and every block of 1 MiB or more mapped on its own and unmapped when freed.
+/// for all threads, every block of 1 MiB or more mapped on its own and unmapped when freed, and the heap's free
+/// pages handed back to the system five times a second.
 fn tune_allocator(serving: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets the allocator's parameters; called before any other thread starts.
-    unsafe {
+    {
+        // SAFETY: mallopt only sets the allocator's parameters; called before any other thread starts.
+        unsafe {
+            if serving {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            } else {
+                libc::mallopt(libc::M_MMAP_MAX, 0);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        }
         if serving {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        } else {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            // QUIC's many small receive buffers leave free holes inside the heap that glibc returns only
+            // from its top: among 50 centres they were a sixth of the peak (254 MiB; 220 MiB with this).
+            // Handing the free pages back five times a second cost nothing measurable in a round.
+            std::thread::spawn(|| loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                // SAFETY: malloc_trim only returns the allocator's free pages to the system.
+                unsafe { libc::malloc_trim(0) };
+            });
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
