@@ -255,11 +255,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<()> {
                 );
                 if settings.strategy == Strategy::Landmarks {
                     // The consortium's intensity scale, for every centre's client.toml.
-                    let scale = fedslm_study::scale::agreed_scale(&weights)?;
-                    let toml = fedslm_study::scale::client_toml(&scale);
-                    let file = out.join("intensity_scale.toml");
-                    std::fs::write(&file, &toml)
-                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    let (file, toml) = fedslm_study::scale::write_agreed_scale(&out, &weights)?;
                     println!(
                         "the agreed intensity scale, for every client.toml ({}):\n{toml}",
                         file.display()

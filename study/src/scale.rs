@@ -1,7 +1,7 @@
 //! The intensity scale of a deployment (Nyúl-Udupa standardisation, `strategy = "landmarks"`): the initial
 //! model a landmarks run starts from, and the scale read back from its final model, as client.toml takes it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use fedslm_cohort::IntensityScale;
 use fedslm_model::{save, ModelCard};
@@ -48,6 +48,19 @@ pub fn client_toml(scale: &IntensityScale) -> String {
         toml.push_str(&format!("{name} = [{}]\n", values.join(", ")));
     }
     toml
+}
+
+/// The file a landmarks run's output folder gets beside its final model: the agreed scale as client.toml
+/// takes it.
+pub const CLIENT_TOML: &str = "intensity_scale.toml";
+
+/// Writes the scale a landmarks run agreed (its final `weights`) into `out`/[`CLIENT_TOML`]; returns the
+/// file and its text.
+pub fn write_agreed_scale(out: &Path, weights: &Weights) -> Result<(PathBuf, String), StudyError> {
+    let toml = client_toml(&agreed_scale(weights)?);
+    let file = out.join(CLIENT_TOML);
+    crate::error::write_file(&file, toml.as_bytes())?;
+    Ok((file, toml))
 }
 
 #[cfg(test)]

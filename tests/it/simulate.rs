@@ -132,7 +132,7 @@ fn a_network_is_cross_validated_and_validated_externally_with_figures_for_both()
     ]);
     assert!(ok, "{err}");
     let out = tmp.path().join("sim");
-    let (stdout, results) = quick_combined(&cohort, &out, &[]);
+    let (stdout, results) = quick(&cohort, &out, "combined", "2", &[]);
     assert!(
         stdout.contains("held out for external validation"),
         "{stdout}"
@@ -223,7 +223,7 @@ fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain()
     let tmp = tempfile::tempdir().unwrap();
     let cohort = crate::common::tiny_synth_cohort(tmp.path());
     let out = tmp.path().join("sim");
-    let (stdout, results) = quick_combined(&cohort, &out, &["--no-centralised"]);
+    let (stdout, results) = quick(&cohort, &out, "combined", "2", &["--no-centralised"]);
     assert!(
         stdout.contains("the clinical model cannot be fitted here"),
         "{stdout}"
@@ -239,11 +239,10 @@ fn where_the_clinical_model_cannot_be_fitted_the_combined_network_starts_plain()
     assert!(out.join("models/combined.safetensors").is_file());
 }
 
-/// `fedslm simulate --models combined` with 2 folds of 1 round of 1 epoch (and `extra`) into `out`: its
+/// `fedslm simulate --models MODELS --folds FOLDS` of 1 round of 1 epoch (and `extra`) into `out`: its
 /// standard output and results.json.
-fn quick_combined(cohort: &Path, out: &Path, extra: &[&str]) -> (String, Value) {
-    let cohort = cohort.display().to_string();
-    let out_arg = out.display().to_string();
+fn quick(cohort: &Path, out: &Path, models: &str, folds: &str, extra: &[&str]) -> (String, Value) {
+    let (cohort, out_arg) = (cohort.display().to_string(), out.display().to_string());
     let mut args = vec![
         "--log",
         "warn",
@@ -251,9 +250,9 @@ fn quick_combined(cohort: &Path, out: &Path, extra: &[&str]) -> (String, Value) 
         "--cohort",
         &cohort,
         "--models",
-        "combined",
+        models,
         "--folds",
-        "2",
+        folds,
         "--rounds",
         "1",
         "--local-epochs",
@@ -274,7 +273,13 @@ fn under_a_dp_budget_every_federation_spends_at_most_it_at_every_site() {
     let tmp = tempfile::tempdir().unwrap();
     let cohort = crate::common::tiny_synth_cohort(tmp.path());
     let out = tmp.path().join("sim");
-    let (_, results) = quick_combined(&cohort, &out, &["--no-centralised", "--dp-epsilon", "8"]);
+    let (_, results) = quick(
+        &cohort,
+        &out,
+        "combined",
+        "2",
+        &["--no-centralised", "--dp-epsilon", "8"],
+    );
     let dp = &results["settings"]["dp"];
     assert_eq!(dp["epsilon_per_federation"], 8.0, "{dp}");
     assert_eq!(results["settings"]["bins"], 10);
@@ -437,33 +442,12 @@ fn the_paired_tests_second_pass_through_secure_sums_gives_the_plain_tests() {
     let tmp = tempfile::tempdir().unwrap();
     let cohort = crate::common::tiny_synth_cohort(tmp.path());
     let run = |name: &str, secure: bool| -> Value {
-        let out = tmp.path().join(name);
-        let cohort = cohort.display().to_string();
-        let out_arg = out.display().to_string();
-        let mut args = vec![
-            "--log",
-            "warn",
-            "simulate",
-            "--cohort",
-            &cohort,
-            "--models",
-            "mri,combined",
-            "--folds",
-            "2",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--no-centralised",
-            "--out",
-            &out_arg,
-        ];
-        if secure {
-            args.push("--secure-aggregation");
-        }
-        let (ok, stdout, err) = fedslm(&args);
-        assert!(ok, "{stdout}\n{err}");
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap()
+        let extra: &[&str] = if secure {
+            &["--no-centralised", "--secure-aggregation"]
+        } else {
+            &["--no-centralised"]
+        };
+        quick(&cohort, &tmp.path().join(name), "mri,combined", "2", extra).1
     };
     let plain = run("plain", false);
     let secure = run("secure", true);
@@ -528,34 +512,17 @@ fn standardisation_agrees_the_scale_in_a_landmarks_round_and_every_centre_then_u
     let tmp = tempfile::tempdir().unwrap();
     let cohort = crate::common::tiny_synth_cohort(tmp.path());
     let run = |name: &str, secure: bool| -> Value {
-        let out = tmp.path().join(name);
-        let (cohort, out_arg) = (cohort.display().to_string(), out.display().to_string());
-        let mut args = vec![
-            "--log",
-            "warn",
-            "simulate",
-            "--cohort",
-            &cohort,
-            "--models",
-            "mri",
-            "--folds",
-            "0",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--no-centralised",
-            "--shift",
-            "standardise",
-            "--out",
-            &out_arg,
-        ];
-        if secure {
-            args.push("--secure-aggregation");
-        }
-        let (ok, stdout, err) = fedslm(&args);
-        assert!(ok, "{stdout}\n{err}");
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap()
+        let extra: &[&str] = if secure {
+            &[
+                "--no-centralised",
+                "--shift",
+                "standardise",
+                "--secure-aggregation",
+            ]
+        } else {
+            &["--no-centralised", "--shift", "standardise"]
+        };
+        quick(&cohort, &tmp.path().join(name), "mri", "0", extra).1
     };
     let plain = run("plain", false);
     let scale: fedslm_cohort::IntensityScale =
@@ -581,6 +548,18 @@ fn standardisation_agrees_the_scale_in_a_landmarks_round_and_every_centre_then_u
     assert_eq!(card.preprocess.intensity_scale, Some(scale));
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("[preprocess.intensity_scale]"), "{report}");
+    // Every centre, the held-out one too, made its crops twice: as its scanner gave them (for the
+    // landmarks), then on the agreed scale (the preprocessing cache keys them by their settings).
+    for c in ["center-a", "center-b", "center-c", "external"] {
+        let made = std::fs::read_dir(out.join("cache"))
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with(&format!("{c}-"))
+            })
+            .count();
+        assert_eq!(made, 2, "{c}");
+    }
     assert_eq!(
         plain["settings"]["shift"],
         serde_json::json!(["standardise"])
