@@ -1,31 +1,68 @@
-//! 2-D convolution (no bias, no dilation, one group) by im2col and GEMM, forward and both backward passes.
+//! 2-D convolution (no bias, no dilation, one group), forward and both backward passes, as direct
+//! convolutions: no unfolded (im2col) matrix is ever built.
 //!
-//! Per sample, the input is unfolded into columns `[cin * kh * kw, ho * wo]` and multiplied by the weight
-//! `[cout, cin * kh * kw]`; a 1x1 convolution of stride 1 without padding multiplies the input itself. The
-//! weight gradient sums `grad_out · columnsᵀ` over the batch, the input gradient folds `weightᵀ · grad_out` back
-//! (col2im). Columns are rebuilt in the backward pass instead of kept from the forward: memory stays at one
-//! buffer per thread.
+//! Each sample is copied once into zero-padded phase planes (`planes`), where every kernel tap is one offset,
+//! and every pass is a GEMM computed tile by tile by one register-blocked micro-kernel (`tile`: AVX-512, AVX2
+//! or portable code), in BLIS's loop order (`tiles`):
+//!
+//! - forward: output channels as the tiles' rows, the shifted planes themselves as their columns; where the
+//!   planes' padding columns would add more than a fifth of work (small planes), output positions as rows
+//!   and output channels as columns instead (`forward_by_position`);
+//! - input gradient: the same, phase plane by phase plane, on the zero-padded output gradient with the
+//!   transposed weight (`input_gradient`, `input_gradient_by_position`);
+//! - weight gradient: `(cin, tap)` as rows and output channels as columns, summed over the image's own
+//!   output positions and the samples (`weight_gradient`).
+//!
+//! Every output's sum runs in one order, with fused multiply-adds, whatever the instruction set: the three
+//! give the same bits. Memory: a padded copy of a few samples' input and output per thread.
+
+mod planes;
+mod tile;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{chunks, threads, values, with_values};
+use self::planes::Planes;
+pub use self::tile::Isa;
+use self::tile::{Cols, Gathered, Packed, Rows, Shifted, Strided, MAX_MR};
+use super::{chunks, parallel, threads, values, with_values};
 
 const NAME: &str = "fedslm-conv2d";
 
 /// `x [n, cin, h, w]` convolved with `weight [cout, cin, kh, kw]`, zero padding `padding` on every side.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_on(Isa::best(), x, weight, stride, padding)
+}
+
+/// The same on a given instruction set (one of `Isa::available()`), forward and backward: the tests run each.
+pub fn conv2d_on(
+    isa: Isa,
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     if stride == 0 {
         candle_core::bail!("{NAME}: stride 0");
     }
+    if !Isa::available().contains(&isa) {
+        candle_core::bail!("{NAME}: this CPU does not run {isa:?}");
+    }
     Geometry::new(x.dims(), weight.dims(), stride, padding)?;
-    x.apply_op2(weight, Conv2d { stride, padding })
+    x.apply_op2(
+        weight,
+        Conv2d {
+            stride,
+            padding,
+            isa,
+        },
+    )
 }
 
 struct Conv2d {
     stride: usize,
     padding: usize,
+    isa: Isa,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +87,9 @@ impl Geometry {
                 "{NAME}: input {x:?} and weight {weight:?} must both have 4 dimensions"
             )
         };
+        if cin == 0 || cout == 0 {
+            candle_core::bail!("{NAME}: input {x:?} and weight {weight:?} need channels");
+        }
         if wcin != cin || kh == 0 || kw == 0 {
             candle_core::bail!("{NAME}: weight {weight:?} does not fit input {x:?}");
         }
@@ -73,14 +113,9 @@ impl Geometry {
         })
     }
 
-    /// Rows of the column matrix.
+    /// Terms of each output's sum: input channels times kernel taps.
     fn k(&self) -> usize {
         self.cin * self.kh * self.kw
-    }
-
-    /// Output pixels per channel.
-    fn p(&self) -> usize {
-        self.ho * self.wo
     }
 
     fn input_len(&self) -> usize {
@@ -88,331 +123,156 @@ impl Geometry {
     }
 
     fn output_len(&self) -> usize {
-        self.cout * self.p()
-    }
-
-    /// The input itself is the column matrix.
-    fn direct(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+        self.cout * self.ho * self.wo
     }
 
     /// Height and width of the phase planes: with stride `s`, input pixel `(y, x)` lies in phase
-    /// `(y % s, x % s)` at `(y / s, x / s)`. Every kernel tap then reads one phase plane at one offset, so that
-    /// unfolding is a block copy instead of a strided gather.
+    /// `(y % s, x % s)` at `(y / s, x / s)`.
     fn phase_dims(&self) -> (usize, usize) {
         (self.h.div_ceil(self.stride), self.w.div_ceil(self.stride))
     }
-
-    fn phases_len(&self) -> usize {
-        let (ph, pw) = self.phase_dims();
-        self.cin * self.stride * self.stride * ph * pw
-    }
-
-    /// Splits one sample `[cin, h, w]` into its phase planes `[cin, s, s, ph, pw]` (zero beyond the image).
-    fn split_phases(&self, x: &[f32], phases: &mut [f32]) {
-        let s = self.stride;
-        let (ph, pw) = self.phase_dims();
-        if self.h % s != 0 || self.w % s != 0 {
-            phases.fill(0.0);
-        }
-        for ci in 0..self.cin {
-            let plane = &x[ci * self.h * self.w..][..self.h * self.w];
-            for (y, row) in plane.chunks_exact(self.w).enumerate() {
-                let base = (ci * s + y % s) * s * ph * pw + (y / s) * pw;
-                if s == 2 {
-                    // The common case, in a form the compiler turns into shuffles.
-                    let (even, rest) = phases[base..].split_at_mut(ph * pw);
-                    let odd = &mut rest[..pw];
-                    for ((e, o), pair) in
-                        even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2))
-                    {
-                        *e = pair[0];
-                        *o = pair[1];
-                    }
-                    if self.w % 2 == 1 {
-                        even[pw - 1] = row[self.w - 1];
-                    }
-                    continue;
-                }
-                for px in 0..s.min(self.w) {
-                    let at = base + px * ph * pw;
-                    for (d, v) in phases[at..at + pw]
-                        .iter_mut()
-                        .zip(row[px..].iter().step_by(s))
-                    {
-                        *d = *v;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adds phase planes `[cin, s, s, ph, pw]` back onto one sample's `[cin, h, w]`.
-    fn merge_phases(&self, phases: &[f32], dx: &mut [f32]) {
-        let s = self.stride;
-        let (ph, pw) = self.phase_dims();
-        for ci in 0..self.cin {
-            let plane = &mut dx[ci * self.h * self.w..][..self.h * self.w];
-            for (y, row) in plane.chunks_exact_mut(self.w).enumerate() {
-                for px in 0..s.min(self.w) {
-                    let base = ((ci * s + y % s) * s + px) * ph * pw + (y / s) * pw;
-                    for (d, v) in row[px..]
-                        .iter_mut()
-                        .step_by(s)
-                        .zip(&phases[base..base + pw])
-                    {
-                        *d += *v;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every kernel tap in column-matrix row order: its row, the phase plane it reads (index into
-    /// `[cin, s, s]`), and the output rows `[oy_lo, oy_hi)` and columns `[lo, hi)` inside the image with the
-    /// offset `(dy, dx)` of output `(oy, ox)` in that plane: `(oy + dy, ox + dx)`.
-    fn for_each_tap(&self, mut f: impl FnMut(Tap)) {
-        let s = self.stride as isize;
-        let (ph, pw) = self.phase_dims();
-        let axis = |k: usize, extent: usize, out: usize| {
-            let t = k as isize - self.pad as isize;
-            let (q, phase) = (t.div_euclid(s), t.rem_euclid(s) as usize);
-            let lo = (-q).max(0) as usize;
-            let hi = (extent as isize - q).clamp(0, out as isize) as usize;
-            (phase, q, lo.min(hi), hi)
-        };
-        let mut row = 0;
-        for ci in 0..self.cin {
-            for ky in 0..self.kh {
-                let (py, dy, oy_lo, oy_hi) = axis(ky, ph, self.ho);
-                for kx in 0..self.kw {
-                    let (px, dx, lo, hi) = axis(kx, pw, self.wo);
-                    f(Tap {
-                        row,
-                        plane: (ci * self.stride + py) * self.stride + px,
-                        dy,
-                        dx,
-                        oy: (oy_lo, oy_hi),
-                        ox: (lo, hi),
-                    });
-                    row += 1;
-                }
-            }
-        }
-    }
-
-    /// Unfolds one sample into `col [k, p]`, from its phase planes (the sample itself with stride 1).
-    fn im2col(&self, phases: &[f32], col: &mut [f32]) {
-        let (p, wo) = (self.p(), self.wo);
-        let (ph, pw) = self.phase_dims();
-        self.for_each_tap(|t| {
-            let plane = &phases[t.plane * ph * pw..][..ph * pw];
-            let dst = &mut col[t.row * p..][..p];
-            let ((oy_lo, oy_hi), (lo, hi)) = (t.oy, t.ox);
-            if oy_lo == oy_hi || lo == hi {
-                dst.fill(0.0);
-                return;
-            }
-            let from = |oy: usize, ox: usize| {
-                ((oy as isize + t.dy) * pw as isize + ox as isize + t.dx) as usize
-            };
-            let (start, end) = (oy_lo * wo + lo, (oy_hi - 1) * wo + hi);
-            dst[..start].fill(0.0);
-            dst[end..].fill(0.0);
-            if wo == pw {
-                // Output rows as wide as the plane's: one copy, row breaks included; the columns that fall
-                // into the padding (holding the neighbouring row's pixels) are zeroed after.
-                let f = from(oy_lo, lo);
-                dst[start..end].copy_from_slice(&plane[f..f + (end - start)]);
-                zero_outside(dst, wo, t.oy, t.ox);
-            } else {
-                zero_outside(dst, wo, t.oy, t.ox);
-                for oy in oy_lo..oy_hi {
-                    let f = from(oy, lo);
-                    dst[oy * wo + lo..oy * wo + hi].copy_from_slice(&plane[f..f + (hi - lo)]);
-                }
-            }
-        });
-    }
-
-    /// Folds `col [k, p]` onto one sample's phase planes (the sample's gradient itself with stride 1),
-    /// adding. `col` is scratch: its padding columns are zeroed.
-    fn col2im(&self, col: &mut [f32], phases: &mut [f32]) {
-        let (p, wo) = (self.p(), self.wo);
-        let (ph, pw) = self.phase_dims();
-        self.for_each_tap(|t| {
-            let plane = &mut phases[t.plane * ph * pw..][..ph * pw];
-            let src = &mut col[t.row * p..][..p];
-            let ((oy_lo, oy_hi), (lo, hi)) = (t.oy, t.ox);
-            if oy_lo == oy_hi || lo == hi {
-                return;
-            }
-            let from = |oy: usize, ox: usize| {
-                ((oy as isize + t.dy) * pw as isize + ox as isize + t.dx) as usize
-            };
-            if wo == pw {
-                // The padding's gradients must not land on the neighbouring row's pixels: zero them first.
-                zero_outside(src, wo, t.oy, t.ox);
-                let (start, end) = (oy_lo * wo + lo, (oy_hi - 1) * wo + hi);
-                let f = from(oy_lo, lo);
-                for (d, v) in plane[f..f + (end - start)].iter_mut().zip(&src[start..end]) {
-                    *d += *v;
-                }
-            } else {
-                for oy in oy_lo..oy_hi {
-                    let f = from(oy, lo);
-                    for (d, v) in plane[f..f + (hi - lo)]
-                        .iter_mut()
-                        .zip(&src[oy * wo + lo..oy * wo + hi])
-                    {
-                        *d += *v;
-                    }
-                }
-            }
-        });
-    }
 }
 
-/// One kernel tap's place in the unfolding (see `Geometry::for_each_tap`).
-struct Tap {
-    row: usize,
-    plane: usize,
-    dy: isize,
-    dx: isize,
-    oy: (usize, usize),
-    ox: (usize, usize),
+/// Steps of a sum taken per pass over the tiles: one tile's left-hand block (`mr x KC`, 16 KiB with AVX-512)
+/// stays in L1 while the columns go by. Measured on ResNet-18's layers against 128, 256 and 1024
+/// (BENCHMARKS.md): 512 was as fast as the best of them on every layer.
+const KC: usize = 512;
+
+/// Tiles per block of rows: their left-hand blocks stay in L2 while every column goes by.
+const MC: usize = 64;
+
+/// Samples the forward pass and the input gradient take together: at most this many output positions. Small
+/// planes (ResNet-18's last stage: 7 x 7) then give their tiles many columns per block of the weight.
+const GROUP_POSITIONS: usize = 2048;
+
+/// The row length of a matrix whose rows a tile reads one after the other: one cache line more than its
+/// `cols`, so that rows of a power-of-two length (512 channels: 2 KiB) do not all fall into the same few
+/// sets of the L1 cache.
+fn row_stride(cols: usize) -> usize {
+    cols + 16
 }
 
-/// Zeroes columns `[0, lo)` and `[hi, wo)` of output rows `[oy_lo, oy_hi)` in one column-matrix row.
-fn zero_outside(
-    row: &mut [f32],
-    wo: usize,
-    (oy_lo, oy_hi): (usize, usize),
-    (lo, hi): (usize, usize),
+/// Whether a pass is better done with positions as the tiles' rows (`*_by_position`, for enough channels to
+/// fill a tile's columns): where the flattened planes' junk columns and the rounding to whole tiles would add
+/// more than a fifth to the `valid` positions (ResNet-18's 7 x 7 planes: 64 for 49). Elsewhere channels as
+/// rows measured as fast or faster (BENCHMARKS.md).
+fn by_position(computed: usize, valid: usize) -> bool {
+    computed * 5 > valid * 6
+}
+
+/// `dst[c * dst_cs + r * dst_rs] = src[r * src_rs + c]` for `r < rows`, `c < cols`, in 16 x 16 blocks so
+/// that both sides stay in cache.
+fn transpose(
+    src: &[f32],
+    (src_rs, rows, cols): (usize, usize, usize),
+    dst: &mut [f32],
+    (dst_cs, dst_rs): (usize, usize),
 ) {
-    if lo == 0 && hi == wo {
+    for r0 in (0..rows).step_by(16) {
+        for c0 in (0..cols).step_by(16) {
+            for r in r0..rows.min(r0 + 16) {
+                for c in c0..cols.min(c0 + 16) {
+                    dst[c * dst_cs + r * dst_rs] = src[r * src_rs + c];
+                }
+            }
+        }
+    }
+}
+
+/// A GEMM tile by tile: `c`'s rows are `mr()`-row tiles `first_tile..`, tile `t`'s row `i` at
+/// `(t - first_tile) * mr + i` times `ldc`, its columns from `base` on, `cols` of them (a multiple of `nr()`).
+/// Each tile sums `depth` steps in each of `segments` (samples whose sums add up): `rows(t, segment, k0)` and
+/// `cols_at(j, segment, k0)` give the operands of tile `t` and of the columns from `j`, from step `k0` on.
+/// With `parallel`, the tiles are split over the threads.
+#[allow(clippy::too_many_arguments)]
+fn tiles<A: Rows, B: Cols>(
+    isa: Isa,
+    c: &mut [f32],
+    (ldc, base, cols): (usize, usize, usize),
+    first_tile: usize,
+    (depth, segments): (usize, usize),
+    rows: &(impl Fn(usize, usize, usize) -> A + Sync),
+    cols_at: &(impl Fn(usize, usize, usize) -> B + Sync),
+    accumulate: bool,
+    parallel: bool,
+) {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let per_tile = mr * ldc;
+    let count = c.len() / per_tile;
+    assert!(c.len() == count * per_tile && base + cols <= ldc && cols % nr == 0 && depth > 0);
+    if parallel && count > 1 {
+        let per = count.div_ceil(threads());
+        c.par_chunks_mut(per * per_tile)
+            .enumerate()
+            .for_each(|(p, part)| {
+                let first = first_tile + p * per;
+                let shape = (ldc, base, cols);
+                let sum = (depth, segments);
+                tiles(
+                    isa, part, shape, first, sum, rows, cols_at, accumulate, false,
+                )
+            });
         return;
     }
-    for oy in oy_lo..oy_hi {
-        row[oy * wo..oy * wo + lo].fill(0.0);
-        row[oy * wo + hi..(oy + 1) * wo].fill(0.0);
-    }
-}
-
-/// One thread's buffers: the column matrix and, with a stride, the sample's phase planes.
-struct Scratch {
-    col: Vec<f32>,
-    phases: Vec<f32>,
-}
-
-impl Scratch {
-    fn new(g: &Geometry) -> Scratch {
-        if g.direct() {
-            return Scratch {
-                col: Vec::new(),
-                phases: Vec::new(),
-            };
-        }
-        Scratch {
-            col: vec![0f32; g.k() * g.p()],
-            phases: if g.stride > 1 {
-                vec![0f32; g.phases_len()]
-            } else {
-                Vec::new()
-            },
-        }
-    }
-
-    /// The column matrix of one sample (the sample itself for a 1x1 convolution of stride 1).
-    fn unfold<'a>(&'a mut self, g: &Geometry, sample: &'a [f32]) -> &'a [f32] {
-        if g.direct() {
-            return sample;
-        }
-        if g.stride > 1 {
-            g.split_phases(sample, &mut self.phases);
-            g.im2col(&self.phases, &mut self.col);
-        } else {
-            g.im2col(sample, &mut self.col);
-        }
-        &self.col
-    }
-
-    /// Adds the column matrix in `self.col` onto one sample's input gradient.
-    fn fold(&mut self, g: &Geometry, dx: &mut [f32]) {
-        if g.stride > 1 {
-            self.phases.fill(0.0);
-            g.col2im(&mut self.col, &mut self.phases);
-            g.merge_phases(&self.phases, dx);
-        } else {
-            g.col2im(&mut self.col, dx);
+    // BLIS's loops: blocks of the sum, then blocks of `MC` tiles, then columns, then the block's tiles. A
+    // column's right-hand block (`KC x nr`) stays in L1 over a block's tiles, the tiles' left-hand blocks
+    // in L2 over the columns.
+    for k0 in (0..depth).step_by(KC) {
+        let kc = KC.min(depth - k0);
+        for block in (0..count).step_by(MC) {
+            for j in (0..cols).step_by(nr) {
+                for t in block..count.min(block + MC) {
+                    for segment in 0..segments {
+                        let a = rows(first_tile + t, segment, k0);
+                        let b = cols_at(j, segment, k0);
+                        let add = accumulate || k0 > 0 || segment > 0;
+                        // SAFETY: the tile writes rows `t * mr..(t + 1) * mr` of `c` (inside: `c` holds
+                        // `count` tiles) at columns `base + j..base + j + nr` (inside `ldc`, asserted); the
+                        // callers size the operands for every tile, column and step they ask for.
+                        unsafe {
+                            let at = c.as_mut_ptr().add(t * per_tile + base + j);
+                            isa.tile(kc, &a, &b, at, ldc, add)
+                        }
+                    }
+                }
+            }
         }
     }
 }
 
-/// `dst [m, n] = lhs [m, k] · rhs [k, n]` (or `dst +=` with `accumulate`), each operand given by its row and
-/// column strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    parallelism: Parallelism,
-) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    debug_assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the slices cover every element the strides reach (asserted above in tests; every caller derives
-    // the lengths from the same geometry), and `dst` does not alias the operands.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
-/// Runs `f(first sample, its outputs, parallelism inside)` on one chunk of samples per thread; `out` holds
-/// `per_sample` values per sample. A batch smaller than the thread count runs in one chunk with a parallel
-/// GEMM instead.
+/// Runs `f(first sample, its outputs, parallel inside)` on one chunk of samples per thread; `out` holds
+/// `per_sample` values per sample. A batch smaller than the thread count runs in one chunk, split over the
+/// threads inside instead.
 fn per_chunk(
     out: &mut [f32],
     n: usize,
     per_sample: usize,
-    f: impl Fn(usize, &mut [f32], Parallelism) -> Result<()> + Sync,
+    f: impl Fn(usize, &mut [f32], bool) -> Result<()> + Sync,
 ) -> Result<()> {
     let plan = chunks(n);
     if plan.len() <= 1 {
-        let inner = match threads() {
-            1 => Parallelism::None,
-            t => Parallelism::Rayon(t),
-        };
-        return f(0, out, inner);
+        return f(0, out, threads() > 1);
     }
     let per = plan[0].1;
     out.par_chunks_mut(per * per_sample)
         .enumerate()
-        .try_for_each(|(c, part)| f(c * per, part, Parallelism::None))
+        .try_for_each(|(c, part)| f(c * per, part, false))
+}
+
+/// `weight [rows, depth]` (row-major, or read through `at(row, k)`) in tiles of `mr` rows, each step's `mr`
+/// values together: `Packed`'s order. Rows past `rows` are zero.
+fn pack(rows: usize, depth: usize, mr: usize, at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let tiles = rows.div_ceil(mr);
+    let mut out = vec![0f32; tiles * depth * mr];
+    for t in 0..tiles {
+        let panel = &mut out[t * depth * mr..][..depth * mr];
+        for i in 0..mr.min(rows - t * mr) {
+            for k in 0..depth {
+                panel[k * mr + i] = at(t * mr + i, k);
+            }
+        }
+    }
+    out
 }
 
 impl CustomOp2 for Conv2d {
@@ -430,26 +290,7 @@ impl CustomOp2 for Conv2d {
         let g = Geometry::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let x = values(s1, l1, NAME)?;
         let weight = values(s2, l2, NAME)?;
-        let (k, p) = (g.k(), g.p());
-        let mut out = vec![0f32; g.n * g.output_len()];
-        per_chunk(&mut out, g.n, g.output_len(), |first, part, par| {
-            let mut scratch = Scratch::new(&g);
-            for (i, dst) in part.chunks_mut(g.output_len()).enumerate() {
-                let sample = &x[(first + i) * g.input_len()..][..g.input_len()];
-                let col = scratch.unfold(&g, sample);
-                matmul(
-                    (g.cout, p, k),
-                    dst,
-                    false,
-                    &weight,
-                    (k, 1),
-                    col,
-                    (p, 1),
-                    par,
-                );
-            }
-            Ok(())
-        })?;
+        let out = forward(&g, self.isa, &x, &weight);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
@@ -462,14 +303,18 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = Geometry::new(x.dims(), weight.dims(), self.stride, self.padding)?;
         with_values(grad, NAME, |grad_values| {
-            // The image batch at the bottom of the network needs no gradient: skip its col2im.
+            // The image batch at the bottom of the network needs no gradient.
             let dx = if x.track_op() {
-                let dx = with_values(weight, NAME, |w| input_gradient(&g, grad_values, w))?;
+                let dx = with_values(weight, NAME, |w| {
+                    Ok(input_gradient(&g, self.isa, grad_values, w))
+                })?;
                 Some(Tensor::from_vec(dx, x.dims(), x.device())?)
             } else {
                 None
             };
-            let dw = with_values(x, NAME, |xv| weight_gradient(&g, xv, grad_values))?;
+            let dw = with_values(x, NAME, |xv| {
+                Ok(weight_gradient(&g, self.isa, xv, grad_values))
+            })?;
             Ok((
                 dx,
                 Some(Tensor::from_vec(dw, weight.dims(), weight.device())?),
@@ -478,75 +323,455 @@ impl CustomOp2 for Conv2d {
     }
 }
 
-fn input_gradient(g: &Geometry, grad: &[f32], weight: &[f32]) -> Result<Vec<f32>> {
-    let (k, p) = (g.k(), g.p());
-    let mut dx = vec![0f32; g.n * g.input_len()];
-    per_chunk(&mut dx, g.n, g.input_len(), |first, part, par| {
-        let mut scratch = Scratch::new(g);
-        for (i, dst) in part.chunks_mut(g.input_len()).enumerate() {
-            let gout = &grad[(first + i) * g.output_len()..][..g.output_len()];
-            // weightᵀ [k, cout] · grad_out [cout, p]
-            let weight_t_times = |out: &mut [f32]| {
-                matmul(
-                    (k, p, g.cout),
-                    out,
-                    false,
-                    weight,
-                    (1, k),
-                    gout,
-                    (p, 1),
-                    par,
-                )
-            };
-            if g.direct() {
-                weight_t_times(dst);
-            } else {
-                weight_t_times(&mut scratch.col);
-                scratch.fold(g, dst);
+/// `out [cout, ho·wp] = weight [cout, k] · planes(tap)`, then the junk columns dropped.
+fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (mr, nr, k) = (isa.mr(), isa.nr(), g.k());
+    let planes = Planes::new(g, nr);
+    let taps = planes.taps.len();
+    let offsets: Vec<usize> = (0..k)
+        .map(|r| {
+            let tap = planes.taps[r % taps];
+            planes.plane(r / taps, tap.phase) + tap.offset
+        })
+        .collect();
+    if g.cout >= nr && by_position((g.ho * planes.wp).next_multiple_of(nr), g.ho * g.wo) {
+        return forward_by_position(g, isa, &planes, &offsets, x, weight);
+    }
+    let packed = pack(g.cout, k, mr, |o, r| weight[o * k + r]);
+    let cols = (g.ho * planes.wp).next_multiple_of(nr);
+    let m = g.cout.next_multiple_of(mr);
+    let padded_len = g.cin * planes.phases() * planes.len;
+    // Tiles read up to the last plane's offset plus `cols`; the last plane's slack covers `nr` of that.
+    let input_len =
+        padded_len.max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + cols);
+    // Small planes: several samples side by side in one pass, so that the weight's blocks are read once for
+    // all of them.
+    let group = (GROUP_POSITIONS / cols).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let mut out = vec![0f32; g.n * g.output_len()];
+    let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
+        let mut input = vec![0f32; group * input_len];
+        let mut c = vec![0f32; m * group * cols];
+        for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
+            let samples = dst.len() / g.output_len();
+            for s in 0..samples {
+                let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
+                planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+            }
+            let ldc = samples * cols;
+            tiles(
+                isa,
+                &mut c[..m * ldc],
+                (ldc, 0, ldc),
+                0,
+                (k, 1),
+                &|t, _, k0| Packed {
+                    data: &packed[(t * k + k0) * mr..],
+                    mr,
+                },
+                &|j, _, k0| Shifted {
+                    data: &input,
+                    base: (j / cols) * input_len + j % cols,
+                    offsets: &offsets[k0..],
+                },
+                false,
+                parallel,
+            );
+            for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
+                for (o, image) in dst.chunks_exact_mut(g.ho * g.wo).enumerate() {
+                    for (oy, row) in image.chunks_exact_mut(g.wo).enumerate() {
+                        row.copy_from_slice(&c[o * ldc + s * cols + oy * planes.wp..][..g.wo]);
+                    }
+                }
             }
         }
         Ok(())
-    })?;
-    Ok(dx)
+    });
+    out
 }
 
-fn weight_gradient(g: &Geometry, x: &[f32], grad: &[f32]) -> Result<Vec<f32>> {
-    let (k, p) = (g.k(), g.p());
-    let plan = chunks(g.n);
-    let inner = match (plan.len(), threads()) {
-        (1, t) if t > 1 => Parallelism::Rayon(t),
-        _ => Parallelism::None,
+/// The forward pass with output positions as the tiles' rows and output channels as their columns (for
+/// `cout >= nr`): `out [position, cout] = Σ_(cin, tap) planes(tap)[position] · weight`, only the image's own
+/// positions computed (no junk columns, no rounding of small planes), the output transposed at the end.
+fn forward_by_position(
+    g: &Geometry,
+    isa: Isa,
+    planes: &Planes,
+    offsets: &[usize],
+    x: &[f32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let (mr, nr, k) = (isa.mr(), isa.nr(), g.k());
+    let cols = g.cout.next_multiple_of(nr);
+    let ldw = row_stride(cols);
+    let mut packed = vec![0f32; k * ldw];
+    for (o, w) in weight.chunks_exact(k).enumerate() {
+        for (r, v) in w.iter().enumerate() {
+            packed[r * ldw + o] = *v;
+        }
+    }
+    let positions = g.ho * g.wo;
+    let input_len = (g.cin * planes.phases() * planes.len)
+        .max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + g.ho * planes.wp);
+    let group = (GROUP_POSITIONS / positions).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let mut out = vec![0f32; g.n * g.output_len()];
+    let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
+        let mut input = vec![0f32; group * input_len];
+        let mut c = vec![0f32; (group * positions).next_multiple_of(mr) * cols];
+        for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
+            let samples = dst.len() / g.output_len();
+            for s in 0..samples {
+                let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
+                planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+            }
+            let rows = samples * positions;
+            let at = |q: usize| {
+                let (s, p) = (q / positions, q % positions);
+                s * input_len + (p / g.wo) * planes.wp + p % g.wo
+            };
+            tiles(
+                isa,
+                &mut c[..rows.next_multiple_of(mr) * cols],
+                (cols, 0, cols),
+                0,
+                (k, 1),
+                &|t, _, k0| {
+                    let mut base = [0usize; MAX_MR];
+                    for (b, q) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
+                        // Rows past the last position repeat it (their sums are dropped).
+                        *b = at(q.min(rows - 1));
+                    }
+                    Gathered {
+                        data: &input,
+                        base,
+                        offsets: &offsets[k0..],
+                    }
+                },
+                &|j, _, k0| Strided {
+                    data: &packed,
+                    base: k0 * ldw + j,
+                    stride: ldw,
+                },
+                false,
+                parallel,
+            );
+            for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
+                let rows = &c[s * positions * cols..];
+                transpose(rows, (cols, positions, g.cout), dst, (positions, 1));
+            }
+        }
+        Ok(())
+    });
+    out
+}
+
+/// Phase plane by phase plane, `dplanes [cin, plane] = weightᵀ [cin, (cout, taps of the phase)] · shifted
+/// grad_out`, over the plane's image rows only, then merged back into `[cin, h, w]`.
+fn input_gradient(g: &Geometry, isa: Isa, grad: &[f32], weight: &[f32]) -> Vec<f32> {
+    let (mr, nr) = (isa.mr(), isa.nr());
+    let planes = Planes::new(g, nr);
+    let (wp, taps) = (planes.wp, planes.taps.len());
+    let (first_row, rows) = planes.image_rows();
+    let cols = rows.next_multiple_of(nr);
+    // The output gradient flattened with row length `wp` (junk columns zero), `front` zeros before it so
+    // that every tap's backward shift stays inside, and zeros after for the last tile's overrun.
+    let front = planes.max_offset;
+    let per_channel = front + (g.ho * wp).max(first_row + cols);
+    let gout_len = g.cout * per_channel + front + cols + wp;
+    let layout = GradientLayout {
+        front,
+        per_channel,
+        gout_len,
     };
+    let (ph, pw) = g.phase_dims();
+    if g.cin >= nr && by_position(cols, ph * pw) {
+        return input_gradient_by_position(g, isa, &planes, &layout, grad, weight);
+    }
+    let m = g.cin.next_multiple_of(mr);
+    // Per phase, the taps that read it and the packed transposed weight over (cout, those taps).
+    let phases: Vec<(Vec<usize>, Vec<f32>)> = (0..planes.phases())
+        .map(|phase| {
+            let mine: Vec<usize> = (0..taps)
+                .filter(|&t| planes.taps[t].phase == phase)
+                .collect();
+            let depth = g.cout * mine.len();
+            let offsets = (0..depth)
+                .map(|r| layout.offset(r / mine.len(), &planes, mine[r % mine.len()]))
+                .collect();
+            let packed = pack(g.cin, depth, mr, |ci, r| {
+                let (o, t) = (r / mine.len(), mine[r % mine.len()]);
+                weight[(o * g.cin + ci) * taps + t]
+            });
+            (offsets, packed)
+        })
+        .collect();
+    let mut dx = vec![0f32; g.n * g.input_len()];
+    let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
+        let mut gout = vec![0f32; gout_len];
+        let mut dplanes = vec![0f32; m * planes.phases() * planes.len];
+        for (i, dst) in part.chunks_mut(g.input_len()).enumerate() {
+            let sample = &grad[(first + i) * g.output_len()..][..g.output_len()];
+            layout.fill(g, wp, sample, &mut gout);
+            for (phase, (offsets, packed)) in phases.iter().enumerate() {
+                let depth = offsets.len();
+                if depth == 0 {
+                    continue; // no tap reads this phase: its gradient stays zero
+                }
+                tiles(
+                    isa,
+                    &mut dplanes,
+                    (
+                        planes.phases() * planes.len,
+                        phase * planes.len + first_row,
+                        cols,
+                    ),
+                    0,
+                    (depth, 1),
+                    &|t, _, k0| Packed {
+                        data: &packed[(t * depth + k0) * mr..],
+                        mr,
+                    },
+                    &|j, _, k0| Shifted {
+                        data: &gout,
+                        base: first_row + j,
+                        offsets: &offsets[k0..],
+                    },
+                    false,
+                    parallel,
+                );
+            }
+            planes.merge(g.cin, g.h, g.w, &dplanes, dst);
+        }
+        Ok(())
+    });
+    dx
+}
+
+/// The output gradient as the input gradient reads it: each channel flattened with row length `wp` (junk
+/// columns zero) after `front` zeros, so that every tap's backward shift stays inside, `per_channel` floats
+/// apart, `gout_len` in all.
+struct GradientLayout {
+    front: usize,
+    per_channel: usize,
+    gout_len: usize,
+}
+
+impl GradientLayout {
+    /// Copies one sample's `[cout, ho, wo]` in (the zeros around it are the buffer's since allocation).
+    fn fill(&self, g: &Geometry, wp: usize, sample: &[f32], gout: &mut [f32]) {
+        for (o, image) in sample.chunks_exact(g.ho * g.wo).enumerate() {
+            for (oy, row) in image.chunks_exact(g.wo).enumerate() {
+                gout[o * self.per_channel + self.front + oy * wp..][..g.wo].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// Where output-gradient step `(o, tap)` reads, relative to the input position it serves.
+    fn offset(&self, o: usize, planes: &Planes, tap: usize) -> usize {
+        o * self.per_channel + self.front - planes.taps[tap].offset
+    }
+}
+
+/// The input gradient with input positions as the tiles' rows and input channels as their columns (for
+/// `cin >= nr`), phase by phase: `dx [position, cin] = Σ_(cout, taps of the phase) shifted grad_out ·
+/// weight`, only the image's own positions computed, transposed into `[cin, h, w]` at the end.
+fn input_gradient_by_position(
+    g: &Geometry,
+    isa: Isa,
+    planes: &Planes,
+    layout: &GradientLayout,
+    grad: &[f32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let (mr, nr, s) = (isa.mr(), isa.nr(), g.stride);
+    let (ph, pw) = g.phase_dims();
+    let (first_row, _) = planes.image_rows();
+    let taps = planes.taps.len();
+    let cols = g.cin.next_multiple_of(nr);
+    let ldw = row_stride(cols);
+    // Per phase, the (cout, tap) steps that read it and the weight `[step, cin]`.
+    let phases: Vec<(Vec<usize>, Vec<f32>)> = (0..planes.phases())
+        .map(|phase| {
+            let mine: Vec<usize> = (0..taps)
+                .filter(|&t| planes.taps[t].phase == phase)
+                .collect();
+            let steps: Vec<(usize, usize)> = (0..g.cout)
+                .flat_map(|o| mine.iter().map(move |&t| (o, t)))
+                .collect();
+            let offsets = steps
+                .iter()
+                .map(|&(o, t)| layout.offset(o, planes, t))
+                .collect();
+            let mut packed = vec![0f32; steps.len() * ldw];
+            for (r, &(o, t)) in steps.iter().enumerate() {
+                for ci in 0..g.cin {
+                    packed[r * ldw + ci] = weight[(o * g.cin + ci) * taps + t];
+                }
+            }
+            (offsets, packed)
+        })
+        .collect();
+    let positions = ph * pw;
+    let group = (GROUP_POSITIONS / positions).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let mut dx = vec![0f32; g.n * g.input_len()];
+    let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
+        let mut gout = vec![0f32; group * layout.gout_len];
+        let mut c = vec![0f32; (group * positions).next_multiple_of(mr) * cols];
+        for (nth, dst) in part.chunks_mut(group * g.input_len()).enumerate() {
+            let samples = dst.len() / g.input_len();
+            for i in 0..samples {
+                let sample = &grad[(first + nth * group + i) * g.output_len()..][..g.output_len()];
+                layout.fill(g, planes.wp, sample, &mut gout[i * layout.gout_len..]);
+            }
+            let rows = samples * positions;
+            let at = |q: usize| {
+                let (i, p) = (q / positions, q % positions);
+                i * layout.gout_len + first_row + (p / pw) * planes.wp + planes.left() + p % pw
+            };
+            for (phase, (offsets, packed)) in phases.iter().enumerate() {
+                let depth = offsets.len();
+                if depth == 0 {
+                    continue; // no tap reads this phase: its gradient stays zero
+                }
+                tiles(
+                    isa,
+                    &mut c[..rows.next_multiple_of(mr) * cols],
+                    (cols, 0, cols),
+                    0,
+                    (depth, 1),
+                    &|t, _, k0| {
+                        let mut base = [0usize; MAX_MR];
+                        for (b, q) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
+                            *b = at(q.min(rows - 1));
+                        }
+                        Gathered {
+                            data: &gout,
+                            base,
+                            offsets: &offsets[k0..],
+                        }
+                    },
+                    &|j, _, k0| Strided {
+                        data: packed,
+                        base: k0 * ldw + j,
+                        stride: ldw,
+                    },
+                    false,
+                    parallel,
+                );
+                // Phase `(py, px)` holds input pixels `(Y s + py, X s + px)`.
+                let (py, px) = (phase / s, phase % s);
+                for (i, dst) in dst.chunks_exact_mut(g.input_len()).enumerate() {
+                    for y in (py..g.h).step_by(s) {
+                        let from = &c[(i * positions + (y / s) * pw) * cols..];
+                        let width = (g.w - px.min(g.w)).div_ceil(s);
+                        let to = &mut dst[y * g.w + px..];
+                        transpose(from, (cols, width, g.cin), to, (g.h * g.w, s));
+                    }
+                }
+            }
+        }
+        Ok(())
+    });
+    dx
+}
+
+/// `dweightᵀ [(cin, tap), cout] = Σ_samples Σ_positions planes(tap) · grad_outᵀ`, the sum over the output
+/// positions flattened with row length `wp` (junk columns zero in `grad_outᵀ`).
+fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> {
+    // Output channels are the tiles' columns: a network of 8 or 16 channels (the default one) would fill
+    // a quarter or half of an AVX-512 tile's 32; AVX2's 16 waste less, and give the same bits.
+    let isa = match isa {
+        Isa::Avx512 if g.cout <= 16 && Isa::available().contains(&Isa::Avx2) => Isa::Avx2,
+        isa => isa,
+    };
+    let (mr, nr, k) = (isa.mr(), isa.nr(), g.k());
+    let planes = Planes::new(g, nr);
+    let taps = planes.taps.len();
+    let offsets: Vec<usize> = (0..k)
+        .map(|r| {
+            let tap = planes.taps[r % taps];
+            planes.plane(r / taps, tap.phase) + tap.offset
+        })
+        .collect();
+    // The sum runs over the image's own output positions only, each at its place in the flattened planes.
+    let positions = g.ho * g.wo;
+    let at: Vec<usize> = (0..positions)
+        .map(|p| (p / g.wo) * planes.wp + p % g.wo)
+        .collect();
+    let input_len = (g.cin * planes.phases() * planes.len)
+        .max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + g.ho * planes.wp);
+    let cols = g.cout.next_multiple_of(nr);
+    let ldg = row_stride(cols);
+    let gout_len = positions * ldg;
+    let m = k.next_multiple_of(mr);
+    let plan = chunks(g.n);
+    let inner = plan.len() <= 1 && threads() > 1;
+    // Samples summed per pass: about one block of the sum, so that small planes' tiles neither stop after a
+    // few steps nor outgrow the cache.
+    let group = (KC / positions).clamp(1, plan.first().map_or(1, |c| c.1));
     let partials: Vec<Vec<f32>> = plan
         .par_iter()
         .map(|&(first, count)| {
-            let mut dw = vec![0f32; g.cout * k];
-            let mut scratch = Scratch::new(g);
-            for i in first..first + count {
-                let sample = &x[i * g.input_len()..][..g.input_len()];
-                let gout = &grad[i * g.output_len()..][..g.output_len()];
-                let col = scratch.unfold(g, sample);
-                // grad_out [cout, p] · columnsᵀ [p, k]
-                matmul(
-                    (g.cout, k, p),
-                    &mut dw,
-                    i > first,
-                    gout,
-                    (p, 1),
-                    col,
-                    (1, p),
+            let mut input = vec![0f32; group * input_len];
+            let mut gout_t = vec![0f32; group * gout_len];
+            let mut dw_t = vec![0f32; m * ldg];
+            for (nth, start) in (first..first + count).step_by(group).enumerate() {
+                let samples = group.min(first + count - start);
+                for s in 0..samples {
+                    let i = start + s;
+                    let sample = &x[i * g.input_len()..][..g.input_len()];
+                    planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+                    let sample = &grad[i * g.output_len()..][..g.output_len()];
+                    let gout = &mut gout_t[s * gout_len..][..gout_len];
+                    transpose(sample, (positions, g.cout, positions), gout, (ldg, 1));
+                }
+                tiles(
+                    isa,
+                    &mut dw_t,
+                    (ldg, 0, cols),
+                    0,
+                    (positions, samples),
+                    &|t, s, k0| {
+                        let mut base = [0usize; MAX_MR];
+                        for (b, r) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
+                            // Rows past `k` repeat the last (their sums are dropped).
+                            *b = s * input_len + offsets[r.min(k - 1)];
+                        }
+                        Gathered {
+                            data: &input,
+                            base,
+                            offsets: &at[k0..],
+                        }
+                    },
+                    &|j, s, k0| Strided {
+                        data: &gout_t,
+                        base: s * gout_len + k0 * ldg + j,
+                        stride: ldg,
+                    },
+                    nth > 0,
                     inner,
                 );
             }
-            dw
+            dw_t
         })
         .collect();
-    let mut total = partials.into_iter();
-    let mut dw = total.next().unwrap_or_else(|| vec![0f32; g.cout * k]);
-    for part in total {
-        for (a, b) in dw.iter_mut().zip(part) {
-            *a += b;
+    // The threads' sums added and transposed to `[cout, k]`, 16 output channels (one cache line of each
+    // partial row) at a time.
+    let mut total = vec![0f32; g.cout * k];
+    let add = |(block, out): (usize, &mut [f32])| {
+        let o0 = block * 16;
+        for part in &partials {
+            for r in 0..k {
+                let row = &part[r * ldg + o0..][..out.len() / k];
+                for (o, v) in row.iter().enumerate() {
+                    out[o * k + r] += *v;
+                }
+            }
         }
+    };
+    if parallel(total.len()) {
+        total.par_chunks_mut(16 * k).enumerate().for_each(add);
+    } else {
+        total.chunks_mut(16 * k).enumerate().for_each(add);
     }
-    Ok(dw)
+    total
 }

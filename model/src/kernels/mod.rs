@@ -2,8 +2,8 @@
 //! convolution runs at a fraction of the machine's speed (its input gradient is a naive transposed convolution)
 //! and its batch norm, built from a dozen elementwise ops, copies every activation several times.
 //!
-//! - `conv`: 2-D convolution by im2col over the `gemm` crate (the GEMM candle itself uses), with both backward
-//!   passes (input gradient through col2im, weight gradient); no column buffer outlives a call.
+//! - `conv`: 2-D convolution as direct convolution over zero-padded phase planes, with both backward passes,
+//!   on one register-blocked micro-kernel (AVX-512, AVX2 or portable, chosen at run time).
 //! - `norm`: batch normalisation with the ReLU that follows it fused in, forward and backward in one pass each.
 //! - `pool`: max pooling (window = stride) whose backward routes each gradient in one pass.
 //! - `adamw`: AdamW updating each variable in place in one pass, as candle-nn's twelve tensor ops do.
@@ -22,7 +22,7 @@ pub mod norm;
 pub mod pool;
 
 pub use adamw::FusedAdamW;
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_on, Isa};
 pub use norm::{batch_norm_eval, batch_norm_train, BatchStats, Then};
 pub use pool::max_pool2d;
 

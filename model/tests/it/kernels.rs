@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
 use fedslm_cohort::{Rng, Sample};
 use fedslm_model::kernels::{
-    batch_norm_eval, batch_norm_train, conv2d, max_pool2d, FusedAdamW, Then,
+    batch_norm_eval, batch_norm_train, conv2d, conv2d_on, max_pool2d, FusedAdamW, Isa, Then,
 };
 use fedslm_model::{Kernels, ModelKind, NetConfig, Network, TrainConfig};
 
@@ -57,6 +57,15 @@ fn convolution_equals_candles_forward_and_gradients() {
         (5, 2, 5, 7, 3, 3, 1, 1),
         (1, 1, 1, 1, 1, 1, 1, 0),
         (2, 2, 3, 3, 2, 3, 3, 2),
+        // Wide enough for whole tiles (8 and 6 rows, 32 and 16 columns) and their edges.
+        (2, 16, 12, 12, 40, 3, 1, 1),
+        (3, 20, 13, 11, 33, 3, 2, 1),
+        (1, 3, 23, 23, 17, 7, 2, 3),
+        (3, 64, 7, 7, 64, 3, 1, 1),
+        (2, 24, 9, 9, 36, 1, 2, 0),
+        (1, 70, 6, 5, 12, 3, 1, 1),
+        (2, 40, 9, 11, 8, 3, 2, 1),
+        (2, 36, 7, 9, 40, 1, 2, 0),
     ];
     for _ in 0..25 {
         let k = 1 + rng.below(5);
@@ -86,15 +95,12 @@ fn convolution_equals_candles_forward_and_gradients() {
             Var::from_tensor(&random(&mut rng, &[n, cin, h, w])).unwrap()
         };
         let weight = Var::from_tensor(&random(&mut rng, &[cout, cin, k, k])).unwrap();
-        let ours = conv2d(x.as_tensor(), weight.as_tensor(), stride, pad).unwrap();
         let reference = x
             .as_tensor()
             .conv2d(weight.as_tensor(), pad, stride, 1, 1)
             .unwrap();
-        assert_close(&ours, &reference, 1e-5, &format!("{what}: output"));
         // A random linear function of the output, so every output position carries its own gradient.
         let probe = random(&mut rng, reference.dims());
-        let g_ours = gradients(&ours, &probe);
         // candle's own backward fails where the stride leaves input rows or columns unused (its transposed
         // convolution gets the size wrong): there the direct sums below are the only reference.
         let g_ref = try_gradients(&reference, &probe);
@@ -104,22 +110,43 @@ fn convolution_equals_candles_forward_and_gradients() {
             &values(&probe),
             (n, cin, h, w, cout, k, stride, pad),
         );
-        for (var, name, direct) in [(&x, "input", &direct.0), (&weight, "weight", &direct.1)] {
-            let ours = g_ours.get(var).unwrap();
-            let direct = Tensor::from_vec(direct.clone(), ours.dims(), &Device::Cpu).unwrap();
-            assert_close(
-                ours,
-                &direct,
-                1e-5,
-                &format!("{what}: {name} gradient, direct sums"),
+        // Every instruction set this CPU runs: the micro-kernels differ in tile shape and code, but each sum
+        // runs in the same order with fused multiply-adds, so every one gives the same bits.
+        let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
+        for isa in Isa::available() {
+            let what = format!("{what} on {isa:?}");
+            let ours = conv2d_on(isa, x.as_tensor(), weight.as_tensor(), stride, pad).unwrap();
+            assert_close(&ours, &reference, 1e-5, &format!("{what}: output"));
+            let g_ours = gradients(&ours, &probe);
+            let bits = (
+                values(&ours),
+                values(g_ours.get(&x).unwrap()),
+                values(g_ours.get(&weight).unwrap()),
             );
-            if let Ok(g_ref) = &g_ref {
+            match &first {
+                None => first = Some(bits),
+                Some(first) => assert!(
+                    first == &bits,
+                    "{what}: not the same bits as on the first instruction set"
+                ),
+            }
+            for (var, name, direct) in [(&x, "input", &direct.0), (&weight, "weight", &direct.1)] {
+                let ours = g_ours.get(var).unwrap();
+                let direct = Tensor::from_vec(direct.clone(), ours.dims(), &Device::Cpu).unwrap();
                 assert_close(
                     ours,
-                    g_ref.get(var).unwrap(),
+                    &direct,
                     1e-5,
-                    &format!("{what}: {name} gradient"),
+                    &format!("{what}: {name} gradient, direct sums"),
                 );
+                if let Ok(g_ref) = &g_ref {
+                    assert_close(
+                        ours,
+                        g_ref.get(var).unwrap(),
+                        1e-5,
+                        &format!("{what}: {name} gradient"),
+                    );
+                }
             }
         }
         candle_compared += usize::from(g_ref.is_ok());
@@ -180,6 +207,11 @@ fn convolution_refuses_mismatched_shapes() {
     let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
     let err = conv2d(&x, &w, 1, 1).unwrap_err().to_string();
     assert!(err.contains("does not fit"), "{err}");
+    // No channels: an error, where the planes' arithmetic would underflow.
+    let none = Tensor::zeros((2, 0, 5, 5), DType::F32, &Device::Cpu).unwrap();
+    let w0 = Tensor::zeros((4, 0, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let err = conv2d(&none, &w0, 1, 1).unwrap_err().to_string();
+    assert!(err.contains("need channels"), "{err}");
     let big = Tensor::zeros((4, 3, 9, 9), DType::F32, &Device::Cpu).unwrap();
     let err = conv2d(&x, &big, 1, 1).unwrap_err().to_string();
     assert!(err.contains("larger than the padded input"), "{err}");

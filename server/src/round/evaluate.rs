@@ -74,7 +74,7 @@ impl Coordinator {
         self.settings.strategy != Strategy::Landmarks
             && ev.bins > 0
             && (matches!(after, After::Finish(Outcome::Completed { .. }))
-                || ev.every > 0 && self.committed % ev.every == 0)
+                || ev.every > 0 && self.committed.is_multiple_of(ev.every))
     }
 
     /// Sends the committed model to every connected centre for evaluation.

@@ -196,7 +196,7 @@ impl EvaluationSettings {
             return 0;
         }
         let periodic = rounds.checked_div(self.every).unwrap_or(0);
-        let last = self.every == 0 || rounds % self.every != 0;
+        let last = self.every == 0 || !rounds.is_multiple_of(self.every);
         u64::from(periodic) + u64::from(last)
     }
 }

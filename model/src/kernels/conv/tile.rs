@@ -1,0 +1,340 @@
+//! The convolution's one micro-kernel: a tile `C [MR, NR] (+)= Σₖ a(k) ⊗ b(k)` of `MR` rows by `NR` columns
+//! held in registers over the whole sum, `a(k)` being `MR` scalars (broadcast) and `b(k)` `NR` consecutive
+//! floats (vector loads). Where they come from is the caller's (`Rows`, `Cols`): the forward pass and the
+//! input gradient read `b(k)` straight out of zero-padded planes at kernel tap `k`'s offset (no unfolded
+//! copy), or `a(k)` at each output position's place in them (`Gathered`), as the weight gradient does.
+//!
+//! One instruction set per machine, chosen at run time (`Isa::best`): AVX-512 (8 x 32, 16 accumulators),
+//! AVX2 with FMA (6 x 16, 12 accumulators, as BLIS's), or portable code.
+
+/// The `MR` scalars of step `k`: `a(i, k) = row(i)[index(k)]`, each row a fixed start and every step one
+/// index shared by the rows (so that the AVX-512 tile addresses them as `[row + index * 4]`).
+pub(super) trait Rows: Sync {
+    /// Where row `i` starts.
+    ///
+    /// # Safety
+    /// `i < MR`.
+    unsafe fn row(&self, i: usize) -> *const f32;
+
+    /// # Safety
+    /// `k` below the sum's length given to the kernel.
+    unsafe fn index(&self, k: usize) -> usize;
+
+    /// # Safety
+    /// As `row` and `index`.
+    #[inline(always)]
+    unsafe fn a(&self, i: usize, k: usize) -> f32 {
+        *self.row(i).add(self.index(k))
+    }
+}
+
+/// The `NR` consecutive floats of step `k`.
+pub(super) trait Cols: Sync {
+    /// # Safety
+    /// `k` below the sum's length; the pointer must reach `NR` readable floats.
+    unsafe fn b(&self, k: usize) -> *const f32;
+}
+
+/// Rows packed step by step: `a(i, k) = data[k * mr + i]` (a weight panel).
+pub(super) struct Packed<'a> {
+    pub data: &'a [f32],
+    pub mr: usize,
+}
+
+impl Rows for Packed<'_> {
+    #[inline(always)]
+    unsafe fn row(&self, i: usize) -> *const f32 {
+        self.data.as_ptr().add(i)
+    }
+
+    #[inline(always)]
+    unsafe fn index(&self, k: usize) -> usize {
+        k * self.mr
+    }
+}
+
+/// The most rows a tile has.
+pub(super) const MAX_MR: usize = 8;
+
+/// Rows at positions of their own, every step at one more offset: `a(i, k) = data[base[i] + offsets[k]]`
+/// (output positions reading a tap's plane).
+pub(super) struct Gathered<'a> {
+    pub data: &'a [f32],
+    pub base: [usize; MAX_MR],
+    pub offsets: &'a [usize],
+}
+
+impl Rows for Gathered<'_> {
+    #[inline(always)]
+    unsafe fn row(&self, i: usize) -> *const f32 {
+        self.data.as_ptr().add(self.base[i])
+    }
+
+    #[inline(always)]
+    unsafe fn index(&self, k: usize) -> usize {
+        *self.offsets.get_unchecked(k)
+    }
+}
+
+/// Columns at one offset per step: `b(k) = data[base + offsets[k]..]` (a tap's shifted plane).
+pub(super) struct Shifted<'a> {
+    pub data: &'a [f32],
+    pub base: usize,
+    pub offsets: &'a [usize],
+}
+
+impl Cols for Shifted<'_> {
+    #[inline(always)]
+    unsafe fn b(&self, k: usize) -> *const f32 {
+        self.data
+            .as_ptr()
+            .add(self.base + *self.offsets.get_unchecked(k))
+    }
+}
+
+/// Columns of a row-major matrix: `b(k) = data[k * stride + base..]`.
+pub(super) struct Strided<'a> {
+    pub data: &'a [f32],
+    pub base: usize,
+    pub stride: usize,
+}
+
+impl Cols for Strided<'_> {
+    #[inline(always)]
+    unsafe fn b(&self, k: usize) -> *const f32 {
+        self.data.as_ptr().add(k * self.stride + self.base)
+    }
+}
+
+/// The instruction set the tiles run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The widest this CPU runs, or the one `FEDSLM_KERNEL_ISA` names (`avx512`, `avx2`, `portable`) where
+    /// the CPU runs it: benchmarks measure a narrower machine's tiles that way.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = Isa::available();
+            let asked = std::env::var("FEDSLM_KERNEL_ISA")
+                .ok()
+                .and_then(|v| Isa::parse(&v));
+            match asked {
+                Some(isa) if available.contains(&isa) => isa,
+                _ => available.into_iter().next().unwrap_or(Isa::Portable),
+            }
+        })
+    }
+
+    /// `avx512`, `avx2` or `portable`.
+    pub fn parse(name: &str) -> Option<Isa> {
+        match name.to_ascii_lowercase().as_str() {
+            "avx512" => Some(Isa::Avx512),
+            "avx2" => Some(Isa::Avx2),
+            "portable" => Some(Isa::Portable),
+            _ => None,
+        }
+    }
+
+    /// Every instruction set this CPU runs, widest first (the tests run each).
+    pub fn available() -> Vec<Isa> {
+        let mut out = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                out.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                out.push(Isa::Avx2);
+            }
+        }
+        out.push(Isa::Portable);
+        out
+    }
+
+    /// Rows of a tile.
+    pub(super) fn mr(self) -> usize {
+        match self {
+            Isa::Avx512 => 8,
+            Isa::Avx2 => 6,
+            Isa::Portable => 4,
+        }
+    }
+
+    /// Columns of a tile.
+    pub(super) fn nr(self) -> usize {
+        match self {
+            Isa::Avx512 => 32,
+            Isa::Avx2 => 16,
+            Isa::Portable => 8,
+        }
+    }
+
+    /// `c[i * ldc + j] (+)= Σ_{k < depth} a(i, k) · b(k)[j]` for `i < mr()`, `j < nr()`.
+    ///
+    /// # Safety
+    /// `a` and `b` must be readable for every `k < depth` (see the traits), `c` writable at every `(i, j)`,
+    /// and `self` supported by this CPU (one of `available()`).
+    #[inline]
+    pub(super) unsafe fn tile(
+        self,
+        depth: usize,
+        a: &impl Rows,
+        b: &impl Cols,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::tile_avx512(depth, a, b, c, ldc, accumulate),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::tile_avx2(depth, a, b, c, ldc, accumulate),
+            _ => portable(depth, a, b, c, ldc, accumulate),
+        }
+    }
+}
+
+/// The tile in plain Rust (4 x 8; the compiler vectorises what it can).
+unsafe fn portable(
+    depth: usize,
+    a: &impl Rows,
+    b: &impl Cols,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0f32; 8]; 4];
+    if accumulate {
+        for (i, row) in acc.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = *c.add(i * ldc + j);
+            }
+        }
+    }
+    for k in 0..depth {
+        let bk = std::slice::from_raw_parts(b.b(k), 8);
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = a.a(i, k);
+            for (v, bj) in row.iter_mut().zip(bk) {
+                *v = ai.mul_add(*bj, *v);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            *c.add(i * ldc + j) = *v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Cols, Rows};
+    use std::arch::x86_64::*;
+
+    /// 8 rows x 2 vectors of 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile_avx512(
+        depth: usize,
+        a: &impl Rows,
+        b: &impl Cols,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(c.add(i * ldc));
+                row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
+            }
+        }
+        // Each row's scalar is broadcast inside its two FMAs (`{1to16}`) rather than into a register first:
+        // on Zen 4 a separate 512-bit broadcast takes a slot on the FMA pipes, a third of the tile's time.
+        let [a0, a1, a2, a3, a4, a5, a6, a7]: [*const f32; 8] = std::array::from_fn(|i| a.row(i));
+        for k in 0..depth {
+            let p = b.b(k);
+            let x = a.index(k);
+            let [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51], [c60, c61], [c70, c71]] =
+                &mut acc;
+            std::arch::asm!(
+                "vmovups {b0}, zmmword ptr [{p}]",
+                "vmovups {b1}, zmmword ptr [{p} + 64]",
+                "vfmadd231ps {c00}, {b0}, dword ptr [{a0} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c01}, {b1}, dword ptr [{a0} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c10}, {b0}, dword ptr [{a1} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c11}, {b1}, dword ptr [{a1} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c20}, {b0}, dword ptr [{a2} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c21}, {b1}, dword ptr [{a2} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c30}, {b0}, dword ptr [{a3} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c31}, {b1}, dword ptr [{a3} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c40}, {b0}, dword ptr [{a4} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c41}, {b1}, dword ptr [{a4} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c50}, {b0}, dword ptr [{a5} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c51}, {b1}, dword ptr [{a5} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c60}, {b0}, dword ptr [{a6} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c61}, {b1}, dword ptr [{a6} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c70}, {b0}, dword ptr [{a7} + {x}*4]{{1to16}}",
+                "vfmadd231ps {c71}, {b1}, dword ptr [{a7} + {x}*4]{{1to16}}",
+                p = in(reg) p,
+                x = in(reg) x,
+                a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
+                a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
+                b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
+                c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
+                c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
+                c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
+                c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
+                c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
+                c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
+                c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
+                c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(i * ldc), row[0]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), row[1]);
+        }
+    }
+
+    /// 6 rows x 2 vectors of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        depth: usize,
+        a: &impl Rows,
+        b: &impl Cols,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        if accumulate {
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm256_loadu_ps(c.add(i * ldc));
+                row[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+            }
+        }
+        for k in 0..depth {
+            let p = b.b(k);
+            let (b0, b1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm256_set1_ps(a.a(i, k));
+                row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(i * ldc), row[0]);
+            _mm256_storeu_ps(c.add(i * ldc + 8), row[1]);
+        }
+    }
+}
