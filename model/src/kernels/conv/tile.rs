@@ -257,8 +257,9 @@ mod x86 {
                 row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
             }
         }
-        // Each row's scalar is broadcast inside its two FMAs (`{1to16}`) rather than into a register first:
-        // on Zen 4 a separate 512-bit broadcast takes a slot on the FMA pipes, a third of the tile's time.
+        // Each row's scalar is broadcast inside its two FMAs (`{1to16}`) rather than into a register first,
+        // as the compiler does from intrinsics: that version ran the layers 10-25 % slower on Zen 4
+        // (BENCHMARKS.md, "A direct convolution").
         let [a0, a1, a2, a3, a4, a5, a6, a7]: [*const f32; 8] = std::array::from_fn(|i| a.row(i));
         for k in 0..depth {
             let p = b.b(k);
