@@ -45,7 +45,7 @@ pub fn conv2d_on(
     if stride == 0 {
         candle_core::bail!("{NAME}: stride 0");
     }
-    if !Isa::available().contains(&isa) {
+    if !isa.runs() {
         candle_core::bail!("{NAME}: this CPU does not run {isa:?}");
     }
     Geometry::new(x.dims(), weight.dims(), stride, padding)?;
@@ -150,6 +150,22 @@ const GROUP_POSITIONS: usize = 2048;
 /// sets of the L1 cache.
 fn row_stride(cols: usize) -> usize {
     cols + 16
+}
+
+/// Samples one pass over the tiles takes together: as many as `budget` output positions hold (at least one),
+/// at most one thread's share of the batch.
+fn samples_per_pass(budget: usize, positions: usize, n: usize) -> usize {
+    (budget / positions.max(1)).clamp(1, chunks(n).first().map_or(1, |c| c.1))
+}
+
+/// Where each of tile `t`'s rows starts, `start(row)` for rows below `rows`; rows past the last repeat it
+/// (their sums are dropped).
+fn row_starts(t: usize, mr: usize, rows: usize, start: impl Fn(usize) -> usize) -> [usize; MAX_MR] {
+    let mut base = [0usize; MAX_MR];
+    for (b, q) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
+        *b = start(q.min(rows - 1));
+    }
+    base
 }
 
 /// Whether a pass is better done with positions as the tiles' rows (`*_by_position`, for enough channels to
@@ -327,26 +343,18 @@ impl CustomOp2 for Conv2d {
 fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let (mr, nr, k) = (isa.mr(), isa.nr(), g.k());
     let planes = Planes::new(g, nr);
-    let taps = planes.taps.len();
-    let offsets: Vec<usize> = (0..k)
-        .map(|r| {
-            let tap = planes.taps[r % taps];
-            planes.plane(r / taps, tap.phase) + tap.offset
-        })
-        .collect();
-    if g.cout >= nr && by_position((g.ho * planes.wp).next_multiple_of(nr), g.ho * g.wo) {
+    let offsets = planes.offsets(g.cin);
+    let cols = (g.ho * planes.wp).next_multiple_of(nr);
+    if g.cout >= nr && by_position(cols, g.ho * g.wo) {
         return forward_by_position(g, isa, &planes, &offsets, x, weight);
     }
     let packed = pack(g.cout, k, mr, |o, r| weight[o * k + r]);
-    let cols = (g.ho * planes.wp).next_multiple_of(nr);
     let m = g.cout.next_multiple_of(mr);
-    let padded_len = g.cin * planes.phases() * planes.len;
-    // Tiles read up to the last plane's offset plus `cols`; the last plane's slack covers `nr` of that.
-    let input_len =
-        padded_len.max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + cols);
+    // Tiles read `cols` positions past each step's start.
+    let input_len = planes.sample_len(g.cin, cols);
     // Small planes: several samples side by side in one pass, so that the weight's blocks are read once for
     // all of them.
-    let group = (GROUP_POSITIONS / cols).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let group = samples_per_pass(GROUP_POSITIONS, cols, g.n);
     let mut out = vec![0f32; g.n * g.output_len()];
     let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
         let mut input = vec![0f32; group * input_len];
@@ -410,9 +418,8 @@ fn forward_by_position(
         }
     }
     let positions = g.ho * g.wo;
-    let input_len = (g.cin * planes.phases() * planes.len)
-        .max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + g.ho * planes.wp);
-    let group = (GROUP_POSITIONS / positions).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let input_len = planes.sample_len(g.cin, g.ho * planes.wp);
+    let group = samples_per_pass(GROUP_POSITIONS, positions, g.n);
     let mut out = vec![0f32; g.n * g.output_len()];
     let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
         let mut input = vec![0f32; group * input_len];
@@ -434,17 +441,10 @@ fn forward_by_position(
                 (cols, 0, cols),
                 0,
                 (k, 1),
-                &|t, _, k0| {
-                    let mut base = [0usize; MAX_MR];
-                    for (b, q) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
-                        // Rows past the last position repeat it (their sums are dropped).
-                        *b = at(q.min(rows - 1));
-                    }
-                    Gathered {
-                        data: &input,
-                        base,
-                        offsets: &offsets[k0..],
-                    }
+                &|t, _, k0| Gathered {
+                    data: &input,
+                    base: row_starts(t, mr, rows, at),
+                    offsets: &offsets[k0..],
                 },
                 &|j, _, k0| Strided {
                     data: &packed,
@@ -490,15 +490,9 @@ fn input_gradient(g: &Geometry, isa: Isa, grad: &[f32], weight: &[f32]) -> Vec<f
     // Per phase, the taps that read it and the packed transposed weight over (cout, those taps).
     let phases: Vec<(Vec<usize>, Vec<f32>)> = (0..planes.phases())
         .map(|phase| {
-            let mine: Vec<usize> = (0..taps)
-                .filter(|&t| planes.taps[t].phase == phase)
-                .collect();
-            let depth = g.cout * mine.len();
-            let offsets = (0..depth)
-                .map(|r| layout.offset(r / mine.len(), &planes, mine[r % mine.len()]))
-                .collect();
-            let packed = pack(g.cin, depth, mr, |ci, r| {
-                let (o, t) = (r / mine.len(), mine[r % mine.len()]);
+            let (steps, offsets) = layout.steps(&planes, g.cout, phase);
+            let packed = pack(g.cin, steps.len(), mr, |ci, r| {
+                let (o, t) = steps[r];
                 weight[(o * g.cin + ci) * taps + t]
             });
             (offsets, packed)
@@ -565,9 +559,23 @@ impl GradientLayout {
         }
     }
 
-    /// Where output-gradient step `(o, tap)` reads, relative to the input position it serves.
-    fn offset(&self, o: usize, planes: &Planes, tap: usize) -> usize {
-        o * self.per_channel + self.front - planes.taps[tap].offset
+    /// The steps `(output channel, tap)` of phase plane `phase`'s sums, channel major, and where each reads,
+    /// relative to the input position it serves.
+    fn steps(
+        &self,
+        planes: &Planes,
+        cout: usize,
+        phase: usize,
+    ) -> (Vec<(usize, usize)>, Vec<usize>) {
+        let taps = planes.taps_of(phase);
+        let steps: Vec<(usize, usize)> = (0..cout)
+            .flat_map(|o| taps.iter().map(move |&t| (o, t)))
+            .collect();
+        let offsets = steps
+            .iter()
+            .map(|&(o, t)| o * self.per_channel + self.front - planes.taps[t].offset)
+            .collect();
+        (steps, offsets)
     }
 }
 
@@ -591,16 +599,7 @@ fn input_gradient_by_position(
     // Per phase, the (cout, tap) steps that read it and the weight `[step, cin]`.
     let phases: Vec<(Vec<usize>, Vec<f32>)> = (0..planes.phases())
         .map(|phase| {
-            let mine: Vec<usize> = (0..taps)
-                .filter(|&t| planes.taps[t].phase == phase)
-                .collect();
-            let steps: Vec<(usize, usize)> = (0..g.cout)
-                .flat_map(|o| mine.iter().map(move |&t| (o, t)))
-                .collect();
-            let offsets = steps
-                .iter()
-                .map(|&(o, t)| layout.offset(o, planes, t))
-                .collect();
+            let (steps, offsets) = layout.steps(planes, g.cout, phase);
             let mut packed = vec![0f32; steps.len() * ldw];
             for (r, &(o, t)) in steps.iter().enumerate() {
                 for ci in 0..g.cin {
@@ -611,7 +610,7 @@ fn input_gradient_by_position(
         })
         .collect();
     let positions = ph * pw;
-    let group = (GROUP_POSITIONS / positions).clamp(1, chunks(g.n).first().map_or(1, |c| c.1));
+    let group = samples_per_pass(GROUP_POSITIONS, positions, g.n);
     let mut dx = vec![0f32; g.n * g.input_len()];
     let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
         let mut gout = vec![0f32; group * layout.gout_len];
@@ -638,16 +637,10 @@ fn input_gradient_by_position(
                     (cols, 0, cols),
                     0,
                     (depth, 1),
-                    &|t, _, k0| {
-                        let mut base = [0usize; MAX_MR];
-                        for (b, q) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
-                            *b = at(q.min(rows - 1));
-                        }
-                        Gathered {
-                            data: &gout,
-                            base,
-                            offsets: &offsets[k0..],
-                        }
+                    &|t, _, k0| Gathered {
+                        data: &gout,
+                        base: row_starts(t, mr, rows, at),
+                        offsets: &offsets[k0..],
                     },
                     &|j, _, k0| Strided {
                         data: packed,
@@ -680,25 +673,18 @@ fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> 
     // Output channels are the tiles' columns: a network of 8 or 16 channels (the default one) would fill
     // a quarter or half of an AVX-512 tile's 32; AVX2's 16 waste less, and give the same bits.
     let isa = match isa {
-        Isa::Avx512 if g.cout <= 16 && Isa::available().contains(&Isa::Avx2) => Isa::Avx2,
+        Isa::Avx512 if g.cout <= 16 && Isa::Avx2.runs() => Isa::Avx2,
         isa => isa,
     };
     let (mr, nr, k) = (isa.mr(), isa.nr(), g.k());
     let planes = Planes::new(g, nr);
-    let taps = planes.taps.len();
-    let offsets: Vec<usize> = (0..k)
-        .map(|r| {
-            let tap = planes.taps[r % taps];
-            planes.plane(r / taps, tap.phase) + tap.offset
-        })
-        .collect();
+    let offsets = planes.offsets(g.cin);
     // The sum runs over the image's own output positions only, each at its place in the flattened planes.
     let positions = g.ho * g.wo;
     let at: Vec<usize> = (0..positions)
         .map(|p| (p / g.wo) * planes.wp + p % g.wo)
         .collect();
-    let input_len = (g.cin * planes.phases() * planes.len)
-        .max(planes.plane(g.cin - 1, planes.phases() - 1) + planes.max_offset + g.ho * planes.wp);
+    let input_len = planes.sample_len(g.cin, g.ho * planes.wp);
     let cols = g.cout.next_multiple_of(nr);
     let ldg = row_stride(cols);
     let gout_len = positions * ldg;
@@ -707,7 +693,7 @@ fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> 
     let inner = plan.len() <= 1 && threads() > 1;
     // Samples summed per pass: about one block of the sum, so that small planes' tiles neither stop after a
     // few steps nor outgrow the cache.
-    let group = (KC / positions).clamp(1, plan.first().map_or(1, |c| c.1));
+    let group = samples_per_pass(KC, positions, g.n);
     let partials: Vec<Vec<f32>> = plan
         .par_iter()
         .map(|&(first, count)| {
@@ -730,17 +716,10 @@ fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> 
                     (ldg, 0, cols),
                     0,
                     (positions, samples),
-                    &|t, s, k0| {
-                        let mut base = [0usize; MAX_MR];
-                        for (b, r) in base.iter_mut().zip(t * mr..(t + 1) * mr) {
-                            // Rows past `k` repeat the last (their sums are dropped).
-                            *b = s * input_len + offsets[r.min(k - 1)];
-                        }
-                        Gathered {
-                            data: &input,
-                            base,
-                            offsets: &at[k0..],
-                        }
+                    &|t, s, k0| Gathered {
+                        data: &input,
+                        base: row_starts(t, mr, k, |r| s * input_len + offsets[r]),
+                        offsets: &at[k0..],
                     },
                     &|j, s, k0| Strided {
                         data: &gout_t,

@@ -113,7 +113,7 @@ fn convolution_equals_candles_forward_and_gradients() {
         // Every instruction set this CPU runs: the micro-kernels differ in tile shape and code, but each sum
         // runs in the same order with fused multiply-adds, so every one gives the same bits.
         let mut first: Option<(Vec<f32>, Vec<f32>, Vec<f32>)> = None;
-        for isa in Isa::available() {
+        for &isa in Isa::available() {
             let what = format!("{what} on {isa:?}");
             let ours = conv2d_on(isa, x.as_tensor(), weight.as_tensor(), stride, pad).unwrap();
             assert_close(&ours, &reference, 1e-5, &format!("{what}: output"));

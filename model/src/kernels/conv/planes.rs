@@ -96,6 +96,32 @@ impl Planes {
         (channel * self.phases() + phase) * self.len
     }
 
+    /// Where each step `(channel, tap)` of a sum over `channels` input channels starts reading, in the
+    /// weight's order (channel major, then the taps in `(ky, kx)` order).
+    pub fn offsets(&self, channels: usize) -> Vec<usize> {
+        let taps = self.taps.len();
+        (0..channels * taps)
+            .map(|r| {
+                let tap = self.taps[r % taps];
+                self.plane(r / taps, tap.phase) + tap.offset
+            })
+            .collect()
+    }
+
+    /// Floats one sample of `channels` channels takes when tiles read `reach` flattened positions past each
+    /// step's start: the planes, or further where the last plane's reads run past them.
+    pub fn sample_len(&self, channels: usize, reach: usize) -> usize {
+        let last = self.plane(channels - 1, self.phases() - 1);
+        (channels * self.phases() * self.len).max(last + self.max_offset + reach)
+    }
+
+    /// The kernel taps that read phase plane `phase`.
+    pub fn taps_of(&self, phase: usize) -> Vec<usize> {
+        (0..self.taps.len())
+            .filter(|&t| self.taps[t].phase == phase)
+            .collect()
+    }
+
     /// Where input pixel `(y, x)` of `channel` lies.
     fn at(&self, channel: usize, y: usize, x: usize) -> usize {
         let s = self.s;

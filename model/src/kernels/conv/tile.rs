@@ -120,13 +120,12 @@ impl Isa {
     pub fn best() -> Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            let available = Isa::available();
             let asked = std::env::var("FEDSLM_KERNEL_ISA")
                 .ok()
                 .and_then(|v| Isa::parse(&v));
             match asked {
-                Some(isa) if available.contains(&isa) => isa,
-                _ => available.into_iter().next().unwrap_or(Isa::Portable),
+                Some(isa) if isa.runs() => isa,
+                _ => Isa::available()[0],
             }
         })
     }
@@ -141,22 +140,30 @@ impl Isa {
         }
     }
 
-    /// Every instruction set this CPU runs, widest first (the tests run each).
-    pub fn available() -> Vec<Isa> {
-        let mut out = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                out.push(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
+    /// Every instruction set this CPU runs, widest first (the tests run each); detected once.
+    pub fn available() -> &'static [Isa] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            let mut out = Vec::new();
+            #[cfg(target_arch = "x86_64")]
             {
-                out.push(Isa::Avx2);
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    out.push(Isa::Avx512);
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    out.push(Isa::Avx2);
+                }
             }
-        }
-        out.push(Isa::Portable);
-        out
+            out.push(Isa::Portable);
+            out
+        })
+    }
+
+    /// Whether this CPU runs it.
+    pub fn runs(self) -> bool {
+        Isa::available().contains(&self)
     }
 
     /// Rows of a tile.
