@@ -141,6 +141,9 @@ const KC: usize = 512;
 /// Tiles per block of rows: their left-hand blocks stay in L2 while every column goes by.
 const MC: usize = 64;
 
+/// Floats of a weight gradient (1 MiB) above which the threads split its tiles rather than its samples.
+const SPLIT_GRADIENT: usize = 1 << 18;
+
 /// Samples the forward pass and the input gradient take together: at most this many output positions. Small
 /// planes (ResNet-18's last stage: 7 x 7) then give their tiles many columns per block of the weight.
 const GROUP_POSITIONS: usize = 2048;
@@ -689,7 +692,17 @@ fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> 
     let ldg = row_stride(cols);
     let gout_len = positions * ldg;
     let m = k.next_multiple_of(mr);
-    let plan = chunks(g.n);
+    // Each thread sums its own samples into a weight gradient of its own, added up at the end; where that
+    // gradient is large (beyond L2's size: ResNet-18's last stages, 2304 or 4608 x 512) and outweighs a
+    // thread's share of the samples, the threads split the tiles instead and take every sample, so that no
+    // copy of it is made, zeroed and added (the last stage's weight gradient: 28-34 -> 20-24 ms,
+    // BENCHMARKS.md). The default network's gradients stay below the bound: its sums, and so its results,
+    // are unchanged.
+    let mut plan = chunks(g.n);
+    let share = plan.first().map_or(0, |c| c.1) * (input_len + gout_len);
+    if m * ldg > share.max(SPLIT_GRADIENT) {
+        plan = vec![(0, g.n)];
+    }
     let inner = plan.len() <= 1 && threads() > 1;
     // Samples summed per pass: about one block of the sum, so that small planes' tiles neither stop after a
     // few steps nor outgrow the cache.
@@ -702,13 +715,26 @@ fn weight_gradient(g: &Geometry, isa: Isa, x: &[f32], grad: &[f32]) -> Vec<f32> 
             let mut dw_t = vec![0f32; m * ldg];
             for (nth, start) in (first..first + count).step_by(group).enumerate() {
                 let samples = group.min(first + count - start);
-                for s in 0..samples {
+                // One sample's planes and transposed output gradient.
+                let prepare = |(s, (input, gout)): (usize, (&mut [f32], &mut [f32]))| {
                     let i = start + s;
                     let sample = &x[i * g.input_len()..][..g.input_len()];
-                    planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+                    planes.split(g.cin, g.h, g.w, sample, input);
                     let sample = &grad[i * g.output_len()..][..g.output_len()];
-                    let gout = &mut gout_t[s * gout_len..][..gout_len];
                     transpose(sample, (positions, g.cout, positions), gout, (ldg, 1));
+                };
+                let (inputs, gouts) = (
+                    &mut input[..samples * input_len],
+                    &mut gout_t[..samples * gout_len],
+                );
+                if inner {
+                    let each = inputs
+                        .par_chunks_mut(input_len)
+                        .zip(gouts.par_chunks_mut(gout_len));
+                    each.enumerate().for_each(prepare);
+                } else {
+                    let each = inputs.chunks_mut(input_len).zip(gouts.chunks_mut(gout_len));
+                    each.enumerate().for_each(prepare);
                 }
                 tiles(
                     isa,

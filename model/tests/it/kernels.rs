@@ -66,6 +66,9 @@ fn convolution_equals_candles_forward_and_gradients() {
         (1, 70, 6, 5, 12, 3, 1, 1),
         (2, 40, 9, 11, 8, 3, 2, 1),
         (2, 36, 7, 9, 40, 1, 2, 0),
+        // A weight gradient above a mebibyte (576 x 528 floats) on small planes: the threads split its
+        // tiles rather than the samples.
+        (4, 64, 4, 4, 512, 3, 1, 1),
     ];
     for _ in 0..25 {
         let k = 1 + rng.below(5);

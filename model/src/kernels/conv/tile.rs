@@ -201,7 +201,11 @@ impl Isa {
     ) {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => x86::tile_avx512(depth, a, b, c, ldc, accumulate),
+            Isa::Avx512 if x86::broadcast_in_register() => {
+                x86::tile_avx512::<false>(depth, a, b, c, ldc, accumulate)
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::tile_avx512::<true>(depth, a, b, c, ldc, accumulate),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::tile_avx2(depth, a, b, c, ldc, accumulate),
             _ => portable(depth, a, b, c, ldc, accumulate),
@@ -247,9 +251,36 @@ mod x86 {
     use super::{Cols, Rows};
     use std::arch::x86_64::*;
 
-    /// 8 rows x 2 vectors of 16.
+    /// Whether the AVX-512 tile broadcasts each row's scalar into a register first (`vbroadcastss`, one load
+    /// for the row's two FMAs) rather than inside each FMA (`{1to16}`, a load per FMA): on CPUs with two
+    /// 512-bit FMA units (Intel's Xeons), 18 loads per 16 FMAs bound the tile by its loads, and the
+    /// register broadcast ran ResNet-18's convolutions 15-25 % faster (BENCHMARKS.md, "The AVX-512 tile on
+    /// an Intel Xeon"); Zen 4 runs a 512-bit FMA as two halves, is bound by its FMAs either way, and ran the
+    /// embedded broadcast faster. Chosen by the CPU's vendor; `FEDSLM_KERNEL_BROADCAST=register|embedded`
+    /// forces one, for measurements. Both give the same bits.
+    pub(super) fn broadcast_in_register() -> bool {
+        static IN_REGISTER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *IN_REGISTER.get_or_init(|| {
+            match std::env::var("FEDSLM_KERNEL_BROADCAST").as_deref() {
+                Ok("register") => return true,
+                Ok("embedded") => return false,
+                _ => {}
+            }
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU (newer compilers no longer ask for `unsafe`).
+            #[allow(unused_unsafe)]
+            let id = unsafe { __cpuid(0) };
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect();
+            vendor == b"GenuineIntel"
+        })
+    }
+
+    /// 8 rows x 2 vectors of 16; each row's scalar broadcast inside its FMAs (`EMBEDDED`) or into a register
+    /// first (see `broadcast_in_register`).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile_avx512(
+    pub(super) unsafe fn tile_avx512<const EMBEDDED: bool>(
         depth: usize,
         a: &impl Rows,
         b: &impl Cols,
@@ -264,49 +295,95 @@ mod x86 {
                 row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
             }
         }
-        // Each row's scalar is broadcast inside its two FMAs (`{1to16}`) rather than into a register first,
-        // as the compiler does from intrinsics: that version ran the layers 10-25 % slower on Zen 4
-        // (BENCHMARKS.md, "A direct convolution").
+        // Written as assembly: the broadcast inside the FMA is not available from intrinsics, and the
+        // compiler's own version of the register broadcast ran the layers 10-25 % slower on Zen 4 than the
+        // embedded one (BENCHMARKS.md, "A direct convolution").
         let [a0, a1, a2, a3, a4, a5, a6, a7]: [*const f32; 8] = std::array::from_fn(|i| a.row(i));
         for k in 0..depth {
             let p = b.b(k);
             let x = a.index(k);
             let [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51], [c60, c61], [c70, c71]] =
                 &mut acc;
-            std::arch::asm!(
-                "vmovups {b0}, zmmword ptr [{p}]",
-                "vmovups {b1}, zmmword ptr [{p} + 64]",
-                "vfmadd231ps {c00}, {b0}, dword ptr [{a0} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c01}, {b1}, dword ptr [{a0} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c10}, {b0}, dword ptr [{a1} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c11}, {b1}, dword ptr [{a1} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c20}, {b0}, dword ptr [{a2} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c21}, {b1}, dword ptr [{a2} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c30}, {b0}, dword ptr [{a3} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c31}, {b1}, dword ptr [{a3} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c40}, {b0}, dword ptr [{a4} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c41}, {b1}, dword ptr [{a4} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c50}, {b0}, dword ptr [{a5} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c51}, {b1}, dword ptr [{a5} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c60}, {b0}, dword ptr [{a6} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c61}, {b1}, dword ptr [{a6} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c70}, {b0}, dword ptr [{a7} + {x}*4]{{1to16}}",
-                "vfmadd231ps {c71}, {b1}, dword ptr [{a7} + {x}*4]{{1to16}}",
-                p = in(reg) p,
-                x = in(reg) x,
-                a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
-                a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
-                b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
-                c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
-                c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
-                c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
-                c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
-                c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
-                c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
-                c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
-                c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
-                options(nostack, readonly, preserves_flags),
-            );
+            if EMBEDDED {
+                std::arch::asm!(
+                    "vmovups {b0}, zmmword ptr [{p}]",
+                    "vmovups {b1}, zmmword ptr [{p} + 64]",
+                    "vfmadd231ps {c00}, {b0}, dword ptr [{a0} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c01}, {b1}, dword ptr [{a0} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c10}, {b0}, dword ptr [{a1} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c11}, {b1}, dword ptr [{a1} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c20}, {b0}, dword ptr [{a2} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c21}, {b1}, dword ptr [{a2} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c30}, {b0}, dword ptr [{a3} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c31}, {b1}, dword ptr [{a3} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c40}, {b0}, dword ptr [{a4} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c41}, {b1}, dword ptr [{a4} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c50}, {b0}, dword ptr [{a5} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c51}, {b1}, dword ptr [{a5} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c60}, {b0}, dword ptr [{a6} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c61}, {b1}, dword ptr [{a6} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c70}, {b0}, dword ptr [{a7} + {x}*4]{{1to16}}",
+                    "vfmadd231ps {c71}, {b1}, dword ptr [{a7} + {x}*4]{{1to16}}",
+                    p = in(reg) p,
+                    x = in(reg) x,
+                    a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
+                    a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
+                    b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
+                    c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
+                    c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
+                    c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
+                    c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
+                    c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
+                    c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
+                    c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
+                    c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
+                    options(nostack, readonly, preserves_flags),
+                );
+            } else {
+                std::arch::asm!(
+                    "vmovups {b0}, zmmword ptr [{p}]",
+                    "vmovups {b1}, zmmword ptr [{p} + 64]",
+                    "vbroadcastss {t0}, dword ptr [{a0} + {x}*4]",
+                    "vfmadd231ps {c00}, {b0}, {t0}",
+                    "vfmadd231ps {c01}, {b1}, {t0}",
+                    "vbroadcastss {t1}, dword ptr [{a1} + {x}*4]",
+                    "vfmadd231ps {c10}, {b0}, {t1}",
+                    "vfmadd231ps {c11}, {b1}, {t1}",
+                    "vbroadcastss {t0}, dword ptr [{a2} + {x}*4]",
+                    "vfmadd231ps {c20}, {b0}, {t0}",
+                    "vfmadd231ps {c21}, {b1}, {t0}",
+                    "vbroadcastss {t1}, dword ptr [{a3} + {x}*4]",
+                    "vfmadd231ps {c30}, {b0}, {t1}",
+                    "vfmadd231ps {c31}, {b1}, {t1}",
+                    "vbroadcastss {t0}, dword ptr [{a4} + {x}*4]",
+                    "vfmadd231ps {c40}, {b0}, {t0}",
+                    "vfmadd231ps {c41}, {b1}, {t0}",
+                    "vbroadcastss {t1}, dword ptr [{a5} + {x}*4]",
+                    "vfmadd231ps {c50}, {b0}, {t1}",
+                    "vfmadd231ps {c51}, {b1}, {t1}",
+                    "vbroadcastss {t0}, dword ptr [{a6} + {x}*4]",
+                    "vfmadd231ps {c60}, {b0}, {t0}",
+                    "vfmadd231ps {c61}, {b1}, {t0}",
+                    "vbroadcastss {t1}, dword ptr [{a7} + {x}*4]",
+                    "vfmadd231ps {c70}, {b0}, {t1}",
+                    "vfmadd231ps {c71}, {b1}, {t1}",
+                    p = in(reg) p,
+                    x = in(reg) x,
+                    a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
+                    a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
+                    b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
+                    t0 = out(zmm_reg) _, t1 = out(zmm_reg) _,
+                    c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
+                    c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
+                    c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
+                    c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
+                    c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
+                    c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
+                    c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
+                    c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
+                    options(nostack, readonly, preserves_flags),
+                );
+            }
         }
         for (i, row) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(i * ldc), row[0]);
@@ -344,5 +421,103 @@ mod x86 {
             _mm256_storeu_ps(c.add(i * ldc), row[0]);
             _mm256_storeu_ps(c.add(i * ldc + 8), row[1]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values in [-1, 1) from a fixed sequence.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// C before the tile adds its sums.
+    fn before(mr: usize, nr: usize) -> Vec<f32> {
+        values(mr * (nr + 5), 3)
+    }
+
+    /// `tile` on gathered rows and strided columns, from a C that already holds values (`accumulate`).
+    fn run(
+        tile: impl Fn(usize, &Gathered, &Strided, *mut f32, usize),
+        mr: usize,
+        nr: usize,
+    ) -> Vec<f32> {
+        let (depth, ldc) = (37, nr + 5); // ldc as in `before`
+        let data = values(4096, 1);
+        let offsets: Vec<usize> = (0..depth).map(|k| (k * 53) % 3000).collect();
+        let mut base = [0usize; MAX_MR];
+        for (i, b) in base.iter_mut().enumerate() {
+            *b = i * 97 % 1000;
+        }
+        let a = Gathered {
+            data: &data,
+            base,
+            offsets: &offsets,
+        };
+        let cols = values(depth * (nr + 3), 2);
+        let b = Strided {
+            data: &cols,
+            base: 1,
+            stride: nr + 3,
+        };
+        let mut c = before(mr, nr);
+        tile(depth, &a, &b, c.as_mut_ptr(), ldc);
+        c
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn both_avx512_broadcasts_give_the_portable_tiles_bits() {
+        if !Isa::Avx512.runs() {
+            return; // nothing to compare on this CPU
+        }
+        // The portable tile covers 4 x 8; four of them cover the AVX-512 tile's 8 x 32 in the same order.
+        let portable_c = run(
+            |depth, a, b, c, ldc| unsafe {
+                for (i0, j0) in (0..8)
+                    .step_by(4)
+                    .flat_map(|i| (0..32).step_by(8).map(move |j| (i, j)))
+                {
+                    let rows = Gathered {
+                        data: a.data,
+                        base: std::array::from_fn(|i| a.base[(i0 + i).min(MAX_MR - 1)]),
+                        offsets: a.offsets,
+                    };
+                    let cols = Strided {
+                        data: b.data,
+                        base: b.base + j0,
+                        stride: b.stride,
+                    };
+                    portable(depth, &rows, &cols, c.add(i0 * ldc + j0), ldc, true);
+                }
+            },
+            8,
+            32,
+        );
+        let embedded = run(
+            |depth, a, b, c, ldc| unsafe { x86::tile_avx512::<true>(depth, a, b, c, ldc, true) },
+            8,
+            32,
+        );
+        let register = run(
+            |depth, a, b, c, ldc| unsafe { x86::tile_avx512::<false>(depth, a, b, c, ldc, true) },
+            8,
+            32,
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&embedded), bits(&portable_c));
+        assert_eq!(bits(&register), bits(&portable_c));
+        // The sums changed C (the test is not comparing untouched buffers).
+        assert_ne!(bits(&register), bits(&before(8, 32)));
     }
 }
