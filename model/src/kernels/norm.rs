@@ -273,12 +273,16 @@ impl CustomOp3 for BatchNorm {
                 // Through the ReLU: the gradient passes where the output is positive.
                 let g: Cow<[f32]> = if self.relu {
                     with_values(res, NAME, |rv| {
-                        Ok(Cow::Owned(
-                            gv.iter()
-                                .zip(rv)
-                                .map(|(&g, &r)| if r > 0.0 { g } else { 0.0 })
-                                .collect(),
-                        ))
+                        let mut g = vec![0f32; gv.len()];
+                        per_plane(&mut g, hw, |plane, g| {
+                            let at = plane * hw;
+                            for ((g, &v), &r) in
+                                g.iter_mut().zip(&gv[at..][..hw]).zip(&rv[at..][..hw])
+                            {
+                                *g = if r > 0.0 { v } else { 0.0 };
+                            }
+                        });
+                        Ok(Cow::Owned(g))
                     })?
                 } else {
                     Cow::Borrowed(gv)
