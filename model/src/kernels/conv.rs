@@ -262,11 +262,11 @@ fn tiles<A: Rows, B: Cols>(
 /// Runs `f(first sample, its outputs, parallel inside)` on one chunk of samples per thread; `out` holds
 /// `per_sample` values per sample. A batch smaller than the thread count runs in one chunk, split over the
 /// threads inside instead.
-fn per_chunk(
-    out: &mut [f32],
+fn per_chunk<T: Send>(
+    out: &mut [T],
     n: usize,
     per_sample: usize,
-    f: impl Fn(usize, &mut [f32], bool) -> Result<()> + Sync,
+    f: impl Fn(usize, &mut [T], bool) -> Result<()> + Sync,
 ) -> Result<()> {
     let plan = chunks(n);
     if plan.len() <= 1 {
@@ -276,6 +276,27 @@ fn per_chunk(
     out.par_chunks_mut(per * per_sample)
         .enumerate()
         .try_for_each(|(c, part)| f(c * per, part, false))
+}
+
+/// `f` on `len` floats of the calling thread's scratch space, kept from one call to the next, not zeroed:
+/// for the tiles' products, which the tiles overwrite whole (zeroing a fresh one per call was, with the
+/// output's, most of a convolution's time outside its tiles in the default network's inference).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // Taken out while in use: a nested call on this thread (a stolen job) gets a buffer of its own.
+    let mut buf = SCRATCH.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        if s.borrow().len() < buf.len() {
+            s.replace(buf);
+        }
+    });
+    r
 }
 
 /// `weight [rows, depth]` (row-major, or read through `at(row, k)`) in tiles of `mr` rows, each step's `mr`
@@ -358,45 +379,58 @@ fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
     // Small planes: several samples side by side in one pass, so that the weight's blocks are read once for
     // all of them.
     let group = samples_per_pass(GROUP_POSITIONS, cols, g.n);
-    let mut out = vec![0f32; g.n * g.output_len()];
-    let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
-        let mut input = vec![0f32; group * input_len];
-        let mut c = vec![0f32; m * group * cols];
-        for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
-            let samples = dst.len() / g.output_len();
-            for s in 0..samples {
-                let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
-                planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
-            }
-            let ldc = samples * cols;
-            tiles(
-                isa,
-                &mut c[..m * ldc],
-                (ldc, 0, ldc),
-                0,
-                (k, 1),
-                &|t, _, k0| Packed {
-                    data: &packed[(t * k + k0) * mr..],
-                    mr,
-                },
-                &|j, _, k0| Shifted {
-                    data: &input,
-                    base: (j / cols) * input_len + j % cols,
-                    offsets: &offsets[k0..],
-                },
-                false,
-                parallel,
-            );
-            for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
-                for (o, image) in dst.chunks_exact_mut(g.ho * g.wo).enumerate() {
-                    for (oy, row) in image.chunks_exact_mut(g.wo).enumerate() {
-                        row.copy_from_slice(&c[o * ldc + s * cols + oy * planes.wp..][..g.wo]);
+    let len = g.n * g.output_len();
+    let mut out = Vec::with_capacity(len);
+    let _ = per_chunk(
+        &mut out.spare_capacity_mut()[..len],
+        g.n,
+        g.output_len(),
+        |first, part, parallel| {
+            let mut input = vec![0f32; group * input_len];
+            with_scratch(m * group * cols, |c| {
+                for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
+                    let samples = dst.len() / g.output_len();
+                    for s in 0..samples {
+                        let sample =
+                            &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
+                        planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+                    }
+                    let ldc = samples * cols;
+                    tiles(
+                        isa,
+                        &mut c[..m * ldc],
+                        (ldc, 0, ldc),
+                        0,
+                        (k, 1),
+                        &|t, _, k0| Packed {
+                            data: &packed[(t * k + k0) * mr..],
+                            mr,
+                        },
+                        &|j, _, k0| Shifted {
+                            data: &input,
+                            base: (j / cols) * input_len + j % cols,
+                            offsets: &offsets[k0..],
+                        },
+                        false,
+                        parallel,
+                    );
+                    for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
+                        for (o, image) in dst.chunks_exact_mut(g.ho * g.wo).enumerate() {
+                            for (oy, row) in image.chunks_exact_mut(g.wo).enumerate() {
+                                let from = &c[o * ldc + s * cols + oy * planes.wp..][..g.wo];
+                                for (d, v) in row.iter_mut().zip(from) {
+                                    d.write(*v);
+                                }
+                            }
+                        }
                     }
                 }
-            }
-        }
-        Ok(())
-    });
+            });
+            Ok(())
+        },
+    );
+    // SAFETY: every sample's output channels, rows and columns were written just above.
+    unsafe { out.set_len(len) };
     out
 }
 
@@ -426,42 +460,43 @@ fn forward_by_position(
     let mut out = vec![0f32; g.n * g.output_len()];
     let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
         let mut input = vec![0f32; group * input_len];
-        let mut c = vec![0f32; (group * positions).next_multiple_of(mr) * cols];
-        for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
-            let samples = dst.len() / g.output_len();
-            for s in 0..samples {
-                let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
-                planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+        with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
+            for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
+                let samples = dst.len() / g.output_len();
+                for s in 0..samples {
+                    let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
+                    planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+                }
+                let rows = samples * positions;
+                let at = |q: usize| {
+                    let (s, p) = (q / positions, q % positions);
+                    s * input_len + (p / g.wo) * planes.wp + p % g.wo
+                };
+                tiles(
+                    isa,
+                    &mut c[..rows.next_multiple_of(mr) * cols],
+                    (cols, 0, cols),
+                    0,
+                    (k, 1),
+                    &|t, _, k0| Gathered {
+                        data: &input,
+                        base: row_starts(t, mr, rows, at),
+                        offsets: &offsets[k0..],
+                    },
+                    &|j, _, k0| Strided {
+                        data: &packed,
+                        base: k0 * ldw + j,
+                        stride: ldw,
+                    },
+                    false,
+                    parallel,
+                );
+                for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
+                    let rows = &c[s * positions * cols..];
+                    transpose(rows, (cols, positions, g.cout), dst, (positions, 1));
+                }
             }
-            let rows = samples * positions;
-            let at = |q: usize| {
-                let (s, p) = (q / positions, q % positions);
-                s * input_len + (p / g.wo) * planes.wp + p % g.wo
-            };
-            tiles(
-                isa,
-                &mut c[..rows.next_multiple_of(mr) * cols],
-                (cols, 0, cols),
-                0,
-                (k, 1),
-                &|t, _, k0| Gathered {
-                    data: &input,
-                    base: row_starts(t, mr, rows, at),
-                    offsets: &offsets[k0..],
-                },
-                &|j, _, k0| Strided {
-                    data: &packed,
-                    base: k0 * ldw + j,
-                    stride: ldw,
-                },
-                false,
-                parallel,
-            );
-            for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
-                let rows = &c[s * positions * cols..];
-                transpose(rows, (cols, positions, g.cout), dst, (positions, 1));
-            }
-        }
+        });
         Ok(())
     });
     out
@@ -617,54 +652,56 @@ fn input_gradient_by_position(
     let mut dx = vec![0f32; g.n * g.input_len()];
     let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
         let mut gout = vec![0f32; group * layout.gout_len];
-        let mut c = vec![0f32; (group * positions).next_multiple_of(mr) * cols];
-        for (nth, dst) in part.chunks_mut(group * g.input_len()).enumerate() {
-            let samples = dst.len() / g.input_len();
-            for i in 0..samples {
-                let sample = &grad[(first + nth * group + i) * g.output_len()..][..g.output_len()];
-                layout.fill(g, planes.wp, sample, &mut gout[i * layout.gout_len..]);
-            }
-            let rows = samples * positions;
-            let at = |q: usize| {
-                let (i, p) = (q / positions, q % positions);
-                i * layout.gout_len + first_row + (p / pw) * planes.wp + planes.left() + p % pw
-            };
-            for (phase, (offsets, packed)) in phases.iter().enumerate() {
-                let depth = offsets.len();
-                if depth == 0 {
-                    continue; // no tap reads this phase: its gradient stays zero
+        with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
+            for (nth, dst) in part.chunks_mut(group * g.input_len()).enumerate() {
+                let samples = dst.len() / g.input_len();
+                for i in 0..samples {
+                    let sample =
+                        &grad[(first + nth * group + i) * g.output_len()..][..g.output_len()];
+                    layout.fill(g, planes.wp, sample, &mut gout[i * layout.gout_len..]);
                 }
-                tiles(
-                    isa,
-                    &mut c[..rows.next_multiple_of(mr) * cols],
-                    (cols, 0, cols),
-                    0,
-                    (depth, 1),
-                    &|t, _, k0| Gathered {
-                        data: &gout,
-                        base: row_starts(t, mr, rows, at),
-                        offsets: &offsets[k0..],
-                    },
-                    &|j, _, k0| Strided {
-                        data: packed,
-                        base: k0 * ldw + j,
-                        stride: ldw,
-                    },
-                    false,
-                    parallel,
-                );
-                // Phase `(py, px)` holds input pixels `(Y s + py, X s + px)`.
-                let (py, px) = (phase / s, phase % s);
-                for (i, dst) in dst.chunks_exact_mut(g.input_len()).enumerate() {
-                    for y in (py..g.h).step_by(s) {
-                        let from = &c[(i * positions + (y / s) * pw) * cols..];
-                        let width = (g.w - px.min(g.w)).div_ceil(s);
-                        let to = &mut dst[y * g.w + px..];
-                        transpose(from, (cols, width, g.cin), to, (g.h * g.w, s));
+                let rows = samples * positions;
+                let at = |q: usize| {
+                    let (i, p) = (q / positions, q % positions);
+                    i * layout.gout_len + first_row + (p / pw) * planes.wp + planes.left() + p % pw
+                };
+                for (phase, (offsets, packed)) in phases.iter().enumerate() {
+                    let depth = offsets.len();
+                    if depth == 0 {
+                        continue; // no tap reads this phase: its gradient stays zero
+                    }
+                    tiles(
+                        isa,
+                        &mut c[..rows.next_multiple_of(mr) * cols],
+                        (cols, 0, cols),
+                        0,
+                        (depth, 1),
+                        &|t, _, k0| Gathered {
+                            data: &gout,
+                            base: row_starts(t, mr, rows, at),
+                            offsets: &offsets[k0..],
+                        },
+                        &|j, _, k0| Strided {
+                            data: packed,
+                            base: k0 * ldw + j,
+                            stride: ldw,
+                        },
+                        false,
+                        parallel,
+                    );
+                    // Phase `(py, px)` holds input pixels `(Y s + py, X s + px)`.
+                    let (py, px) = (phase / s, phase % s);
+                    for (i, dst) in dst.chunks_exact_mut(g.input_len()).enumerate() {
+                        for y in (py..g.h).step_by(s) {
+                            let from = &c[(i * positions + (y / s) * pw) * cols..];
+                            let width = (g.w - px.min(g.w)).div_ceil(s);
+                            let to = &mut dst[y * g.w + px..];
+                            transpose(from, (cols, width, g.cin), to, (g.h * g.w, s));
+                        }
                     }
                 }
             }
-        }
+        });
         Ok(())
     });
     dx

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{parallel, per_plane, tensor_values, values, with_values};
+use super::{new_per_plane, parallel, per_plane, tensor_values, values, with_values};
 
 const NAME: &str = "fedslm-batch-norm";
 
@@ -223,30 +223,28 @@ impl CustomOp3 for BatchNorm {
         // y = x * scale + shift per channel.
         let scale: Vec<f32> = (0..c).map(|j| gamma[j] * inv[j]).collect();
         let shift: Vec<f32> = (0..c).map(|j| beta[j] - stats.mean[j] * scale[j]).collect();
-        let mut out = vec![0f32; n * c * hw];
         let relu = self.relu;
+        let act = |v: f32| if relu { v.max(0.0) } else { v };
         let residual = residual.as_deref();
-        per_plane(&mut out, hw, |plane, o| {
-            let (a, b) = (scale[plane % c], shift[plane % c]);
-            let xs = &x[plane * hw..][..hw];
-            match residual {
-                Some(r) => {
-                    for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[plane * hw..][..hw]) {
-                        *o = v * a + b + r;
+        // SAFETY: every plane's values are written: `o`, `xs` and the residual's plane are `hw` long.
+        let out = unsafe {
+            new_per_plane(n * c * hw, hw, |plane, o| {
+                let (a, b) = (scale[plane % c], shift[plane % c]);
+                let xs = &x[plane * hw..][..hw];
+                match residual {
+                    Some(r) => {
+                        for ((o, &v), &r) in o.iter_mut().zip(xs).zip(&r[plane * hw..][..hw]) {
+                            o.write(act(v * a + b + r));
+                        }
+                    }
+                    None => {
+                        for (o, &v) in o.iter_mut().zip(xs) {
+                            o.write(act(v * a + b));
+                        }
                     }
                 }
-                None => {
-                    for (o, &v) in o.iter_mut().zip(xs) {
-                        *o = v * a + b;
-                    }
-                }
-            }
-            if relu {
-                for o in o.iter_mut() {
-                    *o = o.max(0.0);
-                }
-            }
-        });
+            })
+        };
         Ok((CpuStorage::F32(out), Shape::from(l1.dims())))
     }
 
