@@ -179,19 +179,36 @@ fn by_position(computed: usize, valid: usize) -> bool {
     computed * 5 > valid * 6
 }
 
+/// A float, or room for one not yet written.
+trait Float {
+    fn new(v: f32) -> Self;
+}
+
+impl Float for f32 {
+    fn new(v: f32) -> f32 {
+        v
+    }
+}
+
+impl Float for std::mem::MaybeUninit<f32> {
+    fn new(v: f32) -> Self {
+        std::mem::MaybeUninit::new(v)
+    }
+}
+
 /// `dst[c * dst_cs + r * dst_rs] = src[r * src_rs + c]` for `r < rows`, `c < cols`, in 16 x 16 blocks so
-/// that both sides stay in cache.
-fn transpose(
+/// that both sides stay in cache; `dst` holds floats, or not yet initialised ones (`MaybeUninit<f32>`).
+fn transpose<T: Float>(
     src: &[f32],
     (src_rs, rows, cols): (usize, usize, usize),
-    dst: &mut [f32],
+    dst: &mut [T],
     (dst_cs, dst_rs): (usize, usize),
 ) {
     for r0 in (0..rows).step_by(16) {
         for c0 in (0..cols).step_by(16) {
             for r in r0..rows.min(r0 + 16) {
                 for c in c0..cols.min(c0 + 16) {
-                    dst[c * dst_cs + r * dst_rs] = src[r * src_rs + c];
+                    dst[c * dst_cs + r * dst_rs] = T::new(src[r * src_rs + c]);
                 }
             }
         }
@@ -457,48 +474,57 @@ fn forward_by_position(
     let positions = g.ho * g.wo;
     let input_len = planes.sample_len(g.cin, g.ho * planes.wp);
     let group = samples_per_pass(GROUP_POSITIONS, positions, g.n);
-    let mut out = vec![0f32; g.n * g.output_len()];
-    let _ = per_chunk(&mut out, g.n, g.output_len(), |first, part, parallel| {
-        let mut input = vec![0f32; group * input_len];
-        with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
-            for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
-                let samples = dst.len() / g.output_len();
-                for s in 0..samples {
-                    let sample = &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
-                    planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+    let len = g.n * g.output_len();
+    let mut out = Vec::with_capacity(len);
+    let _ = per_chunk(
+        &mut out.spare_capacity_mut()[..len],
+        g.n,
+        g.output_len(),
+        |first, part, parallel| {
+            let mut input = vec![0f32; group * input_len];
+            with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
+                for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
+                    let samples = dst.len() / g.output_len();
+                    for s in 0..samples {
+                        let sample =
+                            &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
+                        planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+                    }
+                    let rows = samples * positions;
+                    let at = |q: usize| {
+                        let (s, p) = (q / positions, q % positions);
+                        s * input_len + (p / g.wo) * planes.wp + p % g.wo
+                    };
+                    tiles(
+                        isa,
+                        &mut c[..rows.next_multiple_of(mr) * cols],
+                        (cols, 0, cols),
+                        0,
+                        (k, 1),
+                        &|t, _, k0| Gathered {
+                            data: &input,
+                            base: row_starts(t, mr, rows, at),
+                            offsets: &offsets[k0..],
+                        },
+                        &|j, _, k0| Strided {
+                            data: &packed,
+                            base: k0 * ldw + j,
+                            stride: ldw,
+                        },
+                        false,
+                        parallel,
+                    );
+                    for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
+                        let rows = &c[s * positions * cols..];
+                        transpose(rows, (cols, positions, g.cout), dst, (positions, 1));
+                    }
                 }
-                let rows = samples * positions;
-                let at = |q: usize| {
-                    let (s, p) = (q / positions, q % positions);
-                    s * input_len + (p / g.wo) * planes.wp + p % g.wo
-                };
-                tiles(
-                    isa,
-                    &mut c[..rows.next_multiple_of(mr) * cols],
-                    (cols, 0, cols),
-                    0,
-                    (k, 1),
-                    &|t, _, k0| Gathered {
-                        data: &input,
-                        base: row_starts(t, mr, rows, at),
-                        offsets: &offsets[k0..],
-                    },
-                    &|j, _, k0| Strided {
-                        data: &packed,
-                        base: k0 * ldw + j,
-                        stride: ldw,
-                    },
-                    false,
-                    parallel,
-                );
-                for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
-                    let rows = &c[s * positions * cols..];
-                    transpose(rows, (cols, positions, g.cout), dst, (positions, 1));
-                }
-            }
-        });
-        Ok(())
-    });
+            });
+            Ok(())
+        },
+    );
+    // SAFETY: every sample's `cout x positions` outputs were written by its transpose just above.
+    unsafe { out.set_len(len) };
     out
 }
 

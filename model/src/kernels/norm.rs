@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{new_per_plane, parallel, per_plane, tensor_values, values, with_values};
+use super::{new_per_plane, parallel, tensor_values, values, with_values};
 
 const NAME: &str = "fedslm-batch-norm";
 
@@ -271,15 +271,17 @@ impl CustomOp3 for BatchNorm {
                 // Through the ReLU: the gradient passes where the output is positive.
                 let g: Cow<[f32]> = if self.relu {
                     with_values(res, NAME, |rv| {
-                        let mut g = vec![0f32; gv.len()];
-                        per_plane(&mut g, hw, |plane, g| {
-                            let at = plane * hw;
-                            for ((g, &v), &r) in
-                                g.iter_mut().zip(&gv[at..][..hw]).zip(&rv[at..][..hw])
-                            {
-                                *g = if r > 0.0 { v } else { 0.0 };
-                            }
-                        });
+                        // SAFETY: each plane's `hw` values are written (`gv` and `rv` have `hw` there).
+                        let g = unsafe {
+                            new_per_plane(gv.len(), hw, |plane, g| {
+                                let at = plane * hw;
+                                for ((g, &v), &r) in
+                                    g.iter_mut().zip(&gv[at..][..hw]).zip(&rv[at..][..hw])
+                                {
+                                    g.write(if r > 0.0 { v } else { 0.0 });
+                                }
+                            })
+                        };
                         Ok(Cow::Owned(g))
                     })?
                 } else {
@@ -306,24 +308,26 @@ impl CustomOp3 for BatchNorm {
                 let dbeta: Vec<f32> = sums.iter().map(|s| s.0 as f32).collect();
                 let dgamma: Vec<f32> = sums.iter().map(|s| s.1 as f32).collect();
                 let m = (n * hw) as f32;
-                let mut dx = vec![0f32; n * c * hw];
-                per_plane(&mut dx, hw, |plane, d| {
-                    let ch = plane % c;
-                    let k = gamma[ch] * inv[ch];
-                    let (gs, xs) = (&g[plane * hw..][..hw], &xv[plane * hw..][..hw]);
-                    if batch {
-                        // d x = gamma inv (g - sum g / m - xhat sum (g xhat) / m)
-                        let (mg, mgx) = (dbeta[ch] / m, dgamma[ch] / m);
-                        for ((d, &g), &x) in d.iter_mut().zip(gs).zip(xs) {
-                            let xhat = (x - stats.mean[ch]) * inv[ch];
-                            *d = k * (g - mg - xhat * mgx);
+                // SAFETY: each plane's `hw` values are written (`g` and `xv` have `hw` there).
+                let dx = unsafe {
+                    new_per_plane(n * c * hw, hw, |plane, d| {
+                        let ch = plane % c;
+                        let k = gamma[ch] * inv[ch];
+                        let (gs, xs) = (&g[plane * hw..][..hw], &xv[plane * hw..][..hw]);
+                        if batch {
+                            // d x = gamma inv (g - sum g / m - xhat sum (g xhat) / m)
+                            let (mg, mgx) = (dbeta[ch] / m, dgamma[ch] / m);
+                            for ((d, &g), &x) in d.iter_mut().zip(gs).zip(xs) {
+                                let xhat = (x - stats.mean[ch]) * inv[ch];
+                                d.write(k * (g - mg - xhat * mgx));
+                            }
+                        } else {
+                            for (d, &g) in d.iter_mut().zip(gs) {
+                                d.write(k * g);
+                            }
                         }
-                    } else {
-                        for (d, &g) in d.iter_mut().zip(gs) {
-                            *d = k * g;
-                        }
-                    }
-                });
+                    })
+                };
                 let dresidual = self.residual.then(|| g.into_owned());
                 Ok((dx, dgamma, dbeta, dresidual))
             })
