@@ -283,8 +283,8 @@ fn per_chunk<T: Send>(
     out: &mut [T],
     n: usize,
     per_sample: usize,
-    f: impl Fn(usize, &mut [T], bool) -> Result<()> + Sync,
-) -> Result<()> {
+    f: impl Fn(usize, &mut [T], bool) + Sync,
+) {
     let plan = chunks(n);
     if plan.len() <= 1 {
         return f(0, out, threads() > 1);
@@ -292,7 +292,25 @@ fn per_chunk<T: Send>(
     let per = plan[0].1;
     out.par_chunks_mut(per * per_sample)
         .enumerate()
-        .try_for_each(|(c, part)| f(c * per, part, false))
+        .for_each(|(c, part)| f(c * per, part, false))
+}
+
+/// A new output of `n` samples of `per_sample` values made as `per_chunk` makes it, without zeroing it first
+/// (as `kernels::new_per_plane`).
+///
+/// # Safety
+/// `f(first, part, parallel)` must write every value of the `part` it is given.
+unsafe fn new_per_chunk(
+    n: usize,
+    per_sample: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>], bool) + Sync,
+) -> Vec<f32> {
+    let len = n * per_sample;
+    let mut out = Vec::with_capacity(len);
+    per_chunk(&mut out.spare_capacity_mut()[..len], n, per_sample, f);
+    // SAFETY: the parts cover `len` values, and the caller's `f` wrote each.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// `f` on `len` floats of the calling thread's scratch space, kept from one call to the next, not zeroed:
@@ -396,13 +414,9 @@ fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
     // Small planes: several samples side by side in one pass, so that the weight's blocks are read once for
     // all of them.
     let group = samples_per_pass(GROUP_POSITIONS, cols, g.n);
-    let len = g.n * g.output_len();
-    let mut out = Vec::with_capacity(len);
-    let _ = per_chunk(
-        &mut out.spare_capacity_mut()[..len],
-        g.n,
-        g.output_len(),
-        |first, part, parallel| {
+    // SAFETY: every sample's output channels, rows and columns are written at the end of its pass.
+    unsafe {
+        new_per_chunk(g.n, g.output_len(), |first, part, parallel| {
             let mut input = vec![0f32; group * input_len];
             with_scratch(m * group * cols, |c| {
                 for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
@@ -443,12 +457,41 @@ fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
                     }
                 }
             });
-            Ok(())
+        })
+    }
+}
+
+/// The GEMM of the passes with positions as the tiles' rows: `c [row, col] = Σ_k data[at(row) + offsets[k]] ·
+/// weight[k * ldw + col]` for `row < rows` and `col < cols` (`c`'s first `rows` rounded up to whole tiles,
+/// `cols` long each, are written).
+fn by_position_gemm(
+    isa: Isa,
+    c: &mut [f32],
+    (rows, cols): (usize, usize),
+    (data, at, offsets): (&[f32], &(impl Fn(usize) -> usize + Sync), &[usize]),
+    (weight, ldw): (&[f32], usize),
+    parallel: bool,
+) {
+    let mr = isa.mr();
+    tiles(
+        isa,
+        &mut c[..rows.next_multiple_of(mr) * cols],
+        (cols, 0, cols),
+        0,
+        (offsets.len(), 1),
+        &|t, _, k0| Gathered {
+            data,
+            base: row_starts(t, mr, rows, at),
+            offsets: &offsets[k0..],
         },
+        &|j, _, k0| Strided {
+            data: weight,
+            base: k0 * ldw + j,
+            stride: ldw,
+        },
+        false,
+        parallel,
     );
-    // SAFETY: every sample's output channels, rows and columns were written just above.
-    unsafe { out.set_len(len) };
-    out
 }
 
 /// The forward pass with output positions as the tiles' rows and output channels as their columns (for
@@ -474,13 +517,9 @@ fn forward_by_position(
     let positions = g.ho * g.wo;
     let input_len = planes.sample_len(g.cin, g.ho * planes.wp);
     let group = samples_per_pass(GROUP_POSITIONS, positions, g.n);
-    let len = g.n * g.output_len();
-    let mut out = Vec::with_capacity(len);
-    let _ = per_chunk(
-        &mut out.spare_capacity_mut()[..len],
-        g.n,
-        g.output_len(),
-        |first, part, parallel| {
+    // SAFETY: every sample's `cout x positions` outputs are written by its transpose at the end of its pass.
+    unsafe {
+        new_per_chunk(g.n, g.output_len(), |first, part, parallel| {
             let mut input = vec![0f32; group * input_len];
             with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
                 for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
@@ -495,23 +534,12 @@ fn forward_by_position(
                         let (s, p) = (q / positions, q % positions);
                         s * input_len + (p / g.wo) * planes.wp + p % g.wo
                     };
-                    tiles(
+                    by_position_gemm(
                         isa,
-                        &mut c[..rows.next_multiple_of(mr) * cols],
-                        (cols, 0, cols),
-                        0,
-                        (k, 1),
-                        &|t, _, k0| Gathered {
-                            data: &input,
-                            base: row_starts(t, mr, rows, at),
-                            offsets: &offsets[k0..],
-                        },
-                        &|j, _, k0| Strided {
-                            data: &packed,
-                            base: k0 * ldw + j,
-                            stride: ldw,
-                        },
-                        false,
+                        c,
+                        (rows, cols),
+                        (&input, &at, offsets),
+                        (&packed, ldw),
                         parallel,
                     );
                     for (s, dst) in dst.chunks_exact_mut(g.output_len()).enumerate() {
@@ -520,12 +548,8 @@ fn forward_by_position(
                     }
                 }
             });
-            Ok(())
-        },
-    );
-    // SAFETY: every sample's `cout x positions` outputs were written by its transpose just above.
-    unsafe { out.set_len(len) };
-    out
+        })
+    }
 }
 
 /// Phase plane by phase plane, `dplanes [cin, plane] = weightᵀ [cin, (cout, taps of the phase)] · shifted
@@ -563,7 +587,7 @@ fn input_gradient(g: &Geometry, isa: Isa, grad: &[f32], weight: &[f32]) -> Vec<f
         })
         .collect();
     let mut dx = vec![0f32; g.n * g.input_len()];
-    let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
+    per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
         let mut gout = vec![0f32; gout_len];
         let mut dplanes = vec![0f32; m * planes.phases() * planes.len];
         for (i, dst) in part.chunks_mut(g.input_len()).enumerate() {
@@ -599,7 +623,6 @@ fn input_gradient(g: &Geometry, isa: Isa, grad: &[f32], weight: &[f32]) -> Vec<f
             }
             planes.merge(g.cin, g.h, g.w, &dplanes, dst);
         }
-        Ok(())
     });
     dx
 }
@@ -676,7 +699,7 @@ fn input_gradient_by_position(
     let positions = ph * pw;
     let group = samples_per_pass(GROUP_POSITIONS, positions, g.n);
     let mut dx = vec![0f32; g.n * g.input_len()];
-    let _ = per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
+    per_chunk(&mut dx, g.n, g.input_len(), |first, part, parallel| {
         let mut gout = vec![0f32; group * layout.gout_len];
         with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
             for (nth, dst) in part.chunks_mut(group * g.input_len()).enumerate() {
@@ -696,23 +719,12 @@ fn input_gradient_by_position(
                     if depth == 0 {
                         continue; // no tap reads this phase: its gradient stays zero
                     }
-                    tiles(
+                    by_position_gemm(
                         isa,
-                        &mut c[..rows.next_multiple_of(mr) * cols],
-                        (cols, 0, cols),
-                        0,
-                        (depth, 1),
-                        &|t, _, k0| Gathered {
-                            data: &gout,
-                            base: row_starts(t, mr, rows, at),
-                            offsets: &offsets[k0..],
-                        },
-                        &|j, _, k0| Strided {
-                            data: packed,
-                            base: k0 * ldw + j,
-                            stride: ldw,
-                        },
-                        false,
+                        c,
+                        (rows, cols),
+                        (&gout, &at, offsets),
+                        (packed, ldw),
                         parallel,
                     );
                     // Phase `(py, px)` holds input pixels `(Y s + py, X s + px)`.
@@ -728,7 +740,6 @@ fn input_gradient_by_position(
                 }
             }
         });
-        Ok(())
     });
     dx
 }
