@@ -304,10 +304,35 @@ mod x86 {
             let x = a.index(k);
             let [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51], [c60, c61], [c70, c71]] =
                 &mut acc;
+            // The operands both variants share: the two vectors of `b(k)`, the rows' pointers and the
+            // index, the accumulators; each variant gives its instructions (and the register variant its
+            // two broadcast registers).
+            macro_rules! tile {
+                ($($line:literal),* $(; $($scratch:tt)*)?) => {
+                    std::arch::asm!(
+                        "vmovups {b0}, zmmword ptr [{p}]",
+                        "vmovups {b1}, zmmword ptr [{p} + 64]",
+                        $($line,)*
+                        p = in(reg) p,
+                        x = in(reg) x,
+                        a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
+                        a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
+                        b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
+                        $($($scratch)*)?
+                        c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
+                        c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
+                        c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
+                        c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
+                        c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
+                        c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
+                        c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
+                        c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
+                        options(nostack, readonly, preserves_flags),
+                    )
+                };
+            }
             if EMBEDDED {
-                std::arch::asm!(
-                    "vmovups {b0}, zmmword ptr [{p}]",
-                    "vmovups {b1}, zmmword ptr [{p} + 64]",
+                tile!(
                     "vfmadd231ps {c00}, {b0}, dword ptr [{a0} + {x}*4]{{1to16}}",
                     "vfmadd231ps {c01}, {b1}, dword ptr [{a0} + {x}*4]{{1to16}}",
                     "vfmadd231ps {c10}, {b0}, dword ptr [{a1} + {x}*4]{{1to16}}",
@@ -323,26 +348,10 @@ mod x86 {
                     "vfmadd231ps {c60}, {b0}, dword ptr [{a6} + {x}*4]{{1to16}}",
                     "vfmadd231ps {c61}, {b1}, dword ptr [{a6} + {x}*4]{{1to16}}",
                     "vfmadd231ps {c70}, {b0}, dword ptr [{a7} + {x}*4]{{1to16}}",
-                    "vfmadd231ps {c71}, {b1}, dword ptr [{a7} + {x}*4]{{1to16}}",
-                    p = in(reg) p,
-                    x = in(reg) x,
-                    a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
-                    a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
-                    b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
-                    c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
-                    c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
-                    c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
-                    c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
-                    c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
-                    c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
-                    c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
-                    c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
-                    options(nostack, readonly, preserves_flags),
+                    "vfmadd231ps {c71}, {b1}, dword ptr [{a7} + {x}*4]{{1to16}}"
                 );
             } else {
-                std::arch::asm!(
-                    "vmovups {b0}, zmmword ptr [{p}]",
-                    "vmovups {b1}, zmmword ptr [{p} + 64]",
+                tile!(
                     "vbroadcastss {t0}, dword ptr [{a0} + {x}*4]",
                     "vfmadd231ps {c00}, {b0}, {t0}",
                     "vfmadd231ps {c01}, {b1}, {t0}",
@@ -366,22 +375,8 @@ mod x86 {
                     "vfmadd231ps {c61}, {b1}, {t0}",
                     "vbroadcastss {t1}, dword ptr [{a7} + {x}*4]",
                     "vfmadd231ps {c70}, {b0}, {t1}",
-                    "vfmadd231ps {c71}, {b1}, {t1}",
-                    p = in(reg) p,
-                    x = in(reg) x,
-                    a0 = in(reg) a0, a1 = in(reg) a1, a2 = in(reg) a2, a3 = in(reg) a3,
-                    a4 = in(reg) a4, a5 = in(reg) a5, a6 = in(reg) a6, a7 = in(reg) a7,
-                    b0 = out(zmm_reg) _, b1 = out(zmm_reg) _,
+                    "vfmadd231ps {c71}, {b1}, {t1}";
                     t0 = out(zmm_reg) _, t1 = out(zmm_reg) _,
-                    c00 = inout(zmm_reg) *c00, c01 = inout(zmm_reg) *c01,
-                    c10 = inout(zmm_reg) *c10, c11 = inout(zmm_reg) *c11,
-                    c20 = inout(zmm_reg) *c20, c21 = inout(zmm_reg) *c21,
-                    c30 = inout(zmm_reg) *c30, c31 = inout(zmm_reg) *c31,
-                    c40 = inout(zmm_reg) *c40, c41 = inout(zmm_reg) *c41,
-                    c50 = inout(zmm_reg) *c50, c51 = inout(zmm_reg) *c51,
-                    c60 = inout(zmm_reg) *c60, c61 = inout(zmm_reg) *c61,
-                    c70 = inout(zmm_reg) *c70, c71 = inout(zmm_reg) *c71,
-                    options(nostack, readonly, preserves_flags),
                 );
             }
         }
