@@ -309,6 +309,23 @@ impl Tensor {
         }
     }
 
+    /// [`Tensor::add_scaled_to`] into sums not made yet: appends `0.0 + weight * value` for each value to
+    /// `sums`, the same bits as adding to zeros. A buffer of zeros from the allocator is the system's shared
+    /// zero page until written, and an addition reads before it writes: each page then faults twice, the
+    /// second time flushing every core's TLB (ResNet-18's first fold of a round: three times the fold's own
+    /// time). Written once here, each page faults once.
+    pub fn scaled_into(&self, weight: f64, sums: &mut Vec<f64>) {
+        sums.reserve_exact(self.element_count());
+        match self.dtype {
+            DType::F32 => {
+                sums.extend(self.data.chunks_exact(4).map(|c| {
+                    0.0 + weight * f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                }))
+            }
+            _ => self.for_each_f64(|v| sums.push(0.0 + weight * v)),
+        }
+    }
+
     /// Calls `f` with each value as `f64`, in order, without allocating: the server folds updates of
     /// tens of megabytes this way.
     pub fn for_each_f64(&self, mut f: impl FnMut(f64)) {
@@ -519,6 +536,22 @@ mod tests {
                 i += 1;
             });
             assert_eq!(sums, want, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_fold_has_the_bits_of_adding_to_zeros_negative_zero_included() {
+        let v = [-0.0f32, 1.5, -2.25, 3.0e-30, f32::MIN_POSITIVE];
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            let t = Tensor::from_f32_as("w", vec![5], TensorRole::Parameter, &v, dtype).unwrap();
+            let mut zeros = vec![0.0f64; 5];
+            t.add_scaled_to(3.0, &mut zeros);
+            let mut made = Vec::new();
+            t.scaled_into(3.0, &mut made);
+            let bits = |s: &[f64]| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&made), bits(&zeros), "{dtype:?}");
+            // 0.0 + -0.0 is +0.0: a first fold that copied the product would keep the sign.
+            assert!(made[0].is_sign_positive(), "{dtype:?}");
         }
     }
 

@@ -108,38 +108,16 @@ pub fn check_update(
             ));
         }
     }
+    // Each tensor checked on its own (over the machine's threads for a large model), then the first refusal
+    // in the global model's order and the distances added in that order: the same verdict and the same sum
+    // as one pass over the tensors.
+    let checked = per_tensor(values(global), global.tensors().iter().collect(), |g| {
+        check_tensor(g, update, norm_bound.is_some())
+    });
     let mut squared = 0.0;
-    for g in global.tensors() {
-        let name = g.name().to_string();
-        let u = update
-            .get(&name)
-            .ok_or_else(|| UpdateRefusal::Missing(name.clone()))?;
-        if u.shape() != g.shape() {
-            return Err(UpdateRefusal::Shape {
-                name,
-                got: u.shape().to_vec(),
-                expected: g.shape().to_vec(),
-            });
-        }
-        if u.dtype() != g.dtype() {
-            return Err(UpdateRefusal::DType {
-                name,
-                got: u.dtype(),
-                expected: g.dtype(),
-            });
-        }
-        if u.role() != g.role() {
-            return Err(UpdateRefusal::Role {
-                name,
-                got: u.role(),
-                expected: g.role(),
-            });
-        }
-        if let Some(index) = u.first_non_finite() {
-            return Err(UpdateRefusal::NonFinite { name, index });
-        }
-        if norm_bound.is_some() && g.role() != TensorRole::BatchNormStatistic {
-            squared += u.squared_distance(g);
+    for distance in checked {
+        if let Some(d) = distance? {
+            squared += d;
         }
     }
     if let Some(bound) = norm_bound {
@@ -149,6 +127,85 @@ pub fn check_update(
         }
     }
     Ok(())
+}
+
+/// One tensor of the global model against the update's: present with the same shape, dtype and role, finite,
+/// and, when `distance` asks, its squared L2 distance from the global tensor (`None` for batch-norm statistics).
+fn check_tensor(
+    g: &Tensor,
+    update: &Weights,
+    distance: bool,
+) -> Result<Option<f64>, UpdateRefusal> {
+    let name = g.name();
+    let u = update
+        .get(name)
+        .ok_or_else(|| UpdateRefusal::Missing(name.to_string()))?;
+    if u.shape() != g.shape() {
+        return Err(UpdateRefusal::Shape {
+            name: name.to_string(),
+            got: u.shape().to_vec(),
+            expected: g.shape().to_vec(),
+        });
+    }
+    if u.dtype() != g.dtype() {
+        return Err(UpdateRefusal::DType {
+            name: name.to_string(),
+            got: u.dtype(),
+            expected: g.dtype(),
+        });
+    }
+    if u.role() != g.role() {
+        return Err(UpdateRefusal::Role {
+            name: name.to_string(),
+            got: u.role(),
+            expected: g.role(),
+        });
+    }
+    let non_finite = |index| UpdateRefusal::NonFinite {
+        name: name.to_string(),
+        index,
+    };
+    if !distance || g.role() == TensorRole::BatchNormStatistic {
+        return match u.first_non_finite() {
+            Some(index) => Err(non_finite(index)),
+            None => Ok(None),
+        };
+    }
+    // One pass over the update where a distance is measured: a non-finite value makes the sum of squares
+    // non-finite (a sum of non-negative terms never comes back from infinity or NaN), so only a non-finite
+    // sum sends us looking for the value; one that is finite everywhere and overflowed is left to the bound.
+    let squared = u.squared_distance(g);
+    if !squared.is_finite() {
+        if let Some(index) = u.first_non_finite() {
+            return Err(non_finite(index));
+        }
+    }
+    Ok(Some(squared))
+}
+
+/// Models of this many values or more are checked and folded over the machine's threads, a tensor per task:
+/// ResNet-18's 11 M in half the time on two cores, while the server's network side waits for the next answer.
+/// Smaller ones (the study's networks) stay on the calling thread.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// The values of all of a model's tensors.
+fn values(model: &Weights) -> usize {
+    model.tensors().iter().map(Tensor::element_count).sum()
+}
+
+/// `work` on each of `items` (one per tensor of a model of `values` values), in order; over rayon's threads
+/// when the model has [`PARALLEL_FROM`] values or more. Each item's result is the same either way.
+fn per_tensor<T: Send, R: Send>(
+    values: usize,
+    items: Vec<T>,
+    work: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    if values >= PARALLEL_FROM {
+        items.into_par_iter().map(work).collect()
+    } else {
+        items.into_iter().map(work).collect()
+    }
 }
 
 /// The L2 norm of a model's parameters, batch-norm statistics excluded (the quantity a norm bound measures).
@@ -171,6 +228,8 @@ pub struct FedAvg {
     /// Under FedBN, the global model's batch-norm tensors, which the result keeps as they are (the centres'
     /// own stay at the centres); `None` for a tensor that is averaged.
     kept: Vec<Option<Tensor>>,
+    /// The global model's values, all tensors together (what decides [`per_tensor`]'s threads).
+    values: usize,
     examples: f64,
     updates: usize,
 }
@@ -205,6 +264,7 @@ impl FedAvg {
                 .collect(),
             // Allocated at the first fold: a round whose sum is secure holds only the masked one until it closes.
             sums: vec![Vec::new(); global.tensors().len()],
+            values: values(global),
             examples: 0.0,
             updates: 0,
         }
@@ -228,18 +288,23 @@ impl FedAvg {
                 });
             }
         }
-        self.allocate();
         let w = examples as f64;
-        for (((name, _, _, _), sum), kept) in
-            self.template.iter().zip(&mut self.sums).zip(&self.kept)
-        {
-            if kept.is_some() {
-                continue;
+        let averaged: Vec<(&Tensor, &mut Vec<f64>)> = self
+            .template
+            .iter()
+            .zip(&mut self.sums)
+            .zip(&self.kept)
+            .filter(|(_, kept)| kept.is_none())
+            .filter_map(|(((name, _, _, _), sum), _)| update.get(name).map(|t| (t, sum)))
+            .collect();
+        per_tensor(self.values, averaged, |(t, sum)| {
+            // The first update made the sums (zeros plus it); the others add to them.
+            if sum.is_empty() {
+                t.scaled_into(w, sum)
+            } else {
+                t.add_scaled_to(w, sum)
             }
-            if let Some(t) = update.get(name) {
-                t.add_scaled_to(w, sum);
-            }
-        }
+        });
         self.examples += w;
         self.updates += 1;
         Ok(())
@@ -316,35 +381,44 @@ impl FedAvg {
         if self.updates == 0 {
             return Ok(None);
         }
-        let mut tensors = Vec::with_capacity(self.template.len());
-        for (((name, shape, dtype, role), sum), kept) in
-            self.template.into_iter().zip(self.sums).zip(self.kept)
-        {
-            if let Some(t) = kept {
-                tensors.push(t);
-                continue;
-            }
-            // Each tensor's sums are dropped as soon as its mean is made; an f32 mean is written straight
-            // into its bytes, without a vector of f64 means or f32 values between.
-            let mean = |s: &f64| s / self.examples;
-            tensors.push(match dtype {
-                DType::F32 => {
-                    let mut bytes = Vec::with_capacity(4 * sum.len());
-                    for s in &sum {
-                        bytes.extend_from_slice(&(mean(s) as f32).to_le_bytes());
+        let examples = self.examples;
+        let parts: Vec<_> = self
+            .template
+            .into_iter()
+            .zip(self.sums)
+            .zip(self.kept)
+            .collect();
+        let tensors = per_tensor(
+            self.values,
+            parts,
+            |(((name, shape, dtype, role), sum), kept)| {
+                if let Some(t) = kept {
+                    return Ok(t);
+                }
+                // Each tensor's sums are dropped as soon as its mean is made; an f32 mean is written straight
+                // into its bytes, without a vector of f64 means or f32 values between.
+                let mean = |s: &f64| s / examples;
+                match dtype {
+                    DType::F32 => {
+                        let mut bytes = Vec::with_capacity(4 * sum.len());
+                        for s in &sum {
+                            bytes.extend_from_slice(&(mean(s) as f32).to_le_bytes());
+                        }
+                        Tensor::from_raw(name, shape, dtype, role, bytes.into())
                     }
-                    Tensor::from_raw(name, shape, dtype, role, bytes.into())?
+                    DType::F64 => {
+                        let means: Vec<f64> = sum.iter().map(mean).collect();
+                        Tensor::from_f64(name, shape, role, &means)
+                    }
+                    other => {
+                        let narrow: Vec<f32> = sum.iter().map(|s| mean(s) as f32).collect();
+                        Tensor::from_f32_as(name, shape, role, &narrow, other)
+                    }
                 }
-                DType::F64 => {
-                    let means: Vec<f64> = sum.iter().map(mean).collect();
-                    Tensor::from_f64(name, shape, role, &means)?
-                }
-                other => {
-                    let narrow: Vec<f32> = sum.iter().map(|s| mean(s) as f32).collect();
-                    Tensor::from_f32_as(name, shape, role, &narrow, other)?
-                }
-            });
-        }
+            },
+        )
+        .into_iter()
+        .collect::<Result<Vec<Tensor>, WeightsError>>()?;
         Ok(Some(Weights::from_tensors(tensors)?))
     }
 }
@@ -514,5 +588,96 @@ mod tests {
         assert_eq!(agg.fold(&ok, 0), Err(UpdateRefusal::NoExamples));
         assert!(agg.fold(&reshaped, 3).is_err());
         assert_eq!(agg.updates(), 0, "refused folds leave nothing behind");
+    }
+
+    #[test]
+    fn a_non_finite_value_is_named_with_its_index_when_a_bound_measures_the_distance_too() {
+        let global = weights(&[0.0; 4], &[0.0; 2], &[1.0]);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let u = weights(&[0.0, 0.0, 0.0, bad], &[0.0; 2], &[1.0]);
+            assert_eq!(
+                check_update(&global, &u, Some(1e30)),
+                Err(UpdateRefusal::NonFinite {
+                    name: "conv.weight".into(),
+                    index: 3
+                }),
+                "{bad}"
+            );
+        }
+        let u = weights(&[0.0; 4], &[0.0, f64::NEG_INFINITY], &[1.0]);
+        assert!(matches!(
+            check_update(&global, &u, Some(1e30)),
+            Err(UpdateRefusal::NonFinite { name, index: 1 }) if name == "clinical.coefficients"
+        ));
+        // Statistics are outside the distance but not outside the finiteness check.
+        let u = weights(&[0.0; 4], &[0.0; 2], &[f32::NAN]);
+        assert!(matches!(
+            check_update(&global, &u, Some(1e30)),
+            Err(UpdateRefusal::NonFinite { name, index: 0 }) if name == "bn.running_var"
+        ));
+        // Finite values whose squares overflow: no value to name, and far beyond any bound.
+        let u = weights(&[0.0; 4], &[1e200, 0.0], &[1.0]);
+        assert!(matches!(
+            check_update(&global, &u, Some(1e30)),
+            Err(UpdateRefusal::Norm { norm, .. }) if norm == f64::INFINITY
+        ));
+    }
+
+    /// A model large enough for the checks and the fold to run over threads: three tensors, 1.5 M values.
+    fn large(fill: impl Fn(usize, usize) -> f32) -> Weights {
+        let sizes = [700_000usize, 500_000, 300_000];
+        assert!(sizes.iter().sum::<usize>() >= PARALLEL_FROM);
+        let tensors = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let v: Vec<f32> = (0..n).map(|i| fill(k, i)).collect();
+                Tensor::from_f32(format!("t{k}"), vec![n], TensorRole::Parameter, &v).unwrap()
+            })
+            .collect();
+        Weights::from_tensors(tensors).unwrap()
+    }
+
+    #[test]
+    fn a_large_model_is_checked_and_averaged_tensor_by_tensor_as_one_pass_would() {
+        let global = large(|_, _| 0.0);
+        let a = large(|k, i| (i % 7) as f32 * 0.25 + k as f32);
+        let b = large(|k, i| -((i % 5) as f32) * 0.5 - k as f32);
+        let mut agg = FedAvg::new(&global);
+        for (u, n) in [(&a, 3), (&b, 1)] {
+            check_update(&global, u, Some(1e9)).unwrap();
+            agg.fold(u, n).unwrap();
+        }
+        let mean = agg.finish().unwrap().unwrap();
+        for (k, t) in mean.tensors().iter().enumerate() {
+            let got = t.to_f32_vec();
+            for i in [0, 1, 4, 6, 34, got.len() - 1] {
+                let (x, y) = (
+                    f64::from((i % 7) as f32 * 0.25 + k as f32),
+                    f64::from(-((i % 5) as f32) * 0.5 - k as f32),
+                );
+                let want = (((0.0 + 3.0 * x) + 1.0 * y) / 4.0) as f32;
+                assert_eq!(got[i].to_bits(), want.to_bits(), "t{k}[{i}]");
+            }
+        }
+        // Two refusals: the first tensor's, in the global model's order, whichever thread finishes first.
+        let bad = large(|k, i| match (k, i) {
+            (1, 9) => f32::NAN,
+            (2, 0) => f32::INFINITY,
+            _ => 0.0,
+        });
+        assert_eq!(
+            check_update(&global, &bad, Some(1e9)),
+            Err(UpdateRefusal::NonFinite {
+                name: "t1".into(),
+                index: 9
+            })
+        );
+        // The distance over all three tensors: sqrt(1.5 M * 0.5^2).
+        let far = large(|_, _| 0.5);
+        assert!(matches!(
+            check_update(&global, &far, Some(1.0)),
+            Err(UpdateRefusal::Norm { norm, .. }) if (norm - (1.5e6f64 * 0.25).sqrt()).abs() < 1e-9
+        ));
     }
 }

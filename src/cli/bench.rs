@@ -119,6 +119,9 @@ pub struct RoundsArgs {
     /// overhead as secure / plain.
     #[arg(long)]
     secure_aggregation: bool,
+    /// The `fedslm` binary to run the server with (default: this one), to compare versions.
+    #[arg(long)]
+    server_program: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: BenchCommand, output: &super::Output) -> anyhow::Result<()> {
@@ -157,7 +160,10 @@ fn rounds(args: RoundsArgs) -> anyhow::Result<()> {
          QUIC alone",
         args.rounds, args.rounds
     );
-    let program = std::env::current_exe()?;
+    let program = match args.server_program {
+        Some(p) => p,
+        None => std::env::current_exe()?,
+    };
     for model in &args.models {
         let network = bench_network(model)?;
         let weights = network.to_weights()?;
