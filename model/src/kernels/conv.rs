@@ -161,6 +161,23 @@ fn samples_per_pass(budget: usize, positions: usize, n: usize) -> usize {
     (budget / positions.max(1)).clamp(1, chunks(n).first().map_or(1, |c| c.1))
 }
 
+/// Samples `first..first + samples` of `x`, each split into its phase planes, side by side in `input`
+/// `input_len` apart: a forward pass's input for one pass over the tiles.
+fn split_samples(
+    g: &Geometry,
+    planes: &Planes,
+    x: &[f32],
+    first: usize,
+    samples: usize,
+    input: &mut [f32],
+    input_len: usize,
+) {
+    for s in 0..samples {
+        let sample = &x[(first + s) * g.input_len()..][..g.input_len()];
+        planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
+    }
+}
+
 /// Where each of tile `t`'s rows starts, `start(row)` for rows below `rows`; rows past the last repeat it
 /// (their sums are dropped).
 fn row_starts(t: usize, mr: usize, rows: usize, start: impl Fn(usize) -> usize) -> [usize; MAX_MR] {
@@ -421,11 +438,15 @@ fn forward(g: &Geometry, isa: Isa, x: &[f32], weight: &[f32]) -> Vec<f32> {
             with_scratch(m * group * cols, |c| {
                 for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
                     let samples = dst.len() / g.output_len();
-                    for s in 0..samples {
-                        let sample =
-                            &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
-                        planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
-                    }
+                    split_samples(
+                        g,
+                        &planes,
+                        x,
+                        first + nth * group,
+                        samples,
+                        &mut input,
+                        input_len,
+                    );
                     let ldc = samples * cols;
                     tiles(
                         isa,
@@ -524,11 +545,15 @@ fn forward_by_position(
             with_scratch((group * positions).next_multiple_of(mr) * cols, |c| {
                 for (nth, dst) in part.chunks_mut(group * g.output_len()).enumerate() {
                     let samples = dst.len() / g.output_len();
-                    for s in 0..samples {
-                        let sample =
-                            &x[(first + nth * group + s) * g.input_len()..][..g.input_len()];
-                        planes.split(g.cin, g.h, g.w, sample, &mut input[s * input_len..]);
-                    }
+                    split_samples(
+                        g,
+                        planes,
+                        x,
+                        first + nth * group,
+                        samples,
+                        &mut input,
+                        input_len,
+                    );
                     let rows = samples * positions;
                     let at = |q: usize| {
                         let (s, p) = (q / positions, q % positions);
